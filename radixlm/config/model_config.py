@@ -1,0 +1,160 @@
+"""What the engine needs to know about a model, read from its HF ``config.json`` (no transformers import).
+
+Both config dialects are understood: transformers 4 (``rope_theta`` + ``rope_scaling``) and transformers 5
+(``rope_parameters``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters plus the resolved serving dtype and context length."""
+
+    model_path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    context_length: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    sliding_window: int | None
+    hidden_act: str
+    dtype: torch.dtype
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    hf_config: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_hf(
+        cls,
+        model_path: str,
+        dtype: str = "auto",
+        device: str = "cpu",
+        context_length: int | None = None,
+        hf_config: dict[str, Any] | None = None,
+    ) -> "ModelConfig":
+        """Read ``model_path/config.json`` (or use ``hf_config``) and resolve dtype and context length.
+
+        ``dtype="auto"`` means float32 on CPU, and on GPU the checkpoint's dtype (float32 checkpoints are
+        served in bfloat16).
+        """
+        if hf_config is None:
+            config_file = os.path.join(model_path, "config.json")
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"no config.json in model path {model_path!r}")
+            with open(config_file) as f:
+                hf_config = json.load(f)
+        archs = hf_config.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{model_path}: config.json has no 'architectures' field")
+        num_heads = hf_config["num_attention_heads"]
+        hidden = hf_config["hidden_size"]
+        max_pos = hf_config.get("max_position_embeddings", 2048)
+        if context_length is not None and context_length > max_pos:
+            raise ValueError(
+                f"--context-length {context_length} exceeds the model's max_position_embeddings {max_pos}"
+            )
+        rope_theta, rope_scaling = _rope(hf_config)
+        sliding = hf_config.get("sliding_window")
+        if hf_config.get("use_sliding_window") is False:
+            sliding = None
+        return cls(
+            model_path=model_path,
+            architecture=archs[0],
+            vocab_size=hf_config["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf_config["intermediate_size"],
+            num_hidden_layers=hf_config["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf_config.get("num_key_value_heads") or num_heads,
+            head_dim=hf_config.get("head_dim") or hidden // num_heads,
+            rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=max_pos,
+            context_length=context_length or max_pos,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf_config.get("attention_bias", False)),
+            sliding_window=sliding,
+            hidden_act=hf_config.get("hidden_act", "silu"),
+            dtype=resolve_dtype(dtype, hf_config, device),
+            bos_token_id=hf_config.get("bos_token_id"),
+            eos_token_ids=_eos_ids(model_path, hf_config),
+            hf_config=hf_config,
+        )
+
+    def kv_cell_bytes(self, tp_size: int, kv_dtype: torch.dtype | None = None) -> int:
+        """Bytes of K and V for one token over all layers on one TP rank."""
+        kv_heads = max(1, self.num_key_value_heads // tp_size)
+        elem = torch.empty((), dtype=kv_dtype or self.dtype).element_size()
+        return 2 * self.num_hidden_layers * kv_heads * self.head_dim * elem
+
+
+def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"--dtype must be one of auto, {', '.join(sorted(set(_DTYPES)))}; got {dtype!r}")
+        return _DTYPES[dtype]
+    if device == "cpu":
+        return torch.float32
+    ckpt = _DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"), torch.bfloat16)
+    return torch.bfloat16 if ckpt == torch.float32 else ckpt
+
+
+def _rope(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Return (rope_theta, rope_scaling or None for plain RoPE) from either config dialect."""
+    params = hf_config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(hf_config.get("rope_theta", 10000.0))
+        scaling = dict(hf_config.get("rope_scaling") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    scaling["rope_type"] = rope_type
+    return theta, scaling
+
+
+def _eos_ids(model_path: str, hf_config: dict[str, Any]) -> tuple[int, ...]:
+    """All end-of-sequence ids: generation_config.json's eos_token_id (int or list) plus config.json's."""
+    ids: list[int] = []
+    for source in (_read_json(os.path.join(model_path, "generation_config.json")), hf_config):
+        eos = source.get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [eos]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,120 @@
+"""``ServerArgs``: every knob of the engine, with SGLang's flag names, defaults and validation in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_type_hints
+
+import torch
+
+
+def _arg(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """Frozen after validation.  ``ServerArgs()`` is a valid configuration serving the embedded model."""
+
+    # Model and tokenizer
+    model_path: str | None = _arg(None, "HF-format model directory, or a preset name with --load-format dummy; "
+                                        "empty means the embedded SmolLM2-135M-Instruct")
+    tokenizer_path: str | None = _arg(None, "tokenizer directory (default: the model path)")
+    load_format: str = _arg("auto", "how to get weights", ("auto", "safetensors", "dummy"))
+    dtype: str = _arg("auto", "weight and activation dtype (auto: float32 on CPU, the checkpoint's on GPU)",
+                      ("auto", "bfloat16", "float16", "float32"))
+    context_length: int | None = _arg(None, "maximum tokens per request (default: the model's)")
+    served_model_name: str | None = _arg(None, "model name reported by the API (default: the model path)")
+    chat_template: str | None = _arg(None, "chat template file or name overriding the tokenizer's")
+
+    # Hardware and memory
+    device: str = _arg("auto", "where to run", ("auto", "cpu", "cuda"))
+    tp_size: int = _arg(1, "tensor-parallel size")
+    mem_fraction_static: float | None = _arg(None, "fraction of GPU memory for weights + KV cache (GPU default 0.88)")
+    max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
+    page_size: int = _arg(1, "tokens per KV page")
+    attention_backend: str = _arg("auto", "attention implementation", ("auto", "torch_native", "triton"))
+
+    # Scheduling
+    max_running_requests: int | None = _arg(None, "maximum requests decoding at once")
+    max_prefill_tokens: int = _arg(16384, "token budget of one prefill batch")
+    chunked_prefill_size: int = _arg(8192, "split prompts longer than this into chunks (-1 disables)")
+    schedule_policy: str = _arg("fcfs", "order of the waiting queue", ("fcfs", "lpm"))
+    schedule_conservativeness: float = _arg(1.0, "how much decode memory to reserve when admitting requests")
+    disable_radix_cache: bool = _arg(False, "turn off prefix caching")
+
+    # Serving
+    host: str = _arg("127.0.0.1", "HTTP host")
+    port: int = _arg(30000, "HTTP port")
+    api_key: str | None = _arg(None, "require this bearer token")
+    log_level: str = _arg("info", "logging level", ("debug", "info", "warning", "error"))
+    random_seed: int | None = _arg(None, "seed for weights (dummy), sampling and anything random")
+
+    # Distributed
+    dist_init_addr: str | None = _arg(None, "host:port of TP rank 0 for torch.distributed (default: a free local port)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tp_size < 1:
+            problems.append(f"--tp-size must be >= 1, got {self.tp_size}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            problems.append(f"--page-size must be a power of two >= 1, got {self.page_size}")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            problems.append(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        for name in ("max_total_tokens", "context_length", "max_running_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.max_prefill_tokens < 1:
+            problems.append(f"--max-prefill-tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            problems.append(f"--chunked-prefill-size must be positive or -1, got {self.chunked_prefill_size}")
+        if self.schedule_conservativeness <= 0:
+            problems.append(f"--schedule-conservativeness must be > 0, got {self.schedule_conservativeness}")
+        if not 0 < self.port < 65536:
+            problems.append(f"--port must be in 1..65535, got {self.port}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
+                                f"got {getattr(self, f.name)!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            problems.append("--device cuda was asked for but torch sees no CUDA device")
+        if problems:
+            raise ValueError("invalid server arguments:\n  " + "\n  ".join(problems))
+        # Resolve the derived defaults once so every process sees the same values.
+        if self.device == "auto":
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+        if self.random_seed is None:
+            object.__setattr__(self, "random_seed", random.randint(0, 2**30))
+        if self.attention_backend == "auto":
+            object.__setattr__(self, "attention_backend", "torch_native")
+
+    def replace(self, **changes: Any) -> "ServerArgs":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag-name`` per field; booleans are switches."""
+        hints = get_type_hints(ServerArgs)
+        for f in dataclasses.fields(ServerArgs):
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
+            kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+            if kind is bool:
+                parser.add_argument(flag, action="store_true", **kwargs)
+                continue
+            kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            if f.name == "model_path":
+                kwargs["nargs"] = "?"  # a bare --model-path means the embedded model
+                kwargs["const"] = None
+            parser.add_argument(flag, **kwargs)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

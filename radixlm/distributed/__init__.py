@@ -1,0 +1,9 @@
+from radixlm.distributed.parallel_state import (
+    TPGroup,
+    destroy_tensor_parallel,
+    divide,
+    get_tp_group,
+    init_tensor_parallel,
+)
+
+__all__ = ["TPGroup", "destroy_tensor_parallel", "divide", "get_tp_group", "init_tensor_parallel"]

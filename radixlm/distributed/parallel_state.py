@@ -1,0 +1,84 @@
+"""Tensor-parallel process group.
+
+The group is created once, before the model is built, and never changes afterwards: layers read it at
+construction time (``get_tp_group()``) and keep a reference, so nothing deep inside a forward pass looks up
+mutable global state.  With ``tp_size == 1`` every collective is a no-op and torch.distributed is not needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# NVLink multicast (NVLS) is off on the lent multi-GPU machines; every process we start inherits this.
+_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """One tensor-parallel group: this process's rank, the group size and the torch process group."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the group, in place; returns ``x``."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``x`` along ``dim`` in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """Send a picklable object from ``src`` to every rank (CPU-side control messages)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+
+_TP_GROUP = TPGroup()
+
+
+def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_method: str) -> TPGroup:
+    """Join the tensor-parallel group (NCCL on CUDA, gloo on CPU) and make it the process's TP group."""
+    global _TP_GROUP
+    if tp_size == 1:
+        _TP_GROUP = TPGroup()
+        return _TP_GROUP
+    for key, value in _NCCL_ENV.items():
+        os.environ.setdefault(key, value)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, world_size=tp_size, rank=tp_rank)
+    _TP_GROUP = TPGroup(rank=tp_rank, size=tp_size, group=dist.group.WORLD)
+    return _TP_GROUP
+
+
+def get_tp_group() -> TPGroup:
+    return _TP_GROUP
+
+
+def destroy_tensor_parallel() -> None:
+    global _TP_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _TP_GROUP = TPGroup()
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    """Exact division with an error that names what could not be split."""
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
+    return numerator // denominator

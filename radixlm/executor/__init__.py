@@ -1,0 +1,3 @@
+from radixlm.executor.model_runner import ModelRunner
+
+__all__ = ["ModelRunner"]

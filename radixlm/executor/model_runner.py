@@ -1,0 +1,92 @@
+"""``ModelRunner``: owns the model, the KV memory and the attention backend of one TP rank, and runs steps."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from radixlm.attention import create_attention_backend
+from radixlm.config import ModelConfig, ServerArgs
+from radixlm.core import ForwardBatch
+from radixlm.distributed import init_tensor_parallel
+from radixlm.layers.logits_processor import LogitsOutput
+from radixlm.mem import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from radixlm.models.loader import load_model
+from radixlm.sampling import Sampler
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU when --max-total-tokens is not given
+DEFAULT_GPU_MEM_FRACTION = 0.88
+
+
+class ModelRunner:
+    def __init__(self, server_args: ServerArgs, model_config: ModelConfig, tp_rank: int = 0):
+        self.server_args = server_args
+        self.model_config = model_config
+        self.tp_rank = tp_rank
+        self.device = torch.device(f"cuda:{tp_rank}" if server_args.device == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_method = f"tcp://{server_args.dist_init_addr}" if server_args.dist_init_addr else "env://"
+        self.tp = init_tensor_parallel(tp_rank, server_args.tp_size, self.device, init_method)
+        torch.manual_seed(server_args.random_seed)
+
+        self.model = load_model(model_config, server_args.load_format, self.device, server_args.random_seed)
+        self._init_memory_pools()
+        self.attn_backend = create_attention_backend(server_args.attention_backend)
+        self.sampler = Sampler()
+
+    # ---------------------------------------------------------------- memory
+    def _init_memory_pools(self) -> None:
+        args, cfg = self.server_args, self.model_config
+        context_len = cfg.context_length
+        cell = cfg.kv_cell_bytes(args.tp_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = args.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
+            # Everything already allocated (weights, the CUDA context) counts against the static fraction.
+            budget = free - total * (1.0 - fraction)
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        max_tokens = int(budget // cell)
+        if args.max_total_tokens is not None:
+            max_tokens = min(max_tokens, args.max_total_tokens) if self.device.type == "cuda" else args.max_total_tokens
+        max_tokens = self._min_over_ranks(max_tokens) // args.page_size * args.page_size
+        if max_tokens < args.page_size * 2:
+            raise RuntimeError(f"not enough memory for the KV cache ({max_tokens} tokens); lower the model size, "
+                               "raise --mem-fraction-static or set --max-total-tokens")
+        max_reqs = args.max_running_requests or min(max(max_tokens * 512 // context_len, 256), 4096)
+        self.max_total_num_tokens = max_tokens
+        self.max_running_requests = max_reqs
+        self.req_to_token_pool = ReqToTokenPool(max_reqs, context_len, self.device)
+        self.token_to_kv_pool = MHATokenToKVPool(
+            max_tokens, args.page_size, cfg.dtype, max(1, cfg.num_key_value_heads // args.tp_size),
+            cfg.head_dim, cfg.num_hidden_layers, self.device,
+        )
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(max_tokens, args.page_size, self.device)
+        logger.info("KV cache: %d tokens (%.2f GiB), %d request slots", max_tokens,
+                    self.token_to_kv_pool.bytes() / 2**30, max_reqs)
+
+    def _min_over_ranks(self, value: int) -> int:
+        if self.tp.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.tp.group)
+        return int(t.item())
+
+    # ---------------------------------------------------------------- execution
+    @torch.inference_mode()
+    def forward(self, forward_batch: ForwardBatch) -> LogitsOutput:
+        self.attn_backend.init_forward_metadata(forward_batch)
+        return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)
+
+    @torch.inference_mode()
+    def sample(self, logits_output: LogitsOutput, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Next token of every request ([bs] int64); greedy when the batch has no sampling info."""
+        logits = logits_output.next_token_logits
+        if forward_batch.sampling_info is None:
+            return logits.argmax(dim=-1)
+        return self.sampler(logits, forward_batch.sampling_info)
+

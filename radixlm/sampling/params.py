@@ -1,0 +1,152 @@
+"""Per-request sampling parameters (SGLang field names and defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# Below this temperature a request is treated as greedy; dividing logits by it would overflow.
+_GREEDY_TEMPERATURE_EPS = 1e-6
+_PENALTY_RANGE = (-2.0, 2.0)
+_LOGIT_BIAS_RANGE = (-100.0, 100.0)
+
+
+def parse_token_id(key: int | str) -> int:
+    """Turn a logit_bias key (an int, or a decimal string as OpenAI clients send) into a token id.
+
+    Raises ValueError for anything else, bools included (they are ints to Python but
+    never meant as token ids).
+    """
+    if isinstance(key, bool):
+        raise ValueError(f"logit_bias key {key!r} is not a token id")
+    if isinstance(key, int):
+        return key
+    if isinstance(key, str):
+        try:
+            return int(key)
+        except ValueError:
+            pass
+    raise ValueError(f"logit_bias key {key!r} is not a token id (int or decimal string)")
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters of one request.
+
+    Contract: call `normalize()` once before building a batch from it; `verify()` may be
+    called before or after `normalize()` and raises ValueError on the first invalid field.
+    """
+
+    max_new_tokens: int | None = 128
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = whole vocabulary
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (str or int key) -> additive bias
+    seed: int | None = None
+    stream_interval: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
+        """Build from a request dict; unknown keys raise ValueError (typos must not be ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def normalize(self) -> None:
+        """Canonicalize in place: list-valued `stop`/`stop_token_ids`, greedy as top_k == 1.
+
+        A (near-)zero temperature becomes `temperature = 1.0, top_k = 1` so that the sampler
+        never divides by ~0. Negative temperatures are left alone for `verify()` to reject.
+        """
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if 0.0 <= self.temperature < _GREEDY_TEMPERATURE_EPS:
+            self.temperature = 1.0
+            self.top_k = 1
+
+    def verify(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the offending field and its allowed range.
+
+        Token ids (logit_bias keys, stop_token_ids) are range-checked only when
+        `vocab_size` is given.
+        """
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k < 1 and self.top_k != -1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        lo, hi = _PENALTY_RANGE
+        if not lo <= self.frequency_penalty <= hi:
+            raise ValueError(f"frequency_penalty must be in [{lo}, {hi}], got {self.frequency_penalty}")
+        if not lo <= self.presence_penalty <= hi:
+            raise ValueError(f"presence_penalty must be in [{lo}, {hi}], got {self.presence_penalty}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}"
+            )
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        constraints = [
+            name for name in ("json_schema", "regex", "ebnf") if getattr(self, name) is not None
+        ]
+        if len(constraints) > 1:
+            raise ValueError(
+                f"at most one of json_schema, regex, ebnf may be set, got {', '.join(constraints)}"
+            )
+        self._verify_logit_bias(vocab_size)
+        self._verify_stop_token_ids(vocab_size)
+
+    def _verify_logit_bias(self, vocab_size: int | None) -> None:
+        if self.logit_bias is None:
+            return
+        lo, hi = _LOGIT_BIAS_RANGE
+        for key, bias in self.logit_bias.items():
+            token_id = parse_token_id(key)
+            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                bound = "" if vocab_size is None else f", {vocab_size}"
+                raise ValueError(f"logit_bias key {key!r} must be a token id in [0{bound}), got {token_id}")
+            if not (_is_real(bias) and lo <= bias <= hi):
+                raise ValueError(f"logit_bias value for {key!r} must be in [{lo}, {hi}], got {bias!r}")
+
+    def _verify_stop_token_ids(self, vocab_size: int | None) -> None:
+        for token_id in self.stop_token_ids or []:
+            is_id = isinstance(token_id, int) and not isinstance(token_id, bool)
+            if not is_id or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                bound = "" if vocab_size is None else f", {vocab_size}"
+                raise ValueError(f"stop_token_ids entries must be token ids in [0{bound}), got {token_id!r}")
