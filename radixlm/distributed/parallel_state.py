@@ -73,6 +73,7 @@ def get_tp_group() -> TPGroup:
 def destroy_tensor_parallel() -> None:
     global _TP_GROUP
     if dist.is_initialized():
+        dist.barrier()  # gloo aborts a rank whose peer tears down while it is still connected
         dist.destroy_process_group()
     _TP_GROUP = TPGroup()
 

@@ -1,0 +1,92 @@
+"""Shared fixtures: the embedded model, tiny HF reference models, and radixlm runners built on them."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from radixlm.config import ServerArgs
+from radixlm.executor import ModelRunner
+from radixlm.models.loader import resolve_model_config
+
+# Keep the CPU tests reproducible and light on a 2-core machine.
+torch.set_num_threads(2)
+
+
+def make_runner(model_path: str | None, **kwargs) -> ModelRunner:
+    """A TP=1 CPU runner with a small KV pool."""
+    kwargs.setdefault("max_total_tokens", 4096)
+    kwargs.setdefault("random_seed", 0)
+    args = ServerArgs(model_path=model_path, device="cpu", **kwargs)
+    return ModelRunner(args, resolve_model_config(args))
+
+
+TINY_CONFIGS = {
+    # Llama-3 style: GQA, llama3 rope scaling, untied LM head, vocab not a multiple of 64
+    "llama": dict(
+        arch="LlamaForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+        rope_theta=10000.0,
+    ),
+    "qwen2": dict(
+        arch="Qwen2ForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "qwen3": dict(
+        arch="Qwen3ForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        tie_word_embeddings=False, rope_theta=1000000.0,
+    ),
+    "mistral_sliding": dict(
+        arch="MistralForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512, sliding_window=8,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                        **save_kwargs) -> torch.nn.Module:
+    """Instantiate ``TINY_CONFIGS[name]`` with random weights in transformers, save it, return the HF model."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[name])
+    arch = spec.pop("arch")
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config = config_cls(initializer_range=0.1, **spec)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).to(dtype).eval()
+    model.save_pretrained(directory, **save_kwargs)
+    return model
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> str:
+    from radixlm.models.embedded import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_path)
+
+
+@pytest.fixture(scope="session")
+def embedded_hf_model(embedded_path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def embedded_runner(embedded_path: str) -> ModelRunner:
+    return make_runner(embedded_path)
+
+
