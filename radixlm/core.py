@@ -7,9 +7,9 @@ need arrives through it, explicitly, as an argument.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, auto
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,7 +20,35 @@ if TYPE_CHECKING:
     from radixlm.mem import MHATokenToKVPool, ReqToTokenPool
     from radixlm.sampling import SamplingBatchInfo
 
-__all__ = ["ForwardBatch", "ForwardMode", "SamplingParams"]
+__all__ = ["ForwardBatch", "ForwardMode", "Req", "SamplingParams"]
+
+
+def _empty_slots() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64)
+
+
+@dataclass(eq=False)
+class Req:
+    """One request inside the scheduler: its tokens, where its KV lives, and how far it has got.
+
+    KV bookkeeping: the request's row ``req_pool_idx`` of ``req_to_token`` maps positions ``0 .. kv_len - 1``
+    of ``origin_input_ids + output_ids`` to KV slots.  The first ``len(prefix_indices)`` of those slots belong
+    to the radix cache (shared, locked through ``last_node``); the rest are owned by this request until it is
+    cached or freed.
+    """
+
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    req_pool_idx: int | None = None
+    prefix_indices: torch.Tensor = field(default_factory=_empty_slots)  # [prefix_len] int64 KV slots
+    last_node: Any = None  # radix-tree node at the end of the locked prefix
+    kv_len: int = 0  # tokens of origin_input_ids + output_ids whose KV is stored
+    seed: int = 0
+
+    def all_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
 
 
 class ForwardMode(IntEnum):

@@ -72,6 +72,11 @@ class ModelConfig:
         archs = hf_config.get("architectures") or []
         if not archs:
             raise ValueError(f"{model_path}: config.json has no 'architectures' field")
+        from radixlm.models.registry import supported_architectures
+
+        if archs[0] not in supported_architectures():
+            raise ValueError(f"unsupported model architecture {archs[0]!r}; "
+                             f"radixlm supports: {', '.join(supported_architectures())}")
         num_heads = hf_config["num_attention_heads"]
         hidden = hf_config["hidden_size"]
         max_pos = hf_config.get("max_position_embeddings", 2048)

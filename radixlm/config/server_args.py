@@ -36,7 +36,7 @@ class ServerArgs:
     mem_fraction_static: float | None = _arg(None, "fraction of GPU memory for weights + KV cache (GPU default 0.88)")
     max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
     page_size: int = _arg(1, "tokens per KV page")
-    attention_backend: str = _arg("auto", "attention implementation", ("auto", "torch_native", "triton"))
+    attention_backend: str = _arg("auto", "attention implementation", ("auto", "torch_native"))
 
     # Scheduling
     max_running_requests: int | None = _arg(None, "maximum requests decoding at once")

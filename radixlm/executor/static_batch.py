@@ -48,6 +48,10 @@ def generate_static(
     done = [limit <= 0 for limit in limits]
     try:
         fb = build_extend_batch(runner, rows, [0] * n, prompts, sampling_info=info)
+    except Exception:
+        runner.req_to_token_pool.free(rows)  # no KV slot was allocated
+        raise
+    try:
         next_ids = runner.sample(runner.forward(fb), fb)
         while True:
             info.update(next_ids)

