@@ -46,9 +46,54 @@ class Req:
     last_node: Any = None  # radix-tree node at the end of the locked prefix
     kv_len: int = 0  # tokens of origin_input_ids + output_ids whose KV is stored
     seed: int = 0
+    eos_token_ids: frozenset[int] = frozenset()
+    max_context_len: int = 1 << 31  # prompt + output may not exceed this
+    # Progress
+    extend_len: int = 0  # new tokens this request contributes to the current EXTEND batch
+    cached_tokens: int = 0  # prompt tokens served from the radix cache at first admission
+    num_retractions: int = 0
+    finished_reason: dict[str, Any] | None = None  # {"type": "stop"|"length"|"abort", ...}
+    created_time: float = 0.0
 
     def all_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def check_finished(self) -> None:
+        """Set ``finished_reason`` after a new output token, by SGLang's rules (EOS and stop ids end the request
+        only once ``min_new_tokens`` are out; EOS is ignored with ``ignore_eos``)."""
+        if self.finished:
+            return
+        p = self.sampling_params
+        last = self.output_ids[-1]
+        n = len(self.output_ids)
+        if n >= p.min_new_tokens:
+            if last in (p.stop_token_ids or ()):
+                self.finished_reason = {"type": "stop", "matched": last}
+                return
+            if not p.ignore_eos and last in self.eos_token_ids:
+                self.finished_reason = {"type": "stop", "matched": last}
+                return
+        if p.max_new_tokens is not None and n >= p.max_new_tokens:
+            self.finished_reason = {"type": "length", "length": n}
+        elif self.seq_len >= self.max_context_len:
+            self.finished_reason = {"type": "length", "length": n}
+
+    def reset_for_retraction(self) -> None:
+        """Forget all KV bookkeeping; the request will be prefilled again (prompt + outputs so far)."""
+        self.req_pool_idx = None
+        self.prefix_indices = _empty_slots()
+        self.last_node = None
+        self.kv_len = 0
+        self.extend_len = 0
+        self.num_retractions += 1
 
 
 class ForwardMode(IntEnum):

@@ -1,0 +1,60 @@
+"""Admission policy: the order of the waiting queue and the token budget of one prefill batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from radixlm.core import Req
+
+if TYPE_CHECKING:
+    from radixlm.cache import RadixCache
+
+# Future decode tokens reserved per request are capped: a request asking for 32k new tokens rarely uses them.
+CLIP_MAX_NEW_TOKENS = 4096
+# Longest-prefix-match costs one tree walk per waiting request; past this queue length fall back to FCFS.
+LPM_MAX_QUEUE = 128
+
+
+def order_waiting_queue(waiting: list[Req], policy: str, tree_cache: "RadixCache") -> list[Req]:
+    """``fcfs``: arrival order.  ``lpm``: longest cached prefix first (ties keep arrival order)."""
+    if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE or tree_cache.disable:
+        return waiting
+    matched = {id(r): len(tree_cache.match_prefix(r.all_ids()[:-1]).device_indices) for r in waiting}
+    return sorted(waiting, key=lambda r: -matched[id(r)])
+
+
+def reserved_decode_tokens(req: Req, new_token_ratio: float) -> int:
+    """KV tokens to keep free for ``req``'s future decode steps."""
+    p = req.sampling_params
+    remaining = (p.max_new_tokens if p.max_new_tokens is not None else CLIP_MAX_NEW_TOKENS) - len(req.output_ids)
+    return int(max(0, min(remaining, CLIP_MAX_NEW_TOKENS)) * new_token_ratio)
+
+
+@dataclass
+class PrefillBudget:
+    """What one prefill batch may still take: KV tokens (free + evictable − decode reserve), input tokens, and
+    the chunk size for a prompt that does not fit whole."""
+
+    rem_total_tokens: int
+    rem_input_tokens: int
+    chunk_size: int | None  # None: no chunking
+    admitted: list[Req] = field(default_factory=list)
+
+    def can_take(self) -> bool:
+        return self.rem_input_tokens > 0 and self.rem_total_tokens > 0
+
+    def plan(self, input_len: int, reserve: int) -> int | None:
+        """Tokens of a prompt with ``input_len`` uncached tokens to prefill now (all of them, or a chunk), or None
+        when it must wait for memory."""
+        limit = self.rem_input_tokens if self.chunk_size is None else min(self.rem_input_tokens, self.chunk_size)
+        if input_len <= limit:
+            return input_len if input_len + reserve <= self.rem_total_tokens else None
+        # Chunk: only the chunk's tokens need memory now; the reserve is checked when the last chunk is admitted.
+        take = min(limit, self.rem_total_tokens)
+        return take if take > 0 and self.chunk_size is not None else None
+
+    def take(self, req: Req, extend_len: int, reserve: int) -> None:
+        self.rem_total_tokens -= extend_len + reserve
+        self.rem_input_tokens -= extend_len
+        self.admitted.append(req)

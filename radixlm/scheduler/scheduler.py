@@ -1,0 +1,243 @@
+"""The scheduler: continuous batching over a radix prefix cache.
+
+Each ``step()`` runs one model step: a prefill (EXTEND) batch of newly admitted requests and the next chunk of a
+long prompt when there are any, otherwise one DECODE step for every running request.  Memory never runs out:
+admission reserves room for future decode tokens, and when decode still cannot grow, the requests with the
+least progress are retracted to the waiting queue (their computed KV goes to the radix cache) and resumed later
+with identical results (sampling randomness is keyed by request seed and output position).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+from radixlm.cache import RadixCache
+from radixlm.config import ServerArgs
+from radixlm.core import Req
+from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
+from radixlm.executor.model_runner import ModelRunner
+from radixlm.sampling import SamplingBatchInfo
+from radixlm.scheduler.policy import PrefillBudget, order_waiting_queue, reserved_decode_tokens
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, server_args: ServerArgs, runner: ModelRunner):
+        self.args = server_args
+        self.runner = runner
+        self.tree_cache = RadixCache(runner.req_to_token_pool, runner.token_to_kv_pool_allocator,
+                                     server_args.page_size, disable=server_args.disable_radix_cache)
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None  # a prompt being prefilled chunk by chunk
+        self._running_info: SamplingBatchInfo | None = None  # rebuilt whenever `running` changes
+        self._decode_turn = False  # alternate chunked prefill with decode so neither starves
+        # Fraction of each request's remaining max_new_tokens reserved at admission; decays while decoding goes
+        # well, jumps back after a retraction.
+        self.init_new_token_ratio = min(0.7 * server_args.schedule_conservativeness, 1.0)
+        self.min_new_token_ratio = self.init_new_token_ratio * 0.14
+        self.new_token_ratio_decay = (self.init_new_token_ratio - self.min_new_token_ratio) / 600
+        self.new_token_ratio = self.init_new_token_ratio
+        self.num_retracted = 0
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, req: Req) -> None:
+        """Queue a request; one that can never fit finishes at once with an abort reason."""
+        ctx = self.runner.model_config.context_length
+        req.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
+        req.max_context_len = min(ctx, self.runner.max_total_num_tokens)
+        req.created_time = req.created_time or time.time()
+        if not req.origin_input_ids:
+            req.finished_reason = {"type": "abort", "message": "the prompt is empty"}
+        elif len(req.origin_input_ids) >= ctx:
+            req.finished_reason = {"type": "abort", "message": f"the prompt has {len(req.origin_input_ids)} tokens; "
+                                   f"the context length is {ctx}"}
+        elif len(req.origin_input_ids) + 1 > self.runner.max_total_num_tokens:
+            req.finished_reason = {"type": "abort", "message": "the prompt does not fit the KV cache "
+                                   f"({self.runner.max_total_num_tokens} tokens)"}
+        else:
+            self.waiting.append(req)
+
+    def abort_request(self, rid: str) -> Req | None:
+        """Finish request ``rid`` wherever it is and return its memory; returns the request if found."""
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                req.finished_reason = {"type": "abort", "message": "aborted"}
+                return req
+        for req in self.running + ([self.chunked_req] if self.chunked_req else []):
+            if req.rid == rid:
+                req.finished_reason = {"type": "abort", "message": "aborted"}
+                self._release([req])
+                return req
+        return None
+
+    def is_idle(self) -> bool:
+        return not (self.waiting or self.running or self.chunked_req)
+
+    # ------------------------------------------------------------------ the loop body
+    def step(self) -> list[Req]:
+        """Run one model step; returns the requests that got a token or finished in it."""
+        if self.chunked_req is not None and self.running and self._decode_turn:
+            self._decode_turn = False
+            return self._decode()
+        batch = self._admit()
+        if batch:
+            self._decode_turn = True
+            return self._extend(batch)
+        return self._decode() if self.running else []
+
+    # ------------------------------------------------------------------ prefill
+    def _admit(self) -> list[Req]:
+        """Choose the requests of the next EXTEND batch, lock their cached prefixes and give them rows."""
+        if not self.waiting and self.chunked_req is None:
+            return []
+        allocator = self.runner.token_to_kv_pool_allocator
+        reserve = sum(reserved_decode_tokens(r, self.new_token_ratio) for r in self.running)
+        chunk = self.args.chunked_prefill_size if self.args.chunked_prefill_size > 0 else None
+        budget = PrefillBudget(allocator.available_size() + self.tree_cache.evictable_size() - reserve,
+                               self.args.max_prefill_tokens, chunk)
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            take = budget.plan(req.seq_len - req.kv_len, 0)
+            if take is None:
+                return []
+            req.extend_len = take
+            budget.take(req, take, 0)
+        running = len(self.running) + len(budget.admitted)
+        for req in order_waiting_queue(self.waiting, self.args.schedule_policy, self.tree_cache):
+            if (self.chunked_req is not None or not budget.can_take()
+                    or running >= self.runner.max_running_requests
+                    or self.runner.req_to_token_pool.available_size() == 0):
+                break
+            match = self.tree_cache.match_prefix(req.all_ids()[:-1])  # >= 1 token must run to get logits
+            prefix_len = len(match.device_indices)
+            reserve = reserved_decode_tokens(req, self.new_token_ratio)
+            take = budget.plan(req.seq_len - prefix_len, reserve)
+            if take is None:
+                break
+            self.tree_cache.inc_lock_ref(match.last_node)
+            req.prefix_indices, req.last_node = match.device_indices, match.last_node
+            if req.num_retractions == 0:
+                req.cached_tokens = prefix_len
+            req.req_pool_idx = self.runner.req_to_token_pool.alloc(1)[0]
+            self.runner.req_to_token_pool.write(req.req_pool_idx, 0, match.device_indices)
+            req.kv_len, req.extend_len = prefix_len, take
+            budget.take(req, take, reserve)
+            running += 1
+            if take < req.seq_len - prefix_len:
+                self.chunked_req = req
+        admitted = set(map(id, budget.admitted))
+        self.waiting = [r for r in self.waiting if id(r) not in admitted]
+        return budget.admitted
+
+    def _extend(self, reqs: list[Req]) -> list[Req]:
+        self._ensure_free(sum(r.extend_len for r in reqs))
+        info = self._sampling_info(reqs)
+        fb = build_extend_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
+                                [r.all_ids()[r.kv_len : r.kv_len + r.extend_len] for r in reqs], sampling_info=info)
+        next_ids = self.runner.sample(self.runner.forward(fb), fb).tolist()
+        updated = []
+        for req, tok in zip(reqs, next_ids):
+            req.kv_len += req.extend_len
+            if req.kv_len < req.seq_len:  # more chunks to come: the sampled token is meaningless
+                self.tree_cache.cache_unfinished_req(req)
+                continue
+            if req is self.chunked_req:
+                self.chunked_req = None
+            req.output_ids.append(tok)
+            req.check_finished()
+            updated.append(req)
+            if not req.finished:
+                self.running.append(req)
+        self._running_info = None
+        self._release([r for r in updated if r.finished])
+        return updated
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self) -> list[Req]:
+        self._make_room_for_decode()
+        if not self.running:
+            return []
+        reqs = self.running
+        if self._running_info is None:
+            self._running_info = self._sampling_info(reqs)
+        fb = build_decode_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
+                                [r.output_ids[-1] for r in reqs], sampling_info=self._running_info)
+        next_ids = self.runner.sample(self.runner.forward(fb), fb)
+        self._running_info.update(next_ids)
+        for req, tok in zip(reqs, next_ids.tolist()):
+            req.kv_len += 1
+            req.output_ids.append(tok)
+            req.check_finished()
+        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
+        finished = [r for r in reqs if r.finished]
+        if finished:
+            self._release(finished)
+        return list(reqs)
+
+    def _make_room_for_decode(self) -> None:
+        """Every running request needs one KV slot: evict cached prefixes, then retract requests if needed."""
+        allocator = self.runner.token_to_kv_pool_allocator
+        page = allocator.page_size
+        need = lambda: sum(1 for r in self.running if r.kv_len % page == 0) * page  # noqa: E731
+        while self.running and allocator.available_size() < need():
+            self.tree_cache.evict(need() - allocator.available_size())
+            if allocator.available_size() >= need():
+                break
+            self._retract_one()
+
+    def _retract_one(self) -> None:
+        """Send the request with the least progress back to the waiting queue (its KV goes to the cache)."""
+        victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+        self.running.remove(victim)
+        self._running_info = None
+        self.tree_cache.cache_finished_req(victim)
+        victim.reset_for_retraction()
+        self.waiting.insert(0, victim)
+        self.num_retracted += 1
+        self.new_token_ratio = 1.0
+        logger.info("retracted request %s (%d tokens out); KV pool full", victim.rid, len(victim.output_ids))
+
+    # ------------------------------------------------------------------ helpers
+    def _ensure_free(self, num_tokens: int) -> None:
+        allocator = self.runner.token_to_kv_pool_allocator
+        short = num_tokens + allocator.page_size * 2 - allocator.available_size()
+        if short > 0:
+            self.tree_cache.evict(short)
+
+    def _release(self, reqs: list[Req]) -> None:
+        """Hand finished or aborted requests' KV to the cache and drop them from the batch."""
+        for req in reqs:
+            if req.req_pool_idx is not None:
+                self.tree_cache.cache_finished_req(req)
+            if req is self.chunked_req:
+                self.chunked_req = None
+        gone = set(map(id, reqs))
+        if any(id(r) in gone for r in self.running):
+            self.running = [r for r in self.running if id(r) not in gone]
+            self._running_info = None
+
+    def _sampling_info(self, reqs: list[Req]) -> SamplingBatchInfo:
+        return SamplingBatchInfo.from_requests(
+            [r.sampling_params for r in reqs], [r.seed for r in reqs], [r.origin_input_ids for r in reqs],
+            [r.output_ids for r in reqs], self.runner.model_config.eos_token_ids,
+            self.runner.model_config.vocab_size, self.runner.device,
+        )
+
+
+def run_to_completion(scheduler: Scheduler, reqs: list[Req], max_steps: int = 1_000_000) -> list[Req]:
+    """Add ``reqs`` and step until all have finished (a helper for offline use and tests)."""
+    for req in reqs:
+        scheduler.add_request(req)
+    for _ in range(max_steps):
+        if all(r.finished for r in reqs):
+            return reqs
+        scheduler.step()
+    raise RuntimeError("requests did not finish within max_steps")
+
+
+__all__ = ["Scheduler", "run_to_completion"]

@@ -1,0 +1,125 @@
+"""Continuous batching gives every request exactly the tokens it would get alone: with and without the radix
+cache, chunked or whole prefill, and under memory pressure that forces eviction and retraction."""
+
+from __future__ import annotations
+
+import pytest
+
+from radixlm.config import ServerArgs
+from radixlm.core import Req
+from radixlm.executor import ModelRunner
+from radixlm.executor.static_batch import generate_static
+from radixlm.models.loader import resolve_model_config
+from radixlm.sampling import SamplingParams
+from radixlm.scheduler import Scheduler, run_to_completion
+
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely. " * 3
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    questions = ["What is 2+2?", "Name a color.", "Why is the sky blue?", "Say hello in Spanish.",
+                 "What is the capital of Italy?", "Count to five."]
+    shared = [tokenizer(SYSTEM + q).input_ids for q in questions]
+    other = [tokenizer(t).input_ids for t in ["def add(a, b):", "The quick brown fox", "Roses are red,"]]
+    return shared + other
+
+
+def params(i: int) -> SamplingParams:
+    # mixed lengths, and one sampled request (seeded) among greedy ones
+    if i == 4:
+        return SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_new_tokens=20, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_new_tokens=8 + 4 * (i % 4), ignore_eos=i % 2 == 0)
+
+
+def run_scheduler(path: str, ids: list[list[int]], **kwargs) -> tuple[list[Req], Scheduler]:
+    args = ServerArgs(model_path=path, device="cpu", random_seed=0, **kwargs)
+    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    reqs = []
+    for i, p in enumerate(ids):
+        sp = params(i)
+        sp.normalize()
+        reqs.append(Req(rid=str(i), origin_input_ids=list(p), sampling_params=sp, seed=sp.seed or i))
+    run_to_completion(sched, reqs)
+    return reqs, sched
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_path, embedded_tokenizer):
+    ids = prompts(embedded_tokenizer)
+    reqs, sched = run_scheduler(embedded_path, ids, max_total_tokens=8192, disable_radix_cache=True,
+                                chunked_prefill_size=-1)
+    return ids, [r.output_ids for r in reqs]
+
+
+def test_greedy_equals_static_batch(reference, embedded_runner):
+    ids, outs = reference
+    for i, (p, out) in enumerate(zip(ids, outs)):
+        if i == 4:
+            continue
+        sp = params(i)
+        assert generate_static(embedded_runner, [p], sp) == [out], f"request {i}"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(max_total_tokens=8192),                                    # radix cache on
+    dict(max_total_tokens=8192, chunked_prefill_size=16),            # chunked prefill
+    dict(max_total_tokens=8192, schedule_policy="lpm", max_running_requests=3),
+    dict(max_total_tokens=128, chunked_prefill_size=32, schedule_conservativeness=0.3),  # eviction + retraction
+])
+def test_outputs_identical(reference, embedded_path, kwargs):
+    ids, ref = reference
+    reqs, sched = run_scheduler(embedded_path, ids, **kwargs)
+    assert [r.output_ids for r in reqs] == ref
+    assert all(r.finished_reason["type"] == "length" or r.finished_reason["type"] == "stop" for r in reqs)
+    assert sched.is_idle()
+    # every KV slot is back: free or held by the cache, nothing leaked to a finished request
+    allocator = sched.runner.token_to_kv_pool_allocator
+    assert allocator.available_size() + sched.tree_cache.total_size() == allocator.size
+    assert sched.tree_cache.protected_size() == 0
+    if kwargs["max_total_tokens"] == 128:
+        assert sched.num_retracted > 0
+
+
+def test_shared_prefix_reports_cached_tokens(embedded_path, embedded_tokenizer):
+    ids = prompts(embedded_tokenizer)[:3]
+    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
+    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    first = Req(rid="a", origin_input_ids=ids[0], sampling_params=SamplingParams(temperature=0.0, max_new_tokens=2))
+    run_to_completion(sched, [first])
+    assert first.cached_tokens == 0
+    common = 0
+    while ids[0][common] == ids[1][common]:
+        common += 1
+    second = Req(rid="b", origin_input_ids=ids[1], sampling_params=SamplingParams(temperature=0.0, max_new_tokens=2))
+    run_to_completion(sched, [second])
+    assert second.cached_tokens == common
+
+
+def test_abort_returns_memory(embedded_path, embedded_tokenizer):
+    ids = prompts(embedded_tokenizer)[:2]
+    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
+                      disable_radix_cache=True)
+    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    reqs = [Req(rid=str(i), origin_input_ids=p, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=50))
+            for i, p in enumerate(ids)]
+    for r in reqs:
+        sched.add_request(r)
+    for _ in range(3):
+        sched.step()
+    sched.abort_request("0")
+    assert reqs[0].finished_reason["type"] == "abort"
+    while not sched.is_idle():
+        sched.step()
+    assert len(reqs[1].output_ids) == 50
+    assert sched.runner.token_to_kv_pool_allocator.available_size() == 4096
+
+
+def test_context_length_rejected(embedded_path):
+    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096, context_length=32)
+    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    too_long = Req(rid="x", origin_input_ids=[5] * 40, sampling_params=SamplingParams())
+    sched.add_request(too_long)
+    assert too_long.finished_reason["type"] == "abort" and "context length" in too_long.finished_reason["message"]
+    capped = Req(rid="y", origin_input_ids=[5] * 20, sampling_params=SamplingParams(max_new_tokens=100, ignore_eos=True))
+    run_to_completion(sched, [capped])
+    assert capped.seq_len == 32 and capped.finished_reason["type"] == "length"
