@@ -11,14 +11,29 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="convert the embedded model into the cache directory and print its path")
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible and native API)")
+    generate = sub.add_parser("generate", help="generate a completion of a prompt with the offline engine")
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0)
     from radixlm.config import ServerArgs
 
     ServerArgs.add_cli_args(serve)
+    ServerArgs.add_cli_args(generate)
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from radixlm.models.embedded import embedded_model_path
 
         print(embedded_model_path())
+        return 0
+    if args.command == "generate":
+        from radixlm.engine.engine import Engine
+
+        server_args = ServerArgs.from_cli_args(args)
+        with Engine(**vars(server_args)) as engine:
+            params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+            for chunk in engine.generate(args.prompt, params, stream=True):
+                print(chunk["text"], end="", flush=True)
+        print()
         return 0
     ServerArgs.from_cli_args(args)  # validates the flags
     print("radixlm serve: the HTTP server is not built yet (issue #4); the engine core is usable in-process.",

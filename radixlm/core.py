@@ -17,6 +17,7 @@ from radixlm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from radixlm.attention.base import AttentionBackend
+    from radixlm.sampling.logprobs import RequestLogprobs
     from radixlm.mem import MHATokenToKVPool, ReqToTokenPool
     from radixlm.sampling import SamplingBatchInfo
 
@@ -46,6 +47,7 @@ class Req:
     last_node: Any = None  # radix-tree node at the end of the locked prefix
     kv_len: int = 0  # tokens of origin_input_ids + output_ids whose KV is stored
     seed: int = 0
+    logprobs: "RequestLogprobs | None" = None  # set when the request asked for logprobs
     eos_token_ids: frozenset[int] = frozenset()
     max_context_len: int = 1 << 31  # prompt + output may not exceed this
     # Progress

@@ -67,6 +67,11 @@ class Sampler:
         sampled = (probs / noise.to(probs.dtype)).argmax(dim=-1)  # [bs]
         return torch.where(info.top_ks == 1, greedy, sampled)
 
+    def logprobs(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        """Log-probabilities of the distribution tokens are sampled from: penalties and temperature applied,
+        before top-k/top-p/min-p truncation.  [bs, vocab] float32."""
+        return torch.log_softmax(self.apply_penalties(logits, info) / info.temperatures, dim=-1)
+
     def apply_penalties(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         """Apply logit bias, repetition, frequency/presence and min-new-tokens bans, in that order.
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 
 from radixlm.cache import RadixCache
 from radixlm.config import ServerArgs
@@ -113,7 +115,7 @@ class Scheduler:
                     or running >= self.runner.max_running_requests
                     or self.runner.req_to_token_pool.available_size() == 0):
                 break
-            match = self.tree_cache.match_prefix(req.all_ids()[:-1])  # >= 1 token must run to get logits
+            match = self.tree_cache.match_prefix(self._match_key(req))
             prefix_len = len(match.device_indices)
             reserve = reserved_decode_tokens(req, self.new_token_ratio)
             take = budget.plan(req.seq_len - prefix_len, reserve)
@@ -137,20 +139,32 @@ class Scheduler:
     def _extend(self, reqs: list[Req]) -> list[Req]:
         self._ensure_free(sum(r.extend_len for r in reqs))
         info = self._sampling_info(reqs)
+        starts = [self._logits_start(r) for r in reqs]
         fb = build_extend_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
-                                [r.all_ids()[r.kv_len : r.kv_len + r.extend_len] for r in reqs], sampling_info=info)
-        next_ids = self.runner.sample(self.runner.forward(fb), fb).tolist()
+                                [r.all_ids()[r.kv_len : r.kv_len + r.extend_len] for r in reqs],
+                                logits_start=[r.extend_len - 1 if st is None else st for r, st in zip(reqs, starts)]
+                                if any(st is not None for st in starts) else None,
+                                sampling_info=info)
+        logits = self.runner.forward(fb)
+        next_ids = self.runner.sample(logits, fb)
+        if fb.extend_logits_start_cpu is not None:
+            self._record_input_logprobs(reqs, starts, logits.input_token_logits)
+        samples = [r.kv_len + r.extend_len >= r.seq_len and r.sampling_params.max_new_tokens != 0 for r in reqs]
+        self._record_output_logprobs(reqs, samples, logits.next_token_logits, info, next_ids)
         updated = []
-        for req, tok in zip(reqs, next_ids):
+        for req, tok in zip(reqs, next_ids.tolist()):
             req.kv_len += req.extend_len
             if req.kv_len < req.seq_len:  # more chunks to come: the sampled token is meaningless
                 self.tree_cache.cache_unfinished_req(req)
                 continue
             if req is self.chunked_req:
                 self.chunked_req = None
+            updated.append(req)
+            if req.sampling_params.max_new_tokens == 0:  # prefill only (e.g. to cache a prompt shared by n > 1)
+                req.finished_reason = {"type": "length", "length": 0}
+                continue
             req.output_ids.append(tok)
             req.check_finished()
-            updated.append(req)
             if not req.finished:
                 self.running.append(req)
         self._running_info = None
@@ -167,7 +181,10 @@ class Scheduler:
             self._running_info = self._sampling_info(reqs)
         fb = build_decode_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
                                 [r.output_ids[-1] for r in reqs], sampling_info=self._running_info)
-        next_ids = self.runner.sample(self.runner.forward(fb), fb)
+        logits = self.runner.forward(fb)
+        next_ids = self.runner.sample(logits, fb)
+        self._record_output_logprobs(reqs, [True] * len(reqs), logits.next_token_logits, self._running_info,
+                                     next_ids)
         self._running_info.update(next_ids)
         for req, tok in zip(reqs, next_ids.tolist()):
             req.kv_len += 1
@@ -201,6 +218,56 @@ class Scheduler:
         self.num_retracted += 1
         self.new_token_ratio = 1.0
         logger.info("retracted request %s (%d tokens out); KV pool full", victim.rid, len(victim.output_ids))
+
+    # ------------------------------------------------------------------ logprobs
+    @staticmethod
+    def _match_key(req: Req) -> list[int]:
+        """Tokens to look up in the cache: all but the last (>= 1 token must run to get logits), and none from
+        the first prompt position whose logprob is still to be computed (cached tokens produce no logits)."""
+        key = req.all_ids()[:-1]
+        lp = req.logprobs
+        if lp is not None and not lp.input_done:
+            start = lp.options.input_start(len(req.origin_input_ids))
+            key = key[: max(start - 1, 0)]
+        return key
+
+    @staticmethod
+    def _logits_start(req: Req) -> int | None:
+        """Index within this extend from which every token's logits are needed (prompt logprobs), or None."""
+        lp = req.logprobs
+        if lp is None or lp.input_done:
+            return None
+        first_row = max(lp.options.input_start(len(req.origin_input_ids)), 1) - 1  # row q scores token q + 1
+        return max(0, min(first_row - req.kv_len, req.extend_len - 1))
+
+    @staticmethod
+    def _record_input_logprobs(reqs: list[Req], starts: list[int | None], rows: torch.Tensor) -> None:
+        offset = 0
+        for req, start in zip(reqs, starts):
+            n = req.extend_len - (req.extend_len - 1 if start is None else start)
+            if start is not None:
+                lp, prompt = req.logprobs, req.origin_input_ids
+                first = lp.options.input_start(len(prompt))
+                if first == 0 and req.kv_len == 0:
+                    lp.record_input_first(prompt[0])
+                positions = range(req.kv_len + start, req.kv_len + req.extend_len)  # rows' own positions
+                keep = [j for j, q in enumerate(positions) if max(first, 1) <= q + 1 < len(prompt)]
+                if keep:
+                    chosen = rows[offset + keep[0] : offset + keep[-1] + 1].log_softmax(dim=-1)
+                    lp.record(chosen, [prompt[positions[j] + 1] for j in keep], output=False)
+                if req.kv_len + req.extend_len >= len(prompt):
+                    lp.input_done = True
+            offset += n
+
+    def _record_output_logprobs(self, reqs: list[Req], samples: list[bool], logits: torch.Tensor,
+                                info: SamplingBatchInfo, next_ids: torch.Tensor) -> None:
+        """Logprob of each request's new output token (``samples[i]``: request i produced one this step)."""
+        rows = [i for i, (r, real) in enumerate(zip(reqs, samples)) if real and r.logprobs is not None]
+        if not rows:
+            return
+        logprobs = self.runner.sampler.logprobs(logits, info)  # [bs, vocab]
+        for i in rows:
+            reqs[i].logprobs.record(logprobs[i : i + 1], [int(next_ids[i])], output=True)
 
     # ------------------------------------------------------------------ helpers
     def _ensure_free(self, num_tokens: int) -> None:

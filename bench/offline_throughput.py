@@ -1,0 +1,160 @@
+"""Offline throughput of the Engine on SGLang-style synthetic datasets, optionally next to HF transformers.
+
+    python bench/offline_throughput.py --dataset random-ids --num-prompts 64 \
+        --random-input-len 256 --random-output-len 64 --random-range-ratio 1.0 --hf
+
+Datasets (token lengths drawn uniformly from [max(1, ratio * L), L], seeded):
+  random-ids              random token ids
+  random                  random token ids decoded to text (the engine tokenizes it again)
+  generated-shared-prefix groups x prompts-per-group; each group shares a system prompt, each prompt adds a
+                          question (all random tokens)
+--hf times transformers on the same prompts: ``generate_batch`` (its continuous batching) for all, and
+``generate`` one prompt at a time for --hf-generate-prompts of them (extrapolated per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from radixlm.config import ServerArgs
+from radixlm.engine.engine import Engine
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]  # token ids
+    output_lens: list[int]
+    texts: list[str] | None = None  # set for the `random` dataset
+
+
+def _lens(rng: random.Random, n: int, length: int, ratio: float) -> list[int]:
+    return [rng.randint(max(1, int(length * ratio)), length) for _ in range(n)]
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int, tokenizer) -> Workload:
+    rng = random.Random(args.seed)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    low = max(special) + 1 if special else 0
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(low, vocab_size) for _ in range(n)]
+
+    if args.dataset in ("random", "random-ids"):
+        ins = _lens(rng, args.num_prompts, args.random_input_len, args.random_range_ratio)
+        outs = _lens(rng, args.num_prompts, args.random_output_len, args.random_range_ratio)
+        prompts = [ids(n) for n in ins]
+        if args.dataset == "random":
+            texts = [tokenizer.decode(p) for p in prompts]
+            return Workload([tokenizer(t).input_ids for t in texts], outs, texts)
+        return Workload(prompts, outs)
+    prompts, outs = [], []
+    for _ in range(args.gsp_num_groups):
+        system = ids(args.gsp_system_prompt_len)
+        for _ in range(args.gsp_prompts_per_group):
+            prompts.append(system + ids(args.gsp_question_len))
+            outs.append(args.gsp_output_len)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    return Workload([prompts[i] for i in order], [outs[i] for i in order])
+
+
+def run_engine(engine: Engine, work: Workload) -> dict[str, float]:
+    params = [{"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True} for n in work.output_lens]
+    start = time.perf_counter()
+    if work.texts is not None:
+        outs = engine.generate(work.texts, params)
+    else:
+        outs = engine.generate(input_ids=work.prompts, sampling_params=params)
+    elapsed = time.perf_counter() - start
+    prompt = sum(o["meta_info"]["prompt_tokens"] for o in outs)
+    cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
+    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    return {"seconds": elapsed, "requests": len(outs), "input": prompt, "output": completion,
+            "cache_hit_rate": cached / max(prompt, 1)}
+
+
+def run_hf_generate_batch(model, work: Workload) -> dict[str, float]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    if len(set(work.output_lens)) > 1:
+        raise SystemExit("--hf needs equal output lengths (--random-range-ratio 1.0): generate_batch takes one "
+                         "max_new_tokens for the whole batch")
+    start = time.perf_counter()
+    results = model.generate_batch(work.prompts, generation_config=config, progress_bar=False)
+    elapsed = time.perf_counter() - start
+    output = sum(len(r.generated_tokens) for r in results.values())
+    return {"seconds": elapsed, "requests": len(results), "input": sum(map(len, work.prompts)), "output": output,
+            "cache_hit_rate": 0.0}
+
+
+def run_hf_generate(model, work: Workload, count: int) -> dict[str, float]:
+    count = min(count, len(work.prompts))
+    start = time.perf_counter()
+    output = 0
+    with torch.no_grad():
+        for ids, n in zip(work.prompts[:count], work.output_lens[:count]):
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            output += out.shape[1] - len(ids)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "requests": count, "input": sum(map(len, work.prompts[:count])), "output": output,
+            "cache_hit_rate": 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ServerArgs.add_cli_args(parser)
+    parser.add_argument("--dataset", choices=["random", "random-ids", "generated-shared-prefix"], default="random-ids")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--random-input-len", type=int, default=256)
+    parser.add_argument("--random-output-len", type=int, default=64)
+    parser.add_argument("--random-range-ratio", type=float, default=1.0)
+    parser.add_argument("--gsp-num-groups", type=int, default=4)
+    parser.add_argument("--gsp-prompts-per-group", type=int, default=16)
+    parser.add_argument("--gsp-system-prompt-len", type=int, default=512)
+    parser.add_argument("--gsp-question-len", type=int, default=32)
+    parser.add_argument("--gsp-output-len", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hf", action="store_true", help="also time HF transformers on the same prompts")
+    parser.add_argument("--hf-generate-prompts", type=int, default=4)
+    args = parser.parse_args()
+    server_args = ServerArgs.from_cli_args(args)
+
+    rows = []
+    with Engine(**vars(server_args)) as engine:
+        work = make_workload(args, engine.info.vocab_size, engine.tokenizer)
+        engine.generate(input_ids=work.prompts[0][:16], sampling_params={"max_new_tokens": 2})  # warm-up
+        engine.generate(input_ids=[[1, 2, 3]], sampling_params={"max_new_tokens": 1})
+        rows.append(("radixlm Engine", run_engine(engine, work)))
+        model_path = engine.server_args.model_path
+    if args.hf:
+        from transformers import AutoModelForCausalLM
+
+        from radixlm.models.embedded import embedded_model_path
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            server_args.dtype, torch.float32 if server_args.device == "cpu" else torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_path or embedded_model_path(), dtype=dtype).eval()
+        model.to(server_args.device)
+        rows.append(("HF generate_batch", run_hf_generate_batch(model, work)))
+        rows.append((f"HF generate x{min(args.hf_generate_prompts, len(work.prompts))} (sequential)",
+                     run_hf_generate(model, work, args.hf_generate_prompts)))
+
+    print(f"\ndataset {args.dataset}, {len(work.prompts)} prompts, input tokens {sum(map(len, work.prompts))}, "
+          f"output tokens {sum(work.output_lens)}, device {server_args.device}")
+    print(f"{'system':<34} {'seconds':>8} {'req/s':>7} {'input tok/s':>12} {'output tok/s':>13} {'cache hit':>9}")
+    for name, r in rows:
+        s = r["seconds"]
+        print(f"{name:<34} {s:>8.2f} {r['requests'] / s:>7.2f} {r['input'] / s:>12.1f} {r['output'] / s:>13.1f} "
+              f"{r['cache_hit_rate']:>9.1%}")
+
+
+if __name__ == "__main__":
+    main()

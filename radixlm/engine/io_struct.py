@@ -1,0 +1,56 @@
+"""Messages between the engine front end (tokenizer side) and the scheduler process(es), pickled over ZMQ."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixlm.sampling import SamplingParams
+from radixlm.sampling.logprobs import LogprobOptions
+
+
+@dataclass
+class GenerateRequest:
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams  # normalized and verified
+    seed: int
+    logprob_options: LogprobOptions | None = None  # None: no logprobs
+
+
+@dataclass
+class AbortRequest:
+    rid: str
+
+
+@dataclass
+class FlushCacheRequest:
+    pass
+
+
+@dataclass
+class TokenOutput:
+    """New tokens of one request since the last message; ``finished_reason`` set on its last message."""
+
+    rid: str
+    new_ids: list[int]
+    finished_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: dict[str, list] | None = None  # new entries since the last message (RequestLogprobs.drain)
+
+
+@dataclass
+class BatchTokenOutput:
+    outputs: list[TokenOutput] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerInfo:
+    """Sent once by TP rank 0 when its model is loaded."""
+
+    max_total_num_tokens: int
+    max_running_requests: int
+    context_length: int
+    vocab_size: int

@@ -1,0 +1,114 @@
+"""The scheduler process: one per TP rank.  Rank 0 receives requests over ZMQ and broadcasts them to the other
+ranks, every rank runs the same ``Scheduler.step()`` in lockstep, and rank 0 sends the new tokens back."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import zmq
+
+from radixlm.config import ServerArgs
+from radixlm.core import Req
+from radixlm.engine.io_struct import (
+    AbortRequest,
+    BatchTokenOutput,
+    FlushCacheRequest,
+    GenerateRequest,
+    SchedulerInfo,
+    TokenOutput,
+)
+from radixlm.executor import ModelRunner
+from radixlm.models.loader import resolve_model_config
+from radixlm.sampling.logprobs import RequestLogprobs
+from radixlm.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, out_addr: str, ready: Any) -> None:
+    """Process entry point.  ``ready`` is a pipe end: it gets a ``SchedulerInfo`` (rank 0) or an error string."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    logging.basicConfig(level=server_args.log_level.upper(), format=f"[scheduler tp{tp_rank}] %(message)s")
+    try:
+        runner = ModelRunner(server_args, resolve_model_config(server_args), tp_rank=tp_rank)
+        scheduler = Scheduler(server_args, runner)
+    except Exception as e:  # report load errors to the parent instead of dying silently
+        ready.send(f"{type(e).__name__}: {e}")
+        raise
+    ctx = zmq.Context()
+    recv = send = None
+    if tp_rank == 0:
+        recv = ctx.socket(zmq.PULL)
+        recv.connect(in_addr)
+        send = ctx.socket(zmq.PUSH)
+        send.connect(out_addr)
+    ready.send(SchedulerInfo(runner.max_total_num_tokens, runner.max_running_requests,
+                             runner.model_config.context_length, runner.model_config.vocab_size))
+    SchedulerLoop(scheduler, recv, send).run()
+
+
+class SchedulerLoop:
+    def __init__(self, scheduler: Scheduler, recv: zmq.Socket | None, send: zmq.Socket | None):
+        self.scheduler = scheduler
+        self.recv, self.send = recv, send
+        self.tp = scheduler.runner.tp
+        self.reqs: dict[str, Req] = {}
+        self.sent: dict[str, int] = {}  # rid -> output tokens already sent
+
+    def run(self) -> None:
+        while True:
+            messages = self._receive(block=self.scheduler.is_idle())
+            if messages is None:
+                return
+            for msg in messages:
+                self._handle(msg)
+            self.scheduler.step()
+            self._send_outputs()
+
+    def _receive(self, block: bool) -> list[Any] | None:
+        messages: list[Any] = []
+        if self.recv is not None:
+            if block:
+                messages.append(self.recv.recv_pyobj())
+            while True:
+                try:
+                    messages.append(self.recv.recv_pyobj(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        messages = self.tp.broadcast_object(messages)
+        return None if any(m is None for m in messages) else messages
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, GenerateRequest):
+            req = Req(rid=msg.rid, origin_input_ids=msg.input_ids, sampling_params=msg.sampling_params,
+                      seed=msg.seed)
+            if msg.logprob_options is not None:
+                req.logprobs = RequestLogprobs(msg.logprob_options)
+                req.logprobs.input_done = msg.logprob_options.input_start(len(msg.input_ids)) is None
+            self.reqs[msg.rid] = req
+            self.sent[msg.rid] = 0
+            self.scheduler.add_request(req)
+        elif isinstance(msg, AbortRequest):
+            self.scheduler.abort_request(msg.rid)
+        elif isinstance(msg, FlushCacheRequest):
+            if self.scheduler.is_idle():
+                self.scheduler.tree_cache.flush()
+
+    def _send_outputs(self) -> None:
+        out = BatchTokenOutput()
+        for rid, req in list(self.reqs.items()):
+            sent = self.sent[rid]
+            if len(req.output_ids) > sent or req.finished:
+                out.outputs.append(TokenOutput(rid, req.output_ids[sent:], req.finished_reason,
+                                               len(req.origin_input_ids), len(req.output_ids), req.cached_tokens,
+                                               req.logprobs.drain() if req.logprobs is not None else None))
+                self.sent[rid] = len(req.output_ids)
+            if req.finished:
+                del self.reqs[rid], self.sent[rid]
+        if out.outputs and self.send is not None:
+            self.send.send_pyobj(out)
+
+
+__all__ = ["SchedulerLoop", "run_scheduler_process"]

@@ -1,0 +1,125 @@
+"""The offline Engine end to end: scheduler in its own process, ZMQ, detokenization, stop strings, batches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import radixlm
+from radixlm.executor.static_batch import generate_static
+from radixlm.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with radixlm.Engine(max_total_tokens=4096, random_seed=0) as e:
+        yield e
+
+
+def test_single_prompt_matches_static_batch(engine, embedded_runner):
+    out = engine.generate("The capital of France is", {"max_new_tokens": 12, "temperature": 0})
+    ids = engine.tokenizer("The capital of France is").input_ids
+    ref = generate_static(embedded_runner, [ids], SamplingParams(temperature=0, max_new_tokens=12))[0]
+    assert out["output_ids"] == ref
+    assert out["text"] == engine.tokenizer.decode(ref, skip_special_tokens=True)
+    meta = out["meta_info"]
+    assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == len(ref)
+    assert meta["finish_reason"]["type"] in ("stop", "length") and meta["e2e_latency"] > 0
+
+
+def test_batch_with_per_prompt_params_and_cached_tokens(engine):
+    system = "You are a concise assistant. Reply in one short sentence. "
+    prompts = [system + "What is water?", system + "What is fire?"]
+    engine.generate(prompts[0], {"max_new_tokens": 2, "temperature": 0})
+    outs = engine.generate(prompts, [{"max_new_tokens": 3, "temperature": 0, "ignore_eos": True},
+                                     {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}])
+    assert [o["meta_info"]["completion_tokens"] for o in outs] == [3, 5]
+    assert all(o["meta_info"]["finish_reason"] == {"type": "length", "length": n} for o, n in zip(outs, (3, 5)))
+    ids = [engine.tokenizer(p).input_ids for p in prompts]
+    common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert outs[0]["meta_info"]["cached_tokens"] == len(ids[0]) - 1  # whole prompt but the last token
+    assert outs[1]["meta_info"]["cached_tokens"] == common
+
+
+def test_stop_string_trimmed(engine):
+    free = engine.generate("Count: 1, 2, 3, 4, 5, 6,", {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True})
+    assert " 8" in free["text"], free["text"]
+    stop = engine.generate("Count: 1, 2, 3, 4, 5, 6,", {"max_new_tokens": 16, "temperature": 0, "stop": [" 8"]})
+    assert stop["meta_info"]["finish_reason"] == {"type": "stop", "matched": " 8"}
+    assert stop["text"] == free["text"][: free["text"].index(" 8")]
+
+
+def test_streaming_deltas_add_up(engine):
+    full = engine.generate("Write a short poem about rain.", {"max_new_tokens": 24, "temperature": 0})
+    chunks = list(engine.generate("Write a short poem about rain.", {"max_new_tokens": 24, "temperature": 0},
+                                  stream=True))
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    assert [t for c in chunks for t in c["output_ids"]] == full["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"] is not None
+
+
+def test_async_generate(engine):
+    async def main():
+        a, b = await asyncio.gather(
+            engine.async_generate("Hello", {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}),
+            engine.async_generate("World", {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}))
+        return a, b
+    a, b = asyncio.run(main())
+    assert (a["meta_info"]["completion_tokens"], b["meta_info"]["completion_tokens"]) == (4, 6)
+
+
+def test_bad_input_is_rejected_and_engine_survives(engine):
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate("Hi", {"temperature": -1})
+    with pytest.raises(ValueError, match="unknown sampling parameter"):
+        engine.generate("Hi", {"max_tokens_typo": 3})
+    with pytest.raises(ValueError, match="context length"):
+        engine.generate(input_ids=[5] * 9000)
+    assert engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] <= 2
+
+
+def test_n_copies_share_the_prompt(engine):
+    prompt = "List some fruits: apple, banana,"
+    outs = engine.generate(prompt, {"max_new_tokens": 6, "temperature": 0.9, "seed": 7, "n": 3, "ignore_eos": True})
+    assert len(outs) == 3
+    prompt_len = len(engine.tokenizer(prompt).input_ids)
+    # every copy found the prompt (all but its last token) in the radix cache
+    assert all(o["meta_info"]["cached_tokens"] == prompt_len - 1 for o in outs)
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1  # seeds 7, 8, 9 sample differently
+    again = engine.generate(prompt, {"max_new_tokens": 6, "temperature": 0.9, "seed": 7, "n": 3, "ignore_eos": True})
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in outs]  # seeded: reproducible
+
+
+def test_logprobs_in_meta_info(engine):
+    out = engine.generate("Paris is the capital of", {"max_new_tokens": 4, "temperature": 0},
+                          return_logprob=True, logprob_start_len=0, top_logprobs_num=2)
+    meta = out["meta_info"]
+    assert [e[1] for e in meta["output_token_logprobs"]] == out["output_ids"]
+    assert all(e[0] <= 0 and e[2] is None for e in meta["output_token_logprobs"])
+    ids = engine.tokenizer("Paris is the capital of").input_ids
+    assert [e[1] for e in meta["input_token_logprobs"]] == ids and meta["input_token_logprobs"][0][0] is None
+    assert all(len(t) == 2 and t[0][1] == tok for t, tok in zip(meta["output_top_logprobs"], out["output_ids"]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate("x", return_logprob=True, token_ids_logprob=[10**9])
+
+
+def test_abort_mid_generation(engine):
+    chunks = engine.generate("Tell me a long story about a dragon.", {"max_new_tokens": 200, "ignore_eos": True},
+                             stream=True)
+    first = next(chunks)
+    engine.abort(first["meta_info"]["id"])
+    rest = list(chunks)
+    assert rest[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert rest[-1]["meta_info"]["completion_tokens"] < 200
+    assert engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] <= 2
+
+
+def test_utf8_never_broken_in_stream(engine):
+    # a prompt that invites emoji / non-Latin output; whatever comes out, no chunk may hold a broken character
+    chunks = list(engine.generate("Reply with three emoji and the word 日本語: 🙂", {"max_new_tokens": 24,
+                                                                                "temperature": 0}, stream=True))
+    assert all("\ufffd" not in c["text"] for c in chunks)
+    full = engine.generate("Reply with three emoji and the word 日本語: 🙂", {"max_new_tokens": 24, "temperature": 0})
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    assert full["text"] == engine.tokenizer.decode(full["output_ids"], skip_special_tokens=True)
