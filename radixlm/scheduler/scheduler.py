@@ -25,6 +25,11 @@ from radixlm.scheduler.policy import PrefillBudget, order_waiting_queue, reserve
 
 logger = logging.getLogger(__name__)
 
+# A waiting request whose uncached tokens start with this many tokens equal to those of a request already in
+# the prefill batch is deferred by one step, so the shared part is computed once (SGLang's in-batch prefix
+# caching); shorter overlaps are not worth a step of latency.
+IN_BATCH_PREFIX_MIN = 32
+
 
 class Scheduler:
     def __init__(self, server_args: ServerArgs, runner: ModelRunner):
@@ -110,6 +115,7 @@ class Scheduler:
             req.extend_len = take
             budget.take(req, take, 0)
         running = len(self.running) + len(budget.admitted)
+        admitted_ids: list[list[int]] = []  # tokens of this batch's requests, for in-batch prefix sharing
         for req in order_waiting_queue(self.waiting, self.args.schedule_policy, self.tree_cache):
             if (self.chunked_req is not None or not budget.can_take()
                     or running >= self.runner.max_running_requests
@@ -117,6 +123,8 @@ class Scheduler:
                 break
             match = self.tree_cache.match_prefix(self._match_key(req))
             prefix_len = len(match.device_indices)
+            if not self.tree_cache.disable and self._shares_uncached_prefix(req, prefix_len, admitted_ids):
+                continue  # wait one step: the batch caches the shared part, then this request reuses it
             reserve = reserved_decode_tokens(req, self.new_token_ratio)
             take = budget.plan(req.seq_len - prefix_len, reserve)
             if take is None:
@@ -129,6 +137,7 @@ class Scheduler:
             self.runner.req_to_token_pool.write(req.req_pool_idx, 0, match.device_indices)
             req.kv_len, req.extend_len = prefix_len, take
             budget.take(req, take, reserve)
+            admitted_ids.append(req.all_ids())
             running += 1
             if take < req.seq_len - prefix_len:
                 self.chunked_req = req
@@ -154,8 +163,9 @@ class Scheduler:
         updated = []
         for req, tok in zip(reqs, next_ids.tolist()):
             req.kv_len += req.extend_len
+            # Into the tree right away, so requests sharing this prompt can reuse it while this one decodes.
+            self.tree_cache.cache_unfinished_req(req)
             if req.kv_len < req.seq_len:  # more chunks to come: the sampled token is meaningless
-                self.tree_cache.cache_unfinished_req(req)
                 continue
             if req is self.chunked_req:
                 self.chunked_req = None
@@ -218,6 +228,14 @@ class Scheduler:
         self.num_retracted += 1
         self.new_token_ratio = 1.0
         logger.info("retracted request %s (%d tokens out); KV pool full", victim.rid, len(victim.output_ids))
+
+    @staticmethod
+    def _shares_uncached_prefix(req: Req, prefix_len: int, admitted_ids: list[list[int]]) -> bool:
+        """True when a request of the batch being built starts with the same IN_BATCH_PREFIX_MIN tokens beyond
+        this request's cached prefix: admitting both would compute that shared part twice."""
+        ids = req.all_ids()
+        end = prefix_len + IN_BATCH_PREFIX_MIN
+        return len(ids) > end and any(other[:end] == ids[:end] for other in admitted_ids)
 
     # ------------------------------------------------------------------ logprobs
     @staticmethod

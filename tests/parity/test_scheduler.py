@@ -123,3 +123,18 @@ def test_context_length_rejected(embedded_path):
     capped = Req(rid="y", origin_input_ids=[5] * 20, sampling_params=SamplingParams(max_new_tokens=100, ignore_eos=True))
     run_to_completion(sched, [capped])
     assert capped.seq_len == 32 and capped.finished_reason["type"] == "length"
+
+
+def test_burst_of_shared_prompts_computes_the_prefix_once(embedded_path, embedded_tokenizer):
+    """Requests arriving together with a common uncached prefix: one prefills it, the others wait one step and
+    reuse it from the cache (in-batch prefix sharing)."""
+    ids = prompts(embedded_tokenizer)[:6]
+    common = min(next(i for i, (a, b) in enumerate(zip(ids[0], x)) if a != b) for x in ids[1:])
+    assert common > 32
+    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
+    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    reqs = [Req(rid=str(i), origin_input_ids=p, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=3))
+            for i, p in enumerate(ids)]
+    run_to_completion(sched, reqs)
+    assert reqs[0].cached_tokens == 0
+    assert all(r.cached_tokens >= common for r in reqs[1:]), [r.cached_tokens for r in reqs]
