@@ -140,7 +140,3 @@ class ForwardBatch:
     @property
     def is_decode(self) -> bool:
         return self.forward_mode == ForwardMode.DECODE
-
-    @property
-    def is_extend(self) -> bool:
-        return self.forward_mode == ForwardMode.EXTEND

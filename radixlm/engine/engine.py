@@ -149,8 +149,9 @@ class Engine:
         and, from ``logprob_start_len`` on, ``input_token_logprobs``; ``top_logprobs_num`` adds
         ``*_top_logprobs``, ``token_ids_logprob`` adds ``*_token_ids_logprobs`` to ``meta_info``.
         """
-        options = _logprob_options(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
-        states, single = self._submit(prompt, sampling_params, input_ids, options)
+        states, single = self._submit(prompt, sampling_params, input_ids,
+                                      _logprob_options(return_logprob, logprob_start_len, top_logprobs_num,
+                                                       token_ids_logprob))
         if stream:
             if not single:
                 raise ValueError("stream=True takes a single prompt")
@@ -171,8 +172,9 @@ class Engine:
         stream: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """Like ``generate``; with ``stream=True`` returns an async iterator of chunks."""
-        options = _logprob_options(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
-        states, single = self._submit(prompt, sampling_params, input_ids, options)
+        states, single = self._submit(prompt, sampling_params, input_ids,
+                                      _logprob_options(return_logprob, logprob_start_len, top_logprobs_num,
+                                                       token_ids_logprob))
         if stream:
             if not single:
                 raise ValueError("stream=True takes a single prompt")

@@ -16,11 +16,22 @@ CLIP_MAX_NEW_TOKENS = 4096
 LPM_MAX_QUEUE = 128
 
 
+def cache_match_key(req: Req) -> list[int]:
+    """Tokens of ``req`` to look up in the radix cache: all but the last (>= 1 token must run to get logits), and
+    none from the first prompt position whose logprob is still to be computed (cached tokens produce no logits)."""
+    key = req.all_ids()[:-1]
+    lp = req.logprobs
+    if lp is not None and not lp.input_done:
+        start = lp.options.input_start(len(req.origin_input_ids))
+        key = key[: max(start - 1, 0)]
+    return key
+
+
 def order_waiting_queue(waiting: list[Req], policy: str, tree_cache: "RadixCache") -> list[Req]:
     """``fcfs``: arrival order.  ``lpm``: longest cached prefix first (ties keep arrival order)."""
     if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE or tree_cache.disable:
         return waiting
-    matched = {id(r): len(tree_cache.match_prefix(r.all_ids()[:-1]).device_indices) for r in waiting}
+    matched = {id(r): len(tree_cache.match_prefix(cache_match_key(r)).device_indices) for r in waiting}
     return sorted(waiting, key=lambda r: -matched[id(r)])
 
 

@@ -21,7 +21,12 @@ from radixlm.core import Req
 from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.sampling import SamplingBatchInfo
-from radixlm.scheduler.policy import PrefillBudget, order_waiting_queue, reserved_decode_tokens
+from radixlm.scheduler.policy import (
+    PrefillBudget,
+    cache_match_key,
+    order_waiting_queue,
+    reserved_decode_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +126,7 @@ class Scheduler:
                     or running >= self.runner.max_running_requests
                     or self.runner.req_to_token_pool.available_size() == 0):
                 break
-            match = self.tree_cache.match_prefix(self._match_key(req))
+            match = self.tree_cache.match_prefix(cache_match_key(req))
             prefix_len = len(match.device_indices)
             if not self.tree_cache.disable and self._shares_uncached_prefix(req, prefix_len, admitted_ids):
                 continue  # wait one step: the batch caches the shared part, then this request reuses it
@@ -238,17 +243,6 @@ class Scheduler:
         return len(ids) > end and any(other[:end] == ids[:end] for other in admitted_ids)
 
     # ------------------------------------------------------------------ logprobs
-    @staticmethod
-    def _match_key(req: Req) -> list[int]:
-        """Tokens to look up in the cache: all but the last (>= 1 token must run to get logits), and none from
-        the first prompt position whose logprob is still to be computed (cached tokens produce no logits)."""
-        key = req.all_ids()[:-1]
-        lp = req.logprobs
-        if lp is not None and not lp.input_done:
-            start = lp.options.input_start(len(req.origin_input_ids))
-            key = key[: max(start - 1, 0)]
-        return key
-
     @staticmethod
     def _logits_start(req: Req) -> int | None:
         """Index within this extend from which every token's logits are needed (prompt logprobs), or None."""
