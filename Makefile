@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: setup
-	$(VENV)/bin/radixlm serve --model-path --port 30000
+	$(VENV)/bin/radixlm serve --port 30000 $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

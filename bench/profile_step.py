@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--top", type=int, default=12, help="profile rows to print")
+    parser.add_argument("--sort", default="tottime", choices=["tottime", "cumtime"], help="profile order")
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
     scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args)))
@@ -49,7 +50,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     decode = times[1:] if len(times) > 1 else times
     print(f"{len(times)} steps: first (prefill) {times[0]:.3f} s, decode mean {sum(decode) / len(decode):.3f} s")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":

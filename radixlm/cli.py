@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(chunk["text"], end="", flush=True)
         print()
         return 0
-    ServerArgs.from_cli_args(args)  # validates the flags
-    print("radixlm serve: the HTTP server is not built yet (issue #4); the engine core is usable in-process.",
-          file=sys.stderr)
-    return 2
+    from radixlm.server.launch import launch_server
+
+    launch_server(ServerArgs.from_cli_args(args))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Attention in plain torch, exact in float32: the CPU backend and the reference for the Triton kernels.
+"""Attention in plain torch, computed in float32: the CPU backend and the reference for the Triton kernels.
 
-Decode is batched (the KV of every request gathered into a padded ``[bs, max_len]`` block with a length mask);
-extend runs one request at a time, so its memory stays proportional to the longest request.
+Decode is batched: the KV of every request is gathered into a padded ``[bs, max_len]`` block with a length mask.
+With ``page_size > 1`` the gather copies whole pages (``page_size`` consecutive slots) instead of single slots,
+which on CPU is an order of magnitude faster than a row-per-token gather.  Extend runs one request at a time, so
+its memory stays proportional to the longest request.  The arithmetic is torch's fused
+``scaled_dot_product_attention`` on float32 copies of q, K and V, whatever the cache dtype: bf16 attention
+kernels on CPU are several times slower than float32 ones.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from radixlm.attention.base import AttentionBackend
 
@@ -20,8 +25,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class _DecodeMetadata:
-    kv_slots: torch.Tensor  # [bs, max_len] KV slot of every (request, position); padding points at slot 0
-    key_pos: torch.Tensor  # [1, max_len] position of each key column
+    # [bs, max_len / page_size] KV page of every (request, page of positions); padding points at page 0
+    kv_pages: torch.Tensor
+    key_pos: torch.Tensor  # [1, max_len] position of each key column (max_len is a multiple of page_size)
     valid: torch.Tensor  # [bs, max_len] key column holds a real token
     query_pos: torch.Tensor  # [bs, 1] position of the new token
 
@@ -40,11 +46,14 @@ class TorchNativeAttnBackend(AttentionBackend):
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
         table = fb.req_to_token_pool.req_to_token
         if fb.is_decode:
-            max_len = max(fb.seq_lens_cpu)
+            page = fb.token_to_kv_pool.page_size
+            max_len = -(-max(fb.seq_lens_cpu) // page) * page
             key_pos = torch.arange(max_len, device=table.device)[None, :]
             valid = key_pos < fb.seq_lens[:, None]
-            slots = table[fb.req_pool_indices, :max_len].long().masked_fill(~valid, 0)
-            self._meta = _DecodeMetadata(slots, key_pos, valid, (fb.seq_lens - 1)[:, None])
+            # A request's page p holds positions p*page .. p*page+page-1; its first slot names the page.
+            pages = table[fb.req_pool_indices, :max_len:page].long() // page
+            pages = pages.masked_fill(~valid[:, ::page], 0)
+            self._meta = _DecodeMetadata(pages, key_pos, valid, (fb.seq_lens - 1)[:, None])
             return
         slots, qpos, starts, start = [], [], [], 0
         for row, prefix, ext in zip(fb.req_pool_indices.tolist(), fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu):
@@ -72,10 +81,17 @@ class TorchNativeAttnBackend(AttentionBackend):
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         meta = self._meta
         assert isinstance(meta, _DecodeMetadata)
-        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        page = fb.token_to_kv_pool.page_size
+        k, v = (_gather_pages(buf, meta.kv_pages, page) for buf in fb.token_to_kv_pool.get_kv_buffer(layer.layer_id))
         allowed = meta.valid & _causal_window(meta.query_pos, meta.key_pos, layer.sliding_window)  # [bs, max_len]
-        out = _attend(q.unsqueeze(1), k_buf[meta.kv_slots], v_buf[meta.kv_slots], allowed.unsqueeze(1), layer.scaling)
-        return out[:, 0]
+        return _attend(q.unsqueeze(1), k, v, allowed.unsqueeze(1), layer.scaling)[:, 0]
+
+
+def _gather_pages(buf: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``buf`` [num_slots, num_kv_heads, head_dim] read at ``pages`` [bs, n] -> [bs, n * page_size, kv_heads, hd]."""
+    bs, n = pages.shape
+    by_page = buf.view(-1, page_size * buf.shape[1] * buf.shape[2])  # [num_pages, page_size * kv_heads * hd]
+    return by_page.index_select(0, pages.reshape(-1)).view(bs, n * page_size, *buf.shape[1:])
 
 
 def _causal_window(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -89,17 +105,12 @@ def _attend(
     q: torch.Tensor,  # [b, n, num_heads, head_dim]
     k: torch.Tensor,  # [b, s, num_kv_heads, head_dim]
     v: torch.Tensor,  # [b, s, num_kv_heads, head_dim]
-    allowed: torch.Tensor,  # [b, n, s] bool
+    allowed: torch.Tensor,  # [b, n, s] bool; every query row allows at least one key
     scaling: float,
 ) -> torch.Tensor:  # [b, n, num_heads, head_dim]
-    b, n, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_heads // num_kv_heads
-    # Query heads of one KV head side by side: [b, num_kv_heads, group * n, head_dim]
-    qg = q.view(b, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(b, num_kv_heads, group * n, head_dim)
-    scores = torch.matmul(qg.float(), k.permute(0, 2, 3, 1).float()) * scaling  # [b, kv_heads, group * n, s]
-    mask = allowed.unsqueeze(1).repeat(1, 1, group, 1).view(b, 1, group * n, -1)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3).float())  # [b, kv_heads, group * n, head_dim]
-    out = out.view(b, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4).reshape(b, n, num_heads, head_dim)
-    return out.to(q.dtype)
+    # Cast before transposing: the cast then runs over contiguous memory.
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=allowed.unsqueeze(1), scale=scaling, enable_gqa=True,
+    )  # [b, num_heads, n, head_dim]
+    return out.transpose(1, 2).to(q.dtype)

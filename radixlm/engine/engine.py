@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import multiprocessing as mp
 import queue
 import random
@@ -19,14 +20,22 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from radixlm.config import ServerArgs
 from radixlm.engine.detokenizer import RequestDecoder
-from radixlm.engine.io_struct import AbortRequest, BatchTokenOutput, GenerateRequest, SchedulerInfo, TokenOutput
+from radixlm.engine.io_struct import (
+    AbortRequest,
+    BatchTokenOutput,
+    ControlReply,
+    ControlRequest,
+    GenerateRequest,
+    SchedulerInfo,
+    TokenOutput,
+)
+from radixlm.engine.request_state import EngineDeadError, RequestState
 from radixlm.engine.scheduler_process import run_scheduler_process
 from radixlm.models.embedded import embedded_model_path
 from radixlm.sampling import SamplingParams
@@ -34,63 +43,32 @@ from radixlm.sampling.logprobs import LogprobOptions
 
 PROGRESS_BAR_MIN_PROMPTS = 64
 
-
-@dataclass
-class _RequestState:
-    rid: str
-    decoder: RequestDecoder
-    prompt_tokens: int
-    created: float
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finished_reason: dict[str, Any] | None = None
-    cached_tokens: int = 0
-    logprobs: dict[str, list] | None = None  # accumulated SGLang-style logprob fields, when asked for
-    chunks: "queue.Queue[dict[str, Any]]" = field(default_factory=queue.Queue)  # streamed deltas
-    done: threading.Event = field(default_factory=threading.Event)
-    on_finish: Callable[[], None] | None = None  # e.g. release the n copies waiting on a shared prompt
-
-    def meta_info(self, logprobs: dict[str, list] | None = None) -> dict[str, Any]:
-        meta = {"id": self.rid, "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
-                "cached_tokens": self.cached_tokens, "finish_reason": self.finished_reason,
-                "e2e_latency": time.time() - self.created}
-        meta.update(logprobs if logprobs is not None else self.logprobs or {})
-        return meta
-
-    def add_logprobs(self, new: dict[str, list]) -> dict[str, list]:
-        """Append a scheduler delta (entries (logprob, id)) as SGLang's [logprob, id, None]; return the delta."""
-        delta = {key: [_entry(e) for e in entries] for key, entries in new.items()}
-        for key, entries in delta.items():
-            self.logprobs.setdefault(key, []).extend(entries)
-        return delta
-
-    def result(self) -> dict[str, Any]:
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": self.meta_info()}
-
-
-def _entry(e: Any) -> Any:
-    """(logprob, id) -> [logprob, id, None]; lists of them (top-k) recursively; None stays None."""
-    if e is None:
-        return None
-    if isinstance(e, tuple):
-        return [e[0], e[1], None]
-    return [_entry(x) for x in e]
+logger = logging.getLogger(__name__)
 
 
 class Engine:
+    """The front end of the engine: tokenizes, sends requests to the scheduler, detokenizes what comes back.
+
+    Thread-safe; usable from plain threads (``generate``) and from asyncio (``async_generate``, and the
+    ``submit``/``stream_state`` pair the HTTP server uses).  Detokenization runs on a receiver thread, never
+    on the caller's event loop.
+    """
+
     def __init__(self, model_path: str | None = None, **server_args: Any):
         from transformers import AutoTokenizer
 
         self.server_args = ServerArgs(model_path=model_path, **server_args)
         if self.server_args.tp_size > 1 and self.server_args.dist_init_addr is None:
             self.server_args = self.server_args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
-        path = self.server_args.model_path or embedded_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or path)
+        self.model_path = self.server_args.model_path or embedded_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.model_path)
         self._rng = random.Random(self.server_args.random_seed)
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, RequestState] = {}
+        self._replies: dict[str, tuple[asyncio.AbstractEventLoop | None, Any]] = {}  # token -> (loop, future)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe; the receiver thread sends too
         self._closed = False
+        self.dead_reason: str | None = None  # set once a scheduler process died
 
         self._ipc_dir = tempfile.TemporaryDirectory(prefix="radixlm-")
         in_addr, out_addr = f"ipc://{self._ipc_dir.name}/in", f"ipc://{self._ipc_dir.name}/out"
@@ -149,16 +127,16 @@ class Engine:
         and, from ``logprob_start_len`` on, ``input_token_logprobs``; ``top_logprobs_num`` adds
         ``*_top_logprobs``, ``token_ids_logprob`` adds ``*_token_ids_logprobs`` to ``meta_info``.
         """
-        states, single = self._submit(prompt, sampling_params, input_ids,
-                                      _logprob_options(return_logprob, logprob_start_len, top_logprobs_num,
-                                                       token_ids_logprob))
+        ids, params, single = self._prepare(prompt, sampling_params, input_ids)
+        states = self._start(ids, params, _logprob_options(return_logprob, logprob_start_len, top_logprobs_num,
+                                                           token_ids_logprob), loop=None)
         if stream:
-            if not single:
-                raise ValueError("stream=True takes a single prompt")
+            if len(states) != 1:
+                raise ValueError("stream=True takes a single prompt with n = 1")
             return self._stream(states[0])
         self._wait(states)
         results = [s.result() for s in states]
-        return results[0] if single else results
+        return results[0] if single and len(states) == 1 else results
 
     async def async_generate(
         self,
@@ -172,25 +150,93 @@ class Engine:
         stream: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """Like ``generate``; with ``stream=True`` returns an async iterator of chunks."""
-        states, single = self._submit(prompt, sampling_params, input_ids,
-                                      _logprob_options(return_logprob, logprob_start_len, top_logprobs_num,
-                                                       token_ids_logprob))
+        ids, params, single = await asyncio.to_thread(self._prepare, prompt, sampling_params, input_ids)
+        states = await self.submit(ids, params, _logprob_options(return_logprob, logprob_start_len,
+                                                                 top_logprobs_num, token_ids_logprob))
         if stream:
-            if not single:
-                raise ValueError("stream=True takes a single prompt")
-            return self._astream(states[0])
-        for s in states:
-            await asyncio.to_thread(s.done.wait)
-        results = [s.result() for s in states]
-        return results[0] if single else results
+            if len(states) != 1:
+                raise ValueError("stream=True takes a single prompt with n = 1")
+            return self.stream_state(states[0])
+        results = [await self.wait_state(s) for s in states]
+        return results[0] if single and len(states) == 1 else results
 
     def abort(self, rid: str) -> None:
         """Stop request ``rid`` (``meta_info["id"]``); it finishes with ``{"type": "abort"}``."""
         self._send(AbortRequest(rid))
 
-    def _send(self, msg: Any) -> None:
-        with self._send_lock:
-            self._to_scheduler.send_pyobj(msg)
+    def scheduler_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def abort_all(self) -> None:
+        """Stop every request in flight."""
+        with self._lock:
+            rids = list(self._states)
+        for rid in rids:
+            self.abort(rid)
+
+    def flush_cache(self) -> bool:
+        """Empty the radix cache; False (and nothing changes) while requests are in flight."""
+        return self.control("flush_cache").ok
+
+    def get_scheduler_state(self) -> dict[str, Any]:
+        """Live scheduler numbers: running/waiting requests, KV tokens available/cached, token usage."""
+        return self.control("get_state").payload
+
+    def control(self, kind: str, timeout: float = 30.0) -> ControlReply:
+        """Ask the scheduler (see ``ControlRequest``) and wait for its reply."""
+        done = threading.Event()
+        box: list[ControlReply] = []
+        token = self._register_reply(None, lambda reply: (box.append(reply), done.set()))
+        self._send(ControlRequest(token, kind))
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.2):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the scheduler did not answer {kind!r} within {timeout} s")
+        return box[0]
+
+    async def async_control(self, kind: str, timeout: float = 30.0) -> ControlReply:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ControlReply] = loop.create_future()
+        token = self._register_reply(loop, lambda reply: future.done() or future.set_result(reply))
+        self._send(ControlRequest(token, kind))
+        return await asyncio.wait_for(future, timeout)
+
+    # ------------------------------------------------------------------ the asyncio front end (HTTP server)
+    def check_ready(self) -> None:
+        """Raise ``EngineDeadError`` if requests can no longer be served."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        if self._closed:
+            raise EngineDeadError("the engine is shut down")
+
+    def prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
+        """Tokenize and validate (raises ValueError); slow for huge prompts, so call it off the event loop."""
+        return self._prepare(prompt, sampling_params, input_ids)
+
+    async def submit(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
+                     rids: list[str | None] | None = None) -> list[RequestState]:
+        """Start prepared requests whose chunks go to the running event loop: ``len(ids) * n`` states."""
+        return self._start(ids, params, options, asyncio.get_running_loop(), rids)
+
+    async def stream_state(self, state: RequestState) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of one request (deltas), the last with ``finish_reason`` set.  Closing the iterator before
+        the end aborts the request, so a client that goes away frees its KV cache."""
+        try:
+            while True:
+                chunk = await state.next_chunk()
+                yield chunk
+                if chunk["meta_info"]["finish_reason"] is not None:
+                    return
+        finally:
+            if not state.finished and self.dead_reason is None and not self._closed:
+                self.abort(state.rid)
+
+    async def wait_state(self, state: RequestState) -> dict[str, Any]:
+        """The whole result of one request; cancelling the waiting task aborts the request."""
+        async for _ in self.stream_state(state):
+            pass
+        return state.result()
 
     def shutdown(self) -> None:
         if self._closed:
@@ -216,18 +262,26 @@ class Engine:
         self.shutdown()
 
     # ------------------------------------------------------------------ internals
-    def _submit(self, prompt, sampling_params, input_ids, options: LogprobOptions | None
-                ) -> tuple[list[_RequestState], bool]:
+    def _send(self, msg: Any) -> None:
+        self.check_ready()
+        with self._send_lock:
+            self._to_scheduler.send_pyobj(msg)
+
+    def _prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
         if (prompt is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompt and input_ids")
         if prompt is not None:
             single = isinstance(prompt, str)
             prompts = [prompt] if single else list(prompt)
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a list of strings")
             ids = [self.tokenizer(p).input_ids for p in prompts]
         else:
             single = not input_ids or isinstance(input_ids[0], int)
             ids = [list(input_ids)] if single else [list(x) for x in input_ids]
         n = len(ids)
+        if n == 0:
+            raise ValueError("no prompts given")
         if isinstance(sampling_params, list):
             if len(sampling_params) != n:
                 raise ValueError(f"{len(sampling_params)} sampling_params for {n} prompts")
@@ -235,46 +289,72 @@ class Engine:
         else:
             raw = [sampling_params or {}] * n
         params = [self._parse_params(p) for p in raw]
+        vocab = self.info.vocab_size
+        for p_ids, p in zip(ids, params):
+            if not p_ids:
+                raise ValueError("the prompt is empty")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p_ids):
+                bad = next(t for t in p_ids if not (isinstance(t, int) and 0 <= t < vocab))
+                raise ValueError(f"input_ids must be token ids in [0, {vocab}), got {bad!r}")
+            limit = self.info.context_length
+            if len(p_ids) >= limit:
+                raise ValueError(f"the prompt has {len(p_ids)} tokens; the context length is {limit}")
+            if len(p_ids) + 1 > self.info.max_total_num_tokens:
+                raise ValueError(f"the prompt has {len(p_ids)} tokens; the KV cache holds "
+                                 f"{self.info.max_total_num_tokens}")
+            if p.max_new_tokens is not None and len(p_ids) + p.max_new_tokens > limit:
+                raise ValueError(f"the prompt ({len(p_ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) "
+                                 f"exceeds the context length ({limit}); ask for at most "
+                                 f"{limit - len(p_ids)} new tokens")
+        return ids, params, single
+
+    def _start(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
+               loop: asyncio.AbstractEventLoop | None, rids: list[str | None] | None = None) -> list[RequestState]:
         if options and options.token_ids_logprob:
             bad = [t for t in options.token_ids_logprob if not 0 <= t < self.info.vocab_size]
             if bad:
                 raise ValueError(f"token_ids_logprob has ids outside the vocabulary [0, {self.info.vocab_size}): {bad}")
-        for p_ids in ids:
-            if not p_ids:
-                raise ValueError("the prompt is empty")
-            if len(p_ids) >= self.info.context_length:
-                raise ValueError(f"the prompt has {len(p_ids)} tokens; the context length is {self.info.context_length}")
-        states: list[_RequestState] = []
-        for p_ids, p in zip(ids, params):
-            copies = [self._new_state(p_ids, p, options, i) for i in range(p.n)]
+        self.check_ready()
+        wanted = [r for r in rids or [] if r is not None]
+        with self._lock:
+            taken = [r for r in wanted if r in self._states]
+        if taken or len(set(wanted)) != len(wanted):
+            raise ValueError(f"rid {(taken or wanted)[0]!r} is already in use by a running request")
+        states: list[RequestState] = []
+        for i, (p_ids, p) in enumerate(zip(ids, params)):
+            rid = rids[i] if rids else None
+            copies = [self._new_state(p_ids, p, options, c, loop, rid if p.n == 1 else rid and f"{rid}-{c}")
+                      for c in range(p.n)]
             states += [state for state, _ in copies]
             if p.n > 1 and not self.server_args.disable_radix_cache:
                 # Prefill the prompt once; the copies are sent when its KV is in the radix cache.
                 warm_params = SamplingParams(**{**vars(p), "n": 1, "max_new_tokens": 0})
-                warm, warm_req = self._new_state(p_ids, warm_params, None, 0)
+                warm, warm_req = self._new_state(p_ids, warm_params, None, 0, None, None)
                 warm.on_finish = lambda copies=copies: [self._send(req) for _, req in copies]
                 self._send(warm_req)
             else:
                 for _, req in copies:
                     self._send(req)
-        if any(p.n > 1 for p in params):
-            single = False
-        return states, single
+        return states
 
-    def _new_state(self, ids: list[int], p: SamplingParams, options: LogprobOptions | None, copy: int
-                   ) -> tuple[_RequestState, GenerateRequest]:
+    def _new_state(self, ids: list[int], p: SamplingParams, options: LogprobOptions | None, copy: int,
+                   loop: asyncio.AbstractEventLoop | None, rid: str | None) -> tuple[RequestState, GenerateRequest]:
         """Register a request; returns its state and the message that starts it."""
-        rid = uuid.uuid4().hex
         decoder = RequestDecoder(self.tokenizer, p.stop, p.skip_special_tokens, p.spaces_between_special_tokens,
                                  p.no_stop_trim, prompt_ids=ids)
-        state = _RequestState(rid, decoder, len(ids), time.time(), logprobs={} if options else None)
         with self._lock:
+            if rid is not None and rid in self._states:
+                raise ValueError(f"rid {rid!r} is already in use by a running request")
+            rid = rid or uuid.uuid4().hex
+            state = RequestState(rid, decoder, ids, time.time(), loop, logprobs={} if options else None)
             self._states[rid] = state
         seed = p.seed + copy if p.seed is not None else self._rng.getrandbits(63)
         single = SamplingParams(**{**vars(p), "n": 1})
         return state, GenerateRequest(rid, ids, single, seed, options)
 
     def _parse_params(self, raw: dict[str, Any] | SamplingParams) -> SamplingParams:
+        if not isinstance(raw, (dict, SamplingParams)):
+            raise ValueError(f"sampling_params must be an object, got {type(raw).__name__}")
         p = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(dict(raw))
         p = SamplingParams(**vars(p))
         p.normalize()
@@ -283,7 +363,14 @@ class Engine:
             raise ValueError("structured output (json_schema/regex/ebnf) is not supported yet")
         return p
 
-    def _wait(self, states: list[_RequestState]) -> None:
+    def _register_reply(self, loop: asyncio.AbstractEventLoop | None, callback: Callable[[ControlReply], Any]
+                        ) -> str:
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._replies[token] = (loop, callback)
+        return token
+
+    def _wait(self, states: list[RequestState]) -> None:
         bar = None
         if len(states) >= PROGRESS_BAR_MIN_PROMPTS:
             from tqdm import tqdm
@@ -300,22 +387,17 @@ class Engine:
     def _check_alive(self) -> None:
         dead = [p.exitcode for p in self._procs if not p.is_alive()]
         if dead and not self._closed:
-            raise RuntimeError(f"a scheduler process died (exit codes {dead}); the engine cannot continue")
+            raise EngineDeadError(f"a scheduler process died (exit codes {dead}); the engine cannot continue")
 
-    def _stream(self, state: _RequestState) -> Iterator[dict[str, Any]]:
+    def _stream(self, state: RequestState) -> Iterator[dict[str, Any]]:
         while True:
             try:
                 chunk = state.chunks.get(timeout=0.5)
             except queue.Empty:
                 self._check_alive()
                 continue
-            yield chunk
-            if chunk["meta_info"]["finish_reason"] is not None:
-                return
-
-    async def _astream(self, state: _RequestState) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            chunk = await asyncio.to_thread(state.chunks.get)
+            if "error" in chunk:
+                raise EngineDeadError(chunk["error"])
             yield chunk
             if chunk["meta_info"]["finish_reason"] is not None:
                 return
@@ -326,12 +408,34 @@ class Engine:
         while not self._closed:
             try:
                 if not poller.poll(100):
+                    self._watch_processes()
                     continue
-                batch: BatchTokenOutput = self._from_scheduler.recv_pyobj()
+                msg = self._from_scheduler.recv_pyobj()
             except zmq.ZMQError:
                 return
-            for out in batch.outputs:
+            if isinstance(msg, ControlReply):
+                with self._lock:
+                    loop, callback = self._replies.pop(msg.token, (None, None))
+                if callback is not None:
+                    loop.call_soon_threadsafe(callback, msg) if loop is not None else callback(msg)
+                continue
+            for out in msg.outputs:
                 self._apply(out)
+
+    def _watch_processes(self) -> None:
+        """If a scheduler process died, fail every waiting request instead of leaving it hanging."""
+        if self.dead_reason is not None or self._closed:
+            return
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
+        if not dead:
+            return
+        self.dead_reason = (f"the scheduler process died ({', '.join(f'tp rank {r}: exit code {c}' for r, c in dead)});"
+                            " restart the server")
+        logger.error(self.dead_reason)
+        with self._lock:
+            states, self._states = list(self._states.values()), {}
+        for state in states:
+            state.fail(self.dead_reason)
 
     def _apply(self, out: TokenOutput) -> None:
         with self._lock:
@@ -351,13 +455,12 @@ class Engine:
             matched = state.decoder.matched
             state.finished_reason = {"type": "stop", "matched": matched} if matched else out.finished_reason
         state.text = state.decoder.text
-        state.chunks.put({"text": delta, "output_ids": list(out.new_ids), "meta_info": state.meta_info(logprob_delta)})
         if state.finished_reason is not None:
             with self._lock:
                 del self._states[out.rid]
             if state.on_finish is not None:
                 state.on_finish()
-            state.done.set()
+        state.deliver({"text": delta, "output_ids": list(out.new_ids), "meta_info": state.meta_info(logprob_delta)})
 
 
 def _free_port() -> int:

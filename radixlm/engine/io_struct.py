@@ -24,8 +24,21 @@ class AbortRequest:
 
 
 @dataclass
-class FlushCacheRequest:
-    pass
+class ControlRequest:
+    """A question to the scheduler answered by a ``ControlReply`` with the same ``token``.
+
+    ``kind``: ``"flush_cache"`` (ok only when no request is in flight) or ``"get_state"`` (``Scheduler.state()``).
+    """
+
+    token: str
+    kind: str
+
+
+@dataclass
+class ControlReply:
+    token: str
+    ok: bool
+    payload: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

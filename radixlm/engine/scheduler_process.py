@@ -4,6 +4,7 @@ ranks, every rank runs the same ``Scheduler.step()`` in lockstep, and rank 0 sen
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Any
 
@@ -14,7 +15,8 @@ from radixlm.core import Req
 from radixlm.engine.io_struct import (
     AbortRequest,
     BatchTokenOutput,
-    FlushCacheRequest,
+    ControlReply,
+    ControlRequest,
     GenerateRequest,
     SchedulerInfo,
     TokenOutput,
@@ -56,9 +58,10 @@ class SchedulerLoop:
         self.tp = scheduler.runner.tp
         self.reqs: dict[str, Req] = {}
         self.sent: dict[str, int] = {}  # rid -> output tokens already sent
+        self.parent_pid = os.getppid()
 
     def run(self) -> None:
-        while True:
+        while os.getppid() == self.parent_pid:  # an orphan (front end killed) stops at once
             messages = self._receive(block=self.scheduler.is_idle())
             if messages is None:
                 return
@@ -70,8 +73,10 @@ class SchedulerLoop:
     def _receive(self, block: bool) -> list[Any] | None:
         messages: list[Any] = []
         if self.recv is not None:
-            if block:
-                messages.append(self.recv.recv_pyobj())
+            while block and not self.recv.poll(1000):
+                if os.getppid() != self.parent_pid:  # the front end died without telling us: don't linger
+                    messages.append(None)
+                    break
             while True:
                 try:
                     messages.append(self.recv.recv_pyobj(zmq.NOBLOCK))
@@ -92,9 +97,19 @@ class SchedulerLoop:
             self.scheduler.add_request(req)
         elif isinstance(msg, AbortRequest):
             self.scheduler.abort_request(msg.rid)
-        elif isinstance(msg, FlushCacheRequest):
-            if self.scheduler.is_idle():
-                self.scheduler.tree_cache.flush()
+        elif isinstance(msg, ControlRequest):
+            reply = self._control(msg)
+            if self.send is not None:
+                self.send.send_pyobj(reply)
+
+    def _control(self, msg: ControlRequest) -> ControlReply:
+        if msg.kind == "flush_cache":
+            ok = self.scheduler.is_idle() and self.scheduler.tree_cache.flush()
+            return ControlReply(msg.token, ok, {"message": "cache flushed" if ok else
+                                                "requests are in flight; the cache was not flushed"})
+        if msg.kind == "get_state":
+            return ControlReply(msg.token, True, self.scheduler.state())
+        return ControlReply(msg.token, False, {"message": f"unknown control request {msg.kind!r}"})
 
     def _send_outputs(self) -> None:
         out = BatchTokenOutput()

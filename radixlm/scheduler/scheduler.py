@@ -90,6 +90,23 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not (self.waiting or self.running or self.chunked_req)
 
+    def state(self) -> dict[str, int | float]:
+        """Live load and memory numbers (``/get_server_info``).  ``available + cached == max_total`` when idle."""
+        allocator = self.runner.token_to_kv_pool_allocator
+        total = self.runner.max_total_num_tokens
+        available, evictable = allocator.available_size(), self.tree_cache.evictable_size()
+        return {
+            "num_running_reqs": len(self.running) + (self.chunked_req is not None),
+            "num_waiting_reqs": len(self.waiting),
+            "max_total_num_tokens": total,
+            "available_kv_tokens": available,
+            "cached_kv_tokens": self.tree_cache.total_size(),
+            "evictable_kv_tokens": evictable,
+            "protected_kv_tokens": self.tree_cache.protected_size(),
+            "token_usage": round(1.0 - (available + evictable) / total, 4),
+            "num_retracted_reqs": self.num_retracted,
+        }
+
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[Req]:
         """Run one model step; returns the requests that got a token or finished in it."""

@@ -65,6 +65,8 @@ def test_greedy_equals_static_batch(reference, embedded_runner):
     dict(max_total_tokens=8192, chunked_prefill_size=16),            # chunked prefill
     dict(max_total_tokens=8192, schedule_policy="lpm", max_running_requests=3),
     dict(max_total_tokens=128, chunked_prefill_size=32, schedule_conservativeness=0.3),  # eviction + retraction
+    dict(max_total_tokens=8192, page_size=16),                       # paged KV, whole-page prefix matches
+    dict(max_total_tokens=128, page_size=4, chunked_prefill_size=24, schedule_conservativeness=0.3),
 ])
 def test_outputs_identical(reference, embedded_path, kwargs):
     ids, ref = reference

@@ -1,0 +1,104 @@
+"""What the front end knows about one in-flight request, and how its chunks reach whoever waits for them.
+
+The receiver thread produces chunks; a consumer is either a plain thread (offline ``Engine.generate``) or an
+asyncio task (``async_generate``, the HTTP server).  Asyncio consumers get their chunks through
+``loop.call_soon_threadsafe`` so that thousands of waiting streams cost no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from radixlm.engine.detokenizer import RequestDecoder
+
+
+class EngineDeadError(RuntimeError):
+    """The scheduler is gone: the request cannot be answered (HTTP 503)."""
+
+
+@dataclass
+class RequestState:
+    rid: str
+    decoder: RequestDecoder
+    prompt_ids: list[int]
+    created: float
+    loop: asyncio.AbstractEventLoop | None = None  # set: chunks go to `aqueue` on this loop
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished_reason: dict[str, Any] | None = None
+    cached_tokens: int = 0
+    logprobs: dict[str, list] | None = None  # accumulated SGLang-style logprob fields, when asked for
+    error: str | None = None  # the engine died before the request finished
+    chunks: "queue.Queue[dict[str, Any]]" = field(default_factory=queue.Queue)
+    aqueue: "asyncio.Queue[dict[str, Any]] | None" = None
+    done: threading.Event = field(default_factory=threading.Event)
+    on_finish: Callable[[], None] | None = None  # e.g. release the n copies waiting on a shared prompt
+
+    def __post_init__(self) -> None:
+        if self.loop is not None:
+            self.aqueue = asyncio.Queue()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None or self.error is not None
+
+    def meta_info(self, logprobs: dict[str, list] | None = None) -> dict[str, Any]:
+        meta = {"id": self.rid, "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
+                "cached_tokens": self.cached_tokens, "finish_reason": self.finished_reason,
+                "e2e_latency": time.time() - self.created}
+        meta.update(logprobs if logprobs is not None else self.logprobs or {})
+        return meta
+
+    def add_logprobs(self, new: dict[str, list]) -> dict[str, list]:
+        """Append a scheduler delta (entries (logprob, id)) as SGLang's [logprob, id, None]; return the delta."""
+        delta = {key: [_entry(e) for e in entries] for key, entries in new.items()}
+        for key, entries in delta.items():
+            self.logprobs.setdefault(key, []).extend(entries)
+        return delta
+
+    def result(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": self.meta_info()}
+
+    # ------------------------------------------------------------------ delivery (called by the receiver thread)
+    def deliver(self, chunk: dict[str, Any]) -> None:
+        """Hand a chunk to the consumer; after the last one (finished or failed) mark the request done."""
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self.aqueue.put_nowait, chunk)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+        else:
+            self.chunks.put(chunk)
+        if self.finished:
+            self.done.set()
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self.deliver({"error": message})
+
+    async def next_chunk(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next chunk for an asyncio consumer; raises ``EngineDeadError`` if the engine died meanwhile."""
+        chunk = await asyncio.wait_for(self.aqueue.get(), timeout)
+        if "error" in chunk:
+            raise EngineDeadError(chunk["error"])
+        return chunk
+
+
+def _entry(e: Any) -> Any:
+    """(logprob, id) -> [logprob, id, None]; lists of them (top-k) recursively; None stays None."""
+    if e is None:
+        return None
+    if isinstance(e, tuple):
+        return [e[0], e[1], None]
+    return [_entry(x) for x in e]

@@ -1,0 +1,1 @@
+"""HTTP serving: OpenAI-compatible and SGLang-native APIs over the engine."""

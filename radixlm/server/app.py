@@ -1,0 +1,216 @@
+"""The FastAPI application: routes, API-key check, and the mapping of every failure to an OpenAI-style error.
+
+Errors: a malformed body, a wrong type or an invalid value is a 400 whose message names the field; a missing or
+wrong API key a 401; an unknown route a 404; a dead scheduler a 503.  None of them affects other requests.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from radixlm.engine.request_state import EngineDeadError
+from radixlm.server.native_api import NativeServing
+from radixlm.server.openai_api import OpenAIServing
+from radixlm.server.protocol import (
+    AbortRequestBody,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequestBody,
+    TokenizeRequest,
+    error_body,
+)
+from radixlm.server.streams import ClientDisconnected
+
+if TYPE_CHECKING:
+    from radixlm.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+# Routes that answer without an API key (load balancers probe them).
+OPEN_ROUTES = frozenset({"/health"})
+
+
+def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status)
+
+
+def respond(result: Any) -> Any:
+    """A handler's result: an async iterator of SSE lines becomes a streaming response."""
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(result)
+
+
+class ApiKeyMiddleware:
+    """``Authorization: Bearer <key>`` on every route but ``OPEN_ROUTES``.  Plain ASGI, so that streaming and
+    client-disconnect detection pass through untouched."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
+    args = engine.server_args
+    model_name = args.served_model_name or args.model_path or "SmolLM2-135M-Instruct"
+    openai = OpenAIServing(engine, model_name, chat_template)
+    native = NativeServing(engine, model_name)
+    app = FastAPI(title="radixlm", version=_version())
+    created = int(time.time())
+
+    if args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
+
+    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(ValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+        return error(400, *_describe(exc.errors()))
+
+    @app.exception_handler(ValueError)
+    async def on_value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return error(400, str(exc))
+
+    @app.exception_handler(EngineDeadError)
+    async def on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error(503, str(exc))
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
+        return error(499, "client disconnected; the request was aborted")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    # ------------------------------------------------------------------ OpenAI
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request) -> Any:
+        body = await parse_body(raw, ChatCompletionRequest)
+        return respond(await openai.chat(body, raw))
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Any:
+        body = await parse_body(raw, CompletionRequest)
+        return respond(await openai.completions(body, raw))
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "radixlm", "root": engine.model_path,
+                                            "max_model_len": engine.info.context_length}]}
+
+    @app.post("/v1/tokenize")
+    async def tokenize(raw: Request) -> Any:
+        body = await parse_body(raw, TokenizeRequest)
+        ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.info.context_length}
+
+    @app.post("/v1/detokenize")
+    async def detokenize(raw: Request) -> Any:
+        body = await parse_body(raw, DetokenizeRequest)
+        bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]
+        if bad:
+            raise ValueError(f"tokens must be ids in [0, {engine.info.vocab_size}), got {bad[0]}")
+        return {"text": engine.tokenizer.decode(body.tokens)}
+
+    # ------------------------------------------------------------------ native (SGLang)
+    @app.post("/generate")
+    async def generate(raw: Request) -> Any:
+        body = await parse_body(raw, GenerateRequestBody)
+        return respond(await native.generate(body, raw))
+
+    @app.get("/health")
+    async def health() -> Any:
+        engine.check_ready()
+        return JSONResponse({})
+
+    @app.get("/health_generate")
+    async def health_generate() -> Any:
+        try:
+            await native.health_generate()
+        except Exception as e:  # timeout or dead engine: unhealthy, whatever the cause
+            logger.warning("health_generate failed: %s", e)
+            return error(503, f"health check generation failed: {e or type(e).__name__}")
+        return JSONResponse({})
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> Any:
+        return native.model_info()
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> Any:
+        engine.check_ready()
+        return await native.server_info()
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Any:
+        engine.check_ready()
+        reply = await engine.async_control("flush_cache")
+        if not reply.ok:
+            return error(400, reply.payload["message"])
+        return JSONResponse({"message": reply.payload["message"]})
+
+    @app.post("/abort_request")
+    async def abort_request(raw: Request) -> Any:
+        body = await parse_body(raw, AbortRequestBody)
+        engine.check_ready()
+        if body.abort_all:
+            engine.abort_all()
+        elif body.rid:
+            engine.abort(body.rid)
+        else:
+            raise ValueError("give rid, or abort_all: true")
+        return JSONResponse({})
+
+    return app
+
+
+async def parse_body(raw: Request, model: type[BodyT]) -> BodyT:
+    """The JSON body as ``model``, whatever the Content-Type (SGLang clients often send none)."""
+    return model.model_validate_json(await raw.body() or b"{}")
+
+
+def _describe(problems: Any) -> tuple[str, str | None]:
+    """The first validation problem as (message, param)."""
+    if not problems:
+        return "invalid request body", None
+    first = problems[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # pydantic's union branches appear in the location (e.g. 'str', 'list[str]'); drop them
+    loc = [p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int", "float", "bool", "function-after"}]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        return f"missing required field {param!r}", param
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return f"{param or 'body'}: {first.get('msg')}; got {first.get('input')!r}{more}", param
+
+
+def _version() -> str:
+    from radixlm import __version__
+
+    return __version__

@@ -1,0 +1,252 @@
+"""OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``: request -> engine requests, engine chunks ->
+OpenAI responses and server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from radixlm.sampling.logprobs import LogprobOptions
+from radixlm.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
+from radixlm.server.streams import merge_streams, sse, wait_all
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+    from radixlm.engine.engine import Engine
+    from radixlm.engine.request_state import RequestState
+
+
+class OpenAIServing:
+    def __init__(self, engine: "Engine", model_name: str, chat_template: str | None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.chat_template = chat_template
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, body: ChatCompletionRequest, raw: "Request") -> dict[str, Any] | AsyncIterator[str]:
+        self.engine.check_ready()
+        _reject_unsupported(body)
+        prompt_ids = await asyncio.to_thread(self._render_chat, body)
+        max_new = body.max_completion_tokens or body.max_tokens
+        options = LogprobOptions(-1, body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs and not body.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        states = await self._submit(prompt_ids, body.sampling_params(max_new), options, body.rid)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return self._chat_stream(body, states, rid, created)
+        results = await wait_all(self.engine, states, raw)
+        choices = []
+        for i, result in enumerate(results):
+            meta = result["meta_info"]
+            reason, matched = _finish(meta)
+            choices.append({
+                "index": i, "message": {"role": "assistant", "content": result["text"], "tool_calls": None},
+                "logprobs": {"content": self._chat_logprobs(meta)} if body.logprobs else None,
+                "finish_reason": reason, "matched_stop": matched,
+            })
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": _usage([results[0]["meta_info"]], results)}
+
+    async def _chat_stream(self, body: ChatCompletionRequest, states: list["RequestState"], rid: str,
+                           created: int) -> AsyncIterator[str]:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list[dict[str, Any]]) -> str:
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                   "choices": choices}
+            if include_usage:
+                out["usage"] = None
+            return sse(out)
+
+        for i in range(len(states)):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        metas: dict[int, dict[str, Any]] = {}
+        async for i, piece in merge_streams(self.engine, states):
+            meta = piece["meta_info"]
+            reason, matched = _finish(meta)
+            logprobs = {"content": self._chat_logprobs(meta)} if body.logprobs and piece["output_ids"] else None
+            if piece["text"] or logprobs or reason:
+                choice = {"index": i, "delta": {"content": piece["text"]} if piece["text"] else {},
+                          "logprobs": logprobs, "finish_reason": reason}
+                if reason:
+                    choice["matched_stop"] = matched
+                yield chunk([choice])
+            if reason:
+                metas[i] = meta
+        if include_usage:
+            results = [{"meta_info": metas[i]} for i in sorted(metas)]
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                       "choices": [], "usage": _usage(results[:1] and [results[0]["meta_info"]], results)})
+        yield "data: [DONE]\n\n"
+
+    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for m in body.messages:
+            if isinstance(m.content, list):
+                if any(not isinstance(part, TextPart) for part in m.content):
+                    raise ValueError("this model takes text only; image, audio and video content parts are not "
+                                     "supported")
+                content: str | None = "".join(part.text for part in m.content)
+            else:
+                content = m.content
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                       "content": content or ""}
+            for key in ("name", "tool_calls", "tool_call_id"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
+            messages.append(message)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant",
+                chat_template=self.chat_template, **(body.chat_template_kwargs or {}))
+        except Exception as e:  # jinja raises for conversations the template forbids
+            raise ValueError(f"the chat template rejected these messages: {e}") from e
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _chat_logprobs(self, meta: dict[str, Any]) -> list[dict[str, Any]]:
+        tops = meta.get("output_top_logprobs") or []
+        content = []
+        for j, (logprob, tid, _) in enumerate(meta.get("output_token_logprobs") or []):
+            token = self._token_text(tid)
+            alts = tops[j] if j < len(tops) and tops[j] else []
+            content.append({"token": token, "logprob": logprob, "bytes": list(token.encode()),
+                            "top_logprobs": [{"token": self._token_text(t), "logprob": lp,
+                                              "bytes": list(self._token_text(t).encode())} for lp, t, _ in alts]})
+        return content
+
+    # ------------------------------------------------------------------ completions
+    async def completions(self, body: CompletionRequest, raw: "Request") -> dict[str, Any] | AsyncIterator[str]:
+        self.engine.check_ready()
+        if body.suffix:
+            raise ValueError("suffix is not supported")
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompt must not be empty")
+        options = None
+        if body.logprobs is not None:
+            options = LogprobOptions(0 if body.echo else -1, body.logprobs)
+        texts = [p for p in prompts if isinstance(p, str)]
+        ids = [p for p in prompts if not isinstance(p, str)]
+        if texts and ids:
+            raise ValueError("prompt must be all strings or all token-id lists")
+        prompt_ids, params, _ = await asyncio.to_thread(
+            self.engine.prepare, texts or None, body.sampling_params(body.max_tokens), ids or None)
+        states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)))
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echoes = ([await asyncio.to_thread(self.tokenizer.decode, p) for p in prompt_ids] if body.echo
+                  else ["" for _ in prompt_ids])
+        n = body.n
+        if body.stream:
+            return self._completion_stream(body, states, rid, created, echoes, n)
+        results = await wait_all(self.engine, states, raw)
+        choices = []
+        for i, result in enumerate(results):
+            meta = result["meta_info"]
+            reason, matched = _finish(meta)
+            choices.append({"index": i, "text": echoes[i // n] + result["text"],
+                            "logprobs": self._completion_logprobs(meta, body.echo) if options else None,
+                            "finish_reason": reason, "matched_stop": matched})
+        firsts = [results[k * n]["meta_info"] for k in range(len(prompt_ids))]
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": _usage(firsts, results)}
+
+    async def _completion_stream(self, body: CompletionRequest, states: list["RequestState"], rid: str,
+                                 created: int, echoes: list[str], n: int) -> AsyncIterator[str]:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choice: dict[str, Any]) -> str:
+            out = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                   "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            return sse(out)
+
+        started, metas = set(), {}
+        async for i, piece in merge_streams(self.engine, states):
+            meta = piece["meta_info"]
+            reason, matched = _finish(meta)
+            echo = echoes[i // n] if i not in started else ""
+            first = i not in started
+            started.add(i)
+            logprobs = (self._completion_logprobs(meta, body.echo and first)
+                        if body.logprobs is not None and (piece["output_ids"] or first) else None)
+            if echo or piece["text"] or logprobs or reason:
+                choice = {"index": i, "text": echo + piece["text"], "logprobs": logprobs, "finish_reason": reason}
+                if reason:
+                    choice["matched_stop"] = matched
+                yield chunk(choice)
+            if reason:
+                metas[i] = meta
+        if include_usage:
+            results = [{"meta_info": metas[i]} for i in sorted(metas)]
+            firsts = [metas[k] for k in sorted(metas) if k % n == 0]
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                       "choices": [], "usage": _usage(firsts, results)})
+        yield "data: [DONE]\n\n"
+
+    def _completion_logprobs(self, meta: dict[str, Any], with_prompt: bool) -> dict[str, Any]:
+        entries = list(meta.get("input_token_logprobs") or []) if with_prompt else []
+        tops = list(meta.get("input_top_logprobs") or []) if with_prompt else []
+        tops += [None] * (len(entries) - len(tops))
+        entries += meta.get("output_token_logprobs") or []
+        tops += meta.get("output_top_logprobs") or [None] * len(meta.get("output_token_logprobs") or [])
+        tokens = [self._token_text(tid) for _, tid, _ in entries]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for lp, _, _ in entries],
+            "top_logprobs": [{self._token_text(t): lp for lp, t, _ in top} if top else None for top in tops],
+            "text_offset": offsets,
+        }
+
+    # ------------------------------------------------------------------ shared
+    async def _submit(self, prompt_ids: list[int], params: dict[str, Any], options: LogprobOptions | None,
+                      rid: str | None) -> list["RequestState"]:
+        ids, parsed, _ = await asyncio.to_thread(self.engine.prepare, None, params, prompt_ids)
+        return await self.engine.submit(ids, parsed, options, [rid] if rid else None)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def _reject_unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools and body.tool_choice != "none":
+        raise ValueError("tool calling is not supported yet; send the request without tools")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ValueError(f"response_format {body.response_format.type!r} (structured output) is not supported yet")
+
+
+def _rids(rid: str | None, count: int) -> list[str | None] | None:
+    if rid is None:
+        return None
+    return [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)]
+
+
+def _finish(meta: dict[str, Any]) -> tuple[str | None, Any]:
+    reason = meta.get("finish_reason")
+    if reason is None:
+        return None, None
+    kind = reason["type"]
+    return ("stop" if kind == "stop" else "length" if kind == "length" else "abort"), reason.get("matched")
+
+
+def _usage(prompt_metas: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+    prompt = sum(m["prompt_tokens"] for m in prompt_metas)
+    completion = sum(r["meta_info"]["completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(m["cached_tokens"] for m in prompt_metas)}}
+
+
+__all__ = ["OpenAIServing"]
