@@ -6,6 +6,7 @@ wrong API key a 401; an unknown route a 404; a dead scheduler a 503.  None of th
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -125,7 +126,8 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     @app.post("/v1/tokenize")
     async def tokenize(raw: Request) -> Any:
         body = await parse_body(raw, TokenizeRequest)
-        ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        encoded = await asyncio.to_thread(engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = encoded.input_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.info.context_length}
 
     @app.post("/v1/detokenize")
@@ -134,7 +136,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]
         if bad:
             raise ValueError(f"tokens must be ids in [0, {engine.info.vocab_size}), got {bad[0]}")
-        return {"text": engine.tokenizer.decode(body.tokens)}
+        return {"text": await asyncio.to_thread(engine.tokenizer.decode, body.tokens)}
 
     # ------------------------------------------------------------------ native (SGLang)
     @app.post("/generate")
