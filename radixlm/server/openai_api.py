@@ -83,7 +83,7 @@ class OpenAIServing:
         if include_usage:
             results = [{"meta_info": metas[i]} for i in sorted(metas)]
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                       "choices": [], "usage": _usage(results[:1] and [results[0]["meta_info"]], results)})
+                       "choices": [], "usage": _usage([metas[min(metas)]] if metas else [], results)})
         yield "data: [DONE]\n\n"
 
     def _render_chat(self, body: ChatCompletionRequest) -> list[int]:

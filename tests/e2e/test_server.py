@@ -331,3 +331,28 @@ def test_scheduler_crash_is_503_not_a_hang():
         assert status == 503 and "scheduler" in out["error"]["message"]
     finally:
         s.stop()
+
+
+def test_abort_request_by_rid(server):
+    import threading
+
+    box = {}
+
+    def long_request():
+        box["out"] = server.request("POST", "/generate", {
+            "text": "Count:", "rid": "to-abort",
+            "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True, "temperature": 0}})
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.time() + 30
+    while server.server_info()["internal_states"][0]["num_running_reqs"] == 0:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert server.request("POST", "/abort_request", {"rid": "to-abort"})[0] == 200
+    worker.join(timeout=60)
+    status, out = box["out"]
+    assert status == 200 and out["meta_info"]["id"] == "to-abort"
+    assert out["meta_info"]["finish_reason"]["type"] == "abort" and out["meta_info"]["completion_tokens"] < 4000
+    assert server.request("POST", "/abort_request", {})[0] == 400
+    _wait_idle(server)
