@@ -12,7 +12,6 @@ import asyncio
 import atexit
 import logging
 import multiprocessing as mp
-import queue
 import random
 import socket
 import tempfile
@@ -28,7 +27,6 @@ from radixlm.config import ServerArgs
 from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.engine.io_struct import (
     AbortRequest,
-    BatchTokenOutput,
     ControlReply,
     ControlRequest,
     GenerateRequest,
@@ -127,9 +125,9 @@ class Engine:
         and, from ``logprob_start_len`` on, ``input_token_logprobs``; ``top_logprobs_num`` adds
         ``*_top_logprobs``, ``token_ids_logprob`` adds ``*_token_ids_logprobs`` to ``meta_info``.
         """
-        ids, params, single = self._prepare(prompt, sampling_params, input_ids)
-        states = self._start(ids, params, _logprob_options(return_logprob, logprob_start_len, top_logprobs_num,
-                                                           token_ids_logprob), loop=None)
+        ids, params, single = self.prepare(prompt, sampling_params, input_ids)
+        options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
+        states = self._start(ids, params, options, loop=None)
         if stream:
             if len(states) != 1:
                 raise ValueError("stream=True takes a single prompt with n = 1")
@@ -150,9 +148,9 @@ class Engine:
         stream: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """Like ``generate``; with ``stream=True`` returns an async iterator of chunks."""
-        ids, params, single = await asyncio.to_thread(self._prepare, prompt, sampling_params, input_ids)
-        states = await self.submit(ids, params, _logprob_options(return_logprob, logprob_start_len,
-                                                                 top_logprobs_num, token_ids_logprob))
+        ids, params, single = await asyncio.to_thread(self.prepare, prompt, sampling_params, input_ids)
+        options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
+        states = await self.submit(ids, params, options)
         if stream:
             if len(states) != 1:
                 raise ValueError("stream=True takes a single prompt with n = 1")
@@ -188,19 +186,21 @@ class Engine:
         box: list[ControlReply] = []
         token = self._register_reply(None, lambda reply: (box.append(reply), done.set()))
         self._send(ControlRequest(token, kind))
-        deadline = time.monotonic() + timeout
-        while not done.wait(0.2):
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the scheduler did not answer {kind!r} within {timeout} s")
-        return box[0]
+        if not done.wait(timeout):
+            raise TimeoutError(f"the scheduler did not answer {kind!r} within {timeout} s")
+        return self._checked(box[0])
 
     async def async_control(self, kind: str, timeout: float = 30.0) -> ControlReply:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ControlReply] = loop.create_future()
         token = self._register_reply(loop, lambda reply: future.done() or future.set_result(reply))
         self._send(ControlRequest(token, kind))
-        return await asyncio.wait_for(future, timeout)
+        return self._checked(await asyncio.wait_for(future, timeout))
+
+    def _checked(self, reply: ControlReply) -> ControlReply:
+        if not reply.ok and self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        return reply
 
     # ------------------------------------------------------------------ the asyncio front end (HTTP server)
     def check_ready(self) -> None:
@@ -209,10 +209,6 @@ class Engine:
             raise EngineDeadError(self.dead_reason)
         if self._closed:
             raise EngineDeadError("the engine is shut down")
-
-    def prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
-        """Tokenize and validate (raises ValueError); slow for huge prompts, so call it off the event loop."""
-        return self._prepare(prompt, sampling_params, input_ids)
 
     async def submit(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
                      rids: list[str | None] | None = None) -> list[RequestState]:
@@ -242,6 +238,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self._fail_pending("the engine is shut down")
         try:
             with self._send_lock:
                 self._to_scheduler.send_pyobj(None, zmq.NOBLOCK)
@@ -267,7 +264,9 @@ class Engine:
         with self._send_lock:
             self._to_scheduler.send_pyobj(msg)
 
-    def _prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
+    def prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
+        """Tokenize and validate (raises ValueError): (token ids per prompt, parsed params per prompt, whether a
+        single prompt was given).  Slow for huge prompts, so asyncio callers run it in a thread."""
         if (prompt is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompt and input_ids")
         if prompt is not None:
@@ -346,7 +345,7 @@ class Engine:
             if rid is not None and rid in self._states:
                 raise ValueError(f"rid {rid!r} is already in use by a running request")
             rid = rid or uuid.uuid4().hex
-            state = RequestState(rid, decoder, ids, time.time(), loop, logprobs={} if options else None)
+            state = RequestState(rid, decoder, len(ids), time.time(), loop, logprobs={} if options else None)
             self._states[rid] = state
         seed = p.seed + copy if p.seed is not None else self._rng.getrandbits(63)
         single = SamplingParams(**{**vars(p), "n": 1})
@@ -377,25 +376,15 @@ class Engine:
 
             bar = tqdm(total=len(states), desc="generate")
         for s in states:
-            while not s.done.wait(0.5):
-                self._check_alive()
+            s.done.wait()  # a dead scheduler or a shutdown fails the request, which sets `done` too
             if bar:
                 bar.update(1)
         if bar:
             bar.close()
 
-    def _check_alive(self) -> None:
-        dead = [p.exitcode for p in self._procs if not p.is_alive()]
-        if dead and not self._closed:
-            raise EngineDeadError(f"a scheduler process died (exit codes {dead}); the engine cannot continue")
-
     def _stream(self, state: RequestState) -> Iterator[dict[str, Any]]:
         while True:
-            try:
-                chunk = state.chunks.get(timeout=0.5)
-            except queue.Empty:
-                self._check_alive()
-                continue
+            chunk = state.chunks.get()
             if "error" in chunk:
                 raise EngineDeadError(chunk["error"])
             yield chunk
@@ -432,10 +421,18 @@ class Engine:
         self.dead_reason = (f"the scheduler process died ({', '.join(f'tp rank {r}: exit code {c}' for r, c in dead)});"
                             " restart the server")
         logger.error(self.dead_reason)
+        self._fail_pending(self.dead_reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        """Answer everything still waiting: requests fail with ``reason``, control questions with ok=False."""
         with self._lock:
             states, self._states = list(self._states.values()), {}
+            replies, self._replies = list(self._replies.items()), {}
         for state in states:
-            state.fail(self.dead_reason)
+            state.fail(reason)
+        for token, (loop, callback) in replies:
+            reply = ControlReply(token, False, {"message": reason})
+            loop.call_soon_threadsafe(callback, reply) if loop is not None else callback(reply)
 
     def _apply(self, out: TokenOutput) -> None:
         with self._lock:
@@ -468,11 +465,3 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _logprob_options(return_logprob: bool, start: int | None, top: int | None, ids: list[int] | None
-                     ) -> LogprobOptions | None:
-    if not return_logprob:
-        return None
-    if top is not None and top < 0:
-        raise ValueError(f"top_logprobs_num must be >= 0, got {top}")
-    return LogprobOptions(-1 if start is None else start, top or 0, list(ids) if ids else None)

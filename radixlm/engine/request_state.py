@@ -25,7 +25,7 @@ class EngineDeadError(RuntimeError):
 class RequestState:
     rid: str
     decoder: RequestDecoder
-    prompt_ids: list[int]
+    prompt_tokens: int
     created: float
     loop: asyncio.AbstractEventLoop | None = None  # set: chunks go to `aqueue` on this loop
     output_ids: list[int] = field(default_factory=list)
@@ -42,10 +42,6 @@ class RequestState:
     def __post_init__(self) -> None:
         if self.loop is not None:
             self.aqueue = asyncio.Queue()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:

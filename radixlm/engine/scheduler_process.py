@@ -73,10 +73,8 @@ class SchedulerLoop:
     def _receive(self, block: bool) -> list[Any] | None:
         messages: list[Any] = []
         if self.recv is not None:
-            while block and not self.recv.poll(1000):
-                if os.getppid() != self.parent_pid:  # the front end died without telling us: don't linger
-                    messages.append(None)
-                    break
+            if block:  # wake up now and then, so that the run loop can notice an orphaned scheduler
+                self.recv.poll(1000)
             while True:
                 try:
                     messages.append(self.recv.recv_pyobj(zmq.NOBLOCK))

@@ -21,6 +21,17 @@ class LogprobOptions:
     top_logprobs_num: int = 0
     token_ids_logprob: list[int] | None = None
 
+    @classmethod
+    def from_request(cls, return_logprob: bool, logprob_start_len: int | None, top_logprobs_num: int | None,
+                     token_ids_logprob: list[int] | None) -> "LogprobOptions | None":
+        """SGLang's request fields -> options, or None when no logprobs are asked for."""
+        if not return_logprob:
+            return None
+        if top_logprobs_num is not None and top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
+        return cls(-1 if logprob_start_len is None else logprob_start_len, top_logprobs_num or 0,
+                   list(token_ids_logprob) if token_ids_logprob else None)
+
     def input_start(self, prompt_len: int) -> int | None:
         """First prompt position whose logprob is returned, or None when none is."""
         if self.logprob_start_len < 0 or self.logprob_start_len >= prompt_len:

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from radixlm.engine.engine import _logprob_options
+from radixlm.sampling.logprobs import LogprobOptions
 from radixlm.server.protocol import GenerateRequestBody
 from radixlm.server.streams import merge_streams, sse, wait_all
 
@@ -30,8 +30,8 @@ class NativeServing:
         self.engine.check_ready()
         prompt_ids, params, single = await asyncio.to_thread(
             self.engine.prepare, body.text, body.sampling_params, body.input_ids)
-        options = _logprob_options(body.return_logprob, body.logprob_start_len, body.top_logprobs_num,
-                                   body.token_ids_logprob)
+        options = LogprobOptions.from_request(body.return_logprob, body.logprob_start_len, body.top_logprobs_num,
+                                              body.token_ids_logprob)
         rids = [body.rid] if isinstance(body.rid, str) else body.rid
         if rids is not None and len(rids) != len(prompt_ids):
             raise ValueError(f"{len(rids)} rids for {len(prompt_ids)} prompts")

@@ -114,12 +114,14 @@ class OpenAIServing:
         tops = meta.get("output_top_logprobs") or []
         content = []
         for j, (logprob, tid, _) in enumerate(meta.get("output_token_logprobs") or []):
-            token = self._token_text(tid)
             alts = tops[j] if j < len(tops) and tops[j] else []
-            content.append({"token": token, "logprob": logprob, "bytes": list(token.encode()),
-                            "top_logprobs": [{"token": self._token_text(t), "logprob": lp,
-                                              "bytes": list(self._token_text(t).encode())} for lp, t, _ in alts]})
+            content.append({**self._token_entry(tid, logprob),
+                            "top_logprobs": [self._token_entry(t, lp) for lp, t, _ in alts]})
         return content
+
+    def _token_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        token = self._token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     # ------------------------------------------------------------------ completions
     async def completions(self, body: CompletionRequest, raw: "Request") -> dict[str, Any] | AsyncIterator[str]:

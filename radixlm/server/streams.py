@@ -29,10 +29,6 @@ def sse(obj: Any) -> str:
 async def merge_streams(engine: "Engine", states: list["RequestState"]) -> AsyncIterator[tuple[int, dict]]:
     """Chunks of several requests as they come, as ``(index in states, chunk)``.  Leaving early (a client
     disconnect cancels the consumer) aborts the requests that have not finished."""
-    if len(states) == 1:
-        async for piece in engine.stream_state(states[0]):
-            yield 0, piece
-        return
     queue: asyncio.Queue[tuple[int, dict | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, state: "RequestState") -> None:
