@@ -36,18 +36,29 @@ def run_engine(engine: Engine, work: Workload) -> dict[str, float]:
 
 
 def run_hf_generate_batch(model, work: Workload) -> dict[str, float]:
+    """transformers' continuous batching (``generate_batch``'s manager), each request with its own length."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=None,
                               pad_token_id=0)
-    if len(set(work.output_lens)) > 1:
-        raise SystemExit("--hf needs equal output lengths (--random-range-ratio 1.0): generate_batch takes one "
-                         "max_new_tokens for the whole batch")
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
     start = time.perf_counter()
-    results = model.generate_batch(work.prompts, generation_config=config, progress_bar=False)
+    for i, (ids, n) in enumerate(zip(work.prompts, work.output_lens)):
+        # eos -1: never stop early, as radixlm's ignore_eos (random weights would hit EOS now and then)
+        manager.add_request(ids, request_id=f"req{i}", max_new_tokens=n, eos_token_id=-1)
+    done = output = 0
+    while done < len(work.prompts):
+        result = manager.get_result(timeout=1)
+        if result is None:
+            if not manager.is_running():
+                raise RuntimeError("transformers' continuous batching stopped before finishing")
+            continue
+        done += 1
+        output += len(result.generated_tokens)
     elapsed = time.perf_counter() - start
-    output = sum(len(r.generated_tokens) for r in results.values())
-    return {"seconds": elapsed, "requests": len(results), "input": sum(map(len, work.prompts)), "output": output,
+    manager.stop(block=True)
+    return {"seconds": elapsed, "requests": done, "input": sum(map(len, work.prompts)), "output": output,
             "cache_hit_rate": 0.0}
 
 
@@ -57,7 +68,8 @@ def run_hf_generate(model, work: Workload, count: int) -> dict[str, float]:
     output = 0
     with torch.no_grad():
         for ids, n in zip(work.prompts[:count], work.output_lens[:count]):
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = model.generate(torch.tensor([ids], device=model.device),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
             output += out.shape[1] - len(ids)
     elapsed = time.perf_counter() - start
@@ -82,17 +94,17 @@ def main() -> None:
         rows.append(("radixlm Engine", run_engine(engine, work)))
         model_path = engine.server_args.model_path
     if args.hf:
-        from transformers import AutoModelForCausalLM
+        from hf_models import load_hf_model
 
         from radixlm.models.embedded import embedded_model_path
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             server_args.dtype, torch.float32 if server_args.device == "cpu" else torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(model_path or embedded_model_path(), dtype=dtype).eval()
-        model.to(server_args.device)
-        rows.append(("HF generate_batch", run_hf_generate_batch(model, work)))
-        rows.append((f"HF generate x{min(args.hf_generate_prompts, len(work.prompts))} (sequential)",
-                     run_hf_generate(model, work, args.hf_generate_prompts)))
+        model = load_hf_model(model_path or embedded_model_path(), dtype, server_args.device)
+        rows.append(("HF continuous batching", run_hf_generate_batch(model, work)))
+        if args.hf_generate_prompts > 0:
+            rows.append((f"HF generate x{min(args.hf_generate_prompts, len(work.prompts))} (sequential)",
+                         run_hf_generate(model, work, args.hf_generate_prompts)))
 
     print(f"\ndataset {args.dataset}, {len(work.prompts)} prompts, input tokens {sum(map(len, work.prompts))}, "
           f"output tokens {sum(work.output_lens)}, device {server_args.device}")

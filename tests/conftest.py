@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter; it must be chosen before any kernel module
+# is imported (the choice is made when a kernel is decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 from radixlm.config import ServerArgs
 from radixlm.executor import ModelRunner

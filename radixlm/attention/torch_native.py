@@ -108,9 +108,14 @@ def _attend(
     allowed: torch.Tensor,  # [b, n, s] bool; every query row allows at least one key
     scaling: float,
 ) -> torch.Tensor:  # [b, n, num_heads, head_dim]
-    # Cast before transposing: the cast then runs over contiguous memory.
+    b, n, num_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = num_heads // kv_heads
+    # The query heads of one KV head become extra query rows of that head, (token, head) ordered, so the kernel
+    # runs one [n * group, s] problem per KV head instead of expanding K and V to every query head.
+    rows = q.float().view(b, n, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4).reshape(b, kv_heads, n * group, -1)
+    mask = allowed.repeat_interleave(group, dim=1) if group > 1 and n > 1 else allowed  # [b, n * group | 1, s]
     out = F.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-        attn_mask=allowed.unsqueeze(1), scale=scaling, enable_gqa=True,
-    )  # [b, num_heads, n, head_dim]
-    return out.transpose(1, 2).to(q.dtype)
+        rows, k.float().transpose(1, 2), v.float().transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scaling,
+    )  # [b, kv_heads, n * group, head_dim]
+    return out.view(b, kv_heads, n, group, head_dim).permute(0, 2, 1, 3, 4).reshape(b, n, num_heads, -1).to(q.dtype)

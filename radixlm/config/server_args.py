@@ -29,6 +29,8 @@ class ServerArgs:
     context_length: int | None = _arg(None, "maximum tokens per request (default: the model's)")
     served_model_name: str | None = _arg(None, "model name reported by the API (default: the model path)")
     chat_template: str | None = _arg(None, "chat template file or name overriding the tokenizer's")
+    skip_tokenizer_init: bool = _arg(False, "load no tokenizer: requests carry input_ids, outputs carry output_ids "
+                                            "and empty text (for models without a tokenizer, e.g. dummy presets)")
 
     # Hardware and memory
     device: str = _arg("auto", "where to run", ("auto", "cpu", "cuda"))
@@ -36,7 +38,11 @@ class ServerArgs:
     mem_fraction_static: float | None = _arg(None, "fraction of GPU memory for weights + KV cache (GPU default 0.88)")
     max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
     page_size: int = _arg(1, "tokens per KV page")
-    attention_backend: str = _arg("auto", "attention implementation", ("auto", "torch_native"))
+    attention_backend: str = _arg("auto", "attention implementation (auto: triton on CUDA, else torch_native)",
+                                  ("auto", "torch_native", "triton"))
+    kv_cache_dtype: str = _arg("auto", "KV cache dtype (auto: float32 for torch_native attention on CPU, which "
+                                       "computes in float32, else the model dtype)",
+                               ("auto", "bfloat16", "float16", "float32"))
 
     # Scheduling
     max_running_requests: int | None = _arg(None, "maximum requests decoding at once")
@@ -45,6 +51,11 @@ class ServerArgs:
     schedule_policy: str = _arg("fcfs", "order of the waiting queue", ("fcfs", "lpm"))
     schedule_conservativeness: float = _arg(1.0, "how much decode memory to reserve when admitting requests")
     disable_radix_cache: bool = _arg(False, "turn off prefix caching")
+
+    # GPU execution
+    cuda_graph_max_bs: int | None = _arg(None, "largest decode batch replayed from a CUDA graph (default: 256, "
+                                               "at most --max-running-requests)")
+    disable_cuda_graph: bool = _arg(False, "run decode eagerly")
 
     # Serving
     host: str = _arg("127.0.0.1", "HTTP host")
@@ -64,7 +75,7 @@ class ServerArgs:
             problems.append(f"--page-size must be a power of two >= 1, got {self.page_size}")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             problems.append(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
-        for name in ("max_total_tokens", "context_length", "max_running_requests"):
+        for name in ("max_total_tokens", "context_length", "max_running_requests", "cuda_graph_max_bs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -91,7 +102,7 @@ class ServerArgs:
         if self.random_seed is None:
             object.__setattr__(self, "random_seed", random.randint(0, 2**30))
         if self.attention_backend == "auto":
-            object.__setattr__(self, "attention_backend", "torch_native")
+            object.__setattr__(self, "attention_backend", "triton" if self.device == "cuda" else "torch_native")
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

@@ -241,7 +241,8 @@ class RequestDecoder:
         no_stop_trim: bool = False,
         prompt_ids: list[int] | None = None,
     ) -> None:
-        self._detokenizer = IncrementalDetokenizer(
+        # Without a tokenizer (--skip-tokenizer-init) there is no text: every delta is empty.
+        self._detokenizer = None if tokenizer is None else IncrementalDetokenizer(
             tokenizer, prompt_ids, skip_special_tokens, spaces_between_special_tokens
         )
         self._matcher = StopStringMatcher(stop or [], no_stop_trim)
@@ -261,14 +262,14 @@ class RequestDecoder:
 
     def step(self, new_ids: list[int]) -> tuple[str, str | None]:
         """Consume newly generated ids; return (text to stream now, stop string matched by this step or None)."""
-        if self._matcher.matched is not None:
+        if self._matcher.matched is not None or self._detokenizer is None:
             return "", None
         delta, matched = self._matcher.feed(self._detokenizer.add_tokens(new_ids))
         return self._record(delta), matched
 
     def finish(self) -> str:
         """The last delta of a request that ended without (or before noticing) a stop string."""
-        if self._matcher.matched is not None:
+        if self._matcher.matched is not None or self._detokenizer is None:
             return ""
         text, _ = self._matcher.feed(self._detokenizer.flush())
         return self._record(text + self._matcher.flush())

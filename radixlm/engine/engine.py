@@ -59,7 +59,8 @@ class Engine:
         if self.server_args.tp_size > 1 and self.server_args.dist_init_addr is None:
             self.server_args = self.server_args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
         self.model_path = self.server_args.model_path or embedded_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.model_path)
+        self.tokenizer = (None if self.server_args.skip_tokenizer_init
+                          else AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.model_path))
         self._rng = random.Random(self.server_args.random_seed)
         self._states: dict[str, RequestState] = {}
         self._replies: dict[str, tuple[asyncio.AbstractEventLoop | None, Any]] = {}  # token -> (loop, future)
@@ -264,6 +265,13 @@ class Engine:
         with self._send_lock:
             self._to_scheduler.send_pyobj(msg)
 
+    def require_tokenizer(self) -> Any:
+        """The tokenizer; ValueError (a 400 for HTTP callers) when the engine runs without one."""
+        if self.tokenizer is None:
+            raise ValueError("this engine runs with --skip-tokenizer-init: send token ids (input_ids) and read "
+                             "output_ids")
+        return self.tokenizer
+
     def prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
         """Tokenize and validate (raises ValueError): (token ids per prompt, parsed params per prompt, whether a
         single prompt was given).  Slow for huge prompts, so asyncio callers run it in a thread."""
@@ -274,7 +282,8 @@ class Engine:
             prompts = [prompt] if single else list(prompt)
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompt must be a string or a list of strings")
-            ids = [self.tokenizer(p).input_ids for p in prompts]
+            tokenizer = self.require_tokenizer()
+            ids = [tokenizer(p).input_ids for p in prompts]
         else:
             single = not input_ids or isinstance(input_ids[0], int)
             ids = [list(input_ids)] if single else [list(x) for x in input_ids]
@@ -357,7 +366,9 @@ class Engine:
         p = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(dict(raw))
         p = SamplingParams(**vars(p))
         p.normalize()
-        p.verify(len(self.tokenizer))
+        p.verify(len(self.tokenizer) if self.tokenizer is not None else self.info.vocab_size)
+        if p.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine runs with --skip-tokenizer-init")
         if p.json_schema or p.regex or p.ebnf:
             raise ValueError("structured output (json_schema/regex/ebnf) is not supported yet")
         return p

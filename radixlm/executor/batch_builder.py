@@ -100,8 +100,11 @@ def _alloc(runner: "ModelRunner", rows: list[int], prefix_lens: list[int], seq_l
     allocator = runner.token_to_kv_pool_allocator
     last_locs = [0] * len(rows)
     if allocator.page_size > 1:
+        # Slot of each request's last cached token (meaningless, and ignored, for an empty prefix); one
+        # device-to-host copy for the whole batch.
+        ends = torch.tensor([max(p - 1, 0) for p in prefix_lens], dtype=torch.int64)
         table = runner.req_to_token_pool.req_to_token
-        last_locs = [int(table[r, p - 1]) if p > 0 else 0 for r, p in zip(rows, prefix_lens)]
+        last_locs = table[torch.tensor(rows, dtype=torch.int64).to(table.device), ends.to(table.device)].tolist()
     loc = allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
     if loc is None:
         raise OutOfKVMemory(f"{sum(seq_lens) - sum(prefix_lens)} new tokens do not fit the KV pool "

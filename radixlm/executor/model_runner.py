@@ -8,8 +8,10 @@ import torch
 
 from radixlm.attention import create_attention_backend
 from radixlm.config import ModelConfig, ServerArgs
+from radixlm.config.model_config import resolve_dtype
 from radixlm.core import ForwardBatch
 from radixlm.distributed import init_tensor_parallel
+from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.mem import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from radixlm.models.loader import load_model
@@ -19,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU when --max-total-tokens is not given
 DEFAULT_GPU_MEM_FRACTION = 0.88
+DEFAULT_CUDA_GRAPH_MAX_BS = 256
 
 
 class ModelRunner:
@@ -34,20 +37,39 @@ class ModelRunner:
         torch.manual_seed(server_args.random_seed)
 
         self.model = load_model(model_config, server_args.load_format, self.device, server_args.random_seed)
+        self.cuda_graph_max_bs = self._graph_batch_limit()
         self._init_memory_pools()
-        self.attn_backend = create_attention_backend(server_args.attention_backend)
+        self.attn_backend = create_attention_backend(
+            server_args.attention_backend, num_heads=model_config.num_attention_heads // server_args.tp_size,
+            num_kv_heads=max(1, model_config.num_key_value_heads // server_args.tp_size),
+            head_dim=model_config.head_dim, max_batch_size=self.max_running_requests, device=self.device,
+        )
         self.sampler = Sampler()
+        self.cuda_graph_runner: CudaGraphRunner | None = None
+        if self.cuda_graph_max_bs:
+            self.cuda_graph_runner = CudaGraphRunner(self, min(self.cuda_graph_max_bs, self.max_running_requests))
 
     # ---------------------------------------------------------------- memory
+    def _graph_batch_limit(self) -> int:
+        """Largest decode batch captured in a CUDA graph; 0 when decode runs eagerly."""
+        args = self.server_args
+        if self.device.type != "cuda" or args.disable_cuda_graph or args.attention_backend == "torch_native":
+            return 0  # torch-native attention sizes its decode tensors from host values: not capturable
+        return min(args.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, args.max_running_requests or 1 << 30)
+
     def _init_memory_pools(self) -> None:
         args, cfg = self.server_args, self.model_config
         context_len = cfg.context_length
-        cell = cfg.kv_cell_bytes(args.tp_size)
+        kv_dtype = self._kv_cache_dtype()
+        cell = cfg.kv_cell_bytes(args.tp_size, kv_dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = args.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
             # Everything already allocated (weights, the CUDA context) counts against the static fraction.
             budget = free - total * (1.0 - fraction)
+            if self.cuda_graph_max_bs:
+                # The graphs' activations are captured after the KV pool exists; keep their room free now.
+                budget -= graph_memory_estimate(self, self.cuda_graph_max_bs)
         else:
             budget = CPU_KV_CACHE_BYTES
         max_tokens = int(budget // cell)
@@ -62,12 +84,22 @@ class ModelRunner:
         self.max_running_requests = max_reqs
         self.req_to_token_pool = ReqToTokenPool(max_reqs, context_len, self.device)
         self.token_to_kv_pool = MHATokenToKVPool(
-            max_tokens, args.page_size, cfg.dtype, max(1, cfg.num_key_value_heads // args.tp_size),
+            max_tokens, args.page_size, kv_dtype, max(1, cfg.num_key_value_heads // args.tp_size),
             cfg.head_dim, cfg.num_hidden_layers, self.device,
         )
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(max_tokens, args.page_size, self.device)
         logger.info("KV cache: %d tokens (%.2f GiB), %d request slots", max_tokens,
                     self.token_to_kv_pool.bytes() / 2**30, max_reqs)
+
+    def _kv_cache_dtype(self) -> torch.dtype:
+        """``--kv-cache-dtype``; ``auto`` is float32 where attention computes in float32 from the cache anyway (the
+        torch-native backend on CPU: no per-step cast of the whole context), else the model dtype."""
+        name = self.server_args.kv_cache_dtype
+        if name != "auto":
+            return resolve_dtype(name, {}, self.device.type)
+        if self.device.type == "cpu" and self.server_args.attention_backend == "torch_native":
+            return torch.float32
+        return self.model_config.dtype
 
     def _min_over_ranks(self, value: int) -> int:
         if self.tp.size == 1:
@@ -79,6 +111,12 @@ class ModelRunner:
     # ---------------------------------------------------------------- execution
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> LogitsOutput:
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
+            return self.cuda_graph_runner.replay(forward_batch)
+        return self.forward_eager(forward_batch)
+
+    @torch.inference_mode()
+    def forward_eager(self, forward_batch: ForwardBatch) -> LogitsOutput:
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)
 

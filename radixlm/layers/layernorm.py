@@ -18,8 +18,20 @@ class RMSNorm(nn.Module):
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``.
 
         Statistics are computed in float32 and the result is cast back before the weight is applied, the same
-        order of rounding as HF transformers.
+        order of rounding as HF transformers.  CUDA tensors take one fused Triton kernel (same residual bits,
+        output within about an ulp), others the torch code of ``forward_native``.
         """
+        if x.is_cuda:
+            from radixlm.kernels import fused_ops  # imported here: CPU-only installs may lack triton
+            if residual is None:
+                return fused_ops.rms_norm(x, self.weight, self.eps)
+            return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return self.forward_native(x, residual)
+
+    def forward_native(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The torch implementation of ``forward``, on any device."""
         if residual is not None:
             x = x + residual
             residual = x

@@ -56,7 +56,19 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` [num_tokens, num_heads, head_dim] and ``k`` [num_tokens, num_kv_heads, head_dim]."""
+        """Rotate ``q`` [num_tokens, num_heads, head_dim] and ``k`` [num_tokens, num_kv_heads, head_dim].
+
+        CUDA tensors take one Triton kernel for both (bit-identical to ``forward_native``, the torch code).
+        """
+        if q.is_cuda:
+            from radixlm.kernels import fused_ops  # imported here: CPU-only installs may lack triton
+            return fused_ops.apply_rotary(q, k, positions, self.cos_sin_cache, self.rotary_dim)
+        return self.forward_native(positions, q, k)
+
+    def forward_native(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch implementation of ``forward``, on any device."""
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] each
         cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
         sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)

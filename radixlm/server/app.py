@@ -126,7 +126,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     @app.post("/v1/tokenize")
     async def tokenize(raw: Request) -> Any:
         body = await parse_body(raw, TokenizeRequest)
-        encoded = await asyncio.to_thread(engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens)
+        encoded = await asyncio.to_thread(engine.require_tokenizer(), body.prompt, add_special_tokens=body.add_special_tokens)
         ids = encoded.input_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.info.context_length}
 
@@ -136,7 +136,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]
         if bad:
             raise ValueError(f"tokens must be ids in [0, {engine.info.vocab_size}), got {bad[0]}")
-        return {"text": await asyncio.to_thread(engine.tokenizer.decode, body.tokens)}
+        return {"text": await asyncio.to_thread(engine.require_tokenizer().decode, body.tokens)}
 
     # ------------------------------------------------------------------ native (SGLang)
     @app.post("/generate")

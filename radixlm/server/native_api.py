@@ -53,7 +53,7 @@ class NativeServing:
 
     async def health_generate(self) -> bool:
         """Run one real one-token generation through the whole engine."""
-        token = self.engine.tokenizer.bos_token_id
+        token = getattr(self.engine.tokenizer, "bos_token_id", None)
         token = token if token is not None else 0
         ids, params, _ = self.engine.prepare(None, {"max_new_tokens": 1, "temperature": 0.0}, [token])
         states = await self.engine.submit(ids, params, None)

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 class OpenAIServing:
     def __init__(self, engine: "Engine", model_name: str, chat_template: str | None):
         self.engine = engine
-        self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.chat_template = chat_template
 
@@ -103,12 +102,12 @@ class OpenAIServing:
                     message[key] = getattr(m, key)
             messages.append(message)
         try:
-            text = self.tokenizer.apply_chat_template(
+            text = self.engine.require_tokenizer().apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant",
                 chat_template=self.chat_template, **(body.chat_template_kwargs or {}))
         except Exception as e:  # jinja raises for conversations the template forbids
             raise ValueError(f"the chat template rejected these messages: {e}") from e
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.engine.require_tokenizer()(text, add_special_tokens=False).input_ids
 
     def _chat_logprobs(self, meta: dict[str, Any]) -> list[dict[str, Any]]:
         tops = meta.get("output_top_logprobs") or []
@@ -144,7 +143,7 @@ class OpenAIServing:
             self.engine.prepare, texts or None, body.sampling_params(body.max_tokens), ids or None)
         states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echoes = ([await asyncio.to_thread(self.tokenizer.decode, p) for p in prompt_ids] if body.echo
+        echoes = ([await asyncio.to_thread(self.engine.require_tokenizer().decode, p) for p in prompt_ids] if body.echo
                   else ["" for _ in prompt_ids])
         n = body.n
         if body.stream:
@@ -220,7 +219,7 @@ class OpenAIServing:
         return await self.engine.submit(ids, parsed, options, [rid] if rid else None)
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.engine.require_tokenizer().decode([token_id])
 
 
 def _reject_unsupported(body: ChatCompletionRequest) -> None:

@@ -123,3 +123,17 @@ def test_utf8_never_broken_in_stream(engine):
     full = engine.generate("Reply with three emoji and the word 日本語: 🙂", {"max_new_tokens": 24, "temperature": 0})
     assert "".join(c["text"] for c in chunks) == full["text"]
     assert full["text"] == engine.tokenizer.decode(full["output_ids"], skip_special_tokens=True)
+
+
+def test_skip_tokenizer_init_serves_token_ids(engine):
+    """Without a tokenizer: ids in, the same ids out as with one, empty text; text-only features refused."""
+    ids = engine.tokenizer("The capital of France is").input_ids
+    want = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 6, "temperature": 0})["output_ids"]
+    with radixlm.Engine(max_total_tokens=4096, random_seed=0, skip_tokenizer_init=True) as bare:
+        assert bare.tokenizer is None
+        out = bare.generate(input_ids=ids, sampling_params={"max_new_tokens": 6, "temperature": 0})
+        assert out["output_ids"] == want and out["text"] == ""
+        with pytest.raises(ValueError, match="skip-tokenizer-init"):
+            bare.generate("text needs a tokenizer", {"max_new_tokens": 2})
+        with pytest.raises(ValueError, match="stop strings"):
+            bare.generate(input_ids=ids, sampling_params={"max_new_tokens": 2, "stop": ["x"]})

@@ -1,0 +1,101 @@
+"""Where a decode step's time goes on the GPU: wall time per step (batch building, graph replay, sampling, the
+one host sync) against the GPU time of the replayed graph alone, and the GPU kernels of one eager step grouped
+by kind.  The KV cache is filled by allocation only (values do not change the timing), so long contexts cost no
+prefill.
+
+    python bench/decode_profile.py --model-path llama-3.1-8b --load-format dummy --cases 1x256 128x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from radixlm.config import ServerArgs
+from radixlm.executor import ModelRunner
+from radixlm.executor.batch_builder import build_decode_batch
+from radixlm.executor.static_batch import release
+from radixlm.models.loader import resolve_model_config
+
+KINDS = (("attention", ("_decode", "_extend", "attn")), ("gemm", ("gemm", "gemv", "xmma", "cutlass", "nvjet")),
+         ("norm/rotary/act", ("rms", "rotary", "silu")))
+
+
+def kind_of(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in lower for k in keys)), "other")
+
+
+def run_case(runner: ModelRunner, bs: int, ctx: int, steps: int = 30) -> None:
+    rows = runner.req_to_token_pool.alloc(bs)
+    slots = runner.token_to_kv_pool_allocator.alloc(bs * ctx)
+    for i, row in enumerate(rows):
+        runner.req_to_token_pool.write(row, 0, slots[i * ctx : (i + 1) * ctx])
+    seq_lens, next_ids = [ctx] * bs, torch.zeros(bs, dtype=torch.int64, device=runner.device)
+    on_gpu = runner.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    try:
+        def step() -> None:
+            nonlocal seq_lens, next_ids
+            fb = build_decode_batch(runner, rows, seq_lens, next_ids)
+            seq_lens = fb.seq_lens_cpu
+            next_ids = runner.sample(runner.forward(fb), fb)
+            next_ids.tolist()  # the scheduler's one host sync per step
+
+        for _ in range(3):
+            step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+        fb = build_decode_batch(runner, rows, seq_lens, next_ids)
+        seq_lens = fb.seq_lens_cpu
+        gpu = float("nan")
+        graphs = runner.cuda_graph_runner
+        if graphs is not None and graphs.can_run(fb):
+            graphs.replay(fb)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(steps):
+                graphs.replay(fb)
+            end.record()
+            torch.cuda.synchronize()
+            gpu = begin.elapsed_time(end) / steps / 1e3
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            runner.forward_eager(fb)
+            sync()
+        own = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+        by_kind: dict[str, float] = defaultdict(float)
+        for evt in prof.key_averages():
+            by_kind[kind_of(evt.key)] += own(evt) / 1e6
+        total = sum(by_kind.values())
+        parts = ", ".join(f"{k} {v * 1e3:.2f} ms ({v / total:.0%})" for k, v in sorted(by_kind.items(),
+                                                                                     key=lambda kv: -kv[1]))
+        print(f"batch {bs:>4} context {ctx:>5}: wall {wall * 1e3:6.2f} ms/step, graph replay {gpu * 1e3:6.2f} ms "
+              f"(host overhead {(wall - gpu) * 1e3:5.2f} ms); eager kernels {total * 1e3:.2f} ms: {parts}")
+        top = sorted(prof.key_averages(), key=lambda e: -own(e))[:6]
+        for evt in top:
+            print(f"    {own(evt) / 1e3:8.3f} ms  {evt.count:4d}x  {evt.key[:100]}")
+    finally:
+        release(runner, rows, seq_lens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ServerArgs.add_cli_args(parser)
+    parser.add_argument("--cases", nargs="+", default=["1x256", "128x2048"], help="BATCHxCONTEXT")
+    args = parser.parse_args()
+    server_args = ServerArgs.from_cli_args(args)
+    runner = ModelRunner(server_args, resolve_model_config(server_args))
+    for case in args.cases:
+        bs, ctx = map(int, case.split("x"))
+        run_case(runner, bs, ctx)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Decode steps replayed from CUDA graphs: one graph per captured batch size, a batch padded to the next size.
+
+A decode step of a small model is a few hundred kernel launches whose CPU cost exceeds their GPU time; a graph
+launches them all at once.  Every input of the captured forward lives in a static buffer that ``replay`` fills
+(rows past the real batch are padding: token 0 at position 0 of request row 0, K/V written to the dummy slot
+0, which the allocator never hands out), so the kernels recorded at capture read the current batch.  The
+attention backend must therefore read nothing from the host in decode (``supports_cuda_graph``).
+
+All graphs share one memory pool and are captured largest first, so the pool is sized by the largest batch
+and the smaller graphs reuse it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixlm.core import ForwardBatch, ForwardMode
+from radixlm.layers.logits_processor import LogitsOutput
+
+if TYPE_CHECKING:
+    from radixlm.executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def capture_batch_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to ``max_bs`` (SGLang's spacing: padding wastes < 8 rows)."""
+    sizes = [s for s in (1, 2, 4) if s < max_bs] + list(range(8, max_bs + 1, 8))
+    if not sizes or sizes[-1] != max_bs:
+        sizes.append(max_bs)
+    return sorted(set(sizes))
+
+
+def graph_memory_estimate(runner: "ModelRunner", max_bs: int) -> int:
+    """Bytes the graph pool needs at batch ``max_bs``: the activations of one decode step (the largest live
+    set is the MLP's gate/up output next to the residual stream) plus the float32 logits and their copies."""
+    cfg, tp = runner.model_config, runner.server_args.tp_size
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    per_token = elem * (4 * cfg.hidden_size + 3 * (cfg.intermediate_size // tp)
+                        + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim // tp)
+    per_token += 3 * 4 * cfg.vocab_size  # logits: bf16 matmul output, float32 copy, gathered copy
+    return max_bs * per_token + (64 << 20)
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: "ModelRunner", max_bs: int) -> None:
+        self.runner = runner
+        self.batch_sizes = capture_batch_sizes(max_bs)
+        self.max_bs = self.batch_sizes[-1]
+        device = runner.device
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        self.req_pool_indices = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] float32, written by each replay
+        self._capture_all()
+
+    def can_run(self, fb: ForwardBatch) -> bool:
+        return fb.is_decode and fb.batch_size <= self.max_bs
+
+    def replay(self, fb: ForwardBatch) -> LogitsOutput:
+        bs = fb.batch_size
+        padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
+        self.input_ids[:bs].copy_(fb.input_ids)
+        self.positions[:bs].copy_(fb.positions)
+        self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
+        self.seq_lens[:bs].copy_(fb.seq_lens)
+        self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
+        if padded > bs:
+            # Stale rows of an earlier, larger batch would write K/V into slots that are live again.
+            self.input_ids[bs:padded].zero_()
+            self.positions[bs:padded].zero_()
+            self.req_pool_indices[bs:padded].zero_()
+            self.seq_lens[bs:padded].fill_(1)
+            self.out_cache_loc[bs:padded].zero_()
+        self.graphs[padded].replay()
+        return LogitsOutput(self.logits[padded][:bs])
+
+    # ------------------------------------------------------------------ capture
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        r = self.runner
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs], req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
+            seq_lens_cpu=[1] * bs, out_cache_loc=self.out_cache_loc[:bs], req_to_token_pool=r.req_to_token_pool,
+            token_to_kv_pool=r.token_to_kv_pool, attn_backend=r.attn_backend,
+        )
+
+    def _capture_all(self) -> None:
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.runner.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.runner.device)
+        for bs in reversed(self.batch_sizes):
+            fb = self._static_batch(bs)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
+                    self.runner.forward_eager(fb)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = self.runner.forward_eager(fb)
+            self.graphs[bs], self.logits[bs] = graph, out.next_token_logits
+        torch.cuda.synchronize(self.runner.device)
+        # The warm-up runs' blocks are cached for the side stream, where nothing will reuse them.
+        torch.cuda.empty_cache()
+        used = free_before - torch.cuda.mem_get_info(self.runner.device)[0]
+        logger.info("CUDA graphs: %d batch sizes (1..%d) captured in %.1f s, %.2f GiB", len(self.batch_sizes),
+                    self.max_bs, time.perf_counter() - start, used / 2**30)

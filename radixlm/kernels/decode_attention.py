@@ -1,0 +1,151 @@
+"""Paged decode attention, flash-decoding style: one new query token per request over its whole KV sequence.
+
+Stage 1 splits each request's keys into ``num_kv_splits`` contiguous ranges and attends to every range in its
+own program, so a small batch with long contexts still fills the GPU; one program serves all query heads of a
+KV head (GQA), reading that head's K/V once.  Each range leaves a normalised partial output and its log-sum-exp
+in caller-owned fp32 scratch; stage 2 merges the ranges of every (request, head) with those log-sum-exps.
+
+Nothing here reads a device value on the host or allocates, so a decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+_MIN_BLOCK_H = 16  # tl.dot needs at least 16 rows; smaller GQA groups are padded with masked heads
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, ReqToToken, ReqPoolIndices, SeqLens, MidO, MidLse,
+    qk_scale,  # sm_scale * log2(e): logits live in base 2 so that exp2 does the softmax
+    window,  # attend only to the last ``window`` keys when HAS_WINDOW
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_rt,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head_blocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
+    kv_head = tl.program_id(1) // head_blocks
+    split = tl.program_id(2)
+
+    offs_g = (tl.program_id(1) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)  # index within the GQA group
+    mask_h = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    row_slots = ReqToToken + tl.load(ReqPoolIndices + b) * stride_rt
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    # Splits share the attended range evenly in whole key blocks; trailing splits of a short range are empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(row_slots + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: slot * stride may pass 2^31
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # Every block holds at least one key, so m_new is finite and no row turns NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split leaves a zero output and LSE -inf: weight 0 in the merge.
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+             acc / l_safe[:, None], mask=mask_h[:, None] & mask_d[None, :])
+    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))  # natural log
+    tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    MidO, MidLse, O,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))  # [BLOCK_S]
+    # Split 0 is never empty (seq_len >= 1), so the max is finite and empty splits get weight exp(-inf) = 0.
+    w = tl.exp(lse - tl.max(lse, 0))
+    parts = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
+
+
+def decode_attention_fwd(
+    q: torch.Tensor,  # [bs, num_heads, head_dim]
+    k_buffer: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_buffer: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    o: torch.Tensor,  # [bs, num_heads, head_dim], written
+    req_to_token: torch.Tensor,  # [max_reqs, max_context] int32
+    req_pool_indices: torch.Tensor,  # [bs] int64
+    seq_lens: torch.Tensor,  # [bs] int64
+    mid_o: torch.Tensor,  # [>= bs, num_heads, num_kv_splits, head_dim] fp32 scratch
+    mid_lse: torch.Tensor,  # [>= bs, num_heads, num_kv_splits] fp32 scratch
+    sm_scale: float,
+    sliding_window: int | None = None,
+) -> None:
+    """``o[i]`` = softmax(q[i] K^T * sm_scale) V over keys ``0 .. seq_lens[i]-1`` of request row
+    ``req_pool_indices[i]`` (the last ``sliding_window`` of them when given), K/V read at the slots
+    ``req_to_token[row, pos]``.  ``seq_lens[i] >= 1``: the new token's K/V is already stored.
+
+    The number of KV splits is ``mid_o.shape[2]``.  q, o and the KV buffers need a unit stride in the last
+    dimension; the KV buffers may be fp32, fp16 or bf16 (q is cast to their dtype), o has q's dtype.
+    """
+    bs, num_heads, head_dim = q.shape
+    num_kv_heads = k_buffer.shape[1]
+    group = num_heads // num_kv_heads
+    num_splits = mid_o.shape[2]
+    assert q.stride(2) == 1 and o.stride(2) == 1 and num_heads == group * num_kv_heads
+    assert mid_o.shape[0] >= bs and mid_lse.shape[0] >= bs, "decode scratch is smaller than the batch"
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = max(_MIN_BLOCK_H, min(triton.next_power_of_2(group), 64))
+    block_n = 64 if block_d <= 128 else 32
+    precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"  # tf32 would cost fp32 caches ~1e-3
+    grid = (bs, num_kv_heads * triton.cdiv(group, block_h), num_splits)
+    _decode_split_kernel[grid](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        sm_scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
+        mid_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HAS_WINDOW=sliding_window is not None, DOT_PRECISION=precision, num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(bs, num_heads)](
+        mid_o, mid_lse, o,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        o.stride(0), o.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4,
+    )

@@ -1,0 +1,228 @@
+"""Triton kernels for the memory-bound ops between the GEMMs: RMSNorm (optionally fused with the residual add),
+SiLU-and-mul, and NeoX rotary embedding.
+
+Each replaces a sequence of eager torch ops, every one of which reads and writes the whole activation, by a
+single pass over memory.  They follow the rounding order of the torch implementations in ``radixlm.layers``
+(see each function for how close the results are) and return new tensors rather than writing in place, so the
+layers' semantics do not depend on the device.  Importing this module compiles nothing; kernels are compiled
+on first launch for each dtype/shape specialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows of a norm are reduced by one program, so the whole row must fit in one block.
+MAX_NORM_HIDDEN = 16384
+# Elements of q/k one rotary program holds per tile ([heads, rotary_dim / 2], for each of the two halves).
+_ROTARY_TILE = 2048
+_SILU_BLOCK = 1024
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, last_dim]`` with a unit last-dim stride: a view where strides allow, else a copy."""
+    if x.dim() == 2 and x.stride(1) == 1:  # the common case, without reshape's host overhead
+        return x
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _new_output(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor of ``like``'s shape and device; ``empty_like`` costs about half of ``empty`` on
+    the host, which matters at decode sizes, where these kernels are launch-bound."""
+    return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    x_row_stride, residual_row_stride, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
+        # Rounded to the storage dtype before the statistics, exactly as torch's ``x + residual`` is.
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(new_residual_ptr.dtype.element_ty)
+        tl.store(new_residual_ptr + row * n_cols + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # The normalised row is cast back to the input dtype before the weight multiplies it (HF's order).
+    out = weight * h.to(x.dtype).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    if hidden > MAX_NORM_HIDDEN:
+        raise ValueError(f"rms_norm supports hidden sizes up to {MAX_NORM_HIDDEN}, got {hidden}")
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden}")
+    x2d = _rows(x)  # [rows, hidden]
+    if residual is None:
+        residual2d, new_residual, norm_dtype = None, None, x.dtype
+    else:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+        residual2d = _rows(residual)  # [rows, hidden]
+        norm_dtype = torch.promote_types(x.dtype, residual.dtype)
+        new_residual = _new_output(x, norm_dtype)
+    # torch promotes ``weight * normed``: an fp32 weight over bf16 activations gives an fp32 output.
+    out = _new_output(x, torch.promote_types(weight.dtype, norm_dtype))
+    if x2d.shape[0] == 0:
+        return out, new_residual
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(x2d.shape[0],)](
+        x2d, residual2d, weight, out, new_residual,
+        x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+    )
+    return out, new_residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype)`` over the last dim, ``h = x.float()``.
+
+    ``x`` [..., hidden] with hidden <= ``MAX_NORM_HIDDEN``, ``weight`` [hidden].  Returns a new contiguous tensor
+    of ``x``'s shape in the dtype torch would promote ``weight * x`` to.  Matches ``RMSNorm.forward_native`` up to
+    the order of the fp32 sum of squares and the rsqrt approximation, i.e. at most about one ulp of the output
+    dtype.
+    """
+    return _launch_rms_norm(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` in one pass; neither input is modified.
+
+    ``x`` and ``residual`` [..., hidden] of the same shape.  The new residual is bit-identical to torch's
+    ``x + residual`` (computed in fp32, rounded once to the promoted dtype); the normalised output is as close
+    as ``rms_norm``'s.
+    """
+    return _launch_rms_norm(x, residual, weight, eps)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_row_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + row * d + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x`` [..., 2 * d] = gate ‖ up; returns a new contiguous [..., d] in x's dtype.
+
+    Computed in fp32 and rounded once, where eager torch rounds ``silu(gate)`` to x's dtype before the
+    product: for fp16/bf16 the two differ by up to about one ulp of x's dtype; for fp32 by fp32 rounding only.
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
+    d = x.shape[-1] // 2
+    x2d = _rows(x)  # [rows, 2 * d]
+    out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
+    if x2d.shape[0] and d:
+        # Rows on grid axis 0, which (unlike axes 1 and 2) is not limited to 65535 blocks.
+        grid = (x2d.shape[0], triton.cdiv(d, _SILU_BLOCK))
+        _silu_and_mul_kernel[grid](x2d, out, x2d.stride(0), d, BLOCK=_SILU_BLOCK, num_warps=4)
+    return out
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, token, x_token_stride, x_head_stride, num_heads, cos, sin,
+    HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    """Rotate every head of one token of ``x``; ``cos``/``sin`` are the token's [BLOCK_HALF] fp32 angles."""
+    dtype = out_ptr.dtype.element_ty
+    half: tl.constexpr = ROTARY_DIM // 2
+    # The torch path casts the fp32 cache to x's dtype and rounds each product and the sum to it; doing the
+    # same here (with fp fusion off at launch, so no FMA merges a product into the sum) gives identical bits.
+    cos = cos.to(dtype).to(tl.float32)[None, :]
+    sin = sin.to(dtype).to(tl.float32)[None, :]
+    dims = tl.arange(0, BLOCK_HALF)
+    for head_start in range(0, num_heads, BLOCK_H):
+        heads = head_start + tl.arange(0, BLOCK_H)
+        head_mask = (heads < num_heads)[:, None]
+        mask = head_mask & (dims < half)[None, :]
+        src = x_ptr + token * x_token_stride + heads[:, None] * x_head_stride  # [BLOCK_H, 1]
+        dst = out_ptr + (token * num_heads + heads[:, None]) * HEAD_DIM  # [BLOCK_H, 1]
+        x1 = tl.load(src + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
+        out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+        tl.store(dst + dims[None, :], out1.to(dtype), mask=mask)
+        tl.store(dst + half + dims[None, :], out2.to(dtype), mask=mask)
+        if ROTARY_DIM < HEAD_DIM:
+            rest = ROTARY_DIM + tl.arange(0, BLOCK_PASS)
+            rest_mask = head_mask & (rest < HEAD_DIM)[None, :]
+            tl.store(dst + rest[None, :], tl.load(src + rest[None, :], mask=rest_mask), mask=rest_mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_ptr,
+    q_token_stride, q_head_stride, k_token_stride, k_head_stride, cos_sin_stride, num_heads, num_kv_heads,
+    HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    # One program per token: its cos/sin row is read once and shared by all q and k heads.
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < ROTARY_DIM // 2
+    cos = tl.load(cos_sin_ptr + position * cos_sin_stride + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + position * cos_sin_stride + ROTARY_DIM // 2 + dims, mask=dim_mask, other=0.0)
+    _rotate_heads(q_ptr, q_out_ptr, token, q_token_stride, q_head_stride, num_heads, cos, sin,
+                  HEAD_DIM, ROTARY_DIM, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
+    _rotate_heads(k_ptr, k_out_ptr, token, k_token_stride, k_head_stride, num_kv_heads, cos, sin,
+                  HEAD_DIM, ROTARY_DIM, BLOCK_HK, BLOCK_HALF, BLOCK_PASS)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotary embedding of ``q`` [num_tokens, num_heads, head_dim] and ``k`` [num_tokens, num_kv_heads,
+    head_dim] at ``positions`` [num_tokens] (any order, int32 or int64).
+
+    ``cos_sin_cache`` [max_position, rotary_dim] fp32 holds the cos of each frequency then its sin; the first
+    ``rotary_dim`` dims of each head are rotated and the rest pass through.  ``q``/``k`` may be strided views
+    (e.g. slices of a fused qkv output) whose last dim is contiguous.  Returns new contiguous tensors, the same
+    bits as ``RotaryEmbedding.forward_native`` (same casts and roundings, fp fusion disabled).
+    """
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"bad rotary dims: q {tuple(q.shape)}, k {tuple(k.shape)}, rotary_dim {rotary_dim}")
+    if cos_sin_cache.shape[-1] != rotary_dim or cos_sin_cache.stride(-1) != 1:
+        raise ValueError(f"cos_sin_cache {tuple(cos_sin_cache.shape)} is not a contiguous [*, {rotary_dim}]")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    q_out, k_out = _new_output(q, q.dtype), _new_output(k, k.dtype)
+    num_tokens, num_heads, num_kv_heads = q.shape[0], q.shape[1], k.shape[1]
+    if num_tokens == 0:
+        return q_out, k_out
+    block_half = triton.next_power_of_2(rotary_dim // 2)
+    max_heads = max(1, _ROTARY_TILE // block_half)
+    _rotary_kernel[(num_tokens,)](
+        q, k, q_out, k_out, positions, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_heads, num_kv_heads,
+        HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
+        BLOCK_HQ=min(triton.next_power_of_2(num_heads), max_heads),
+        BLOCK_HK=min(triton.next_power_of_2(num_kv_heads), max_heads),
+        BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return q_out, k_out
