@@ -48,6 +48,7 @@ class Req:
     kv_len: int = 0  # tokens of origin_input_ids + output_ids whose KV is stored
     seed: int = 0
     logprobs: "RequestLogprobs | None" = None  # set when the request asked for logprobs
+    grammar: Any = None  # xgrammar.GrammarMatcher of a constrained request, advanced with every output token
     eos_token_ids: frozenset[int] = frozenset()
     max_context_len: int = 1 << 31  # prompt + output may not exceed this
     # Progress

@@ -4,8 +4,9 @@ Decode is batched: the KV of every request is gathered into a padded ``[bs, max_
 With ``page_size > 1`` the gather copies whole pages (``page_size`` consecutive slots) instead of single slots,
 which on CPU is an order of magnitude faster than a row-per-token gather.  Extend runs one request at a time, so
 its memory stays proportional to the longest request.  The arithmetic is torch's fused
-``scaled_dot_product_attention`` on float32 copies of q, K and V, whatever the cache dtype: bf16 attention
-kernels on CPU are several times slower than float32 ones.
+``scaled_dot_product_attention`` in float32 (bf16 attention kernels on CPU are several times slower), with the
+query heads of each KV head folded into extra query rows so K and V are never expanded per query head.  On CPU
+``--kv-cache-dtype auto`` stores the cache in float32, so decode casts nothing but q.
 """
 
 from __future__ import annotations

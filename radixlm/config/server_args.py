@@ -29,6 +29,8 @@ class ServerArgs:
     context_length: int | None = _arg(None, "maximum tokens per request (default: the model's)")
     served_model_name: str | None = _arg(None, "model name reported by the API (default: the model path)")
     chat_template: str | None = _arg(None, "chat template file or name overriding the tokenizer's")
+    tool_call_parser: str = _arg("hermes", "format of the model's tool calls in /v1/chat/completions",
+                                 ("hermes", "llama3"))
     skip_tokenizer_init: bool = _arg(False, "load no tokenizer: requests carry input_ids, outputs carry output_ids "
                                             "and empty text (for models without a tokenizer, e.g. dummy presets)")
 
@@ -51,6 +53,8 @@ class ServerArgs:
     schedule_policy: str = _arg("fcfs", "order of the waiting queue", ("fcfs", "lpm"))
     schedule_conservativeness: float = _arg(1.0, "how much decode memory to reserve when admitting requests")
     disable_radix_cache: bool = _arg(False, "turn off prefix caching")
+    grammar_backend: str = _arg("xgrammar", "structured output (json_schema, regex, ebnf) implementation",
+                                ("xgrammar", "none"))
 
     # GPU execution
     cuda_graph_max_bs: int | None = _arg(None, "largest decode batch replayed from a CUDA graph (default: 256, "

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from radixlm.config import ServerArgs
+from radixlm.constrained import GrammarSpec, check_grammar
 from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.engine.io_struct import (
     AbortRequest,
@@ -369,8 +370,12 @@ class Engine:
         p.verify(len(self.tokenizer) if self.tokenizer is not None else self.info.vocab_size)
         if p.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine runs with --skip-tokenizer-init")
-        if p.json_schema or p.regex or p.ebnf:
-            raise ValueError("structured output (json_schema/regex/ebnf) is not supported yet")
+        spec = GrammarSpec.of(p)
+        if spec is not None:
+            if self.server_args.grammar_backend == "none":
+                raise ValueError(f"{spec.kind} needs structured output, which is off (--grammar-backend none)")
+            self.require_tokenizer()
+            check_grammar(spec)
         return p
 
     def _register_reply(self, loop: asyncio.AbstractEventLoop | None, callback: Callable[[ControlReply], Any]

@@ -44,6 +44,7 @@ def graph_memory_estimate(runner: "ModelRunner", max_bs: int) -> int:
     per_token = elem * (4 * cfg.hidden_size + 3 * (cfg.intermediate_size // tp)
                         + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim // tp)
     per_token += 3 * 4 * cfg.vocab_size  # logits: bf16 matmul output, float32 copy, gathered copy
+    per_token += 4 * cfg.vocab_size  # the shared float32 logits buffer
     return max_bs * per_token + (64 << 20)
 
 
@@ -58,8 +59,10 @@ class CudaGraphRunner:
         self.req_pool_indices = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int64, device=device)
         self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        # Every graph ends by copying its logits here: a per-graph output would stay alive in the shared pool and
+        # cost max_bs x vocab x 4 bytes for each captured size.
+        self.logits = torch.empty(self.max_bs, runner.model_config.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] float32, written by each replay
         self._capture_all()
 
     def can_run(self, fb: ForwardBatch) -> bool:
@@ -81,7 +84,7 @@ class CudaGraphRunner:
             self.seq_lens[bs:padded].fill_(1)
             self.out_cache_loc[bs:padded].zero_()
         self.graphs[padded].replay()
-        return LogitsOutput(self.logits[padded][:bs])
+        return LogitsOutput(self.logits[:bs])
 
     # ------------------------------------------------------------------ capture
     def _static_batch(self, bs: int) -> ForwardBatch:
@@ -106,8 +109,8 @@ class CudaGraphRunner:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                out = self.runner.forward_eager(fb)
-            self.graphs[bs], self.logits[bs] = graph, out.next_token_logits
+                self.logits[:bs].copy_(self.runner.forward_eager(fb).next_token_logits)
+            self.graphs[bs] = graph
         torch.cuda.synchronize(self.runner.device)
         # The warm-up runs' blocks are cached for the side stream, where nothing will reuse them.
         torch.cuda.empty_cache()

@@ -61,6 +61,7 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    structural_tag: str | None = None  # an XGrammar structural tag (JSON text), e.g. for tool calls
     logit_bias: dict[str, float] | None = None  # token id (str or int key) -> additive bias
     seed: int | None = None
     stream_interval: int | None = None
@@ -123,11 +124,11 @@ class SamplingParams:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         constraints = [
-            name for name in ("json_schema", "regex", "ebnf") if getattr(self, name) is not None
+            name for name in ("json_schema", "regex", "ebnf", "structural_tag") if getattr(self, name) is not None
         ]
         if len(constraints) > 1:
             raise ValueError(
-                f"at most one of json_schema, regex, ebnf may be set, got {', '.join(constraints)}"
+                f"at most one of json_schema, regex, ebnf, structural_tag may be set, got {', '.join(constraints)}"
             )
         self._verify_logit_bias(vocab_size)
         self._verify_stop_token_ids(vocab_size)

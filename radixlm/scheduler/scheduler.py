@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
-
 from radixlm.cache import RadixCache
 from radixlm.config import ServerArgs
+from radixlm.constrained import GrammarBackend, GrammarSpec, accept_token, apply_grammar_masks, new_matcher
 from radixlm.core import Req
 from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
 from radixlm.executor.model_runner import ModelRunner
@@ -45,6 +46,13 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None  # a prompt being prefilled chunk by chunk
+        # Constrained requests wait here until their grammar is compiled (on the backend's worker threads).
+        self.grammar_queue: list[tuple[Req, Future]] = []
+        self.grammar_backend: GrammarBackend | None = None
+        if server_args.grammar_backend == "xgrammar" and not server_args.skip_tokenizer_init:
+            cfg = runner.model_config
+            self.grammar_backend = GrammarBackend(server_args.tokenizer_path or cfg.model_path, cfg.vocab_size,
+                                                  cfg.eos_token_ids)
         self._running_info: SamplingBatchInfo | None = None  # rebuilt whenever `running` changes
         self._decode_turn = False  # alternate chunked prefill with decode so neither starves
         # Fraction of each request's remaining max_new_tokens reserved at admission; decays while decoding goes
@@ -70,11 +78,22 @@ class Scheduler:
         elif len(req.origin_input_ids) + 1 > self.runner.max_total_num_tokens:
             req.finished_reason = {"type": "abort", "message": "the prompt does not fit the KV cache "
                                    f"({self.runner.max_total_num_tokens} tokens)"}
+        elif (spec := GrammarSpec.of(req.sampling_params)) is not None:
+            if self.grammar_backend is None:
+                req.finished_reason = {"type": "abort", "message": "structured output needs --grammar-backend "
+                                       "xgrammar and a tokenizer"}
+            else:
+                self.grammar_queue.append((req, self.grammar_backend.compile(spec)))
         else:
             self.waiting.append(req)
 
     def abort_request(self, rid: str) -> Req | None:
         """Finish request ``rid`` wherever it is and return its memory; returns the request if found."""
+        for req, future in self.grammar_queue:
+            if req.rid == rid:
+                self.grammar_queue.remove((req, future))
+                req.finished_reason = {"type": "abort", "message": "aborted"}
+                return req
         for req in self.waiting:
             if req.rid == rid:
                 self.waiting.remove(req)
@@ -88,7 +107,7 @@ class Scheduler:
         return None
 
     def is_idle(self) -> bool:
-        return not (self.waiting or self.running or self.chunked_req)
+        return not (self.waiting or self.running or self.chunked_req or self.grammar_queue)
 
     def state(self) -> dict[str, int | float]:
         """Live load and memory numbers (``/get_server_info``).  ``available + cached == max_total`` when idle."""
@@ -98,6 +117,7 @@ class Scheduler:
         return {
             "num_running_reqs": len(self.running) + (self.chunked_req is not None),
             "num_waiting_reqs": len(self.waiting),
+            "num_grammar_queue_reqs": len(self.grammar_queue),
             "max_total_num_tokens": total,
             "available_kv_tokens": available,
             "cached_kv_tokens": self.tree_cache.total_size(),
@@ -110,14 +130,15 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[Req]:
         """Run one model step; returns the requests that got a token or finished in it."""
+        failed = self._poll_grammar_queue()  # finished by a grammar that did not compile
         if self.chunked_req is not None and self.running and self._decode_turn:
             self._decode_turn = False
-            return self._decode()
+            return failed + self._decode()
         batch = self._admit()
         if batch:
             self._decode_turn = True
-            return self._extend(batch)
-        return self._decode() if self.running else []
+            return failed + self._extend(batch)
+        return failed + (self._decode() if self.running else [])
 
     # ------------------------------------------------------------------ prefill
     def _admit(self) -> list[Req]:
@@ -177,6 +198,7 @@ class Scheduler:
                                 if any(st is not None for st in starts) else None,
                                 sampling_info=info)
         logits = self.runner.forward(fb)
+        apply_grammar_masks(reqs, logits.next_token_logits)
         next_ids = self.runner.sample(logits, fb)
         if fb.extend_logits_start_cpu is not None:
             self._record_input_logprobs(reqs, starts, logits.input_token_logits)
@@ -196,6 +218,7 @@ class Scheduler:
                 req.finished_reason = {"type": "length", "length": 0}
                 continue
             req.output_ids.append(tok)
+            accept_token(req, tok)
             req.check_finished()
             if not req.finished:
                 self.running.append(req)
@@ -214,6 +237,7 @@ class Scheduler:
         fb = build_decode_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
                                 [r.output_ids[-1] for r in reqs], sampling_info=self._running_info)
         logits = self.runner.forward(fb)
+        apply_grammar_masks(reqs, logits.next_token_logits)
         next_ids = self.runner.sample(logits, fb)
         self._record_output_logprobs(reqs, [True] * len(reqs), logits.next_token_logits, self._running_info,
                                      next_ids)
@@ -221,12 +245,39 @@ class Scheduler:
         for req, tok in zip(reqs, next_ids.tolist()):
             req.kv_len += 1
             req.output_ids.append(tok)
+            accept_token(req, tok)
             req.check_finished()
         self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
         finished = [r for r in reqs if r.finished]
         if finished:
             self._release(finished)
         return list(reqs)
+
+    def _poll_grammar_queue(self) -> list[Req]:
+        """Move requests whose grammar is compiled to the waiting queue; returns those whose compilation failed
+        (finished with an abort).  Waits briefly when nothing else could run, instead of spinning.
+
+        With several TP ranks every rank must admit the same requests in the same step, so there the compilation
+        is awaited: the ranks' worker threads finish at different times."""
+        if not self.grammar_queue:
+            return []
+        futures = [f for _, f in self.grammar_queue]
+        if self.runner.tp.size > 1:
+            wait(futures)
+        elif not (self.waiting or self.running or self.chunked_req):
+            wait(futures, timeout=0.05, return_when=FIRST_COMPLETED)
+        failed, pending = [], []
+        for req, future in self.grammar_queue:
+            if not future.done():
+                pending.append((req, future))
+            elif future.exception() is not None:
+                req.finished_reason = {"type": "abort", "message": str(future.exception())}
+                failed.append(req)
+            else:
+                req.grammar = new_matcher(future.result())
+                self.waiting.append(req)
+        self.grammar_queue = pending
+        return failed
 
     def _make_room_for_decode(self) -> None:
         """Every running request needs one KV slot: evict cached prefixes, then retract requests if needed."""

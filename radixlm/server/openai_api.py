@@ -4,6 +4,7 @@ OpenAI responses and server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from radixlm.sampling.logprobs import LogprobOptions
 from radixlm.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
 from radixlm.server.streams import merge_streams, sse, wait_all
+from radixlm.server.tool_calls import ToolCallStreamer, parse_tool_calls, structural_tag
 
 if TYPE_CHECKING:
     from fastapi import Request
@@ -25,27 +27,42 @@ class OpenAIServing:
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
+        self.tool_call_parser = engine.server_args.tool_call_parser
 
     # ------------------------------------------------------------------ chat
     async def chat(self, body: ChatCompletionRequest, raw: "Request") -> dict[str, Any] | AsyncIterator[str]:
         self.engine.check_ready()
-        _reject_unsupported(body)
-        prompt_ids = await asyncio.to_thread(self._render_chat, body)
+        tools = bool(body.tools) and body.tool_choice != "none"
+        prompt_ids = await asyncio.to_thread(self._render_chat, body, tools)
         max_new = body.max_completion_tokens or body.max_tokens
         options = LogprobOptions(-1, body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        states = await self._submit(prompt_ids, body.sampling_params(max_new), options, body.rid)
+        params = body.sampling_params(max_new)
+        params.update(_response_format_params(body))
+        if tools:
+            if body.response_format is not None and body.response_format.type != "text":
+                raise ValueError("tools and response_format cannot be combined")
+            params["structural_tag"] = structural_tag(body.tools, body.tool_choice, body.parallel_tool_calls,
+                                                      self.tool_call_parser)
+        states = await self._submit(prompt_ids, params, options, body.rid)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return self._chat_stream(body, states, rid, created)
+            return self._chat_stream(body, states, rid, created, tools)
         results = await wait_all(self.engine, states, raw)
         choices = []
         for i, result in enumerate(results):
             meta = result["meta_info"]
             reason, matched = _finish(meta)
+            message: dict[str, Any] = {"role": "assistant", "content": result["text"], "tool_calls": None}
+            if tools:
+                content, calls = parse_tool_calls(result["text"], self.tool_call_parser)
+                if calls:
+                    message = {"role": "assistant", "content": content,
+                               "tool_calls": [c.to_openai() for c in calls]}
+                    reason = "tool_calls" if reason == "stop" else reason
             choices.append({
-                "index": i, "message": {"role": "assistant", "content": result["text"], "tool_calls": None},
+                "index": i, "message": message,
                 "logprobs": {"content": self._chat_logprobs(meta)} if body.logprobs else None,
                 "finish_reason": reason, "matched_stop": matched,
             })
@@ -53,7 +70,7 @@ class OpenAIServing:
                 "choices": choices, "usage": _usage([results[0]["meta_info"]], results)}
 
     async def _chat_stream(self, body: ChatCompletionRequest, states: list["RequestState"], rid: str,
-                           created: int) -> AsyncIterator[str]:
+                           created: int, tools: bool) -> AsyncIterator[str]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices: list[dict[str, Any]]) -> str:
@@ -67,13 +84,24 @@ class OpenAIServing:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         metas: dict[int, dict[str, Any]] = {}
+        streamers = [ToolCallStreamer(self.tool_call_parser) for _ in states] if tools else None
         async for i, piece in merge_streams(self.engine, states):
             meta = piece["meta_info"]
             reason, matched = _finish(meta)
             logprobs = {"content": self._chat_logprobs(meta)} if body.logprobs and piece["output_ids"] else None
-            if piece["text"] or logprobs or reason:
-                choice = {"index": i, "delta": {"content": piece["text"]} if piece["text"] else {},
-                          "logprobs": logprobs, "finish_reason": reason}
+            text, delta = piece["text"], {}
+            if streamers is not None:
+                text = streamers[i].feed(text)
+                if reason:
+                    rest, calls = streamers[i].finish()
+                    text += rest
+                    if calls:
+                        delta["tool_calls"] = [c.to_openai(index=k) for k, c in enumerate(calls)]
+                        reason = "tool_calls" if reason == "stop" else reason
+            if text:
+                delta["content"] = text
+            if delta or logprobs or reason:
+                choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
                 if reason:
                     choice["matched_stop"] = matched
                 yield chunk([choice])
@@ -85,7 +113,7 @@ class OpenAIServing:
                        "choices": [], "usage": _usage([metas[min(metas)]] if metas else [], results)})
         yield "data: [DONE]\n\n"
 
-    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
+    def _render_chat(self, body: ChatCompletionRequest, tools: bool) -> list[int]:
         messages = []
         for m in body.messages:
             if isinstance(m.content, list):
@@ -104,7 +132,8 @@ class OpenAIServing:
         try:
             text = self.engine.require_tokenizer().apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant",
-                chat_template=self.chat_template, **(body.chat_template_kwargs or {}))
+                chat_template=self.chat_template, tools=body.tools if tools else None,
+                **(body.chat_template_kwargs or {}))
         except Exception as e:  # jinja raises for conversations the template forbids
             raise ValueError(f"the chat template rejected these messages: {e}") from e
         return self.engine.require_tokenizer()(text, add_special_tokens=False).input_ids
@@ -222,11 +251,21 @@ class OpenAIServing:
         return self.engine.require_tokenizer().decode([token_id])
 
 
-def _reject_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools and body.tool_choice != "none":
-        raise ValueError("tool calling is not supported yet; send the request without tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ValueError(f"response_format {body.response_format.type!r} (structured output) is not supported yet")
+def _response_format_params(body: ChatCompletionRequest) -> dict[str, Any]:
+    """OpenAI ``response_format`` as an engine constraint: ``json_object`` is any JSON object, ``json_schema`` the
+    given schema (``strict`` or not, the output always validates: the grammar is the schema)."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return {}
+    if body.regex is not None or body.ebnf is not None:
+        raise ValueError("response_format and regex/ebnf are mutually exclusive")
+    if fmt.type == "json_object":
+        return {"json_schema": json.dumps({"type": "object"})}
+    spec = fmt.json_schema or {}
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+    return {"json_schema": json.dumps(schema)}
 
 
 def _rids(rid: str | None, count: int) -> list[str | None] | None:

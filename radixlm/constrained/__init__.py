@@ -1,0 +1,12 @@
+"""Constrained (structured) generation: grammars compiled off the critical path, token masks at sampling."""
+
+from radixlm.constrained.xgrammar_backend import (
+    GrammarBackend,
+    GrammarSpec,
+    accept_token,
+    apply_grammar_masks,
+    check_grammar,
+    new_matcher,
+)
+
+__all__ = ["GrammarBackend", "GrammarSpec", "accept_token", "apply_grammar_masks", "check_grammar", "new_matcher"]

@@ -1,0 +1,158 @@
+"""Structured output through XGrammar: JSON schemas, regular expressions, EBNF grammars and structural tags.
+
+Three stages, each where it costs least:
+
+- ``check_grammar`` parses a request's grammar without the tokenizer (microseconds to milliseconds), in the front
+  end, so a bad schema, regex or grammar is a 400 naming the problem before anything reaches the scheduler.
+- ``GrammarBackend.compile`` compiles it against the model's vocabulary on worker threads, so the scheduler loop
+  never waits on a compilation; compiled grammars are kept in a bounded LRU cache keyed by (kind, text).
+- Each request gets its own ``xgrammar.GrammarMatcher``; ``apply_grammar_masks`` turns the matchers of a batch
+  into one token bitmask applied to the logits rows of just the constrained requests before sampling (a Triton
+  kernel on GPU, torch on CPU), and ``accept_token`` advances a matcher with each sampled token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from radixlm.core import Req
+    from radixlm.sampling import SamplingParams
+
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
+# "[17:23:27] /project/cpp/regex_converter.cc:83: " in front of xgrammar's messages says nothing to a user.
+_LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    kind: str  # one of GRAMMAR_KINDS
+    text: str  # the schema (JSON text), the regex or the grammar
+
+    @staticmethod
+    def of(params: "SamplingParams") -> "GrammarSpec | None":
+        for kind in GRAMMAR_KINDS:
+            text = getattr(params, kind)
+            if text is not None:
+                return GrammarSpec(kind, text)
+        return None
+
+
+def _message(error: Exception) -> str:
+    return _LOCATION.sub("", str(error).strip()).strip()
+
+
+def check_grammar(spec: GrammarSpec) -> None:
+    """Parse ``spec`` without the tokenizer; ValueError naming the problem when it is invalid."""
+    import xgrammar as xgr
+
+    try:
+        if spec.kind == "json_schema":
+            json.loads(spec.text)
+            xgr.Grammar.from_json_schema(spec.text, any_whitespace=False)
+        elif spec.kind == "regex":
+            xgr.Grammar.from_regex(spec.text)
+        elif spec.kind == "structural_tag":
+            xgr.Grammar.from_structural_tag(spec.text)
+        else:
+            xgr.Grammar.from_ebnf(spec.text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid json_schema: not JSON ({e})") from e
+    except Exception as e:  # xgrammar raises RuntimeError with the parser's message
+        raise ValueError(f"invalid {spec.kind}: {_message(e)}") from e
+
+
+class GrammarBackend:
+    """Compiles grammars for one tokenizer on worker threads; ``compile`` returns a future of the compiled
+    grammar (shared by every request with the same spec while it stays in the cache)."""
+
+    def __init__(self, tokenizer_path: str, vocab_size: int, stop_token_ids: tuple[int, ...], num_workers: int = 2,
+                 cache_size: int = 512) -> None:
+        self._tokenizer_path = tokenizer_path
+        self._vocab_size = vocab_size
+        self._stop_token_ids = list(stop_token_ids)
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="grammar")
+        self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._compiler: Any = None  # built on first use, on a worker thread (loads the tokenizer)
+
+    def compile(self, spec: GrammarSpec) -> Future:
+        with self._lock:
+            future = self._cache.get(spec)
+            if future is not None and not (future.done() and future.exception() is not None):
+                self._cache.move_to_end(spec)
+                return future
+            future = self._pool.submit(self._compile, spec)
+            self._cache[spec] = future
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return future
+
+    def _compile(self, spec: GrammarSpec) -> Any:
+        compiler = self._get_compiler()
+        try:
+            if spec.kind == "json_schema":
+                # Compact separators, no free whitespace: small models otherwise loop on spaces and newlines.
+                return compiler.compile_json_schema(spec.text, any_whitespace=False)
+            if spec.kind == "regex":
+                return compiler.compile_regex(spec.text)
+            if spec.kind == "structural_tag":
+                return compiler.compile_structural_tag(spec.text)
+            return compiler.compile_grammar(spec.text)
+        except Exception as e:
+            raise ValueError(f"invalid {spec.kind}: {_message(e)}") from e
+
+    def _get_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self._vocab_size,
+                                                          stop_token_ids=self._stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            return self._compiler
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def new_matcher(compiled: Any) -> Any:
+    import xgrammar as xgr
+
+    return xgr.GrammarMatcher(compiled)
+
+
+def apply_grammar_masks(reqs: list["Req"], logits: torch.Tensor) -> None:
+    """Mask in place the logits rows ([bs, vocab] float32) of the constrained requests to the tokens their
+    grammar allows next; rows of unconstrained requests are untouched."""
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.is_terminated()]
+    if not rows:
+        return
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(len(reqs), logits.shape[-1])  # [bs, ceil(vocab / 32)] int32, all ones
+    for i in rows:
+        reqs[i].grammar.fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+
+
+def accept_token(req: "Req", token: int) -> None:
+    """Advance the request's matcher with its new output token; the request stops when the grammar is complete
+    (its matcher has accepted a stop token), and aborts if the token broke the grammar."""
+    if req.grammar is None or req.finished_reason is not None and req.finished_reason["type"] == "abort":
+        return
+    if not req.grammar.accept_token(token):
+        req.finished_reason = {"type": "abort", "message": f"token {token} does not fit the request's grammar"}
+    elif req.grammar.is_terminated() and req.finished_reason is None:
+        req.finished_reason = {"type": "stop", "matched": token}
