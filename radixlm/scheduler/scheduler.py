@@ -169,10 +169,15 @@ class Scheduler:
             if not self.tree_cache.disable and self._shares_uncached_prefix(req, prefix_len, admitted_ids):
                 continue  # wait one step: the batch caches the shared part, then this request reuses it
             reserve = reserved_decode_tokens(req, self.new_token_ratio)
+            # Locking the matched prefix makes its evictable tokens protected: the budget counted them as memory
+            # that eviction could free, so it shrinks by as much (a retracted request re-matches all its KV).
+            locked = self.tree_cache.inc_lock_ref(match.last_node)
+            budget.rem_total_tokens -= locked
             take = budget.plan(req.seq_len - prefix_len, reserve)
             if take is None:
+                self.tree_cache.dec_lock_ref(match.last_node)
+                budget.rem_total_tokens += locked
                 break
-            self.tree_cache.inc_lock_ref(match.last_node)
             req.prefix_indices, req.last_node = match.device_indices, match.last_node
             if req.num_retractions == 0:
                 req.cached_tokens = prefix_len

@@ -213,6 +213,16 @@ def test_unconstrained_neighbours_unchanged_and_n_copies(server):
         assert_valid(out["text"], schema)
 
 
+def test_stop_string_inside_a_constrained_output(server):
+    """Stop strings apply to constrained text like any other: the output ends before the stop string."""
+    schema = SCHEMAS[0][1]
+    free, stopped = generate(server, ["A person as JSON:"] * 2, [
+        {"json_schema": json.dumps(schema), "max_new_tokens": MAX_TOKENS, "temperature": 0},
+        {"json_schema": json.dumps(schema), "max_new_tokens": MAX_TOKENS, "temperature": 0, "stop": ['"age"']}])
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": '"age"'}
+    assert stopped["text"] == free["text"][: free["text"].index('"age"')]
+
+
 # ---------------------------------------------------------------------------------------------------- tool calls
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
@@ -270,6 +280,24 @@ def test_tool_calls_stream_as_deltas(client):
     assert [(d.function.name, d.function.arguments) for d in deltas] == \
         [(w.function.name, w.function.arguments) for w in whole]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_auto_parses_the_models_own_tool_calls(client):
+    """Shown a few calls in the conversation, the model opens calls on its own under tool_choice auto; they come
+    back parsed as tool_calls (the structural tag keeps their arguments valid)."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s", "unit": "celsius"}}\n</tool_call>'
+    shots = []
+    for city in ("Berlin", "Madrid", "Rome"):
+        shots += [{"role": "user", "content": f"What is the weather in {city}?"},
+                  {"role": "assistant", "content": call % city}]
+    for city in ("Paris", "Tokyo"):
+        out = client.chat.completions.create(
+            model="m", messages=shots + [{"role": "user", "content": f"What is the weather in {city}?"}],
+            tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=60)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert_calls_valid(choice.message.tool_calls, ["get_weather"])
+        assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] == city
 
 
 def test_auto_and_none_answer_in_text(client):
