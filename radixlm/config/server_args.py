@@ -60,6 +60,8 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = _arg(None, "largest decode batch replayed from a CUDA graph (default: 256, "
                                                "at most --max-running-requests)")
     disable_cuda_graph: bool = _arg(False, "run decode eagerly")
+    disable_overlap_schedule: bool = _arg(False, "read each decode step's tokens before launching the next "
+                                                 "(default: launch the next step first, overlapping CPU and GPU)")
 
     # Serving
     host: str = _arg("127.0.0.1", "HTTP host")

@@ -75,11 +75,11 @@ def build_decode_batch(
     """DECODE batch: each request appends one token (its last sampled one) at position ``seq_lens_before[i]``."""
     seq_lens = [s + 1 for s in seq_lens_before]
     out_cache_loc = _alloc(runner, req_pool_indices, seq_lens_before, seq_lens)
-    rows = torch.tensor(req_pool_indices, dtype=torch.int64).to(runner.device)
-    positions = torch.tensor(seq_lens_before, dtype=torch.int64).to(runner.device)
+    rows = _to_device(req_pool_indices, runner.device)
+    positions = _to_device(seq_lens_before, runner.device)
     runner.req_to_token_pool.req_to_token[rows, positions] = out_cache_loc.to(torch.int32)
     if not isinstance(last_token_ids, torch.Tensor):
-        last_token_ids = torch.tensor(last_token_ids, dtype=torch.int64)
+        last_token_ids = _to_device(last_token_ids, runner.device)
     return ForwardBatch(
         forward_mode=ForwardMode.DECODE,
         batch_size=len(req_pool_indices),
@@ -94,6 +94,14 @@ def build_decode_batch(
         attn_backend=runner.attn_backend,
         sampling_info=sampling_info,
     )
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 host list -> device tensor without waiting for the GPU: from pinned memory, asynchronously (a copy
+    from pageable memory would synchronise with the work in flight and undo the overlap schedule)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def _alloc(runner: "ModelRunner", rows: list[int], prefix_lens: list[int], seq_lens: list[int]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
@@ -48,6 +49,7 @@ class Scheduler:
         self.chunked_req: Req | None = None  # a prompt being prefilled chunk by chunk
         # Constrained requests wait here until their grammar is compiled (on the backend's worker threads).
         self.grammar_queue: list[tuple[Req, Future]] = []
+        self._inflight: _InFlight | None = None  # a decode step launched but not yet read (overlap schedule)
         self.grammar_backend: GrammarBackend | None = None
         if server_args.grammar_backend == "xgrammar" and not server_args.skip_tokenizer_init:
             cfg = runner.model_config
@@ -107,7 +109,7 @@ class Scheduler:
         return None
 
     def is_idle(self) -> bool:
-        return not (self.waiting or self.running or self.chunked_req or self.grammar_queue)
+        return not (self.waiting or self.running or self.chunked_req or self.grammar_queue or self._inflight)
 
     def state(self) -> dict[str, int | float]:
         """Live load and memory numbers (``/get_server_info``).  ``available + cached == max_total`` when idle."""
@@ -131,6 +133,8 @@ class Scheduler:
     def step(self) -> list[Req]:
         """Run one model step; returns the requests that got a token or finished in it."""
         failed = self._poll_grammar_queue()  # finished by a grammar that did not compile
+        if self._inflight is not None and (self.waiting or self.chunked_req or not self._can_chain()):
+            return failed + self._finish_inflight()  # admission, retraction or a new batch need the real state
         if self.chunked_req is not None and self.running and self._decode_turn:
             self._decode_turn = False
             return failed + self._decode()
@@ -233,30 +237,80 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decode
     def _decode(self) -> list[Req]:
-        self._make_room_for_decode()
-        if not self.running:
+        """One decode step for every running request.  With the overlap schedule the step's tokens are read one
+        step later: the next batch is launched first (its input ids are this step's samples, still on the
+        device), so the GPU never waits for the CPU's bookkeeping in between."""
+        if self.args.disable_overlap_schedule or not self._can_chain():
+            flight = self._launch_decode(None)
+            return self._resolve(flight) if flight is not None else []
+        prev, self._inflight = self._inflight, None
+        self._inflight = self._launch_decode(prev)
+        if prev is None:
             return []
+        updated = self._resolve(prev)
+        if all(r.finished for r in self._inflight.reqs):
+            # Every request of the step just launched has finished: nothing will read it (the GPU writes its KV
+            # into freed slots before any later batch can reuse them: one stream, in order).
+            self._inflight = None
+        return updated
+
+    def _can_chain(self) -> bool:
+        """Whether the next decode batch may be launched before the last one's tokens are known on the host: the
+        same requests, none needing its previous token on the host (a grammar's mask, logprobs), and room for
+        one more token each without eviction or retraction."""
+        reqs = self.running
+        if not reqs or any(r.grammar is not None or r.logprobs is not None for r in reqs):
+            return False
+        if self._inflight is None:
+            return True  # a fresh launch, which makes its own room
+        if self._inflight.reqs is not reqs:
+            return False
+        allocator = self.runner.token_to_kv_pool_allocator
+        need = sum(1 for r in reqs if r.kv_len % allocator.page_size == 0) * allocator.page_size
+        return allocator.available_size() >= need
+
+    def _launch_decode(self, prev: "_InFlight | None") -> "_InFlight | None":
+        """Enqueue the forward and sampling of one decode step (None when retraction left nothing to run).  Each
+        request's input token is its last output id, or with ``prev`` the id ``prev`` sampled for it (not yet on
+        the host); ``kv_len`` counts the KV this step writes from now on."""
+        if prev is None:
+            self._make_room_for_decode()
+            if not self.running:
+                return None
         reqs = self.running
         if self._running_info is None:
             self._running_info = self._sampling_info(reqs)
-        fb = build_decode_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
-                                [r.output_ids[-1] for r in reqs], sampling_info=self._running_info)
+        last = prev.next_ids if prev is not None else [r.output_ids[-1] for r in reqs]
+        fb = build_decode_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], last,
+                                sampling_info=self._running_info)
+        for req in reqs:
+            req.kv_len += 1
         logits = self.runner.forward(fb)
         apply_grammar_masks(reqs, logits.next_token_logits)
         next_ids = self.runner.sample(logits, fb)
         self._record_output_logprobs(reqs, [True] * len(reqs), logits.next_token_logits, self._running_info,
                                      next_ids)
         self._running_info.update(next_ids)
-        for req, tok in zip(reqs, next_ids.tolist()):
-            req.kv_len += 1
+        return _InFlight(reqs, next_ids)
+
+    def _resolve(self, flight: "_InFlight") -> list[Req]:
+        """Read a launched step's tokens (the host sync) and finish what they finish.  A request that finished
+        or was aborted after the step was launched drops its token; its KV is already accounted."""
+        for req, tok in zip(flight.reqs, flight.next_ids.tolist()):
+            if req.finished:
+                continue
             req.output_ids.append(tok)
             accept_token(req, tok)
             req.check_finished()
         self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
-        finished = [r for r in reqs if r.finished]
+        finished = [r for r in flight.reqs if r.finished and r.req_pool_idx is not None]
         if finished:
             self._release(finished)
-        return list(reqs)
+        return list(flight.reqs)
+
+    def _finish_inflight(self) -> list[Req]:
+        flight, self._inflight = self._inflight, None
+        return self._resolve(flight) if flight is not None else []
 
     def _poll_grammar_queue(self) -> list[Req]:
         """Move requests whose grammar is compiled to the waiting queue; returns those whose compilation failed
@@ -379,6 +433,12 @@ class Scheduler:
             [r.output_ids for r in reqs], self.runner.model_config.eos_token_ids,
             self.runner.model_config.vocab_size, self.runner.device,
         )
+
+
+@dataclass
+class _InFlight:
+    reqs: list[Req]  # the batch, in row order
+    next_ids: torch.Tensor  # [bs] int64 on the model's device: the sampled tokens, not yet read
 
 
 def run_to_completion(scheduler: Scheduler, reqs: list[Req], max_steps: int = 1_000_000) -> list[Req]:

@@ -67,6 +67,8 @@ def test_greedy_equals_static_batch(reference, embedded_runner):
     dict(max_total_tokens=128, chunked_prefill_size=32, schedule_conservativeness=0.3),  # eviction + retraction
     dict(max_total_tokens=8192, page_size=16),                       # paged KV, whole-page prefix matches
     dict(max_total_tokens=128, page_size=4, chunked_prefill_size=24, schedule_conservativeness=0.3),
+    dict(max_total_tokens=8192, disable_overlap_schedule=True),      # the reference runs overlapped
+    dict(max_total_tokens=128, chunked_prefill_size=32, schedule_conservativeness=0.3, disable_overlap_schedule=True),
 ])
 def test_outputs_identical(reference, embedded_path, kwargs):
     ids, ref = reference
@@ -140,3 +142,21 @@ def test_burst_of_shared_prompts_computes_the_prefix_once(embedded_path, embedde
     run_to_completion(sched, reqs)
     assert reqs[0].cached_tokens == 0
     assert all(r.cached_tokens >= common for r in reqs[1:]), [r.cached_tokens for r in reqs]
+
+
+def test_overlap_schedule_launches_ahead(embedded_path, embedded_tokenizer):
+    """With the overlap schedule a decode step leaves the next one launched and unread; without it, none."""
+    for disable in (False, True):
+        args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
+                          disable_overlap_schedule=disable)
+        sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+        sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+        sp.normalize()
+        req = Req(rid="a", origin_input_ids=embedded_tokenizer("Hello there").input_ids, sampling_params=sp)
+        sched.add_request(req)
+        ahead = []
+        while not sched.is_idle():
+            sched.step()
+            ahead.append(sched._inflight is not None)
+        assert len(req.output_ids) == 6
+        assert any(ahead) != disable
