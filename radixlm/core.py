@@ -57,6 +57,8 @@ class Req:
     num_retractions: int = 0
     finished_reason: dict[str, Any] | None = None  # {"type": "stop"|"length"|"abort", ...}
     created_time: float = 0.0
+    queue_time: float | None = None  # seconds from arrival to first admission
+    grammar_time: float | None = None  # seconds its grammar took to compile (constrained requests)
 
     def all_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids

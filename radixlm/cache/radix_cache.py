@@ -82,6 +82,7 @@ class RadixCache:
         self._node_ids = itertools.count()
         self.root_node = TreeNode(next(self._node_ids), [], self._empty_slots(), None, next(self._clock))
         self._evictable_size = 0
+        self.num_evicted_tokens = 0  # over the cache's lifetime (a metrics counter)
         self._protected_size = 0
 
     # ------------------------------------------------------------------------------------------- lifecycle
@@ -306,6 +307,7 @@ class RadixCache:
                 heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
         allocator.free_group_end()
         self._evictable_size -= evicted
+        self.num_evicted_tokens += evicted
         return evicted
 
     # -------------------------------------------------------------------------------------------- helpers

@@ -68,6 +68,9 @@ class ServerArgs:
     port: int = _arg(30000, "HTTP port")
     api_key: str | None = _arg(None, "require this bearer token")
     log_level: str = _arg("info", "logging level", ("debug", "info", "warning", "error"))
+    log_requests: bool = _arg(False, "log every finished request: one key=value line each")
+    decode_log_interval: int = _arg(40, "log a load line every this many scheduler steps (0: never)")
+    enable_metrics: bool = _arg(False, "expose Prometheus metrics at /metrics")
     random_seed: int | None = _arg(None, "seed for weights (dummy), sampling and anything random")
 
     # Distributed

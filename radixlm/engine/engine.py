@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import multiprocessing as mp
 import random
@@ -36,11 +37,13 @@ from radixlm.engine.io_struct import (
 )
 from radixlm.engine.request_state import EngineDeadError, RequestState
 from radixlm.engine.scheduler_process import run_scheduler_process
+from radixlm.metrics import MetricsCollector
 from radixlm.models.embedded import embedded_model_path
 from radixlm.sampling import SamplingParams
 from radixlm.sampling.logprobs import LogprobOptions
 
 PROGRESS_BAR_MIN_PROMPTS = 64
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class Engine:
         self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe; the receiver thread sends too
         self._closed = False
         self.dead_reason: str | None = None  # set once a scheduler process died
+        # The name the API reports and metrics carry: SGLang's default is the model path as given.
+        self.model_name = self.server_args.served_model_name or self.server_args.model_path or EMBEDDED_MODEL_NAME
+        self.metrics = MetricsCollector(self.model_name) if self.server_args.enable_metrics else None
 
         self._ipc_dir = tempfile.TemporaryDirectory(prefix="radixlm-")
         in_addr, out_addr = f"ipc://{self._ipc_dir.name}/in", f"ipc://{self._ipc_dir.name}/out"
@@ -424,6 +430,8 @@ class Engine:
                 if callback is not None:
                     loop.call_soon_threadsafe(callback, msg) if loop is not None else callback(msg)
                 continue
+            if msg.stats is not None and self.metrics is not None:
+                self.metrics.on_stats(msg.stats)
             for out in msg.outputs:
                 self._apply(out)
 
@@ -455,6 +463,9 @@ class Engine:
             state = self._states.get(out.rid)
         if state is None:  # finished here already (stop string), the scheduler's last tokens are dropped
             return
+        now = time.time()
+        if self.metrics is not None:
+            self.metrics.on_output(state, out, now)
         delta, matched = state.decoder.step(out.new_ids)
         state.output_ids.extend(out.new_ids)
         state.cached_tokens = out.cached_tokens
@@ -469,11 +480,21 @@ class Engine:
             state.finished_reason = {"type": "stop", "matched": matched} if matched else out.finished_reason
         state.text = state.decoder.text
         if state.finished_reason is not None:
+            self._record_finish(state, now)
             with self._lock:
                 del self._states[out.rid]
             if state.on_finish is not None:
                 state.on_finish()
         state.deliver({"text": delta, "output_ids": list(out.new_ids), "meta_info": state.meta_info(logprob_delta)})
+
+
+    def _record_finish(self, state: RequestState, now: float) -> None:
+        if self.metrics is not None:
+            self.metrics.on_finish(state, now)
+        if self.server_args.log_requests:
+            logger.info("request finished: rid=%s finish=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d "
+                        "e2e_latency=%.3f", state.rid, json.dumps(state.finished_reason, separators=(",", ":")),
+                        state.prompt_tokens, len(state.output_ids), state.cached_tokens, now - state.created)
 
 
 def _free_port() -> int:

@@ -38,6 +38,7 @@ class RequestState:
     aqueue: "asyncio.Queue[dict[str, Any]] | None" = None
     done: threading.Event = field(default_factory=threading.Event)
     on_finish: Callable[[], None] | None = None  # e.g. release the n copies waiting on a shared prompt
+    last_token_time: float = 0.0  # arrival of the latest output token (inter-token latency)
 
     def __post_init__(self) -> None:
         if self.loop is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import zmq
@@ -27,6 +28,8 @@ from radixlm.sampling.logprobs import RequestLogprobs
 from radixlm.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.5  # how often rank 0 sends SchedulerStats to the front end (metrics)
 
 
 def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, out_addr: str, ready: Any) -> None:
@@ -59,6 +62,10 @@ class SchedulerLoop:
         self.reqs: dict[str, Req] = {}
         self.sent: dict[str, int] = {}  # rid -> output tokens already sent
         self.parent_pid = os.getppid()
+        self.log_interval = scheduler.args.decode_log_interval
+        self._steps = 0
+        self._next_stats = 0.0
+        self._log_mark = (time.monotonic(), 0, 0, 0)
 
     def run(self) -> None:
         while os.getppid() == self.parent_pid:  # an orphan (front end killed) stops at once
@@ -67,8 +74,26 @@ class SchedulerLoop:
                 return
             for msg in messages:
                 self._handle(msg)
-            self.scheduler.step()
+            if self.scheduler.step():
+                self._steps += 1
+                if self.log_interval > 0 and self._steps % self.log_interval == 0:
+                    self._log_load()
             self._send_outputs()
+
+    def _log_load(self) -> None:
+        """One greppable key=value line of load every --decode-log-interval steps (rank 0); throughput and cache
+        hit rate cover the time since the previous line."""
+        if self.send is None:
+            return
+        sched, st, now = self.scheduler, self.scheduler.state(), time.monotonic()
+        last_time, last_gen, last_in, last_cached = self._log_mark
+        admitted = sched.admitted_input_tokens - last_in
+        logger.info("load: running=%d queued=%d grammar_queued=%d token_usage=%.3f cache_hit_rate=%.3f "
+                    "gen_throughput=%.1f retracted=%d", st["num_running_reqs"], st["num_waiting_reqs"],
+                    st["num_grammar_queue_reqs"], st["token_usage"],
+                    (sched.admitted_cached_tokens - last_cached) / admitted if admitted else 0.0,
+                    (sched.num_generated_tokens - last_gen) / max(now - last_time, 1e-6), st["num_retracted_reqs"])
+        self._log_mark = (now, sched.num_generated_tokens, sched.admitted_input_tokens, sched.admitted_cached_tokens)
 
     def _receive(self, block: bool) -> list[Any] | None:
         messages: list[Any] = []
@@ -111,16 +136,22 @@ class SchedulerLoop:
 
     def _send_outputs(self) -> None:
         out = BatchTokenOutput()
+        now = time.monotonic()
+        if now >= self._next_stats:
+            out.stats, self._next_stats = self.scheduler.stats(), now + STATS_INTERVAL_S
         for rid, req in list(self.reqs.items()):
             sent = self.sent[rid]
             if len(req.output_ids) > sent or req.finished:
+                first = sent == 0
                 out.outputs.append(TokenOutput(rid, req.output_ids[sent:], req.finished_reason,
                                                len(req.origin_input_ids), len(req.output_ids), req.cached_tokens,
-                                               req.logprobs.drain() if req.logprobs is not None else None))
+                                               req.logprobs.drain() if req.logprobs is not None else None,
+                                               req.queue_time if first else None,
+                                               req.grammar_time if first else None))
                 self.sent[rid] = len(req.output_ids)
             if req.finished:
                 del self.reqs[rid], self.sent[rid]
-        if out.outputs and self.send is not None:
+        if (out.outputs or out.stats) and self.send is not None:
             self.send.send_pyobj(out)
 
 

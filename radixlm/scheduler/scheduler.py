@@ -20,6 +20,7 @@ from radixlm.cache import RadixCache
 from radixlm.config import ServerArgs
 from radixlm.constrained import GrammarBackend, GrammarSpec, accept_token, apply_grammar_masks, new_matcher
 from radixlm.core import Req
+from radixlm.engine.io_struct import SchedulerStats
 from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.sampling import SamplingBatchInfo
@@ -64,6 +65,10 @@ class Scheduler:
         self.new_token_ratio_decay = (self.init_new_token_ratio - self.min_new_token_ratio) / 600
         self.new_token_ratio = self.init_new_token_ratio
         self.num_retracted = 0
+        # Totals behind stats(); the rates there cover the time since the previous call.
+        self.num_generated_tokens = 0
+        self.admitted_input_tokens = self.admitted_cached_tokens = 0
+        self._last_stats = (time.time(), 0, 0, 0)  # (time, generated, admitted input, admitted cached)
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, req: Req) -> None:
@@ -129,6 +134,28 @@ class Scheduler:
             "num_retracted_reqs": self.num_retracted,
         }
 
+    def stats(self) -> SchedulerStats:
+        """Load, memory and totals for metrics; throughput and cache hit rate since the previous call."""
+        now = time.time()
+        last_time, last_gen, last_in, last_cached = self._last_stats
+        state = self.state()
+        admitted = self.admitted_input_tokens - last_in
+        device = self.runner.device
+        stats = SchedulerStats(
+            num_running_reqs=state["num_running_reqs"], num_queue_reqs=state["num_waiting_reqs"],
+            num_grammar_queue_reqs=state["num_grammar_queue_reqs"],
+            num_used_tokens=state["max_total_num_tokens"] - state["available_kv_tokens"]
+            - state["evictable_kv_tokens"],
+            token_usage=state["token_usage"], max_total_num_tokens=state["max_total_num_tokens"],
+            gen_throughput=(self.num_generated_tokens - last_gen) / max(now - last_time, 1e-6),
+            cache_hit_rate=(self.admitted_cached_tokens - last_cached) / admitted if admitted else 0.0,
+            gpu_memory_used_bytes=torch.cuda.memory_allocated(device) if device.type == "cuda" else 0,
+            num_retracted_reqs_total=self.num_retracted,
+            evicted_tokens_total=self.tree_cache.num_evicted_tokens,
+        )
+        self._last_stats = (now, self.num_generated_tokens, self.admitted_input_tokens, self.admitted_cached_tokens)
+        return stats
+
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[Req]:
         """Run one model step; returns the requests that got a token or finished in it."""
@@ -185,6 +212,9 @@ class Scheduler:
             req.prefix_indices, req.last_node = match.device_indices, match.last_node
             if req.num_retractions == 0:
                 req.cached_tokens = prefix_len
+                req.queue_time = time.time() - req.created_time
+                self.admitted_input_tokens += len(req.origin_input_ids)
+                self.admitted_cached_tokens += prefix_len
             req.req_pool_idx = self.runner.req_to_token_pool.alloc(1)[0]
             self.runner.req_to_token_pool.write(req.req_pool_idx, 0, match.device_indices)
             req.kv_len, req.extend_len = prefix_len, take
@@ -227,6 +257,7 @@ class Scheduler:
                 req.finished_reason = {"type": "length", "length": 0}
                 continue
             req.output_ids.append(tok)
+            self.num_generated_tokens += 1
             accept_token(req, tok)
             req.check_finished()
             if not req.finished:
@@ -300,6 +331,7 @@ class Scheduler:
             if req.finished:
                 continue
             req.output_ids.append(tok)
+            self.num_generated_tokens += 1
             accept_token(req, tok)
             req.check_finished()
         self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
@@ -334,6 +366,7 @@ class Scheduler:
                 failed.append(req)
             else:
                 req.grammar = new_matcher(future.result())
+                req.grammar_time = time.time() - req.created_time
                 self.waiting.append(req)
         self.grammar_queue = pending
         return failed

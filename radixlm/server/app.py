@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,7 +77,7 @@ class ApiKeyMiddleware:
 
 def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     args = engine.server_args
-    model_name = args.served_model_name or args.model_path or "SmolLM2-135M-Instruct"
+    model_name = engine.model_name
     openai = OpenAIServing(engine, model_name, chat_template)
     native = NativeServing(engine, model_name)
     app = FastAPI(title="radixlm", version=_version())
@@ -143,6 +144,11 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     async def generate(raw: Request) -> Any:
         body = await parse_body(raw, GenerateRequestBody)
         return respond(await native.generate(body, raw))
+
+    if engine.metrics is not None:
+        @app.get("/metrics")
+        async def metrics() -> Any:
+            return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> Any:

@@ -78,3 +78,8 @@ class LiveServer:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def stop_and_read_output(self) -> str:
+        """Stop the server and return everything it printed (its logs)."""
+        self.stop()
+        return self.proc.stdout.read()

@@ -1,0 +1,5 @@
+"""Observability: Prometheus metrics exported by the front end."""
+
+from radixlm.metrics.collector import MetricsCollector
+
+__all__ = ["MetricsCollector"]
