@@ -109,3 +109,24 @@ def test_metrics_off_by_default():
         assert s.request("GET", "/metrics")[0] == 404
     finally:
         assert s.stop() == 0
+
+
+def test_memory_pressure_counters():
+    """A tiny KV pool: distinct prompts one after another evict each other's cache, a concurrent burst with a
+    low reserve retracts; both counters move."""
+    s = LiveServer("--max-total-tokens", "128", "--enable-metrics", "--chunked-prefill-size", "32",
+                   "--schedule-conservativeness", "0.3")
+    try:
+        params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}
+        for i in range(4):
+            assert s.request("POST", "/generate", {"input_ids": [3000 + 50 * i + j for j in range(40)],
+                                                   "sampling_params": params})[0] == 200
+        burst = [[4000 + 50 * i + j for j in range(24)] for i in range(4)]
+        status, outs = s.request("POST", "/generate", {"input_ids": burst, "sampling_params": {
+            "max_new_tokens": 40, "temperature": 0, "ignore_eos": True}})
+        assert status == 200 and all(o["meta_info"]["completion_tokens"] == 40 for o in outs)
+        time.sleep(1.2)
+        m = scrape(s)
+        assert m["evicted_tokens_total"] > 0 and m["num_retracted_reqs_total"] > 0, m
+    finally:
+        assert s.stop() == 0
