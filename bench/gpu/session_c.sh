@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU run C (planned for the next session): the peers on identical weights with the roofline in the same call
-# (issue #5), the overlap schedule on and off (issue #7).
+# (issue #5), the attention kernels alone, the overlap schedule on and off (issue #7).
 #   bash bench/gpu/session_c.sh     (GPU machine, repository root, wheels in .whl; logs under $OUT)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
 LOG=${OUT:-/tmp}
 CKPT=/tmp/llama-3.1-8b-random
 timeout 60 python3 bench/roofline.py 2>&1 | tee $LOG/roofline.txt
+timeout 90 python3 bench/attention_kernels.py 2>&1 | tee $LOG/attention_kernels.txt
 timeout 150 python3 bench/hf_models.py llama-3.1-8b $CKPT 2>&1 | tail -1
 for flag in "" "--disable-overlap-schedule"; do
   timeout 150 python3 bench/overlap.py --model-path llama-3.2-1b --load-format dummy --batch-size 1 32 64 128 \

@@ -1,0 +1,87 @@
+"""Our Triton attention kernels at Llama-3.1-8B layer shapes (32 heads, 8 KV heads, head dim 128, bf16, KV in
+16-slot pages scattered over the pool): decode time inside a CUDA graph with the K/V bandwidth it reaches, and
+extend (prefill) time with its TFLOP/s next to PyTorch's SDPA on contiguous, unpaged K/V of the same sizes.
+
+    python bench/attention_kernels.py
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from radixlm.kernels import decode_attention_fwd, extend_attention_fwd
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+DTYPE, DEVICE = torch.bfloat16, "cuda"
+
+
+def paged_layout(seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(req_to_token [bs, max_len] int32 over randomly placed pages, request rows [bs], pool size in slots)."""
+    pages = [-(-n // PAGE) for n in seq_lens]
+    order = torch.randperm(sum(pages)) + 1  # page 0 is the padding page
+    table = torch.zeros(len(seq_lens), max(seq_lens), dtype=torch.int32)
+    used = 0
+    for row, (n, p) in enumerate(zip(seq_lens, pages)):
+        pos = torch.arange(n)
+        table[row, :n] = (order[used + pos // PAGE] * PAGE + pos % PAGE).int()
+        used += p
+    return table.to(DEVICE), torch.arange(len(seq_lens), device=DEVICE), (sum(pages) + 1) * PAGE
+
+
+def graph_time_ms(fn, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return do_bench(graph.replay, warmup=5, rep=50, return_mode="median") / iters
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}; decode: GPU time per call in a CUDA graph, 8 KV splits")
+    print(f"{'batch':>6} {'context':>8} {'us':>9} {'K/V TB/s':>9}")
+    for bs, ctx in [(1, 1024), (1, 6000), (8, 6000), (32, 2048), (64, 6000), (128, 2048), (256, 2048)]:
+        table, rows, slots = paged_layout([ctx] * bs)
+        k = torch.randn(slots, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        q = torch.randn(bs, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        o, seq = torch.empty_like(q), torch.full((bs,), ctx, device=DEVICE)
+        mid_o = torch.empty(bs, HEADS, 8, HEAD_DIM, device=DEVICE)
+        mid_lse = torch.empty(bs, HEADS, 8, device=DEVICE)
+        ms = graph_time_ms(lambda: decode_attention_fwd(q, k, v, o, table, rows, seq, mid_o, mid_lse, HEAD_DIM**-0.5))
+        kv_bytes = bs * ctx * KV_HEADS * HEAD_DIM * 2 * 2
+        print(f"{bs:>6} {ctx:>8} {ms * 1e3:>9.1f} {kv_bytes / ms / 1e9:>9.2f}")
+
+    print("\nextend: (cached prefix, new tokens) x requests")
+    print(f"{'batch':>22} {'ms':>8} {'TFLOP/s':>8} {'SDPA unpaged TFLOP/s':>21}")
+    for reqs in ([(0, 8192)], [(4096, 4096)], [(0, 2048)] * 4, [(0, 512)] * 8, [(2000, 500)] * 8):
+        table, rows, slots = paged_layout([p + e for p, e in reqs])
+        k = torch.randn(slots, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        tokens = sum(e for _, e in reqs)
+        q = torch.randn(tokens, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+        o = torch.empty_like(q)
+        prefix = torch.tensor([p for p, _ in reqs], device=DEVICE)
+        extend = torch.tensor([e for _, e in reqs], device=DEVICE)
+        starts = torch.cumsum(extend, 0) - extend
+        flops = sum(4 * HEADS * HEAD_DIM * (e * p + e * (e + 1) / 2) for p, e in reqs)
+        ms = do_bench(lambda: extend_attention_fwd(q, k, v, o, table, rows, prefix, extend, starts,
+                                                   max(e for _, e in reqs), HEAD_DIM**-0.5),
+                      warmup=5, rep=30, return_mode="median")
+        sdpa = ""
+        if all(p == 0 for p, _ in reqs):
+            b, e = len(reqs), reqs[0][1]
+            qq = torch.randn(b, HEADS, e, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+            kk = torch.randn(b, KV_HEADS, e, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+            ref = do_bench(lambda: F.scaled_dot_product_attention(qq, kk, kk, is_causal=True, enable_gqa=True),
+                           warmup=5, rep=30, return_mode="median")
+            sdpa = f"{flops / ref / 1e9:.0f}"
+        print(f"{str(reqs[0]) + ' x' + str(len(reqs)):>22} {ms:>8.2f} {flops / ms / 1e9:>8.0f} {sdpa:>21}")
+
+
+if __name__ == "__main__":
+    main()
