@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from radixlm.core import Req
     from radixlm.sampling import SamplingParams
 
-GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
+# kind -> (xgrammar.Grammar parser used to check it, GrammarCompiler method that compiles it, their options).
+# JSON: compact separators, no free whitespace: small models otherwise loop on spaces and newlines.
+_XGRAMMAR_CALLS = {
+    "json_schema": ("from_json_schema", "compile_json_schema", {"any_whitespace": False}),
+    "regex": ("from_regex", "compile_regex", {}),
+    "ebnf": ("from_ebnf", "compile_grammar", {}),
+    "structural_tag": ("from_structural_tag", "compile_structural_tag", {}),
+}
+GRAMMAR_KINDS = tuple(_XGRAMMAR_CALLS)
 # "[17:23:27] /project/cpp/regex_converter.cc:83: " in front of xgrammar's messages says nothing to a user.
 _LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
@@ -54,16 +62,11 @@ def check_grammar(spec: GrammarSpec) -> None:
     """Parse ``spec`` without the tokenizer; ValueError naming the problem when it is invalid."""
     import xgrammar as xgr
 
+    parse, _, options = _XGRAMMAR_CALLS[spec.kind]
     try:
         if spec.kind == "json_schema":
             json.loads(spec.text)
-            xgr.Grammar.from_json_schema(spec.text, any_whitespace=False)
-        elif spec.kind == "regex":
-            xgr.Grammar.from_regex(spec.text)
-        elif spec.kind == "structural_tag":
-            xgr.Grammar.from_structural_tag(spec.text)
-        else:
-            xgr.Grammar.from_ebnf(spec.text)
+        getattr(xgr.Grammar, parse)(spec.text, **options)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid json_schema: not JSON ({e})") from e
     except Exception as e:  # xgrammar raises RuntimeError with the parser's message
@@ -98,16 +101,9 @@ class GrammarBackend:
             return future
 
     def _compile(self, spec: GrammarSpec) -> Any:
-        compiler = self._get_compiler()
+        _, compile_method, options = _XGRAMMAR_CALLS[spec.kind]
         try:
-            if spec.kind == "json_schema":
-                # Compact separators, no free whitespace: small models otherwise loop on spaces and newlines.
-                return compiler.compile_json_schema(spec.text, any_whitespace=False)
-            if spec.kind == "regex":
-                return compiler.compile_regex(spec.text)
-            if spec.kind == "structural_tag":
-                return compiler.compile_structural_tag(spec.text)
-            return compiler.compile_grammar(spec.text)
+            return getattr(self._get_compiler(), compile_method)(spec.text, **options)
         except Exception as e:
             raise ValueError(f"invalid {spec.kind}: {_message(e)}") from e
 

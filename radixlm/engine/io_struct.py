@@ -59,7 +59,7 @@ class TokenOutput:
 
 @dataclass
 class SchedulerStats:
-    """The scheduler's load, memory and totals (``Scheduler.stats()``), sent twice a second for metrics."""
+    """The scheduler's load, memory and totals (``Scheduler.stats``), sent twice a second for metrics."""
 
     num_running_reqs: int
     num_queue_reqs: int

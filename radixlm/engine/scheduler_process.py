@@ -65,7 +65,7 @@ class SchedulerLoop:
         self.log_interval = scheduler.args.decode_log_interval
         self._steps = 0
         self._next_stats = 0.0
-        self._log_mark = (time.monotonic(), 0, 0, 0)
+        self._stats_mark = self._log_mark = scheduler.load_mark()  # rates in stats and log lines start here
 
     def run(self) -> None:
         while os.getppid() == self.parent_pid:  # an orphan (front end killed) stops at once
@@ -85,15 +85,11 @@ class SchedulerLoop:
         hit rate cover the time since the previous line."""
         if self.send is None:
             return
-        sched, st, now = self.scheduler, self.scheduler.state(), time.monotonic()
-        last_time, last_gen, last_in, last_cached = self._log_mark
-        admitted = sched.admitted_input_tokens - last_in
+        st, self._log_mark = self.scheduler.stats(self._log_mark), self.scheduler.load_mark()
         logger.info("load: running=%d queued=%d grammar_queued=%d token_usage=%.3f cache_hit_rate=%.3f "
-                    "gen_throughput=%.1f retracted=%d", st["num_running_reqs"], st["num_waiting_reqs"],
-                    st["num_grammar_queue_reqs"], st["token_usage"],
-                    (sched.admitted_cached_tokens - last_cached) / admitted if admitted else 0.0,
-                    (sched.num_generated_tokens - last_gen) / max(now - last_time, 1e-6), st["num_retracted_reqs"])
-        self._log_mark = (now, sched.num_generated_tokens, sched.admitted_input_tokens, sched.admitted_cached_tokens)
+                    "gen_throughput=%.1f retracted=%d", st.num_running_reqs, st.num_queue_reqs,
+                    st.num_grammar_queue_reqs, st.token_usage, st.cache_hit_rate, st.gen_throughput,
+                    st.num_retracted_reqs_total)
 
     def _receive(self, block: bool) -> list[Any] | None:
         messages: list[Any] = []
@@ -138,7 +134,8 @@ class SchedulerLoop:
         out = BatchTokenOutput()
         now = time.monotonic()
         if now >= self._next_stats:
-            out.stats, self._next_stats = self.scheduler.stats(), now + STATS_INTERVAL_S
+            out.stats, self._stats_mark = self.scheduler.stats(self._stats_mark), self.scheduler.load_mark()
+            self._next_stats = now + STATS_INTERVAL_S
         for rid, req in list(self.reqs.items()):
             sent = self.sent[rid]
             if len(req.output_ids) > sent or req.finished:

@@ -46,18 +46,18 @@ def build_extend_batch(
     return ForwardBatch(
         forward_mode=ForwardMode.EXTEND,
         batch_size=len(req_pool_indices),
-        input_ids=torch.tensor([t for ids in new_token_ids for t in ids], dtype=torch.int64).to(device),
+        input_ids=_to_device([t for ids in new_token_ids for t in ids], device),
         positions=positions.to(device),
-        req_pool_indices=torch.tensor(req_pool_indices, dtype=torch.int64).to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device),
+        req_pool_indices=_to_device(req_pool_indices, device),
+        seq_lens=_to_device(seq_lens, device),
         seq_lens_cpu=seq_lens,
         out_cache_loc=out_cache_loc,
         req_to_token_pool=runner.req_to_token_pool,
         token_to_kv_pool=runner.token_to_kv_pool,
         attn_backend=runner.attn_backend,
-        extend_prefix_lens=torch.tensor(prefix_lens, dtype=torch.int64).to(device),
-        extend_seq_lens=torch.tensor(extend_lens, dtype=torch.int64).to(device),
-        extend_start_loc=torch.tensor(starts, dtype=torch.int64).to(device),
+        extend_prefix_lens=_to_device(prefix_lens, device),
+        extend_seq_lens=_to_device(extend_lens, device),
+        extend_start_loc=_to_device(starts, device),
         extend_prefix_lens_cpu=list(prefix_lens),
         extend_seq_lens_cpu=extend_lens,
         extend_logits_start_cpu=logits_start,
@@ -112,7 +112,7 @@ def _alloc(runner: "ModelRunner", rows: list[int], prefix_lens: list[int], seq_l
         # device-to-host copy for the whole batch.
         ends = torch.tensor([max(p - 1, 0) for p in prefix_lens], dtype=torch.int64)
         table = runner.req_to_token_pool.req_to_token
-        last_locs = table[torch.tensor(rows, dtype=torch.int64).to(table.device), ends.to(table.device)].tolist()
+        last_locs = table[_to_device(rows, table.device), ends.to(table.device)].tolist()
     loc = allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
     if loc is None:
         raise OutOfKVMemory(f"{sum(seq_lens) - sum(prefix_lens)} new tokens do not fit the KV pool "

@@ -65,10 +65,9 @@ class Scheduler:
         self.new_token_ratio_decay = (self.init_new_token_ratio - self.min_new_token_ratio) / 600
         self.new_token_ratio = self.init_new_token_ratio
         self.num_retracted = 0
-        # Totals behind stats(); the rates there cover the time since the previous call.
+        # Lifetime totals; stats() turns them into rates since a LoadMark.
         self.num_generated_tokens = 0
         self.admitted_input_tokens = self.admitted_cached_tokens = 0
-        self._last_stats = (time.time(), 0, 0, 0)  # (time, generated, admitted input, admitted cached)
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, req: Req) -> None:
@@ -134,42 +133,44 @@ class Scheduler:
             "num_retracted_reqs": self.num_retracted,
         }
 
-    def stats(self) -> SchedulerStats:
-        """Load, memory and totals for metrics; throughput and cache hit rate since the previous call."""
-        now = time.time()
-        last_time, last_gen, last_in, last_cached = self._last_stats
+    def load_mark(self) -> LoadMark:
+        return LoadMark(time.monotonic(), self.num_generated_tokens, self.admitted_input_tokens,
+                        self.admitted_cached_tokens)
+
+    def stats(self, since: LoadMark) -> SchedulerStats:
+        """Load, memory and totals for metrics and the load log; throughput and cache hit rate since ``since``."""
+        now = self.load_mark()
         state = self.state()
-        admitted = self.admitted_input_tokens - last_in
+        admitted = now.admitted_input - since.admitted_input
         device = self.runner.device
-        stats = SchedulerStats(
+        return SchedulerStats(
             num_running_reqs=state["num_running_reqs"], num_queue_reqs=state["num_waiting_reqs"],
             num_grammar_queue_reqs=state["num_grammar_queue_reqs"],
             num_used_tokens=state["max_total_num_tokens"] - state["available_kv_tokens"]
             - state["evictable_kv_tokens"],
             token_usage=state["token_usage"], max_total_num_tokens=state["max_total_num_tokens"],
-            gen_throughput=(self.num_generated_tokens - last_gen) / max(now - last_time, 1e-6),
-            cache_hit_rate=(self.admitted_cached_tokens - last_cached) / admitted if admitted else 0.0,
+            gen_throughput=(now.generated - since.generated) / max(now.time - since.time, 1e-6),
+            cache_hit_rate=(now.admitted_cached - since.admitted_cached) / admitted if admitted else 0.0,
             gpu_memory_used_bytes=torch.cuda.memory_allocated(device) if device.type == "cuda" else 0,
             num_retracted_reqs_total=self.num_retracted,
             evicted_tokens_total=self.tree_cache.num_evicted_tokens,
         )
-        self._last_stats = (now, self.num_generated_tokens, self.admitted_input_tokens, self.admitted_cached_tokens)
-        return stats
 
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[Req]:
         """Run one model step; returns the requests that got a token or finished in it."""
         failed = self._poll_grammar_queue()  # finished by a grammar that did not compile
-        if self._inflight is not None and (self.waiting or self.chunked_req or not self._can_chain()):
+        chain = not self.args.disable_overlap_schedule and self._can_chain()
+        if self._inflight is not None and (self.waiting or self.chunked_req or not chain):
             return failed + self._finish_inflight()  # admission, retraction or a new batch need the real state
         if self.chunked_req is not None and self.running and self._decode_turn:
             self._decode_turn = False
-            return failed + self._decode()
+            return failed + self._decode(chain)
         batch = self._admit()
         if batch:
             self._decode_turn = True
             return failed + self._extend(batch)
-        return failed + (self._decode() if self.running else [])
+        return failed + (self._decode(chain) if self.running else [])
 
     # ------------------------------------------------------------------ prefill
     def _admit(self) -> list[Req]:
@@ -267,11 +268,11 @@ class Scheduler:
         return updated
 
     # ------------------------------------------------------------------ decode
-    def _decode(self) -> list[Req]:
-        """One decode step for every running request.  With the overlap schedule the step's tokens are read one
-        step later: the next batch is launched first (its input ids are this step's samples, still on the
-        device), so the GPU never waits for the CPU's bookkeeping in between."""
-        if self.args.disable_overlap_schedule or not self._can_chain():
+    def _decode(self, chain: bool) -> list[Req]:
+        """One decode step for every running request.  With ``chain`` (the overlap schedule, ``_can_chain``) the
+        step's tokens are read one step later: the next batch is launched first (its input ids are this step's
+        samples, still on the device), so the GPU never waits for the CPU's bookkeeping in between."""
+        if not chain:
             flight = self._launch_decode(None)
             return self._resolve(flight) if flight is not None else []
         prev, self._inflight = self._inflight, None
@@ -296,9 +297,7 @@ class Scheduler:
             return True  # a fresh launch, which makes its own room
         if self._inflight.reqs is not reqs:
             return False
-        allocator = self.runner.token_to_kv_pool_allocator
-        need = sum(1 for r in reqs if r.kv_len % allocator.page_size == 0) * allocator.page_size
-        return allocator.available_size() >= need
+        return self.runner.token_to_kv_pool_allocator.available_size() >= self._decode_slots_needed()
 
     def _launch_decode(self, prev: "_InFlight | None") -> "_InFlight | None":
         """Enqueue the forward and sampling of one decode step (None when retraction left nothing to run).  Each
@@ -374,13 +373,16 @@ class Scheduler:
     def _make_room_for_decode(self) -> None:
         """Every running request needs one KV slot: evict cached prefixes, then retract requests if needed."""
         allocator = self.runner.token_to_kv_pool_allocator
-        page = allocator.page_size
-        need = lambda: sum(1 for r in self.running if r.kv_len % page == 0) * page  # noqa: E731
-        while self.running and allocator.available_size() < need():
-            self.tree_cache.evict(need() - allocator.available_size())
-            if allocator.available_size() >= need():
+        while self.running and allocator.available_size() < self._decode_slots_needed():
+            self.tree_cache.evict(self._decode_slots_needed() - allocator.available_size())
+            if allocator.available_size() >= self._decode_slots_needed():
                 break
             self._retract_one()
+
+    def _decode_slots_needed(self) -> int:
+        """KV slots the next decode step allocates: a fresh page for each request whose last page is full."""
+        page = self.runner.token_to_kv_pool_allocator.page_size
+        return sum(1 for r in self.running if r.kv_len % page == 0) * page
 
     def _retract_one(self) -> None:
         """Send the request with the least progress back to the waiting queue (its KV goes to the cache)."""
@@ -466,6 +468,16 @@ class Scheduler:
             [r.output_ids for r in reqs], self.runner.model_config.eos_token_ids,
             self.runner.model_config.vocab_size, self.runner.device,
         )
+
+
+@dataclass(frozen=True)
+class LoadMark:
+    """The scheduler's totals at one moment, from which ``stats`` computes rates."""
+
+    time: float  # time.monotonic()
+    generated: int
+    admitted_input: int
+    admitted_cached: int
 
 
 @dataclass
