@@ -1,23 +1,31 @@
-"""The overlap schedule, measured: decode throughput at several batch sizes and, on CUDA, the GPU busy
-fraction over consecutive decode steps (kernel time / wall span, from the torch profiler).  Run it twice, with
-and without ``--disable-overlap-schedule`` (one model per process: the KV pool takes the GPU's memory).
+"""Steady decode, measured: decode throughput at several batch sizes and, on CUDA, the GPU busy fraction over
+consecutive decode steps (kernel time / wall span, from the torch profiler; "stalls" counts only gaps of
+20 us or more between kernels, the GPU waiting for the host) and, with ``--tp-size`` > 1, the
+time in NCCL collectives per step (two all-reduces per layer, plus the vocabulary-parallel embedding's
+all-reduce and the logits' all-gather).  Run it with and without ``--disable-overlap-schedule`` (one model per
+process: the KV pool takes the GPU's memory), and at several TP sizes (one process per rank, in lockstep).
 
     python bench/overlap.py --model-path llama-3.2-1b --load-format dummy --batch-size 1 32 64 128
     python bench/overlap.py --model-path llama-3.2-1b --load-format dummy --batch-size 1 32 64 128 \
         --disable-overlap-schedule
+    python bench/overlap.py --model-path llama-3.1-8b --load-format dummy --batch-size 1 32 128 --tp-size 2
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import socket
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
+from radixlm.distributed import destroy_tensor_parallel, set_multi_gpu_env
 from radixlm.executor import ModelRunner
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
@@ -48,8 +56,20 @@ def decode_rate(scheduler: Scheduler, batch: int, input_len: int, output_len: in
     return (sum(len(r.output_ids) for r in reqs) - done_before) / (time.perf_counter() - start)
 
 
-def busy_fraction(scheduler: Scheduler, batch: int, input_len: int, steps: int = 30) -> float:
-    """Kernel time over the wall span of ``steps`` consecutive decode steps (CUDA only)."""
+STALL_US = 20  # a gap this long between kernels is a wait for the host, not the launch latency inside a graph
+
+
+@dataclass
+class StepProfile:
+    busy: float  # kernel time / wall span of the profiled steps
+    stall: float  # idle gaps of >= STALL_US between kernels / wall span: the GPU waiting for the host
+    step_ms: float  # wall span per step
+    comm_ms: float  # NCCL kernel time per step
+    collectives: float  # NCCL kernels per step
+
+
+def profile_steps(scheduler: Scheduler, batch: int, input_len: int, steps: int = 30) -> StepProfile:
+    """Profile ``steps`` consecutive decode steps of one batch (CUDA only)."""
     add_batch(scheduler, batch, input_len, steps + 20, "b")
     while not scheduler.running:
         scheduler.step()
@@ -61,11 +81,41 @@ def busy_fraction(scheduler: Scheduler, batch: int, input_len: int, steps: int =
             scheduler.step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    comm = [e for e in kernels if "nccl" in e.name.lower()]
     busy = sum(e.device_time for e in kernels)
     span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    stall, covered = 0.0, intervals[0][1]
+    for start, end in intervals[1:]:
+        if start - covered >= STALL_US:
+            stall += start - covered
+        covered = max(covered, end)
     while not scheduler.is_idle():
         scheduler.step()
-    return busy / span
+    return StepProfile(busy / span, stall / span, span / steps / 1e3,
+                       sum(e.device_time for e in comm) / steps / 1e3, len(comm) / steps)
+
+
+def run_rank(rank: int, server_args: ServerArgs, batch_sizes: list[int], input_len: int, output_len: int) -> None:
+    """One TP rank; every rank runs the same steps in lockstep, rank 0 prints."""
+    scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args), tp_rank=rank))
+    decode_rate(scheduler, 2, 8, 4)  # warm-up
+    mode = "off" if server_args.disable_overlap_schedule else "on"
+    if rank == 0:
+        print(f"{'overlap':>8} {'tp':>3} {'batch':>6} {'decode tok/s':>13} {'step ms':>8} {'GPU busy':>9} "
+              f"{'stalls':>7} {'NCCL ms/step':>13} {'NCCL us each':>13}")
+    for bs in batch_sizes:
+        rate = decode_rate(scheduler, bs, input_len, output_len)
+        if server_args.device != "cuda":
+            if rank == 0:
+                print(f"{mode:>8} {server_args.tp_size:>3} {bs:>6} {rate:>13.1f}")
+            continue
+        p = profile_steps(scheduler, bs, input_len)
+        each = p.comm_ms * 1e3 / p.collectives if p.collectives else 0.0
+        if rank == 0:
+            print(f"{mode:>8} {server_args.tp_size:>3} {bs:>6} {rate:>13.1f} {p.step_ms:>8.2f} {p.busy:>9.1%} "
+                  f"{p.stall:>7.1%} {p.comm_ms:>13.3f} {each:>13.1f}")
+    destroy_tensor_parallel()
 
 
 def main() -> None:
@@ -76,14 +126,16 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
-    scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args)))
-    decode_rate(scheduler, 2, 8, 4)  # warm-up
-    mode = "off" if server_args.disable_overlap_schedule else "on"
-    print(f"{'overlap':>8} {'batch':>6} {'decode tok/s':>13} {'GPU busy':>9}")
-    for bs in args.batch_size:
-        rate = decode_rate(scheduler, bs, args.input_len, args.output_len)
-        busy = busy_fraction(scheduler, bs, args.input_len) if server_args.device == "cuda" else float("nan")
-        print(f"{mode:>8} {bs:>6} {rate:>13.1f} {busy:>9.1%}")
+    run_args = (server_args, args.batch_size, args.input_len, args.output_len)
+    if server_args.tp_size == 1:
+        run_rank(0, *run_args)
+        return
+    set_multi_gpu_env()
+    if server_args.dist_init_addr is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            server_args = server_args.replace(dist_init_addr=f"127.0.0.1:{s.getsockname()[1]}")
+    mp.spawn(run_rank, args=(server_args, *run_args[1:]), nprocs=server_args.tp_size)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from radixlm.constrained.xgrammar_backend import (
     apply_grammar_masks,
     check_grammar,
     new_matcher,
+    warm_up_grammar_masks,
 )
 
-__all__ = ["GrammarBackend", "GrammarSpec", "accept_token", "apply_grammar_masks", "check_grammar", "new_matcher"]
+__all__ = ["GrammarBackend", "GrammarSpec", "accept_token", "apply_grammar_masks", "check_grammar", "new_matcher",
+           "warm_up_grammar_masks"]

@@ -131,16 +131,40 @@ def new_matcher(compiled: Any) -> Any:
 
 def apply_grammar_masks(reqs: list["Req"], logits: torch.Tensor) -> None:
     """Mask in place the logits rows ([bs, vocab] float32) of the constrained requests to the tokens their
-    grammar allows next; rows of unconstrained requests are untouched."""
+    grammar allows next; rows of unconstrained requests are untouched.  (XGrammar's multi-threaded
+    ``BatchGrammarMatcher`` filled a batch of 32 JSON-schema masks slower than this loop on the H100 host: 1.5 ms
+    against 0.84 ms per step.)"""
     rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.is_terminated()]
     if not rows:
         return
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(len(reqs), logits.shape[-1])  # [bs, ceil(vocab / 32)] int32, all ones
+    device = logits.device
+    # [bs, ceil(vocab / 32)] int32, all ones.  Pinned on CUDA: an upload from pageable memory this large waits for
+    # the work already queued on the stream (the forward in flight under the overlap schedule).
+    bitmask = torch.full((len(reqs), -(-logits.shape[-1] // 32)), -1, dtype=torch.int32,
+                         pin_memory=device.type == "cuda")
     for i in rows:
         reqs[i].grammar.fill_next_token_bitmask(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+    if device.type != "cuda":
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        return
+    indices = torch.tensor(rows, dtype=torch.int32, pin_memory=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(device, non_blocking=True),
+                                    indices=indices.to(device, non_blocking=True))
+
+
+def warm_up_grammar_masks(vocab_size: int, device: torch.device) -> None:
+    """Compile the GPU bitmask kernel (a Triton JIT, about a second) at startup instead of inside the first
+    constrained decode step, where it would stall the whole batch."""
+    if device.type != "cuda":
+        return
+    import xgrammar as xgr
+
+    logits = torch.zeros(1, vocab_size, dtype=torch.float32, device=device)
+    bitmask = torch.full((1, -(-vocab_size // 32)), -1, dtype=torch.int32, device=device)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=torch.zeros(1, dtype=torch.int32, device=device))
+    torch.cuda.synchronize(device)
 
 
 def accept_token(req: "Req", token: int) -> None:

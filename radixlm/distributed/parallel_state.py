@@ -19,11 +19,14 @@ _NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "
 
 @dataclass(frozen=True)
 class TPGroup:
-    """One tensor-parallel group: this process's rank, the group size and the torch process group."""
+    """One tensor-parallel group: this process's rank, the group size, the device process group (NCCL on CUDA,
+    gloo on CPU) for tensors, and a gloo group for the scheduler's control messages: a pickled object sent over
+    NCCL would go through device memory and make the host wait for the GPU work queued before it."""
 
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    cpu_group: dist.ProcessGroup | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place; returns ``x``."""
@@ -44,7 +47,7 @@ class TPGroup:
         if self.size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.group)
+        dist.broadcast_object_list(box, src=src, group=self.cpu_group)
         return box[0]
 
 
@@ -57,13 +60,21 @@ def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_
     if tp_size == 1:
         _TP_GROUP = TPGroup()
         return _TP_GROUP
-    for key, value in _NCCL_ENV.items():
-        os.environ.setdefault(key, value)
+    set_multi_gpu_env()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, world_size=tp_size, rank=tp_rank)
-    _TP_GROUP = TPGroup(rank=tp_rank, size=tp_size, group=dist.group.WORLD)
+        dist.init_process_group(backend, init_method=init_method, world_size=tp_size, rank=tp_rank,
+                                device_id=device if backend == "nccl" else None)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    _TP_GROUP = TPGroup(rank=tp_rank, size=tp_size, group=dist.group.WORLD, cpu_group=cpu_group)
     return _TP_GROUP
+
+
+def set_multi_gpu_env() -> None:
+    """Keep NVLink multicast off (NCCL, PyTorch symmetric memory, NVSHMEM) in this process and every process it
+    starts afterwards; a value the user set explicitly wins."""
+    for key, value in _NCCL_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def get_tp_group() -> TPGroup:

@@ -26,6 +26,7 @@ import zmq
 
 from radixlm.config import ServerArgs
 from radixlm.constrained import GrammarSpec, check_grammar
+from radixlm.distributed import set_multi_gpu_env
 from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.engine.io_struct import (
     AbortRequest,
@@ -60,8 +61,10 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.server_args = ServerArgs(model_path=model_path, **server_args)
-        if self.server_args.tp_size > 1 and self.server_args.dist_init_addr is None:
-            self.server_args = self.server_args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
+        if self.server_args.tp_size > 1:
+            set_multi_gpu_env()  # before the scheduler processes are spawned: they inherit it
+            if self.server_args.dist_init_addr is None:
+                self.server_args = self.server_args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
         self.model_path = self.server_args.model_path or embedded_model_path()
         self.tokenizer = (None if self.server_args.skip_tokenizer_init
                           else AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.model_path))

@@ -13,6 +13,7 @@ import zmq
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
+from radixlm.distributed import destroy_tensor_parallel
 from radixlm.engine.io_struct import (
     AbortRequest,
     BatchTokenOutput,
@@ -51,7 +52,10 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
         send.connect(out_addr)
     ready.send(SchedulerInfo(runner.max_total_num_tokens, runner.max_running_requests,
                              runner.model_config.context_length, runner.model_config.vocab_size))
-    SchedulerLoop(scheduler, recv, send).run()
+    if SchedulerLoop(scheduler, recv, send).run():
+        # Every rank leaves the loop at the same step (the stop message is broadcast), so they can part cleanly;
+        # a rank that just exits leaves its peers' NCCL watchdogs polling a store that is gone.
+        destroy_tensor_parallel()
 
 
 class SchedulerLoop:
@@ -67,11 +71,12 @@ class SchedulerLoop:
         self._next_stats = 0.0
         self._stats_mark = self._log_mark = scheduler.load_mark()  # rates in stats and log lines start here
 
-    def run(self) -> None:
-        while os.getppid() == self.parent_pid:  # an orphan (front end killed) stops at once
+    def run(self) -> bool:
+        """Serve until the front end says stop (returns True) or goes away (False: an orphan stops at once)."""
+        while os.getppid() == self.parent_pid:
             messages = self._receive(block=self.scheduler.is_idle())
             if messages is None:
-                return
+                return True
             for msg in messages:
                 self._handle(msg)
             if self.scheduler.step():
@@ -79,6 +84,7 @@ class SchedulerLoop:
                 if self.log_interval > 0 and self._steps % self.log_interval == 0:
                     self._log_load()
             self._send_outputs()
+        return False
 
     def _log_load(self) -> None:
         """One greppable key=value line of load every --decode-log-interval steps (rank 0); throughput and cache

@@ -46,18 +46,18 @@ def build_extend_batch(
     return ForwardBatch(
         forward_mode=ForwardMode.EXTEND,
         batch_size=len(req_pool_indices),
-        input_ids=_to_device([t for ids in new_token_ids for t in ids], device),
+        input_ids=to_device_async([t for ids in new_token_ids for t in ids], device),
         positions=positions.to(device),
-        req_pool_indices=_to_device(req_pool_indices, device),
-        seq_lens=_to_device(seq_lens, device),
+        req_pool_indices=to_device_async(req_pool_indices, device),
+        seq_lens=to_device_async(seq_lens, device),
         seq_lens_cpu=seq_lens,
         out_cache_loc=out_cache_loc,
         req_to_token_pool=runner.req_to_token_pool,
         token_to_kv_pool=runner.token_to_kv_pool,
         attn_backend=runner.attn_backend,
-        extend_prefix_lens=_to_device(prefix_lens, device),
-        extend_seq_lens=_to_device(extend_lens, device),
-        extend_start_loc=_to_device(starts, device),
+        extend_prefix_lens=to_device_async(prefix_lens, device),
+        extend_seq_lens=to_device_async(extend_lens, device),
+        extend_start_loc=to_device_async(starts, device),
         extend_prefix_lens_cpu=list(prefix_lens),
         extend_seq_lens_cpu=extend_lens,
         extend_logits_start_cpu=logits_start,
@@ -75,11 +75,11 @@ def build_decode_batch(
     """DECODE batch: each request appends one token (its last sampled one) at position ``seq_lens_before[i]``."""
     seq_lens = [s + 1 for s in seq_lens_before]
     out_cache_loc = _alloc(runner, req_pool_indices, seq_lens_before, seq_lens)
-    rows = _to_device(req_pool_indices, runner.device)
-    positions = _to_device(seq_lens_before, runner.device)
+    rows = to_device_async(req_pool_indices, runner.device)
+    positions = to_device_async(seq_lens_before, runner.device)
     runner.req_to_token_pool.req_to_token[rows, positions] = out_cache_loc.to(torch.int32)
     if not isinstance(last_token_ids, torch.Tensor):
-        last_token_ids = _to_device(last_token_ids, runner.device)
+        last_token_ids = to_device_async(last_token_ids, runner.device)
     return ForwardBatch(
         forward_mode=ForwardMode.DECODE,
         batch_size=len(req_pool_indices),
@@ -96,7 +96,7 @@ def build_decode_batch(
     )
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+def to_device_async(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 host list -> device tensor without waiting for the GPU: from pinned memory, asynchronously (a copy
     from pageable memory would synchronise with the work in flight and undo the overlap schedule)."""
     if device.type != "cuda":
@@ -112,7 +112,7 @@ def _alloc(runner: "ModelRunner", rows: list[int], prefix_lens: list[int], seq_l
         # device-to-host copy for the whole batch.
         ends = torch.tensor([max(p - 1, 0) for p in prefix_lens], dtype=torch.int64)
         table = runner.req_to_token_pool.req_to_token
-        last_locs = table[_to_device(rows, table.device), ends.to(table.device)].tolist()
+        last_locs = table[to_device_async(rows, table.device), ends.to(table.device)].tolist()
     loc = allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
     if loc is None:
         raise OutOfKVMemory(f"{sum(seq_lens) - sum(prefix_lens)} new tokens do not fit the KV pool "

@@ -108,7 +108,9 @@ class CudaGraphRunner:
                     self.runner.forward_eager(fb)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            # thread_local: CUDA calls of other threads (NCCL's watchdog, grammar workers) during the capture are
+            # theirs, not an error that invalidates it
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 self.logits[:bs].copy_(self.runner.forward_eager(fb).next_token_logits)
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.runner.device)

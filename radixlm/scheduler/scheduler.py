@@ -18,11 +18,19 @@ import torch
 
 from radixlm.cache import RadixCache
 from radixlm.config import ServerArgs
-from radixlm.constrained import GrammarBackend, GrammarSpec, accept_token, apply_grammar_masks, new_matcher
-from radixlm.core import Req
+from radixlm.constrained import (
+    GrammarBackend,
+    GrammarSpec,
+    accept_token,
+    apply_grammar_masks,
+    new_matcher,
+    warm_up_grammar_masks,
+)
+from radixlm.core import ForwardBatch, Req
 from radixlm.engine.io_struct import SchedulerStats
 from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
 from radixlm.executor.model_runner import ModelRunner
+from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.sampling import SamplingBatchInfo
 from radixlm.scheduler.policy import (
     PrefillBudget,
@@ -56,6 +64,7 @@ class Scheduler:
             cfg = runner.model_config
             self.grammar_backend = GrammarBackend(server_args.tokenizer_path or cfg.model_path, cfg.vocab_size,
                                                   cfg.eos_token_ids)
+            warm_up_grammar_masks(cfg.vocab_size, runner.device)
         self._running_info: SamplingBatchInfo | None = None  # rebuilt whenever `running` changes
         self._decode_turn = False  # alternate chunked prefill with decode so neither starves
         # Fraction of each request's remaining max_new_tokens reserved at admission; decays while decoding goes
@@ -161,8 +170,10 @@ class Scheduler:
         """Run one model step; returns the requests that got a token or finished in it."""
         failed = self._poll_grammar_queue()  # finished by a grammar that did not compile
         chain = not self.args.disable_overlap_schedule and self._can_chain()
-        if self._inflight is not None and (self.waiting or self.chunked_req or not chain):
-            return failed + self._finish_inflight()  # admission, retraction or a new batch need the real state
+        if self._inflight is not None:
+            if not chain or self.chunked_req is not None or self._could_admit():
+                return failed + self._finish_inflight()  # admission, retraction or a new batch need the real state
+            return failed + self._decode(chain)
         if self.chunked_req is not None and self.running and self._decode_turn:
             self._decode_turn = False
             return failed + self._decode(chain)
@@ -177,11 +188,7 @@ class Scheduler:
         """Choose the requests of the next EXTEND batch, lock their cached prefixes and give them rows."""
         if not self.waiting and self.chunked_req is None:
             return []
-        allocator = self.runner.token_to_kv_pool_allocator
-        reserve = sum(reserved_decode_tokens(r, self.new_token_ratio) for r in self.running)
-        chunk = self.args.chunked_prefill_size if self.args.chunked_prefill_size > 0 else None
-        budget = PrefillBudget(allocator.available_size() + self.tree_cache.evictable_size() - reserve,
-                               self.args.max_prefill_tokens, chunk)
+        budget = self._prefill_budget()
         if self.chunked_req is not None:
             req = self.chunked_req
             take = budget.plan(req.seq_len - req.kv_len, 0)
@@ -228,6 +235,28 @@ class Scheduler:
         self.waiting = [r for r in self.waiting if id(r) not in admitted]
         return budget.admitted
 
+    def _prefill_budget(self) -> PrefillBudget:
+        """What a prefill batch may take now: free + evictable KV minus the running requests' decode reserve."""
+        reserve = sum(reserved_decode_tokens(r, self.new_token_ratio) for r in self.running)
+        chunk = self.args.chunked_prefill_size if self.args.chunked_prefill_size > 0 else None
+        return PrefillBudget(self.runner.token_to_kv_pool_allocator.available_size()
+                             + self.tree_cache.evictable_size() - reserve, self.args.max_prefill_tokens, chunk)
+
+    def _could_admit(self) -> bool:
+        """Whether ``_admit`` would take the first waiting request (in policy order) now, planned the same way
+        without locking anything.  While it would not (the KV pool is full), the overlap schedule keeps chaining
+        decode steps instead of reading each one back for an admission that fails."""
+        if not self.waiting or len(self.running) >= self.runner.max_running_requests:
+            return False
+        if self.runner.req_to_token_pool.available_size() == 0:
+            return False
+        budget = self._prefill_budget()
+        if not budget.can_take():
+            return False
+        req = order_waiting_queue(self.waiting, self.args.schedule_policy, self.tree_cache)[0]
+        prefix_len = len(self.tree_cache.match_prefix(cache_match_key(req)).device_indices)
+        return budget.plan(req.seq_len - prefix_len, reserved_decode_tokens(req, self.new_token_ratio)) is not None
+
     def _extend(self, reqs: list[Req]) -> list[Req]:
         self._ensure_free(sum(r.extend_len for r in reqs))
         info = self._sampling_info(reqs)
@@ -269,64 +298,82 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decode
     def _decode(self, chain: bool) -> list[Req]:
-        """One decode step for every running request.  With ``chain`` (the overlap schedule, ``_can_chain``) the
-        step's tokens are read one step later: the next batch is launched first (its input ids are this step's
-        samples, still on the device), so the GPU never waits for the CPU's bookkeeping in between."""
-        if not chain:
-            flight = self._launch_decode(None)
-            return self._resolve(flight) if flight is not None else []
+        """One decode step for every running request, in three moves: enqueue the forward, read the previous
+        step's tokens, enqueue the sampling.  With ``chain`` (the overlap schedule, ``_can_chain``) the previous
+        step is still in flight when this one is launched: its tokens, still on the device, are this step's
+        input ids, and the host reads them (and finishes requests, advances grammars) while the GPU runs this
+        step's forward.  A grammar's mask for this step is built after that read, so it reflects the previous
+        token.  Without ``chain`` the step's own tokens are read at once."""
         prev, self._inflight = self._inflight, None
-        self._inflight = self._launch_decode(prev)
-        if prev is None:
-            return []
-        updated = self._resolve(prev)
-        if all(r.finished for r in self._inflight.reqs):
-            # Every request of the step just launched has finished: nothing will read it (the GPU writes its KV
-            # into freed slots before any later batch can reuse them: one stream, in order).
-            self._inflight = None
+        launched = self._launch_forward(prev)
+        updated = self._resolve(prev) if prev is not None else []
+        if launched is None:
+            return updated
+        flight = self._launch_sample(launched)
+        if not chain:
+            return updated + self._resolve(flight)
+        if not all(r.finished for r in flight.reqs):
+            # (When all have finished nothing will read the step: the GPU writes its KV into freed slots before
+            # any later batch can reuse them, one stream, in order.)
+            self._inflight = flight
         return updated
 
     def _can_chain(self) -> bool:
         """Whether the next decode batch may be launched before the last one's tokens are known on the host: the
-        same requests, none needing its previous token on the host (a grammar's mask, logprobs), and room for
-        one more token each without eviction or retraction."""
+        requests of the step in flight or some of them (others finished), none needing logprobs (read with its
+        step), and room for one more token each without eviction or retraction."""
         reqs = self.running
-        if not reqs or any(r.grammar is not None or r.logprobs is not None for r in reqs):
+        if not reqs or any(r.logprobs is not None for r in reqs):
             return False
         if self._inflight is None:
             return True  # a fresh launch, which makes its own room
         if self._inflight.reqs is not reqs:
-            return False
+            launched = set(map(id, self._inflight.reqs))
+            if not all(id(r) in launched for r in reqs):
+                return False
         return self.runner.token_to_kv_pool_allocator.available_size() >= self._decode_slots_needed()
 
-    def _launch_decode(self, prev: "_InFlight | None") -> "_InFlight | None":
-        """Enqueue the forward and sampling of one decode step (None when retraction left nothing to run).  Each
-        request's input token is its last output id, or with ``prev`` the id ``prev`` sampled for it (not yet on
-        the host); ``kv_len`` counts the KV this step writes from now on."""
+    def _launch_forward(self, prev: "_InFlight | None") -> "_Launched | None":
+        """Enqueue the forward of one decode step (None when retraction left nothing to run).  Each request's input
+        token is its last output id, or with ``prev`` the id ``prev`` sampled for it (not yet on the host);
+        ``kv_len`` counts the KV this step writes from now on."""
         if prev is None:
             self._make_room_for_decode()
             if not self.running:
                 return None
         reqs = self.running
+        if prev is None:
+            last = [r.output_ids[-1] for r in reqs]
+        elif prev.reqs is reqs:
+            last = prev.next_ids
+        else:  # requests finished since prev was launched: the rows of those still running
+            row = {id(r): i for i, r in enumerate(prev.reqs)}
+            last = prev.next_ids[self.runner.to_device([row[id(r)] for r in reqs])]
         if self._running_info is None:
             self._running_info = self._sampling_info(reqs)
-        last = prev.next_ids if prev is not None else [r.output_ids[-1] for r in reqs]
+            if prev is not None:
+                self._running_info.update(last)  # prev's tokens are not in output_ids yet
         fb = build_decode_batch(self.runner, [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], last,
                                 sampling_info=self._running_info)
         for req in reqs:
             req.kv_len += 1
-        logits = self.runner.forward(fb)
-        apply_grammar_masks(reqs, logits.next_token_logits)
-        next_ids = self.runner.sample(logits, fb)
-        self._record_output_logprobs(reqs, [True] * len(reqs), logits.next_token_logits, self._running_info,
-                                     next_ids)
-        self._running_info.update(next_ids)
-        return _InFlight(reqs, next_ids)
+        return _Launched(reqs, fb, self.runner.forward(fb))
+
+    def _launch_sample(self, step: "_Launched") -> "_InFlight":
+        """Enqueue grammar masks, sampling and the copy of the new tokens to the host."""
+        logits = step.logits.next_token_logits
+        apply_grammar_masks(step.reqs, logits)
+        next_ids = self.runner.sample(step.logits, step.batch)
+        info = step.batch.sampling_info
+        self._record_output_logprobs(step.reqs, [True] * len(step.reqs), logits, info, next_ids)
+        info.update(next_ids)
+        host_ids, ready = self.runner.copy_to_host(next_ids)
+        return _InFlight(step.reqs, next_ids, host_ids, ready)
 
     def _resolve(self, flight: "_InFlight") -> list[Req]:
-        """Read a launched step's tokens (the host sync) and finish what they finish.  A request that finished
-        or was aborted after the step was launched drops its token; its KV is already accounted."""
-        for req, tok in zip(flight.reqs, flight.next_ids.tolist()):
+        """Read a launched step's tokens (waiting for that step only) and finish what they finish.  A request
+        that finished or was aborted after the step was launched drops its token; its KV is already accounted."""
+        for req, tok in zip(flight.reqs, flight.tokens()):
             if req.finished:
                 continue
             req.output_ids.append(tok)
@@ -481,9 +528,27 @@ class LoadMark:
 
 
 @dataclass
-class _InFlight:
+class _Launched:
+    """A decode step whose forward is enqueued and whose sampling is not."""
+
     reqs: list[Req]  # the batch, in row order
-    next_ids: torch.Tensor  # [bs] int64 on the model's device: the sampled tokens, not yet read
+    batch: ForwardBatch
+    logits: LogitsOutput
+
+
+@dataclass
+class _InFlight:
+    """A decode step whose tokens are sampled on the device and on their way to the host."""
+
+    reqs: list[Req]  # the batch, in row order
+    next_ids: torch.Tensor  # [bs] int64 on the model's device: the next step's input ids
+    host_ids: torch.Tensor  # [bs] int64 on the host (pinned on CUDA), valid once ``ready`` has fired
+    ready: "torch.cuda.Event | None"  # recorded after the copy; None when the copy was synchronous (CPU)
+
+    def tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # this step's sampling and copy, not the work enqueued after it
+        return self.host_ids.tolist()
 
 
 def run_to_completion(scheduler: Scheduler, reqs: list[Req], max_steps: int = 1_000_000) -> list[Req]:

@@ -61,6 +61,7 @@ def test_constraints_hold(reference, embedded_tokenizer):
 
 
 @pytest.mark.parametrize("kwargs", [
+    dict(max_total_tokens=8192, disable_overlap_schedule=True),  # the reference runs overlapped
     dict(max_total_tokens=8192, chunked_prefill_size=4),
     dict(max_total_tokens=64, chunked_prefill_size=8, schedule_conservativeness=0.3),
 ])

@@ -144,13 +144,15 @@ def test_burst_of_shared_prompts_computes_the_prefix_once(embedded_path, embedde
     assert all(r.cached_tokens >= common for r in reqs[1:]), [r.cached_tokens for r in reqs]
 
 
-def test_overlap_schedule_launches_ahead(embedded_path, embedded_tokenizer):
-    """With the overlap schedule a decode step leaves the next one launched and unread; without it, none."""
+@pytest.mark.parametrize("constraint", [{}, {"regex": "[a-z ]{100}"}])
+def test_overlap_schedule_launches_ahead(embedded_path, embedded_tokenizer, constraint):
+    """With the overlap schedule a decode step leaves the next one launched and unread (grammar-constrained
+    requests too: their mask is built after the previous token is read); without it, none."""
     for disable in (False, True):
         args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
                           disable_overlap_schedule=disable)
         sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
-        sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+        sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, **constraint)
         sp.normalize()
         req = Req(rid="a", origin_input_ids=embedded_tokenizer("Hello there").input_ids, sampling_params=sp)
         sched.add_request(req)
@@ -160,3 +162,37 @@ def test_overlap_schedule_launches_ahead(embedded_path, embedded_tokenizer):
             ahead.append(sched._inflight is not None)
         assert len(req.output_ids) == 6
         assert any(ahead) != disable
+
+
+def test_overlap_chains_past_finished_requests_and_a_full_pool(embedded_path, embedded_tokenizer):
+    """The overlap schedule keeps chaining when requests of the batch finish (the next step takes the rows of the
+    others) and while the waiting queue cannot be admitted; outputs, penalties and seeded sampling included, equal
+    those without it."""
+    ids = prompts(embedded_tokenizer)
+
+    def run(disable: bool) -> tuple[list[list[int]], int, int]:
+        args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=160,
+                          chunked_prefill_size=-1, disable_overlap_schedule=disable)
+        sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+        reqs = []
+        for i, p in enumerate(ids):
+            sp = SamplingParams(temperature=0.7 if i % 3 == 0 else 0.0, seed=i, frequency_penalty=0.5,
+                                presence_penalty=0.3, max_new_tokens=6 + 3 * i, ignore_eos=True)
+            sp.normalize()
+            reqs.append(Req(rid=str(i), origin_input_ids=list(p), sampling_params=sp, seed=i))
+            sched.add_request(reqs[-1])
+        shrunk = blocked = 0
+        while not sched.is_idle():
+            before = sched._inflight
+            sched.step()
+            after = sched._inflight
+            if before is not None and after is not None:
+                shrunk += len(after.reqs) < len(before.reqs)
+                blocked += bool(sched.waiting)
+        return [r.output_ids for r in reqs], shrunk, blocked
+
+    on, shrunk, blocked = run(False)
+    off, _, _ = run(True)
+    assert on == off
+    assert shrunk > 0, "no step was chained onto a batch that lost finished requests"
+    assert blocked > 0, "no step was chained while requests waited for memory"

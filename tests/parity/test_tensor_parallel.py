@@ -75,3 +75,17 @@ def test_tp2_equals_tp1(name, load_format, tmp_path):
     logits, tokens = run_tp(2, str(tmp_path), load_format)
     assert tokens == ref_tokens
     assert (torch.from_numpy(logits) - ref_logits).abs().max().item() < 1e-4
+
+
+def test_engine_tp3_equals_tp1():
+    """The whole engine at TP=3 (three scheduler processes in lockstep, requests broadcast over the control group)
+    gives the embedded model's greedy outputs at TP=1 (9 query heads and 3 KV heads: one KV head per rank)."""
+    import radixlm
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
+    outputs = {}
+    for tp in (1, 3):
+        with radixlm.Engine(tp_size=tp, random_seed=0, max_total_tokens=4096) as engine:
+            outs = engine.generate(prompts, {"max_new_tokens": 16, "temperature": 0})
+            outputs[tp] = [o["output_ids"] for o in outs]
+    assert outputs[3] == outputs[1]
