@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import time
 from dataclasses import dataclass
 
@@ -25,19 +24,21 @@ from torch.profiler import ProfilerActivity, profile
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.distributed import destroy_tensor_parallel, set_multi_gpu_env
+from radixlm.distributed import destroy_tensor_parallel, free_local_addr, set_multi_gpu_env
 from radixlm.executor import ModelRunner
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 from radixlm.scheduler import Scheduler
 
 
-def add_batch(scheduler: Scheduler, batch: int, input_len: int, output_len: int, tag: str) -> list[Req]:
+def add_batch(scheduler: Scheduler, batch: int, input_len: int, output_len: int, tag: str,
+              json_schema: str | None = None) -> list[Req]:
+    """``batch`` greedy requests of random ids that decode exactly ``output_len`` tokens."""
     rng = random.Random(batch)
     vocab = scheduler.runner.model_config.vocab_size
     reqs = []
     for i in range(batch):
-        params = SamplingParams(temperature=0.0, max_new_tokens=output_len, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_new_tokens=output_len, ignore_eos=True, json_schema=json_schema)
         params.normalize()
         reqs.append(Req(rid=f"{tag}{i}", origin_input_ids=[rng.randrange(vocab) for _ in range(input_len)],
                         sampling_params=params))
@@ -45,10 +46,16 @@ def add_batch(scheduler: Scheduler, batch: int, input_len: int, output_len: int,
     return reqs
 
 
-def decode_rate(scheduler: Scheduler, batch: int, input_len: int, output_len: int) -> float:
-    reqs = add_batch(scheduler, batch, input_len, output_len, "r")
-    while not scheduler.running:  # the prefill
+def start_decoding(scheduler: Scheduler) -> None:
+    """Step until the requests just added decode: grammar compilation, then the prefill."""
+    while scheduler.grammar_queue or not scheduler.running:
         scheduler.step()
+
+
+def decode_rate(scheduler: Scheduler, reqs: list[Req]) -> float:
+    """Output tokens per second of the decode steps of the requests just added (compilation and prefill left
+    out), run to completion."""
+    start_decoding(scheduler)
     done_before = sum(len(r.output_ids) for r in reqs)
     start = time.perf_counter()
     while not scheduler.is_idle():
@@ -71,8 +78,7 @@ class StepProfile:
 def profile_steps(scheduler: Scheduler, batch: int, input_len: int, steps: int = 30) -> StepProfile:
     """Profile ``steps`` consecutive decode steps of one batch (CUDA only)."""
     add_batch(scheduler, batch, input_len, steps + 20, "b")
-    while not scheduler.running:
-        scheduler.step()
+    start_decoding(scheduler)
     for _ in range(5):
         scheduler.step()
     torch.cuda.synchronize()
@@ -99,13 +105,13 @@ def profile_steps(scheduler: Scheduler, batch: int, input_len: int, steps: int =
 def run_rank(rank: int, server_args: ServerArgs, batch_sizes: list[int], input_len: int, output_len: int) -> None:
     """One TP rank; every rank runs the same steps in lockstep, rank 0 prints."""
     scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args), tp_rank=rank))
-    decode_rate(scheduler, 2, 8, 4)  # warm-up
+    decode_rate(scheduler, add_batch(scheduler, 2, 8, 4, "w"))  # warm-up
     mode = "off" if server_args.disable_overlap_schedule else "on"
     if rank == 0:
         print(f"{'overlap':>8} {'tp':>3} {'batch':>6} {'decode tok/s':>13} {'step ms':>8} {'GPU busy':>9} "
               f"{'stalls':>7} {'NCCL ms/step':>13} {'NCCL us each':>13}")
     for bs in batch_sizes:
-        rate = decode_rate(scheduler, bs, input_len, output_len)
+        rate = decode_rate(scheduler, add_batch(scheduler, bs, input_len, output_len, "r"))
         if server_args.device != "cuda":
             if rank == 0:
                 print(f"{mode:>8} {server_args.tp_size:>3} {bs:>6} {rate:>13.1f}")
@@ -132,9 +138,7 @@ def main() -> None:
         return
     set_multi_gpu_env()
     if server_args.dist_init_addr is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            server_args = server_args.replace(dist_init_addr=f"127.0.0.1:{s.getsockname()[1]}")
+        server_args = server_args.replace(dist_init_addr=free_local_addr())
     mp.spawn(run_rank, args=(server_args, *run_args[1:]), nprocs=server_args.tp_size)
 
 

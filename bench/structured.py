@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 
 import torch
+from overlap import add_batch, decode_rate, start_decoding
 from torch.profiler import ProfilerActivity, profile
 
 from radixlm.config import ServerArgs
@@ -19,7 +19,6 @@ from radixlm.constrained import GrammarSpec
 from radixlm.core import Req
 from radixlm.executor import ModelRunner
 from radixlm.models.loader import resolve_model_config
-from radixlm.sampling import SamplingParams
 from radixlm.scheduler import Scheduler
 
 # Cannot complete within the run (at least 1000 items), so both runs decode every token.
@@ -34,38 +33,30 @@ COMPILE_SCHEMAS = [
 ]
 
 
-def decode_rate(scheduler: Scheduler, batch: int, input_len: int, output_len: int, schema: str | None,
-                profile_steps: int = 0, trace: str | None = None) -> tuple[float, list[Req]]:
-    """Output tokens per second of the decode steps (the prefill step is left out).  With ``profile_steps`` (CUDA),
-    also prints where the host spends those decode steps (torch profiler, after 5 steps of warm-up)."""
-    rng = random.Random(0)
-    vocab = scheduler.runner.model_config.vocab_size
-    reqs = []
-    for i in range(batch):
-        params = SamplingParams(temperature=0.0, max_new_tokens=output_len, ignore_eos=True, json_schema=schema)
-        params.normalize()
-        req = Req(rid=f"{schema is not None}-{i}", origin_input_ids=[rng.randrange(vocab) for _ in range(input_len)],
-                  sampling_params=params)
-        scheduler.add_request(req)
-        reqs.append(req)
-    while scheduler.grammar_queue or not scheduler.running:  # compile, then the prefill step
+def constrained_rate(scheduler: Scheduler, args: argparse.Namespace, schema: str | None) -> tuple[float, list[Req]]:
+    """Decode tok/s of one batch, every request with ``schema`` (or none); every request decodes all its tokens."""
+    reqs = add_batch(scheduler, args.batch_size, args.input_len, args.output_len, "c", json_schema=schema)
+    rate = decode_rate(scheduler, reqs)
+    assert all(r.finished_reason["type"] == "length" for r in reqs), [r.finished_reason for r in reqs]
+    return rate, reqs
+
+
+def print_host_profile(scheduler: Scheduler, args: argparse.Namespace, trace: str | None) -> None:
+    """Where the host spends ``args.profile`` constrained decode steps (torch profiler, after 5 steps of warm-up);
+    optionally written as a Chrome trace."""
+    add_batch(scheduler, args.batch_size, args.input_len, args.output_len, "p", json_schema=json.dumps(LONG_SCHEMA))
+    start_decoding(scheduler)
+    for _ in range(5):
         scheduler.step()
-    start, tokens = time.perf_counter(), sum(len(r.output_ids) for r in reqs)
-    if profile_steps:
-        for _ in range(5):
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.profile):
             scheduler.step()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(profile_steps):
-                scheduler.step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
-        if trace:
-            prof.export_chrome_trace(trace)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    if trace:
+        prof.export_chrome_trace(trace)
     while not scheduler.is_idle():
         scheduler.step()
-    elapsed = time.perf_counter() - start
-    assert all(r.finished_reason["type"] == "length" for r in reqs), [r.finished_reason for r in reqs]
-    return (sum(len(r.output_ids) for r in reqs) - tokens) / elapsed, reqs
 
 
 def fill_cost(compiled, outputs: list[list[int]], vocab_size: int) -> float:
@@ -113,14 +104,12 @@ def main() -> None:
     for chars, cold, cached in rows:
         print(f"{chars:>12} {cold * 1e3:>16.2f} {cached * 1e3:>10.3f}")
 
-    decode_rate(scheduler, 2, 8, 4, None)  # warm-up
-    free, _ = decode_rate(scheduler, args.batch_size, args.input_len, args.output_len, None)
-    constrained, reqs = decode_rate(scheduler, args.batch_size, args.input_len, args.output_len,
-                                    json.dumps(LONG_SCHEMA))
-    free_again, _ = decode_rate(scheduler, args.batch_size, args.input_len, args.output_len, None)
+    decode_rate(scheduler, add_batch(scheduler, 2, 8, 4, "w"))  # warm-up
+    free, _ = constrained_rate(scheduler, args, None)
+    constrained, reqs = constrained_rate(scheduler, args, json.dumps(LONG_SCHEMA))
+    free_again, _ = constrained_rate(scheduler, args, None)
     if args.profile:
-        decode_rate(scheduler, args.batch_size, args.input_len, args.output_len, json.dumps(LONG_SCHEMA),
-                    args.profile, args.trace)
+        print_host_profile(scheduler, args, args.trace)
     print(f"\nbatch {args.batch_size}, {args.output_len} tokens each, device {server_args.device}")
     print(f"{'run':<28} {'decode tok/s':>12}")
     for name, rate in (("unconstrained", free), ("JSON schema on every request", constrained),

@@ -4,20 +4,18 @@
 #   GPU 0: roofline, then HF transformers and radixlm on identical weights (a saved random checkpoint): the
 #          offline pair, batch-1 decode (issue #5);
 #   GPU 1: attention kernels, the overlap schedule on/off on the 1B preset (issue #7), structured-output cost
-#          (issue #6), the TP=1 references for part 2 (issue #9).
+#          (issue #6).  (Part 2 makes its own TP=1 references.)
 #   bash bench/gpu/session_d1.sh     (GPU machine, repository root; wheels in .whl, tokenizer in .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
-KEEP=/tmp/radixlm-d  # outputs part 2 reads (on the same warm machine)
-mkdir -p $KEEP
 CKPT=/tmp/llama-3.1-8b-random
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
 nvidia-smi topo -m | head -4
 git log -1 --format=%h 2>/dev/null
 
 P1B="--model-path llama-3.2-1b --load-format dummy --tokenizer-path $TOK --cuda-graph-max-bs 16"
-timeout 90 python3 bench/tp_parity.py $P1B --tp-size 1 --out $KEEP/tp1_1b.json 2>&1 | quiet | tail -2
-timeout 110 python3 bench/tp_parity.py $P1B --tp-size 2 --reference $KEEP/tp1_1b.json 2>&1 | quiet \
+timeout 90 python3 bench/tp_parity.py $P1B --tp-size 1 --out /tmp/tp1_1b.json 2>&1 | quiet | tail -2
+timeout 110 python3 bench/tp_parity.py $P1B --tp-size 2 --reference /tmp/tp1_1b.json 2>&1 | quiet \
   | tee $LOG/tp_parity_1b.txt | tail -16
 
 lane0() {
@@ -39,16 +37,7 @@ lane1() {
   done
   timeout 120 python3 bench/structured.py --model-path llama-3.1-8b --load-format dummy --tokenizer-path $TOK \
     --batch-size 32 --output-len 128 2>&1 | quiet | tee $LOG/structured.txt | tail -12
-  P8B="--model-path llama-3.1-8b --load-format dummy --tokenizer-path $TOK --cuda-graph-max-bs 16"
-  timeout 90 python3 bench/tp_parity.py $P8B --tp-size 1 --out $KEEP/tp1_8b_bf16.json 2>&1 | quiet | tail -1
-  timeout 100 python3 bench/tp_parity.py $P8B --dtype float32 --tp-size 1 --out $KEEP/tp1_8b_fp32.json 2>&1 \
-    | quiet | tail -1
   timeout 100 python3 bench/overlap.py --model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init \
     --batch-size 1 32 128 --disable-overlap-schedule 2>&1 | quiet | tee $LOG/overlap_8b_off.txt | tail -4
 }
-(export CUDA_VISIBLE_DEVICES=0; lane0 > $LOG/lane0.txt 2>&1) &
-(export CUDA_VISIBLE_DEVICES=1; lane1 > $LOG/lane1.txt 2>&1) &
-wait
-cp $KEEP/*.json $LOG/ 2>/dev/null
-echo "== lane 0"; cat $LOG/lane0.txt
-echo "== lane 1"; cat $LOG/lane1.txt
+run_lanes

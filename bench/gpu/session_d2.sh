@@ -37,8 +37,4 @@ lane1() {
       --batch-size 1 32 64 128 $flag 2>&1 | quiet | tee -a $LOG/overlap_1b.txt | tail -5
   done
 }
-(export CUDA_VISIBLE_DEVICES=0; lane0 > $LOG/lane0.txt 2>&1) &
-(export CUDA_VISIBLE_DEVICES=1; lane1 > $LOG/lane1.txt 2>&1) &
-wait
-echo "== lane 0"; cat $LOG/lane0.txt
-echo "== lane 1"; cat $LOG/lane1.txt
+run_lanes

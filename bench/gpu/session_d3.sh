@@ -24,11 +24,7 @@ lane1() {
   timeout 150 python3 bench/offline_throughput.py --model-path llama-3.1-8b --load-format dummy \
     --skip-tokenizer-init $TP_WORK 2>&1 | quiet | tee $LOG/offline_tp1.txt | tail -3
 }
-(export CUDA_VISIBLE_DEVICES=0; lane0 > $LOG/lane0.txt 2>&1) &
-(export CUDA_VISIBLE_DEVICES=1; lane1 > $LOG/lane1.txt 2>&1) &
-wait
-echo "== lane 0"; cat $LOG/lane0.txt
-echo "== lane 1"; cat $LOG/lane1.txt
+run_lanes
 timeout 150 python3 bench/offline_throughput.py --model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init \
   --tp-size 2 $TP_WORK 2>&1 | quiet | tee $LOG/offline_tp2.txt | tail -3
 P1B="--model-path llama-3.2-1b --load-format dummy --tokenizer-path $TOK --cuda-graph-max-bs 16"

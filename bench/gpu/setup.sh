@@ -17,3 +17,11 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 LOG=${OUT:-/tmp}
 TOK=$PWD/.carry/smollm2-tokenizer
 quiet() { grep -v "it/s\]\|^\[scheduler\|Warning\|warn(\|TCPStore" ; }
+# Run the shell functions lane0 and lane1 at once, each on its own GPU, then print their logs.
+run_lanes() {
+  (export CUDA_VISIBLE_DEVICES=0; lane0 > $LOG/lane0.txt 2>&1) &
+  (export CUDA_VISIBLE_DEVICES=1; lane1 > $LOG/lane1.txt 2>&1) &
+  wait
+  echo "== lane 0"; cat $LOG/lane0.txt
+  echo "== lane 1"; cat $LOG/lane1.txt
+}

@@ -8,6 +8,7 @@ mutable global state.  With ``tp_size == 1`` every collective is a no-op and tor
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,13 @@ def set_multi_gpu_env() -> None:
     starts afterwards; a value the user set explicitly wins."""
     for key, value in _NCCL_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def free_local_addr() -> str:
+    """``127.0.0.1:PORT`` with a port free right now: the rendezvous of a single-node TP group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def get_tp_group() -> TPGroup:

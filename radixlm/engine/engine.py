@@ -14,7 +14,6 @@ import json
 import logging
 import multiprocessing as mp
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ import zmq
 
 from radixlm.config import ServerArgs
 from radixlm.constrained import GrammarSpec, check_grammar
-from radixlm.distributed import set_multi_gpu_env
+from radixlm.distributed import free_local_addr, set_multi_gpu_env
 from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.engine.io_struct import (
     AbortRequest,
@@ -64,7 +63,7 @@ class Engine:
         if self.server_args.tp_size > 1:
             set_multi_gpu_env()  # before the scheduler processes are spawned: they inherit it
             if self.server_args.dist_init_addr is None:
-                self.server_args = self.server_args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
+                self.server_args = self.server_args.replace(dist_init_addr=free_local_addr())
         self.model_path = self.server_args.model_path or embedded_model_path()
         self.tokenizer = (None if self.server_args.skip_tokenizer_init
                           else AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.model_path))
@@ -498,10 +497,3 @@ class Engine:
             logger.info("request finished: rid=%s finish=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d "
                         "e2e_latency=%.3f", state.rid, json.dumps(state.finished_reason, separators=(",", ":")),
                         state.prompt_tokens, len(state.output_ids), state.cached_tokens, now - state.created)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-

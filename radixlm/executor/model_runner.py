@@ -11,7 +11,6 @@ from radixlm.config import ModelConfig, ServerArgs
 from radixlm.config.model_config import resolve_dtype
 from radixlm.core import ForwardBatch
 from radixlm.distributed import init_tensor_parallel
-from radixlm.executor.batch_builder import to_device_async
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.mem import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
@@ -120,10 +119,6 @@ class ModelRunner:
     def forward_eager(self, forward_batch: ForwardBatch) -> LogitsOutput:
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)
-
-    def to_device(self, values: list[int]) -> torch.Tensor:
-        """int64 host list -> tensor on this rank's device, without waiting for the GPU."""
-        return to_device_async(values, self.device)
 
     def copy_to_host(self, x: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
         """Start copying ``x`` to the host without waiting for the GPU.  Returns the host tensor (pinned; valid once

@@ -28,7 +28,7 @@ from radixlm.constrained import (
 )
 from radixlm.core import ForwardBatch, Req
 from radixlm.engine.io_struct import SchedulerStats
-from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
+from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch, to_device_async
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.sampling import SamplingBatchInfo
@@ -348,7 +348,7 @@ class Scheduler:
             last = prev.next_ids
         else:  # requests finished since prev was launched: the rows of those still running
             row = {id(r): i for i, r in enumerate(prev.reqs)}
-            last = prev.next_ids[self.runner.to_device([row[id(r)] for r in reqs])]
+            last = prev.next_ids[to_device_async([row[id(r)] for r in reqs], self.runner.device)]
         if self._running_info is None:
             self._running_info = self._sampling_info(reqs)
             if prev is not None:

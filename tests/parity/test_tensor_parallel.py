@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from radixlm.config import ServerArgs
-from radixlm.distributed import destroy_tensor_parallel
+from radixlm.distributed import destroy_tensor_parallel, free_local_addr
 from radixlm.executor import ModelRunner
 from radixlm.executor.batch_builder import build_extend_batch
 from radixlm.executor.static_batch import generate_static, release
@@ -21,11 +20,11 @@ from conftest import build_tiny_hf_model
 PROMPTS = [[5, 17, 99, 3, 250, 7, 7, 8], [400, 2, 33], list(range(100, 140))]
 
 
-def run_rank(rank: int, tp_size: int, port: int, model_path: str, load_format: str):
+def run_rank(rank: int, tp_size: int, addr: str | None, model_path: str, load_format: str):
     """Prompt logits of one batched extend, and greedy continuations."""
     torch.set_num_threads(1)
     args = ServerArgs(model_path=model_path, load_format=load_format, tp_size=tp_size, device="cpu",
-                      dist_init_addr=f"127.0.0.1:{port}", max_total_tokens=2048, random_seed=0)
+                      dist_init_addr=addr, max_total_tokens=2048, random_seed=0)
     runner = ModelRunner(args, resolve_model_config(args), tp_rank=rank)
     try:
         rows = runner.req_to_token_pool.alloc(len(PROMPTS))
@@ -38,20 +37,18 @@ def run_rank(rank: int, tp_size: int, port: int, model_path: str, load_format: s
         destroy_tensor_parallel()
 
 
-def _rank_main(rank: int, tp_size: int, port: int, model_path: str, load_format: str, queue) -> None:
-    result = run_rank(rank, tp_size, port, model_path, load_format)
+def _rank_main(rank: int, tp_size: int, addr: str, model_path: str, load_format: str, queue) -> None:
+    result = run_rank(rank, tp_size, addr, model_path, load_format)
     if rank == 0:
         logits, tokens = result
         queue.put((logits.numpy(), tokens))  # plain arrays: a shared-memory tensor dies with this process
 
 
 def run_tp(tp_size: int, model_path: str, load_format: str):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    addr = free_local_addr()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, tp_size, port, model_path, load_format, queue))
+    procs = [ctx.Process(target=_rank_main, args=(r, tp_size, addr, model_path, load_format, queue))
              for r in range(tp_size)]
     for p in procs:
         p.start()
@@ -71,7 +68,7 @@ def run_tp(tp_size: int, model_path: str, load_format: str):
 ])
 def test_tp2_equals_tp1(name, load_format, tmp_path):
     build_tiny_hf_model(name, str(tmp_path))
-    ref_logits, ref_tokens = run_rank(0, 1, 0, str(tmp_path), load_format)
+    ref_logits, ref_tokens = run_rank(0, 1, None, str(tmp_path), load_format)
     logits, tokens = run_tp(2, str(tmp_path), load_format)
     assert tokens == ref_tokens
     assert (torch.from_numpy(logits) - ref_logits).abs().max().item() < 1e-4
