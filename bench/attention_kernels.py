@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from radixlm.kernels import decode_attention_fwd, extend_attention_fwd
+from radixlm.kernels.decode_attention import decode_attention_fwd
+from radixlm.kernels.extend_attention import extend_attention_fwd
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 DTYPE, DEVICE = torch.bfloat16, "cuda"

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.attention.base import AttentionBackend
-from radixlm.kernels import decode_attention_fwd, extend_attention_fwd
+from radixlm.kernels.decode_attention import decode_attention_fwd
+from radixlm.kernels.extend_attention import extend_attention_fwd
 
 if TYPE_CHECKING:
     from radixlm.core import ForwardBatch

@@ -10,6 +10,8 @@ from typing import Any, get_args, get_type_hints
 
 import torch
 
+from radixlm.kernels import cpu as cpu_kernels
+
 
 def _arg(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -40,8 +42,9 @@ class ServerArgs:
     mem_fraction_static: float | None = _arg(None, "fraction of GPU memory for weights + KV cache (GPU default 0.88)")
     max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
     page_size: int = _arg(1, "tokens per KV page")
-    attention_backend: str = _arg("auto", "attention implementation (auto: triton on CUDA, else torch_native)",
-                                  ("auto", "torch_native", "triton"))
+    attention_backend: str = _arg("auto", "attention implementation (auto: triton on CUDA; on CPU the C kernels "
+                                          "(cpu) where a C compiler builds them, else torch_native)",
+                                  ("auto", "torch_native", "triton", "cpu"))
     kv_cache_dtype: str = _arg("auto", "KV cache dtype (auto: float32 for torch_native attention on CPU, which "
                                        "computes in float32, else the model dtype)",
                                ("auto", "bfloat16", "float16", "float32"))
@@ -111,7 +114,11 @@ class ServerArgs:
         if self.random_seed is None:
             object.__setattr__(self, "random_seed", random.randint(0, 2**30))
         if self.attention_backend == "auto":
-            object.__setattr__(self, "attention_backend", "triton" if self.device == "cuda" else "torch_native")
+            object.__setattr__(self, "attention_backend", "triton" if self.device == "cuda" else (
+                "cpu" if cpu_kernels.available() else "torch_native"))
+        if self.attention_backend == "cpu" and (self.device != "cpu" or not cpu_kernels.available()):
+            raise ValueError("invalid server arguments:\n  --attention-backend cpu needs --device cpu and a C "
+                             "compiler to build radixlm's CPU kernels (or RADIXLM_DISABLE_CPU_KERNELS unset)")
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

@@ -1,6 +1,6 @@
-"""Triton kernels of the engine: paged decode and extend attention over the KV pool."""
+"""The engine's kernels, one module each: Triton kernels for the GPU (``decode_attention``, ``extend_attention``,
+``fused_ops``) and C kernels for the CPU (``cpu``).
 
-from radixlm.kernels.decode_attention import decode_attention_fwd
-from radixlm.kernels.extend_attention import extend_attention_fwd
-
-__all__ = ["decode_attention_fwd", "extend_attention_fwd"]
+Nothing is imported here: importing a Triton module decorates its kernels, which must happen after a test has
+chosen the Triton interpreter, and CPU-only code never needs triton at all.
+"""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from radixlm.kernels import cpu
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
@@ -18,15 +20,18 @@ class RMSNorm(nn.Module):
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``.
 
         Statistics are computed in float32 and the result is cast back before the weight is applied, the same
-        order of rounding as HF transformers.  CUDA tensors take one fused Triton kernel (same residual bits,
-        output within about an ulp), others the torch code of ``forward_native``.
+        order of rounding as HF transformers.  CUDA tensors take one fused Triton kernel, CPU tensors one C
+        kernel (both: same residual bits, output within about an ulp), others the torch code of ``forward_native``.
         """
         if x.is_cuda:
             from radixlm.kernels import fused_ops  # imported here: CPU-only installs may lack triton
-            if residual is None:
-                return fused_ops.rms_norm(x, self.weight, self.eps)
-            return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
-        return self.forward_native(x, residual)
+        elif cpu.supports(x):
+            fused_ops = cpu
+        else:
+            return self.forward_native(x, residual)
+        if residual is None:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
+        return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
     def forward_native(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

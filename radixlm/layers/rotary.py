@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from radixlm.kernels import cpu
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -58,12 +60,16 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` [num_tokens, num_heads, head_dim] and ``k`` [num_tokens, num_kv_heads, head_dim].
 
-        CUDA tensors take one Triton kernel for both (bit-identical to ``forward_native``, the torch code).
+        CUDA tensors take one Triton kernel for both, CPU tensors one C kernel (both bit-identical to
+        ``forward_native``, the torch code).
         """
         if q.is_cuda:
             from radixlm.kernels import fused_ops  # imported here: CPU-only installs may lack triton
-            return fused_ops.apply_rotary(q, k, positions, self.cos_sin_cache, self.rotary_dim)
-        return self.forward_native(positions, q, k)
+        elif cpu.supports(q, k):
+            fused_ops = cpu
+        else:
+            return self.forward_native(positions, q, k)
+        return fused_ops.apply_rotary(q, k, positions, self.cos_sin_cache, self.rotary_dim)
 
     def forward_native(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

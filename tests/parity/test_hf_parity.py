@@ -8,6 +8,7 @@ import torch
 
 from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
 from radixlm.executor.static_batch import generate_static, release
+from radixlm.kernels import cpu as cpu_kernels
 from radixlm.sampling import SamplingParams
 
 from conftest import TINY_CONFIGS, build_tiny_hf_model, make_runner
@@ -104,10 +105,14 @@ def test_embedded_greedy_matches_hf(embedded_runner, embedded_hf_model, embedded
 # ------------------------------------------------------------------------------------------ tiny models
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch_native"])
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_tiny_model_matches_hf(name, tmp_path):
+def test_tiny_model_matches_hf(name, backend, tmp_path):
+    """Both CPU attention backends: the C kernels (the default) and the torch code they replace."""
+    if backend == "cpu" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
     hf = build_tiny_hf_model(name, str(tmp_path))
-    runner = make_runner(str(tmp_path))
+    runner = make_runner(str(tmp_path), attention_backend=backend)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (21, 5, 13, 30)]
     check_extend_and_decode(runner, hf, seqs, [9, 0, 12, 20], tol=1e-4)

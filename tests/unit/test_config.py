@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from radixlm.config import ModelConfig, ServerArgs
+from radixlm.kernels import cpu as cpu_kernels
 
 # ----------------------------------------------------------------------------------------------------- ServerArgs
 
@@ -27,7 +28,10 @@ def test_server_args_defaults_valid_and_resolved() -> None:
     args = ServerArgs()
     assert args.model_path is None
     assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert args.attention_backend == "torch_native"
+    if torch.cuda.is_available():
+        assert args.attention_backend == "triton"
+    else:
+        assert args.attention_backend == ("cpu" if cpu_kernels.available() else "torch_native")
     assert isinstance(args.random_seed, int) and 0 <= args.random_seed <= 2**30
     assert args.tp_size == 1 and args.page_size == 1
     assert args.dtype == "auto" and args.load_format == "auto"

@@ -17,7 +17,8 @@ import pytest
 from radixlm.config import ServerArgs
 from radixlm.core import Req
 from radixlm.executor import ModelRunner
-from radixlm.kernels import decode_attention_fwd, extend_attention_fwd
+from radixlm.kernels.decode_attention import decode_attention_fwd
+from radixlm.kernels.extend_attention import extend_attention_fwd
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 from radixlm.scheduler import Scheduler, run_to_completion

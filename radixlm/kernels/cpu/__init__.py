@@ -1,0 +1,217 @@
+"""The engine's CPU kernels (``cpu_ops.c``): paged decode attention, RMSNorm(+residual), SiLU-and-mul, rotary.
+
+They exist because on a CPU the torch code of these ops is bound by what it moves, not by arithmetic: decode
+attention gathers every request's K/V into a padded copy and reads it again, and each norm or rotary is a chain of
+eager ops (casts included) that each pass over the whole activation.  The C kernels read the KV pages in place and
+make one pass per op.
+
+How they are built: plain C with no torch headers, compiled on first use by the system C compiler (``$CC``, else
+``cc``) with ``-O3 -march=native -fopenmp`` into ``<cache_dir>/kernels/`` (keyed by the source, the flags and the
+CPU), then loaded with ctypes.  That takes about a second and needs neither ninja nor pybind; because torch has
+already loaded its ``libgomp.so.1``, the library runs on torch's OpenMP threads.  Without a compiler, or with
+``RADIXLM_DISABLE_CPU_KERNELS=1``, ``available()`` is False and the layers run their torch code.
+
+Each function takes and returns torch CPU tensors, float32 or bfloat16 (``supports``), and follows the rounding
+of the torch code in ``radixlm.layers`` (see ``cpu_ops.c``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_ops.c")
+# -fno-trapping-math / -fno-math-errno change no result; without them gcc will not vectorise the loops that
+# convert or divide.  -ffp-contract=off keeps a * b + c two roundings, as in torch.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
+          "-std=gnu11", "-shared", "-fPIC"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+HEAD_DIM_MULTIPLE = 16  # decode attention holds a head as 16-float vectors
+
+_i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "rms_norm": [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int, _int],
+    "silu_and_mul": [_ptr, _i64, _ptr, _i64, _i64, _int, _int],
+    "rotary_neox": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _int, _int],
+    "decode_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _i64,
+                         _int, _int, _int],
+}
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: the machine and its CPU flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def _build(compiler: str) -> Path:
+    from radixlm.models.embedded import cache_dir
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    target = Path(cache_dir()) / "kernels" / f"cpu_ops-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: tensor-parallel ranks may build at the same time.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {_SOURCE.name}:\n{result.stderr}")
+        os.replace(built, target)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("RADIXLM_DISABLE_CPU_KERNELS") == "1":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: CPU attention and fused ops run as torch code (slower)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError) as exc:
+        logger.warning("CPU kernels unavailable, running torch code instead: %s", exc)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernels are built and loaded (building them on the first call)."""
+    return _library() is not None
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """True when the kernels can take these tensors: on the CPU, float32 or bfloat16, and the library loaded."""
+    return all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors) and available()
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available (see radixlm.kernels.cpu.available())")
+    return lib
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, last_dim]`` with a unit last-dim stride (a view where strides allow, else a copy)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x2d = _rows(x)
+    res2d = _rows(residual) if residual is not None else None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    new_residual = torch.empty(x.shape, dtype=x.dtype) if residual is not None else None
+    weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    _lib().rms_norm(
+        x2d.data_ptr(), x2d.stride(0), res2d.data_ptr() if res2d is not None else None,
+        res2d.stride(0) if res2d is not None else 0, weight.contiguous().data_ptr(), out.data_ptr(),
+        new_residual.data_ptr() if new_residual is not None else None, x2d.shape[0], x2d.shape[1], eps,
+        _DTYPES[x.dtype], _threads(),
+    )
+    return out, new_residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype)`` over the last dim, ``h = x.float()``."""
+    return _rms_norm(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` in one pass; neither input is modified."""
+    out, new_residual = _rms_norm(x, residual, weight, eps)
+    assert new_residual is not None
+    return out, new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x`` [..., 2 * d] = gate ‖ up; a new contiguous [..., d] in x's dtype."""
+    x2d = _rows(x)
+    d = x2d.shape[1] // 2
+    out = torch.empty((*x.shape[:-1], d), dtype=x.dtype)
+    _lib().silu_and_mul(x2d.data_ptr(), x2d.stride(0), out.data_ptr(), x2d.shape[0], d, _DTYPES[x.dtype], _threads())
+    return out
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [tokens, heads, head_dim] with contiguous heads (any token stride), copying only if needed."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotary of ``q`` [tokens, num_heads, head_dim] and ``k`` [tokens, num_kv_heads, head_dim] at
+    ``positions`` [tokens]; ``cos_sin_cache`` [max_position, rotary_dim] float32.  New contiguous outputs."""
+    q, k = _token_rows(q), _token_rows(k)
+    positions = positions if positions.dtype == torch.int64 else positions.long()
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+    _lib().rotary_neox(
+        q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], positions.contiguous().data_ptr(),
+        cos_sin_cache.contiguous().data_ptr(), rotary_dim, q.shape[2], q_out.data_ptr(), k_out.data_ptr(), q.shape[0],
+        _DTYPES[q.dtype], _threads(),
+    )
+    return q_out, k_out
+
+
+def decode_attention(
+    q: torch.Tensor,  # [bs, num_heads, head_dim]
+    k_buf: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_buf: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    req_to_token: torch.Tensor,  # [rows, max_context] int32
+    req_rows: torch.Tensor,  # [bs] int64
+    seq_lens: torch.Tensor,  # [bs] int64
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [bs, num_heads, head_dim] in q's dtype
+    """Each request's one new query attends to positions ``0 .. seq_len - 1`` of its row of ``req_to_token``
+    (the last ``sliding_window`` of them, if set), reading K/V pages in place.  K/V must be float32 or bfloat16;
+    a query of another dtype is computed in float32."""
+    if q.dtype not in _DTYPES:
+        return decode_attention(q.float(), k_buf, v_buf, req_to_token, req_rows, seq_lens, scaling,
+                                sliding_window).to(q.dtype)
+    q = _token_rows(q)
+    req_rows, seq_lens = req_rows.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
+    bs, num_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    if (num_heads % num_kv_heads or head_dim % HEAD_DIM_MULTIPLE or k_buf.dtype != v_buf.dtype or req_to_token.dtype != torch.int32
+            or not (k_buf.is_contiguous() and v_buf.is_contiguous() and req_to_token.stride(1) == 1)):
+        raise ValueError(f"decode_attention: heads must group evenly over KV heads, head_dim be a multiple of "
+                         f"{HEAD_DIM_MULTIPLE}, K/V contiguous and of one dtype, req_to_token int32 with contiguous "
+                         "rows")
+    out = torch.empty(q.shape, dtype=q.dtype)
+    _lib().decode_attention(
+        q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), req_to_token.data_ptr(),
+        req_to_token.stride(0), req_rows.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), bs, num_heads,
+        num_kv_heads, head_dim, scaling, sliding_window or 0, _DTYPES[q.dtype], _DTYPES[k_buf.dtype], _threads(),
+    )
+    return out
