@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.distributed import get_tp_group
+from radixlm.layers.linear import linear
 
 VOCAB_PAD = 64  # each rank's shard is a multiple of this, for aligned matmuls
 
@@ -44,7 +45,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; ``compute_logits`` gathers the shards and drops padding."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size].float()
 

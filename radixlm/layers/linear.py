@@ -12,6 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.distributed import divide, get_tp_group
+from radixlm.kernels import cpu
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; on CPU through a oneDNN-prepacked copy of the weight (``radixlm.kernels.cpu.linear``)."""
+    if cpu.supports_linear(x):
+        return cpu.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -40,7 +48,7 @@ class ReplicatedLinear(nn.Module):
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -90,7 +98,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, dst_offset, size).copy_(loaded.narrow(0, src_offset, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -153,5 +161,5 @@ class RowParallelLinear(nn.Module):
             param.data.copy_(loaded.narrow(1, self.tp.rank * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

@@ -137,3 +137,24 @@ def test_decode_attention_rejects_what_it_cannot_hold() -> None:
         cpu.decode_attention(q, kv, kv, torch.zeros(1, 4, dtype=torch.int32), torch.tensor([0]), torch.tensor([1]),
                              1.0)
     assert not CpuAttnBackend(24).kernel_head_dim and CpuAttnBackend(64).kernel_head_dim
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepacked_linear_matches_f_linear(dtype: torch.dtype) -> None:
+    """oneDNN with the weight packed once: bf16 bit-identical to F.linear, float32 within rounding; the packed copy
+    is made on first use and reused."""
+    x = torch.randn(2, 33, 96).to(dtype)
+    if not cpu.supports_linear(x):
+        pytest.skip("oneDNN lacks native bf16 on this CPU")
+    weight, bias = torch.randn(80, 96).to(dtype), torch.randn(80).to(dtype)
+    got, want = cpu.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    packed = weight._onednn_packed
+    for rows in (1, 64, 300):
+        x = torch.randn(rows, 96).to(dtype)
+        out = cpu.linear(x, weight)
+        assert out.shape == (rows, 80) and weight._onednn_packed is packed
+        torch.testing.assert_close(out.float(), torch.nn.functional.linear(x, weight).float(), rtol=1e-2, atol=1e-2)

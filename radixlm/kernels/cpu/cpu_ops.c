@@ -211,10 +211,10 @@ static inline void prefetch_bytes(const char *p, int64_t n) {
 
 /* Attention of request b's new query heads [kv_first * group, kv_end * group) over its positions
  * [first, len): one work item of decode_attention. */
-static void decode_attention_item(const char *q_row, int q_dtype, const char *k_buf, const char *v_buf,
-                                  int kv_dtype, const int32_t *slots, int64_t first, int64_t len,
-                                  int64_t kv_first, int64_t kv_end, int64_t group, int64_t head_dim,
-                                  int64_t slot_stride, float scale, char *out_row) {
+static inline __attribute__((always_inline)) void decode_attention_item(
+    const char *q_row, int q_dtype, const char *k_buf, const char *v_buf, const int kv_dtype, const int32_t *slots,
+    int64_t first, int64_t len, int64_t kv_first, int64_t kv_end, int64_t group, const int64_t head_dim,
+    int64_t slot_stride, float scale, char *out_row) {
     const int64_t nv = head_dim / 16, heads = (kv_end - kv_first) * group;
     const size_t kv_es = elem_size(kv_dtype), q_es = elem_size(q_dtype);
     const int64_t row_bytes = slot_stride * (int64_t)kv_es, head_bytes = head_dim * (int64_t)kv_es;
@@ -306,9 +306,19 @@ void decode_attention(const void *q, int64_t q_stride, const void *k_buf, const 
         if (kv_first >= kv_end) continue;
         const int64_t len = seq_lens[b];
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
-        decode_attention_item((const char *)q + b * q_stride * q_es, q_dtype, (const char *)k_buf,
-                              (const char *)v_buf, kv_dtype, req_to_token + req_rows[b] * table_stride, first, len,
-                              kv_first, kv_end, group, head_dim, num_kv_heads * head_dim, scale,
-                              (char *)out + (b * num_heads + kv_first * group) * head_dim * q_es);
+        const char *q_row = (const char *)q + b * q_stride * q_es;
+        const int32_t *slots = req_to_token + req_rows[b] * table_stride;
+        char *out_row = (char *)out + (b * num_heads + kv_first * group) * head_dim * q_es;
+        /* Constant head dims and K/V dtypes for the common shapes: their loops unroll and stay in registers
+         * (measured 20-25 % faster than the generic code at SmolLM2's shapes). */
+#define ITEM(HEAD_DIM, KV_DTYPE)                                                                                  \
+    decode_attention_item(q_row, q_dtype, (const char *)k_buf, (const char *)v_buf, KV_DTYPE, slots, first, len,   \
+                          kv_first, kv_end, group, HEAD_DIM, num_kv_heads * head_dim, scale, out_row)
+        if (head_dim == 64 && kv_dtype == DT_BF16) ITEM(64, DT_BF16);
+        else if (head_dim == 128 && kv_dtype == DT_BF16) ITEM(128, DT_BF16);
+        else if (head_dim == 64) ITEM(64, DT_F32);
+        else if (head_dim == 128) ITEM(128, DT_F32);
+        else ITEM(head_dim, kv_dtype);
+#undef ITEM
     }
 }
