@@ -48,6 +48,17 @@ class ModelRunner:
         self.cuda_graph_runner: CudaGraphRunner | None = None
         if self.cuda_graph_max_bs:
             self.cuda_graph_runner = CudaGraphRunner(self, min(self.cuda_graph_max_bs, self.max_running_requests))
+        if self.device.type == "cpu":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny extend and decode, so that the first request does not pay for what is built on first use
+        (oneDNN's packed weights and primitives, the C kernels' library).  Every rank runs it (it holds
+        collectives); it takes and returns one request row and a few KV slots."""
+        from radixlm.executor.static_batch import generate_static  # it imports this module
+        from radixlm.sampling import SamplingParams
+
+        generate_static(self, [[0, 1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
 
     # ---------------------------------------------------------------- memory
     def _graph_batch_limit(self) -> int:
