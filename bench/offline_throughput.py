@@ -6,12 +6,16 @@
 Datasets: see bench/workloads.py.
 --hf times transformers on the same prompts: ``generate_batch`` (its continuous batching) for all, and
 ``generate`` one prompt at a time for --hf-generate-prompts of them (extrapolated per request).
+--repeat N reports the median of N runs of radixlm and of HF continuous batching (this shared 2-core machine
+varies by +-15 % between runs of one command).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from workloads import Workload, add_workload_args, make_workload
@@ -62,6 +66,19 @@ def run_hf_generate_batch(model, work: Workload) -> dict[str, float]:
             "cache_hit_rate": 0.0}
 
 
+def median_run(repeat: int, run: Callable[[], dict[str, float]],
+               between: Callable[[], object] | None = None) -> dict[str, Any]:
+    """``run`` ``repeat`` times (``between`` before every run but the first); the median run by seconds, with
+    every run's seconds under ``runs``."""
+    results = []
+    for i in range(max(1, repeat)):
+        if i and between is not None:
+            between()
+        results.append(run())
+    results.sort(key=lambda r: r["seconds"])
+    return {**results[len(results) // 2], "runs": [r["seconds"] for r in results]}
+
+
 def run_hf_generate(model, work: Workload, count: int) -> dict[str, float]:
     count = min(count, len(work.prompts))
     start = time.perf_counter()
@@ -83,6 +100,9 @@ def main() -> None:
     add_workload_args(parser)
     parser.add_argument("--hf", action="store_true", help="also time HF transformers on the same prompts")
     parser.add_argument("--hf-generate-prompts", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time radixlm and HF continuous batching this many times each (radix cache flushed "
+                             "between runs) and report the median run, with the range of the seconds")
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
 
@@ -91,7 +111,7 @@ def main() -> None:
         work = make_workload(args, engine.info.vocab_size, engine.tokenizer)
         engine.generate(input_ids=work.prompts[0][:16], sampling_params={"max_new_tokens": 2})  # warm-up
         engine.generate(input_ids=[[1, 2, 3]], sampling_params={"max_new_tokens": 1})
-        rows.append(("radixlm Engine", run_engine(engine, work)))
+        rows.append(("radixlm Engine", median_run(args.repeat, lambda: run_engine(engine, work), engine.flush_cache)))
         model_path = engine.server_args.model_path
     if args.hf:
         from hf_models import load_hf_model
@@ -101,18 +121,20 @@ def main() -> None:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             server_args.dtype, torch.float32 if server_args.device == "cpu" else torch.bfloat16)
         model = load_hf_model(model_path or embedded_model_path(), dtype, server_args.device)
-        rows.append(("HF continuous batching", run_hf_generate_batch(model, work)))
+        rows.append(("HF continuous batching", median_run(args.repeat, lambda: run_hf_generate_batch(model, work))))
         if args.hf_generate_prompts > 0:
             rows.append((f"HF generate x{min(args.hf_generate_prompts, len(work.prompts))} (sequential)",
                          run_hf_generate(model, work, args.hf_generate_prompts)))
 
     print(f"\ndataset {args.dataset}, {len(work.prompts)} prompts, input tokens {sum(map(len, work.prompts))}, "
           f"output tokens {sum(work.output_lens)}, device {server_args.device}")
-    print(f"{'system':<34} {'seconds':>8} {'req/s':>7} {'input tok/s':>12} {'output tok/s':>13} {'cache hit':>9}")
+    print(f"{'system':<34} {'seconds':>8} {'req/s':>7} {'input tok/s':>12} {'output tok/s':>13} {'cache hit':>9}"
+          f"  {'runs (s)':<20}")
     for name, r in rows:
         s = r["seconds"]
+        runs = ", ".join(f"{t:.2f}" for t in r.get("runs", [s]))
         print(f"{name:<34} {s:>8.2f} {r['requests'] / s:>7.2f} {r['input'] / s:>12.1f} {r['output'] / s:>13.1f} "
-              f"{r['cache_hit_rate']:>9.1%}")
+              f"{r['cache_hit_rate']:>9.1%}  {runs:<20}")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
     _lib().rotary_neox(
         q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], positions.contiguous().data_ptr(),
-        cos_sin_cache.contiguous().data_ptr(), rotary_dim, q.shape[2], q_out.data_ptr(), k_out.data_ptr(), q.shape[0],
+        cos_sin_cache.float().contiguous().data_ptr(), rotary_dim, q.shape[2], q_out.data_ptr(), k_out.data_ptr(), q.shape[0],
         _DTYPES[q.dtype], _threads(),
     )
     return q_out, k_out
