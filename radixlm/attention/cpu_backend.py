@@ -1,8 +1,8 @@
 """Attention through the engine's C kernels (``radixlm.kernels.cpu``): the CPU backend.
 
-Decode reads every request's K/V pages in place (no padded gather, no float32 copy of a bf16 cache), so on CPU
-``--kv-cache-dtype auto`` keeps the cache in the model dtype.  Extend is the torch-native code (prefill is bound by
-the GEMMs, not by attention).
+Both modes read each request's K/V rows in place through ``req_to_token`` (no padded gather, no float32 copy of a
+bf16 cache), so on CPU ``--kv-cache-dtype auto`` keeps the cache in the model dtype.  What the kernels lack (a
+float16 cache, a head dim off the 16-float vector width) runs the torch-native code.
 """
 
 from __future__ import annotations
@@ -25,11 +25,19 @@ class CpuAttnBackend(TorchNativeAttnBackend):
         self.kernel_head_dim = head_dim % cpu.HEAD_DIM_MULTIPLE == 0
 
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
-        if fb.is_decode and self.kernel_head_dim and cpu.supports(fb.token_to_kv_pool.get_kv_buffer(0)[0]):
-            self._meta = None  # decode reads the batch's own table, rows and lengths
+        if self.kernel_head_dim and cpu.supports(fb.token_to_kv_pool.get_kv_buffer(0)[0]):
+            self._meta = None  # the kernels read the batch's own table, rows and lengths
             return
-        # Extend, or what the decode kernel lacks (a float16 cache, an odd head dim): the torch code.
         super().init_forward_metadata(fb)
+
+    def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
+        if self._meta is not None:
+            return super().forward_extend(q, layer, fb)
+        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        return cpu.extend_attention(
+            q, k_buf, v_buf, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.extend_prefix_lens_cpu,
+            fb.extend_seq_lens_cpu, layer.scaling, layer.sliding_window,
+        )
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         if self._meta is not None:

@@ -116,6 +116,49 @@ def test_decode_attention_matches_float64(kv_dtype, num_heads, num_kv_heads, hea
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+def _reference_extend(q, k_buf, v_buf, table, rows, prefix_lens, extend_lens, scaling, window):
+    """Float64: new token i of each request attends to positions 0 .. prefix + i (the last ``window``)."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k_buf.shape[1]
+    start = 0
+    for row, prefix, n in zip(rows.tolist(), prefix_lens, extend_lens):
+        slots = table[row, : prefix + n].long()
+        k = k_buf[slots].double().repeat_interleave(group, dim=1)  # [len, heads, hd]
+        v = v_buf[slots].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("ihd,thd->hit", q[start : start + n].double(), k) * scaling
+        pos, key = torch.arange(prefix, prefix + n)[:, None], torch.arange(prefix + n)[None, :]
+        allowed = (key <= pos) & ((key > pos - window) if window else True)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[start : start + n] = torch.einsum("hit,thd->ihd", scores.softmax(-1), v)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,window", [(9, 3, 64, None), (8, 8, 32, None), (32, 4, 128, None), (4, 2, 64, 20)]
+)
+def test_extend_attention_matches_float64(kv_dtype, num_heads, num_kv_heads, head_dim, window) -> None:
+    """Requests with and without cached prefixes, query blocks (32) and key chunks (64) cut mid-request."""
+    torch.manual_seed(0)
+    prefix_lens, extend_lens = [0, 5, 70, 0, 130], [1, 40, 33, 100, 7]
+    num_slots = sum(prefix_lens) + sum(extend_lens) + 16
+    k_buf = torch.randn(num_slots, num_kv_heads, head_dim).to(kv_dtype)
+    v_buf = torch.randn(num_slots, num_kv_heads, head_dim).to(kv_dtype)
+    free = (torch.randperm(num_slots - 1) + 1).tolist()  # slots scattered over the pool, slot 0 is padding
+    rows = torch.tensor([3, 0, 4, 1, 2])
+    table = torch.zeros(5, 300, dtype=torch.int32)
+    for row, length in zip(rows.tolist(), (p + n for p, n in zip(prefix_lens, extend_lens))):
+        table[row, :length] = torch.tensor([free.pop() for _ in range(length)], dtype=torch.int32)
+    for q_dtype in DTYPES:
+        q = torch.randn(sum(extend_lens), num_heads * 2, head_dim).to(q_dtype)[:, :num_heads]  # strided
+        got = cpu.extend_attention(q, k_buf, v_buf, table, rows, prefix_lens, extend_lens, head_dim**-0.5, window)
+        want = _reference_extend(q, k_buf, v_buf, table, rows, prefix_lens, extend_lens, head_dim**-0.5, window)
+        assert got.dtype == q_dtype and got.shape == q.shape
+        tol = 1e-5 if q_dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RADIXLM_DISABLE_CPU_KERNELS", "1")
     cpu._library.cache_clear()

@@ -47,7 +47,10 @@ _SIGNATURES = {
     "rotary_neox": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _int, _int],
     "decode_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _i64,
                          _int, _int, _int],
+    "extend_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64,
+                         _i64, _f32, _i64, _int, _int, _int],
 }
+EXTEND_QUERY_BLOCK = 32  # cpu_ops.c's EXT_QUERY_BLOCK: new tokens of one request per work item
 
 
 def _cpu_signature() -> str:
@@ -214,6 +217,22 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     return q_out, k_out
 
 
+def _int64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int64).contiguous()
+
+
+def _check_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor) -> int:
+    """What the attention kernels require of their operands; returns the number of KV heads."""
+    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], k_buf.shape[1]
+    if (num_heads % num_kv_heads or head_dim % HEAD_DIM_MULTIPLE or k_buf.dtype != v_buf.dtype
+            or k_buf.dtype not in _DTYPES or req_to_token.dtype != torch.int32
+            or not (k_buf.is_contiguous() and v_buf.is_contiguous() and req_to_token.stride(1) == 1)):
+        raise ValueError(f"CPU attention: heads must group evenly over KV heads, head_dim be a multiple of "
+                         f"{HEAD_DIM_MULTIPLE}, K/V contiguous float32 or bfloat16 of one dtype, req_to_token int32 "
+                         "with contiguous rows")
+    return num_kv_heads
+
+
 def decode_attention(
     q: torch.Tensor,  # [bs, num_heads, head_dim]
     k_buf: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
@@ -231,18 +250,51 @@ def decode_attention(
         return decode_attention(q.float(), k_buf, v_buf, req_to_token, req_rows, seq_lens, scaling,
                                 sliding_window).to(q.dtype)
     q = _token_rows(q)
-    req_rows, seq_lens = req_rows.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous()
+    req_rows, seq_lens = _int64(req_rows), _int64(seq_lens)
     bs, num_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
-    if (num_heads % num_kv_heads or head_dim % HEAD_DIM_MULTIPLE or k_buf.dtype != v_buf.dtype or req_to_token.dtype != torch.int32
-            or not (k_buf.is_contiguous() and v_buf.is_contiguous() and req_to_token.stride(1) == 1)):
-        raise ValueError(f"decode_attention: heads must group evenly over KV heads, head_dim be a multiple of "
-                         f"{HEAD_DIM_MULTIPLE}, K/V contiguous and of one dtype, req_to_token int32 with contiguous "
-                         "rows")
+    num_kv_heads = _check_attention(q, k_buf, v_buf, req_to_token)
     out = torch.empty(q.shape, dtype=q.dtype)
     _lib().decode_attention(
         q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), req_to_token.data_ptr(),
         req_to_token.stride(0), req_rows.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), bs, num_heads,
         num_kv_heads, head_dim, scaling, sliding_window or 0, _DTYPES[q.dtype], _DTYPES[k_buf.dtype], _threads(),
+    )
+    return out
+
+
+def extend_attention(
+    q: torch.Tensor,  # [num_new_tokens, num_heads, head_dim], requests' new tokens one after another
+    k_buf: torch.Tensor,  # [num_slots, num_kv_heads, head_dim], the new tokens' K/V already stored
+    v_buf: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    req_to_token: torch.Tensor,  # [rows, max_context] int32
+    req_rows: torch.Tensor,  # [num_reqs] int64
+    prefix_lens: list[int],  # cached positions of each request
+    extend_lens: list[int],  # new positions of each request
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [num_new_tokens, num_heads, head_dim] in q's dtype
+    """New token i of a request (position prefix + i) attends to the request's positions 0 .. prefix + i (the
+    last ``sliding_window`` of them, if set), reading K/V pages in place.  A query of a dtype other than float32
+    or bfloat16 is computed in float32."""
+    if q.dtype not in _DTYPES:
+        return extend_attention(q.float(), k_buf, v_buf, req_to_token, req_rows, prefix_lens, extend_lens, scaling,
+                                sliding_window).to(q.dtype)
+    q = _token_rows(q)
+    num_kv_heads = _check_attention(q, k_buf, v_buf, req_to_token)
+    if sum(extend_lens) != q.shape[0]:
+        raise ValueError(f"extend_attention: {q.shape[0]} query tokens for {sum(extend_lens)} new positions")
+    starts, blocks = [0], [0]
+    for n in extend_lens:
+        starts.append(starts[-1] + n)
+        blocks.append(blocks[-1] + -(-n // EXTEND_QUERY_BLOCK))
+    meta = torch.tensor([prefix_lens, extend_lens, starts[:-1]], dtype=torch.int64)
+    block_starts = torch.tensor(blocks, dtype=torch.int64)
+    req_rows = _int64(req_rows)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    _lib().extend_attention(
+        q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), req_to_token.data_ptr(), req_to_token.stride(0),
+        req_rows.data_ptr(), meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), block_starts.data_ptr(),
+        len(extend_lens), out.data_ptr(), q.shape[1], num_kv_heads, q.shape[2], scaling, sliding_window or 0,
+        _DTYPES[q.dtype], _DTYPES[k_buf.dtype], _threads(),
     )
     return out

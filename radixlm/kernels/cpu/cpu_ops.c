@@ -9,6 +9,7 @@
  * bit for bit except where a float32 reduction (a norm's sum of squares) or exp() differs in its last bits.
  */
 #include <float.h>
+#include <stdlib.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -320,5 +321,123 @@ void decode_attention(const void *q, int64_t q_stride, const void *k_buf, const 
         else if (head_dim == 128) ITEM(128, DT_F32);
         else ITEM(head_dim, kv_dtype);
 #undef ITEM
+    }
+}
+
+/* ------------------------------------------------------------------ paged extend attention */
+
+#define EXT_QUERY_BLOCK 32 /* new positions of one request per work item */
+#define EXT_KEY_CHUNK 64   /* keys loaded (as float32, K transposed) between online-softmax rescales */
+
+/* Rows of one work item: positions [i0, i1) of request b's new tokens, the query heads of KV head kvh. */
+static void extend_attention_item(const char *q, int64_t q_stride, int q_dtype, const char *k_buf,
+                                  const char *v_buf, int kv_dtype, const int32_t *slots, int64_t prefix,
+                                  int64_t i0, int64_t i1, int64_t kvh, int64_t group, int64_t num_heads,
+                                  int64_t num_kv_heads, int64_t head_dim, float scale, int64_t window, char *out,
+                                  float *qs, float *acc) {
+    const int64_t rows = (i1 - i0) * group, q_es = elem_size(q_dtype), kv_es = elem_size(kv_dtype);
+    const int64_t row_bytes = num_kv_heads * head_dim * kv_es;
+    float kt[head_dim][EXT_KEY_CHUNK], v[EXT_KEY_CHUNK][head_dim], s[EXT_KEY_CHUNK], m[rows], l[rows];
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t i = i0 + r / group, h = kvh * group + r % group;
+        load_row(q + (i * q_stride + h * head_dim) * q_es, q_dtype, qs + r * head_dim, head_dim);
+        for (int64_t d = 0; d < head_dim; d++) {
+            qs[r * head_dim + d] *= scale;
+            acc[r * head_dim + d] = 0.0f;
+        }
+        m[r] = -FLT_MAX;
+        l[r] = 0.0f;
+    }
+    const int64_t last = prefix + i1 - 1; /* the last key any row of the item may see */
+    const int64_t first = window > 0 && prefix + i0 - window + 1 > 0 ? prefix + i0 - window + 1 : 0;
+    for (int64_t c = first; c <= last; c += EXT_KEY_CHUNK) {
+        const int64_t n = last + 1 - c < EXT_KEY_CHUNK ? last + 1 - c : EXT_KEY_CHUNK;
+        for (int64_t t = 0; t < n; t++) {
+            const char *k_row = k_buf + (int64_t)slots[c + t] * row_bytes + kvh * head_dim * kv_es;
+            float row[head_dim];
+            load_row(k_row, kv_dtype, row, head_dim);
+            for (int64_t d = 0; d < head_dim; d++) kt[d][t] = row[d];
+            load_row(v_buf + (k_row - k_buf), kv_dtype, v[t], head_dim);
+        }
+        for (int64_t t = n; t < EXT_KEY_CHUNK; t++)
+            for (int64_t d = 0; d < head_dim; d++) kt[d][t] = 0.0f;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t pos = prefix + i0 + r / group;
+            const int64_t lo = window > 0 ? pos - window + 1 : 0;
+            const int64_t t_begin = lo > c ? lo - c : 0, t_end = pos + 1 - c < n ? pos + 1 - c : n;
+            if (t_end <= t_begin) continue;
+            /* Scores of 16 keys at a time: q_r broadcast against a row of the transposed chunk. */
+            const float *qr = qs + r * head_dim;
+            for (int64_t t0 = 0; t0 < t_end; t0 += 16) {
+                v16f dots = {0};
+                for (int64_t d = 0; d < head_dim; d++) {
+                    v16f k;
+                    memcpy(&k, &kt[d][t0], sizeof k);
+                    dots += qr[d] * k;
+                }
+                memcpy(s + t0, &dots, sizeof dots);
+            }
+            float chunk_max = m[r];
+            for (int64_t t = t_begin; t < t_end; t++) chunk_max = s[t] > chunk_max ? s[t] : chunk_max;
+            const float alpha = exp_f32(m[r] - chunk_max);
+            float sum = 0.0f;
+            for (int64_t t = t_begin; t < t_end; t++) {
+                s[t] = exp_f32(s[t] - chunk_max);
+                sum += s[t];
+            }
+            l[r] = l[r] * alpha + sum;
+            m[r] = chunk_max;
+            float *ar = acc + r * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) ar[d] *= alpha;
+            for (int64_t t = t_begin; t < t_end; t++) {
+                const float p = s[t];
+                for (int64_t d = 0; d < head_dim; d++) ar[d] += p * v[t][d];
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t i = i0 + r / group, h = kvh * group + r % group;
+        float *ar = acc + r * head_dim;
+        const float inv = 1.0f / l[r];
+        for (int64_t d = 0; d < head_dim; d++) ar[d] *= inv;
+        store_row(ar, out + (i * num_heads + h) * head_dim * q_es, q_dtype, head_dim);
+    }
+}
+
+/* New tokens attend to their request's cached prefix and causally to each other, K/V read in place.
+ *
+ * Request b (row req_rows[b] of req_to_token) has prefix_lens[b] cached positions and extend_lens[b] new ones,
+ * whose queries are rows q_starts[b] .. of q [tokens, num_heads, head_dim] (token stride q_stride); new token i
+ * sits at position prefix + i and sees positions 0 .. prefix + i (the last ``window`` of them if window > 0).
+ * Its K/V must already be in the cache.  out [tokens, num_heads, head_dim] contiguous, q's dtype.
+ * Work items: (request, block of EXT_QUERY_BLOCK new tokens, KV head); block_starts[b] is the first block of b
+ * (block_starts[num_reqs] the total). */
+void extend_attention(const void *q, int64_t q_stride, const void *k_buf, const void *v_buf,
+                      const int32_t *req_to_token, int64_t table_stride, const int64_t *req_rows,
+                      const int64_t *prefix_lens, const int64_t *extend_lens, const int64_t *q_starts,
+                      const int64_t *block_starts, int64_t num_reqs, void *out, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t head_dim, float scale, int64_t window, int q_dtype,
+                      int kv_dtype, int nthreads) {
+    const int64_t group = num_heads / num_kv_heads, q_es = elem_size(q_dtype);
+    const int64_t items = block_starts[num_reqs] * num_kv_heads;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *qs = malloc(sizeof(float) * EXT_QUERY_BLOCK * group * head_dim);
+        float *acc = malloc(sizeof(float) * EXT_QUERY_BLOCK * group * head_dim);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t block = item / num_kv_heads, kvh = item % num_kv_heads;
+            int64_t b = 0;
+            while (block_starts[b + 1] <= block) b++;
+            const int64_t i0 = (block - block_starts[b]) * EXT_QUERY_BLOCK;
+            const int64_t i1 = i0 + EXT_QUERY_BLOCK < extend_lens[b] ? i0 + EXT_QUERY_BLOCK : extend_lens[b];
+            extend_attention_item((const char *)q + q_starts[b] * q_stride * q_es, q_stride, q_dtype,
+                                  (const char *)k_buf, (const char *)v_buf, kv_dtype,
+                                  req_to_token + req_rows[b] * table_stride, prefix_lens[b], i0, i1, kvh, group,
+                                  num_heads, num_kv_heads, head_dim, scale, window,
+                                  (char *)out + q_starts[b] * num_heads * head_dim * q_es, qs, acc);
+        }
+        free(qs);
+        free(acc);
     }
 }
