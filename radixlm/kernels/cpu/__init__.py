@@ -1,9 +1,10 @@
-"""The engine's CPU kernels (``cpu_ops.c``): paged decode attention, RMSNorm(+residual), SiLU-and-mul, rotary.
+"""The engine's CPU kernels: paged decode and extend attention, RMSNorm(+residual), SiLU-and-mul and rotary in C
+(``cpu_ops.c``), and linear layers through oneDNN with prepacked weights (``linear``).
 
-They exist because on a CPU the torch code of these ops is bound by what it moves, not by arithmetic: decode
-attention gathers every request's K/V into a padded copy and reads it again, and each norm or rotary is a chain of
-eager ops (casts included) that each pass over the whole activation.  The C kernels read the KV pages in place and
-make one pass per op.
+They exist because on a CPU the torch code of these ops is bound by what it moves, not by arithmetic: attention
+gathers every request's K/V into a padded copy and reads it again, each norm or rotary is a chain of eager ops
+(casts included) that each pass over the whole activation, and ``F.linear`` re-packs its weight on every call.
+The C kernels read the KV pages in place and make one pass per op.
 
 How they are built: plain C with no torch headers, compiled on first use by the system C compiler (``$CC``, else
 ``cc``) with ``-O3 -march=native -fopenmp`` into ``<cache_dir>/kernels/`` (keyed by the source, the flags and the
@@ -112,17 +113,18 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 
 @cache
-def _onednn_linear_available() -> bool:
+def _onednn_linear_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes oneDNN runs natively here (bf16 needs the CPU's bf16 instructions); none when disabled."""
     ops = torch.ops.mkldnn
-    return (os.environ.get("RADIXLM_DISABLE_CPU_KERNELS") != "1" and torch.backends.mkldnn.is_available()
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+    if (os.environ.get("RADIXLM_DISABLE_CPU_KERNELS") == "1" or not torch.backends.mkldnn.is_available()
+            or not hasattr(ops, "_reorder_linear_weight") or not hasattr(ops, "_linear_pointwise")):
+        return frozenset()
+    return frozenset([torch.float32, torch.bfloat16] if ops._is_mkldnn_bf16_supported() else [torch.float32])
 
 
 def supports_linear(x: torch.Tensor) -> bool:
     """True when ``linear`` can take ``x``: a CPU float32 or bfloat16 tensor (bf16 where oneDNN has it natively)."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or not _onednn_linear_available():
-        return False
-    return x.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return x.device.type == "cpu" and x.dtype in _onednn_linear_dtypes()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
