@@ -338,6 +338,7 @@ class Engine:
         if taken or len(set(wanted)) != len(wanted):
             raise ValueError(f"rid {(taken or wanted)[0]!r} is already in use by a running request")
         states: list[RequestState] = []
+        batch: list[GenerateRequest] = []  # sent as one message, so that the scheduler admits it together
         for i, (p_ids, p) in enumerate(zip(ids, params)):
             rid = rids[i] if rids else None
             copies = [self._new_state(p_ids, p, options, c, loop, rid if p.n == 1 else rid and f"{rid}-{c}")
@@ -347,11 +348,11 @@ class Engine:
                 # Prefill the prompt once; the copies are sent when its KV is in the radix cache.
                 warm_params = SamplingParams(**{**vars(p), "n": 1, "max_new_tokens": 0})
                 warm, warm_req = self._new_state(p_ids, warm_params, None, 0, None, None)
-                warm.on_finish = lambda copies=copies: [self._send(req) for _, req in copies]
-                self._send(warm_req)
+                warm.on_finish = lambda copies=copies: self._send([req for _, req in copies])
+                batch.append(warm_req)
             else:
-                for _, req in copies:
-                    self._send(req)
+                batch += [req for _, req in copies]
+        self._send(batch)
         return states
 
     def _new_state(self, ids: list[int], p: SamplingParams, options: LogprobOptions | None, copy: int,

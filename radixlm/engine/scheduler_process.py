@@ -104,9 +104,11 @@ class SchedulerLoop:
                 self.recv.poll(1000)
             while True:
                 try:
-                    messages.append(self.recv.recv_pyobj(zmq.NOBLOCK))
+                    msg = self.recv.recv_pyobj(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                # A list is one submission of several requests (Engine._start): admitted in the same step.
+                messages += msg if isinstance(msg, list) else [msg]
         messages = self.tp.broadcast_object(messages)
         return None if any(m is None for m in messages) else messages
 

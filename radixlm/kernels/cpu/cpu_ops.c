@@ -118,7 +118,8 @@ void rms_norm(const void *x, int64_t x_stride, const void *residual, int64_t res
 /* out[r] = round(round(silu(gate)) * up) for x[r] = gate || up (each d wide, row stride x_stride); out is
  * contiguous [rows, d]. */
 void silu_and_mul(const void *x, int64_t x_stride, void *out, int64_t rows, int64_t d, int dtype, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) if (rows * d > 65536) schedule(static)
+    /* exp and a division per element: worth a second thread from a few thousand elements on */
+#pragma omp parallel for num_threads(nthreads) if (rows * d > 8192) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float g[d], u[d];
         load_row(at(x, r * x_stride, dtype), dtype, g, d);
