@@ -118,7 +118,7 @@ class ServerArgs:
                 "cpu" if cpu_kernels.available() else "torch_native"))
         if self.attention_backend == "cpu" and (self.device != "cpu" or not cpu_kernels.available()):
             raise ValueError("invalid server arguments:\n  --attention-backend cpu needs --device cpu and a C "
-                             "compiler to build radixlm's CPU kernels (or RADIXLM_DISABLE_CPU_KERNELS unset)")
+                             "compiler to build radixlm's CPU kernels (and RADIXLM_DISABLE_CPU_KERNELS unset)")
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

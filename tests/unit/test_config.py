@@ -388,3 +388,16 @@ def test_kv_cell_bytes(tmp_path: Path) -> None:
     assert cfg.kv_cell_bytes(2) == 2 * 2 * 1 * 16 * 4
     assert cfg.kv_cell_bytes(4) == 2 * 2 * 1 * 16 * 4  # KV heads replicated, one per rank
     assert cfg.kv_cell_bytes(1, torch.bfloat16) == 2 * 2 * 2 * 16 * 2
+
+
+def test_cpu_attention_backend_needs_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C kernels, auto falls back to torch_native on CPU and an explicit ``cpu`` is refused."""
+    monkeypatch.setenv("RADIXLM_DISABLE_CPU_KERNELS", "1")
+    cpu_kernels._library.cache_clear()
+    try:
+        assert ServerArgs(device="cpu").attention_backend == "torch_native"
+        with pytest.raises(ValueError, match="--attention-backend cpu needs"):
+            ServerArgs(device="cpu", attention_backend="cpu")
+    finally:
+        monkeypatch.delenv("RADIXLM_DISABLE_CPU_KERNELS")
+        cpu_kernels._library.cache_clear()
