@@ -23,24 +23,26 @@ class CpuAttnBackend(TorchNativeAttnBackend):
     def __init__(self, head_dim: int) -> None:
         super().__init__()
         self.kernel_head_dim = head_dim % cpu.HEAD_DIM_MULTIPLE == 0
+        self._in_place = False  # this batch runs the C kernels
+        self._plan: cpu.ExtendPlan | None = None
 
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
-        if self.kernel_head_dim and cpu.supports(fb.token_to_kv_pool.get_kv_buffer(0)[0]):
-            self._meta = None  # the kernels read the batch's own table, rows and lengths
-            return
-        super().init_forward_metadata(fb)
+        self._in_place = self.kernel_head_dim and cpu.supports(fb.token_to_kv_pool.get_kv_buffer(0)[0])
+        if not self._in_place:
+            super().init_forward_metadata(fb)
+        elif not fb.is_decode:  # decode reads the batch's own table, rows and lengths
+            self._plan = cpu.ExtendPlan.build(fb.req_pool_indices, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
 
     def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
-        if self._meta is not None:
+        if not self._in_place:
             return super().forward_extend(q, layer, fb)
+        assert self._plan is not None
         k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        return cpu.extend_attention(
-            q, k_buf, v_buf, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.extend_prefix_lens_cpu,
-            fb.extend_seq_lens_cpu, layer.scaling, layer.sliding_window,
-        )
+        return cpu.extend_attention(q, k_buf, v_buf, fb.req_to_token_pool.req_to_token, self._plan, layer.scaling,
+                                    layer.sliding_window)
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
-        if self._meta is not None:
+        if not self._in_place:
             return super().forward_decode(q, layer, fb)
         k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         return cpu.decode_attention(

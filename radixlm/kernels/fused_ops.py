@@ -14,19 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels import as_rows
+
 # Rows of a norm are reduced by one program, so the whole row must fit in one block.
 MAX_NORM_HIDDEN = 16384
 # Elements of q/k one rotary program holds per tile ([heads, rotary_dim / 2], for each of the two halves).
 _ROTARY_TILE = 2048
 _SILU_BLOCK = 1024
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[rows, last_dim]`` with a unit last-dim stride: a view where strides allow, else a copy."""
-    if x.dim() == 2 and x.stride(1) == 1:  # the common case, without reshape's host overhead
-        return x
-    x2d = x.reshape(-1, x.shape[-1])
-    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
 def _new_output(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,13 +60,13 @@ def _launch_rms_norm(
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_NORM_HIDDEN}, got {hidden}")
     if weight.shape != (hidden,):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden}")
-    x2d = _rows(x)  # [rows, hidden]
+    x2d = as_rows(x)  # [rows, hidden]
     if residual is None:
         residual2d, new_residual, norm_dtype = None, None, x.dtype
     else:
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-        residual2d = _rows(residual)  # [rows, hidden]
+        residual2d = as_rows(residual)  # [rows, hidden]
         norm_dtype = torch.promote_types(x.dtype, residual.dtype)
         new_residual = _new_output(x, norm_dtype)
     # torch promotes ``weight * normed``: an fp32 weight over bf16 activations gives an fp32 output.
@@ -131,7 +125,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
     d = x.shape[-1] // 2
-    x2d = _rows(x)  # [rows, 2 * d]
+    x2d = as_rows(x)  # [rows, 2 * d]
     out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     if x2d.shape[0] and d:
         # Rows on grid axis 0, which (unlike axes 1 and 2) is not limited to 65535 blocks.

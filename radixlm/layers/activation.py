@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixlm.kernels import cpu
+from radixlm.kernels import fused_ops_for
 
 
 class SiluAndMul(nn.Module):
@@ -13,12 +13,8 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """CUDA tensors take one fused Triton kernel (rounded once, within about an ulp of the torch code), CPU
         tensors one C kernel (rounded as the torch code, within an ulp)."""
-        if x.is_cuda:
-            from radixlm.kernels import fused_ops  # imported here: CPU-only installs may lack triton
-            return fused_ops.silu_and_mul(x)
-        if cpu.supports(x):
-            return cpu.silu_and_mul(x)
-        return self.forward_native(x)
+        fused_ops = fused_ops_for(x)
+        return self.forward_native(x) if fused_ops is None else fused_ops.silu_and_mul(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         """The torch implementation of ``forward``, on any device."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixlm.kernels import cpu
+from radixlm.kernels import fused_ops_for
 
 
 class RMSNorm(nn.Module):
@@ -23,11 +23,8 @@ class RMSNorm(nn.Module):
         order of rounding as HF transformers.  CUDA tensors take one fused Triton kernel, CPU tensors one C
         kernel (both: same residual bits, output within about an ulp), others the torch code of ``forward_native``.
         """
-        if x.is_cuda:
-            from radixlm.kernels import fused_ops  # imported here: CPU-only installs may lack triton
-        elif cpu.supports(x):
-            fused_ops = cpu
-        else:
+        fused_ops = fused_ops_for(x)
+        if fused_ops is None:
             return self.forward_native(x, residual)
         if residual is None:
             return fused_ops.rms_norm(x, self.weight, self.eps)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from radixlm.kernels import cpu
+from radixlm.kernels import fused_ops_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -63,11 +63,8 @@ class RotaryEmbedding(nn.Module):
         CUDA tensors take one Triton kernel for both, CPU tensors one C kernel (both bit-identical to
         ``forward_native``, the torch code).
         """
-        if q.is_cuda:
-            from radixlm.kernels import fused_ops  # imported here: CPU-only installs may lack triton
-        elif cpu.supports(q, k):
-            fused_ops = cpu
-        else:
+        fused_ops = fused_ops_for(q)
+        if fused_ops is None:
             return self.forward_native(positions, q, k)
         return fused_ops.apply_rotary(q, k, positions, self.cos_sin_cache, self.rotary_dim)
 

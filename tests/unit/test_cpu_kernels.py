@@ -152,11 +152,27 @@ def test_extend_attention_matches_float64(kv_dtype, num_heads, num_kv_heads, hea
         table[row, :length] = torch.tensor([free.pop() for _ in range(length)], dtype=torch.int32)
     for q_dtype in DTYPES:
         q = torch.randn(sum(extend_lens), num_heads * 2, head_dim).to(q_dtype)[:, :num_heads]  # strided
-        got = cpu.extend_attention(q, k_buf, v_buf, table, rows, prefix_lens, extend_lens, head_dim**-0.5, window)
+        plan = cpu.ExtendPlan.build(rows, prefix_lens, extend_lens)
+        got = cpu.extend_attention(q, k_buf, v_buf, table, plan, head_dim**-0.5, window)
         want = _reference_extend(q, k_buf, v_buf, table, rows, prefix_lens, extend_lens, head_dim**-0.5, window)
         assert got.dtype == q_dtype and got.shape == q.shape
         tol = 1e-5 if q_dtype == torch.float32 else 8e-3
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_layers_dispatch_to_the_c_kernels_on_cpu() -> None:
+    from radixlm.kernels import fused_ops_for
+
+    norm, act, rope = RMSNorm(96, dtype=torch.bfloat16), SiluAndMul(), RotaryEmbedding(64, 32, 10000.0)
+    x, residual = torch.randn(7, 96).bfloat16(), torch.randn(7, 96).bfloat16()
+    assert fused_ops_for(x) is cpu and fused_ops_for(x.half()) is None  # float16: the torch code
+    assert torch.equal(norm(x), cpu.rms_norm(x, norm.weight, norm.eps))
+    for got, want in zip(norm(x, residual), cpu.fused_add_rms_norm(x, residual, norm.weight, norm.eps)):
+        assert torch.equal(got, want)
+    assert torch.equal(act(x), cpu.silu_and_mul(x))
+    q, k, positions = torch.randn(7, 4, 64).bfloat16(), torch.randn(7, 2, 64).bfloat16(), torch.arange(7)
+    for got, want in zip(rope(positions, q, k), cpu.apply_rotary(q, k, positions, rope.cos_sin_cache, 64)):
+        assert torch.equal(got, want)
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,10 +26,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from radixlm.kernels import as_rows
 
 logger = logging.getLogger(__name__)
 
@@ -151,20 +154,14 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[rows, last_dim]`` with a unit last-dim stride (a view where strides allow, else a copy)."""
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-
-
 def _threads() -> int:
     return torch.get_num_threads()
 
 
 def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
               eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x2d = _rows(x)
-    res2d = _rows(residual) if residual is not None else None
+    x2d = as_rows(x)
+    res2d = as_rows(residual) if residual is not None else None
     out = torch.empty(x.shape, dtype=x.dtype)
     new_residual = torch.empty(x.shape, dtype=x.dtype) if residual is not None else None
     weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
@@ -192,7 +189,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x`` [..., 2 * d] = gate ‖ up; a new contiguous [..., d] in x's dtype."""
-    x2d = _rows(x)
+    x2d = as_rows(x)
     d = x2d.shape[1] // 2
     out = torch.empty((*x.shape[:-1], d), dtype=x.dtype)
     _lib().silu_and_mul(x2d.data_ptr(), x2d.stride(0), out.data_ptr(), x2d.shape[0], d, _DTYPES[x.dtype], _threads())
@@ -264,14 +261,34 @@ def decode_attention(
     return out
 
 
+@dataclass(frozen=True)
+class ExtendPlan:
+    """The index arrays of ``extend_attention`` for one batch, built once and shared by every layer."""
+
+    req_rows: torch.Tensor  # [num_reqs] int64, row of each request in req_to_token
+    prefix_lens: torch.Tensor  # [num_reqs] int64, cached positions of each request
+    extend_lens: torch.Tensor  # [num_reqs] int64, new positions of each request
+    q_starts: torch.Tensor  # [num_reqs] int64, row of each request's first new token in q
+    block_starts: torch.Tensor  # [num_reqs + 1] int64, first work block of each request (then the total)
+    num_tokens: int
+
+    @staticmethod
+    def build(req_rows: torch.Tensor, prefix_lens: list[int], extend_lens: list[int]) -> "ExtendPlan":
+        starts, blocks = [0], [0]
+        for n in extend_lens:
+            starts.append(starts[-1] + n)
+            blocks.append(blocks[-1] + -(-n // EXTEND_QUERY_BLOCK))
+        meta = torch.tensor([prefix_lens, extend_lens, starts[:-1]], dtype=torch.int64)
+        return ExtendPlan(_int64(req_rows), meta[0], meta[1], meta[2], torch.tensor(blocks, dtype=torch.int64),
+                          starts[-1])
+
+
 def extend_attention(
     q: torch.Tensor,  # [num_new_tokens, num_heads, head_dim], requests' new tokens one after another
     k_buf: torch.Tensor,  # [num_slots, num_kv_heads, head_dim], the new tokens' K/V already stored
     v_buf: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
     req_to_token: torch.Tensor,  # [rows, max_context] int32
-    req_rows: torch.Tensor,  # [num_reqs] int64
-    prefix_lens: list[int],  # cached positions of each request
-    extend_lens: list[int],  # new positions of each request
+    plan: ExtendPlan,
     scaling: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:  # [num_new_tokens, num_heads, head_dim] in q's dtype
@@ -279,24 +296,16 @@ def extend_attention(
     last ``sliding_window`` of them, if set), reading K/V pages in place.  A query of a dtype other than float32
     or bfloat16 is computed in float32."""
     if q.dtype not in _DTYPES:
-        return extend_attention(q.float(), k_buf, v_buf, req_to_token, req_rows, prefix_lens, extend_lens, scaling,
-                                sliding_window).to(q.dtype)
+        return extend_attention(q.float(), k_buf, v_buf, req_to_token, plan, scaling, sliding_window).to(q.dtype)
     q = _token_rows(q)
     num_kv_heads = _check_attention(q, k_buf, v_buf, req_to_token)
-    if sum(extend_lens) != q.shape[0]:
-        raise ValueError(f"extend_attention: {q.shape[0]} query tokens for {sum(extend_lens)} new positions")
-    starts, blocks = [0], [0]
-    for n in extend_lens:
-        starts.append(starts[-1] + n)
-        blocks.append(blocks[-1] + -(-n // EXTEND_QUERY_BLOCK))
-    meta = torch.tensor([prefix_lens, extend_lens, starts[:-1]], dtype=torch.int64)
-    block_starts = torch.tensor(blocks, dtype=torch.int64)
-    req_rows = _int64(req_rows)
+    if plan.num_tokens != q.shape[0]:
+        raise ValueError(f"extend_attention: {q.shape[0]} query tokens for {plan.num_tokens} new positions")
     out = torch.empty(q.shape, dtype=q.dtype)
     _lib().extend_attention(
         q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), req_to_token.data_ptr(), req_to_token.stride(0),
-        req_rows.data_ptr(), meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), block_starts.data_ptr(),
-        len(extend_lens), out.data_ptr(), q.shape[1], num_kv_heads, q.shape[2], scaling, sliding_window or 0,
-        _DTYPES[q.dtype], _DTYPES[k_buf.dtype], _threads(),
+        plan.req_rows.data_ptr(), plan.prefix_lens.data_ptr(), plan.extend_lens.data_ptr(), plan.q_starts.data_ptr(),
+        plan.block_starts.data_ptr(), len(plan.req_rows), out.data_ptr(), q.shape[1], num_kv_heads, q.shape[2],
+        scaling, sliding_window or 0, _DTYPES[q.dtype], _DTYPES[k_buf.dtype], _threads(),
     )
     return out

@@ -202,6 +202,23 @@ static inline float sum16(v16f v) { /* a tree of halvings: 4 dependent adds inst
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+/* One chunk of an online softmax: scores s[begin, end) become exp(s - m') in place, where m' is the running
+ * maximum *m raised by the chunk; *l (the running sum) is rescaled and extended.  Returns exp(m - m'), the
+ * factor for what was accumulated before (about 0 on the first chunk, where *m = -FLT_MAX). */
+static inline float online_softmax(float *s, int64_t begin, int64_t end, float *m, float *l) {
+    float chunk_max = *m;
+    for (int64_t t = begin; t < end; t++) chunk_max = s[t] > chunk_max ? s[t] : chunk_max;
+    const float alpha = exp_f32(*m - chunk_max);
+    float sum = 0.0f;
+    for (int64_t t = begin; t < end; t++) {
+        s[t] = exp_f32(s[t] - chunk_max);
+        sum += s[t];
+    }
+    *l = *l * alpha + sum;
+    *m = chunk_max;
+    return alpha;
+}
+
 /* Prefetch bytes [0, n) of p into the caches, one line at a time. */
 static inline void prefetch_bytes(const char *p, int64_t n) {
     for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 3);
@@ -254,16 +271,7 @@ static inline __attribute__((always_inline)) void decode_attention_item(
             }
         }
         for (int64_t h = 0; h < heads; h++) {
-            float chunk_max = m[h];
-            for (int64_t t = 0; t < n; t++) chunk_max = scores[h][t] > chunk_max ? scores[h][t] : chunk_max;
-            const float alpha = exp_f32(m[h] - chunk_max); /* ~0 on the first chunk (m = -FLT_MAX) */
-            float sum = 0.0f;
-            for (int64_t t = 0; t < n; t++) {
-                scores[h][t] = exp_f32(scores[h][t] - chunk_max);
-                sum += scores[h][t];
-            }
-            l[h] = l[h] * alpha + sum;
-            m[h] = chunk_max;
+            const float alpha = online_softmax(scores[h], 0, n, &m[h], &l[h]);
             for (int64_t j = 0; j < nv; j++) acc[h][j] *= alpha;
         }
         for (int64_t t = 0; t < n; t++) {
@@ -378,16 +386,7 @@ static void extend_attention_item(const char *q, int64_t q_stride, int q_dtype, 
                 }
                 memcpy(s + t0, &dots, sizeof dots);
             }
-            float chunk_max = m[r];
-            for (int64_t t = t_begin; t < t_end; t++) chunk_max = s[t] > chunk_max ? s[t] : chunk_max;
-            const float alpha = exp_f32(m[r] - chunk_max);
-            float sum = 0.0f;
-            for (int64_t t = t_begin; t < t_end; t++) {
-                s[t] = exp_f32(s[t] - chunk_max);
-                sum += s[t];
-            }
-            l[r] = l[r] * alpha + sum;
-            m[r] = chunk_max;
+            const float alpha = online_softmax(s, t_begin, t_end, &m[r], &l[r]);
             float *ar = acc + r * head_dim;
             for (int64_t d = 0; d < head_dim; d++) ar[d] *= alpha;
             for (int64_t t = t_begin; t < t_end; t++) {
