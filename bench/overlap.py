@@ -48,7 +48,7 @@ def add_batch(scheduler: Scheduler, batch: int, input_len: int, output_len: int,
 
 def start_decoding(scheduler: Scheduler) -> None:
     """Step until the requests just added decode: grammar compilation, then the prefill."""
-    while scheduler.grammar_queue or not scheduler.running:
+    while scheduler.grammars or not scheduler.running:
         scheduler.step()
 
 

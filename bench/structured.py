@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
     scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args)))
-    backend = scheduler.grammar_backend
+    backend = scheduler.grammars.backend
     assert backend is not None, "needs --grammar-backend xgrammar and a tokenizer"
 
     backend.compile(GrammarSpec("regex", "a")).result()  # load the tokenizer and its vocabulary tables once

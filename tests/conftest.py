@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest
 
 from radixlm.config import ServerArgs
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 
 # Keep the CPU tests reproducible and light on a 2-core machine.
@@ -27,6 +27,20 @@ def make_runner(model_path: str | None, **kwargs) -> ModelRunner:
     kwargs.setdefault("random_seed", 0)
     args = ServerArgs(model_path=model_path, device="cpu", **kwargs)
     return ModelRunner(args, resolve_model_config(args))
+
+
+def make_worker(model_path: str | None, **kwargs) -> ModelWorker:
+    """``make_runner``'s runner behind the executor contract (``ModelWorker``)."""
+    return ModelWorker(make_runner(model_path, **kwargs))
+
+
+def make_scheduler(model_path: str | None, **kwargs):
+    """A scheduler over a fresh TP=1 CPU worker (``kwargs`` are ServerArgs fields)."""
+    from radixlm.scheduler import Scheduler
+
+    kwargs.setdefault("random_seed", 0)
+    args = ServerArgs(model_path=model_path, device="cpu", **kwargs)
+    return Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
 
 
 TINY_CONFIGS = {
@@ -93,7 +107,7 @@ def embedded_hf_model(embedded_path: str):
 
 
 @pytest.fixture(scope="session")
-def embedded_runner(embedded_path: str) -> ModelRunner:
-    return make_runner(embedded_path)
+def embedded_worker(embedded_path: str) -> ModelWorker:
+    return make_worker(embedded_path)
 
 

@@ -1,8 +1,9 @@
 """Attention through the engine's C kernels (``radixlm.kernels.cpu``): the CPU backend.
 
 Both modes read each request's K/V rows in place through ``req_to_token`` (no padded gather, no float32 copy of a
-bf16 cache), so on CPU ``--kv-cache-dtype auto`` keeps the cache in the model dtype.  What the kernels lack (a
-float16 cache, a head dim off the 16-float vector width) runs the torch-native code.
+bf16 cache), so on CPU ``--kv-cache-dtype auto`` keeps the cache in the model dtype.  EXTEND, MIXED and DECODE
+run in C; what the kernels lack runs the torch-native code: TARGET_VERIFY (a custom mask over the new tokens),
+K and V of different widths (an MLA latent cache), a float16 cache, a head dim off the 16-float vector width.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.attention.torch_native import TorchNativeAttnBackend
+from radixlm.core import ForwardMode
 from radixlm.kernels import cpu
 
 if TYPE_CHECKING:
@@ -20,16 +22,19 @@ if TYPE_CHECKING:
 
 
 class CpuAttnBackend(TorchNativeAttnBackend):
-    def __init__(self, head_dim: int) -> None:
+    name = "cpu"
+
+    def __init__(self, head_dim: int, v_head_dim: int) -> None:
         super().__init__()
-        self.kernel_head_dim = head_dim % cpu.HEAD_DIM_MULTIPLE == 0
+        self.kernel_shapes = head_dim == v_head_dim and head_dim % cpu.HEAD_DIM_MULTIPLE == 0
         self._in_place = False  # this batch runs the C kernels
         self._plan: cpu.ExtendPlan | None = None
 
-    def init_forward_metadata(self, fb: "ForwardBatch") -> None:
-        self._in_place = self.kernel_head_dim and cpu.supports(fb.token_to_kv_pool.get_kv_buffer(0)[0])
+    def prepare(self, fb: "ForwardBatch") -> None:
+        self._in_place = (self.kernel_shapes and fb.forward_mode is not ForwardMode.TARGET_VERIFY
+                          and cpu.supports(fb.kv_pool.get_kv_buffer(0)[0]))
         if not self._in_place:
-            super().init_forward_metadata(fb)
+            super().prepare(fb)
         elif not fb.is_decode:  # decode reads the batch's own table, rows and lengths
             self._plan = cpu.ExtendPlan.build(fb.req_pool_indices, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
 
@@ -37,14 +42,14 @@ class CpuAttnBackend(TorchNativeAttnBackend):
         if not self._in_place:
             return super().forward_extend(q, layer, fb)
         assert self._plan is not None
-        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
         return cpu.extend_attention(q, k_buf, v_buf, fb.req_to_token_pool.req_to_token, self._plan, layer.scaling,
                                     layer.sliding_window)
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         if not self._in_place:
             return super().forward_decode(q, layer, fb)
-        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
         return cpu.decode_attention(
             q, k_buf, v_buf, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens, layer.scaling,
             layer.sliding_window,

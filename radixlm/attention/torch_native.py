@@ -37,17 +37,20 @@ class _DecodeMetadata:
 class _ExtendMetadata:
     kv_slots: list[torch.Tensor]  # per request: [seq_len] KV slots of its whole sequence
     query_pos: list[torch.Tensor]  # per request: [extend_len] positions of its new tokens
+    visible: list[torch.Tensor]  # per request: [extend_len, seq_len] bool, before any sliding window
     starts: list[int]  # per request: offset of its first new token in the batch
 
 
 class TorchNativeAttnBackend(AttentionBackend):
+    name = "torch_native"
+
     def __init__(self) -> None:
         self._meta: _DecodeMetadata | _ExtendMetadata | None = None
 
-    def init_forward_metadata(self, fb: "ForwardBatch") -> None:
+    def prepare(self, fb: "ForwardBatch") -> None:
         table = fb.req_to_token_pool.req_to_token
         if fb.is_decode:
-            page = fb.token_to_kv_pool.page_size
+            page = fb.kv_pool.page_size
             max_len = -(-max(fb.seq_lens_cpu) // page) * page
             key_pos = torch.arange(max_len, device=table.device)[None, :]
             valid = key_pos < fb.seq_lens[:, None]
@@ -56,41 +59,64 @@ class TorchNativeAttnBackend(AttentionBackend):
             pages = pages.masked_fill(~valid[:, ::page], 0)
             self._meta = _DecodeMetadata(pages, key_pos, valid, (fb.seq_lens - 1)[:, None])
             return
-        slots, qpos, starts, start = [], [], [], 0
-        for row, prefix, ext in zip(fb.req_pool_indices.tolist(), fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu):
+        slots, qpos, visible, starts, start = [], [], [], [], 0
+        masks = _split_masks(fb)
+        for i, (row, prefix, ext) in enumerate(zip(fb.req_pool_indices.tolist(), fb.extend_prefix_lens_cpu,
+                                                   fb.extend_seq_lens_cpu)):
             slots.append(table[row, : prefix + ext].long())
-            qpos.append(torch.arange(prefix, prefix + ext, device=table.device))
+            positions = torch.arange(prefix, prefix + ext, device=table.device)
+            key_pos = torch.arange(prefix + ext, device=table.device)
+            if masks is None:
+                seen = key_pos[None, :] <= positions[:, None]
+            else:  # the whole prefix, and the new tokens the row's mask allows
+                seen = torch.cat([torch.ones(ext, prefix, dtype=torch.bool, device=table.device), masks[i]], dim=1)
+            qpos.append(positions)
+            visible.append(seen)
             starts.append(start)
             start += ext
-        self._meta = _ExtendMetadata(slots, qpos, starts)
+        self._meta = _ExtendMetadata(slots, qpos, visible, starts)
 
     def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         meta = self._meta
         assert isinstance(meta, _ExtendMetadata)
-        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        out = torch.empty_like(q)
-        for slots, qpos, start in zip(meta.kv_slots, meta.query_pos, meta.starts):
+        k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
+        out = q.new_empty((q.shape[0], q.shape[1], v_buf.shape[-1]))
+        for slots, qpos, seen, start in zip(meta.kv_slots, meta.query_pos, meta.visible, meta.starts):
             n = qpos.numel()
-            key_pos = torch.arange(slots.numel(), device=q.device)
-            allowed = _causal_window(qpos[:, None], key_pos[None, :], layer.sliding_window)  # [n, seq_len]
+            if layer.sliding_window is not None:
+                key_pos = torch.arange(slots.numel(), device=q.device)
+                seen = seen & (key_pos[None, :] > qpos[:, None] - layer.sliding_window)
             out[start : start + n] = _attend(
                 q[start : start + n].unsqueeze(0), k_buf[slots].unsqueeze(0), v_buf[slots].unsqueeze(0),
-                allowed.unsqueeze(0), layer.scaling,
+                seen.unsqueeze(0), layer.scaling,
             )[0]
         return out
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         meta = self._meta
         assert isinstance(meta, _DecodeMetadata)
-        page = fb.token_to_kv_pool.page_size
-        k, v = (_gather_pages(buf, meta.kv_pages, page) for buf in fb.token_to_kv_pool.get_kv_buffer(layer.layer_id))
+        page = fb.kv_pool.page_size
+        k, v = (_gather_pages(buf, meta.kv_pages, page) for buf in fb.kv_pool.get_kv_buffer(layer.layer_id))
         allowed = meta.valid & _causal_window(meta.query_pos, meta.key_pos, layer.sliding_window)  # [bs, max_len]
         return _attend(q.unsqueeze(1), k, v, allowed.unsqueeze(1), layer.scaling)[:, 0]
+
+
+def _split_masks(fb: "ForwardBatch") -> list[torch.Tensor] | None:
+    """TARGET_VERIFY: each request's [k, k] mask over its new tokens, from the flat batch mask."""
+    if fb.custom_mask is None:
+        return None
+    out, offset = [], 0
+    for ext in fb.extend_seq_lens_cpu:
+        out.append(fb.custom_mask[offset : offset + ext * ext].view(ext, ext))
+        offset += ext * ext
+    return out
 
 
 def _gather_pages(buf: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
     """``buf`` [num_slots, num_kv_heads, head_dim] read at ``pages`` [bs, n] -> [bs, n * page_size, kv_heads, hd]."""
     bs, n = pages.shape
+    if not buf.is_contiguous():  # a V view into an MLA latent buffer: gather rows, then drop the key columns
+        return buf[(pages[:, :, None] * page_size + torch.arange(page_size, device=buf.device)).reshape(bs, -1)]
     by_page = buf.view(-1, page_size * buf.shape[1] * buf.shape[2])  # [num_pages, page_size * kv_heads * hd]
     return by_page.index_select(0, pages.reshape(-1)).view(bs, n * page_size, *buf.shape[1:])
 
@@ -105,10 +131,10 @@ def _causal_window(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int |
 def _attend(
     q: torch.Tensor,  # [b, n, num_heads, head_dim]
     k: torch.Tensor,  # [b, s, num_kv_heads, head_dim]
-    v: torch.Tensor,  # [b, s, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [b, s, num_kv_heads, v_head_dim]
     allowed: torch.Tensor,  # [b, n, s] bool; every query row allows at least one key
     scaling: float,
-) -> torch.Tensor:  # [b, n, num_heads, head_dim]
+) -> torch.Tensor:  # [b, n, num_heads, v_head_dim]
     b, n, num_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = num_heads // kv_heads
@@ -119,4 +145,5 @@ def _attend(
     out = F.scaled_dot_product_attention(
         rows, k.float().transpose(1, 2), v.float().transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scaling,
     )  # [b, kv_heads, n * group, head_dim]
-    return out.view(b, kv_heads, n, group, head_dim).permute(0, 2, 1, 3, 4).reshape(b, n, num_heads, -1).to(q.dtype)
+    v_dim = v.shape[-1]
+    return out.view(b, kv_heads, n, group, v_dim).permute(0, 2, 1, 3, 4).reshape(b, n, num_heads, -1).to(q.dtype)

@@ -180,7 +180,8 @@ class RadixCache:
         """Hand a finished request's KV to the tree and release the request's lock and ``req_to_token`` row.
 
         Afterwards every slot the request owned is either in the tree or back in the allocator, and
-        ``req.req_pool_idx`` is None.  Only the page-aligned part of the KV is cached; the tail is freed.
+        ``req.req_pool_idx`` is None.  Only the page-aligned part of the KV (up to ``req.cacheable_len``) is
+        cached; the tail is freed.
         """
         allocator = self.token_to_kv_pool_allocator
         kv_slots = self._req_kv_slots(req)  # [kv_len]
@@ -188,7 +189,7 @@ class RadixCache:
         if self.disable:
             allocator.free(kv_slots)
         else:
-            aligned = self._aligned(req.kv_len)
+            aligned = self._cacheable(req)
             allocator.free(kv_slots[aligned:])
             self._insert_req_prefix(req, kv_slots[:aligned])
             self.dec_lock_ref(self._locked_node(req))
@@ -199,14 +200,14 @@ class RadixCache:
     def cache_unfinished_req(self, req: Req) -> None:
         """Cache what a still-running request has computed so far (chunked prefill, retraction).
 
-        The page-aligned part of its KV goes into the tree, duplicate slots are freed and replaced in the
-        request's row by the tree's, and the request's lock moves to the node ending that part.  Its unaligned
-        tail stays owned by the request.  No-op with ``disable=True``.
+        The page-aligned part of its KV (up to ``req.cacheable_len``) goes into the tree, duplicate slots are
+        freed and replaced in the request's row by the tree's, and the request's lock moves to the node ending
+        that part.  The rest stays owned by the request.  No-op with ``disable=True``.
         """
         if self.disable:
             return
         kv_slots = self._req_kv_slots(req)  # [kv_len]
-        aligned = self._aligned(req.kv_len)
+        aligned = self._cacheable(req)
         self.token_to_kv_pool_allocator.free_group_begin()
         self._insert_req_prefix(req, kv_slots[:aligned])
         self.token_to_kv_pool_allocator.free_group_end()
@@ -226,6 +227,10 @@ class RadixCache:
         already = self.insert(req.all_ids()[: kv_slots.numel()], kv_slots)
         # The locked prefix is in the tree under these very slots, so only [prefix_len, already) are duplicates.
         self.token_to_kv_pool_allocator.free(kv_slots[req.prefix_indices.numel() : already])
+
+    def _cacheable(self, req: Req) -> int:
+        """Tokens of the request's KV that may enter the tree: whole pages, and none whose id is a placeholder."""
+        return self._aligned(min(req.kv_len, req.cacheable_len))
 
     def _req_kv_slots(self, req: Req) -> torch.Tensor:
         row = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len]

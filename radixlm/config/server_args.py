@@ -53,6 +53,8 @@ class ServerArgs:
     max_running_requests: int | None = _arg(None, "maximum requests decoding at once")
     max_prefill_tokens: int = _arg(16384, "token budget of one prefill batch")
     chunked_prefill_size: int = _arg(8192, "split prompts longer than this into chunks (-1 disables)")
+    enable_mixed_chunk: bool = _arg(False, "run prefill chunks together with the running requests' decode tokens in "
+                                           "one forward (MIXED), so a long prompt does not stall decoding")
     schedule_policy: str = _arg("fcfs", "order of the waiting queue", ("fcfs", "lpm"))
     schedule_conservativeness: float = _arg(1.0, "how much decode memory to reserve when admitting requests")
     disable_radix_cache: bool = _arg(False, "turn off prefix caching")

@@ -3,12 +3,14 @@
 from radixlm.constrained.xgrammar_backend import (
     GrammarBackend,
     GrammarSpec,
+    TokenBitmask,
     accept_token,
-    apply_grammar_masks,
+    apply_token_bitmask,
     check_grammar,
+    fill_token_bitmask,
     new_matcher,
     warm_up_grammar_masks,
 )
 
-__all__ = ["GrammarBackend", "GrammarSpec", "accept_token", "apply_grammar_masks", "check_grammar", "new_matcher",
-           "warm_up_grammar_masks"]
+__all__ = ["GrammarBackend", "GrammarSpec", "TokenBitmask", "accept_token", "apply_token_bitmask", "check_grammar",
+           "fill_token_bitmask", "new_matcher", "warm_up_grammar_masks"]

@@ -6,9 +6,10 @@ Three stages, each where it costs least:
   end, so a bad schema, regex or grammar is a 400 naming the problem before anything reaches the scheduler.
 - ``GrammarBackend.compile`` compiles it against the model's vocabulary on worker threads, so the scheduler loop
   never waits on a compilation; compiled grammars are kept in a bounded LRU cache keyed by (kind, text).
-- Each request gets its own ``xgrammar.GrammarMatcher``; ``apply_grammar_masks`` turns the matchers of a batch
-  into one token bitmask applied to the logits rows of just the constrained requests before sampling (a Triton
-  kernel on GPU, torch on CPU), and ``accept_token`` advances a matcher with each sampled token.
+- Each request gets its own ``xgrammar.GrammarMatcher``; the scheduler turns the matchers of a batch into one
+  ``TokenBitmask`` (``fill_token_bitmask``), the executor applies it to the logits rows of just the constrained
+  requests before sampling (``apply_token_bitmask``: a Triton kernel on GPU, torch on CPU), and
+  ``accept_token`` advances a matcher with each sampled token.
 """
 
 from __future__ import annotations
@@ -129,28 +130,39 @@ def new_matcher(compiled: Any) -> Any:
     return xgr.GrammarMatcher(compiled)
 
 
-def apply_grammar_masks(reqs: list["Req"], logits: torch.Tensor) -> None:
-    """Mask in place the logits rows ([bs, vocab] float32) of the constrained requests to the tokens their
-    grammar allows next; rows of unconstrained requests are untouched.  (XGrammar's multi-threaded
-    ``BatchGrammarMatcher`` filled a batch of 32 JSON-schema masks slower than this loop on the H100 host: 1.5 ms
-    against 0.84 ms per step.)"""
-    rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.is_terminated()]
+@dataclass
+class TokenBitmask:
+    """Which tokens each constrained row may sample next: ``bitmask`` [bs, ceil(vocab / 32)] int32 on the host
+    (pinned for a GPU: an upload from pageable memory this large waits for the forward in flight), applied to the
+    logits rows ``rows`` only."""
+
+    bitmask: torch.Tensor
+    rows: list[int]
+
+
+def fill_token_bitmask(matchers: list[Any], vocab_size: int, pinned: bool) -> TokenBitmask | None:
+    """The next-token masks of a batch whose row i is constrained by ``matchers[i]`` (None: unconstrained), or
+    None when no row is.  (XGrammar's multi-threaded ``BatchGrammarMatcher`` filled a batch of 32 JSON-schema
+    masks slower than this loop on the H100 host: 1.5 ms against 0.84 ms per step.)"""
+    rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
     if not rows:
-        return
+        return None
+    bitmask = torch.full((len(matchers), -(-vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pinned)
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    return TokenBitmask(bitmask, rows)
+
+
+def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
+    """Mask in place the logits rows ([bs, vocab] float32) of ``mask.rows`` to their allowed tokens."""
     import xgrammar as xgr
 
     device = logits.device
-    # [bs, ceil(vocab / 32)] int32, all ones.  Pinned on CUDA: an upload from pageable memory this large waits for
-    # the work already queued on the stream (the forward in flight under the overlap schedule).
-    bitmask = torch.full((len(reqs), -(-logits.shape[-1] // 32)), -1, dtype=torch.int32,
-                         pin_memory=device.type == "cuda")
-    for i in rows:
-        reqs[i].grammar.fill_next_token_bitmask(bitmask, i)
     if device.type != "cuda":
-        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        xgr.apply_token_bitmask_inplace(logits, mask.bitmask, indices=mask.rows)
         return
-    indices = torch.tensor(rows, dtype=torch.int32, pin_memory=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(device, non_blocking=True),
+    indices = torch.tensor(mask.rows, dtype=torch.int32, pin_memory=True)
+    xgr.apply_token_bitmask_inplace(logits, mask.bitmask.to(device, non_blocking=True),
                                     indices=indices.to(device, non_blocking=True))
 
 
@@ -170,9 +182,9 @@ def warm_up_grammar_masks(vocab_size: int, device: torch.device) -> None:
 def accept_token(req: "Req", token: int) -> None:
     """Advance the request's matcher with its new output token; the request stops when the grammar is complete
     (its matcher has accepted a stop token), and aborts if the token broke the grammar."""
-    if req.grammar is None or req.finished_reason is not None and req.finished_reason["type"] == "abort":
+    if req.grammar is None or req.finished:
         return
     if not req.grammar.accept_token(token):
-        req.finished_reason = {"type": "abort", "message": f"token {token} does not fit the request's grammar"}
-    elif req.grammar.is_terminated() and req.finished_reason is None:
-        req.finished_reason = {"type": "stop", "matched": token}
+        req.finish({"type": "abort", "message": f"token {token} does not fit the request's grammar"})
+    elif req.grammar.is_terminated():
+        req.finish({"type": "stop", "matched": token})

@@ -7,6 +7,7 @@ from typing import Any
 
 from radixlm.sampling import SamplingParams
 from radixlm.sampling.logprobs import LogprobOptions
+from radixlm.scheduler.stats import SchedulerStats
 
 
 @dataclass
@@ -55,23 +56,6 @@ class TokenOutput:
     # On the first message only: seconds from arrival at the scheduler to admission, and of grammar compilation
     queue_time: float | None = None
     grammar_time: float | None = None
-
-
-@dataclass
-class SchedulerStats:
-    """The scheduler's load, memory and totals (``Scheduler.stats``), sent twice a second for metrics."""
-
-    num_running_reqs: int
-    num_queue_reqs: int
-    num_grammar_queue_reqs: int
-    num_used_tokens: int
-    token_usage: float
-    max_total_num_tokens: int
-    gen_throughput: float  # output tokens per second since the previous stats
-    cache_hit_rate: float  # cached / input tokens of the requests admitted since the previous stats
-    gpu_memory_used_bytes: int
-    num_retracted_reqs_total: int
-    evicted_tokens_total: int
 
 
 @dataclass

@@ -13,7 +13,7 @@ import zmq
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.distributed import destroy_tensor_parallel
+from radixlm.distributed import TPGroup, destroy_tensor_parallel
 from radixlm.engine.io_struct import (
     AbortRequest,
     BatchTokenOutput,
@@ -23,7 +23,7 @@ from radixlm.engine.io_struct import (
     SchedulerInfo,
     TokenOutput,
 )
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling.logprobs import RequestLogprobs
 from radixlm.scheduler import Scheduler
@@ -39,7 +39,7 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
     logging.basicConfig(level=server_args.log_level.upper(), format=f"[scheduler tp{tp_rank}] %(message)s")
     try:
         runner = ModelRunner(server_args, resolve_model_config(server_args), tp_rank=tp_rank)
-        scheduler = Scheduler(server_args, runner)
+        scheduler = Scheduler(server_args, ModelWorker(runner))
     except Exception as e:  # report load errors to the parent instead of dying silently
         ready.send(f"{type(e).__name__}: {e}")
         raise
@@ -50,19 +50,21 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
         recv.connect(in_addr)
         send = ctx.socket(zmq.PUSH)
         send.connect(out_addr)
-    ready.send(SchedulerInfo(runner.max_total_num_tokens, runner.max_running_requests,
+    memory = runner.memory
+    ready.send(SchedulerInfo(memory.max_total_num_tokens, memory.max_running_requests,
                              runner.model_config.context_length, runner.model_config.vocab_size))
-    if SchedulerLoop(scheduler, recv, send).run():
+    if SchedulerLoop(scheduler, runner.tp, recv, send).run():
         # Every rank leaves the loop at the same step (the stop message is broadcast), so they can part cleanly;
         # a rank that just exits leaves its peers' NCCL watchdogs polling a store that is gone.
         destroy_tensor_parallel()
 
 
 class SchedulerLoop:
-    def __init__(self, scheduler: Scheduler, recv: zmq.Socket | None, send: zmq.Socket | None):
+    def __init__(self, scheduler: Scheduler, tp: TPGroup, recv: zmq.Socket | None,
+                 send: zmq.Socket | None):
         self.scheduler = scheduler
         self.recv, self.send = recv, send
-        self.tp = scheduler.runner.tp
+        self.tp = tp
         self.reqs: dict[str, Req] = {}
         self.sent: dict[str, int] = {}  # rid -> output tokens already sent
         self.parent_pid = os.getppid()

@@ -4,7 +4,8 @@ A decode step of a small model is a few hundred kernel launches whose CPU cost e
 launches them all at once.  Every input of the captured forward lives in a static buffer that ``replay`` fills
 (rows past the real batch are padding: token 0 at position 0 of request row 0, K/V written to the dummy slot
 0, which the allocator never hands out), so the kernels recorded at capture read the current batch.  The
-attention backend must therefore read nothing from the host in decode (``supports_cuda_graph``).
+attention backend must therefore read nothing from the host in decode (the Triton backend; torch-native attention
+sizes its tensors from host lengths and runs decode eagerly).
 
 All graphs share one memory pool and are captured largest first, so the pool is sized by the largest batch
 and the smaller graphs reuse it.
@@ -39,10 +40,11 @@ def capture_batch_sizes(max_bs: int) -> list[int]:
 def graph_memory_estimate(runner: "ModelRunner", max_bs: int) -> int:
     """Bytes the graph pool needs at batch ``max_bs``: the activations of one decode step (the largest live
     set is the MLP's gate/up output next to the residual stream) plus the float32 logits and their copies."""
-    cfg, tp = runner.model_config, runner.server_args.tp_size
+    cfg, tp, kv = runner.model_config, runner.server_args.tp_size, runner.kv_spec
     elem = torch.empty((), dtype=cfg.dtype).element_size()
-    per_token = elem * (4 * cfg.hidden_size + 3 * (cfg.intermediate_size // tp)
-                        + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim // tp)
+    heads = cfg.num_attention_heads // tp
+    per_token = elem * (4 * cfg.hidden_size + 3 * (cfg.intermediate_size // tp) + heads * (kv.head_dim + kv.v_head_dim)
+                        + kv.num_kv_heads * (kv.head_dim + kv.v_head_dim))
     per_token += 3 * 4 * cfg.vocab_size  # logits: bf16 matmul output, float32 copy, gathered copy
     per_token += 4 * cfg.vocab_size  # the shared float32 logits buffer
     return max_bs * per_token + (64 << 20)
@@ -66,7 +68,10 @@ class CudaGraphRunner:
         self._capture_all()
 
     def can_run(self, fb: ForwardBatch) -> bool:
-        return fb.is_decode and fb.batch_size <= self.max_bs
+        """Plain decode steps up to the largest captured size (no M-RoPE positions, embeddings or hidden
+        states: the graphs were captured without them)."""
+        return (fb.is_decode and fb.batch_size <= self.max_bs and fb.positions.dim() == 1
+                and fb.embed_overrides is None and not fb.return_hidden_states)
 
     def replay(self, fb: ForwardBatch) -> LogitsOutput:
         bs = fb.batch_size
@@ -92,8 +97,8 @@ class CudaGraphRunner:
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
             positions=self.positions[:bs], req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
-            seq_lens_cpu=[1] * bs, out_cache_loc=self.out_cache_loc[:bs], req_to_token_pool=r.req_to_token_pool,
-            token_to_kv_pool=r.token_to_kv_pool, attn_backend=r.attn_backend,
+            seq_lens_cpu=[1] * bs, out_cache_loc=self.out_cache_loc[:bs],
+            req_to_token_pool=r.memory.req_to_token_pool, kv_pool=r.kv_pool, attn_backend=r.attn_backend,
         )
 
     def _capture_all(self) -> None:

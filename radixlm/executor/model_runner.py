@@ -13,7 +13,7 @@ from radixlm.core import ForwardBatch
 from radixlm.distributed import init_tensor_parallel
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
 from radixlm.layers.logits_processor import LogitsOutput
-from radixlm.mem import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from radixlm.mem import KVMemory, create_kv_pool
 from radixlm.models.loader import load_model
 from radixlm.sampling import Sampler
 
@@ -37,17 +37,18 @@ class ModelRunner:
         torch.manual_seed(server_args.random_seed)
 
         self.model = load_model(model_config, server_args.load_format, self.device, server_args.random_seed)
+        self.kv_spec = self.model.kv_cache_spec(self._kv_cache_dtype())
         self.cuda_graph_max_bs = self._graph_batch_limit()
         self._init_memory_pools()
         self.attn_backend = create_attention_backend(
             server_args.attention_backend, num_heads=model_config.num_attention_heads // server_args.tp_size,
-            num_kv_heads=max(1, model_config.num_key_value_heads // server_args.tp_size),
-            head_dim=model_config.head_dim, max_batch_size=self.max_running_requests, device=self.device,
+            kv_spec=self.kv_spec, max_batch_size=self.memory.max_running_requests, device=self.device,
         )
         self.sampler = Sampler()
         self.cuda_graph_runner: CudaGraphRunner | None = None
         if self.cuda_graph_max_bs:
-            self.cuda_graph_runner = CudaGraphRunner(self, min(self.cuda_graph_max_bs, self.max_running_requests))
+            self.cuda_graph_runner = CudaGraphRunner(self, min(self.cuda_graph_max_bs,
+                                                               self.memory.max_running_requests))
         if self.device.type == "cpu":
             self._warm_up()
 
@@ -56,9 +57,11 @@ class ModelRunner:
         (oneDNN's packed weights and primitives, the C kernels' library).  Every rank runs it (it holds
         collectives); it takes and returns one request row and a few KV slots."""
         from radixlm.executor.static_batch import generate_static  # it imports this module
+        from radixlm.executor.worker import ModelWorker
         from radixlm.sampling import SamplingParams
 
-        generate_static(self, [[0, 1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
+        generate_static(ModelWorker(self), [[0, 1, 2, 3]],
+                        SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
 
     # ---------------------------------------------------------------- memory
     def _graph_batch_limit(self) -> int:
@@ -71,8 +74,7 @@ class ModelRunner:
     def _init_memory_pools(self) -> None:
         args, cfg = self.server_args, self.model_config
         context_len = cfg.context_length
-        kv_dtype = self._kv_cache_dtype()
-        cell = cfg.kv_cell_bytes(args.tp_size, kv_dtype)
+        cell = self.kv_spec.bytes_per_token()
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = args.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
@@ -91,16 +93,10 @@ class ModelRunner:
             raise RuntimeError(f"not enough memory for the KV cache ({max_tokens} tokens); lower the model size, "
                                "raise --mem-fraction-static or set --max-total-tokens")
         max_reqs = args.max_running_requests or min(max(max_tokens * 512 // context_len, 256), 4096)
-        self.max_total_num_tokens = max_tokens
-        self.max_running_requests = max_reqs
-        self.req_to_token_pool = ReqToTokenPool(max_reqs, context_len, self.device)
-        self.token_to_kv_pool = MHATokenToKVPool(
-            max_tokens, args.page_size, kv_dtype, max(1, cfg.num_key_value_heads // args.tp_size),
-            cfg.head_dim, cfg.num_hidden_layers, self.device,
-        )
-        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(max_tokens, args.page_size, self.device)
-        logger.info("KV cache: %d tokens (%.2f GiB), %d request slots", max_tokens,
-                    self.token_to_kv_pool.bytes() / 2**30, max_reqs)
+        self.memory = KVMemory.create(max_tokens, args.page_size, max_reqs, context_len, self.device)
+        self.kv_pool = create_kv_pool(self.kv_spec, max_tokens, args.page_size, self.device)
+        logger.info("KV cache (%s): %d tokens (%.2f GiB), %d request slots", self.kv_spec.layout, max_tokens,
+                    self.kv_pool.bytes() / 2**30, max_reqs)
 
     def _kv_cache_dtype(self) -> torch.dtype:
         """``--kv-cache-dtype``; ``auto`` is float32 where attention computes in float32 from the cache anyway (the
@@ -131,6 +127,9 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)
 
+    def memory_used_bytes(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
     def copy_to_host(self, x: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
         """Start copying ``x`` to the host without waiting for the GPU.  Returns the host tensor (pinned; valid once
         the event has fired) and the event, recorded on the current stream after the copy; on CPU, ``x`` itself
@@ -143,11 +142,4 @@ class ModelRunner:
         ready.record()
         return host, ready
 
-    @torch.inference_mode()
-    def sample(self, logits_output: LogitsOutput, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Next token of every request ([bs] int64); greedy when the batch has no sampling info."""
-        logits = logits_output.next_token_logits
-        if forward_batch.sampling_info is None:
-            return logits.argmax(dim=-1)
-        return self.sampler(logits, forward_batch.sampling_info)
 

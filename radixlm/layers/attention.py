@@ -12,13 +12,19 @@ if TYPE_CHECKING:
 
 
 class RadixAttention(nn.Module):
-    """Paged multi-head attention over the radix/KV cache for one layer (its K/V buffers are ``layer_id``'s)."""
+    """Paged attention over the radix/KV cache for one layer (its KV buffers are ``layer_id``'s).
+
+    ``head_dim`` is the width of queries and keys, ``v_head_dim`` (default ``head_dim``) that of values and of
+    the output.  An MLA layer (absorbed DeepSeek attention) has one KV "head" whose value is a prefix of its key
+    and passes ``v=None``: the pool stores the key vector once.
+    """
 
     def __init__(self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int, layer_id: int,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, v_head_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
         self.scaling = scaling
         self.num_kv_heads = num_kv_heads
         self.layer_id = layer_id
@@ -28,14 +34,14 @@ class RadixAttention(nn.Module):
         self,
         q: torch.Tensor,  # [num_tokens, num_heads * head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
-        v: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        v: torch.Tensor | None,  # [num_tokens, num_kv_heads * v_head_dim], None for an MLA layer
         forward_batch: "ForwardBatch",
-    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+    ) -> torch.Tensor:  # [num_tokens, num_heads * v_head_dim]
         out = forward_batch.attn_backend.forward(
             q.view(-1, self.num_heads, self.head_dim),
             k.view(-1, self.num_kv_heads, self.head_dim),
-            v.view(-1, self.num_kv_heads, self.head_dim),
+            None if v is None else v.view(-1, self.num_kv_heads, self.v_head_dim),
             self,
             forward_batch,
         )
-        return out.reshape(-1, self.num_heads * self.head_dim)
+        return out.reshape(-1, self.num_heads * self.v_head_dim)

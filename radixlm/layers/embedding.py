@@ -55,3 +55,13 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is not an embedding lookup; use compute_logits")
+
+
+def apply_embed_overrides(hidden: torch.Tensor,
+                          overrides: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``hidden`` [num_tokens, hidden] with the rows at ``overrides[0]`` ([n] int64) replaced by ``overrides[1]``
+    ([n, hidden]): prompt positions given as embeddings (image features) instead of token ids."""
+    if overrides is None:
+        return hidden
+    index, values = overrides
+    return hidden.index_copy(0, index, values.to(hidden.dtype))

@@ -35,6 +35,3 @@ class ReqToTokenPool:
     def write(self, row: int, start: int, kv_slots: torch.Tensor) -> None:
         """Map positions ``start .. start+len(kv_slots)`` of request ``row`` to ``kv_slots``."""
         self.req_to_token[row, start : start + kv_slots.numel()] = kv_slots.to(torch.int32)
-
-    def clear(self) -> None:
-        self._free = list(range(self.size))

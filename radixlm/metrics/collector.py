@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from radixlm.engine.io_struct import SchedulerStats, TokenOutput
+    from radixlm.engine.io_struct import TokenOutput
+    from radixlm.scheduler.stats import SchedulerStats
     from radixlm.engine.request_state import RequestState
 
 PREFIX = "radixlm:"

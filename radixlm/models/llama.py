@@ -15,11 +15,12 @@ from radixlm.core import ForwardBatch
 from radixlm.distributed import get_tp_group
 from radixlm.layers.activation import SiluAndMul
 from radixlm.layers.attention import RadixAttention
-from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
 from radixlm.layers.rotary import RotaryEmbedding
+from radixlm.mem import KVCacheSpec
 from radixlm.models.weights import load_named_weights
 
 
@@ -95,7 +96,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
+        hidden = apply_embed_overrides(self.embed_tokens(input_ids), fb.embed_overrides)  # [num_tokens, hidden]
+        residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, fb)
         hidden, _ = self.norm(hidden, residual)
@@ -129,6 +131,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> LogitsOutput:
         hidden = self.model(input_ids, positions, fb)
         return self.logits_processor(hidden, self.lm_head, fb)
+
+    def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
+        """K and V of every layer, this rank's KV heads."""
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec.mha(len(self.model.layers), attn.num_kv_heads, attn.head_dim, dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())

@@ -178,13 +178,14 @@ class SamplingBatchInfo:
         )
         return table
 
-    def update(self, next_token_ids: torch.Tensor) -> None:
-        """Record one sampled token per row (`next_token_ids` [bs] int64, same device).
+    def update(self, next_token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Record one sampled token per row (`next_token_ids` [bs] int64, same device), or only for the rows
+        where the bool mask `rows` [bs] is set.
 
         Advances `steps`, which both moves every row to a fresh random stream and lifts
         the min_new_tokens ban once a row has generated enough tokens.
         """
         if self.output_counts is not None:
-            ones = torch.ones_like(next_token_ids, dtype=torch.int32).view(-1, 1)  # [bs, 1]
-            self.output_counts.scatter_add_(1, next_token_ids.view(-1, 1), ones)
-        self.steps += 1
+            counted = torch.ones_like(next_token_ids, dtype=torch.int32) if rows is None else rows.to(torch.int32)
+            self.output_counts.scatter_add_(1, next_token_ids.view(-1, 1), counted.view(-1, 1))
+        self.steps += 1 if rows is None else rows.to(torch.int64)

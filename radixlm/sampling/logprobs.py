@@ -8,9 +8,12 @@ before top-k/top-p/min-p truncation); prompt logprobs from the model's raw distr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from radixlm.utils.device import to_device_async
 
 Entry = tuple[float | None, int]
 
@@ -60,22 +63,15 @@ class RequestLogprobs:
         self.input_top_logprobs.append(None)
         self.input_token_ids_logprobs.append(None)
 
-    def record(self, rows: torch.Tensor, token_ids: list[int], output: bool) -> None:
-        """``rows``: [n, vocab] log-probs; ``token_ids``: the token each row scored."""
-        chosen = rows.gather(1, torch.tensor(token_ids, device=rows.device).view(-1, 1))[:, 0].tolist()
-        entries = list(zip(chosen, token_ids))
-        k = self.options.top_logprobs_num
-        tops = _top(rows, k) if k > 0 else [[] for _ in token_ids]
-        ids = self.options.token_ids_logprob
-        by_id = _by_ids(rows, ids) if ids else [[] for _ in token_ids]
+    def record(self, values: "LogprobValues", output: bool) -> None:
         if output:
-            self.output_token_logprobs += entries
-            self.output_top_logprobs += tops
-            self.output_token_ids_logprobs += by_id
+            self.output_token_logprobs += values.token_logprobs
+            self.output_top_logprobs += values.top
+            self.output_token_ids_logprobs += values.by_ids
         else:
-            self.input_token_logprobs += entries
-            self.input_top_logprobs += tops
-            self.input_token_ids_logprobs += by_id
+            self.input_token_logprobs += values.token_logprobs
+            self.input_top_logprobs += values.top
+            self.input_token_ids_logprobs += values.by_ids
 
     def drain(self) -> dict[str, list]:
         """New entries since the last drain (prompt logprobs once, when complete)."""
@@ -93,11 +89,56 @@ class RequestLogprobs:
         return out
 
 
-def _top(rows: torch.Tensor, k: int) -> list[list[Entry]]:
-    values, indices = rows.topk(min(k, rows.shape[-1]), dim=-1)
-    return [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
+@dataclass
+class LogprobValues:
+    """Logprobs of some tokens of one request, on the host: entry i scores ``token_logprobs[i][1]``, with the
+    top-k alternatives and the requested token ids at that position."""
+
+    token_logprobs: list[Entry]
+    top: list[list[Entry]]
+    by_ids: list[list[Entry]]
 
 
-def _by_ids(rows: torch.Tensor, ids: list[int]) -> list[list[Entry]]:
-    values = rows[:, ids].tolist()
-    return [list(zip(v, ids)) for v in values]
+@dataclass
+class LogprobTensors:
+    """``LogprobValues`` of several rows while still on the device (or on their way to the host)."""
+
+    chosen: torch.Tensor  # [n] float32, logprob of the scored token
+    token_ids: torch.Tensor  # [n] int64, the scored tokens
+    top_values: torch.Tensor | None  # [n, k] float32
+    top_indices: torch.Tensor | None  # [n, k] int64
+    by_ids: torch.Tensor | None  # [n, len(ids)] float32
+    ids: list[int] | None
+
+    @classmethod
+    def of(cls, logprobs: torch.Tensor, token_ids: torch.Tensor | list[int],
+           options: LogprobOptions) -> "LogprobTensors":
+        """From ``logprobs`` [n, vocab] and the token each row scores (a host list, or a device tensor such as
+        freshly sampled ids); device ops only, nothing is read back."""
+        index = token_ids if isinstance(token_ids, torch.Tensor) else to_device_async(token_ids, logprobs.device)
+        chosen = logprobs.gather(1, index.view(-1, 1))[:, 0]
+        top_values = top_indices = by_ids = None
+        if options.top_logprobs_num > 0:
+            top_values, top_indices = logprobs.topk(min(options.top_logprobs_num, logprobs.shape[-1]), dim=-1)
+        if options.token_ids_logprob:
+            by_ids = logprobs[:, options.token_ids_logprob]
+        return cls(chosen, index, top_values, top_indices, by_ids, options.token_ids_logprob)
+
+    def to(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> "LogprobTensors":
+        """The same values with every tensor passed through ``copy`` (e.g. an asynchronous copy to the host)."""
+        def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else copy(t)
+
+        return LogprobTensors(copy(self.chosen), copy(self.token_ids), opt(self.top_values), opt(self.top_indices),
+                              opt(self.by_ids), self.ids)
+
+    def values(self) -> LogprobValues:
+        """Read on the host (call once the copy has completed)."""
+        n = self.token_ids.numel()
+        tops: list[list[Entry]] = [[] for _ in range(n)]
+        if self.top_values is not None:
+            tops = [list(zip(v, i)) for v, i in zip(self.top_values.tolist(), self.top_indices.tolist())]
+        by_ids: list[list[Entry]] = [[] for _ in range(n)]
+        if self.by_ids is not None:
+            by_ids = [list(zip(v, self.ids)) for v in self.by_ids.tolist()]
+        return LogprobValues(list(zip(self.chosen.tolist(), self.token_ids.tolist())), tops, by_ids)

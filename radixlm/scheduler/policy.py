@@ -17,9 +17,10 @@ LPM_MAX_QUEUE = 128
 
 
 def cache_match_key(req: Req) -> list[int]:
-    """Tokens of ``req`` to look up in the radix cache: all but the last (>= 1 token must run to get logits), and
-    none from the first prompt position whose logprob is still to be computed (cached tokens produce no logits)."""
-    key = req.all_ids()[:-1]
+    """Tokens of ``req`` to look up in the radix cache: all but the last (>= 1 token must run to get logits), none
+    past ``cacheable_len`` (prompt positions given as embeddings), and none from the first prompt position whose
+    logprob is still to be computed (cached tokens produce no logits)."""
+    key = req.all_ids()[: min(req.seq_len - 1, req.cacheable_len)]
     lp = req.logprobs
     if lp is not None and not lp.input_done:
         start = lp.options.input_start(len(req.origin_input_ids))
@@ -45,27 +46,31 @@ def reserved_decode_tokens(req: Req, new_token_ratio: float) -> int:
 @dataclass
 class PrefillBudget:
     """What one prefill batch may still take: KV tokens (free + evictable − decode reserve), input tokens, and
-    the chunk size for a prompt that does not fit whole."""
+    the chunk size for a prompt that does not fit whole.  ``page_slack`` (page size − 1) is charged per request
+    on top of its tokens: its new tokens may start a page they only partly fill."""
 
     rem_total_tokens: int
     rem_input_tokens: int
     chunk_size: int | None  # None: no chunking
+    page_slack: int = 0
     admitted: list[Req] = field(default_factory=list)
 
     def can_take(self) -> bool:
-        return self.rem_input_tokens > 0 and self.rem_total_tokens > 0
+        return self.rem_input_tokens > 0 and self.rem_total_tokens > self.page_slack
 
     def plan(self, input_len: int, reserve: int) -> int | None:
         """Tokens of a prompt with ``input_len`` uncached tokens to prefill now (all of them, or a chunk), or None
         when it must wait for memory."""
         limit = self.rem_input_tokens if self.chunk_size is None else min(self.rem_input_tokens, self.chunk_size)
-        if input_len <= limit:
-            return input_len if input_len + reserve <= self.rem_total_tokens else None
+        memory = self.rem_total_tokens - self.page_slack
+        # Without chunking, a prompt over the input budget runs alone rather than never.
+        if input_len <= limit or (self.chunk_size is None and not self.admitted):
+            return input_len if input_len + reserve <= memory else None
         # Chunk: only the chunk's tokens need memory now; the reserve is checked when the last chunk is admitted.
-        take = min(limit, self.rem_total_tokens)
+        take = min(limit, memory)
         return take if take > 0 and self.chunk_size is not None else None
 
     def take(self, req: Req, extend_len: int, reserve: int) -> None:
-        self.rem_total_tokens -= extend_len + reserve
+        self.rem_total_tokens -= extend_len + reserve + self.page_slack
         self.rem_input_tokens -= extend_len
         self.admitted.append(req)

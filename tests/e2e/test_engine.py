@@ -17,10 +17,10 @@ def engine():
         yield e
 
 
-def test_single_prompt_matches_static_batch(engine, embedded_runner):
+def test_single_prompt_matches_static_batch(engine, embedded_worker):
     out = engine.generate("The capital of France is", {"max_new_tokens": 12, "temperature": 0})
     ids = engine.tokenizer("The capital of France is").input_ids
-    ref = generate_static(embedded_runner, [ids], SamplingParams(temperature=0, max_new_tokens=12))[0]
+    ref = generate_static(embedded_worker, [ids], SamplingParams(temperature=0, max_new_tokens=12))[0]
     assert out["output_ids"] == ref
     assert out["text"] == engine.tokenizer.decode(ref, skip_special_tokens=True)
     meta = out["meta_info"]

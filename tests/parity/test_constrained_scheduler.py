@@ -11,7 +11,7 @@ import pytest
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 from radixlm.sampling.logprobs import LogprobOptions, RequestLogprobs
@@ -40,7 +40,7 @@ def make_reqs(tokenizer) -> list[Req]:
 
 def run(path: str, tokenizer, **kwargs) -> tuple[list[Req], Scheduler]:
     args = ServerArgs(model_path=path, device="cpu", random_seed=0, **kwargs)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = make_reqs(tokenizer)
     run_to_completion(sched, reqs)
     return reqs, sched
@@ -68,7 +68,7 @@ def test_constraints_hold(reference, embedded_tokenizer):
 def test_outputs_identical_chunked_and_retracted(reference, embedded_path, embedded_tokenizer, kwargs):
     reqs, sched = run(embedded_path, embedded_tokenizer, **kwargs)
     if kwargs["max_total_tokens"] < 100:
-        assert sched.num_retracted > 0, "the small pool should force a retraction"
+        assert sched.decode.num_retracted > 0, "the small pool should force a retraction"
     assert [r.output_ids for r in reqs] == [r.output_ids for r in reference]
     assert [r.finished_reason for r in reqs] == [r.finished_reason for r in reference]
 
@@ -77,7 +77,7 @@ def test_logprobs_with_a_grammar(embedded_path, embedded_tokenizer):
     """Logprobs of a constrained request are those of the distribution it was sampled from (the grammar mask
     applied): one finite entry per output token, naming that token, and top alternatives the grammar allows."""
     args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     sp = SamplingParams(temperature=0.0, max_new_tokens=40, regex=DATE)
     sp.normalize()
     req = Req(rid="lp", origin_input_ids=embedded_tokenizer("Today's date is ").input_ids, sampling_params=sp)

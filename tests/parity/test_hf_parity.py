@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
-from radixlm.executor.static_batch import generate_static, release
+from radixlm.executor.static_batch import decode_batch, extend_batch, generate_static, release
 from radixlm.kernels import cpu as cpu_kernels
 from radixlm.sampling import SamplingParams
 
-from conftest import TINY_CONFIGS, build_tiny_hf_model, make_runner
+from conftest import TINY_CONFIGS, build_tiny_hf_model, make_worker
 
 EMBEDDED_LOGIT_TOL = 1e-3  # fp32 on both sides; observed max |diff| is ~1e-5
 
@@ -29,21 +28,21 @@ def hf_greedy(hf_model, ids: list[int], n: int, eos: set[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def check_extend_and_decode(runner, hf_model, seqs: list[list[int]], prefix_lens: list[int], tol: float) -> float:
+def check_extend_and_decode(worker, hf_model, seqs: list[list[int]], prefix_lens: list[int], tol: float) -> float:
     """Prefill each sequence's prefix, then one batched EXTEND of the rest (requests with and without a cached
     prefix mixed), then three DECODE steps; every logit row is compared with HF's full-sequence forward.
     Returns the max abs difference seen."""
-    rows = runner.req_to_token_pool.alloc(len(seqs))
+    memory = worker.memory
+    rows = memory.req_to_token_pool.alloc(len(seqs))
     cached = [i for i, p in enumerate(prefix_lens) if p > 0]
     worst = 0.0
     try:
         if cached:
-            fb = build_extend_batch(runner, [rows[i] for i in cached], [0] * len(cached),
-                                    [seqs[i][: prefix_lens[i]] for i in cached])
-            runner.forward(fb)
-        fb = build_extend_batch(runner, rows, prefix_lens, [s[p:] for s, p in zip(seqs, prefix_lens)],
-                                logits_start=[0] * len(seqs))
-        out = runner.forward(fb)
+            worker.launch(extend_batch(memory, [rows[i] for i in cached], [0] * len(cached),
+                                       [seqs[i][: prefix_lens[i]] for i in cached]))
+        batch = extend_batch(memory, rows, prefix_lens, [s[p:] for s, p in zip(seqs, prefix_lens)])
+        batch.input_logprob_start = [p + 1 for p in prefix_lens]  # logits at every new token
+        out = worker.launch(batch).logits
         offset = 0
         for seq, prefix in zip(seqs, prefix_lens):
             n = len(seq) - prefix
@@ -56,17 +55,16 @@ def check_extend_and_decode(runner, hf_model, seqs: list[list[int]], prefix_lens
         seq_lens = [len(s) for s in seqs]
         extended = [list(s) for s in seqs]
         for step in range(3):
-            tokens = [(17 * i + 5 * step + 3) % runner.model_config.vocab_size for i in range(len(seqs))]
-            fb = build_decode_batch(runner, rows, seq_lens, tokens)
-            seq_lens = fb.seq_lens_cpu
-            logits = runner.forward(fb).next_token_logits
+            tokens = [(17 * i + 5 * step + 3) % worker.model_config.vocab_size for i in range(len(seqs))]
+            logits = worker.launch(decode_batch(memory, rows, seq_lens, tokens)).logits.next_token_logits
+            seq_lens = [s + 1 for s in seq_lens]
             for i, t in enumerate(tokens):
                 extended[i].append(t)
                 diff = (logits[i] - hf_logits(hf_model, extended[i])[-1]).abs().max().item()
                 worst = max(worst, diff)
                 assert diff < tol, f"decode step {step} logits differ by {diff}"
     finally:
-        release(runner, rows, [len(s) + 3 for s in seqs])
+        release(worker, rows, [len(s) + 3 for s in seqs])
     return worst
 
 
@@ -85,18 +83,18 @@ PROMPTS = [
 ]
 
 
-def test_embedded_logits_match_hf(embedded_runner, embedded_hf_model, embedded_tokenizer):
+def test_embedded_logits_match_hf(embedded_worker, embedded_hf_model, embedded_tokenizer):
     seqs = [embedded_tokenizer(p).input_ids for p in PROMPTS[:4]]
     prefix_lens = [len(seqs[0]) // 2, 0, len(seqs[2]) - 1, 0]
-    check_extend_and_decode(embedded_runner, embedded_hf_model, seqs, prefix_lens, EMBEDDED_LOGIT_TOL)
+    check_extend_and_decode(embedded_worker, embedded_hf_model, seqs, prefix_lens, EMBEDDED_LOGIT_TOL)
 
 
-def test_embedded_greedy_matches_hf(embedded_runner, embedded_hf_model, embedded_tokenizer):
+def test_embedded_greedy_matches_hf(embedded_worker, embedded_hf_model, embedded_tokenizer):
     chat = embedded_tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a haiku about the sea."}], add_generation_prompt=True, tokenize=False)
     prompts = [embedded_tokenizer(p).input_ids for p in PROMPTS + [chat]]
-    eos = set(embedded_runner.model_config.eos_token_ids)
-    ours = generate_static(embedded_runner, prompts, SamplingParams(temperature=0.0, max_new_tokens=64))
+    eos = set(embedded_worker.model_config.eos_token_ids)
+    ours = generate_static(embedded_worker, prompts, SamplingParams(temperature=0.0, max_new_tokens=64))
     for ids, out in zip(prompts, ours):
         ref = hf_greedy(embedded_hf_model, ids, 64, eos)
         assert out == ref, f"prompt {ids[:8]}...: radixlm {out} != HF {ref}"
@@ -112,11 +110,11 @@ def test_tiny_model_matches_hf(name, backend, tmp_path):
     if backend == "cpu" and not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernels are not built")
     hf = build_tiny_hf_model(name, str(tmp_path))
-    runner = make_runner(str(tmp_path), attention_backend=backend)
+    worker = make_worker(str(tmp_path), attention_backend=backend)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (21, 5, 13, 30)]
-    check_extend_and_decode(runner, hf, seqs, [9, 0, 12, 20], tol=1e-4)
-    outs = generate_static(runner, seqs, SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True))
+    check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4)
+    outs = generate_static(worker, seqs, SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True))
     for ids, out in zip(seqs, outs):
         assert out == hf_greedy(hf, ids, 16, set())
 
@@ -127,7 +125,7 @@ def test_bf16_checkpoint_served_in_float32_matches_hf(tmp_path):
     build_tiny_hf_model("qwen3", str(tmp_path), dtype=torch.bfloat16)
     # A fresh float32 load of the bf16 checkpoint (casting the bf16 model up would keep bf16-rounded RoPE buffers).
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    runner = make_runner(str(tmp_path), dtype="float32")
-    assert runner.model.lm_head.weight.dtype == torch.float32
+    worker = make_worker(str(tmp_path), dtype="float32")
+    assert worker.runner.model.lm_head.weight.dtype == torch.float32
     seqs = [list(range(3, 40, 3)), [7, 8, 9]]
-    check_extend_and_decode(runner, hf, seqs, [4, 0], tol=1e-4)
+    check_extend_and_decode(worker, hf, seqs, [4, 0], tol=1e-4)

@@ -8,7 +8,7 @@ import torch
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 from radixlm.sampling.logprobs import LogprobOptions, RequestLogprobs
@@ -29,7 +29,7 @@ def logprob_req(rid: str, ids: list[int], start: int, top: int = 0, token_ids: l
 def test_logprobs_match_hf(embedded_path, embedded_tokenizer, embedded_hf_model, chunk):
     args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
                       chunked_prefill_size=chunk)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     ids = embedded_tokenizer("The quick brown fox jumps over the lazy dog because").input_ids
     # cache the whole prompt first: logprob requests must still get logits for the tokens they score
     run_to_completion(sched, [Req(rid="warm", origin_input_ids=ids,

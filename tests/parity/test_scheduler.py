@@ -7,7 +7,7 @@ import pytest
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.executor.static_batch import generate_static
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
@@ -33,7 +33,7 @@ def params(i: int) -> SamplingParams:
 
 def run_scheduler(path: str, ids: list[list[int]], **kwargs) -> tuple[list[Req], Scheduler]:
     args = ServerArgs(model_path=path, device="cpu", random_seed=0, **kwargs)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = []
     for i, p in enumerate(ids):
         sp = params(i)
@@ -51,13 +51,13 @@ def reference(embedded_path, embedded_tokenizer):
     return ids, [r.output_ids for r in reqs]
 
 
-def test_greedy_equals_static_batch(reference, embedded_runner):
+def test_greedy_equals_static_batch(reference, embedded_worker):
     ids, outs = reference
     for i, (p, out) in enumerate(zip(ids, outs)):
         if i == 4:
             continue
         sp = params(i)
-        assert generate_static(embedded_runner, [p], sp) == [out], f"request {i}"
+        assert generate_static(embedded_worker, [p], sp) == [out], f"request {i}"
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -77,17 +77,17 @@ def test_outputs_identical(reference, embedded_path, kwargs):
     assert all(r.finished_reason["type"] == "length" or r.finished_reason["type"] == "stop" for r in reqs)
     assert sched.is_idle()
     # every KV slot is back: free or held by the cache, nothing leaked to a finished request
-    allocator = sched.runner.token_to_kv_pool_allocator
+    allocator = sched.memory.allocator
     assert allocator.available_size() + sched.tree_cache.total_size() == allocator.size
     assert sched.tree_cache.protected_size() == 0
     if kwargs["max_total_tokens"] == 128:
-        assert sched.num_retracted > 0
+        assert sched.decode.num_retracted > 0
 
 
 def test_shared_prefix_reports_cached_tokens(embedded_path, embedded_tokenizer):
     ids = prompts(embedded_tokenizer)[:3]
     args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     first = Req(rid="a", origin_input_ids=ids[0], sampling_params=SamplingParams(temperature=0.0, max_new_tokens=2))
     run_to_completion(sched, [first])
     assert first.cached_tokens == 0
@@ -103,7 +103,7 @@ def test_abort_returns_memory(embedded_path, embedded_tokenizer):
     ids = prompts(embedded_tokenizer)[:2]
     args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
                       disable_radix_cache=True)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = [Req(rid=str(i), origin_input_ids=p, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=50))
             for i, p in enumerate(ids)]
     for r in reqs:
@@ -115,12 +115,12 @@ def test_abort_returns_memory(embedded_path, embedded_tokenizer):
     while not sched.is_idle():
         sched.step()
     assert len(reqs[1].output_ids) == 50
-    assert sched.runner.token_to_kv_pool_allocator.available_size() == 4096
+    assert sched.memory.allocator.available_size() == 4096
 
 
 def test_context_length_rejected(embedded_path):
     args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096, context_length=32)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     too_long = Req(rid="x", origin_input_ids=[5] * 40, sampling_params=SamplingParams())
     sched.add_request(too_long)
     assert too_long.finished_reason["type"] == "abort" and "context length" in too_long.finished_reason["message"]
@@ -136,7 +136,7 @@ def test_burst_of_shared_prompts_computes_the_prefix_once(embedded_path, embedde
     common = min(next(i for i, (a, b) in enumerate(zip(ids[0], x)) if a != b) for x in ids[1:])
     assert common > 32
     args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = [Req(rid=str(i), origin_input_ids=p, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=3))
             for i, p in enumerate(ids)]
     run_to_completion(sched, reqs)
@@ -151,7 +151,7 @@ def test_overlap_schedule_launches_ahead(embedded_path, embedded_tokenizer, cons
     for disable in (False, True):
         args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
                           disable_overlap_schedule=disable)
-        sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+        sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
         sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, **constraint)
         sp.normalize()
         req = Req(rid="a", origin_input_ids=embedded_tokenizer("Hello there").input_ids, sampling_params=sp)
@@ -159,7 +159,7 @@ def test_overlap_schedule_launches_ahead(embedded_path, embedded_tokenizer, cons
         ahead = []
         while not sched.is_idle():
             sched.step()
-            ahead.append(sched._inflight is not None)
+            ahead.append(sched.inflight is not None)
         assert len(req.output_ids) == 6
         assert any(ahead) != disable
 
@@ -173,7 +173,7 @@ def test_overlap_chains_past_finished_requests_and_a_full_pool(embedded_path, em
     def run(disable: bool) -> tuple[list[list[int]], int, int]:
         args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=160,
                           chunked_prefill_size=-1, disable_overlap_schedule=disable)
-        sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+        sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
         reqs = []
         for i, p in enumerate(ids):
             sp = SamplingParams(temperature=0.7 if i % 3 == 0 else 0.0, seed=i, frequency_penalty=0.5,
@@ -183,11 +183,11 @@ def test_overlap_chains_past_finished_requests_and_a_full_pool(embedded_path, em
             sched.add_request(reqs[-1])
         shrunk = blocked = 0
         while not sched.is_idle():
-            before = sched._inflight
+            before = sched.inflight
             sched.step()
-            after = sched._inflight
+            after = sched.inflight
             if before is not None and after is not None:
-                shrunk += len(after.reqs) < len(before.reqs)
+                shrunk += len(after.step.reqs) < len(before.step.reqs)
                 blocked += bool(sched.waiting)
         return [r.output_ids for r in reqs], shrunk, blocked
 

@@ -9,9 +9,8 @@ import torch.multiprocessing as mp
 
 from radixlm.config import ServerArgs
 from radixlm.distributed import destroy_tensor_parallel, free_local_addr
-from radixlm.executor import ModelRunner
-from radixlm.executor.batch_builder import build_extend_batch
-from radixlm.executor.static_batch import generate_static, release
+from radixlm.executor import ModelRunner, ModelWorker
+from radixlm.executor.static_batch import extend_batch, generate_static, release
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 
@@ -25,13 +24,14 @@ def run_rank(rank: int, tp_size: int, addr: str | None, model_path: str, load_fo
     torch.set_num_threads(1)
     args = ServerArgs(model_path=model_path, load_format=load_format, tp_size=tp_size, device="cpu",
                       dist_init_addr=addr, max_total_tokens=2048, random_seed=0)
-    runner = ModelRunner(args, resolve_model_config(args), tp_rank=rank)
+    worker = ModelWorker(ModelRunner(args, resolve_model_config(args), tp_rank=rank))
     try:
-        rows = runner.req_to_token_pool.alloc(len(PROMPTS))
-        fb = build_extend_batch(runner, rows, [0] * len(PROMPTS), PROMPTS, logits_start=[0] * len(PROMPTS))
-        logits = runner.forward(fb).input_token_logits.clone()
-        release(runner, rows, [len(p) for p in PROMPTS])
-        tokens = generate_static(runner, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
+        rows = worker.memory.req_to_token_pool.alloc(len(PROMPTS))
+        batch = extend_batch(worker.memory, rows, [0] * len(PROMPTS), PROMPTS)
+        batch.input_logprob_start = [1] * len(PROMPTS)  # logits at every prompt token
+        logits = worker.launch(batch).logits.input_token_logits.clone()
+        release(worker, rows, [len(p) for p in PROMPTS])
+        tokens = generate_static(worker, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
         return logits, tokens
     finally:
         destroy_tensor_parallel()

@@ -25,7 +25,7 @@ def test_graph_decode_matches_eager(tmp_path, page_size: int) -> None:
     different lengths finish (every step padded to a captured size)."""
     from radixlm.config import ServerArgs
     from radixlm.core import Req
-    from radixlm.executor import ModelRunner
+    from radixlm.executor import ModelRunner, ModelWorker
     from radixlm.models.loader import resolve_model_config
     from radixlm.scheduler import Scheduler, run_to_completion
 
@@ -42,6 +42,6 @@ def test_graph_decode_matches_eager(tmp_path, page_size: int) -> None:
                     temperature=0, max_new_tokens=4 + 3 * i, ignore_eos=True)) for i, p in enumerate(prompts)]
         for r in reqs:
             r.sampling_params.normalize()
-        run_to_completion(Scheduler(args, runner), reqs)
+        run_to_completion(Scheduler(args, ModelWorker(runner)), reqs)
         outs[disable] = [r.output_ids for r in reqs]
     assert outs[False] == outs[True]

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from radixlm.mem import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from radixlm.mem import KVCacheSpec, MHAKVPool, MLAKVPool, ReqToTokenPool, TokenToKVPoolAllocator, create_kv_pool
+from radixlm.mem import assign_kv_slots, release_kv_tail
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -72,8 +73,6 @@ def test_req_pool_rows_never_handed_out_twice() -> None:
                 assert all(0 <= r < 16 for r in rows)
                 held.update(rows)
         assert pool.available_size() == 16 - len(held)
-    pool.clear()
-    assert pool.available_size() == 16
 
 
 def test_req_pool_write_maps_positions() -> None:
@@ -347,13 +346,13 @@ def test_alloc_extend_random_against_page_model(page_size: int) -> None:
         assert held == {x // p for x in all_slots}
 
 
-# ----------------------------------------------------------------------------------------------- MHATokenToKVPool
+# ----------------------------------------------------------------------------------------------- KV pools
 
 
 def test_kv_pool_shapes_and_zero_init() -> None:
     """Each layer has K and V buffers of [size + page_size, kv_heads, head_dim], all zeros, in the pool dtype."""
-    pool = MHATokenToKVPool(size=32, page_size=4, dtype=torch.bfloat16, num_kv_heads=2, head_dim=8,
-                            num_layers=3, device="cpu")
+    pool = create_kv_pool(KVCacheSpec.mha(3, 2, 8, torch.bfloat16), size=32, page_size=4, device="cpu")
+    assert isinstance(pool, MHAKVPool)
     assert len(pool.k_buffers) == len(pool.v_buffers) == 3
     for layer in range(3):
         k, v = pool.get_kv_buffer(layer)
@@ -366,13 +365,12 @@ def test_kv_pool_shapes_and_zero_init() -> None:
 
 
 def test_kv_pool_set_get_round_trip() -> None:
-    """set_kv_buffer writes K and V at exactly the given slots of that layer; everything else stays zero."""
+    """set_kv writes K and V at exactly the given slots of that layer; everything else stays zero."""
     torch.manual_seed(0)
-    pool = MHATokenToKVPool(size=16, page_size=1, dtype=torch.float32, num_kv_heads=2, head_dim=4,
-                            num_layers=2, device="cpu")
+    pool = MHAKVPool(KVCacheSpec.mha(2, 2, 4, torch.float32), size=16, page_size=1, device="cpu")
     loc = torch.tensor([3, 1, 9])
     k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
-    pool.set_kv_buffer(1, loc, k, v)
+    pool.set_kv(1, loc, k, v)
     kb, vb = pool.get_kv_buffer(1)
     assert torch.equal(kb[loc], k) and torch.equal(vb[loc], v)
     others = torch.ones(17, dtype=torch.bool)
@@ -384,13 +382,62 @@ def test_kv_pool_set_get_round_trip() -> None:
 
 def test_kv_pool_set_casts_to_pool_dtype() -> None:
     """Float32 K/V written to a float16 pool are stored rounded to float16."""
-    pool = MHATokenToKVPool(size=4, page_size=1, dtype=torch.float16, num_kv_heads=1, head_dim=2,
-                            num_layers=1, device="cpu")
+    pool = MHAKVPool(KVCacheSpec.mha(1, 1, 2, torch.float16), size=4, page_size=1, device="cpu")
     k = torch.tensor([[[1.0001, -2.5]]])
     v = torch.tensor([[[3.14159, 65504.0]]])
-    pool.set_kv_buffer(0, torch.tensor([2]), k, v)
+    pool.set_kv(0, torch.tensor([2]), k, v)
     kb, vb = pool.get_kv_buffer(0)
     assert kb.dtype == torch.float16
     assert torch.equal(kb[2], k[0].to(torch.float16))
     assert torch.equal(vb[2], v[0].to(torch.float16))
     assert kb[2, 0, 0].item() == 1.0  # 1.0001 is not representable in float16
+
+
+def test_kv_spec_bytes_per_token() -> None:
+    """The memory sizing's unit: K and V per KV head per layer (MHA), one latent vector per layer (MLA)."""
+    assert KVCacheSpec.mha(2, 2, 16, torch.float32).bytes_per_token() == 2 * 2 * (16 + 16) * 4
+    assert KVCacheSpec.mha(2, 1, 16, torch.bfloat16, v_head_dim=8).bytes_per_token() == 2 * 1 * (16 + 8) * 2
+    mla = KVCacheSpec.mla(num_layers=27, kv_lora_rank=512, qk_rope_head_dim=64, dtype=torch.bfloat16)
+    assert (mla.num_kv_heads, mla.head_dim, mla.v_head_dim) == (1, 576, 512)
+    assert mla.bytes_per_token() == 27 * 576 * 2  # DeepSeek-V2-Lite: 31 KB per token, no heads
+    with pytest.raises(ValueError, match="MLA"):
+        KVCacheSpec("mla", 2, 2, 576, 512, torch.bfloat16)
+    pool = create_kv_pool(mla, size=8, page_size=4, device="cpu")
+    assert isinstance(pool, MLAKVPool) and pool.bytes() == 27 * 12 * 576 * 2
+
+
+def test_mla_pool_stores_one_vector_and_reads_v_in_place() -> None:
+    """The MLA pool keeps the latent + rope vector once; V is a view of its latent part (no copy)."""
+    spec = KVCacheSpec.mla(num_layers=2, kv_lora_rank=6, qk_rope_head_dim=2, dtype=torch.float32)
+    pool = create_kv_pool(spec, size=8, page_size=1, device="cpu")
+    loc = torch.tensor([5, 2])
+    latent = torch.randn(2, 1, 8)
+    pool.set_kv(1, loc, latent, None)
+    k, v = pool.get_kv_buffer(1)
+    assert k.shape == (9, 1, 8) and v.shape == (9, 1, 6)
+    assert torch.equal(k[loc], latent) and torch.equal(v[loc], latent[..., :6])
+    assert v.data_ptr() == k.data_ptr() and not v.is_contiguous()
+    assert torch.count_nonzero(pool.get_kv_buffer(0)[0]) == 0
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_assign_and_roll_back_kv_slots(page_size: int) -> None:
+    """``assign_kv_slots`` maps new positions in req_to_token (continuing a partly filled page); rolling back
+    rejected tokens frees exactly the pages that hold only rolled-back positions, and the next tokens continue
+    the kept partial page."""
+    p = page_size
+    pool, alloc = ReqToTokenPool(2, 64, "cpu"), TokenToKVPoolAllocator(32, p, "cpu")
+    row = pool.alloc(1)[0]
+    first = assign_kv_slots(pool, alloc, [row], [0], [3])
+    assert pool.req_to_token[row, :3].tolist() == first.tolist()
+    spec = assign_kv_slots(pool, alloc, [row], [3], [3 + 2 * p + 1])  # k speculative tokens
+    held = alloc.available_size()
+    release_kv_tail(pool, alloc, row, keep_len=4, kv_len=3 + 2 * p + 1)  # accept one draft token
+    freed = alloc.available_size() - held
+    assert freed == (-(-(3 + 2 * p + 1) // p) - -(-4 // p)) * p
+    nxt = assign_kv_slots(pool, alloc, [row], [4], [5])
+    slots = pool.req_to_token[row, :5].tolist()
+    assert slots[:4] == first.tolist() + spec.tolist()[:1] and slots[4] == int(nxt[0])
+    assert all(s % p == i % p for i, s in enumerate(slots)), "position i lives at slot offset i % page_size"
+    with pytest.raises(ValueError):
+        release_kv_tail(pool, alloc, row, keep_len=6, kv_len=5)

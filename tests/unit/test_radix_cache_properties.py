@@ -7,7 +7,8 @@ a failure shrinks to a minimal sequence of request lifecycle steps.
   ``RadixCache`` + ``TokenToKVPoolAllocator`` + ``ReqToTokenPool`` like the scheduler does: admit a request
   (match ``all_ids()[:-1]``, lock, take a row, allocate the uncached part -- evicting first if short), prefill
   chunks followed by ``cache_unfinished_req``, decode steps, ``cache_finished_req``, retraction and re-admission,
-  ``evict``, ``flush``, ``reset`` and locks held outside any request.  After every step the invariants check
+  ``evict``, ``flush``, ``reset``, locks held outside any request, and speculative steps whose rejected
+  draft tokens' KV is rolled back.  After every step the invariants check
   the slot partition, the size counters, lock counts, that locked prefixes survive, and -- through a shadow of
   the KV buffer that records which token prefix each slot's KV was computed for -- that every slot the tree or a
   request reads holds the KV of exactly the tokens it stands for.
@@ -29,6 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from radixlm.cache import RadixCache, TreeNode
 from radixlm.core import Req, SamplingParams
+from radixlm.mem import release_kv_tail
 from test_radix_cache import make_cache, path_key
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True, report_multiple_bugs=False,
@@ -218,6 +220,28 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         req.output_ids += tokens
         if not self.grow(req, req.seq_len - lag):
             del req.output_ids[-len(tokens) :]  # no memory: the step did not happen
+
+    @precondition(lambda self: self.decodable())
+    @rule(i=picks, drafts=st.lists(st.integers(0, ALPHABET - 1), min_size=1, max_size=3), accept=st.integers(0, 3))
+    def speculate(self, i: int, drafts: list[int], accept: int) -> None:
+        """Verify draft tokens: KV is computed for all of them, then the rejected ones are rolled back with
+        ``release_kv_tail`` (whole pages of rejected positions freed, a partly kept page kept) and the request
+        keeps the accepted tokens."""
+        req = self.pick(self.decodable(), i)
+        kept_outputs = len(req.output_ids)
+        req.output_ids += drafts
+        if not self.grow(req, req.seq_len):
+            del req.output_ids[kept_outputs:]  # no memory: the step did not happen
+            return
+        accept = min(accept, len(drafts))
+        keep, kv_len = req.seq_len - len(drafts) + accept, req.kv_len
+        assert keep >= req.prefix_indices.numel()  # never into the cached, locked prefix
+        free_before, row = self.alloc.available_size(), self.row(req)
+        release_kv_tail(self.pool, self.alloc, req.req_pool_idx, keep, kv_len)
+        assert self.alloc.available_size() == free_before + (-(-kv_len // self.p) - -(-keep // self.p)) * self.p
+        del req.output_ids[kept_outputs + accept :]
+        req.kv_len = keep
+        assert self.row(req) == row[:keep]
 
     @precondition(lambda self: self.live)
     @rule(i=picks)

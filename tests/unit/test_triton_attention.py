@@ -16,7 +16,7 @@ import pytest
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.kernels.decode_attention import decode_attention_fwd
 from radixlm.kernels.extend_attention import extend_attention_fwd
 from radixlm.models.loader import resolve_model_config
@@ -178,7 +178,7 @@ def greedy_outputs(model_path: str, backend: str, page_size: int) -> tuple[list[
     """Output ids and cached prompt tokens of a first request, then three sharing its first 24 tokens."""
     args = ServerArgs(model_path=model_path, device=DEVICE, random_seed=0, max_total_tokens=1024,
                       page_size=page_size, attention_backend=backend)
-    sched = Scheduler(args, ModelRunner(args, resolve_model_config(args)))
+    sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     shared = list(range(100, 124))
     prompts = [shared + [7, 8, 9], shared + [11] * 5, shared + [300, 301], shared[:20] + [42]]
     reqs = []
