@@ -5,6 +5,12 @@ own program, so a small batch with long contexts still fills the GPU; one progra
 KV head (GQA), reading that head's K/V once.  Each range leaves a normalised partial output and its log-sum-exp
 in caller-owned fp32 scratch; stage 2 merges the ranges of every (request, head) with those log-sum-exps.
 
+Keys and values may differ in width (``Dk >= Dv``), and V may be a strided view into the K buffer: DeepSeek's
+Multi-head Latent Attention keeps one 576-wide vector per token (512 latent dims, then 64 rotary ones) that is
+the key whole and the value by its first 512 dims.  A key width that is not a power of two is split into a
+power-of-two main block and a smaller power-of-two remainder (576 = 512 + 64, SGLang's BLOCK_DMODEL and
+BLOCK_DPE) whose two dot products are summed, instead of one block padded to 1024; see ``head_blocks``.
+
 Nothing here reads a device value on the host or allocates, so a decode step can be captured in a CUDA graph.
 """
 
@@ -17,6 +23,31 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 _MIN_BLOCK_H = 16  # tl.dot needs at least 16 rows; smaller GQA groups are padded with masked heads
+_MIN_BLOCK_DPE = 16  # tl.dot's smallest reduction width
+
+
+def head_blocks(head_dim_k: int, head_dim_v: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_DPE, BLOCK_DV): the key width as a power-of-two main block ``BLOCK_D`` plus, when that
+    saves work, a power-of-two remainder block ``BLOCK_DPE`` (0: none) starting at ``BLOCK_D``; and the value
+    block.  Equal widths keep one block of ``next_power_of_2(head_dim)`` for both, as before unequal widths were
+    supported, so those launches are unchanged.  576 -> 512 + 64 (half the loads and dot work of 1024);
+    192 (DeepSeek's decompressed 128 + 64) -> 128 + 64; 96 -> 64 + 32."""
+    full = triton.next_power_of_2(head_dim_k)
+    block_dv = triton.next_power_of_2(head_dim_v)
+    if head_dim_k == head_dim_v or full == head_dim_k:
+        return full, 0, block_dv
+    main = full // 2
+    rest = max(triton.next_power_of_2(head_dim_k - main), _MIN_BLOCK_DPE)
+    if main + rest >= full:  # e.g. 112 = 64 + 48 -> 64 + 64: no saving
+        return full, 0, block_dv
+    return main, rest, block_dv
+
+
+def v_is_k_prefix(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_d: int, block_dpe: int) -> bool:
+    """Whether V is exactly the first ``block_d`` dims of the K rows (the MLA latent ``k_buffer[..., :512]``), so
+    the kernels can use the main K tile as the V tile instead of loading the same bytes a second time."""
+    return (block_dpe > 0 and v_buffer.shape[-1] == block_d and v_buffer.data_ptr() == k_buffer.data_ptr()
+            and v_buffer.dtype == k_buffer.dtype and v_buffer.stride()[:2] == k_buffer.stride()[:2])
 
 
 @triton.jit
@@ -26,7 +57,8 @@ def _decode_split_kernel(
     window,  # attend only to the last ``window`` keys when HAS_WINDOW
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_rt,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -39,6 +71,8 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_g
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < HEAD_DIM_V
 
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     row_slots = ReqToToken + tl.load(ReqPoolIndices + b) * stride_rt
@@ -50,33 +84,46 @@ def _decode_split_kernel(
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
+    q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_rows + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :],
+                other=0.0).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
+    if BLOCK_DPE > 0:  # the key dims past the main block
+        offs_dpe = BLOCK_D + tl.arange(0, BLOCK_DPE)
+        mask_dpe = offs_dpe < HEAD_DIM
+        q_pe = tl.load(q_rows + offs_dpe[None, :], mask=mask_h[:, None] & mask_dpe[None, :],
+                       other=0.0).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_DPE]
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slots = tl.load(row_slots + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: slot * stride may pass 2^31
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        k_rows = K + slots[:, None] * stride_kn + kv_head * stride_kh
+        k = tl.load(k_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        if BLOCK_DPE > 0:
+            k_pe = tl.load(k_rows + offs_dpe[None, :], mask=mask_n[:, None] & mask_dpe[None, :], other=0.0)
+            s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         # Every block holds at least one key, so m_new is finite and no row turns NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if V_FROM_K:  # V is the main K block itself (BLOCK_DV == BLOCK_D == HEAD_DIM_V): no second load
+            v = k
+        else:
+            v = tl.load(V + slots[:, None] * stride_vn + kv_head * stride_vh + offs_dv[None, :],
+                        mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # An empty split leaves a zero output and LSE -inf: weight 0 in the merge.
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
-    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-             acc / l_safe[:, None], mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_dv[None, :],
+             acc / l_safe[:, None], mask=mask_h[:, None] & mask_dv[None, :])
     lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))  # natural log
     tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
@@ -103,14 +150,14 @@ def _decode_merge_kernel(
 
 
 def decode_attention_fwd(
-    q: torch.Tensor,  # [bs, num_heads, head_dim]
-    k_buffer: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
-    v_buffer: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
-    o: torch.Tensor,  # [bs, num_heads, head_dim], written
+    q: torch.Tensor,  # [bs, num_heads, Dk]
+    k_buffer: torch.Tensor,  # [num_slots, num_kv_heads, Dk]
+    v_buffer: torch.Tensor,  # [num_slots, num_kv_heads, Dv], Dv <= Dk; may be a view into k_buffer
+    o: torch.Tensor,  # [bs, num_heads, Dv], written
     req_to_token: torch.Tensor,  # [max_reqs, max_context] int32
     req_pool_indices: torch.Tensor,  # [bs] int64
     seq_lens: torch.Tensor,  # [bs] int64
-    mid_o: torch.Tensor,  # [>= bs, num_heads, num_kv_splits, head_dim] fp32 scratch
+    mid_o: torch.Tensor,  # [>= bs, num_heads, num_kv_splits, Dv] fp32 scratch
     mid_lse: torch.Tensor,  # [>= bs, num_heads, num_kv_splits] fp32 scratch
     sm_scale: float,
     sliding_window: int | None = None,
@@ -119,18 +166,31 @@ def decode_attention_fwd(
     ``req_pool_indices[i]`` (the last ``sliding_window`` of them when given), K/V read at the slots
     ``req_to_token[row, pos]``.  ``seq_lens[i] >= 1``: the new token's K/V is already stored.
 
+    Keys (and queries) are ``Dk`` wide, values (and outputs) ``Dv <= Dk`` wide: DeepSeek MLA with absorbed
+    weights is MQA over the latent cache ``k_buffer [num_slots, 1, 576]`` with ``v_buffer = k_buffer[..., :512]``.
     The number of KV splits is ``mid_o.shape[2]``.  q, o and the KV buffers need a unit stride in the last
-    dimension; the KV buffers may be fp32, fp16 or bf16 (q is cast to their dtype), o has q's dtype.
+    dimension (the KV buffers any strides in the first two); the KV buffers may be fp32, fp16 or bf16 (q is cast
+    to their dtype), o has q's dtype.
     """
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
+    head_dim_v = v_buffer.shape[2]
     group = num_heads // num_kv_heads
     num_splits = mid_o.shape[2]
     assert q.stride(2) == 1 and o.stride(2) == 1 and num_heads == group * num_kv_heads
+    assert k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
+    assert k_buffer.shape[2] == head_dim and head_dim_v <= head_dim and v_buffer.shape[1] == num_kv_heads
+    assert o.shape[2] == head_dim_v and mid_o.shape[3] == head_dim_v
     assert mid_o.shape[0] >= bs and mid_lse.shape[0] >= bs, "decode scratch is smaller than the batch"
-    block_d = triton.next_power_of_2(head_dim)
+    block_d, block_dpe, block_dv = head_blocks(head_dim, head_dim_v)
     block_h = max(_MIN_BLOCK_H, min(triton.next_power_of_2(group), 64))
     block_n = 64 if block_d <= 128 else 32
+    if head_dim != head_dim_v and block_d + block_dpe > 256:
+        # MLA-wide keys (576): a 16-head tile keeps the [BLOCK_H, Dv] fp32 accumulator and the q tile in registers
+        # (SGLang's MLA decode tiles; ptxas for sm_90, bf16: 192 registers, no spills, 56 KB of shared memory with V
+        # a view of K, 89 KB with a separate V); fp32 caches halve the key block (75 / 108 KB).
+        block_h = _MIN_BLOCK_H
+        block_n = 32 if k_buffer.element_size() <= 2 else 16
     precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"  # tf32 would cost fp32 caches ~1e-3
     grid = (bs, num_kv_heads * triton.cdiv(group, block_h), num_splits)
     _decode_split_kernel[grid](
@@ -139,13 +199,15 @@ def decode_attention_fwd(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_WINDOW=sliding_window is not None, DOT_PRECISION=precision, num_warps=4, num_stages=2,
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
+        BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe), BLOCK_H=block_h,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_PRECISION=precision,
+        num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(bs, num_heads)](
         mid_o, mid_lse, o,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim_v, BLOCK_D=block_dv, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=4,
     )

@@ -5,6 +5,9 @@ One program owns ``BLOCK_M`` consecutive new tokens of one request and one query
 two phases: keys before the block's first query position are visible to every row (no causal mask), keys from
 there up to the block's last query position get the causal mask.  Keys past the block are never read, so the
 work follows the causal triangle.
+
+Keys may be wider than values (DeepSeek MLA's latent cache: 576-wide keys, values its first 512 dims); the key
+width is split into two power-of-two blocks as in decode (``head_blocks``).
 """
 
 from __future__ import annotations
@@ -13,22 +16,27 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.decode_attention import LOG2E
+from radixlm.kernels.decode_attention import LOG2E, head_blocks, v_is_k_prefix
 
 
 @triton.jit
 def _attend_key_block(
-    acc, l_i, m_i, q, K, V, row_slots, kv_head_off_k, kv_head_off_v, stride_kn, stride_vn, offs_d, mask_d,
-    start_n, kv_end, q_pos, window, qk_scale,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head_off_k, kv_head_off_v, stride_kn, stride_vn,
+    offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, kv_end, q_pos, window, qk_scale,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_DPE: tl.constexpr, V_FROM_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over keys ``start_n .. start_n + BLOCK_N - 1`` (those ``< kv_end``)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < kv_end
     slots = tl.load(row_slots + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: slot * stride may pass 2^31
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + kv_head_off_k + slots[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    k_rows = K + kv_head_off_k + slots[:, None] * stride_kn
+    k = tl.load(k_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if BLOCK_DPE > 0:  # the key dims past the main block
+        k_pe = tl.load(k_rows + offs_dpe[None, :], mask=mask_n[:, None] & mask_dpe[None, :], other=0.0)
+        s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+    s = s * qk_scale
     allowed = mask_n[None, :]
     if CAUSAL:
         allowed = allowed & (offs_n[None, :] <= q_pos[:, None])
@@ -42,7 +50,11 @@ def _attend_key_block(
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V + kv_head_off_v + slots[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    if V_FROM_K:  # V is the main K block itself (BLOCK_DV == BLOCK_D == Dv): no second load of the same bytes
+        v = k
+    else:
+        v = tl.load(V + kv_head_off_v + slots[:, None] * stride_vn + offs_dv[None, :],
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -53,7 +65,8 @@ def _extend_kernel(
     qk_scale,  # sm_scale * log2(e): logits live in base 2 so that exp2 does the softmax
     window,  # attend only to keys within ``window`` of the query position when HAS_WINDOW
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ot, stride_oh, stride_rt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -73,40 +86,53 @@ def _extend_kernel(
     q_pos = prefix + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(Q + (first_tok + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(K.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < HEAD_DIM_V
+    q_rows = Q + (first_tok + offs_m)[:, None] * stride_qt + head * stride_qh
+    q = tl.load(q_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0).to(K.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+    offs_dpe = None
+    mask_dpe = None
+    q_pe = None
+    if BLOCK_DPE > 0:  # the key dims past the main block
+        offs_dpe = BLOCK_D + tl.arange(0, BLOCK_DPE)
+        mask_dpe = offs_dpe < HEAD_DIM
+        q_pe = tl.load(q_rows + offs_dpe[None, :], mask=mask_m[:, None] & mask_dpe[None, :],
+                       other=0.0).to(K.dtype.element_ty)  # [BLOCK_M, BLOCK_DPE]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     diag = prefix + m_block * BLOCK_M  # first query position of the block
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(diag - window + 1, 0)
     for start_n in range(lo, diag, BLOCK_N):
         acc, l_i, m_i = _attend_key_block(
-            acc, l_i, m_i, q, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
-            offs_d, mask_d, start_n, diag, q_pos, window, qk_scale,
-            BLOCK_N=BLOCK_N, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, DOT_PRECISION=DOT_PRECISION,
+            acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
+            offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, diag, q_pos, window, qk_scale,
+            BLOCK_N=BLOCK_N, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
+            V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
         )
     hi = tl.minimum(prefix + extend_len, diag + BLOCK_M)
     for start_n in range(diag, hi, BLOCK_N):
         acc, l_i, m_i = _attend_key_block(
-            acc, l_i, m_i, q, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
-            offs_d, mask_d, start_n, hi, q_pos, window, qk_scale,
-            BLOCK_N=BLOCK_N, CAUSAL=True, HAS_WINDOW=HAS_WINDOW, DOT_PRECISION=DOT_PRECISION,
+            acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
+            offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, hi, q_pos, window, qk_scale,
+            BLOCK_N=BLOCK_N, CAUSAL=True, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
+            V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
         )
     # Every real row has seen at least its own key (l_i > 0); only padding rows past the window can have none.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    tl.store(O + (first_tok + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(O + (first_tok + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
 
 def extend_attention_fwd(
-    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    k_buffer: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
-    v_buffer: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
-    o: torch.Tensor,  # [num_tokens, num_heads, head_dim], written
+    q: torch.Tensor,  # [num_tokens, num_heads, Dk]
+    k_buffer: torch.Tensor,  # [num_slots, num_kv_heads, Dk]
+    v_buffer: torch.Tensor,  # [num_slots, num_kv_heads, Dv], Dv <= Dk; may be a view into k_buffer
+    o: torch.Tensor,  # [num_tokens, num_heads, Dv], written
     req_to_token: torch.Tensor,  # [max_reqs, max_context] int32
     req_pool_indices: torch.Tensor,  # [bs] int64
     extend_prefix_lens: torch.Tensor,  # [bs] int64
@@ -120,15 +146,25 @@ def extend_attention_fwd(
     attends to the request's keys at positions ``<= p`` (and ``> p - sliding_window`` when given), read through
     ``req_to_token[req_pool_indices[i]]``; every key, prefix and new, must already be in the pool.
 
-    ``max_extend_len >= max(extend_seq_lens)`` sizes the grid.  q, o and the KV buffers need a unit stride in the
-    last dimension; the KV buffers may be fp32, fp16 or bf16 (q is cast to their dtype), o has q's dtype.
+    Keys and queries are ``Dk`` wide, values and outputs ``Dv <= Dk`` wide (DeepSeek MLA with absorbed weights:
+    ``k_buffer [num_slots, 1, 576]``, ``v_buffer = k_buffer[..., :512]``).  ``max_extend_len >=
+    max(extend_seq_lens)`` sizes the grid.  q, o and the KV buffers need a unit stride in the last dimension (the KV
+    buffers any strides in the first two); the KV buffers may be fp32, fp16 or bf16 (q is cast to their dtype), o
+    has q's dtype.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
+    head_dim_v = v_buffer.shape[2]
     bs = req_pool_indices.shape[0]
     assert q.stride(2) == 1 and o.stride(2) == 1 and num_heads % num_kv_heads == 0
-    block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, num_stages = _launch_config(block_d, k_buffer.element_size(), max_extend_len)
+    assert k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
+    assert k_buffer.shape[2] == head_dim and head_dim_v <= head_dim and o.shape[2] == head_dim_v
+    block_d, block_dpe, block_dv = head_blocks(head_dim, head_dim_v)
+    if head_dim == head_dim_v:
+        block_m, block_n, num_warps, num_stages = _launch_config(block_d, k_buffer.element_size(), max_extend_len)
+    else:
+        block_m, block_n, num_warps, num_stages = _launch_config_split(block_d + block_dpe, block_dv,
+                                                                       k_buffer.element_size(), max_extend_len)
     precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"  # tf32 would cost fp32 caches ~1e-3
     grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
@@ -136,9 +172,10 @@ def extend_attention_fwd(
         extend_start_loc, sm_scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None, DOT_PRECISION=precision, num_warps=num_warps,
-        num_stages=num_stages,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d,
+        BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe),
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -151,3 +188,16 @@ def _launch_config(block_d: int, elem_bytes: int, max_extend_len: int) -> tuple[
     if max_extend_len >= 1024:
         return 128, 64, 4, 2
     return 64, 32, 4, 3
+
+
+def _launch_config_split(block_k: int, block_dv: int, elem_bytes: int,
+                         max_extend_len: int) -> tuple[int, int, int, int]:
+    """The launch for keys wider than values, ``block_k`` the two key blocks together.  Not timed on a GPU: sized by
+    what ptxas reports for sm_90 (Triton 3.9).  MLA's 576-wide keys with 512-wide values: 32-row query blocks over
+    8 warps keep the [32, 512] fp32 accumulator and the [32, 576] q tile in registers (bf16: 180-190 a thread, no
+    spills; SGLang also runs these widths with 32-row blocks on Hopper), and two stages of 32-key tiles take 76 KB
+    of shared memory with V a view of K (its tile reused) or 109 KB with a separate V; fp32 caches take 16-key
+    tiles (113 / 146 KB)."""
+    if block_k > 256 or block_dv > 256:
+        return 32, (32 if elem_bytes <= 2 else 16), 8, 2
+    return _launch_config(max(block_k, block_dv), elem_bytes, max_extend_len)
