@@ -6,6 +6,9 @@ two phases: keys before the block's first query position are visible to every ro
 there up to the block's last query position get the causal mask.  Keys past the block are never read, so the
 work follows the causal triangle.
 
+With a custom mask (speculative-decoding verification of a draft tree) the phases are the cached prefix,
+visible to every row, and then all of the request's new tokens, each row seeing those its mask allows.
+
 Keys may be wider than values (DeepSeek MLA's latent cache: 576-wide keys, values its first 512 dims); the key
 width is split into two power-of-two blocks as in decode (``head_blocks``).
 """
@@ -23,10 +26,12 @@ from radixlm.kernels.decode_attention import LOG2E, head_blocks, v_is_k_prefix
 def _attend_key_block(
     acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head_off_k, kv_head_off_v, stride_kn, stride_vn,
     offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, kv_end, q_pos, window, qk_scale,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    mask_rows, mask_m, prefix,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, CUSTOM_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_DPE: tl.constexpr, V_FROM_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One online-softmax step over keys ``start_n .. start_n + BLOCK_N - 1`` (those ``< kv_end``)."""
+    """One online-softmax step over keys ``start_n .. start_n + BLOCK_N - 1`` (those ``< kv_end``).  With
+    CUSTOM_MASK the keys are new tokens and row r sees key n where ``mask_rows[r, 0][n - prefix]`` is set."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < kv_end
     slots = tl.load(row_slots + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: slot * stride may pass 2^31
@@ -40,12 +45,15 @@ def _attend_key_block(
     allowed = mask_n[None, :]
     if CAUSAL:
         allowed = allowed & (offs_n[None, :] <= q_pos[:, None])
+    if CUSTOM_MASK:
+        visible = tl.load(mask_rows + (offs_n - prefix)[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0)
+        allowed = allowed & (visible != 0)
     if HAS_WINDOW:
         allowed = allowed & (offs_n[None, :] > q_pos[:, None] - window)
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Under a sliding window a row may have seen no key yet (m = -inf); shifting by 0 keeps p and alpha at 0
-    # instead of exp2(-inf + inf) = NaN.
+    # Under a sliding window or a custom mask a row may have seen no key yet (m = -inf); shifting by 0 keeps p and
+    # alpha at 0 instead of exp2(-inf + inf) = NaN.
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
@@ -61,13 +69,13 @@ def _attend_key_block(
 
 @triton.jit
 def _extend_kernel(
-    Q, K, V, O, ReqToToken, ReqPoolIndices, PrefixLens, ExtendLens, ExtendStarts,
+    Q, K, V, O, ReqToToken, ReqPoolIndices, PrefixLens, ExtendLens, ExtendStarts, CustomMask, MaskIndptr,
     qk_scale,  # sm_scale * log2(e): logits live in base 2 so that exp2 does the softmax
     window,  # attend only to keys within ``window`` of the query position when HAS_WINDOW
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ot, stride_oh, stride_rt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_CUSTOM_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -107,21 +115,44 @@ def _extend_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(diag - window + 1, 0)
-    for start_n in range(lo, diag, BLOCK_N):
-        acc, l_i, m_i = _attend_key_block(
-            acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
-            offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, diag, q_pos, window, qk_scale,
-            BLOCK_N=BLOCK_N, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
-            V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
-        )
-    hi = tl.minimum(prefix + extend_len, diag + BLOCK_M)
-    for start_n in range(diag, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_key_block(
-            acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn, stride_vn,
-            offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, hi, q_pos, window, qk_scale,
-            BLOCK_N=BLOCK_N, CAUSAL=True, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
-            V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
-        )
+    if USE_CUSTOM_MASK:
+        # The cached prefix is visible to every row; then every new key, each row through its mask row.
+        for start_n in range(lo, prefix, BLOCK_N):
+            acc, l_i, m_i = _attend_key_block(
+                acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn,
+                stride_vn, offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, prefix, q_pos, window,
+                qk_scale, None, mask_m, prefix,
+                BLOCK_N=BLOCK_N, CAUSAL=False, CUSTOM_MASK=False, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
+                V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
+            )
+        # [BLOCK_M, 1] row starts; in-block offsets in int32 (a request's mask holds extend_len^2 < 2^31 entries)
+        mask_rows = CustomMask + tl.load(MaskIndptr + b) + (offs_m * extend_len)[:, None]
+        for start_n in range(tl.maximum(lo, prefix), prefix + extend_len, BLOCK_N):
+            acc, l_i, m_i = _attend_key_block(
+                acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn,
+                stride_vn, offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, prefix + extend_len, q_pos,
+                window, qk_scale, mask_rows, mask_m, prefix,
+                BLOCK_N=BLOCK_N, CAUSAL=False, CUSTOM_MASK=True, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
+                V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
+            )
+    else:
+        for start_n in range(lo, diag, BLOCK_N):
+            acc, l_i, m_i = _attend_key_block(
+                acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn,
+                stride_vn, offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, diag, q_pos, window,
+                qk_scale, None, mask_m, prefix,
+                BLOCK_N=BLOCK_N, CAUSAL=False, CUSTOM_MASK=False, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
+                V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
+            )
+        hi = tl.minimum(prefix + extend_len, diag + BLOCK_M)
+        for start_n in range(diag, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_key_block(
+                acc, l_i, m_i, q, q_pe, K, V, row_slots, kv_head * stride_kh, kv_head * stride_vh, stride_kn,
+                stride_vn, offs_d, mask_d, offs_dpe, mask_dpe, offs_dv, mask_dv, start_n, hi, q_pos, window,
+                qk_scale, None, mask_m, prefix,
+                BLOCK_N=BLOCK_N, CAUSAL=True, CUSTOM_MASK=False, HAS_WINDOW=HAS_WINDOW, BLOCK_DPE=BLOCK_DPE,
+                V_FROM_K=V_FROM_K, DOT_PRECISION=DOT_PRECISION,
+            )
     # Every real row has seen at least its own key (l_i > 0); only padding rows past the window can have none.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     tl.store(O + (first_tok + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
@@ -141,10 +172,19 @@ def extend_attention_fwd(
     max_extend_len: int,
     sm_scale: float,
     sliding_window: int | None = None,
+    custom_mask: torch.Tensor | None = None,  # [sum(extend_seq_lens[i]^2)] bool or uint8
+    mask_indptr: torch.Tensor | None = None,  # [bs] int64: where request i's block of custom_mask starts
 ) -> None:
     """New token j of request i (query row ``extend_start_loc[i] + j``, position ``p = extend_prefix_lens[i] + j``)
     attends to the request's keys at positions ``<= p`` (and ``> p - sliding_window`` when given), read through
     ``req_to_token[req_pool_indices[i]]``; every key, prefix and new, must already be in the pool.
+
+    With ``custom_mask`` (speculative-decoding verification, e.g. a tree of draft tokens), the mask replaces the
+    causal rule among the new tokens: request i's block ``custom_mask[mask_indptr[i] :][: n * n]``, with
+    ``n = extend_seq_lens[i]``, is a row-major ``[n, n]`` matrix whose entry ``[a, b]`` says whether new token
+    ``a`` may attend to new token ``b`` (any pattern, not only lower-triangular).  The cached prefix stays
+    visible to every new token.  Precondition: every row allows at least its own token (``[a, a]`` set).  A
+    sliding window still applies to every key, measured by position in the request's KV order (``prefix + j``).
 
     Keys and queries are ``Dk`` wide, values and outputs ``Dv <= Dk`` wide (DeepSeek MLA with absorbed weights:
     ``k_buffer [num_slots, 1, 576]``, ``v_buffer = k_buffer[..., :512]``).  ``max_extend_len >=
@@ -159,6 +199,12 @@ def extend_attention_fwd(
     assert q.stride(2) == 1 and o.stride(2) == 1 and num_heads % num_kv_heads == 0
     assert k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
     assert k_buffer.shape[2] == head_dim and head_dim_v <= head_dim and o.shape[2] == head_dim_v
+    use_mask = custom_mask is not None
+    if use_mask:
+        assert mask_indptr is not None and mask_indptr.shape[0] == bs, "custom_mask needs mask_indptr [bs]"
+        if custom_mask.dtype == torch.bool:
+            custom_mask = custom_mask.view(torch.uint8)  # same bytes; loads as 0/1 in the kernel
+        assert custom_mask.dtype == torch.uint8 and custom_mask.dim() == 1
     block_d, block_dpe, block_dv = head_blocks(head_dim, head_dim_v)
     if head_dim == head_dim_v:
         block_m, block_n, num_warps, num_stages = _launch_config(block_d, k_buffer.element_size(), max_extend_len)
@@ -169,12 +215,12 @@ def extend_attention_fwd(
     grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         q, k_buffer, v_buffer, o, req_to_token, req_pool_indices, extend_prefix_lens, extend_seq_lens,
-        extend_start_loc, sm_scale * LOG2E, sliding_window or 0,
+        extend_start_loc, custom_mask, mask_indptr, sm_scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d,
         BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe),
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, USE_CUSTOM_MASK=use_mask,
         DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
 

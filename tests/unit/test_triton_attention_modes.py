@@ -1,6 +1,6 @@
-"""The Triton attention kernels' extra modes against an independent float64 reference: keys wider than values
-with V possibly a strided view into the K buffer (DeepSeek MLA's latent cache: 576-wide keys, values its first
-512 dims).
+"""The Triton attention kernels' two extra modes against an independent float64 reference: extend with a custom
+mask over the new tokens (speculative-decoding verification of a draft tree), and keys wider than values with V
+possibly a strided view into the K buffer (DeepSeek MLA's latent cache: 576-wide keys, values its first 512 dims).
 
 Without a GPU the kernels run under Triton's interpreter, which is slow: shapes stay small.
 """
@@ -49,12 +49,33 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return torch.einsum("hns,shd->nhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
 
 
+def random_tree_mask(n: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, n] bool: token 0 is the root, token j > 0 hangs under a random earlier token; each token sees its
+    ancestors and itself."""
+    mask = torch.eye(n, dtype=torch.bool)
+    for j in range(1, n):
+        parent = int(torch.randint(0, j, (1,), generator=gen))
+        mask[j] |= mask[parent]
+    return mask
+
+
+def chain_mask(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.ones((n, n), dtype=torch.bool).tril()
+
+
+def dense_random_mask(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Any pattern with the diagonal set: tokens also see later tokens."""
+    return (torch.rand((n, n), generator=gen) < 0.5) | torch.eye(n, dtype=torch.bool)
+
+
 def run_extend(reqs: list[tuple[int, int]], heads: tuple[int, int, int, int], dtype: torch.dtype, page_size: int,
-               window: int | None = None, v_mode: str = "separate", row_pad: int = 0,
-               check_v_from_k: bool | None = None) -> torch.Tensor:
-    """Extend ``reqs`` ((prefix_len, extend_len) each) with heads (num_heads, num_kv_heads, dk, dv).  Checks every
-    request against the reference and returns the output."""
+               window: int | None = None, make_mask=None, v_mode: str = "separate", row_pad: int = 0,
+               mask_dtype: torch.dtype = torch.bool, check_v_from_k: bool | None = None) -> torch.Tensor:
+    """Extend ``reqs`` ((prefix_len, extend_len) each) with heads (num_heads, num_kv_heads, dk, dv); with
+    ``make_mask(n, gen)`` giving each request's [n, n] custom mask.  Checks every request against the reference
+    and returns the output."""
     num_heads, num_kv_heads, dk, dv = heads
+    # Masks are drawn after the inputs, so a masked run sees the same inputs as the unmasked one.
     gen = seed("extend", reqs, heads, dtype, page_size, window, v_mode)
     table, rows, num_slots = kv_layout([p + e for p, e in reqs], page_size, gen)
     k_buf, v_buf = make_kv(num_slots, num_kv_heads, dk, dv, dtype, v_mode, gen, row_pad)
@@ -65,15 +86,31 @@ def run_extend(reqs: list[tuple[int, int]], heads: tuple[int, int, int, int], dt
     starts = torch.cumsum(extend_lens, 0) - extend_lens
     q = torch.randn((int(extend_lens.sum()), num_heads, dk), generator=gen).to(DEVICE, dtype)
     o = torch.full((q.shape[0], num_heads, dv), float("nan"), device=DEVICE, dtype=dtype)
+    custom_mask = mask_indptr = None
+    masks = []
+    if make_mask is not None:
+        # Blocks in reverse request order with junk between them: the kernel must follow mask_indptr.
+        masks = [make_mask(e, gen) for _, e in reqs]
+        pieces, indptr, at = [], [0] * len(reqs), 0
+        for i in reversed(range(len(reqs))):
+            junk = torch.rand(3, generator=gen) < 0.5
+            pieces += [junk, masks[i].flatten()]
+            indptr[i] = at + 3
+            at += 3 + masks[i].numel()
+        custom_mask = torch.cat(pieces).to(DEVICE, mask_dtype)
+        mask_indptr = torch.tensor(indptr, device=DEVICE)
     sm_scale = dk**-0.5
     extend_attention_fwd(q, k_buf, v_buf, o, table, rows, prefix_lens, extend_lens, starts, max(e for _, e in reqs),
-                         sm_scale, window)
+                         sm_scale, window, custom_mask=custom_mask, mask_indptr=mask_indptr)
     assert o.dtype == dtype and not o.isnan().any()
     for i, (prefix, ext) in enumerate(reqs):
         slots = table[rows[i], : prefix + ext].long()
         q_pos = torch.arange(prefix, prefix + ext)[:, None]
         key_pos = torch.arange(prefix + ext)[None, :]
         allowed = key_pos <= q_pos
+        if make_mask is not None:
+            allowed = (key_pos < prefix).expand(ext, -1).clone()  # the prefix, then the custom mask
+            allowed[:, prefix:] = masks[i]
         if window is not None:
             allowed &= key_pos > q_pos - window
         start = int(starts[i])
@@ -124,8 +161,7 @@ def test_head_blocks() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page_size", [1, 4])
-@pytest.mark.parametrize("v_mode", ["view", "separate"])
+@pytest.mark.parametrize("v_mode,page_size", [("view", 1), ("separate", 4)])
 def test_mla_decode(dtype: torch.dtype, page_size: int, v_mode: str) -> None:
     # 16 query heads over one latent KV head (DeepSeek-V2-Lite per rank); 1, 37, 80 keys: one key, a partial
     # block, several blocks over the splits.
@@ -140,8 +176,7 @@ def test_mla_decode_head_blocks(num_heads: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page_size", [1, 4])
-@pytest.mark.parametrize("v_mode", ["view", "separate"])
+@pytest.mark.parametrize("v_mode,page_size", [("view", 4), ("separate", 1)])
 def test_mla_extend(dtype: torch.dtype, page_size: int, v_mode: str) -> None:
     run_extend([(0, 9), (20, 40), (33, 1)], (4, 1, MLA_DK, MLA_DV), dtype, page_size, v_mode=v_mode,
                check_v_from_k=v_mode == "view")
@@ -178,3 +213,52 @@ def test_mla_gpu_sizes() -> None:
     # 128 heads (DeepSeek-V3 at TP=1): eight 16-head tiles; long contexts over the splits
     run_decode([4096, 1000, 2], (128, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, v_mode="view", num_kv_splits=8)
     run_extend([(3000, 64), (0, 500)], (16, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, v_mode="view")
+
+
+# ---------------------------------------------------------------- custom mask (target verify)
+
+# (prefix_len, extend_len): no prefix; a prefix of a partial key block; one new token; a prefix of whole key
+# blocks, then new tokens over two key blocks.
+VERIFY_REQS = [(0, 9), (13, 16), (40, 1), (64, 37)]
+
+
+@pytest.mark.parametrize("page_size,window", [(1, None), (4, 7)])
+def test_chain_mask_equals_causal(page_size: int, window: int | None) -> None:
+    reqs = VERIFY_REQS + [(3, 70)]  # 70: two query blocks
+    heads = (4, 2, 32, 32)
+    masked = run_extend(reqs, heads, torch.float32, page_size, window, make_mask=chain_mask)
+    causal = run_extend(reqs, heads, torch.float32, page_size, window)  # same seed: same inputs
+    assert rel_err(masked, causal.double()) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("heads", [(4, 4, 32, 32), (6, 2, 64, 64)], ids=["group1", "group3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_tree_mask(heads: tuple[int, int, int, int], dtype: torch.dtype, page_size: int) -> None:
+    run_extend(VERIFY_REQS, heads, dtype, page_size, make_mask=random_tree_mask)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8])
+def test_mask_not_lower_triangular(mask_dtype: torch.dtype) -> None:
+    # Tokens see later tokens; 70 new tokens: query blocks other than the first also visit every new key.
+    run_extend([(0, 12), (21, 70), (5, 2)], (6, 3, 32, 32), torch.float32, 4, make_mask=dense_random_mask,
+               mask_dtype=mask_dtype)
+
+
+def test_tree_mask_with_window() -> None:
+    run_extend(VERIFY_REQS, (6, 2, 32, 32), torch.float32, 1, window=10, make_mask=random_tree_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tree_mask_wide_keys(dtype: torch.dtype) -> None:
+    # what MLA target verification runs: a draft tree over the latent cache; and Dk 96 / Dv 64 in fp32
+    run_extend([(17, 8), (0, 5), (40, 16)], (4, 1, MLA_DK, MLA_DV), dtype, 4, make_mask=random_tree_mask,
+               v_mode="view")
+    run_extend([(9, 12), (0, 7)], (6, 2, 96, 64), torch.float32, 4, make_mask=random_tree_mask, v_mode="view")
+
+
+@pytest.mark.skipif(not CUDA, reason="GPU-sized MLA shapes are too slow for the interpreter")
+def test_tree_mask_gpu_sizes() -> None:
+    # DeepSeek-V3's 128 heads verifying 64- and 33-token trees after long prefixes
+    run_extend([(3000, 64), (100, 33)], (128, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, make_mask=random_tree_mask,
+               v_mode="view")
