@@ -16,9 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from radixlm.config import ServerArgs
-from radixlm.executor import ModelRunner
-from radixlm.executor.batch_builder import build_decode_batch
-from radixlm.executor.static_batch import release
+from radixlm.executor import ModelRunner, ModelWorker
+from radixlm.executor.static_batch import decode_batch, release
 from radixlm.models.loader import resolve_model_config
 
 KINDS = (("attention", ("_decode", "_extend", "attn")), ("gemm", ("gemm", "gemv", "xmma", "cutlass", "nvjet")),
@@ -30,21 +29,20 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in lower for k in keys)), "other")
 
 
-def run_case(runner: ModelRunner, bs: int, ctx: int, steps: int = 30) -> None:
-    rows = runner.req_to_token_pool.alloc(bs)
-    slots = runner.token_to_kv_pool_allocator.alloc(bs * ctx)
+def run_case(worker: ModelWorker, bs: int, ctx: int, steps: int = 30) -> None:
+    runner, memory = worker.runner, worker.memory
+    rows = memory.req_to_token_pool.alloc(bs)
+    slots = memory.allocator.alloc(bs * ctx)
     for i, row in enumerate(rows):
-        runner.req_to_token_pool.write(row, 0, slots[i * ctx : (i + 1) * ctx])
-    seq_lens, next_ids = [ctx] * bs, torch.zeros(bs, dtype=torch.int64, device=runner.device)
+        memory.req_to_token_pool.write(row, 0, slots[i * ctx : (i + 1) * ctx])
+    seq_lens, next_ids = [ctx] * bs, [0] * bs
     on_gpu = runner.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     try:
         def step() -> None:
             nonlocal seq_lens, next_ids
-            fb = build_decode_batch(runner, rows, seq_lens, next_ids)
-            seq_lens = fb.seq_lens_cpu
-            next_ids = runner.sample(runner.forward(fb), fb)
-            next_ids.tolist()  # the scheduler's one host sync per step
+            next_ids = worker.run(decode_batch(memory, rows, seq_lens, next_ids)).next_token_ids  # one host sync
+            seq_lens = [s + 1 for s in seq_lens]
 
         for _ in range(3):
             step()
@@ -53,8 +51,8 @@ def run_case(runner: ModelRunner, bs: int, ctx: int, steps: int = 30) -> None:
         for _ in range(steps):
             step()
         wall = (time.perf_counter() - start) / steps
-        fb = build_decode_batch(runner, rows, seq_lens, next_ids)
-        seq_lens = fb.seq_lens_cpu
+        fb = worker.launch(decode_batch(memory, rows, seq_lens, next_ids)).forward_batch
+        seq_lens = [s + 1 for s in seq_lens]
         gpu = float("nan")
         graphs = runner.cuda_graph_runner
         if graphs is not None and graphs.can_run(fb):
@@ -82,7 +80,7 @@ def run_case(runner: ModelRunner, bs: int, ctx: int, steps: int = 30) -> None:
         for evt in top:
             print(f"    {own(evt) / 1e3:8.3f} ms  {evt.count:4d}x  {evt.key[:100]}")
     finally:
-        release(runner, rows, seq_lens)
+        release(worker, rows, seq_lens)
 
 
 def main() -> None:
@@ -91,10 +89,10 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["1x256", "128x2048"], help="BATCHxCONTEXT")
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
-    runner = ModelRunner(server_args, resolve_model_config(server_args))
+    worker = ModelWorker(ModelRunner(server_args, resolve_model_config(server_args)))
     for case in args.cases:
         bs, ctx = map(int, case.split("x"))
-        run_case(runner, bs, ctx)
+        run_case(worker, bs, ctx)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import time
 import torch
 
 from radixlm.config import ServerArgs
-from radixlm.executor import ModelRunner
-from radixlm.executor.batch_builder import build_decode_batch, build_extend_batch
-from radixlm.executor.static_batch import release
+from radixlm.executor import ModelRunner, ModelWorker
+from radixlm.executor.static_batch import decode_batch, extend_batch, release
 from radixlm.models.loader import resolve_model_config
 
 
@@ -25,28 +24,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(runner: ModelRunner, batch_size: int, input_len: int, output_len: int) -> tuple[float, float]:
-    """Returns (prefill seconds, mean decode seconds per step)."""
+def run_one(worker: ModelWorker, batch_size: int, input_len: int, output_len: int) -> tuple[float, float]:
+    """Returns (prefill seconds, mean decode seconds per step).  Decode steps are chained as the overlap schedule
+    chains them: each step's input ids are the previous step's samples, still on the device, so the host never
+    waits inside the loop."""
     g = torch.Generator().manual_seed(batch_size * 7919 + input_len)
-    prompts = torch.randint(0, runner.model_config.vocab_size, (batch_size, input_len), generator=g).tolist()
-    rows = runner.req_to_token_pool.alloc(batch_size)
+    prompts = torch.randint(0, worker.model_config.vocab_size, (batch_size, input_len), generator=g).tolist()
+    memory = worker.memory
+    rows = memory.req_to_token_pool.alloc(batch_size)
     seq_lens = [input_len] * batch_size
+    previous = [-(i + 1) for i in range(batch_size)]  # placeholders: the last step's sample of each row
     try:
-        _sync(runner.device)
+        _sync(worker.device)
         start = time.perf_counter()
-        fb = build_extend_batch(runner, rows, [0] * batch_size, prompts)
-        next_ids = runner.sample(runner.forward(fb), fb)
-        _sync(runner.device)
+        worker.run(extend_batch(memory, rows, [0] * batch_size, prompts))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(output_len):
-            fb = build_decode_batch(runner, rows, seq_lens, next_ids)
-            seq_lens = fb.seq_lens_cpu
-            next_ids = runner.sample(runner.forward(fb), fb)
-        _sync(runner.device)
+            pending = worker.sample(worker.launch(decode_batch(memory, rows, seq_lens, previous)))
+            seq_lens = [s + 1 for s in seq_lens]
+        pending.result()
         return prefill, (time.perf_counter() - start) / max(output_len, 1)
     finally:
-        release(runner, rows, seq_lens)
+        release(worker, rows, seq_lens)
 
 
 def main() -> None:
@@ -58,15 +58,16 @@ def main() -> None:
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
     t = time.perf_counter()
-    runner = ModelRunner(server_args, resolve_model_config(server_args))
-    print(f"model {runner.model_config.model_path} ({runner.model_config.architecture}, {runner.model_config.dtype}) "
-          f"on {runner.device}: loaded in {time.perf_counter() - t:.1f} s; KV cache {runner.max_total_num_tokens} "
-          f"tokens, {runner.max_running_requests} request slots")
-    run_one(runner, 1, 16, 2)  # warm-up
+    worker = ModelWorker(ModelRunner(server_args, resolve_model_config(server_args)))
+    cfg, memory = worker.model_config, worker.memory
+    print(f"model {cfg.model_path} ({cfg.architecture}, {cfg.dtype}) on {worker.device}: loaded in "
+          f"{time.perf_counter() - t:.1f} s; KV cache {memory.max_total_num_tokens} tokens, "
+          f"{memory.max_running_requests} request slots")
+    run_one(worker, 1, 16, 2)  # warm-up
     rows = []
     for bs in args.batch_size:
         for il in args.input_len:
-            prefill, decode = run_one(runner, bs, il, args.output_len)
+            prefill, decode = run_one(worker, bs, il, args.output_len)
             rows.append((bs, il, prefill * 1e3, bs * il / prefill, decode * 1e3, bs / decode))
     print(f"{'batch':>6} {'input':>6} {'prefill ms':>11} {'prefill tok/s':>14} {'decode ms/step':>15} {'decode tok/s':>13}")
     for bs, il, pms, ptps, dms, dtps in rows:

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from radixlm.config import ServerArgs
 from radixlm.core import Req
 from radixlm.distributed import destroy_tensor_parallel, free_local_addr, set_multi_gpu_env
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 from radixlm.scheduler import Scheduler
@@ -35,7 +35,7 @@ def add_batch(scheduler: Scheduler, batch: int, input_len: int, output_len: int,
               json_schema: str | None = None) -> list[Req]:
     """``batch`` greedy requests of random ids that decode exactly ``output_len`` tokens."""
     rng = random.Random(batch)
-    vocab = scheduler.runner.model_config.vocab_size
+    vocab = scheduler.worker.model_config.vocab_size
     reqs = []
     for i in range(batch):
         params = SamplingParams(temperature=0.0, max_new_tokens=output_len, ignore_eos=True, json_schema=json_schema)
@@ -104,7 +104,8 @@ def profile_steps(scheduler: Scheduler, batch: int, input_len: int, steps: int =
 
 def run_rank(rank: int, server_args: ServerArgs, batch_sizes: list[int], input_len: int, output_len: int) -> None:
     """One TP rank; every rank runs the same steps in lockstep, rank 0 prints."""
-    scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args), tp_rank=rank))
+    runner = ModelRunner(server_args, resolve_model_config(server_args), tp_rank=rank)
+    scheduler = Scheduler(server_args, ModelWorker(runner))
     decode_rate(scheduler, add_batch(scheduler, 2, 8, 4, "w"))  # warm-up
     mode = "off" if server_args.disable_overlap_schedule else "on"
     if rank == 0:

@@ -14,7 +14,7 @@ import time
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 from radixlm.scheduler import Scheduler
@@ -30,9 +30,9 @@ def main() -> None:
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumtime"], help="profile order")
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
-    scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args)))
+    scheduler = Scheduler(server_args, ModelWorker(ModelRunner(server_args, resolve_model_config(server_args))))
     rng = random.Random(1)
-    vocab = scheduler.runner.model_config.vocab_size
+    vocab = scheduler.worker.model_config.vocab_size
     for i in range(args.num_prompts):
         params = SamplingParams(temperature=0.0, max_new_tokens=args.output_len, ignore_eos=True)
         params.normalize()

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from radixlm.config import ServerArgs
 from radixlm.constrained import GrammarSpec
 from radixlm.core import Req
-from radixlm.executor import ModelRunner
+from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.scheduler import Scheduler
 
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--trace", help="with --profile: write the profile as a Chrome trace here")
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
-    scheduler = Scheduler(server_args, ModelRunner(server_args, resolve_model_config(server_args)))
+    scheduler = Scheduler(server_args, ModelWorker(ModelRunner(server_args, resolve_model_config(server_args))))
     backend = scheduler.grammars.backend
     assert backend is not None, "needs --grammar-backend xgrammar and a tokenizer"
 
@@ -118,7 +118,7 @@ def main() -> None:
     base = (free + free_again) / 2
     print(f"throughput loss with constraints: {(1 - constrained / base) * 100:.1f}%")
     fill = fill_cost(backend.compile(GrammarSpec("json_schema", json.dumps(LONG_SCHEMA))).result(),
-                     [r.output_ids for r in reqs], scheduler.runner.model_config.vocab_size)
+                     [r.output_ids for r in reqs], scheduler.worker.model_config.vocab_size)
     print(f"mask filling and token acceptance per step (host, this run's tokens): {fill:.3f} ms")
     backend.shutdown()
 

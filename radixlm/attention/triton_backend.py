@@ -2,8 +2,9 @@
 
 Decode uses flash-decoding over a fixed number of KV splits whose fp32 scratch is allocated once, for the
 largest batch, at construction: a decode step then allocates only its output and reads no device value on the
-host, so it can be captured in a CUDA graph at any batch size up to ``max_batch_size`` and replayed.  EXTEND and
-MIXED run the extend kernel (a MIXED batch's decode rows are one-token extends).
+host, so it can be captured in a CUDA graph at any batch size up to ``max_batch_size`` and replayed.  EXTEND,
+MIXED (its decode rows are one-token extends) and TARGET_VERIFY (the batch's custom mask over the draft tokens)
+run the extend kernel.  Keys may be wider than values, and V a view of K's rows (an MLA latent cache).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from radixlm.attention.base import AttentionBackend, UnsupportedForwardMode
-from radixlm.core import ForwardMode
+from radixlm.attention.base import AttentionBackend
 from radixlm.kernels.decode_attention import decode_attention_fwd
 from radixlm.kernels.extend_attention import extend_attention_fwd
 from radixlm.mem import KVCacheSpec
@@ -28,13 +28,9 @@ class TritonAttnBackend(AttentionBackend):
     1 of decode attends to in parallel."""
 
     name = "triton"
-    supported_modes = frozenset({ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.DECODE, ForwardMode.IDLE})
 
     def __init__(self, num_heads: int, kv_spec: KVCacheSpec, max_batch_size: int, device: torch.device | str,
                  num_kv_splits: int = 8) -> None:
-        if kv_spec.head_dim != kv_spec.v_head_dim:
-            raise UnsupportedForwardMode("the triton attention backend does not run K and V of different widths "
-                                         f"({kv_spec.layout} cache: {kv_spec.head_dim} vs {kv_spec.v_head_dim})")
         self.num_kv_splits = num_kv_splits
         # [max_batch_size, num_heads, num_kv_splits, v_head_dim] normalised output of every split
         self.mid_o = torch.empty((max_batch_size, num_heads, num_kv_splits, kv_spec.v_head_dim),
@@ -54,6 +50,7 @@ class TritonAttnBackend(AttentionBackend):
         extend_attention_fwd(
             q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.extend_prefix_lens,
             fb.extend_seq_lens, fb.extend_start_loc, self.max_extend_len, layer.scaling, layer.sliding_window,
+            custom_mask=fb.custom_mask, mask_indptr=fb.mask_indptr,
         )
         return o
 

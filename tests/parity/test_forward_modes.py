@@ -102,10 +102,6 @@ def test_target_verify_scores_every_draft_path(tiny, backend):
     chain = [400, 401, 402]
     batch = planned(worker, ForwardMode.TARGET_VERIFY, rows, [len(p), len(q)], [tree, chain])
     batch.verify = VerifyInput([tree_masks(tree_parents), tree_masks([-1, 0, 1])])
-    if backend == "triton" and "custom_mask" not in worker.runner.attn_backend.forward_extend.__code__.co_names:
-        with pytest.raises(UnsupportedForwardMode, match="TARGET_VERIFY"):
-            worker.launch(batch)
-        return
     launched = worker.launch(batch)
     logits = launched.logits.next_token_logits.clone()  # [8, vocab]: one row per draft token
     result = worker.sample(launched).result()
@@ -162,3 +158,15 @@ def test_hidden_states_and_input_embeds(tiny, backend):
     assert (result.hidden_states[1] - hidden_e).abs().max() < TOL
     assert result.next_token_ids == [int(logits.argmax()), int(logits_e.argmax())]
     release(worker, rows, [len(ids), len(ids)])
+
+
+def test_a_backend_refuses_a_mode_it_lacks_before_any_layer_runs(tiny):
+    """The check is one place (``init_forward_metadata``) with a message that names the mode and the fix."""
+    path, _ = tiny
+    worker = worker_for(path, "torch_native")
+    backend = worker.runner.attn_backend
+    backend.supported_modes = frozenset({ForwardMode.EXTEND, ForwardMode.DECODE})
+    rows = prefill(worker, [[3, 4, 5]])
+    batch = planned(worker, ForwardMode.MIXED, rows, [3], [[6]])
+    with pytest.raises(UnsupportedForwardMode, match="does not run MIXED.*--attention-backend"):
+        worker.launch(batch)

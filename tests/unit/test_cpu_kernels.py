@@ -195,7 +195,8 @@ def test_decode_attention_rejects_what_it_cannot_hold() -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         cpu.decode_attention(q, kv, kv, torch.zeros(1, 4, dtype=torch.int32), torch.tensor([0]), torch.tensor([1]),
                              1.0)
-    assert not CpuAttnBackend(24).kernel_head_dim and CpuAttnBackend(64).kernel_head_dim
+    assert not CpuAttnBackend(24, 24).kernel_shapes and CpuAttnBackend(64, 64).kernel_shapes
+    assert not CpuAttnBackend(576, 512).kernel_shapes  # K wider than V (an MLA latent cache): torch code
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -159,13 +159,13 @@ def test_half_precision_checkpoints(tmp_path: Path, ckpt_dtype: torch.dtype, ser
     want = torch.bfloat16 if serve_dtype == "bfloat16" else torch.float32
     assert runner.model_config.dtype == want
     assert_params_equal(runner, expected_params(hf, 2, tie=False), want)
-    k, _ = runner.token_to_kv_pool.get_kv_buffer(0)
+    k, _ = runner.kv_pool.get_kv_buffer(0)
     # --kv-cache-dtype auto: the model dtype, but float32 for CPU torch-native attention (it computes in float32)
     assert k.dtype == (want if runner.server_args.attention_backend == "cpu" else torch.float32)
     native = make_runner(str(tmp_path), dtype=serve_dtype, attention_backend="torch_native")
-    assert native.token_to_kv_pool.get_kv_buffer(0)[0].dtype == torch.float32
+    assert native.kv_pool.get_kv_buffer(0)[0].dtype == torch.float32
     explicit = make_runner(str(tmp_path), dtype=serve_dtype, kv_cache_dtype="bfloat16")
-    assert explicit.token_to_kv_pool.get_kv_buffer(0)[0].dtype == torch.bfloat16
+    assert explicit.kv_pool.get_kv_buffer(0)[0].dtype == torch.bfloat16
 
 
 def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor]) -> str:

@@ -164,10 +164,11 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     res2d = as_rows(residual) if residual is not None else None
     out = torch.empty(x.shape, dtype=x.dtype)
     new_residual = torch.empty(x.shape, dtype=x.dtype) if residual is not None else None
-    weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    # Copies are bound to names: a temporary's memory would be freed before the C call reads it.
+    weight = (weight if weight.dtype == x.dtype else weight.to(x.dtype)).contiguous()
     _lib().rms_norm(
         x2d.data_ptr(), x2d.stride(0), res2d.data_ptr() if res2d is not None else None,
-        res2d.stride(0) if res2d is not None else 0, weight.contiguous().data_ptr(), out.data_ptr(),
+        res2d.stride(0) if res2d is not None else 0, weight.data_ptr(), out.data_ptr(),
         new_residual.data_ptr() if new_residual is not None else None, x2d.shape[0], x2d.shape[1], eps,
         _DTYPES[x.dtype], _threads(),
     )
@@ -206,11 +207,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     """NeoX rotary of ``q`` [tokens, num_heads, head_dim] and ``k`` [tokens, num_kv_heads, head_dim] at
     ``positions`` [tokens]; ``cos_sin_cache`` [max_position, rotary_dim] float32.  New contiguous outputs."""
     q, k = _token_rows(q), _token_rows(k)
-    positions = positions if positions.dtype == torch.int64 else positions.long()
+    # Copies are bound to names: a temporary's memory would be freed before the C call reads it.
+    positions = positions.to(torch.int64).contiguous()
+    cos_sin_cache = cos_sin_cache.float().contiguous()
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
     _lib().rotary_neox(
-        q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], positions.contiguous().data_ptr(),
-        cos_sin_cache.float().contiguous().data_ptr(), rotary_dim, q.shape[2], q_out.data_ptr(), k_out.data_ptr(), q.shape[0],
+        q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], positions.data_ptr(),
+        cos_sin_cache.data_ptr(), rotary_dim, q.shape[2], q_out.data_ptr(), k_out.data_ptr(), q.shape[0],
         _DTYPES[q.dtype], _threads(),
     )
     return q_out, k_out
