@@ -132,7 +132,10 @@ def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.d
 
 
 def _rope(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """Return (rope_theta, rope_scaling or None for plain RoPE) from either config dialect."""
+    """Return (rope_theta, rope_scaling) from either config dialect, as ``radixlm.layers.rotary.get_rope`` takes
+    them: rope_scaling is None for plain RoPE, else the config's parameters with the frequency scaling under
+    "rope_type" (the legacy "type" key folded into it).
+    """
     params = hf_config.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
         theta = float(params["rope_theta"])
@@ -140,7 +143,8 @@ def _rope(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     else:
         theta = float(hf_config.get("rope_theta", 10000.0))
         scaling = dict(hf_config.get("rope_scaling") or {})
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    legacy_type = scaling.pop("type", "default")
+    rope_type = scaling.get("rope_type", legacy_type)
     if rope_type == "default":
         return theta, None
     scaling["rope_type"] = rope_type
