@@ -134,7 +134,7 @@ def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.d
 def _rope(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """Return (rope_theta, rope_scaling) from either config dialect, as ``radixlm.layers.rotary.get_rope`` takes
     them: rope_scaling is None for plain RoPE, else the config's parameters with the frequency scaling under
-    "rope_type" (the legacy "type" key folded into it).
+    "rope_type" (the legacy "type" key folded into it) and, for M-RoPE, the bands under "mrope_section".
     """
     params = hf_config.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
@@ -145,7 +145,11 @@ def _rope(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         scaling = dict(hf_config.get("rope_scaling") or {})
     legacy_type = scaling.pop("type", "default")
     rope_type = scaling.get("rope_type", legacy_type)
-    if rope_type == "default":
+    if rope_type == "mrope":
+        # Qwen2-VL's name for M-RoPE with unscaled frequencies (transformers rewrites it to "default"): what makes
+        # it M-RoPE is mrope_section, kept below
+        rope_type = "default"
+    if rope_type == "default" and "mrope_section" not in scaling:
         return theta, None
     scaling["rope_type"] = rope_type
     return theta, scaling

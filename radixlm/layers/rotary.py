@@ -3,12 +3,14 @@ parsed rope config (``ModelConfig.rope_theta`` and ``ModelConfig.rope_scaling``)
 
 Every variant is one mechanism: a float32 table of each position's cos‖sin (``[max_position, rotary_dim]``, with
 the frequency scaling and YaRN's attention factor already in it) and a rotation of pairs of dims of every q and k
-head by the token's angles.  The variants differ along two independent axes:
+head by the token's angles.  The variants differ along three independent axes:
 
 - frequencies (``rope_scaling["rope_type"]``): ``default``, ``linear``, ``llama3``, ``yarn``, computed as
   transformers' ``ROPE_INIT_FUNCTIONS`` compute them;
 - layout (``is_neox_style``): NeoX pairs dim i with dim i + rotary_dim / 2 (Llama, Qwen), GPT-J ("interleaved")
-  pairs dims 2i and 2i + 1 (DeepSeek-V2/V3).
+  pairs dims 2i and 2i + 1 (DeepSeek-V2/V3);
+- positions: one per token, or M-RoPE's three (temporal, height, width; Qwen2-VL, Qwen2.5-VL), where each band of
+  frequencies (``rope_scaling["mrope_section"]``) takes its angle from one of the three.
 
 Dynamic NTK is deliberately absent: its frequencies depend on the current sequence length, which differs between
 requests of one batch.
@@ -35,14 +37,16 @@ def get_rope(
     rotary_dim: int | None = None,
     is_neox_style: bool = True,
 ) -> "RotaryEmbedding":
-    """The rotary layer for a model, with the frequencies of ``rope_scaling["rope_type"]`` in ``is_neox_style``'s
+    """The rotary layer for a model: ``MRotaryEmbedding`` where ``rope_scaling`` has an ``mrope_section``, else
+    ``RotaryEmbedding``; either one with the frequencies of ``rope_scaling["rope_type"]`` in ``is_neox_style``'s
     layout.
 
     ``rope_scaling`` is as ``radixlm.config.model_config._rope`` parses it (None for plain RoPE).  The first
     ``rotary_dim`` (default ``head_dim``) dims of each head are rotated, the rest pass through; angles exist for
     positions below ``max_position``.
     """
-    return RotaryEmbedding(head_dim, max_position, base, rope_scaling, rotary_dim, is_neox_style)
+    rope_class = MRotaryEmbedding if rope_scaling and "mrope_section" in rope_scaling else RotaryEmbedding
+    return rope_class(head_dim, max_position, base, rope_scaling, rotary_dim, is_neox_style)
 
 
 def rope_frequencies(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
@@ -164,14 +168,21 @@ class RotaryEmbedding(nn.Module):
         fused_ops = fused_ops_for(q) if self.is_neox_style else None
         if fused_ops is None:
             return self.forward_native(positions, q, k)
-        return fused_ops.apply_rotary(q, k, positions, self.cos_sin_cache, self.rotary_dim)
+        table, rows = self._angle_rows(positions)
+        return fused_ops.apply_rotary(q, k, rows, table, self.rotary_dim)
 
     def forward_native(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch implementation of ``forward``, on any device."""
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, rotary_dim / 2] each
+        table, rows = self._angle_rows(positions)
+        cos, sin = table[rows].unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, rotary_dim / 2] each
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _angle_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table, rows)``: token t's cos‖sin is ``table[rows[t]]``, ``table`` [*, rotary_dim] float32 and
+        contiguous, ``rows`` [num_tokens] (the form the fused kernels take)."""
+        return self.cos_sin_cache, positions
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
@@ -182,3 +193,40 @@ class RotaryEmbedding(nn.Module):
         out = torch.cat([out1, out2], dim=-1) if self.is_neox_style else torch.stack([out1, out2], dim=-1).flatten(-2)
         return torch.cat([out, passthrough], dim=-1) if passthrough.numel() else out
 
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (Qwen2-VL, Qwen2.5-VL): ``positions`` [3, num_tokens] hold each token's temporal, height and width
+    position, and band j of ``rope_scaling["mrope_section"]`` (consecutive frequencies, e.g. [16, 24, 24] summing
+    to rotary_dim / 2) takes its angles from row j.  Positions [num_tokens] (text-only batches) are plain RoPE;
+    so are three equal rows, bit for bit.  Build it with ``get_rope``.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict[str, Any],
+        rotary_dim: int | None = None,
+        is_neox_style: bool = True,
+    ):
+        super().__init__(head_dim, max_position, base, rope_scaling, rotary_dim, is_neox_style)
+        section = list(rope_scaling["mrope_section"])
+        if rope_scaling.get("mrope_interleaved"):
+            raise ValueError("interleaved M-RoPE (Qwen3-VL's mrope_interleaved) is not supported")
+        if len(section) != 3 or sum(section) != self.rotary_dim // 2:
+            raise ValueError(f"mrope_section {section} must be 3 bands summing to rotary_dim / 2 "
+                             f"= {self.rotary_dim // 2}")
+        row_of_freq = torch.repeat_interleave(torch.arange(3), torch.tensor(section))  # [rotary_dim / 2]
+        # [rotary_dim]: the position row each column of cos_sin_cache takes its angle from (a frequency's cos and
+        # sin share it)
+        self.register_buffer("row_of_column", torch.cat([row_of_freq, row_of_freq]), persistent=False)
+
+    def _angle_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return self.cos_sin_cache, positions
+        # One table row per token, each column from its own row of positions, so that the fused kernels (which
+        # read one table row per token) rotate M-RoPE too
+        column_positions = positions.T[:, self.row_of_column].long()  # [num_tokens, rotary_dim]
+        table = torch.gather(self.cos_sin_cache, 0, column_positions)  # [num_tokens, rotary_dim], contiguous
+        return table, torch.arange(positions.shape[1], device=positions.device)

@@ -6,7 +6,7 @@ Layouts: q/k here are the engine's ``[num_tokens, heads, head_dim]``; transforme
 
 Exact equality is required wherever transformers computes with the same operations in the same order: cos/sin
 from the same fp32 ``position * inv_freq``, cast to the activation dtype, then each product and sum rounded to it
-(Llama, DeepSeek-V3, in fp32 and bf16).  DeepSeek-V2's complex form differs (see
+(Llama, DeepSeek-V3, Qwen2-VL, in fp32 and bf16).  DeepSeek-V2's complex form differs (see
 ``test_interleaved_matches_deepseek_v2``) and gets a bound derived from the rounding steps.
 
 On CUDA every layer test runs on the GPU as well (the Triton path), still against the CPU reference.
@@ -25,9 +25,17 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek_
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 from transformers.models.llama import modeling_llama as hf_llama
 from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.qwen2_vl import modeling_qwen2_vl as hf_qwen2_vl
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 
 from radixlm.config.model_config import _rope
-from radixlm.layers.rotary import RotaryEmbedding, get_rope, rope_frequencies, yarn_softmax_scale_factor
+from radixlm.layers.rotary import (
+    MRotaryEmbedding,
+    RotaryEmbedding,
+    get_rope,
+    rope_frequencies,
+    yarn_softmax_scale_factor,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -43,6 +51,7 @@ PLAIN_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embedd
 YARN_CONFIGS = {"deepseek_v3": DEEPSEEK_V3_YARN, "deepseek_v2_lite": DEEPSEEK_V2_LITE_YARN, "plain": PLAIN_YARN}
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 512}
+MROPE_SECTION = [16, 24, 24]
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -98,6 +107,16 @@ def deepseek_config(config_class: type, scaling: dict[str, Any] | None) -> Any:
 # ----------------------------------------------------------------------------------------------- config -> layer
 
 
+QWEN2_VL_V4 = {"rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": MROPE_SECTION}}
+
+
+def qwen2_vl_v5() -> dict[str, Any]:
+    """QWEN2_VL_V4 as transformers 5 stores it: "mrope" rewritten to "default", the sections kept.  (The config
+    takes over the dict it is given, so it gets a copy.)"""
+    legacy = {**QWEN2_VL_V4, "rope_scaling": dict(QWEN2_VL_V4["rope_scaling"])}
+    return {"rope_parameters": Qwen2VLTextConfig(**legacy).rope_parameters}
+
+
 @pytest.mark.parametrize(
     "hf_config, rope_class, rope_type",
     [
@@ -108,6 +127,14 @@ def deepseek_config(config_class: type, scaling: dict[str, Any] | None) -> Any:
         # as transformers 5 stores it (both "type" and "rope_type")
         ({"rope_parameters": deepseek_config(DeepseekV3Config, DEEPSEEK_V3_YARN).rope_parameters},
          RotaryEmbedding, "yarn"),
+        (QWEN2_VL_V4, MRotaryEmbedding, "default"),
+        (qwen2_vl_v5(), MRotaryEmbedding, "default"),
+        ({"rope_parameters": {"rope_type": "default", "mrope_section": MROPE_SECTION, "rope_theta": 1000000.0}},
+         MRotaryEmbedding, "default"),
+        # Qwen2.5-VL's recipe for long inputs: YaRN frequencies under M-RoPE
+        ({"rope_theta": 1000000.0, "rope_scaling": {"type": "yarn", "factor": 4.0, "mrope_section": MROPE_SECTION,
+                                                    "original_max_position_embeddings": 32768}},
+         MRotaryEmbedding, "yarn"),
     ],
 )
 def test_factory_picks_class_from_both_dialects(hf_config: dict[str, Any], rope_class: type,
@@ -125,9 +152,12 @@ def test_factory_picks_class_from_both_dialects(hf_config: dict[str, Any], rope_
 
 def test_factory_both_dialects_same_layer() -> None:
     """A model's config.json in either dialect, as transformers writes it, gives the same parsed rope."""
-    v4 = {"rope_theta": 10000.0, "rope_scaling": DEEPSEEK_V2_LITE_YARN}
-    v5 = {"rope_parameters": deepseek_config(DeepseekV2Config, DEEPSEEK_V2_LITE_YARN).rope_parameters}
-    assert _rope(v4) == _rope(v5)
+    for v4, v5 in [
+        ({"rope_theta": 10000.0, "rope_scaling": DEEPSEEK_V2_LITE_YARN},
+         {"rope_parameters": deepseek_config(DeepseekV2Config, DEEPSEEK_V2_LITE_YARN).rope_parameters}),
+        (QWEN2_VL_V4, qwen2_vl_v5()),
+    ]:
+        assert _rope(v4) == _rope(v5)
 
 
 def test_factory_interleaved_layout() -> None:
@@ -138,6 +168,8 @@ def test_factory_interleaved_layout() -> None:
     "scaling, message",
     [
         ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope scaling 'dynamic'"),
+        ({"rope_type": "default", "mrope_section": [16, 24, 16]}, "summing to rotary_dim / 2"),
+        ({"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}, "interleaved M-RoPE"),
     ],
 )
 def test_factory_rejects_what_it_cannot_do(scaling: dict[str, Any], message: str) -> None:
@@ -256,3 +288,55 @@ def test_interleaved_partial_rotary_passes_the_rest_through() -> None:
     for out, x, expected in zip(partial(positions, q, k), (q, k), full(positions, q[..., :64], k[..., :64])):
         assert torch.equal(out[..., :64], expected) and torch.equal(out[..., 64:], x[..., 64:])
 
+
+# ------------------------------------------------------------------------------------------------------ M-RoPE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "yarn", "factor": 4.0,
+                                            "original_max_position_embeddings": 2048}], ids=["default", "yarn"])
+def test_mrope_matches_qwen2_vl(scaling: dict[str, Any] | None, dtype: torch.dtype, device: str) -> None:
+    """Qwen2-VL's rotary embedding and ``apply_rotary_pos_emb`` with three different position rows, bit for bit,
+    through the fused kernel (fed a per-token table) and the torch code."""
+    rope_parameters = {**hf_rope_params(scaling, 1000000.0), "mrope_section": MROPE_SECTION}
+    hf_config = Qwen2VLTextConfig(hidden_size=512, num_attention_heads=4, max_position_embeddings=MAX_POSITION,
+                                  rope_parameters=dict(rope_parameters))
+    theta, parsed = _rope({"rope_parameters": rope_parameters})
+    rope = get_rope(128, MAX_POSITION, theta, parsed)
+    positions = torch.stack([random_positions(NUM_TOKENS, seed=s) for s in (4, 5, 6)])  # [3, num_tokens]
+    q, k = qk(128, dtype)
+    cos, sin = hf_qwen2_vl.Qwen2VLRotaryEmbedding(hf_config)(q, positions[:, None])
+    hf_q, hf_k = hf_qwen2_vl.apply_rotary_pos_emb(to_hf(q), to_hf(k), cos, sin)
+    for out_q, out_k in rotate(rope, positions, q, k, device):
+        assert torch.equal(out_q, from_hf(hf_q)) and torch.equal(out_k, from_hf(hf_k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mrope_text_positions_are_plain_rope(dtype: torch.dtype, device: str) -> None:
+    """1-D positions, and three equal rows (text tokens), give exactly plain RoPE's result."""
+    theta, parsed = _rope(QWEN2_VL_V4)
+    mrope, plain = get_rope(128, MAX_POSITION, theta, parsed), get_rope(128, MAX_POSITION, theta, None)
+    positions, (q, k) = random_positions(NUM_TOKENS), qk(128, dtype)
+    expected = rotate(plain, positions, q, k, device)
+    for mrope_positions in (positions, positions.expand(3, -1)):
+        for got, want in zip(rotate(mrope, mrope_positions, q, k, device), expected):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # Triton's interpreter truncates to bf16
+def test_mrope_table_through_triton_kernel(dtype: torch.dtype) -> None:
+    """The per-token table M-RoPE hands the fused kernels gives the torch code's bits through the Triton kernel
+    too, on CPU-only machines under Triton's interpreter (tests/conftest.py chooses it before any import)."""
+    from radixlm.kernels import fused_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    theta, parsed = _rope(QWEN2_VL_V4)
+    rope = get_rope(128, MAX_POSITION, theta, parsed)
+    positions = torch.stack([random_positions(NUM_TOKENS, seed=s) for s in (4, 5, 6)])  # [3, num_tokens]
+    q, k = qk(128, dtype)
+    table, rows = rope.to(device)._angle_rows(positions.to(device))
+    got = fused_ops.apply_rotary(q.to(device), k.to(device), rows, table, rope.rotary_dim)
+    for out, expected in zip(got, rope.cpu().forward_native(positions, q, k)):
+        assert torch.equal(out.cpu(), expected)
