@@ -37,15 +37,14 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, loader, checkpoint_shapes
 
 
 class ReplicatedLinear(nn.Module):
-    """The full matrix on every rank."""
+    """The full matrix on every rank: for projections whose whole output every rank needs (DeepSeek's
+    ``q_a_proj`` and ``kv_a_proj_with_mqa``, which produce the low-rank latents shared by all heads)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.weight = _param((out_features, in_features), dtype, self._load, {None: (out_features, in_features)})
-        self.bias = _param((out_features,), dtype, self._load, {None: (out_features,)}) if bias else None
-
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        default_weight_loader(param, loaded)
+        self.weight = _param((out_features, in_features), dtype, default_weight_loader,
+                             {None: (out_features, in_features)})
+        self.bias = _param((out_features,), dtype, default_weight_loader, {None: (out_features,)}) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
