@@ -7,6 +7,7 @@ import importlib
 from torch import nn
 
 _MODELS = {
+    "DeepseekV2ForCausalLM": "radixlm.models.deepseek_v2",
     "LlamaForCausalLM": "radixlm.models.llama",
     "MistralForCausalLM": "radixlm.models.llama",
     "Qwen2ForCausalLM": "radixlm.models.qwen2",

@@ -243,8 +243,8 @@ def test_unsupported_architecture_lists_supported(tmp_path: Path) -> None:
     cfg = tiny_hf_config()
     cfg.architectures = ["GPT2LMHeadModel"]
     path = write_config_only(tmp_path, cfg)
-    assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                         "Qwen3ForCausalLM"]
+    assert supported_architectures() == ["DeepseekV2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                                         "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
     with pytest.raises(ValueError) as exc:
         make_runner(path, load_format="dummy")
     msg = str(exc.value)

@@ -1,0 +1,191 @@
+"""DeepSeek-V2: pre-norm decoder blocks of Multi-head Latent Attention (MLA) and a SwiGLU MLP.
+
+MLA compresses a token's keys and values into one latent ``c`` [kv_lora_rank] shared by all heads, plus one
+rotary key ``k_pe`` [qk_rope_head_dim] shared by all heads.  ``kv_b_proj`` holds, per head h, the up-projections
+``W_UK[h]`` [qk_nope_head_dim, kv_lora_rank] and ``W_UV[h]`` [v_head_dim, kv_lora_rank]: ``k_nope[h] = W_UK[h] c``
+and ``v[h] = W_UV[h] c``.  The absorbed form never builds them:
+
+    q_nope[h] · k_nope[h]  =  (W_UK[h]ᵀ q_nope[h]) · c           q_latent[h] = W_UK[h]ᵀ q_nope[h]   [kv_lora_rank]
+    Σ_j p_j v_j[h]         =  W_UV[h] (Σ_j p_j c_j)
+
+so attention is MQA over one KV "head", ``cat(c, k_pe)`` [kv_lora_rank + qk_rope_head_dim], stored once per token
+in the MLA pool (V is its latent part, read in place), with queries ``cat(q_latent[h], q_pe[h])``; each head's
+output is a latent that ``W_UV[h]`` maps to v_head_dim before ``o_proj``.  Every forward mode runs this form.
+
+Tensor parallelism splits the heads: q_proj / q_b_proj and kv_b_proj are column-parallel by head, o_proj
+row-parallel; q_a_proj and kv_a_proj_with_mqa are replicated (every rank needs the whole latent), so the KV cache
+is the same on every rank.  MoE layers (``layer >= first_k_dense_replace`` with routed experts) are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from radixlm.config import ModelConfig
+from radixlm.core import ForwardBatch
+from radixlm.distributed import divide, get_tp_group
+from radixlm.layers.attention import RadixAttention
+from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
+from radixlm.layers.layernorm import RMSNorm
+from radixlm.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
+from radixlm.layers.rotary import get_rope, yarn_softmax_scale_factor
+from radixlm.mem import KVCacheSpec
+from radixlm.models.llama import LlamaMLP
+from radixlm.models.weights import load_named_weights
+
+# The low-rank norms (q_a_layernorm, kv_a_layernorm) use RMSNorm's default eps in DeepSeek's reference code and in
+# transformers, not the config's rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+def moe_layers(hf_config: dict[str, Any]) -> list[int]:
+    """The layers whose MLP is a mixture of experts (transformers' rule: every layer from first_k_dense_replace on,
+    when the config has routed experts)."""
+    if not hf_config.get("n_routed_experts"):
+        return []
+    return list(range(hf_config.get("first_k_dense_replace") or 0, hf_config["num_hidden_layers"]))
+
+
+class DeepseekV2Attention(nn.Module):
+    """MLA in the absorbed form (see the module docstring); this rank's ``num_heads`` of the query heads."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        hf, dtype, hidden = config.hf_config, config.dtype, config.hidden_size
+        self.q_lora_rank = hf.get("q_lora_rank")
+        self.kv_lora_rank = hf["kv_lora_rank"]
+        self.qk_nope_head_dim, self.qk_rope_head_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
+        self.v_head_dim = hf["v_head_dim"]
+        qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        heads = config.num_attention_heads
+        self.num_heads = divide(heads, get_tp_group().size, "number of attention heads")
+        bias = config.attention_bias  # on the a-projections and o_proj, as in transformers
+        if self.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(hidden, [heads * qk_head_dim], dtype=dtype)
+        else:
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, dtype)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, [heads * qk_head_dim], dtype=dtype)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias,
+                                                   dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
+        # Rows: per head, W_UK's qk_nope_head_dim rows then W_UV's v_head_dim rows; split by head over ranks.
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, [heads * (self.qk_nope_head_dim + self.v_head_dim)],
+                                              dtype=dtype)
+        self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=bias, dtype=dtype)
+        self.rotary_emb = get_rope(self.qk_rope_head_dim, config.context_length, config.rope_theta,
+                                   config.rope_scaling, is_neox_style=False)
+        # The logits are those of the decompressed heads, so the scale is theirs (with YaRN's correction).
+        scaling = qk_head_dim**-0.5 * yarn_softmax_scale_factor(config.rope_scaling)
+        self.attn = RadixAttention(self.num_heads, self.kv_lora_rank + self.qk_rope_head_dim, scaling,
+                                   num_kv_heads=1, layer_id=layer_id, v_head_dim=self.kv_lora_rank)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_UK [num_heads, qk_nope_head_dim, kv_lora_rank], W_UV [num_heads, v_head_dim, kv_lora_rank])``:
+        views of this rank's kv_b_proj weight."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        q = q.view(-1, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        # [num_tokens, kv_lora_rank], [num_tokens, qk_rope_head_dim]
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        # [num_tokens, num_heads, qk_rope_head_dim], [num_tokens, 1, qk_rope_head_dim]
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
+
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [num_tokens, num_heads, kv_lora_rank]
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [num_tokens, num_heads, kv_lora_rank + qk_rope_head_dim]
+        k = torch.cat([latent.unsqueeze(1), k_pe], dim=-1)  # [num_tokens, 1, kv_lora_rank + qk_rope_head_dim]
+        out = self.attn(q.flatten(1), k.flatten(1), None, fb)  # [num_tokens, num_heads * kv_lora_rank]
+        out = out.view(-1, self.num_heads, self.kv_lora_rank)
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [num_tokens, num_heads, v_head_dim]
+        return self.o_proj(out.flatten(1))
+
+
+class DeepseekV2DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.self_attn = DeepseekV2Attention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.mlp = LlamaMLP(config)  # dense layers only (layer < first_k_dense_replace)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, fb)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
+        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = apply_embed_overrides(self.embed_tokens(input_ids), fb.embed_overrides)  # [num_tokens, hidden]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, fb)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    # (our parameter, checkpoint name, shard id): checkpoint tensors stacked into one parameter
+    stacked_params_mapping = [
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+    ]
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hf = config.hf_config
+        moe = moe_layers(hf)
+        if moe:
+            raise NotImplementedError(
+                f"DeepSeek's MoE layers are not implemented yet (they come with the MoE work): this config has "
+                f"n_routed_experts={hf['n_routed_experts']} and first_k_dense_replace="
+                f"{hf.get('first_k_dense_replace') or 0}, so layers {moe[0]}..{moe[-1]} are MoE.  Dense "
+                f"configurations (first_k_dense_replace >= num_hidden_layers) run.")
+        if hf.get("mlp_bias"):
+            raise NotImplementedError("DeepSeek-V2 with mlp_bias is not supported")
+        self.config = config
+        self.model = DeepseekV2Model(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> LogitsOutput:
+        hidden = self.model(input_ids, positions, fb)
+        return self.logits_processor(hidden, self.lm_head, fb)
+
+    def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
+        """One latent + rope key per token and layer, the same on every rank."""
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec.mla(len(self.model.layers), attn.kv_lora_rank, attn.qk_rope_head_dim, dtype)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
+        load_named_weights(self, weights, self.stacked_params_mapping, skip)
