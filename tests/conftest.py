@@ -70,12 +70,33 @@ TINY_CONFIGS = {
 }
 
 
+# DeepSeek-V2 (MLA), dense layers only (first_k_dense_replace = num_hidden_layers; MoE layers are not implemented).
+# Dims are multiples of 16 (the CPU kernels' vector width), though MLA attention runs the torch-native code anyway.
+_MLA = dict(arch="DeepseekV2ForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+            first_k_dense_replace=2, max_position_embeddings=512)
+MLA_CONFIGS = {
+    # q_proj straight from the hidden state, plain interleaved RoPE
+    "deepseek_v2": dict(_MLA, q_lora_rank=None, tie_word_embeddings=False),
+    # q through its own LoRA (q_a_proj, q_a_layernorm, q_b_proj); YaRN with DeepSeek's two mscales, so both
+    # corrections are live (the rotary table's mscale / mscale_all_dim and the softmax scale's mscale_all_dim^2);
+    # biases on the a-projections and o_proj; tied LM head
+    "deepseek_v2_lora_yarn": dict(
+        _MLA, q_lora_rank=24, attention_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                         "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                         "mscale": 0.707, "mscale_all_dim": 1.0},
+    ),
+}
+
+
 def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                         **save_kwargs) -> torch.nn.Module:
-    """Instantiate ``TINY_CONFIGS[name]`` with random weights in transformers, save it, return the HF model."""
+    """Instantiate ``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``) with random weights in transformers, save it,
+    return the HF model."""
     import transformers
 
-    spec = dict(TINY_CONFIGS[name])
+    spec = dict({**TINY_CONFIGS, **MLA_CONFIGS}[name])
     arch = spec.pop("arch")
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     config = config_cls(initializer_range=0.1, **spec)

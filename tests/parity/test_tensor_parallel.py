@@ -23,7 +23,7 @@ def run_rank(rank: int, tp_size: int, addr: str | None, model_path: str, load_fo
     """Prompt logits of one batched extend, and greedy continuations."""
     torch.set_num_threads(1)
     args = ServerArgs(model_path=model_path, load_format=load_format, tp_size=tp_size, device="cpu",
-                      dist_init_addr=addr, max_total_tokens=2048, random_seed=0)
+                      dist_init_addr=addr, max_total_tokens=2048, random_seed=0, dtype="float32")
     worker = ModelWorker(ModelRunner(args, resolve_model_config(args), tp_rank=rank))
     try:
         rows = worker.memory.req_to_token_pool.alloc(len(PROMPTS))
@@ -65,6 +65,7 @@ def run_tp(tp_size: int, model_path: str, load_format: str):
     ("llama", "auto"),            # 4 heads / 2 KV heads: one KV head per rank
     ("mistral_sliding", "auto"),  # a single KV head, replicated on both ranks
     ("qwen3", "dummy"),           # seeded dummy weights must not depend on the TP size
+    ("deepseek_v2_lora_yarn", "auto"),  # MLA: 2 of 4 heads per rank, the latent (q_a, kv_a) replicated
 ])
 def test_tp2_equals_tp1(name, load_format, tmp_path):
     build_tiny_hf_model(name, str(tmp_path))
