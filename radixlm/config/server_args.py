@@ -10,7 +10,7 @@ from typing import Any, get_args, get_type_hints
 
 import torch
 
-from radixlm.kernels import cpu as cpu_kernels
+from radixlm.utils.toolchain import cpu_kernels_buildable
 
 
 def _arg(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -43,7 +43,7 @@ class ServerArgs:
     max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
     page_size: int = _arg(1, "tokens per KV page")
     attention_backend: str = _arg("auto", "attention implementation (auto: triton on CUDA; on CPU the C kernels "
-                                          "(cpu) where a C compiler builds them, else torch_native)",
+                                          "(cpu) where a C compiler is found, else torch_native)",
                                   ("auto", "torch_native", "triton", "cpu"))
     kv_cache_dtype: str = _arg("auto", "KV cache dtype (auto: float32 for torch_native attention on CPU, which "
                                        "computes in float32, else the model dtype)",
@@ -115,10 +115,13 @@ class ServerArgs:
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         if self.random_seed is None:
             object.__setattr__(self, "random_seed", random.randint(0, 2**30))
+        # Judged without compiling (constructing ServerArgs must stay cheap): the kernels are built where they are
+        # first used, and if that build fails they log why and the torch code runs instead.
+        buildable = self.device == "cpu" and cpu_kernels_buildable()
         if self.attention_backend == "auto":
             object.__setattr__(self, "attention_backend", "triton" if self.device == "cuda" else (
-                "cpu" if cpu_kernels.available() else "torch_native"))
-        if self.attention_backend == "cpu" and (self.device != "cpu" or not cpu_kernels.available()):
+                "cpu" if buildable else "torch_native"))
+        if self.attention_backend == "cpu" and not buildable:
             raise ValueError("invalid server arguments:\n  --attention-backend cpu needs --device cpu and a C "
                              "compiler to build radixlm's CPU kernels (and RADIXLM_DISABLE_CPU_KERNELS unset)")
 

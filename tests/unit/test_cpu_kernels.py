@@ -186,6 +186,22 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cpu.available()
 
 
+def test_failed_build_is_logged_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+                                              ) -> None:
+    """A compiler that is found but fails: the kernels are unavailable (the torch code runs) and the error says
+    what happened and how to skip the build."""
+    monkeypatch.setenv("CC", "false")  # found on PATH, exits 1 without building anything
+    cpu._library.cache_clear()
+    try:
+        with caplog.at_level("ERROR", logger=cpu.__name__):
+            assert not cpu.available()
+    finally:
+        monkeypatch.delenv("CC")
+        cpu._library.cache_clear()
+    assert "could not be built" in caplog.text and "RADIXLM_DISABLE_CPU_KERNELS=1" in caplog.text
+    assert cpu.available()
+
+
 def test_decode_attention_rejects_what_it_cannot_hold() -> None:
     """Head dims off the 16-float vector width are refused; the backend then keeps the torch code for decode."""
     from radixlm.attention.cpu_backend import CpuAttnBackend

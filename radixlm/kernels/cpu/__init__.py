@@ -7,10 +7,11 @@ gathers every request's K/V into a padded copy and reads it again, each norm or 
 The C kernels read the KV pages in place and make one pass per op.
 
 How they are built: plain C with no torch headers, compiled on first use by the system C compiler (``$CC``, else
-``cc``) with ``-O3 -march=native -fopenmp`` into ``<cache_dir>/kernels/`` (keyed by the source, the flags and the
-CPU), then loaded with ctypes.  That takes about a second and needs neither ninja nor pybind; because torch has
-already loaded its ``libgomp.so.1``, the library runs on torch's OpenMP threads.  Without a compiler, or with
-``RADIXLM_DISABLE_CPU_KERNELS=1``, ``available()`` is False and the layers run their torch code.
+``cc``: ``radixlm.utils.toolchain``) with ``-O3 -march=native -fopenmp`` into ``<cache_dir>/kernels/`` (keyed by
+the source, the flags and the CPU), then loaded with ctypes.  That takes about a second and needs neither ninja
+nor pybind; because torch has already loaded its ``libgomp.so.1``, the library runs on torch's OpenMP threads.
+Without a compiler, or with ``RADIXLM_DISABLE_CPU_KERNELS=1``, ``available()`` is False and the layers run their
+torch code; so it is when the build fails (the compiler's error is logged).
 
 Each function takes and returns torch CPU tensors, float32 or bfloat16 (``supports``), and follows the rounding
 of the torch code in ``radixlm.layers`` (see ``cpu_ops.c``).
@@ -23,7 +24,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from radixlm.kernels import as_rows
+from radixlm.utils.paths import cache_dir
+from radixlm.utils.toolchain import DISABLE_ENV, cpu_kernels_disabled, find_c_compiler
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    from radixlm.models.embedded import cache_dir
-
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     target = Path(cache_dir()) / "kernels" / f"cpu_ops-{key}.so"
@@ -88,16 +88,20 @@ def _build(compiler: str) -> Path:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("RADIXLM_DISABLE_CPU_KERNELS") == "1":
+    if cpu_kernels_disabled():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_c_compiler()
     if compiler is None:
         logger.warning("no C compiler found: CPU attention and fused ops run as torch code (slower)")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError) as exc:
-        logger.warning("CPU kernels unavailable, running torch code instead: %s", exc)
+        # ServerArgs chose the C kernels because a compiler is there; the serving goes on with the torch code,
+        # and this message is how the user learns why it is slow.
+        logger.error("radixlm's CPU kernels could not be built or loaded with %s, so attention, norms, rotary and "
+                     "SiLU run as torch code (slower).  Fix the compiler (or point $CC at a working one), or set "
+                     "%s=1 to skip the build.  The error:\n%s", compiler, DISABLE_ENV, exc)
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -119,7 +123,7 @@ def supports(*tensors: torch.Tensor) -> bool:
 def _onednn_linear_dtypes() -> frozenset[torch.dtype]:
     """The dtypes oneDNN runs natively here (bf16 needs the CPU's bf16 instructions); none when disabled."""
     ops = torch.ops.mkldnn
-    if (os.environ.get("RADIXLM_DISABLE_CPU_KERNELS") == "1" or not torch.backends.mkldnn.is_available()
+    if (cpu_kernels_disabled() or not torch.backends.mkldnn.is_available()
             or not hasattr(ops, "_reorder_linear_weight") or not hasattr(ops, "_linear_pointwise")):
         return frozenset()
     return frozenset([torch.float32, torch.bfloat16] if ops._is_mkldnn_bf16_supported() else [torch.float32])

@@ -1,0 +1,40 @@
+"""The package layering (low to high: kernels/layers/mem/cache/sampling/config -> models/attention -> executor ->
+scheduler -> engine -> server): a lower layer never imports a higher one.  Each check runs in a fresh interpreter,
+so that nothing this test session imported earlier hides an import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HIGHER_THAN_CONFIG = ["radixlm.kernels.cpu", "radixlm.models", "radixlm.executor", "radixlm.scheduler",
+                      "radixlm.engine", "radixlm.server"]
+
+
+def modules_loaded_by(code: str) -> set[str]:
+    """The radixlm modules imported after running ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith('radixlm'))))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def under(loaded: set[str], packages: list[str]) -> list[str]:
+    return sorted(m for m in loaded if any(m == p or m.startswith(p + ".") for p in packages))
+
+
+@pytest.mark.parametrize("code", [
+    "import radixlm.config",
+    # Building a ServerArgs resolves --attention-backend auto without loading (or compiling) the C kernels.
+    "from radixlm.config import ServerArgs\nServerArgs(device='cpu')",
+])
+def test_config_imports_no_higher_layer(code: str) -> None:
+    assert under(modules_loaded_by(code), HIGHER_THAN_CONFIG) == []
+
+
+def test_cpu_kernels_do_not_import_models() -> None:
+    """Neither importing the C kernels nor building and loading them (their cache dir included) imports models."""
+    loaded = modules_loaded_by("import radixlm.kernels.cpu as cpu\ncpu.available()")
+    assert under(loaded, ["radixlm.models"]) == []
