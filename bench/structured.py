@@ -120,7 +120,6 @@ def main() -> None:
     fill = fill_cost(backend.compile(GrammarSpec("json_schema", json.dumps(LONG_SCHEMA))).result(),
                      [r.output_ids for r in reqs], scheduler.worker.model_config.vocab_size)
     print(f"mask filling and token acceptance per step (host, this run's tokens): {fill:.3f} ms")
-    backend.shutdown()
 
 
 if __name__ == "__main__":

@@ -120,9 +120,6 @@ class GrammarBackend:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             return self._compiler
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 def new_matcher(compiled: Any) -> Any:
     import xgrammar as xgr

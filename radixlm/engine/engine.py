@@ -186,10 +186,6 @@ class Engine:
         """Empty the radix cache; False (and nothing changes) while requests are in flight."""
         return self.control("flush_cache").ok
 
-    def get_scheduler_state(self) -> dict[str, Any]:
-        """Live scheduler numbers: running/waiting requests, KV tokens available/cached, token usage."""
-        return self.control("get_state").payload
-
     def control(self, kind: str, timeout: float = 30.0) -> ControlReply:
         """Ask the scheduler (see ``ControlRequest``) and wait for its reply."""
         done = threading.Event()
