@@ -26,6 +26,7 @@ import zmq
 from radixlm.config import ServerArgs
 from radixlm.constrained import GrammarSpec, check_grammar
 from radixlm.distributed import free_local_addr, set_multi_gpu_env
+from radixlm.engine.child_stderr import ChildStderr, early_exit_message
 from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.engine.io_struct import (
     AbortRequest,
@@ -87,25 +88,28 @@ class Engine:
         self._from_scheduler.bind(out_addr)
 
         ctx = mp.get_context("spawn")
-        self._procs, pipes = [], []
+        self._procs, pipes, stderrs = [], [], []
         for rank in range(self.server_args.tp_size):
             parent, child = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=run_scheduler_process, daemon=True,
                                args=(self.server_args, rank, in_addr, out_addr, child))
-            proc.start()
+            stderrs.append(ChildStderr(proc))  # starts it
             self._procs.append(proc)
             pipes.append(parent)
         atexit.register(self.shutdown)
-        infos = [self._wait_ready(p, proc) for p, proc in zip(pipes, self._procs)]
+        infos = [self._wait_ready(rank, pipes[rank], stderrs[rank]) for rank in range(len(self._procs))]
         self.info: SchedulerInfo = infos[0]
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="radixlm-receiver")
         self._receiver.start()
 
-    def _wait_ready(self, pipe: Any, proc: mp.process.BaseProcess) -> SchedulerInfo:
+    def _wait_ready(self, rank: int, pipe: Any, stderr: ChildStderr) -> SchedulerInfo:
+        """The scheduler's ``SchedulerInfo``; RuntimeError with its error, or its last output when it dies first."""
+        proc = self._procs[rank]
         while not pipe.poll(0.5):
-            if not proc.is_alive():
+            if not proc.is_alive() and not pipe.poll():
                 self.shutdown()
-                raise RuntimeError(f"scheduler process exited with code {proc.exitcode} while loading the model")
+                raise RuntimeError(early_exit_message(f"scheduler process (tp rank {rank})", proc.exitcode,
+                                                      stderr.tail()))
         msg = pipe.recv()
         if isinstance(msg, str):
             self.shutdown()

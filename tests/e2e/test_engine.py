@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -137,3 +139,20 @@ def test_skip_tokenizer_init_serves_token_ids(engine):
             bare.generate("text needs a tokenizer", {"max_new_tokens": 2})
         with pytest.raises(ValueError, match="stop strings"):
             bare.generate(input_ids=ids, sampling_params={"max_new_tokens": 2, "stop": ["x"]})
+
+
+def test_engine_in_a_script_without_main_guard_explains_itself(tmp_path):
+    """A script that builds an Engine at module level: the spawned scheduler re-runs it, multiprocessing refuses
+    to start a process from there, and the parent's exception carries that error and the fix."""
+    script = tmp_path / "no_guard.py"
+    script.write_text("import radixlm\n"
+                      "radixlm.Engine(model_path='llama-3.2-1b', load_format='dummy', skip_tokenizer_init=True,\n"
+                      "               max_total_tokens=64, random_seed=0)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode != 0
+    # The child's own output is forwarded to stderr as well; the parent's message is what follows its headline.
+    headline = "RuntimeError: scheduler process (tp rank 0) exited with code 1 while loading the model."
+    assert headline in run.stderr, run.stderr
+    message = run.stderr[run.stderr.rindex(headline):]
+    assert "if __name__ == '__main__':" in message.splitlines()[0]
+    assert "current process has finished its bootstrapping phase" in message
