@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from radixlm.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from radixlm.core import Req
     from radixlm.sampling import SamplingParams
@@ -60,7 +62,8 @@ def _message(error: Exception) -> str:
 
 
 def check_grammar(spec: GrammarSpec) -> None:
-    """Parse ``spec`` without the tokenizer; ValueError naming the problem when it is invalid."""
+    """Parse ``spec`` without the tokenizer; InvalidRequestError (param: the kind) naming the problem when it is
+    invalid."""
     import xgrammar as xgr
 
     parse, _, options = _XGRAMMAR_CALLS[spec.kind]
@@ -69,9 +72,9 @@ def check_grammar(spec: GrammarSpec) -> None:
             json.loads(spec.text)
         getattr(xgr.Grammar, parse)(spec.text, **options)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid json_schema: not JSON ({e})") from e
+        raise InvalidRequestError(f"invalid json_schema: not JSON ({e})", spec.kind) from e
     except Exception as e:  # xgrammar raises RuntimeError with the parser's message
-        raise ValueError(f"invalid {spec.kind}: {_message(e)}") from e
+        raise InvalidRequestError(f"invalid {spec.kind}: {_message(e)}", spec.kind) from e
 
 
 class GrammarBackend:
@@ -105,8 +108,8 @@ class GrammarBackend:
         _, compile_method, options = _XGRAMMAR_CALLS[spec.kind]
         try:
             return getattr(self._get_compiler(), compile_method)(spec.text, **options)
-        except Exception as e:
-            raise ValueError(f"invalid {spec.kind}: {_message(e)}") from e
+        except Exception as e:  # the request's grammar, not the compiler, is at fault
+            raise InvalidRequestError(f"invalid {spec.kind}: {_message(e)}", spec.kind) from e
 
     def _get_compiler(self) -> Any:
         with self._lock:

@@ -37,6 +37,7 @@ from radixlm.engine.io_struct import (
     TokenOutput,
 )
 from radixlm.engine.request_state import EngineDeadError, RequestState
+from radixlm.errors import InvalidRequestError
 from radixlm.engine.scheduler_process import run_scheduler_process
 from radixlm.metrics import MetricsCollector
 from radixlm.models.embedded import embedded_model_path
@@ -144,7 +145,7 @@ class Engine:
         states = self._start(ids, params, options, loop=None)
         if stream:
             if len(states) != 1:
-                raise ValueError("stream=True takes a single prompt with n = 1")
+                raise InvalidRequestError("stream=True takes a single prompt with n = 1", "stream")
             return self._stream(states[0])
         self._wait(states)
         results = [s.result() for s in states]
@@ -167,7 +168,7 @@ class Engine:
         states = await self.submit(ids, params, options)
         if stream:
             if len(states) != 1:
-                raise ValueError("stream=True takes a single prompt with n = 1")
+                raise InvalidRequestError("stream=True takes a single prompt with n = 1", "stream")
             return self.stream_state(states[0])
         results = [await self.wait_state(s) for s in states]
         return results[0] if single and len(states) == 1 else results
@@ -275,22 +276,24 @@ class Engine:
             self._to_scheduler.send_pyobj(msg)
 
     def require_tokenizer(self) -> Any:
-        """The tokenizer; ValueError (a 400 for HTTP callers) when the engine runs without one."""
+        """The tokenizer; InvalidRequestError (a 400 for HTTP callers) when the engine runs without one."""
         if self.tokenizer is None:
-            raise ValueError("this engine runs with --skip-tokenizer-init: send token ids (input_ids) and read "
-                             "output_ids")
+            raise InvalidRequestError("this engine runs with --skip-tokenizer-init: send token ids (input_ids) and "
+                                      "read output_ids")
         return self.tokenizer
 
     def prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
-        """Tokenize and validate (raises ValueError): (token ids per prompt, parsed params per prompt, whether a
-        single prompt was given).  Slow for huge prompts, so asyncio callers run it in a thread."""
+        """Tokenize and validate (raises InvalidRequestError, ``param`` in this method's words): (token ids per
+        prompt, parsed params per prompt, whether a single prompt was given).  Slow for huge prompts, so asyncio
+        callers run it in a thread."""
         if (prompt is None) == (input_ids is None):
-            raise ValueError("pass exactly one of prompt and input_ids")
+            raise InvalidRequestError("pass exactly one of prompt and input_ids")
+        source = "prompt" if prompt is not None else "input_ids"
         if prompt is not None:
             single = isinstance(prompt, str)
             prompts = [prompt] if single else list(prompt)
             if not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompt must be a string or a list of strings")
+                raise InvalidRequestError("prompt must be a string or a list of strings", "prompt")
             tokenizer = self.require_tokenizer()
             ids = [tokenizer(p).input_ids for p in prompts]
         else:
@@ -298,31 +301,36 @@ class Engine:
             ids = [list(input_ids)] if single else [list(x) for x in input_ids]
         n = len(ids)
         if n == 0:
-            raise ValueError("no prompts given")
+            raise InvalidRequestError("no prompts given", source)
         if isinstance(sampling_params, list):
             if len(sampling_params) != n:
-                raise ValueError(f"{len(sampling_params)} sampling_params for {n} prompts")
+                raise InvalidRequestError(f"{len(sampling_params)} sampling_params for {n} prompts", "sampling_params")
             raw = sampling_params
         else:
             raw = [sampling_params or {}] * n
         params = [self._parse_params(p) for p in raw]
         vocab = self.info.vocab_size
+
+        def is_token(t: Any) -> bool:
+            return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+
         for p_ids, p in zip(ids, params):
             if not p_ids:
-                raise ValueError("the prompt is empty")
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p_ids):
-                bad = next(t for t in p_ids if not (isinstance(t, int) and 0 <= t < vocab))
-                raise ValueError(f"input_ids must be token ids in [0, {vocab}), got {bad!r}")
+                raise InvalidRequestError("the prompt is empty", source)
+            bad = next((t for t in p_ids if not is_token(t)), None)
+            if bad is not None:
+                raise InvalidRequestError(f"input_ids must be token ids in [0, {vocab}), got {bad!r}", "input_ids")
             limit = self.info.context_length
             if len(p_ids) >= limit:
-                raise ValueError(f"the prompt has {len(p_ids)} tokens; the context length is {limit}")
+                raise InvalidRequestError(f"the prompt has {len(p_ids)} tokens; the context length is {limit}",
+                                          source)
             if len(p_ids) + 1 > self.info.max_total_num_tokens:
-                raise ValueError(f"the prompt has {len(p_ids)} tokens; the KV cache holds "
-                                 f"{self.info.max_total_num_tokens}")
+                raise InvalidRequestError(f"the prompt has {len(p_ids)} tokens; the KV cache holds "
+                                          f"{self.info.max_total_num_tokens}", source)
             if p.max_new_tokens is not None and len(p_ids) + p.max_new_tokens > limit:
-                raise ValueError(f"the prompt ({len(p_ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) "
-                                 f"exceeds the context length ({limit}); ask for at most "
-                                 f"{limit - len(p_ids)} new tokens")
+                raise InvalidRequestError(f"the prompt ({len(p_ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) "
+                                          f"exceeds the context length ({limit}); ask for at most "
+                                          f"{limit - len(p_ids)} new tokens", "max_new_tokens")
         return ids, params, single
 
     def _start(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
@@ -330,13 +338,14 @@ class Engine:
         if options and options.token_ids_logprob:
             bad = [t for t in options.token_ids_logprob if not 0 <= t < self.info.vocab_size]
             if bad:
-                raise ValueError(f"token_ids_logprob has ids outside the vocabulary [0, {self.info.vocab_size}): {bad}")
+                raise InvalidRequestError(f"token_ids_logprob has ids outside the vocabulary "
+                                          f"[0, {self.info.vocab_size}): {bad}", "token_ids_logprob")
         self.check_ready()
         wanted = [r for r in rids or [] if r is not None]
         with self._lock:
             taken = [r for r in wanted if r in self._states]
         if taken or len(set(wanted)) != len(wanted):
-            raise ValueError(f"rid {(taken or wanted)[0]!r} is already in use by a running request")
+            raise InvalidRequestError(f"rid {(taken or wanted)[0]!r} is already in use by a running request", "rid")
         states: list[RequestState] = []
         batch: list[GenerateRequest] = []  # sent as one message, so that the scheduler admits it together
         for i, (p_ids, p) in enumerate(zip(ids, params)):
@@ -362,7 +371,7 @@ class Engine:
                                  p.no_stop_trim, prompt_ids=ids)
         with self._lock:
             if rid is not None and rid in self._states:
-                raise ValueError(f"rid {rid!r} is already in use by a running request")
+                raise InvalidRequestError(f"rid {rid!r} is already in use by a running request", "rid")
             rid = rid or uuid.uuid4().hex
             state = RequestState(rid, decoder, len(ids), time.time(), loop, logprobs={} if options else None)
             self._states[rid] = state
@@ -372,17 +381,20 @@ class Engine:
 
     def _parse_params(self, raw: dict[str, Any] | SamplingParams) -> SamplingParams:
         if not isinstance(raw, (dict, SamplingParams)):
-            raise ValueError(f"sampling_params must be an object, got {type(raw).__name__}")
+            raise InvalidRequestError(f"sampling_params must be an object, got {type(raw).__name__}",
+                                      "sampling_params")
         p = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(dict(raw))
         p = SamplingParams(**vars(p))
+        p.verify(len(self.tokenizer) if self.tokenizer is not None else self.info.vocab_size)  # types first
         p.normalize()
-        p.verify(len(self.tokenizer) if self.tokenizer is not None else self.info.vocab_size)
         if p.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine runs with --skip-tokenizer-init")
+            raise InvalidRequestError("stop strings need a tokenizer; this engine runs with --skip-tokenizer-init",
+                                      "stop")
         spec = GrammarSpec.of(p)
         if spec is not None:
             if self.server_args.grammar_backend == "none":
-                raise ValueError(f"{spec.kind} needs structured output, which is off (--grammar-backend none)")
+                raise InvalidRequestError(f"{spec.kind} needs structured output, which is off "
+                                          "(--grammar-backend none)", spec.kind)
             self.require_tokenizer()
             check_grammar(spec)
         return p

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixlm.errors import InvalidRequestError
 from radixlm.utils.device import to_device_async
 
 Entry = tuple[float | None, int]
@@ -31,7 +32,7 @@ class LogprobOptions:
         if not return_logprob:
             return None
         if top_logprobs_num is not None and top_logprobs_num < 0:
-            raise ValueError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
+            raise InvalidRequestError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}", "top_logprobs_num")
         return cls(-1 if logprob_start_len is None else logprob_start_len, top_logprobs_num or 0,
                    list(token_ids_logprob) if token_ids_logprob else None)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, get_args, get_origin, get_type_hints
+
+from radixlm.errors import InvalidRequestError
 
 # Below this temperature a request is treated as greedy; dividing logits by it would overflow.
 _GREEDY_TEMPERATURE_EPS = 1e-6
@@ -15,11 +19,11 @@ _LOGIT_BIAS_RANGE = (-100.0, 100.0)
 def parse_token_id(key: int | str) -> int:
     """Turn a logit_bias key (an int, or a decimal string as OpenAI clients send) into a token id.
 
-    Raises ValueError for anything else, bools included (they are ints to Python but
+    Raises InvalidRequestError for anything else, bools included (they are ints to Python but
     never meant as token ids).
     """
     if isinstance(key, bool):
-        raise ValueError(f"logit_bias key {key!r} is not a token id")
+        raise InvalidRequestError(f"logit_bias key {key!r} is not a token id", "logit_bias")
     if isinstance(key, int):
         return key
     if isinstance(key, str):
@@ -27,11 +31,49 @@ def parse_token_id(key: int | str) -> int:
             return int(key)
         except ValueError:
             pass
-    raise ValueError(f"logit_bias key {key!r} is not a token id (int or decimal string)")
+    raise InvalidRequestError(f"logit_bias key {key!r} is not a token id (int or decimal string)", "logit_bias")
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_integer(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+# annotation -> (check, name, plural name), for the types SamplingParams' fields are made of
+_SCALARS: dict[Any, tuple[Callable[[object], bool], str, str]] = {
+    int: (_is_integer, "an integer", "integers"),
+    float: (_is_real, "a number", "numbers"),
+    bool: (lambda x: isinstance(x, bool), "a boolean", "booleans"),
+    str: (lambda x: isinstance(x, str), "a string", "strings"),
+    type(None): (lambda x: x is None, "null", "nulls"),
+}
+
+
+def _has_type(value: object, hint: Any) -> bool:
+    """Whether ``value`` fits a field annotation (scalars, lists of scalars, dicts, unions of those); dict
+    entries are left to the field's own checks."""
+    args = get_args(hint)
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, h) for h in args)
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if get_origin(hint) is dict:
+        return isinstance(value, dict)
+    return _SCALARS[hint][0](value)
+
+
+def _type_name(hint: Any) -> str:
+    args = get_args(hint)
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(h) for h in args)
+    if get_origin(hint) is list:
+        return f"a list of {_SCALARS[args[0]][2]}"
+    if get_origin(hint) is dict:
+        return "an object"
+    return _SCALARS[hint][1]
 
 
 @dataclass
@@ -39,7 +81,8 @@ class SamplingParams:
     """Sampling parameters of one request.
 
     Contract: call `normalize()` once before building a batch from it; `verify()` may be
-    called before or after `normalize()` and raises ValueError on the first invalid field.
+    called before or after `normalize()` and raises InvalidRequestError (param: the field) on the
+    first invalid field.
     """
 
     max_new_tokens: int | None = 128
@@ -68,11 +111,11 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
-        """Build from a request dict; unknown keys raise ValueError (typos must not be ignored)."""
+        """Build from a request dict; unknown keys raise InvalidRequestError (typos must not be ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+            raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(unknown)}", unknown[0])
         return cls(**d)
 
     def normalize(self) -> None:
@@ -92,46 +135,54 @@ class SamplingParams:
             self.top_k = 1
 
     def verify(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the offending field and its allowed range.
+        """Raise InvalidRequestError naming the offending field (its ``param``) and what it allows.
 
-        Token ids (logit_bias keys, stop_token_ids) are range-checked only when
-        `vocab_size` is given.
+        Every field must have its declared type (an int is a float, a bool is not a number).
+        Token ids (logit_bias keys, stop_token_ids) are range-checked only when `vocab_size` is given.
         """
+        self._verify_types()
         if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if self.top_k < 1 and self.top_k != -1:
-            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+            raise InvalidRequestError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}", "top_k")
         lo, hi = _PENALTY_RANGE
-        if not lo <= self.frequency_penalty <= hi:
-            raise ValueError(f"frequency_penalty must be in [{lo}, {hi}], got {self.frequency_penalty}")
-        if not lo <= self.presence_penalty <= hi:
-            raise ValueError(f"presence_penalty must be in [{lo}, {hi}], got {self.presence_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not lo <= getattr(self, name) <= hi:
+                raise InvalidRequestError(f"{name} must be in [{lo}, {hi}], got {getattr(self, name)}", name)
         if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+                                      "repetition_penalty")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InvalidRequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}", "max_new_tokens")
         if self.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+            raise InvalidRequestError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}", "min_new_tokens")
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), "
-                f"got {self.min_new_tokens}"
+                f"got {self.min_new_tokens}", "min_new_tokens"
             )
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise InvalidRequestError(f"n must be >= 1, got {self.n}", "n")
         constraints = [
             name for name in ("json_schema", "regex", "ebnf", "structural_tag") if getattr(self, name) is not None
         ]
         if len(constraints) > 1:
-            raise ValueError(
-                f"at most one of json_schema, regex, ebnf, structural_tag may be set, got {', '.join(constraints)}"
+            raise InvalidRequestError(
+                f"at most one of json_schema, regex, ebnf, structural_tag may be set, got {', '.join(constraints)}",
+                constraints[1],
             )
         self._verify_logit_bias(vocab_size)
         self._verify_stop_token_ids(vocab_size)
+
+    def _verify_types(self) -> None:
+        for name, hint in get_type_hints(SamplingParams).items():
+            value = getattr(self, name)
+            if not _has_type(value, hint):
+                raise InvalidRequestError(f"{name} must be {_type_name(hint)}, got {value!r}", name)
 
     def _verify_logit_bias(self, vocab_size: int | None) -> None:
         if self.logit_bias is None:
@@ -141,13 +192,16 @@ class SamplingParams:
             token_id = parse_token_id(key)
             if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
                 bound = "" if vocab_size is None else f", {vocab_size}"
-                raise ValueError(f"logit_bias key {key!r} must be a token id in [0{bound}), got {token_id}")
+                raise InvalidRequestError(f"logit_bias key {key!r} must be a token id in [0{bound}), got {token_id}",
+                                          "logit_bias")
             if not (_is_real(bias) and lo <= bias <= hi):
-                raise ValueError(f"logit_bias value for {key!r} must be in [{lo}, {hi}], got {bias!r}")
+                raise InvalidRequestError(f"logit_bias value for {key!r} must be in [{lo}, {hi}], got {bias!r}",
+                                          "logit_bias")
 
     def _verify_stop_token_ids(self, vocab_size: int | None) -> None:
         for token_id in self.stop_token_ids or []:
             is_id = isinstance(token_id, int) and not isinstance(token_id, bool)
             if not is_id or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
                 bound = "" if vocab_size is None else f", {vocab_size}"
-                raise ValueError(f"stop_token_ids entries must be token ids in [0{bound}), got {token_id!r}")
+                raise InvalidRequestError(f"stop_token_ids entries must be token ids in [0{bound}), got {token_id!r}",
+                                          "stop_token_ids")

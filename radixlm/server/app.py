@@ -1,7 +1,9 @@
 """The FastAPI application: routes, API-key check, and the mapping of every failure to an OpenAI-style error.
 
-Errors: a malformed body, a wrong type or an invalid value is a 400 whose message names the field; a missing or
-wrong API key a 401; an unknown route a 404; a dead scheduler a 503.  None of them affects other requests.
+Errors: a malformed body, a wrong type or an invalid value (pydantic's validation errors and
+``InvalidRequestError``, nothing else) is a 400 whose message names the field; a missing or wrong API key a 401; an
+unknown route a 404; a dead scheduler a 503; any other exception is a bug, a 500 whose traceback goes to the log.
+None of them affects other requests.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixlm.engine.request_state import EngineDeadError
+from radixlm.errors import InvalidRequestError
 from radixlm.server.native_api import NativeServing
 from radixlm.server.openai_api import OpenAIServing
 from radixlm.server.protocol import (
@@ -43,6 +46,7 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 # Routes that answer without an API key (load balancers probe them).
 OPEN_ROUTES = frozenset({"/health"})
+INTERNAL_ERROR_MESSAGE_CHARS = 200  # of "<type>: <message>" in a 500's body
 
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -75,6 +79,43 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class InternalErrorMiddleware:
+    """Whatever exception no handler claimed becomes a 500 with an OpenAI-style body and its traceback in the log,
+    and the server goes on serving.  Plain ASGI, as ``ApiKeyMiddleware``; not a FastAPI handler for
+    ``Exception``, which Starlette re-raises after answering (the server then drops the connection)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:  # a stream broke midway: only the server can end it (it logs the traceback and closes)
+                raise
+            logger.error("internal error serving %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await internal_error(exc)(scope, receive, send)
+
+
+def internal_error(exc: Exception) -> JSONResponse:
+    """The 500 for a bug: the exception's type and the first line of its message, never its traceback."""
+    lines = str(exc).strip().splitlines()
+    summary = type(exc).__name__ + (f": {lines[0]}" if lines else "")
+    if len(summary) > INTERNAL_ERROR_MESSAGE_CHARS:
+        summary = summary[:INTERNAL_ERROR_MESSAGE_CHARS] + "..."
+    return error(500, f"internal server error: {summary}")
+
+
 def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     args = engine.server_args
     model_name = engine.model_name
@@ -85,15 +126,16 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
 
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
+    app.add_middleware(InternalErrorMiddleware)
 
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
         return error(400, *_describe(exc.errors()))
 
-    @app.exception_handler(ValueError)
-    async def on_value_error(request: Request, exc: ValueError) -> JSONResponse:
-        return error(400, str(exc))
+    @app.exception_handler(InvalidRequestError)
+    async def on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return error(400, str(exc), exc.param)
 
     @app.exception_handler(EngineDeadError)
     async def on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
@@ -136,7 +178,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         body = await parse_body(raw, DetokenizeRequest)
         bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]
         if bad:
-            raise ValueError(f"tokens must be ids in [0, {engine.info.vocab_size}), got {bad[0]}")
+            raise InvalidRequestError(f"tokens must be ids in [0, {engine.info.vocab_size}), got {bad[0]}", "tokens")
         return {"text": await asyncio.to_thread(engine.require_tokenizer().decode, body.tokens)}
 
     # ------------------------------------------------------------------ native (SGLang)
@@ -190,7 +232,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         elif body.rid:
             engine.abort(body.rid)
         else:
-            raise ValueError("give rid, or abort_all: true")
+            raise InvalidRequestError("give rid, or abort_all: true", "rid")
         return JSONResponse({})
 
     return app

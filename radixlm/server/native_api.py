@@ -7,8 +7,9 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from radixlm.errors import InvalidRequestError
 from radixlm.sampling.logprobs import LogprobOptions
-from radixlm.server.protocol import GenerateRequestBody
+from radixlm.server.protocol import GenerateRequestBody, params_named
 from radixlm.server.streams import merge_streams, sse, wait_all
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from radixlm.engine.engine import Engine
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
+_NATIVE_PARAMS = {"prompt": "text"}  # the engine's name of a request field -> /generate's (the `param` of a 400)
 
 
 class NativeServing:
@@ -28,14 +30,15 @@ class NativeServing:
         """One prompt -> one result dict; a batch (or ``n > 1``) -> a list.  Streaming sends SGLang's chunks:
         the text and output ids generated so far, ``meta_info``, and ``index`` for batches."""
         self.engine.check_ready()
-        prompt_ids, params, single = await asyncio.to_thread(
-            self.engine.prepare, body.text, body.sampling_params, body.input_ids)
-        options = LogprobOptions.from_request(body.return_logprob, body.logprob_start_len, body.top_logprobs_num,
-                                              body.token_ids_logprob)
-        rids = [body.rid] if isinstance(body.rid, str) else body.rid
-        if rids is not None and len(rids) != len(prompt_ids):
-            raise ValueError(f"{len(rids)} rids for {len(prompt_ids)} prompts")
-        states = await self.engine.submit(prompt_ids, params, options, rids)
+        with params_named(_NATIVE_PARAMS):
+            prompt_ids, params, single = await asyncio.to_thread(
+                self.engine.prepare, body.text, body.sampling_params, body.input_ids)
+            options = LogprobOptions.from_request(body.return_logprob, body.logprob_start_len,
+                                                  body.top_logprobs_num, body.token_ids_logprob)
+            rids = [body.rid] if isinstance(body.rid, str) else body.rid
+            if rids is not None and len(rids) != len(prompt_ids):
+                raise InvalidRequestError(f"{len(rids)} rids for {len(prompt_ids)} prompts", "rid")
+            states = await self.engine.submit(prompt_ids, params, options, rids)
         one = single and len(states) == 1
         if body.stream:
             return self._stream(states, one)

@@ -10,8 +10,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from radixlm.errors import InvalidRequestError
 from radixlm.sampling.logprobs import LogprobOptions
-from radixlm.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
+from radixlm.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart, params_named
 from radixlm.server.streams import merge_streams, sse, wait_all
 from radixlm.server.tool_calls import ToolCallStreamer, parse_tool_calls, structural_tag
 
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
 
     from radixlm.engine.engine import Engine
     from radixlm.engine.request_state import RequestState
+
+# The engine's names of request fields -> the OpenAI request's (the `param` of a 400).
+_CHAT_PARAMS = {"prompt": "messages", "input_ids": "messages", "max_new_tokens": "max_tokens",
+                "min_new_tokens": "min_tokens", "structural_tag": "tools", "json_schema": "response_format"}
+_COMPLETION_PARAMS = {"input_ids": "prompt", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 class OpenAIServing:
@@ -37,12 +43,12 @@ class OpenAIServing:
         max_new = body.max_completion_tokens or body.max_tokens
         options = LogprobOptions(-1, body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         params = body.sampling_params(max_new)
         params.update(_response_format_params(body))
         if tools:
             if body.response_format is not None and body.response_format.type != "text":
-                raise ValueError("tools and response_format cannot be combined")
+                raise InvalidRequestError("tools and response_format cannot be combined", "response_format")
             params["structural_tag"] = structural_tag(body.tools, body.tool_choice, body.parallel_tool_calls,
                                                       self.tool_call_parser)
         states = await self._submit(prompt_ids, params, options, body.rid)
@@ -118,8 +124,8 @@ class OpenAIServing:
         for m in body.messages:
             if isinstance(m.content, list):
                 if any(not isinstance(part, TextPart) for part in m.content):
-                    raise ValueError("this model takes text only; image, audio and video content parts are not "
-                                     "supported")
+                    raise InvalidRequestError("this model takes text only; image, audio and video content parts "
+                                              "are not supported", "messages")
                 content: str | None = "".join(part.text for part in m.content)
             else:
                 content = m.content
@@ -129,14 +135,19 @@ class OpenAIServing:
                 if getattr(m, key) is not None:
                     message[key] = getattr(m, key)
             messages.append(message)
+        import jinja2  # transformers renders chat templates with it
+
+        tokenizer = self.engine.require_tokenizer()
         try:
-            text = self.engine.require_tokenizer().apply_chat_template(
+            text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant",
                 chat_template=self.chat_template, tools=body.tools if tools else None,
                 **(body.chat_template_kwargs or {}))
-        except Exception as e:  # jinja raises for conversations the template forbids
-            raise ValueError(f"the chat template rejected these messages: {e}") from e
-        return self.engine.require_tokenizer()(text, add_special_tokens=False).input_ids
+        # A template rejects a conversation with a TemplateError (its raise_exception, an undefined it needs); a
+        # message or tool of the wrong shape fails inside a filter (tojson of an undefined) with a TypeError.
+        except (jinja2.TemplateError, TypeError) as e:
+            raise InvalidRequestError(f"the chat template rejected these messages: {e}", "messages") from e
+        return tokenizer(text, add_special_tokens=False).input_ids
 
     def _chat_logprobs(self, meta: dict[str, Any]) -> list[dict[str, Any]]:
         tops = meta.get("output_top_logprobs") or []
@@ -155,22 +166,23 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, raw: "Request") -> dict[str, Any] | AsyncIterator[str]:
         self.engine.check_ready()
         if body.suffix:
-            raise ValueError("suffix is not supported")
+            raise InvalidRequestError("suffix is not supported", "suffix")
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequestError("prompt must not be empty", "prompt")
         options = None
         if body.logprobs is not None:
             options = LogprobOptions(0 if body.echo else -1, body.logprobs)
         texts = [p for p in prompts if isinstance(p, str)]
         ids = [p for p in prompts if not isinstance(p, str)]
         if texts and ids:
-            raise ValueError("prompt must be all strings or all token-id lists")
-        prompt_ids, params, _ = await asyncio.to_thread(
-            self.engine.prepare, texts or None, body.sampling_params(body.max_tokens), ids or None)
-        states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)))
+            raise InvalidRequestError("prompt must be all strings or all token-id lists", "prompt")
+        with params_named(_COMPLETION_PARAMS):
+            prompt_ids, params, _ = await asyncio.to_thread(
+                self.engine.prepare, texts or None, body.sampling_params(body.max_tokens), ids or None)
+            states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoes = ([await asyncio.to_thread(self.engine.require_tokenizer().decode, p) for p in prompt_ids] if body.echo
                   else ["" for _ in prompt_ids])
@@ -244,8 +256,9 @@ class OpenAIServing:
     # ------------------------------------------------------------------ shared
     async def _submit(self, prompt_ids: list[int], params: dict[str, Any], options: LogprobOptions | None,
                       rid: str | None) -> list["RequestState"]:
-        ids, parsed, _ = await asyncio.to_thread(self.engine.prepare, None, params, prompt_ids)
-        return await self.engine.submit(ids, parsed, options, [rid] if rid else None)
+        with params_named(_CHAT_PARAMS):
+            ids, parsed, _ = await asyncio.to_thread(self.engine.prepare, None, params, prompt_ids)
+            return await self.engine.submit(ids, parsed, options, [rid] if rid else None)
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.require_tokenizer().decode([token_id])
@@ -258,13 +271,14 @@ def _response_format_params(body: ChatCompletionRequest) -> dict[str, Any]:
     if fmt is None or fmt.type == "text":
         return {}
     if body.regex is not None or body.ebnf is not None:
-        raise ValueError("response_format and regex/ebnf are mutually exclusive")
+        raise InvalidRequestError("response_format and regex/ebnf are mutually exclusive", "response_format")
     if fmt.type == "json_object":
         return {"json_schema": json.dumps({"type": "object"})}
     spec = fmt.json_schema or {}
     schema = spec.get("schema")
     if not isinstance(schema, dict):
-        raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object",
+                                  "response_format")
     return {"json_schema": json.dumps(schema)}
 
 

@@ -7,9 +7,13 @@ field.  Unknown fields are ignored, as OpenAI-compatible servers do (clients sen
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from radixlm.errors import InvalidRequestError
 
 
 class _Body(BaseModel):
@@ -141,8 +145,19 @@ class AbortRequestBody(_Body):
     abort_all: bool = False
 
 
-def error_body(message: str, status: int, param: str | None = None, err_type: str | None = None) -> dict[str, Any]:
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error object."""
-    default_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    503: "service_unavailable"}.get(status, "server_error")
-    return {"error": {"message": message, "type": err_type or default_type, "param": param, "code": status}}
+    err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                500: "internal_server_error", 503: "service_unavailable"}.get(status, "server_error")
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+@contextmanager
+def params_named(names: dict[str, str]) -> Iterator[None]:
+    """Around calls into the engine: an InvalidRequestError's ``param``, an engine name (``max_new_tokens``,
+    ``input_ids``), becomes the field of this API's request that it came from (``names``: engine -> API)."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        e.param = names.get(e.param, e.param)
+        raise

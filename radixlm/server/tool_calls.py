@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from radixlm.errors import InvalidRequestError
+
 TOOL_CALL_PARSERS = ("hermes", "llama3")
 
 
@@ -52,15 +54,16 @@ class ToolCall:
 
 
 def functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """name -> parameter schema of every function tool; ValueError for malformed tools."""
+    """name -> parameter schema of every function tool; InvalidRequestError for malformed tools."""
     out = {}
     for tool in tools:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
-            raise ValueError("each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., ...}}")
+            raise InvalidRequestError("each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., ...}}",
+                                      "tools")
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
-            raise ValueError(f"tool {fn['name']!r}: parameters must be a JSON schema object")
+            raise InvalidRequestError(f"tool {fn['name']!r}: parameters must be a JSON schema object", "tools")
         out[fn["name"]] = params
     return out
 
@@ -69,11 +72,13 @@ def chosen_function(tool_choice: str | dict[str, Any] | None, names: dict[str, A
     """The function a ``{"type": "function", "function": {"name": ...}}`` tool_choice names, else None."""
     if tool_choice is None or isinstance(tool_choice, str):
         if tool_choice not in (None, "auto", "none", "required"):
-            raise ValueError(f"tool_choice must be auto, none, required or a function; got {tool_choice!r}")
+            raise InvalidRequestError(f"tool_choice must be auto, none, required or a function; got {tool_choice!r}",
+                                      "tool_choice")
         return None
-    name = (tool_choice.get("function") or {}).get("name")
+    function = tool_choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
     if name not in names:
-        raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+        raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
     return name
 
 

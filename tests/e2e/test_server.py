@@ -214,42 +214,48 @@ def test_admin_routes(server):
 # ---------------------------------------------------------------------------------------------------- bad input
 LONG = "word " * 9000
 BAD_INPUTS = [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, "temperature"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
-    ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"model": "m"}, "messages"),
-    ("/v1/chat/completions", {"messages": "hello"}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens",
+     "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, "max_tokens",
+     "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, "temperature",
+     "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p", "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p", "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role", "messages.0.role"),
+    ("/v1/chat/completions", {"messages": []}, "messages", "messages"),
+    ("/v1/chat/completions", {"model": "m"}, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": "hello"}, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens",
+     "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
-     "context length"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "context length"),
+     "context length", "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "context length", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 5}},
-     "logit_bias"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "logprobs"),
-    ("/v1/completions", {"prompt": [1, 2, 99999999]}, "token ids"),
-    ("/v1/completions", {"prompt": [[]]}, "empty"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
-    ("/generate", {"text": "x", "sampling_params": {"max_new_token": 3}}, "max_new_token"),
-    ("/generate", {"text": "x", "sampling_params": {"temperature": -1}}, "temperature"),
-    ("/generate", {"input_ids": [1, 2, 999999]}, "token ids"),
-    ("/generate", {}, "prompt"),
-    ("/v1/detokenize", {"tokens": [-3]}, "tokens"),
+     "logit_bias", "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "logprobs",
+     "top_logprobs"),
+    ("/v1/completions", {"prompt": [1, 2, 99999999]}, "token ids", "prompt"),
+    ("/v1/completions", {"prompt": [[]]}, "empty", "prompt"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty", "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids", "stop_token_ids"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_token": 3}}, "max_new_token", "max_new_token"),
+    ("/generate", {"text": "x", "sampling_params": {"temperature": -1}}, "temperature", "temperature"),
+    ("/generate", {"input_ids": [1, 2, 999999]}, "token ids", "input_ids"),
+    ("/generate", {}, "prompt", None),
+    ("/v1/detokenize", {"tokens": [-3]}, "tokens", "tokens"),
 ]
 
 
-@pytest.mark.parametrize("path,body,needle", BAD_INPUTS, ids=[f"{p}:{n}" for p, _, n in BAD_INPUTS])
-def test_bad_input_is_400_with_a_useful_message(server, path, body, needle):
+@pytest.mark.parametrize("path,body,needle,param", BAD_INPUTS, ids=[f"{p}:{n}" for p, _, n, _ in BAD_INPUTS])
+def test_bad_input_is_400_with_a_useful_message(server, path, body, needle, param):
+    """A 400 whose message explains and whose ``param`` names the request's field (where one is to blame)."""
     status, out = server.request("POST", path, body)
     assert status == 400, out
     err = out["error"]
     assert needle.lower() in err["message"].lower(), err
-    assert err["type"] == "invalid_request_error" and err["code"] == 400
+    assert err["type"] == "invalid_request_error" and err["code"] == 400 and err["param"] == param, err
 
 
 def test_malformed_json_and_server_stays_healthy(server):

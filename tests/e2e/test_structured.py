@@ -182,10 +182,10 @@ def test_ebnf_grammars_parse(server):
 ])
 def test_invalid_grammar_is_a_400(server, field, value, needle):
     status, body = server.request("POST", "/generate", {"text": "x", "sampling_params": {field: value}})
-    assert status == 400 and needle in body["error"]["message"], body
+    assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == field, body
     if field != "json_schema":  # regex and ebnf are extra body fields of the OpenAI API too
         status, body = server.request("POST", "/v1/completions", {"model": "m", "prompt": "x", field: value})
-        assert status == 400 and needle in body["error"]["message"], body
+        assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == field, body
     assert server.request("GET", "/health")[0] == 200
 
 

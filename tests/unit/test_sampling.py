@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from radixlm.errors import InvalidRequestError
 from radixlm.sampling import Sampler, SamplingBatchInfo, SamplingParams
 from radixlm.sampling.sampler import counter_uniform
 
@@ -61,8 +62,8 @@ def logits_from_probs(probs: list[float], rows: int) -> torch.Tensor:
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"min_new_tokens": -1}, "min_new_tokens"),
         ({"min_new_tokens": 10, "max_new_tokens": 5}, "min_new_tokens"),
-        ({"n": 0}, "n must"),
-        ({"json_schema": "{}", "regex": "a+"}, "json_schema"),
+        ({"n": 0}, "n"),
+        ({"json_schema": "{}", "regex": "a+"}, "regex"),
         ({"logit_bias": {"abc": 1.0}}, "logit_bias"),
         ({"logit_bias": {"-1": 1.0}}, "logit_bias"),
         ({"logit_bias": {100: 1.0}}, "logit_bias"),
@@ -73,13 +74,35 @@ def logits_from_probs(probs: list[float], rows: int) -> torch.Tensor:
     ],
 )
 def test_verify_rejects_invalid_field(kwargs: dict[str, Any], field: str) -> None:
+    """A user error (InvalidRequestError, a ValueError) whose message and ``param`` name the field."""
     p = SamplingParams(**kwargs)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(InvalidRequestError, match=field) as exc:
         p.verify(vocab_size=100)
+    assert exc.value.param == field
     # verify must also catch it after normalize (negative temperature is not made greedy).
     p.normalize()
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(InvalidRequestError, match=field):
         p.verify(vocab_size=100)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "expected"),
+    [
+        ({"temperature": "hot"}, "temperature", "a number"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens", "an integer or null"),
+        ({"top_k": True}, "top_k", "an integer"),
+        ({"stop": ["a", 1]}, "stop", "a string or a list of strings or null"),
+        ({"stop_token_ids": "1"}, "stop_token_ids", "a list of integers or null"),
+        ({"ignore_eos": 1}, "ignore_eos", "a boolean"),
+        ({"logit_bias": [1.0]}, "logit_bias", "an object or null"),
+        ({"regex": 5}, "regex", "a string or null"),
+    ],
+)
+def test_verify_rejects_wrong_types(kwargs: dict[str, Any], field: str, expected: str) -> None:
+    """A field of the wrong type (as JSON can send) is a user error naming the type wanted, not a TypeError."""
+    with pytest.raises(InvalidRequestError, match=f"{field} must be {expected}, got") as exc:
+        SamplingParams(**kwargs).verify(vocab_size=100)
+    assert exc.value.param == field
 
 
 def test_verify_accepts_valid_params() -> None:
@@ -96,8 +119,9 @@ def test_verify_accepts_valid_params() -> None:
 def test_from_dict() -> None:
     p = SamplingParams.from_dict({"temperature": 0.5, "top_k": 3})
     assert (p.temperature, p.top_k, p.top_p) == (0.5, 3, 1.0)
-    with pytest.raises(ValueError, match="bogus, topk"):
+    with pytest.raises(InvalidRequestError, match="bogus, topk") as exc:
         SamplingParams.from_dict({"temperature": 0.5, "topk": 3, "bogus": 1})
+    assert exc.value.param == "bogus"
 
 
 def test_normalize() -> None:

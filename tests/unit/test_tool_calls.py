@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from radixlm.errors import InvalidRequestError
 from radixlm.server.tool_calls import ToolCallStreamer, chosen_function, functions, parse_tool_calls
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -52,12 +53,16 @@ def test_streamer_plain_text_passes_through() -> None:
 
 
 def test_tool_validation() -> None:
+    """Malformed tools and tool choices are user errors naming the field."""
     assert list(functions([WEATHER])) == ["get_weather"]
-    with pytest.raises(ValueError, match="each tool"):
+    with pytest.raises(InvalidRequestError, match="each tool") as exc:
         functions([{"type": "function"}])
+    assert exc.value.param == "tools"
     assert chosen_function({"type": "function", "function": {"name": "get_weather"}}, {"get_weather": {}}) \
         == "get_weather"
-    with pytest.raises(ValueError, match="not among the tools"):
-        chosen_function({"type": "function", "function": {"name": "nope"}}, {"get_weather": {}})
-    with pytest.raises(ValueError, match="tool_choice"):
+    for choice in ({"type": "function", "function": {"name": "nope"}}, {"type": "function", "function": "nope"}):
+        with pytest.raises(InvalidRequestError, match="not among the tools") as exc:
+            chosen_function(choice, {"get_weather": {}})
+        assert exc.value.param == "tool_choice"
+    with pytest.raises(InvalidRequestError, match="tool_choice"):
         chosen_function("sometimes", {})
