@@ -22,9 +22,11 @@ torch.set_num_threads(2)
 
 
 def make_runner(model_path: str | None, **kwargs) -> ModelRunner:
-    """A TP=1 CPU runner with a small KV pool."""
+    """A TP=1 CPU runner with a small KV pool, float32 unless asked otherwise (the parity tests compare with HF in
+    float32; --dtype auto would serve a bf16 checkpoint such as the embedded model in bf16 on a bf16 CPU)."""
     kwargs.setdefault("max_total_tokens", 4096)
     kwargs.setdefault("random_seed", 0)
+    kwargs.setdefault("dtype", "float32")
     args = ServerArgs(model_path=model_path, device="cpu", **kwargs)
     return ModelRunner(args, resolve_model_config(args))
 

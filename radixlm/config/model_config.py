@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from radixlm.utils import cpu_features
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -58,11 +60,8 @@ class ModelConfig:
         context_length: int | None = None,
         hf_config: dict[str, Any] | None = None,
     ) -> "ModelConfig":
-        """Read ``model_path/config.json`` (or use ``hf_config``) and resolve dtype and context length.
-
-        ``dtype="auto"`` means float32 on CPU, and on GPU the checkpoint's dtype (float32 checkpoints are
-        served in bfloat16).
-        """
+        """Read ``model_path/config.json`` (or use ``hf_config``) and resolve dtype (``resolve_dtype``) and
+        context length."""
         if hf_config is None:
             config_file = os.path.join(model_path, "config.json")
             if not os.path.isfile(config_file):
@@ -121,13 +120,19 @@ class ModelConfig:
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.dtype:
+    """``--dtype`` as a torch dtype.  ``auto`` starts from the checkpoint's dtype (config.json's ``torch_dtype``,
+    or transformers 5's ``dtype``).  On GPU: that dtype, a float32 checkpoint (or none declared) in bfloat16.  On
+    CPU: a bfloat16 or float16 checkpoint keeps its dtype only where the CPU has that arithmetic natively (else
+    torch emulates it, slower than float32), everything else is float32."""
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"--dtype must be one of auto, {', '.join(sorted(set(_DTYPES)))}; got {dtype!r}")
         return _DTYPES[dtype]
+    declared = str(hf_config.get("torch_dtype") or hf_config.get("dtype"))
     if device == "cpu":
-        return torch.float32
-    ckpt = _DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"), torch.bfloat16)
+        ckpt = _DTYPES.get(declared, torch.float32)
+        return ckpt if ckpt in cpu_features.native_half_dtypes() else torch.float32
+    ckpt = _DTYPES.get(declared, torch.bfloat16)
     return torch.bfloat16 if ckpt == torch.float32 else ckpt
 
 

@@ -26,7 +26,9 @@ class ServerArgs:
                                         "empty means the embedded SmolLM2-135M-Instruct")
     tokenizer_path: str | None = _arg(None, "tokenizer directory (default: the model path)")
     load_format: str = _arg("auto", "how to get weights", ("auto", "safetensors", "dummy"))
-    dtype: str = _arg("auto", "weight and activation dtype (auto: float32 on CPU, the checkpoint's on GPU)",
+    dtype: str = _arg("auto", "weight and activation dtype (auto: the checkpoint's; on GPU float32 checkpoints "
+                              "run in bfloat16; on CPU bfloat16/float16 checkpoints keep their dtype only where "
+                              "the CPU has it natively (avx512_bf16/amx_bf16, avx512_fp16/amx_fp16), else float32)",
                       ("auto", "bfloat16", "float16", "float32"))
     context_length: int | None = _arg(None, "maximum tokens per request (default: the model's)")
     served_model_name: str | None = _arg(None, "model name reported by the API (default: the model path)")

@@ -26,8 +26,9 @@ class LiveServer:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
+        # float32: the tests' expected outputs are the embedded model's float32 ones (a flag in `flags` wins).
         cmd = [sys.executable, "-m", "radixlm.serve", "--port", str(self.port), "--random-seed", "0",
-               "--log-level", "warning", *flags]
+               "--log-level", "warning", "--dtype", "float32", *flags]
         if api_key:
             cmd += ["--api-key", api_key]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}

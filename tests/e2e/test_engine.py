@@ -15,7 +15,7 @@ from radixlm.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def engine():
-    with radixlm.Engine(max_total_tokens=4096, random_seed=0) as e:
+    with radixlm.Engine(max_total_tokens=4096, random_seed=0, dtype="float32") as e:  # as embedded_runner
         yield e
 
 
@@ -131,7 +131,7 @@ def test_skip_tokenizer_init_serves_token_ids(engine):
     """Without a tokenizer: ids in, the same ids out as with one, empty text; text-only features refused."""
     ids = engine.tokenizer("The capital of France is").input_ids
     want = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 6, "temperature": 0})["output_ids"]
-    with radixlm.Engine(max_total_tokens=4096, random_seed=0, skip_tokenizer_init=True) as bare:
+    with radixlm.Engine(max_total_tokens=4096, random_seed=0, dtype="float32", skip_tokenizer_init=True) as bare:
         assert bare.tokenizer is None
         out = bare.generate(input_ids=ids, sampling_params={"max_new_tokens": 6, "temperature": 0})
         assert out["output_ids"] == want and out["text"] == ""

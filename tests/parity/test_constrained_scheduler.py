@@ -39,7 +39,7 @@ def make_reqs(tokenizer) -> list[Req]:
 
 
 def run(path: str, tokenizer, **kwargs) -> tuple[list[Req], Scheduler]:
-    args = ServerArgs(model_path=path, device="cpu", random_seed=0, **kwargs)
+    args = ServerArgs(model_path=path, device="cpu", dtype="float32", random_seed=0, **kwargs)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = make_reqs(tokenizer)
     run_to_completion(sched, reqs)
@@ -76,7 +76,7 @@ def test_outputs_identical_chunked_and_retracted(reference, embedded_path, embed
 def test_logprobs_with_a_grammar(embedded_path, embedded_tokenizer):
     """Logprobs of a constrained request are those of the distribution it was sampled from (the grammar mask
     applied): one finite entry per output token, naming that token, and top alternatives the grammar allows."""
-    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
+    args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     sp = SamplingParams(temperature=0.0, max_new_tokens=40, regex=DATE)
     sp.normalize()

@@ -27,7 +27,7 @@ def logprob_req(rid: str, ids: list[int], start: int, top: int = 0, token_ids: l
 
 @pytest.mark.parametrize("chunk", [-1, 4])
 def test_logprobs_match_hf(embedded_path, embedded_tokenizer, embedded_hf_model, chunk):
-    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
+    args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096,
                       chunked_prefill_size=chunk)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     ids = embedded_tokenizer("The quick brown fox jumps over the lazy dog because").input_ids

@@ -83,7 +83,7 @@ def test_engine_tp3_equals_tp1():
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
     outputs = {}
     for tp in (1, 3):
-        with radixlm.Engine(tp_size=tp, random_seed=0, max_total_tokens=4096) as engine:
+        with radixlm.Engine(tp_size=tp, dtype="float32", random_seed=0, max_total_tokens=4096) as engine:
             outs = engine.generate(prompts, {"max_new_tokens": 16, "temperature": 0})
             outputs[tp] = [o["output_ids"] for o in outs]
     assert outputs[3] == outputs[1]

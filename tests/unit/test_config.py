@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from radixlm.config import ModelConfig, ServerArgs
+from radixlm.utils import cpu_features
 from radixlm.utils.toolchain import cpu_kernels_buildable
 
 # ----------------------------------------------------------------------------------------------------- ServerArgs
@@ -301,23 +302,67 @@ def test_eos_ids_config_only_and_list(tmp_path: Path) -> None:
     assert ModelConfig.from_hf(write_model_dir(tmp_path / "c", base_config(eos_token_id=None))).eos_token_ids == ()
 
 
+BF16, FP16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
 @pytest.mark.parametrize(
-    ("ckpt_fields", "device", "expected"),
+    ("ckpt_fields", "expected"),
     [
-        ({"torch_dtype": "bfloat16"}, "cpu", torch.float32),
-        ({"torch_dtype": "float16"}, "cpu", torch.float32),
-        ({"torch_dtype": "bfloat16"}, "cuda", torch.bfloat16),
-        ({"torch_dtype": "float16"}, "cuda", torch.float16),
-        ({"torch_dtype": "float32"}, "cuda", torch.bfloat16),
-        ({"dtype": "float16"}, "cuda", torch.float16),  # transformers-5 key
-        ({"dtype": "float32"}, "cuda", torch.bfloat16),
-        ({}, "cuda", torch.bfloat16),
+        ({"torch_dtype": "bfloat16"}, BF16),
+        ({"torch_dtype": "float16"}, FP16),
+        ({"torch_dtype": "float32"}, BF16),
+        ({"dtype": "float16"}, FP16),  # transformers-5 key
+        ({"dtype": "float32"}, BF16),
+        ({}, BF16),
     ],
 )
-def test_dtype_auto(tmp_path: Path, ckpt_fields: dict[str, Any], device: str, expected: torch.dtype) -> None:
-    """dtype auto: float32 on CPU; on GPU the checkpoint's half dtype, float32 checkpoints served in bf16."""
+def test_dtype_auto_on_gpu(tmp_path: Path, ckpt_fields: dict[str, Any], expected: torch.dtype) -> None:
+    """dtype auto on GPU: the checkpoint's half dtype; float32 (or undeclared) checkpoints served in bf16."""
     path = write_model_dir(tmp_path, {**base_config(), **ckpt_fields})
-    assert ModelConfig.from_hf(path, dtype="auto", device=device).dtype == expected
+    assert ModelConfig.from_hf(path, dtype="auto", device="cuda").dtype == expected
+
+
+@pytest.mark.parametrize(
+    ("ckpt_fields", "native", "expected"),
+    [
+        ({"torch_dtype": "bfloat16"}, {BF16}, BF16),  # e.g. avx512_bf16 or amx_bf16
+        ({"torch_dtype": "bfloat16"}, {BF16, FP16}, BF16),
+        ({"torch_dtype": "bfloat16"}, set(), F32),  # bf16 emulated: float32 is faster
+        ({"torch_dtype": "bfloat16"}, {FP16}, F32),
+        ({"dtype": "bfloat16"}, {BF16}, BF16),  # transformers-5 key
+        ({"torch_dtype": "float16"}, {FP16}, FP16),  # e.g. avx512_fp16 or amx_fp16
+        ({"torch_dtype": "float16"}, {BF16}, F32),
+        ({"torch_dtype": "float32"}, {BF16, FP16}, F32),
+        ({}, {BF16, FP16}, F32),  # undeclared means float32 (transformers' default)
+    ],
+)
+def test_dtype_auto_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ckpt_fields: dict[str, Any],
+                           native: set[torch.dtype], expected: torch.dtype) -> None:
+    """dtype auto on CPU: a bf16/fp16 checkpoint keeps its dtype where the CPU has it natively, else float32."""
+    monkeypatch.setattr(cpu_features, "native_half_dtypes", lambda: frozenset(native))
+    path = write_model_dir(tmp_path, {**base_config(), **ckpt_fields})
+    assert ModelConfig.from_hf(path, dtype="auto", device="cpu").dtype == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse avx2 avx512f avx512_bf16", {BF16}),
+        ("fpu avx512f amx_bf16 amx_tile", {BF16}),
+        ("fpu avx512f avx512_bf16 avx512_fp16", {BF16, FP16}),
+        ("fpu avx512f amx_fp16", {FP16}),
+        ("fpu sse avx2 f16c", set()),  # f16c only converts
+    ],
+)
+def test_native_half_dtypes_from_cpu_flags(monkeypatch: pytest.MonkeyPatch, flags: str,
+                                           expected: set[torch.dtype]) -> None:
+    """The CPU's bf16/fp16 arithmetic is read from its /proc/cpuinfo flags."""
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: tuple(flags.split()))
+    cpu_features.native_half_dtypes.cache_clear()
+    try:
+        assert cpu_features.native_half_dtypes() == expected
+    finally:
+        cpu_features.native_half_dtypes.cache_clear()
 
 
 @pytest.mark.parametrize(

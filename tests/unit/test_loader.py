@@ -22,6 +22,7 @@ from radixlm.layers.embedding import VOCAB_PAD
 from radixlm.models.loader import resolve_model_config
 from radixlm.models.presets import PRESETS
 from radixlm.models.registry import supported_architectures
+from radixlm.utils import cpu_features
 
 VOCAB = 300
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -152,11 +153,15 @@ def test_tied_checkpoint_with_redundant_lm_head(tmp_path: Path, tiny_dir: tuple[
 
 @pytest.mark.parametrize("ckpt_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("serve_dtype", ["float32", "bfloat16", "auto"])
-def test_half_precision_checkpoints(tmp_path: Path, ckpt_dtype: torch.dtype, serve_dtype: str) -> None:
-    """bf16/fp16 checkpoints load into the asked dtype (auto = float32 on CPU), values cast exactly."""
+def test_half_precision_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ckpt_dtype: torch.dtype,
+                                    serve_dtype: str) -> None:
+    """bf16/fp16 checkpoints load into the asked dtype, values cast exactly.  auto on a CPU with native bf16 only
+    (as with avx512_bf16): a bf16 checkpoint stays bf16, an fp16 one runs in float32."""
+    monkeypatch.setattr(cpu_features, "native_half_dtypes", lambda: frozenset({torch.bfloat16}))
     hf = save_tiny_model(tmp_path, dtype=ckpt_dtype)
     runner = make_runner(str(tmp_path), dtype=serve_dtype)
-    want = torch.bfloat16 if serve_dtype == "bfloat16" else torch.float32
+    auto = ckpt_dtype if ckpt_dtype == torch.bfloat16 else torch.float32
+    want = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": auto}[serve_dtype]
     assert runner.model_config.dtype == want
     assert_params_equal(runner, expected_params(hf, 2, tie=False), want)
     k, _ = runner.kv_pool.get_kv_buffer(0)
@@ -309,13 +314,16 @@ def test_dummy_weights_independent_of_dtype(tmp_path: Path) -> None:
                           head_dim=128, vocab_size=151936, rope_scaling=None, context_length=40960)),
     ],
 )
-def test_presets_resolve(preset: str, fields: dict[str, Any]) -> None:
-    """With --load-format dummy a preset name resolves to its config (no model is built)."""
-    cfg = resolve_model_config(ServerArgs(model_path=preset, load_format="dummy", random_seed=0))
+def test_presets_resolve(preset: str, fields: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --load-format dummy a preset name resolves to its config (no model is built); the presets declare
+    bfloat16, which auto keeps on a CPU with native bf16 only."""
+    for native, want in ((frozenset(), torch.float32), (frozenset({torch.bfloat16}), torch.bfloat16)):
+        monkeypatch.setattr(cpu_features, "native_half_dtypes", lambda native=native: native)
+        cfg = resolve_model_config(ServerArgs(model_path=preset, load_format="dummy", random_seed=0))
+        assert cfg.dtype == want
     assert cfg.model_path == preset
     for name, value in fields.items():
         assert getattr(cfg, name) == value, name
-    assert cfg.dtype == torch.float32  # auto on CPU
 
 
 def test_preset_llama3_rope_scaling() -> None:
@@ -370,6 +378,7 @@ def test_embedded_conversion_writes_hf_dir(converted: tuple[str, dict[str, int]]
     config = json.loads(Path(path, "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in config
+    assert config["dtype"] == "bfloat16" and config.get("torch_dtype", "bfloat16") == "bfloat16"  # as released
     assert json.loads(Path(path, "generation_config.json").read_text())["eos_token_id"] == 2
     leftovers = [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".convert-")]
     assert leftovers == []
@@ -388,6 +397,32 @@ def test_embedded_second_call_reuses(converted: tuple[str, dict[str, int]], monk
     monkeypatch.setattr(embedded, "convert_gguf", no_convert)
     assert embedded.embedded_model_path() == path
     assert {n: os.stat(os.path.join(path, n)).st_mtime_ns for n in os.listdir(path)} == mtimes
+
+
+def test_embedded_old_conversion_upgraded_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache converted by conversion version 2 (config.json declaring float32) gets config.json's dtype and the
+    version stamp rewritten, and nothing else: no new conversion, the other files untouched."""
+    from radixlm.models import embedded
+
+    old = tmp_path / embedded.EMBEDDED_MODEL_NAME
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "dtype": "float32"}))
+    (old / "model.safetensors").write_bytes(b"float32 weights")
+    (old / ".radixlm-converted").write_text("2\n/somewhere/model.gguf\n")
+    weights_mtime = os.stat(old / "model.safetensors").st_mtime_ns
+
+    def no_convert(*args: Any) -> None:
+        raise AssertionError("a dtype-only upgrade must not convert again")
+
+    monkeypatch.setenv("RADIXLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(embedded, "convert_gguf", no_convert)
+    assert embedded.embedded_model_path() == str(old)
+    assert json.loads((old / "config.json").read_text()) == {"architectures": ["LlamaForCausalLM"],
+                                                             "dtype": "bfloat16"}
+    assert (old / ".radixlm-converted").read_text() == "3\n/somewhere/model.gguf\n"
+    assert os.stat(old / "model.safetensors").st_mtime_ns == weights_mtime
+    assert sorted(os.listdir(old)) == [".radixlm-converted", "config.json", "model.safetensors"]
+    assert embedded.embedded_model_path() == str(old)  # now current: nothing more to do
 
 
 def test_embedded_embedding_matches_gguf(converted: tuple[str, dict[str, int]]) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from radixlm.kernels import as_rows
+from radixlm.utils.cpu_features import cpu_flags
 from radixlm.utils.paths import cache_dir
 from radixlm.utils.toolchain import DISABLE_ENV, cpu_kernels_disabled, find_c_compiler
 
@@ -61,11 +62,7 @@ EXTEND_QUERY_BLOCK = 32  # cpu_ops.c's EXT_QUERY_BLOCK: new tokens of one reques
 
 def _cpu_signature() -> str:
     """What ``-march=native`` compiles for: the machine and its CPU flags."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return f"{platform.machine()} {flags}"
+    return f"{platform.machine()} {' '.join(cpu_flags()) or platform.processor()}"
 
 
 def _build(compiler: str) -> Path:
