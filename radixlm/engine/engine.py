@@ -37,8 +37,8 @@ from radixlm.engine.io_struct import (
     TokenOutput,
 )
 from radixlm.engine.request_state import EngineDeadError, RequestState
-from radixlm.errors import InvalidRequestError
 from radixlm.engine.scheduler_process import run_scheduler_process
+from radixlm.errors import InvalidRequestError
 from radixlm.metrics import MetricsCollector
 from radixlm.models.embedded import embedded_model_path
 from radixlm.sampling import SamplingParams
@@ -142,10 +142,10 @@ class Engine:
         """
         ids, params, single = self.prepare(prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
+        if stream:
+            _check_streamable(params)
         states = self._start(ids, params, options, loop=None)
         if stream:
-            if len(states) != 1:
-                raise InvalidRequestError("stream=True takes a single prompt with n = 1", "stream")
             return self._stream(states[0])
         self._wait(states)
         results = [s.result() for s in states]
@@ -165,10 +165,10 @@ class Engine:
         """Like ``generate``; with ``stream=True`` returns an async iterator of chunks."""
         ids, params, single = await asyncio.to_thread(self.prepare, prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
+        if stream:
+            _check_streamable(params)
         states = await self.submit(ids, params, options)
         if stream:
-            if len(states) != 1:
-                raise InvalidRequestError("stream=True takes a single prompt with n = 1", "stream")
             return self.stream_state(states[0])
         results = [await self.wait_state(s) for s in states]
         return results[0] if single and len(states) == 1 else results
@@ -510,3 +510,9 @@ class Engine:
             logger.info("request finished: rid=%s finish=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d "
                         "e2e_latency=%.3f", state.rid, json.dumps(state.finished_reason, separators=(",", ":")),
                         state.prompt_tokens, len(state.output_ids), state.cached_tokens, now - state.created)
+
+
+def _check_streamable(params: list[SamplingParams]) -> None:
+    """``stream=True`` streams one request: checked before anything is started."""
+    if len(params) != 1 or params[0].n != 1:
+        raise InvalidRequestError("stream=True takes a single prompt with n = 1", "stream")

@@ -78,6 +78,10 @@ def test_bad_input_is_rejected_and_engine_survives(engine):
         engine.generate("Hi", {"max_tokens_typo": 3})
     with pytest.raises(ValueError, match="context length"):
         engine.generate(input_ids=[5] * 9000)
+    with pytest.raises(ValueError, match="stream=True"):  # refused before anything starts
+        engine.generate(["Hi", "Yo"], {"max_new_tokens": 500, "ignore_eos": True}, stream=True)
+    state = engine.control("get_state").payload
+    assert state["num_running_reqs"] == state["num_waiting_reqs"] == 0
     assert engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] <= 2
 
 
