@@ -37,10 +37,11 @@ def make_worker(model_path: str | None, **kwargs) -> ModelWorker:
 
 
 def make_scheduler(model_path: str | None, **kwargs):
-    """A scheduler over a fresh TP=1 CPU worker (``kwargs`` are ServerArgs fields)."""
+    """A scheduler over a fresh TP=1 CPU worker (``kwargs`` are ServerArgs fields; float32 unless asked)."""
     from radixlm.scheduler import Scheduler
 
     kwargs.setdefault("random_seed", 0)
+    kwargs.setdefault("dtype", "float32")
     args = ServerArgs(model_path=model_path, device="cpu", **kwargs)
     return Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
 

@@ -32,7 +32,7 @@ def params(i: int) -> SamplingParams:
 
 
 def run_scheduler(path: str, ids: list[list[int]], **kwargs) -> tuple[list[Req], Scheduler]:
-    args = ServerArgs(model_path=path, device="cpu", random_seed=0, **kwargs)
+    args = ServerArgs(model_path=path, device="cpu", dtype="float32", random_seed=0, **kwargs)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = []
     for i, p in enumerate(ids):
@@ -86,7 +86,7 @@ def test_outputs_identical(reference, embedded_path, kwargs):
 
 def test_shared_prefix_reports_cached_tokens(embedded_path, embedded_tokenizer):
     ids = prompts(embedded_tokenizer)[:3]
-    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
+    args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     first = Req(rid="a", origin_input_ids=ids[0], sampling_params=SamplingParams(temperature=0.0, max_new_tokens=2))
     run_to_completion(sched, [first])
@@ -101,7 +101,7 @@ def test_shared_prefix_reports_cached_tokens(embedded_path, embedded_tokenizer):
 
 def test_abort_returns_memory(embedded_path, embedded_tokenizer):
     ids = prompts(embedded_tokenizer)[:2]
-    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
+    args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096,
                       disable_radix_cache=True)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = [Req(rid=str(i), origin_input_ids=p, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=50))
@@ -119,7 +119,7 @@ def test_abort_returns_memory(embedded_path, embedded_tokenizer):
 
 
 def test_context_length_rejected(embedded_path):
-    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096, context_length=32)
+    args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096, context_length=32)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     too_long = Req(rid="x", origin_input_ids=[5] * 40, sampling_params=SamplingParams())
     sched.add_request(too_long)
@@ -135,7 +135,7 @@ def test_burst_of_shared_prompts_computes_the_prefix_once(embedded_path, embedde
     ids = prompts(embedded_tokenizer)[:6]
     common = min(next(i for i, (a, b) in enumerate(zip(ids[0], x)) if a != b) for x in ids[1:])
     assert common > 32
-    args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096)
+    args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096)
     sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
     reqs = [Req(rid=str(i), origin_input_ids=p, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=3))
             for i, p in enumerate(ids)]
@@ -149,7 +149,7 @@ def test_overlap_schedule_launches_ahead(embedded_path, embedded_tokenizer, cons
     """With the overlap schedule a decode step leaves the next one launched and unread (grammar-constrained
     requests too: their mask is built after the previous token is read); without it, none."""
     for disable in (False, True):
-        args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=4096,
+        args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096,
                           disable_overlap_schedule=disable)
         sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
         sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, **constraint)
@@ -171,7 +171,7 @@ def test_overlap_chains_past_finished_requests_and_a_full_pool(embedded_path, em
     ids = prompts(embedded_tokenizer)
 
     def run(disable: bool) -> tuple[list[list[int]], int, int]:
-        args = ServerArgs(model_path=embedded_path, device="cpu", random_seed=0, max_total_tokens=160,
+        args = ServerArgs(model_path=embedded_path, device="cpu", dtype="float32", random_seed=0, max_total_tokens=160,
                           chunked_prefill_size=-1, disable_overlap_schedule=disable)
         sched = Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
         reqs = []
