@@ -22,12 +22,13 @@ torch.set_num_threads(2)
 
 
 def make_runner(model_path: str | None, **kwargs) -> ModelRunner:
-    """A TP=1 CPU runner with a small KV pool, float32 unless asked otherwise (the parity tests compare with HF in
+    """A TP=1 runner (CPU unless asked) with a small KV pool, float32 unless asked otherwise (the parity tests compare with HF in
     float32; --dtype auto would serve a bf16 checkpoint such as the embedded model in bf16 on a bf16 CPU)."""
     kwargs.setdefault("max_total_tokens", 4096)
     kwargs.setdefault("random_seed", 0)
     kwargs.setdefault("dtype", "float32")
-    args = ServerArgs(model_path=model_path, device="cpu", **kwargs)
+    kwargs.setdefault("device", "cpu")
+    args = ServerArgs(model_path=model_path, **kwargs)
     return ModelRunner(args, resolve_model_config(args))
 
 
@@ -37,12 +38,13 @@ def make_worker(model_path: str | None, **kwargs) -> ModelWorker:
 
 
 def make_scheduler(model_path: str | None, **kwargs):
-    """A scheduler over a fresh TP=1 CPU worker (``kwargs`` are ServerArgs fields; float32 unless asked)."""
+    """A scheduler over a fresh TP=1 worker (``kwargs`` are ServerArgs fields; CPU and float32 unless asked)."""
     from radixlm.scheduler import Scheduler
 
     kwargs.setdefault("random_seed", 0)
     kwargs.setdefault("dtype", "float32")
-    args = ServerArgs(model_path=model_path, device="cpu", **kwargs)
+    kwargs.setdefault("device", "cpu")
+    args = ServerArgs(model_path=model_path, **kwargs)
     return Scheduler(args, ModelWorker(ModelRunner(args, resolve_model_config(args))))
 
 

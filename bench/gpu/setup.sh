@@ -1,11 +1,10 @@
 # Source on the lent GPU machine (no network): install the carried wheels and put the repository on the path.
 # .whl (git-ignored; fetch here with `pip download --no-deps --only-binary=:all: --python-version 3.12
 # --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VER`):
-# pyzmq 27.3.0, fastapi 0.165.0, starlette 1.10.0, uvicorn 0.54.0, h11 0.16.0, anyio 4.16.0, sniffio 1.3.1,
-# idna 3.20, click 8.5.1, pydantic 2.14.4, pydantic_core 2.50.5, typing_inspection 0.4.5, typing_extensions
-# 4.16.0, annotated_types 0.8.0, annotated_doc 0.0.7, opentelemetry_api 1.45.2, xgrammar 0.2.8, apache_tvm_ffi
-# 0.1.15.post2, and for tests pytest 9.2.0, pluggy 1.7.0, iniconfig 2.3.1, packaging 26.4.  Call `run` with
-# carry [".whl", ".carry"].
+# pyzmq 27.3.0, fastapi 0.165.0, starlette 1.10.0, uvicorn 0.54.0, sniffio 1.3.1, pydantic 2.14.4,
+# pydantic_core 2.50.5, typing_inspection 0.4.5, typing_extensions 4.16.0, annotated_types 0.8.0,
+# opentelemetry_api 1.45.2, xgrammar 0.2.9, apache_tvm_ffi 0.1.15.post2 (the H200 image has h11, anyio, idna,
+# click, annotated_doc, pytest, hypothesis, prometheus-client).  Call `run` with carry [".whl", ".carry"].
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || return 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH

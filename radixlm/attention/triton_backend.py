@@ -38,28 +38,48 @@ class TritonAttnBackend(AttentionBackend):
         # [max_batch_size, num_heads, num_kv_splits] log-sum-exp of every split
         self.mid_lse = torch.empty((max_batch_size, num_heads, num_kv_splits), dtype=torch.float32, device=device)
         self.max_extend_len = 0
+        self.decode_tail = 0  # trailing one-token rows of an extend batch, run by the decode kernel
 
     def prepare(self, fb: "ForwardBatch") -> None:
         # Decode needs nothing beyond the batch's own tensors; extend sizes its grid from the host lengths.
-        if not fb.is_decode:
-            self.max_extend_len = max(fb.extend_seq_lens_cpu)
+        if fb.is_decode:
+            return
+        lens = fb.extend_seq_lens_cpu
+        # One new token after a prefix is a decode: a MIXED step's decode rows (at its end) take the decode kernel,
+        # which reads each KV head once for its whole query group instead of once per query head, in a 64-row
+        # query block.  (A verification mask covers every row, so TARGET_VERIFY keeps them all in extend.)
+        tail = 0
+        if fb.custom_mask is None:
+            while tail < len(lens) and lens[len(lens) - 1 - tail] == 1:
+                tail += 1
+        self.decode_tail = min(tail, self.mid_o.shape[0])
+        self.max_extend_len = max(lens[: len(lens) - self.decode_tail], default=0)
 
     def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
         o = q.new_empty((q.shape[0], q.shape[1], v_buf.shape[-1]))
-        extend_attention_fwd(
-            q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.extend_prefix_lens,
-            fb.extend_seq_lens, fb.extend_start_loc, self.max_extend_len, layer.scaling, layer.sliding_window,
-            custom_mask=fb.custom_mask, mask_indptr=fb.mask_indptr,
-        )
+        rows, tail = fb.batch_size - self.decode_tail, self.decode_tail
+        if rows:
+            extend_attention_fwd(
+                q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, fb.req_pool_indices[:rows],
+                fb.extend_prefix_lens[:rows], fb.extend_seq_lens[:rows], fb.extend_start_loc[:rows],
+                self.max_extend_len, layer.scaling, layer.sliding_window, custom_mask=fb.custom_mask,
+                mask_indptr=fb.mask_indptr,
+            )
+        if tail:
+            self._decode(q[-tail:], o[-tail:], k_buf, v_buf, layer, fb, fb.req_pool_indices[rows:], fb.seq_lens[rows:])
         return o
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
-        bs = q.shape[0]
-        o = q.new_empty((bs, q.shape[1], v_buf.shape[-1]))
-        decode_attention_fwd(
-            q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
-            self.mid_o[:bs], self.mid_lse[:bs], layer.scaling, layer.sliding_window,
-        )
+        o = q.new_empty((q.shape[0], q.shape[1], v_buf.shape[-1]))
+        self._decode(q, o, k_buf, v_buf, layer, fb, fb.req_pool_indices, fb.seq_lens)
         return o
+
+    def _decode(self, q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                layer: "RadixAttention", fb: "ForwardBatch", rows: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        bs = q.shape[0]
+        decode_attention_fwd(
+            q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, rows, seq_lens, self.mid_o[:bs],
+            self.mid_lse[:bs], layer.scaling, layer.sliding_window,
+        )

@@ -40,7 +40,7 @@ def check_extend_and_decode(worker, hf_model, seqs: list[list[int]], prefix_lens
         for seq, prefix in zip(seqs, prefix_lens):
             n = len(seq) - prefix
             ref = hf_logits(hf_model, seq)[prefix:]
-            diff = (out.input_token_logits[offset : offset + n] - ref).abs().max().item()
+            diff = (out.input_token_logits[offset : offset + n].cpu() - ref).abs().max().item()
             worst = max(worst, diff)
             assert diff < tol, f"extend logits differ by {diff}"
             offset += n
@@ -53,7 +53,7 @@ def check_extend_and_decode(worker, hf_model, seqs: list[list[int]], prefix_lens
             seq_lens = [s + 1 for s in seq_lens]
             for i, t in enumerate(tokens):
                 extended[i].append(t)
-                diff = (logits[i] - hf_logits(hf_model, extended[i])[-1]).abs().max().item()
+                diff = (logits[i].cpu() - hf_logits(hf_model, extended[i])[-1]).abs().max().item()
                 worst = max(worst, diff)
                 assert diff < tol, f"decode step {step} logits differ by {diff}"
     finally:

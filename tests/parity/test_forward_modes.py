@@ -37,9 +37,11 @@ def tiny(tmp_path_factory):
 
 
 def worker_for(path: str, backend: str):
+    """The Triton kernels run on the GPU where there is one (else under the interpreter), the others on CPU."""
     if backend == "cpu" and not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernels are not built")
-    return make_worker(path, attention_backend=backend, dtype="float32")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return make_worker(path, attention_backend=backend, dtype="float32", device=device)
 
 
 def hf_last(hf, ids: list[int], embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +78,7 @@ def test_mixed_step_equals_each_row_alone(tiny, backend):
                     [new_prompt, [500], [501]])
     logits = worker.launch(batch).logits.next_token_logits
     for i, seq in enumerate([new_prompt, a + [500], b + [501]]):
-        assert (logits[i] - hf_last(hf, seq)[0]).abs().max() < TOL, f"row {i}"
+        assert (logits[i].cpu() - hf_last(hf, seq)[0]).abs().max() < TOL, f"row {i}"
     release(worker, rows, [len(a) + 1, len(b) + 1, len(new_prompt)])
 
 
@@ -103,7 +105,7 @@ def test_target_verify_scores_every_draft_path(tiny, backend):
     batch = planned(worker, ForwardMode.TARGET_VERIFY, rows, [len(p), len(q)], [tree, chain])
     batch.verify = VerifyInput([tree_masks(tree_parents), tree_masks([-1, 0, 1])])
     launched = worker.launch(batch)
-    logits = launched.logits.next_token_logits.clone()  # [8, vocab]: one row per draft token
+    logits = launched.logits.next_token_logits.cpu()  # [8, vocab]: one row per draft token
     result = worker.sample(launched).result()
     expected = []
     for j in range(len(tree)):
@@ -121,7 +123,7 @@ def test_target_verify_scores_every_draft_path(tiny, backend):
     table = worker.memory.req_to_token_pool
     release_kv_tail(table, worker.memory.allocator, rows[1], len(q) + 2, len(q) + 3)
     step = worker.launch(decode_batch(worker.memory, [rows[1]], [len(q) + 2], [77])).logits.next_token_logits
-    assert (step[0] - hf_last(hf, q + chain[:2] + [77])[0]).abs().max() < TOL
+    assert (step[0].cpu() - hf_last(hf, q + chain[:2] + [77])[0]).abs().max() < TOL
     release(worker, rows, [len(p) + len(tree), len(q) + 3])
 
 
@@ -132,7 +134,7 @@ def test_idle_step_runs_and_returns_nothing(tiny, backend):
     assert worker.run(Batch.idle()).next_token_ids == []
     rows = prefill(worker, [[3, 4, 5]])  # the worker is still fine
     step = worker.launch(decode_batch(worker.memory, rows, [3], [6])).logits.next_token_logits
-    assert (step[0] - hf_last(hf, [3, 4, 5, 6])[0]).abs().max() < TOL
+    assert (step[0].cpu() - hf_last(hf, [3, 4, 5, 6])[0]).abs().max() < TOL
     release(worker, rows, [4])
 
 

@@ -54,7 +54,8 @@ def test_mla_matches_hf(tiny_mla, name, backend):
     if backend == "cpu" and not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernels are not built")
     path, hf = tiny_mla[name]
-    worker = make_worker(path, attention_backend=backend, dtype="float32")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    worker = make_worker(path, attention_backend=backend, dtype="float32", device=device)
     seqs = random_seqs((21, 5, 13, 30))
     check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4)
     outs = generate_static(worker, seqs, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
