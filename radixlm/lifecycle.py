@@ -2,10 +2,11 @@
 
 ```
  NEW ──▶ GRAMMAR_COMPILING ──▶ WAITING ──▶ PREFILLING ──▶ DECODING ──▶ FINISHED
-  │                               ▲  │          │  ▲          │
-  │                               │  └▶ LOADING_KV ┘ │          │
-  │                               └─────────────────┴──────────┘  retraction (KV to the cache, back in line)
-  └──▶ RECEIVING_KV ──▶ DECODING                          any state but FINISHED ──▶ FINISHED (abort, error)
+  │                            │  ▲  ▲          │              │
+  │                            ▼  │  └──────────┴──────────────┘  retraction: KV to the cache, back in line
+  │                         LOADING_KV ──▶ PREFILLING
+  └──▶ RECEIVING_KV ──▶ DECODING
+ every state but FINISHED ──▶ FINISHED (abort, rejection, error)
 ```
 
 - ``GRAMMAR_COMPILING``: a constrained request whose grammar compiles on a worker thread.

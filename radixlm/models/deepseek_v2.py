@@ -19,7 +19,6 @@ is the same on every rank.  MoE layers (``layer >= first_k_dense_replace`` with 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -29,14 +28,12 @@ from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
 from radixlm.distributed import divide, get_tp_group
 from radixlm.layers.attention import RadixAttention
-from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
 from radixlm.layers.rotary import get_rope, yarn_softmax_scale_factor
 from radixlm.mem import KVCacheSpec
+from radixlm.models.decoder import CausalLM, DecoderModel, PreNormDecoderLayer
 from radixlm.models.llama import LlamaMLP
-from radixlm.models.weights import load_named_weights
 
 # The low-rank norms (q_a_layernorm, kv_a_layernorm) use RMSNorm's default eps in DeepSeek's reference code and in
 # transformers, not the config's rms_norm_eps.
@@ -110,55 +107,18 @@ class DeepseekV2Attention(nn.Module):
         k = torch.cat([latent.unsqueeze(1), k_pe], dim=-1)  # [num_tokens, 1, kv_lora_rank + qk_rope_head_dim]
         out = self.attn(q.flatten(1), k.flatten(1), None, fb)  # [num_tokens, num_heads * kv_lora_rank]
         out = out.view(-1, self.num_heads, self.kv_lora_rank)
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [num_tokens, num_heads, v_head_dim]
+        # [num_tokens, num_heads, v_head_dim]
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return self.o_proj(out.flatten(1))
 
 
-class DeepseekV2DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.self_attn = DeepseekV2Attention(config, layer_id)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.mlp = LlamaMLP(config)  # dense layers only (layer < first_k_dense_replace)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, fb)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
-class DeepseekV2Model(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
-        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = apply_embed_overrides(self.embed_tokens(input_ids), fb.embed_overrides)  # [num_tokens, hidden]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, fb)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
-class DeepseekV2ForCausalLM(nn.Module):
-    # (our parameter, checkpoint name, shard id): checkpoint tensors stacked into one parameter
+class DeepseekV2ForCausalLM(CausalLM):
     stacked_params_mapping = [
         ("gate_up_proj", "gate_proj", 0),
         ("gate_up_proj", "up_proj", 1),
     ]
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
         hf = config.hf_config
         moe = moe_layers(hf)
         if moe:
@@ -169,23 +129,10 @@ class DeepseekV2ForCausalLM(nn.Module):
                 f"configurations (first_k_dense_replace >= num_hidden_layers) run.")
         if hf.get("mlp_bias"):
             raise NotImplementedError("DeepSeek-V2 with mlp_bias is not supported")
-        self.config = config
-        self.model = DeepseekV2Model(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor()
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> LogitsOutput:
-        hidden = self.model(input_ids, positions, fb)
-        return self.logits_processor(hidden, self.lm_head, fb)
+        super().__init__(config, DecoderModel(config, lambda i: PreNormDecoderLayer(
+            config, DeepseekV2Attention(config, i), LlamaMLP(config))))
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """One latent + rope key per token and layer, the same on every rank."""
         attn = self.model.layers[0].self_attn
         return KVCacheSpec.mla(len(self.model.layers), attn.kv_lora_rank, attn.qk_rope_head_dim, dtype)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
-        load_named_weights(self, weights, self.stacked_params_mapping, skip)

@@ -5,23 +5,18 @@ Qwen2 (QKV bias) and Qwen3 (per-head RMSNorm of q and k) are the same network wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
-from radixlm.distributed import get_tp_group
 from radixlm.layers.activation import SiluAndMul
 from radixlm.layers.attention import RadixAttention
-from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
-from radixlm.layers.rotary import RotaryEmbedding
+from radixlm.layers.rotary import get_rope
 from radixlm.mem import KVCacheSpec
-from radixlm.models.weights import load_named_weights
+from radixlm.models.decoder import CausalLM, DecoderModel, PreNormDecoderLayer
 
 
 class LlamaMLP(nn.Module):
@@ -50,7 +45,7 @@ class LlamaAttention(nn.Module):
                                         bias=False, dtype=config.dtype)
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, config.dtype) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, config.dtype) if qk_norm else None
-        self.rotary_emb = RotaryEmbedding(head_dim, config.context_length, config.rope_theta, config.rope_scaling)
+        self.rotary_emb = get_rope(head_dim, config.context_length, config.rope_theta, config.rope_scaling)
         self.attn = RadixAttention(self.num_heads, head_dim, head_dim**-0.5, self.num_kv_heads, layer_id,
                                    config.sliding_window)
         self.head_dim = head_dim
@@ -66,48 +61,9 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, fb))
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, qkv_bias: bool, qk_norm: bool):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.self_attn = LlamaAttention(config, layer_id, qkv_bias, qk_norm)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.mlp = LlamaMLP(config)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, fb)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        hidden = apply_embed_overrides(self.embed_tokens(input_ids), fb.embed_overrides)  # [num_tokens, hidden]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, fb)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     qkv_bias: bool | None = None  # None: the config's attention_bias
     qk_norm = False
-    # (our parameter, checkpoint name, shard id): checkpoint tensors stacked into one parameter
     stacked_params_mapping = [
         ("qkv_proj", "q_proj", "q"),
         ("qkv_proj", "k_proj", "k"),
@@ -117,29 +73,14 @@ class LlamaForCausalLM(nn.Module):
     ]
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.tp = get_tp_group()
         qkv_bias = config.attention_bias if self.qkv_bias is None else self.qkv_bias
-        self.model = LlamaModel(config, qkv_bias, self.qk_norm)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor()
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> LogitsOutput:
-        hidden = self.model(input_ids, positions, fb)
-        return self.logits_processor(hidden, self.lm_head, fb)
+        super().__init__(config, DecoderModel(config, lambda i: PreNormDecoderLayer(
+            config, LlamaAttention(config, i, qkv_bias, self.qk_norm), LlamaMLP(config))))
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """K and V of every layer, this rank's KV heads."""
         attn = self.model.layers[0].self_attn
         return KVCacheSpec.mha(len(self.model.layers), attn.num_kv_heads, attn.head_dim, dtype)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
-        load_named_weights(self, weights, self.stacked_params_mapping, skip)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

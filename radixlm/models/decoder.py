@@ -1,0 +1,94 @@
+"""What every decoder-only model here shares: the pre-norm residual block, the stack of blocks between the token
+embedding and the final norm, and the causal-LM wrapper (vocab-parallel LM head, logits, weight loading).
+
+A model file supplies its attention and MLP modules and its KV layout; parameter names follow the HF checkpoints
+(``model.embed_tokens``, ``model.layers.{i}.self_attn`` / ``.mlp`` / ``.input_layernorm`` /
+``.post_attention_layernorm``, ``model.norm``, ``lm_head``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from radixlm.config import ModelConfig
+from radixlm.core import ForwardBatch
+from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
+from radixlm.layers.layernorm import RMSNorm
+from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
+from radixlm.mem import KVCacheSpec
+from radixlm.models.weights import load_named_weights
+
+
+class PreNormDecoderLayer(nn.Module):
+    """``x + attn(norm(x))``, then ``+ mlp(norm(.))``, with the residual carried into the fused add-norms.
+    ``self_attn(positions, hidden, fb)`` and ``mlp(hidden)`` are the model's own."""
+
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.mlp = mlp
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, fb)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    """Token embedding (prompt positions given as embeddings replace theirs), ``make_layer(i)`` for every layer,
+    final norm: ``[num_tokens]`` ids -> ``[num_tokens, hidden]`` final hidden states."""
+
+    def __init__(self, config: ModelConfig, make_layer: Callable[[int], nn.Module]):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        hidden = apply_embed_overrides(self.embed_tokens(input_ids), fb.embed_overrides)  # [num_tokens, hidden]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, fb)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class CausalLM(nn.Module):
+    """A ``DecoderModel`` under a vocab-parallel LM head (tied to the embedding when the config says so).
+
+    Subclasses set ``stacked_params_mapping`` ((our parameter, checkpoint name, shard id): checkpoint tensors
+    stacked into one parameter) and implement ``kv_cache_spec``.
+    """
+
+    stacked_params_mapping: list[tuple[str, str, str | int]] = []
+
+    def __init__(self, config: ModelConfig, model: DecoderModel):
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> LogitsOutput:
+        return self.logits_processor(self.model(input_ids, positions, fb), self.lm_head, fb)
+
+    def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
+        load_named_weights(self, weights, self.stacked_params_mapping, skip)
