@@ -128,6 +128,7 @@ class Engine:
         top_logprobs_num: int | None = None,
         token_ids_logprob: list[int] | None = None,
         stream: bool = False,
+        return_hidden_states: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (returns a dict) or a batch (returns a list, in order).
 
@@ -139,12 +140,14 @@ class Engine:
         ``return_logprob`` adds SGLang's ``output_token_logprobs`` ([logprob, token_id, None] per output token)
         and, from ``logprob_start_len`` on, ``input_token_logprobs``; ``top_logprobs_num`` adds
         ``*_top_logprobs``, ``token_ids_logprob`` adds ``*_token_ids_logprobs`` to ``meta_info``.
+        ``return_hidden_states`` adds ``hidden_states``: the model's final hidden state (after the last norm) at
+        the position that produced each output token, one list of ``hidden_size`` floats per token.
         """
         ids, params, single = self.prepare(prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
         if stream:
             _check_streamable(params)
-        states = self._start(ids, params, options, loop=None)
+        states = self._start(ids, params, options, loop=None, return_hidden_states=return_hidden_states)
         if stream:
             return self._stream(states[0])
         self._wait(states)
@@ -161,13 +164,14 @@ class Engine:
         top_logprobs_num: int | None = None,
         token_ids_logprob: list[int] | None = None,
         stream: bool = False,
+        return_hidden_states: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """Like ``generate``; with ``stream=True`` returns an async iterator of chunks."""
         ids, params, single = await asyncio.to_thread(self.prepare, prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
         if stream:
             _check_streamable(params)
-        states = await self.submit(ids, params, options)
+        states = await self.submit(ids, params, options, return_hidden_states=return_hidden_states)
         if stream:
             return self.stream_state(states[0])
         results = [await self.wait_state(s) for s in states]
@@ -222,9 +226,9 @@ class Engine:
             raise EngineDeadError("the engine is shut down")
 
     async def submit(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
-                     rids: list[str | None] | None = None) -> list[RequestState]:
+                     rids: list[str | None] | None = None, return_hidden_states: bool = False) -> list[RequestState]:
         """Start prepared requests whose chunks go to the running event loop: ``len(ids) * n`` states."""
-        return self._start(ids, params, options, asyncio.get_running_loop(), rids)
+        return self._start(ids, params, options, asyncio.get_running_loop(), rids, return_hidden_states)
 
     async def stream_state(self, state: RequestState) -> AsyncIterator[dict[str, Any]]:
         """The chunks of one request (deltas), the last with ``finish_reason`` set.  Closing the iterator before
@@ -334,7 +338,8 @@ class Engine:
         return ids, params, single
 
     def _start(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
-               loop: asyncio.AbstractEventLoop | None, rids: list[str | None] | None = None) -> list[RequestState]:
+               loop: asyncio.AbstractEventLoop | None, rids: list[str | None] | None = None,
+               return_hidden_states: bool = False) -> list[RequestState]:
         if options and options.token_ids_logprob:
             bad = [t for t in options.token_ids_logprob if not 0 <= t < self.info.vocab_size]
             if bad:
@@ -350,8 +355,8 @@ class Engine:
         batch: list[GenerateRequest] = []  # sent as one message, so that the scheduler admits it together
         for i, (p_ids, p) in enumerate(zip(ids, params)):
             rid = rids[i] if rids else None
-            copies = [self._new_state(p_ids, p, options, c, loop, rid if p.n == 1 else rid and f"{rid}-{c}")
-                      for c in range(p.n)]
+            copies = [self._new_state(p_ids, p, options, c, loop, rid if p.n == 1 else rid and f"{rid}-{c}",
+                                      return_hidden_states) for c in range(p.n)]
             states += [state for state, _ in copies]
             if p.n > 1 and not self.server_args.disable_radix_cache:
                 # Prefill the prompt once; the copies are sent when its KV is in the radix cache.
@@ -365,7 +370,8 @@ class Engine:
         return states
 
     def _new_state(self, ids: list[int], p: SamplingParams, options: LogprobOptions | None, copy: int,
-                   loop: asyncio.AbstractEventLoop | None, rid: str | None) -> tuple[RequestState, GenerateRequest]:
+                   loop: asyncio.AbstractEventLoop | None, rid: str | None,
+                   return_hidden_states: bool = False) -> tuple[RequestState, GenerateRequest]:
         """Register a request; returns its state and the message that starts it."""
         decoder = RequestDecoder(self.tokenizer, p.stop, p.skip_special_tokens, p.spaces_between_special_tokens,
                                  p.no_stop_trim, prompt_ids=ids)
@@ -373,11 +379,12 @@ class Engine:
             if rid is not None and rid in self._states:
                 raise InvalidRequestError(f"rid {rid!r} is already in use by a running request", "rid")
             rid = rid or uuid.uuid4().hex
-            state = RequestState(rid, decoder, len(ids), time.time(), loop, logprobs={} if options else None)
+            state = RequestState(rid, decoder, len(ids), time.time(), loop, logprobs={} if options else None,
+                                 hidden_states=[] if return_hidden_states else None)
             self._states[rid] = state
         seed = p.seed + copy if p.seed is not None else self._rng.getrandbits(63)
         single = SamplingParams(**{**vars(p), "n": 1})
-        return state, GenerateRequest(rid, ids, single, seed, options)
+        return state, GenerateRequest(rid, ids, single, seed, options, return_hidden_states)
 
     def _parse_params(self, raw: dict[str, Any] | SamplingParams) -> SamplingParams:
         if not isinstance(raw, (dict, SamplingParams)):
@@ -485,6 +492,8 @@ class Engine:
         state.output_ids.extend(out.new_ids)
         state.cached_tokens = out.cached_tokens
         logprob_delta = state.add_logprobs(out.logprobs) if out.logprobs and state.logprobs is not None else None
+        if out.hidden_states and state.hidden_states is not None:
+            state.hidden_states.extend(out.hidden_states)
         if matched is not None:
             state.finished_reason = {"type": "stop", "matched": matched}
             self.abort(out.rid)

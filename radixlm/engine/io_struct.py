@@ -17,6 +17,7 @@ class GenerateRequest:
     sampling_params: SamplingParams  # normalized and verified
     seed: int
     logprob_options: LogprobOptions | None = None  # None: no logprobs
+    return_hidden_states: bool = False  # send the final hidden state behind every output token
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TokenOutput:
     completion_tokens: int
     cached_tokens: int
     logprobs: dict[str, list] | None = None  # new entries since the last message (RequestLogprobs.drain)
+    hidden_states: list[list[float]] | None = None  # one [hidden] row per new output token, when asked for
     # On the first message only: seconds from arrival at the scheduler to admission, and of grammar compilation
     queue_time: float | None = None
     grammar_time: float | None = None

@@ -33,6 +33,7 @@ class RequestState:
     finished_reason: dict[str, Any] | None = None
     cached_tokens: int = 0
     logprobs: dict[str, list] | None = None  # accumulated SGLang-style logprob fields, when asked for
+    hidden_states: list[list[float]] | None = None  # final hidden state behind each output token, when asked for
     error: str | None = None  # the engine died before the request finished
     chunks: "queue.Queue[dict[str, Any]]" = field(default_factory=queue.Queue)
     aqueue: "asyncio.Queue[dict[str, Any]] | None" = None
@@ -53,6 +54,8 @@ class RequestState:
                 "cached_tokens": self.cached_tokens, "finish_reason": self.finished_reason,
                 "e2e_latency": time.time() - self.created}
         meta.update(logprobs if logprobs is not None else self.logprobs or {})
+        if self.hidden_states is not None:
+            meta["hidden_states"] = self.hidden_states
         return meta
 
     def add_logprobs(self, new: dict[str, list]) -> dict[str, list]:

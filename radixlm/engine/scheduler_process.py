@@ -117,7 +117,7 @@ class SchedulerLoop:
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, GenerateRequest):
             req = Req(rid=msg.rid, origin_input_ids=msg.input_ids, sampling_params=msg.sampling_params,
-                      seed=msg.seed)
+                      seed=msg.seed, return_hidden_states=msg.return_hidden_states)
             if msg.logprob_options is not None:
                 req.logprobs = RequestLogprobs(msg.logprob_options)
                 req.logprobs.input_done = msg.logprob_options.input_start(len(msg.input_ids)) is None
@@ -154,7 +154,9 @@ class SchedulerLoop:
                                                len(req.origin_input_ids), len(req.output_ids), req.cached_tokens,
                                                req.logprobs.drain() if req.logprobs is not None else None,
                                                req.queue_time if first else None,
-                                               req.grammar_time if first else None))
+                                               req.grammar_time if first else None,
+                                               [h.tolist() for h in req.hidden_states[sent:]]
+                                               if req.return_hidden_states else None))
                 self.sent[rid] = len(req.output_ids)
             if req.finished:
                 del self.reqs[rid], self.sent[rid]

@@ -126,6 +126,7 @@ class GenerateRequestBody(_Body):
     logprob_start_len: int | None = None
     top_logprobs_num: int | None = Field(None, ge=0)
     token_ids_logprob: list[int] | None = None
+    return_hidden_states: bool = False
     rid: str | list[str] | None = None
 
 

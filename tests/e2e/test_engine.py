@@ -30,6 +30,26 @@ def test_single_prompt_matches_static_batch(engine, embedded_worker):
     assert meta["finish_reason"]["type"] in ("stop", "length") and meta["e2e_latency"] > 0
 
 
+def test_hidden_states_on_request(engine, embedded_hf_model):
+    """``return_hidden_states``: one final hidden state per output token, HF's at the position that produced it
+    (prefill and decode steps alike); requests that did not ask get none."""
+    import torch
+
+    prompt = "The capital of France is"
+    outs = engine.generate([prompt, prompt], [{"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}] * 2,
+                           return_hidden_states=True)
+    plain = engine.generate(prompt, {"max_new_tokens": 2, "temperature": 0})
+    assert "hidden_states" not in plain["meta_info"]
+    ids = engine.tokenizer(prompt).input_ids
+    for out in outs:
+        hidden = torch.tensor(out["meta_info"]["hidden_states"])  # [5, hidden]
+        assert hidden.shape == (5, embedded_hf_model.config.hidden_size)
+        seq = ids + out["output_ids"][:-1]
+        with torch.no_grad():
+            ref = embedded_hf_model(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
+        assert (hidden - ref[len(ids) - 1 :]).abs().max() < 1e-3
+
+
 def test_batch_with_per_prompt_params_and_cached_tokens(engine):
     system = "You are a concise assistant. Reply in one short sentence. "
     prompts = [system + "What is water?", system + "What is fire?"]

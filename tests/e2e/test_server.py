@@ -163,6 +163,15 @@ def test_generate_logprobs_and_rid(server):
     assert meta["input_token_logprobs"][0][0] is None
 
 
+def test_generate_returns_hidden_states_on_request(server):
+    status, out = server.request("POST", "/generate", {
+        "input_ids": [1, 504, 3575, 282, 4649, 314], "return_hidden_states": True,
+        "sampling_params": {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}})
+    assert status == 200, out
+    hidden = out["meta_info"]["hidden_states"]
+    assert len(hidden) == 3 and all(len(h) == 576 for h in hidden)  # SmolLM2-135M's hidden size
+
+
 def test_batch_of_shared_prefix_prompts_completes(server):
     prefix = list(range(1000, 1064))
     prompts = [prefix + [2000 + i, 3000 + i] for i in range(120)]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from radixlm.config import ServerArgs
+from radixlm.core import Batch
 from radixlm.distributed import destroy_tensor_parallel, free_local_addr
 from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.executor.static_batch import extend_batch, generate_static, release
@@ -20,7 +20,8 @@ PROMPTS = [[5, 17, 99, 3, 250, 7, 7, 8], [400, 2, 33], list(range(100, 140))]
 
 
 def run_rank(rank: int, tp_size: int, addr: str | None, model_path: str, load_format: str):
-    """Prompt logits of one batched extend, and greedy continuations."""
+    """Prompt logits of one batched extend, and greedy continuations, with an IDLE step between them (every
+    rank runs its layers' collectives on no tokens, and the ranks stay in step)."""
     torch.set_num_threads(1)
     args = ServerArgs(model_path=model_path, load_format=load_format, tp_size=tp_size, device="cpu",
                       dist_init_addr=addr, max_total_tokens=2048, random_seed=0, dtype="float32")
@@ -31,6 +32,7 @@ def run_rank(rank: int, tp_size: int, addr: str | None, model_path: str, load_fo
         batch.input_logprob_start = [1] * len(PROMPTS)  # logits at every prompt token
         logits = worker.launch(batch).logits.input_token_logits.clone()
         release(worker, rows, [len(p) for p in PROMPTS])
+        assert worker.run(Batch.idle()).next_token_ids == []
         tokens = generate_static(worker, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
         return logits, tokens
     finally:
