@@ -38,3 +38,18 @@ def test_cpu_kernels_do_not_import_models() -> None:
     """Neither importing the C kernels nor building and loading them (their cache dir included) imports models."""
     loaded = modules_loaded_by("import radixlm.kernels.cpu as cpu\ncpu.available()")
     assert under(loaded, ["radixlm.models"]) == []
+
+
+@pytest.mark.parametrize("code, higher", [
+    # model-free: the scheduler loads no model code at all, only the contract in core
+    ("import radixlm.scheduler", ["radixlm.executor", "radixlm.models", "radixlm.layers", "radixlm.attention",
+                                  "radixlm.kernels", "radixlm.engine", "radixlm.server"]),
+    ("import radixlm.executor", ["radixlm.scheduler", "radixlm.engine", "radixlm.server"]),
+    ("import radixlm.core, radixlm.mem, radixlm.cache, radixlm.sampling",
+     ["radixlm.models", "radixlm.attention", "radixlm.executor", "radixlm.scheduler", "radixlm.engine"]),
+])
+def test_core_layers_import_no_higher_layer(code: str, higher: list[str]) -> None:
+    """The scheduler speaks to the executor through core's Batch and reports through its own stats, never
+    through the engine's messages; the executor never reaches the scheduler; the shared vocabulary and the
+    memory, cache and sampling packages sit below the model code."""
+    assert under(modules_loaded_by(code), higher) == []
