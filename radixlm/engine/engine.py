@@ -455,7 +455,11 @@ class Engine:
             if msg.stats is not None and self.metrics is not None:
                 self.metrics.on_stats(msg.stats)
             for out in msg.outputs:
-                self._apply(out)
+                try:
+                    self._apply(out)
+                except Exception:  # a bug here must fail its request, not leave every request hanging
+                    logger.exception("internal error delivering the output of request %s", out.rid)
+                    self._fail_request(out.rid, "internal error while delivering the request's output")
 
     def _watch_processes(self) -> None:
         """If a scheduler process died, fail every waiting request instead of leaving it hanging."""
@@ -468,6 +472,14 @@ class Engine:
                             " restart the server")
         logger.error(self.dead_reason)
         self._fail_pending(self.dead_reason)
+
+    def _fail_request(self, rid: str, reason: str) -> None:
+        """Fail one request and tell the scheduler to drop it (its KV is freed at once)."""
+        with self._lock:
+            state = self._states.pop(rid, None)
+        if state is not None:
+            state.fail(reason)
+            self.abort(rid)
 
     def _fail_pending(self, reason: str) -> None:
         """Answer everything still waiting: requests fail with ``reason``, control questions with ok=False."""

@@ -54,10 +54,10 @@ class TokenOutput:
     completion_tokens: int
     cached_tokens: int
     logprobs: dict[str, list] | None = None  # new entries since the last message (RequestLogprobs.drain)
-    hidden_states: list[list[float]] | None = None  # one [hidden] row per new output token, when asked for
     # On the first message only: seconds from arrival at the scheduler to admission, and of grammar compilation
     queue_time: float | None = None
     grammar_time: float | None = None
+    hidden_states: list[list[float]] | None = None  # one [hidden] row per new output token, when asked for
 
 
 @dataclass

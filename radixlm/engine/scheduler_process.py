@@ -153,9 +153,9 @@ class SchedulerLoop:
                 out.outputs.append(TokenOutput(rid, req.output_ids[sent:], req.finished_reason,
                                                len(req.origin_input_ids), len(req.output_ids), req.cached_tokens,
                                                req.logprobs.drain() if req.logprobs is not None else None,
-                                               req.queue_time if first else None,
-                                               req.grammar_time if first else None,
-                                               [h.tolist() for h in req.hidden_states[sent:]]
+                                               queue_time=req.queue_time if first else None,
+                                               grammar_time=req.grammar_time if first else None,
+                                               hidden_states=[h.tolist() for h in req.hidden_states[sent:]]
                                                if req.return_hidden_states else None))
                 self.sent[rid] = len(req.output_ids)
             if req.finished:

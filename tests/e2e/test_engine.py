@@ -50,6 +50,27 @@ def test_hidden_states_on_request(engine, embedded_hf_model):
         assert (hidden - ref[len(ids) - 1 :]).abs().max() < 1e-3
 
 
+def test_an_internal_error_fails_its_request_not_the_engine(engine, monkeypatch):
+    """A bug while delivering one request's output fails that request (with a message) and frees its KV; the
+    engine keeps serving."""
+    from radixlm.engine.request_state import EngineDeadError
+
+    deliver = engine._apply
+    broken = {"on": True}
+
+    def failing(out):
+        if broken["on"]:
+            raise RuntimeError("a bug")
+        deliver(out)
+
+    monkeypatch.setattr(engine, "_apply", failing)
+    with pytest.raises(EngineDeadError, match="internal error"):
+        engine.generate("The capital of France is", {"max_new_tokens": 4, "temperature": 0})
+    broken["on"] = False
+    out = engine.generate("The capital of France is", {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
+    assert out["meta_info"]["completion_tokens"] == 4
+
+
 def test_batch_with_per_prompt_params_and_cached_tokens(engine):
     system = "You are a concise assistant. Reply in one short sentence. "
     prompts = [system + "What is water?", system + "What is fire?"]
