@@ -112,12 +112,6 @@ class ModelConfig:
             hf_config=hf_config,
         )
 
-    def kv_cell_bytes(self, tp_size: int, kv_dtype: torch.dtype | None = None) -> int:
-        """Bytes of K and V for one token over all layers on one TP rank."""
-        kv_heads = max(1, self.num_key_value_heads // tp_size)
-        elem = torch.empty((), dtype=kv_dtype or self.dtype).element_size()
-        return 2 * self.num_hidden_layers * kv_heads * self.head_dim * elem
-
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.dtype:
     """``--dtype`` as a torch dtype.  ``auto`` starts from the checkpoint's dtype (config.json's ``torch_dtype``,

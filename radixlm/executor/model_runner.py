@@ -25,6 +25,10 @@ DEFAULT_CUDA_GRAPH_MAX_BS = 256
 
 
 class ModelRunner:
+    """One tensor-parallel rank's model, its KV pool (in the layout of the model's ``kv_spec``) with the
+    ``memory`` bookkeeping sized from it, the attention backend and the CUDA graphs.  ``forward`` runs a
+    ``ForwardBatch``; ``ModelWorker`` turns the scheduler's ``Batch``es into them."""
+
     def __init__(self, server_args: ServerArgs, model_config: ModelConfig, tp_rank: int = 0):
         self.server_args = server_args
         self.model_config = model_config
@@ -129,17 +133,3 @@ class ModelRunner:
 
     def memory_used_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-
-    def copy_to_host(self, x: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
-        """Start copying ``x`` to the host without waiting for the GPU.  Returns the host tensor (pinned; valid once
-        the event has fired) and the event, recorded on the current stream after the copy; on CPU, ``x`` itself
-        and None."""
-        if self.device.type != "cuda":
-            return x, None
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        host.copy_(x, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return host, ready
-
-

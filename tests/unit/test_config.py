@@ -426,14 +426,6 @@ def test_sliding_window(tmp_path: Path) -> None:
     assert on.sliding_window == 64 and off.sliding_window is None
 
 
-def test_kv_cell_bytes(tmp_path: Path) -> None:
-    """K+V bytes per token = 2 * layers * (kv_heads / tp, at least 1) * head_dim * element size."""
-    cfg = ModelConfig.from_hf(write_model_dir(tmp_path, base_config()))
-    assert cfg.kv_cell_bytes(1) == 2 * 2 * 2 * 16 * 4
-    assert cfg.kv_cell_bytes(2) == 2 * 2 * 1 * 16 * 4
-    assert cfg.kv_cell_bytes(4) == 2 * 2 * 1 * 16 * 4  # KV heads replicated, one per rank
-    assert cfg.kv_cell_bytes(1, torch.bfloat16) == 2 * 2 * 2 * 16 * 2
-
 
 def test_cpu_attention_backend_needs_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the C kernels turned off, auto falls back to torch_native on CPU and an explicit ``cpu`` is refused."""
