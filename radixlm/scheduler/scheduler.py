@@ -135,11 +135,13 @@ class Scheduler:
         launched = self.worker.launch(planned.batch)
         updated = failed + self._finish_inflight()  # read the previous step while this one's forward runs
         pending = self.worker.sample(launched, self.grammars.bitmask(planned.reqs))
-        if self.overlap and planned.batch.mode.is_decode and not all(r.finished for r in planned.reqs):
+        if all(r.finished for r in planned.reqs):
+            # Nothing will read this step: the GPU writes its KV into freed slots before any later batch can
+            # reuse them (one stream, in order).
+            return updated
+        if self.overlap and planned.batch.mode.is_decode:
             self.inflight = _InFlight(planned, pending)
             return updated
-        # (A step whose requests all finished is not read: the GPU writes its KV into freed slots before any
-        # later batch can reuse them, one stream, in order.)
         return updated + self._process(planned, pending.result())
 
     def _plan(self) -> PlannedStep | None:
