@@ -62,6 +62,8 @@ class ServerArgs:
     disable_radix_cache: bool = _arg(False, "turn off prefix caching")
     grammar_backend: str = _arg("xgrammar", "structured output (json_schema, regex, ebnf) implementation",
                                 ("xgrammar", "none"))
+    grammar_compile_timeout: float = _arg(30.0, "seconds a request's grammar may take to compile; beyond, the "
+                                                "request fails with a 400 and the compilation is abandoned")
 
     # GPU execution
     cuda_graph_max_bs: int | None = _arg(None, "largest decode batch replayed from a CUDA graph (default: 256, "
@@ -99,6 +101,8 @@ class ServerArgs:
             problems.append(f"--max-prefill-tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             problems.append(f"--chunked-prefill-size must be positive or -1, got {self.chunked_prefill_size}")
+        if not self.grammar_compile_timeout > 0:
+            problems.append(f"--grammar-compile-timeout must be > 0, got {self.grammar_compile_timeout}")
         if self.schedule_conservativeness <= 0:
             problems.append(f"--schedule-conservativeness must be > 0, got {self.schedule_conservativeness}")
         if not 0 < self.port < 65536:

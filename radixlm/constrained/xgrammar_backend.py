@@ -4,8 +4,12 @@ Three stages, each where it costs least:
 
 - ``check_grammar`` parses a request's grammar without the tokenizer (microseconds to milliseconds), in the front
   end, so a bad schema, regex or grammar is a 400 naming the problem before anything reaches the scheduler.
-- ``GrammarBackend.compile`` compiles it against the model's vocabulary on worker threads, so the scheduler loop
-  never waits on a compilation; compiled grammars are kept in a bounded LRU cache keyed by (kind, text).
+- ``GrammarBackend.compile`` compiles it against the model's vocabulary on worker threads (a ``DeadlinePool``), so
+  the scheduler loop never waits on a compilation; compiled grammars are kept in a bounded LRU cache keyed by
+  (kind, text).  A grammar not compiled within ``--grammar-compile-timeout`` seconds fails its requests with a 400
+  ("grammar compilation exceeded N s"); its compilation cannot be stopped and is abandoned to finish on its own
+  thread (see ``compile_pool``), and while it runs, requests with the same grammar fail at once instead of starting
+  another.
 - Each request gets its own ``xgrammar.GrammarMatcher``; the scheduler turns the matchers of a batch into one
   ``TokenBitmask`` (``fill_token_bitmask``), the executor applies it to the logits rows of just the constrained
   requests before sampling (``apply_token_bitmask``: a Triton kernel on GPU, torch on CPU), and
@@ -18,12 +22,13 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from radixlm.constrained.compile_pool import DeadlinePool
 from radixlm.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -41,6 +46,8 @@ _XGRAMMAR_CALLS = {
 GRAMMAR_KINDS = tuple(_XGRAMMAR_CALLS)
 # "[17:23:27] /project/cpp/regex_converter.cc:83: " in front of xgrammar's messages says nothing to a user.
 _LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+# Compilations past the timeout still burning a core each, at most; see compile_pool.DeadlinePool.
+MAX_ABANDONED_COMPILATIONS = 4
 
 
 @dataclass(frozen=True)
@@ -79,30 +86,65 @@ def check_grammar(spec: GrammarSpec) -> None:
 
 class GrammarBackend:
     """Compiles grammars for one tokenizer on worker threads; ``compile`` returns a future of the compiled
-    grammar (shared by every request with the same spec while it stays in the cache)."""
+    grammar (shared by every request with the same spec while it stays in the cache), answered within
+    ``compile_timeout`` seconds as long as the owner calls ``expire`` regularly."""
 
     def __init__(self, tokenizer_path: str, vocab_size: int, stop_token_ids: tuple[int, ...], num_workers: int = 2,
-                 cache_size: int = 512) -> None:
+                 cache_size: int = 512, compile_timeout: float = 30.0,
+                 max_abandoned: int = MAX_ABANDONED_COMPILATIONS) -> None:
         self._tokenizer_path = tokenizer_path
         self._vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
-        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="grammar")
+        self._pool = DeadlinePool(num_workers, compile_timeout, max_abandoned, self._timeout_error, self._finished_late,
+                                  name="grammar")
         self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()
         self._cache_size = cache_size
+        # Timed out and still compiling: their requests fail at once.  Own lock, taken innermost (the pool's
+        # timeout callback adds to it under the pool's lock).
+        self._overdue: set[GrammarSpec] = set()
+        self._overdue_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._compiler_lock = threading.Lock()
         self._compiler: Any = None  # built on first use, on a worker thread (loads the tokenizer)
 
     def compile(self, spec: GrammarSpec) -> Future:
         with self._lock:
             future = self._cache.get(spec)
-            if future is not None and not (future.done() and future.exception() is not None):
+            with self._overdue_lock:
+                overdue = spec in self._overdue
+            if future is not None and (overdue or not (future.done() and future.exception() is not None)):
                 self._cache.move_to_end(spec)
                 return future
-            future = self._pool.submit(self._compile, spec)
+            future = self._pool.submit(spec, lambda: self._compile(spec))
             self._cache[spec] = future
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
             return future
+
+    def expire(self) -> None:
+        """Fail the compilations past their deadline (call regularly: the scheduler does, every step)."""
+        self._pool.expire()
+
+    def next_deadline(self) -> float | None:
+        """When (``time.monotonic()``) the next compilation times out, if one is pending."""
+        return self._pool.next_deadline()
+
+    def _timeout_error(self, spec: GrammarSpec, started: bool) -> Exception:
+        if started:
+            with self._overdue_lock:
+                self._overdue.add(spec)
+        return InvalidRequestError(f"grammar compilation exceeded {self._pool.timeout:g} s "
+                                   f"(--grammar-compile-timeout): simplify the {spec.kind}", spec.kind)
+
+    def _finished_late(self, spec: GrammarSpec, compiled: Any, error: BaseException | None) -> None:
+        """A timed-out compilation returned after all: the next request with its grammar uses the result."""
+        with self._lock:
+            with self._overdue_lock:
+                self._overdue.discard(spec)
+            if error is None and spec in self._cache:
+                done: Future = Future()
+                done.set_result(compiled)
+                self._cache[spec] = done
 
     def _compile(self, spec: GrammarSpec) -> Any:
         _, compile_method, options = _XGRAMMAR_CALLS[spec.kind]
@@ -112,7 +154,7 @@ class GrammarBackend:
             raise InvalidRequestError(f"invalid {spec.kind}: {_message(e)}", spec.kind) from e
 
     def _get_compiler(self) -> Any:
-        with self._lock:
+        with self._compiler_lock:
             if self._compiler is None:
                 import xgrammar as xgr
                 from transformers import AutoTokenizer

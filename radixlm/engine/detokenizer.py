@@ -1,8 +1,8 @@
 """Streaming detokenization and stop-string matching for one request.
 
 ``IncrementalDetokenizer`` turns output token ids into text as they arrive, never emitting half a UTF-8 character;
-``StopStringMatcher`` finds stop strings in that text even when they straddle deltas; ``RequestDecoder`` chains the
-two the way the engine uses them.
+``StopStringMatcher`` finds stop strings in that text even when they straddle deltas; ``StopRegexMatcher`` finds
+``stop_regex`` matches in a bounded tail window of it; ``RequestDecoder`` chains them the way the engine uses them.
 
 Detokenization keeps a small *window* of the most recent ids and decodes only that window on each step (the offset
 technique of SGLang/vLLM): the window text's first ``_emitted`` characters have already been emitted (or belong to
@@ -15,6 +15,8 @@ it grows past ``_MAX_WINDOW`` ids, which keeps every step O(window + new ids) ho
 from __future__ import annotations
 
 from typing import Any
+
+from radixlm.sampling.stop_regex import compile_stop_regex
 
 _REPLACEMENT = "\ufffd"
 # Trim the window once it holds more than this many ids ...
@@ -223,13 +225,61 @@ class StopStringMatcher:
         return None
 
 
-class RequestDecoder:
-    """Detokenizer plus stop-string matcher for one request: what the engine streams to the client.
+# Characters kept in front of a stop_regex search window, for lookbehinds and \b at its start.
+_REGEX_LEFT_CONTEXT = 64
 
-    ``step`` returns (delta text, matched stop string or None); once a stop string matched, the caller finishes the
-    request with ``{"type": "stop", "matched": ...}`` and later ``step`` calls return ``("", None)`` without
-    decoding.  ``finish`` returns the final delta when the request ends for another reason; a stop string can still
-    be resolved there (see ``StopStringMatcher.flush``), in which case ``matched`` tells.
+
+class StopRegexMatcher:
+    """Finds the first ``stop_regex`` match in a stream of text deltas (SGLang's semantics).
+
+    Each ``feed`` searches only where a match could end in the new text: from ``max_width - 1`` characters before
+    it (``StopRegex.max_width``), over a buffer that keeps that much text plus ``_REGEX_LEFT_CONTEXT`` characters
+    for lookbehinds, so a step costs O(window + new text) however long the output is.  ``^`` matches only at the
+    very start of the output, ``$`` at the end of the text seen so far.
+
+    The matched text stays in the output (as in SGLang, whatever ``no_stop_trim`` says): the text is cut right after
+    the match, so no text needs to be held back while streaming.  Among the patterns, the one whose match ends
+    first wins (earlier pattern on ties); within one pattern, ``re.search``'s leftmost match is taken.
+    """
+
+    def __init__(self, patterns: list[str]) -> None:
+        self._regexes = [compile_stop_regex(p) for p in patterns]
+        self._keep = max((r.max_width for r in self._regexes), default=1) - 1 + _REGEX_LEFT_CONTEXT
+        self._buffer = ""
+        self._trimmed = False  # text before the buffer exists (then a search never starts at buffer index 0)
+        self.matched: str | None = None
+
+    def feed(self, new_text: str) -> tuple[str, str | None]:
+        """(``new_text``, None), or, when a match ends in it, (its part up to the match end, the pattern)."""
+        if not self._regexes or not new_text or self.matched is not None:
+            return new_text, None
+        old = len(self._buffer)
+        buffer = self._buffer + new_text
+        best_end, best = None, None
+        for regex in self._regexes:
+            start = max(old - (regex.max_width - 1), 1 if self._trimmed else 0)
+            match = regex.compiled.search(buffer, start)
+            # A match ending in the old text needed the new one to be confirmed (a lookahead, `$`): it ends now.
+            if match is not None and (best_end is None or max(match.end(), old) < best_end):
+                best_end, best = max(match.end(), old), regex.pattern
+        if best is not None:
+            self.matched = best
+            return new_text[: best_end - old], best
+        self._trimmed = self._trimmed or len(buffer) > self._keep
+        self._buffer = buffer[-self._keep:]
+        return new_text, None
+
+
+class RequestDecoder:
+    """Detokenizer plus stop-string and stop-regex matchers for one request: what the engine streams to the client.
+
+    ``step`` returns (delta text, matched stop string / stop_regex pattern, or None); once one matched, the caller
+    finishes the request with ``{"type": "stop", "matched": ...}`` and later ``step`` calls return ``("", None)``
+    without decoding.  ``finish`` returns the final delta when the request ends for another reason; a stop string
+    can still be resolved there (see ``StopStringMatcher.flush``), in which case ``matched`` tells.
+
+    Both matchers read the same detokenized text.  When a stop_regex matches, the text is cut after the match and
+    a stop string completed within that text wins (it completed no later); otherwise the regex ends the output.
     """
 
     def __init__(
@@ -240,12 +290,14 @@ class RequestDecoder:
         spaces_between_special_tokens: bool = True,
         no_stop_trim: bool = False,
         prompt_ids: list[int] | None = None,
+        stop_regex: list[str] | None = None,
     ) -> None:
         # Without a tokenizer (--skip-tokenizer-init) there is no text: every delta is empty.
         self._detokenizer = None if tokenizer is None else IncrementalDetokenizer(
             tokenizer, prompt_ids, skip_special_tokens, spaces_between_special_tokens
         )
         self._matcher = StopStringMatcher(stop or [], no_stop_trim)
+        self._regex = StopRegexMatcher(stop_regex or [])
         self._pieces: list[str] = []
 
     @property
@@ -257,22 +309,28 @@ class RequestDecoder:
 
     @property
     def matched(self) -> str | None:
-        """The stop string that ended the output, if any."""
-        return self._matcher.matched
+        """The stop string or stop_regex pattern that ended the output, if any."""
+        return self._matcher.matched or self._regex.matched
 
     def step(self, new_ids: list[int]) -> tuple[str, str | None]:
-        """Consume newly generated ids; return (text to stream now, stop string matched by this step or None)."""
-        if self._matcher.matched is not None or self._detokenizer is None:
+        """Consume newly generated ids; return (text to stream now, what matched in this step or None)."""
+        if self.matched is not None or self._detokenizer is None:
             return "", None
-        delta, matched = self._matcher.feed(self._detokenizer.add_tokens(new_ids))
-        return self._record(delta), matched
+        return self._consume(self._detokenizer.add_tokens(new_ids), final=False)
 
     def finish(self) -> str:
-        """The last delta of a request that ended without (or before noticing) a stop string."""
-        if self._matcher.matched is not None or self._detokenizer is None:
+        """The last delta of a request that ended without (or before noticing) a stop string or regex."""
+        if self.matched is not None or self._detokenizer is None:
             return ""
-        text, _ = self._matcher.feed(self._detokenizer.flush())
-        return self._record(text + self._matcher.flush())
+        return self._consume(self._detokenizer.flush(), final=True)[0]
+
+    def _consume(self, text: str, final: bool) -> tuple[str, str | None]:
+        text, pattern = self._regex.feed(text)
+        delta, matched = self._matcher.feed(text)
+        if matched is None and (pattern is not None or final):
+            delta += self._matcher.flush()  # the text ends here: a stop string waiting on a longer one is final
+            matched = self._matcher.matched or pattern
+        return self._record(delta), matched
 
     def _record(self, delta: str) -> str:
         if delta:

@@ -36,7 +36,8 @@ from radixlm.engine.io_struct import (
     SchedulerInfo,
     TokenOutput,
 )
-from radixlm.engine.request_state import EngineDeadError, RequestState
+from radixlm.engine.prompt_limits import check_context, check_prompt_chars, max_prompt_chars
+from radixlm.engine.request_state import EngineDeadError, RequestState, raise_if_rejected
 from radixlm.engine.scheduler_process import run_scheduler_process
 from radixlm.errors import InvalidRequestError
 from radixlm.metrics import MetricsCollector
@@ -100,6 +101,9 @@ class Engine:
         atexit.register(self.shutdown)
         infos = [self._wait_ready(rank, pipes[rank], stderrs[rank]) for rank in range(len(self._procs))]
         self.info: SchedulerInfo = infos[0]
+        # Text prompts longer than this are refused before tokenizing (engine/prompt_limits.py).
+        self.max_prompt_chars = (None if self.tokenizer is None
+                                 else max_prompt_chars(self.tokenizer, self.info.context_length))
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="radixlm-receiver")
         self._receiver.start()
 
@@ -286,19 +290,27 @@ class Engine:
                                       "read output_ids")
         return self.tokenizer
 
-    def prepare(self, prompt, sampling_params, input_ids) -> tuple[list[list[int]], list[SamplingParams], bool]:
+    def prepare(self, prompt, sampling_params, input_ids, defaults: dict[str, Any] | None = None
+                ) -> tuple[list[list[int]], list[SamplingParams], bool]:
         """Tokenize and validate (raises InvalidRequestError, ``param`` in this method's words): (token ids per
         prompt, parsed params per prompt, whether a single prompt was given).  Slow for huge prompts, so asyncio
-        callers run it in a thread."""
+        callers run it in a thread; a text prompt too long to fit the context is refused before it is tokenized.
+
+        ``defaults``: sampling params that apply where a request sets none (e.g. OpenAI completions' 16 tokens).
+        A ``max_new_tokens`` the request set itself must fit next to the prompt (else a 400); a default one is
+        lowered to what fits (``prompt_limits.check_context``)."""
         if (prompt is None) == (input_ids is None):
             raise InvalidRequestError("pass exactly one of prompt and input_ids")
         source = "prompt" if prompt is not None else "input_ids"
+        limit = self.info.context_length
         if prompt is not None:
             single = isinstance(prompt, str)
             prompts = [prompt] if single else list(prompt)
             if not all(isinstance(p, str) for p in prompts):
                 raise InvalidRequestError("prompt must be a string or a list of strings", "prompt")
             tokenizer = self.require_tokenizer()
+            for p in prompts:
+                check_prompt_chars(len(p), self.max_prompt_chars, limit, "prompt")
             ids = [tokenizer(p).input_ids for p in prompts]
         else:
             single = not input_ids or isinstance(input_ids[0], int)
@@ -312,30 +324,32 @@ class Engine:
             raw = sampling_params
         else:
             raw = [sampling_params or {}] * n
+        # A SamplingParams object always carries a max_new_tokens: taken as set by the caller.
+        explicit = [not isinstance(r, dict) or r.get("max_new_tokens") is not None for r in raw]
+        if defaults:
+            raw = [{**r, **{k: v for k, v in defaults.items() if r.get(k) is None}} if isinstance(r, dict) else r
+                   for r in raw]
         params = [self._parse_params(p) for p in raw]
         vocab = self.info.vocab_size
 
         def is_token(t: Any) -> bool:
             return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
 
-        for p_ids, p in zip(ids, params):
+        for p_ids, p, given in zip(ids, params, explicit):
             if not p_ids:
                 raise InvalidRequestError("the prompt is empty", source)
             bad = next((t for t in p_ids if not is_token(t)), None)
             if bad is not None:
                 raise InvalidRequestError(f"input_ids must be token ids in [0, {vocab}), got {bad!r}", "input_ids")
-            limit = self.info.context_length
-            if len(p_ids) >= limit:
-                raise InvalidRequestError(f"the prompt has {len(p_ids)} tokens; the context length is {limit}",
-                                          source)
+            p.max_new_tokens = check_context(len(p_ids), p.max_new_tokens, given, limit, source)
             if len(p_ids) + 1 > self.info.max_total_num_tokens:
                 raise InvalidRequestError(f"the prompt has {len(p_ids)} tokens; the KV cache holds "
                                           f"{self.info.max_total_num_tokens}", source)
-            if p.max_new_tokens is not None and len(p_ids) + p.max_new_tokens > limit:
-                raise InvalidRequestError(f"the prompt ({len(p_ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) "
-                                          f"exceeds the context length ({limit}); ask for at most "
-                                          f"{limit - len(p_ids)} new tokens", "max_new_tokens")
         return ids, params, single
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        """InvalidRequestError when a text of ``chars`` characters cannot fit the context (before tokenizing)."""
+        check_prompt_chars(chars, self.max_prompt_chars, self.info.context_length, param)
 
     def _start(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
                loop: asyncio.AbstractEventLoop | None, rids: list[str | None] | None = None,
@@ -374,7 +388,7 @@ class Engine:
                    return_hidden_states: bool = False) -> tuple[RequestState, GenerateRequest]:
         """Register a request; returns its state and the message that starts it."""
         decoder = RequestDecoder(self.tokenizer, p.stop, p.skip_special_tokens, p.spaces_between_special_tokens,
-                                 p.no_stop_trim, prompt_ids=ids)
+                                 p.no_stop_trim, prompt_ids=ids, stop_regex=p.stop_regex)
         with self._lock:
             if rid is not None and rid in self._states:
                 raise InvalidRequestError(f"rid {rid!r} is already in use by a running request", "rid")
@@ -394,9 +408,10 @@ class Engine:
         p = SamplingParams(**vars(p))
         p.verify(len(self.tokenizer) if self.tokenizer is not None else self.info.vocab_size)  # types first
         p.normalize()
-        if p.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this engine runs with --skip-tokenizer-init",
-                                      "stop")
+        for name in ("stop", "stop_regex"):
+            if getattr(p, name) and self.tokenizer is None:
+                raise InvalidRequestError(f"{name} needs a tokenizer; this engine runs with --skip-tokenizer-init",
+                                          name)
         spec = GrammarSpec.of(p)
         if spec is not None:
             if self.server_args.grammar_backend == "none":
@@ -431,6 +446,7 @@ class Engine:
             chunk = state.chunks.get()
             if "error" in chunk:
                 raise EngineDeadError(chunk["error"])
+            raise_if_rejected(chunk["meta_info"]["finish_reason"])
             yield chunk
             if chunk["meta_info"]["finish_reason"] is not None:
                 return

@@ -15,10 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from radixlm.engine.detokenizer import RequestDecoder
+from radixlm.errors import InvalidRequestError
 
 
 class EngineDeadError(RuntimeError):
     """The scheduler is gone: the request cannot be answered (HTTP 503)."""
+
+
+def raise_if_rejected(finished_reason: dict[str, Any] | None) -> None:
+    """Raise the InvalidRequestError the scheduler found (an abort with ``status_code`` 400: a grammar that does not
+    compile, or not in time), so that callers see it exactly like one found before submission."""
+    if finished_reason and finished_reason.get("type") == "abort" and finished_reason.get("status_code") == 400:
+        raise InvalidRequestError(finished_reason.get("message", "invalid request"), finished_reason.get("param"))
 
 
 @dataclass
@@ -68,6 +76,7 @@ class RequestState:
     def result(self) -> dict[str, Any]:
         if self.error is not None:
             raise EngineDeadError(self.error)
+        raise_if_rejected(self.finished_reason)
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": self.meta_info()}
 
     # ------------------------------------------------------------------ delivery (called by the receiver thread)
@@ -88,10 +97,12 @@ class RequestState:
         self.deliver({"error": message})
 
     async def next_chunk(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next chunk for an asyncio consumer; raises ``EngineDeadError`` if the engine died meanwhile."""
+        """The next chunk for an asyncio consumer; raises ``EngineDeadError`` if the engine died meanwhile, and
+        ``InvalidRequestError`` if the scheduler rejected the request (``raise_if_rejected``)."""
         chunk = await asyncio.wait_for(self.aqueue.get(), timeout)
         if "error" in chunk:
             raise EngineDeadError(chunk["error"])
+        raise_if_rejected(chunk["meta_info"]["finish_reason"])
         return chunk
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 from radixlm.errors import InvalidRequestError
+from radixlm.sampling import limits
+from radixlm.sampling.stop_regex import compile_stop_regex
 
 # Below this temperature a request is treated as greedy; dividing logits by it would overflow.
 _GREEDY_TEMPERATURE_EPS = 1e-6
@@ -88,6 +90,7 @@ class SamplingParams:
     max_new_tokens: int | None = 128
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None  # the output stops once its text matches one (SGLang)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 = whole vocabulary
@@ -119,7 +122,7 @@ class SamplingParams:
         return cls(**d)
 
     def normalize(self) -> None:
-        """Canonicalize in place: list-valued `stop`/`stop_token_ids`, greedy as top_k == 1.
+        """Canonicalize in place: list-valued `stop`/`stop_regex`/`stop_token_ids`, greedy as top_k == 1.
 
         A (near-)zero temperature becomes `temperature = 1.0, top_k = 1` so that the sampler
         never divides by ~0. Negative temperatures are left alone for `verify()` to reject.
@@ -128,6 +131,10 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop_regex is None:
+            self.stop_regex = []
+        elif isinstance(self.stop_regex, str):
+            self.stop_regex = [self.stop_regex]
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if 0.0 <= self.temperature < _GREEDY_TEMPERATURE_EPS:
@@ -137,8 +144,10 @@ class SamplingParams:
     def verify(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the offending field (its ``param``) and what it allows.
 
-        Every field must have its declared type (an int is a float, a bool is not a number).
-        Token ids (logit_bias keys, stop_token_ids) are range-checked only when `vocab_size` is given.
+        Every field must have its declared type (an int is a float, a bool is not a number), and list-valued
+        fields stay within ``radixlm.sampling.limits``.  logit_bias keys are range-checked only when `vocab_size`
+        is given; stop_token_ids only for being ids (>= 0): like SGLang, ids beyond the vocabulary are accepted
+        and can never match.
         """
         self._verify_types()
         if not self.temperature >= 0.0:
@@ -165,8 +174,8 @@ class SamplingParams:
                 f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), "
                 f"got {self.min_new_tokens}", "min_new_tokens"
             )
-        if self.n < 1:
-            raise InvalidRequestError(f"n must be >= 1, got {self.n}", "n")
+        if not 1 <= self.n <= limits.MAX_N:
+            raise InvalidRequestError(f"n must be in [1, {limits.MAX_N}], got {self.n}", "n")
         constraints = [
             name for name in ("json_schema", "regex", "ebnf", "structural_tag") if getattr(self, name) is not None
         ]
@@ -175,8 +184,27 @@ class SamplingParams:
                 f"at most one of json_schema, regex, ebnf, structural_tag may be set, got {', '.join(constraints)}",
                 constraints[1],
             )
+        self._verify_sizes()
         self._verify_logit_bias(vocab_size)
-        self._verify_stop_token_ids(vocab_size)
+        self._verify_stop_token_ids()
+        for pattern in _as_list(self.stop_regex):
+            compile_stop_regex(pattern)
+
+    def _verify_sizes(self) -> None:
+        stops = _as_list(self.stop)
+        _check_count("stop", len(stops), limits.MAX_STOP_STRINGS, "stop strings")
+        longest = max(stops, key=len, default="")
+        if len(longest) > limits.MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(f"stop strings may be at most {limits.MAX_STOP_STRING_CHARS} characters, got "
+                                      f"one of {len(longest)}", "stop")
+        _check_count("stop_regex", len(_as_list(self.stop_regex)), limits.MAX_STOP_REGEXES, "patterns")
+        _check_count("stop_token_ids", len(self.stop_token_ids or ()), limits.MAX_STOP_TOKEN_IDS, "ids")
+        _check_count("logit_bias", len(self.logit_bias or ()), limits.MAX_LOGIT_BIAS, "entries")
+        for name in ("json_schema", "regex", "ebnf", "structural_tag"):
+            text = getattr(self, name)
+            if text is not None and len(text) > limits.MAX_GRAMMAR_CHARS:
+                raise InvalidRequestError(f"{name} may be at most {limits.MAX_GRAMMAR_CHARS} characters, got "
+                                          f"{len(text)}", name)
 
     def _verify_types(self) -> None:
         for name, hint in get_type_hints(SamplingParams).items():
@@ -198,10 +226,18 @@ class SamplingParams:
                 raise InvalidRequestError(f"logit_bias value for {key!r} must be in [{lo}, {hi}], got {bias!r}",
                                           "logit_bias")
 
-    def _verify_stop_token_ids(self, vocab_size: int | None) -> None:
+    def _verify_stop_token_ids(self) -> None:
         for token_id in self.stop_token_ids or []:
             is_id = isinstance(token_id, int) and not isinstance(token_id, bool)
-            if not is_id or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
-                bound = "" if vocab_size is None else f", {vocab_size}"
-                raise InvalidRequestError(f"stop_token_ids entries must be token ids in [0{bound}), got {token_id!r}",
-                                          "stop_token_ids")
+            if not is_id or token_id < 0:
+                raise InvalidRequestError(f"stop_token_ids entries must be token ids (integers >= 0), got "
+                                          f"{token_id!r}", "stop_token_ids")
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else value
+
+
+def _check_count(name: str, count: int, limit: int, what: str) -> None:
+    if count > limit:
+        raise InvalidRequestError(f"{name} takes at most {limit} {what}, got {count}", name)

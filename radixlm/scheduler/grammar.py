@@ -7,6 +7,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from radixlm.constrained import GrammarBackend, GrammarSpec, TokenBitmask, fill_token_bitmask, new_matcher
 from radixlm.core import Req, ReqState
+from radixlm.errors import InvalidRequestError
 
 
 class GrammarQueue:
@@ -34,22 +35,30 @@ class GrammarQueue:
     def poll(self, idle: bool) -> tuple[list[Req], list[Req]]:
         """(requests whose grammar is ready, with a fresh matcher; requests whose compilation failed, finished).
 
-        With several TP ranks every rank must admit the same requests in the same step, so there the
-        compilations are awaited (the ranks' worker threads finish at different times).  When the scheduler is
-        otherwise ``idle`` it waits briefly instead of spinning."""
+        A failed compilation (an invalid grammar, or one past ``--grammar-compile-timeout``) finishes its request
+        with ``{"type": "abort", "message": ..., "status_code": 400, "param": kind}``: the front end answers the
+        client with a 400.  With several TP ranks every rank must admit the same requests in the same step, so
+        there the compilations are awaited (the ranks' worker threads finish at different times), up to the next
+        compile deadline (a compilation finishing within moments of its deadline can then still end differently
+        on two ranks).  When the scheduler is otherwise ``idle`` it waits briefly instead of spinning."""
         if not self.pending:
             return [], []
         futures = [f for _, f in self.pending]
         if self.tp_size > 1:
-            wait(futures)
+            deadline = self.backend.next_deadline()
+            wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         elif idle:
             wait(futures, timeout=0.05, return_when=FIRST_COMPLETED)
+        self.backend.expire()
         ready, failed, pending = [], [], []
         for req, future in self.pending:
             if not future.done():
                 pending.append((req, future))
-            elif future.exception() is not None:
-                req.finish({"type": "abort", "message": str(future.exception())})
+            elif (error := future.exception()) is not None:
+                reason = {"type": "abort", "message": str(error)}
+                if isinstance(error, InvalidRequestError):
+                    reason.update(status_code=400, param=error.param)
+                req.finish(reason)
                 failed.append(req)
             else:
                 req.grammar = new_matcher(future.result())

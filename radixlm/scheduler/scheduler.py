@@ -64,7 +64,8 @@ class Scheduler:
         self.decode = DecodeManager(server_args, self.memory, self.tree_cache)
         backend = None
         if server_args.grammar_backend == "xgrammar" and not server_args.skip_tokenizer_init:
-            backend = GrammarBackend(server_args.tokenizer_path or cfg.model_path, cfg.vocab_size, cfg.eos_token_ids)
+            backend = GrammarBackend(server_args.tokenizer_path or cfg.model_path, cfg.vocab_size, cfg.eos_token_ids,
+                                     compile_timeout=server_args.grammar_compile_timeout)
             warm_up_grammar_masks(cfg.vocab_size, worker.device)
         self.grammars = GrammarQueue(backend, cfg.vocab_size, worker.tp_size, worker.device.type == "cuda")
         self.overlap = not server_args.disable_overlap_schedule

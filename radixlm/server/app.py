@@ -35,7 +35,7 @@ from radixlm.server.protocol import (
     TokenizeRequest,
     error_body,
 )
-from radixlm.server.streams import ClientDisconnected
+from radixlm.server.streams import ClientDisconnected, sse
 
 if TYPE_CHECKING:
     from radixlm.engine.engine import Engine
@@ -56,9 +56,24 @@ def error(status: int, message: str, param: str | None = None) -> JSONResponse:
 def respond(result: Any) -> Any:
     """A handler's result: an async iterator of SSE lines becomes a streaming response."""
     if isinstance(result, AsyncIterator):
-        return StreamingResponse(result, media_type="text/event-stream",
+        return StreamingResponse(_error_events(result), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return JSONResponse(result)
+
+
+async def _error_events(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream whose request fails after the headers went out (200) ends with the error it would have got as a
+    status (400 for a client mistake found by the scheduler, such as a grammar that does not compile in time;
+    503 for a dead engine): one ``data: {"error": {...}}`` event with the OpenAI error body, then ``[DONE]``."""
+    try:
+        async for line in stream:
+            yield line
+    except InvalidRequestError as e:
+        yield sse(error_body(str(e), 400, e.param))
+        yield "data: [DONE]\n\n"
+    except EngineDeadError as e:
+        yield sse(error_body(str(e), 503))
+        yield "data: [DONE]\n\n"
 
 
 class ApiKeyMiddleware:

@@ -55,7 +55,8 @@ class OpenAIServing:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return self._chat_stream(body, states, rid, created, tools)
-        results = await wait_all(self.engine, states, raw)
+        with params_named(_CHAT_PARAMS):  # a grammar the scheduler rejects is a 400 naming the request's field
+            results = await wait_all(self.engine, states, raw)
         choices = []
         for i, result in enumerate(results):
             meta = result["meta_info"]
@@ -120,6 +121,8 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     def _render_chat(self, body: ChatCompletionRequest, tools: bool) -> list[int]:
+        # The rendered text holds every message's content, so contents too long to fit refuse it unrendered.
+        self.engine.check_prompt_chars(sum(_content_chars(m.content) for m in body.messages), "messages")
         messages = []
         for m in body.messages:
             if isinstance(m.content, list):
@@ -180,8 +183,11 @@ class OpenAIServing:
         if texts and ids:
             raise InvalidRequestError("prompt must be all strings or all token-id lists", "prompt")
         with params_named(_COMPLETION_PARAMS):
+            # OpenAI's default of 16 tokens applies only where it fits; a max_tokens the client sent must fit.
+            explicit = "max_tokens" in body.model_fields_set
             prompt_ids, params, _ = await asyncio.to_thread(
-                self.engine.prepare, texts or None, body.sampling_params(body.max_tokens), ids or None)
+                self.engine.prepare, texts or None, body.sampling_params(body.max_tokens if explicit else None),
+                ids or None, {"max_new_tokens": body.max_tokens})
             states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoes = ([await asyncio.to_thread(self.engine.require_tokenizer().decode, p) for p in prompt_ids] if body.echo
@@ -189,7 +195,8 @@ class OpenAIServing:
         n = body.n
         if body.stream:
             return self._completion_stream(body, states, rid, created, echoes, n)
-        results = await wait_all(self.engine, states, raw)
+        with params_named(_COMPLETION_PARAMS):
+            results = await wait_all(self.engine, states, raw)
         choices = []
         for i, result in enumerate(results):
             meta = result["meta_info"]
@@ -280,6 +287,12 @@ def _response_format_params(body: ChatCompletionRequest) -> dict[str, Any]:
         raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object",
                                   "response_format")
     return {"json_schema": json.dumps(schema)}
+
+
+def _content_chars(content: str | list[Any] | None) -> int:
+    if isinstance(content, list):
+        return sum(len(part.text) for part in content if isinstance(part, TextPart))
+    return len(content or "")
 
 
 def _rids(rid: str | None, count: int) -> list[str | None] | None:

@@ -1,26 +1,70 @@
 """Request bodies of the HTTP API (pydantic), and the OpenAI-style error body.
 
 Type and range errors are caught here, before a request reaches the engine, and come back as HTTP 400 naming the
-field.  Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extras); the native
-``sampling_params`` object stays strict (a typo there raises).
+field.
+
+Unknown fields policy: a body field that this server does not know is accepted and ignored, as OpenAI-compatible
+servers do (clients and SDKs send vendor extras, e.g. another server's sampling options), and the first request
+carrying each such name logs one WARNING per process ("ignoring unknown field 'foo' in /v1/chat/completions
+requests"), so that an operator sees what clients expect and does not get.  This holds for the OpenAI routes and the
+top level of ``/generate`` and the other JSON routes, nested objects included (messages, response_format, ...).  The
+native ``sampling_params`` object stays strict: an unknown key there is a 400 (a typo must not be ignored).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from radixlm.errors import InvalidRequestError
+from radixlm.sampling.limits import MAX_N
+
+logger = logging.getLogger(__name__)
+
+# Distinct unknown field names remembered (and logged once each); beyond, new names are no longer logged, so that
+# clients sending ever-new names cannot grow the set or flood the log.
+MAX_LOGGED_UNKNOWN_FIELDS = 1000
+_UNKNOWN_NAME_CHARS = 100  # of a logged name
+_logged_unknown: set[tuple[str, str]] = set()
+_logged_lock = threading.Lock()
+
+
+def _log_unknown_field(where: str, name: str) -> None:
+    """One WARNING per process for each (place, unknown field name)."""
+    key = (where, name[:_UNKNOWN_NAME_CHARS])
+    with _logged_lock:
+        if key in _logged_unknown or len(_logged_unknown) > MAX_LOGGED_UNKNOWN_FIELDS:
+            return
+        _logged_unknown.add(key)
+        if len(_logged_unknown) > MAX_LOGGED_UNKNOWN_FIELDS:
+            logger.warning("more than %d distinct unknown request fields seen; no longer logging new ones",
+                           MAX_LOGGED_UNKNOWN_FIELDS)
+            return
+    logger.warning("ignoring unknown field %r in %s", key[1], where)
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    where: ClassVar[str] = "request bodies"  # what the unknown-field warning names
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_unknown_fields(cls, data: Any, handler: Any) -> Any:
+        body = handler(data)  # first: a union member that does not fit (a content part's type) logs nothing
+        if isinstance(data, dict):
+            for name in data:
+                if name not in cls.model_fields:
+                    _log_unknown_field(cls.where, str(name))
+        return body
 
 
 class StreamOptions(_Body):
+    where = "stream_options"
     include_usage: bool = False
 
 
@@ -28,8 +72,9 @@ class _SamplingFields(_Body):
     """Fields shared by chat and completions, with SGLang's extras."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
+    stop_regex: str | list[str] | None = None
     seed: int | None = None
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -64,6 +109,7 @@ class _SamplingFields(_Body):
             "skip_special_tokens": self.skip_special_tokens,
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
             "no_stop_trim": self.no_stop_trim, "regex": self.regex, "ebnf": self.ebnf,
+            "stop_regex": self.stop_regex,
         }
         if self.temperature is not None:
             params["temperature"] = self.temperature
@@ -73,15 +119,18 @@ class _SamplingFields(_Body):
 
 
 class TextPart(_Body):
+    where = "message content parts"
     type: Literal["text"]
     text: str
 
 
 class ImagePart(_Body):
+    where = "message content parts"
     type: Literal["image_url", "input_image", "input_audio", "video_url"]
 
 
 class ChatMessage(_Body):
+    where = "/v1/chat/completions messages"
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
@@ -90,11 +139,13 @@ class ChatMessage(_Body):
 
 
 class ResponseFormat(_Body):
+    where = "response_format"
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
+    where = "/v1/chat/completions requests"
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -108,6 +159,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
+    where = "/v1/completions requests"
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
@@ -117,6 +169,8 @@ class CompletionRequest(_SamplingFields):
 
 class GenerateRequestBody(_Body):
     """SGLang's native ``/generate``."""
+
+    where = "/generate requests"
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -131,17 +185,20 @@ class GenerateRequestBody(_Body):
 
 
 class TokenizeRequest(_Body):
+    where = "/v1/tokenize requests"
     prompt: str
     add_special_tokens: bool = True
     model: str | None = None
 
 
 class DetokenizeRequest(_Body):
+    where = "/v1/detokenize requests"
     tokens: list[int]
     model: str | None = None
 
 
 class AbortRequestBody(_Body):
+    where = "/abort_request requests"
     rid: str | None = None
     abort_all: bool = False
 

@@ -145,6 +145,12 @@ class FakeGrammarBackend:
         self.futures.append(Future())
         return self.futures[-1]
 
+    def expire(self) -> None:
+        pass
+
+    def next_deadline(self) -> float | None:
+        return None
+
 
 def patch_matchers(monkeypatch) -> None:
     """Make the scheduler's grammar queue wrap a compiled 'grammar' (a token script) in a ``FakeMatcher``."""

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from radixlm.engine.detokenizer import IncrementalDetokenizer, RequestDecoder, StopStringMatcher
+from radixlm.sampling.stop_regex import STOP_REGEX_WINDOW_CHARS
 
 TEXTS = [
     "Hello, world! This is plain ASCII text with numbers 12345 and punctuation...",
@@ -310,3 +311,66 @@ def test_request_decoder_end_to_end(embedded_tokenizer, chunk):
     deltas, matched = run_decoder(dec, ids, chunk)
     assert matched is None
     assert "".join(deltas) == dec.text == embedded_tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------- stop_regex
+ANSWER = "The answer is 42. Done here."
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize(("patterns", "stop", "no_trim", "text", "matched"), [
+    # the match stays in the output (SGLang), whatever no_stop_trim says; text after it is cut
+    ([r"\d+\."], [], False, "The answer is 42.", r"\d+\."),
+    ([r"\d+\."], [], True, "The answer is 42.", r"\d+\."),
+    ([r"^The"], [], False, "The", r"^The"),
+    ([r"^answer", r"Done"], [], False, "The answer is 42. Done", "Done"),  # `^` only at the output's start
+    ([r"Done", r"is"], [], False, "The answer is", "is"),  # the match that ends first wins
+    ([r"(?<=is )4"], [], False, "The answer is 4", r"(?<=is )4"),
+    ([r"here"], [" 42"], False, "The answer is", " 42"),  # a stop string completed first wins, trimmed
+    ([r"\d"], ["Done"], False, "The answer is 4", r"\d"),
+    ([r"nowhere"], [], False, ANSWER, None),
+])
+def test_stop_regex(embedded_tokenizer, chunk, patterns, stop, no_trim, text, matched):
+    ids = encode(embedded_tokenizer, ANSWER)
+    dec = RequestDecoder(embedded_tokenizer, stop, no_stop_trim=no_trim, stop_regex=patterns)
+    deltas, got = run_decoder(dec, ids, chunk)
+    assert "".join(deltas) == dec.text == text
+    assert got == dec.matched == matched
+    if matched is not None:
+        assert dec.step(encode(embedded_tokenizer, " 7.")) == ("", None) and dec.finish() == ""
+
+
+def test_stop_regex_dollar_is_the_end_of_each_step(embedded_tokenizer):
+    """`$` matches the end of the text generated so far, so whether it is seen depends on where steps end."""
+    ids = encode(embedded_tokenizer, ANSWER)
+    dec = RequestDecoder(embedded_tokenizer, stop_regex=[r"\.$"])
+    deltas, matched = run_decoder(dec, ids, 1)
+    assert "".join(deltas) == "The answer is 42." and matched == r"\.$"
+    dec = RequestDecoder(embedded_tokenizer, stop_regex=[r"\.$"])
+    assert dec.step(ids) == (ANSWER, r"\.$")  # one step: only the final "." is at the end
+
+
+def test_stop_regex_and_a_stop_string_in_the_same_step(embedded_tokenizer):
+    """Both complete in one delta: the stop string ends before the regex match does, so it wins (trimmed)."""
+    dec = RequestDecoder(embedded_tokenizer, ["answer"], stop_regex=[r"is \d+"])
+    assert dec.step(encode(embedded_tokenizer, ANSWER)) == ("The ", "answer")
+
+
+def test_stop_regex_searches_a_bounded_window(embedded_tokenizer):
+    """However long the output, the text kept for the search is the window plus a little left context; a bounded
+    pattern keeps only its own width."""
+    ids = encode(embedded_tokenizer, "word " * 2000)
+    unbounded = RequestDecoder(embedded_tokenizer, stop_regex=[r"\d+x"])
+    bounded = RequestDecoder(embedded_tokenizer, stop_regex=[r"z{3}"])
+    for dec in (unbounded, bounded):
+        run_decoder(dec, ids, 1)
+    assert len(unbounded._regex._buffer) == STOP_REGEX_WINDOW_CHARS - 1 + 64
+    assert len(bounded._regex._buffer) == 3 - 1 + 64
+
+
+def test_stop_regex_match_completed_across_deltas(embedded_tokenizer):
+    """A match whose characters arrive in several steps is found in the step that completes it."""
+    dec = RequestDecoder(embedded_tokenizer, stop_regex=[r"a\d{3}b"])
+    assert dec.step(encode(embedded_tokenizer, "x a1")) == ("x a1", None)
+    assert dec.step(encode(embedded_tokenizer, "23")) == ("23", None)
+    assert dec.step(encode(embedded_tokenizer, "b tail")) == ("b", r"a\d{3}b")

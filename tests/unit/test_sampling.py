@@ -69,8 +69,22 @@ def logits_from_probs(probs: list[float], rows: int) -> torch.Tensor:
         ({"logit_bias": {100: 1.0}}, "logit_bias"),
         ({"logit_bias": {"3": 101.0}}, "logit_bias"),
         ({"logit_bias": {True: 1.0}}, "logit_bias"),
-        ({"stop_token_ids": [100]}, "stop_token_ids"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"n": 129}, "n"),
+        ({"stop": [str(i) for i in range(17)]}, "stop"),
+        ({"stop": "x" * 257}, "stop"),
+        ({"stop_regex": [str(i) for i in range(9)]}, "stop_regex"),
+        ({"stop_regex": "a" * 257}, "stop_regex"),
+        ({"stop_regex": "(unclosed"}, "stop_regex"),
+        ({"stop_regex": "a*"}, "stop_regex"),  # matches the empty string: would stop before any output
+        ({"stop_regex": ["ok", "(.{1,60}){1,60}"]}, "stop_regex"),  # nested variable repeat
+        ({"stop_regex": r"(\d+,)+"}, "stop_regex"),
+        ({"stop_token_ids": list(range(257))}, "stop_token_ids"),
+        ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
+        ({"json_schema": " " * (256 * 1024 + 1)}, "json_schema"),
+        ({"regex": "a" * (256 * 1024 + 1)}, "regex"),
+        ({"ebnf": "a" * (256 * 1024 + 1)}, "ebnf"),
+        ({"structural_tag": "a" * (256 * 1024 + 1)}, "structural_tag"),
     ],
 )
 def test_verify_rejects_invalid_field(kwargs: dict[str, Any], field: str) -> None:
@@ -112,6 +126,10 @@ def test_verify_accepts_valid_params() -> None:
         presence_penalty=2.0, repetition_penalty=2.0, max_new_tokens=None, min_new_tokens=3,
         logit_bias={"9": -100.0, 0: 100}, stop_token_ids=[9], regex="a",
     ).verify(vocab_size=10)
+    # At the limits; stop_token_ids beyond the vocabulary are accepted like SGLang (they can never match).
+    SamplingParams(n=128, stop=["x" * 256] * 16, stop_regex=[r"\d{3},", r"(\d{3},)*\.", r"[.!?]\s*$"] + ["a"] * 5,
+                   stop_token_ids=[100, 10**9] + [1] * 254, logit_bias={str(i): 1.0 for i in range(1024)},
+                   regex="a" * (256 * 1024)).verify(vocab_size=1024)
     # Without a vocab size large token ids cannot be judged and are accepted.
     SamplingParams(logit_bias={"100000": 1.0}, stop_token_ids=[100000]).verify()
 

@@ -41,6 +41,7 @@ class StubEngine:
     prepare = Engine.prepare
     _parse_params = Engine._parse_params
     require_tokenizer = Engine.require_tokenizer
+    check_prompt_chars = Engine.check_prompt_chars
 
     def __init__(self) -> None:
         self.server_args = ServerArgs(device="cpu", attention_backend="torch_native", random_seed=0)
@@ -49,6 +50,7 @@ class StubEngine:
         self.tokenizer = StubTokenizer()
         self.info = SchedulerInfo(max_total_num_tokens=1024, max_running_requests=8, context_length=64,
                                   vocab_size=VOCAB)
+        self.max_prompt_chars = 64  # one character per token: context_length x 1
 
     def check_ready(self) -> None:
         pass
@@ -125,7 +127,42 @@ def test_internal_error_is_500_and_the_server_keeps_serving(engine: StubEngine, 
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature", "temperature"),
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"temperature": "hot"}}, "temperature", "a number"),
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_token": 3}}, "max_new_token", "unknown"),
-    ("/generate", {"text": "x" * 80}, "text", "context length"),
+    ("/generate", {"text": "x" * 65}, "text", "the prompt has 65 characters: more than fit in the context length of "
+                                             "64 tokens with this tokenizer (at most 64 characters)"),
+    ("/generate", {"text": "x" * 64}, "text", "the prompt has 64 tokens; the context length is 64"),
+    ("/generate", {"text": ["ok", "x" * 65]}, "text", "65 characters"),
+    ("/generate", {"input_ids": [1] * 64}, "input_ids", "the prompt has 64 tokens"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 63}}, "max_new_tokens",
+     "This model's maximum context length is 64 tokens. However, you requested 65 tokens (2 in the messages, 63 in "
+     "the completion)."),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"n": 129}}, "n", "n must be in [1, 128], got 129"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"stop": list("abcdefghijklmnopq")}}, "stop",
+     "stop takes at most 16 stop strings, got 17"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"stop": "s" * 257}}, "stop", "at most 256 characters"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [1] * 257}}, "stop_token_ids",
+     "at most 256 ids, got 257"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [-1]}}, "stop_token_ids", ">= 0"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [1.5]}}, "stop_token_ids",
+     "a list of integers"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"logit_bias": {str(i): 1 for i in range(1025)}}},
+     "logit_bias", "at most 1024 entries, got 1025"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"json_schema": " " * (256 * 1024 + 1)}}, "json_schema",
+     "json_schema may be at most 262144 characters"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"stop_regex": "("}}, "stop_regex", "invalid stop_regex"),
+    ("/v1/completions", {"prompt": "hello", "stop_regex": ["ok", "(.{1,60}){1,60}"]}, "stop_regex",
+     "nests a repeat"),
+    ("/v1/completions", {"prompt": "hello", "n": 129}, "n", "less than or equal to 128"),
+    ("/v1/completions", {"prompt": "hello", "max_tokens": 60}, "max_tokens",
+     "requested 65 tokens (5 in the messages, 60 in the completion)"),
+    ("/v1/completions", {"prompt": "x" * 65}, "prompt", "65 characters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40},
+                                           {"role": "user", "content": [{"type": "text", "text": "y" * 25}]}]},
+     "messages", "the prompt has 65 characters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 129}, "n", "128"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": list("abcdefghijklmnopq")},
+     "stop", "at most 16"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop_regex": "("}, "stop_regex",
+     "invalid stop_regex"),
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"regex": "("}}, "regex", "invalid regex"),
     ("/v1/completions", {"prompt": [1, 2, 999]}, "prompt", "token ids"),
     ("/v1/completions", {"prompt": "hello", "max_tokens": 100}, "max_tokens", "context length"),
@@ -137,7 +174,8 @@ def test_internal_error_is_500_and_the_server_keeps_serving(engine: StubEngine, 
      "context length"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "min_tokens": 5},
      "min_tokens", "min_new_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 80}]}, "messages", "context length"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 64}]}, "messages",
+     "the prompt has 64 tokens"),
     ("/v1/detokenize", {"tokens": [-3]}, "tokens", "tokens"),
     ("/abort_request", {}, "rid", "rid"),
 ])
@@ -147,3 +185,37 @@ def test_user_error_is_400_naming_the_field(app: Any, path: str, body: dict[str,
     assert status == 400, out
     assert out["error"]["param"] == param and out["error"]["type"] == "invalid_request_error", out
     assert needle in out["error"]["message"], out
+
+
+def test_limits_accept_what_fits(engine: StubEngine) -> None:
+    """The other side of the limits: a prompt of exactly the character bound, stop_token_ids beyond the
+    vocabulary (like SGLang: they never match), and a max_new_tokens the request did not set, lowered to fit."""
+    ids, params, _ = engine.prepare("x" * 60, {"stop_token_ids": [VOCAB, 10**9]}, None)
+    assert len(ids[0]) == 60 and params[0].stop_token_ids == [VOCAB, 10**9]
+    assert params[0].max_new_tokens == 4  # the native default of 128, lowered to the 4 that fit
+    _, params, _ = engine.prepare("x" * 10, {}, None, {"max_new_tokens": 16})  # OpenAI completions' default
+    assert params[0].max_new_tokens == 16
+    _, params, _ = engine.prepare("x" * 60, {"max_new_tokens": None}, None, {"max_new_tokens": 16})
+    assert params[0].max_new_tokens == 4
+    _, params, _ = engine.prepare("x" * 60, {"max_new_tokens": 4}, None)
+    assert params[0].max_new_tokens == 4
+    _, params, _ = engine.prepare(None, {"max_new_tokens": None}, [1] * 63)
+    assert params[0].max_new_tokens is None  # until the context is full (the chat default)
+
+
+def test_unknown_fields_are_ignored_and_logged_once_per_name(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Vendor extras are accepted (the request goes on to its real check), one WARNING per field name and place per
+    process, nested objects included; the native sampling_params stays strict."""
+    body = {"messages": [{"role": "user", "content": "x" * 65, "weird_msg_field": 1}],
+            "weird_top_field": {"a": 1}}
+    with caplog.at_level(logging.WARNING, logger="radixlm.server.protocol"):
+        for _ in range(3):
+            status, out = request(app, "POST", "/v1/chat/completions", body)
+            assert status == 400 and out["error"]["param"] == "messages"  # checked as without the extras
+        request(app, "POST", "/v1/completions", {"prompt": "x" * 65, "weird_top_field": 1})
+    warnings = [r.getMessage() for r in caplog.records if "weird" in r.getMessage()]
+    assert warnings == ["ignoring unknown field 'weird_msg_field' in /v1/chat/completions messages",
+                        "ignoring unknown field 'weird_top_field' in /v1/chat/completions requests",
+                        "ignoring unknown field 'weird_top_field' in /v1/completions requests"]
+    status, out = request(app, "POST", "/generate", {"input_ids": [1], "sampling_params": {"weird_sp": 1}})
+    assert status == 400 and out["error"]["param"] == "weird_sp"
