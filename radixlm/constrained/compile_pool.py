@@ -12,6 +12,9 @@ overdue call still gets its error on time but keeps its worker (no replacement i
 and queued calls wait, each answered with the timeout error at its own deadline if no worker frees up; the pool
 recovers as the overdue calls return.  So at most ``num_workers + max_abandoned`` threads ever run calls.
 
+While the pool is *held* (``hold`` .. ``release``: e.g. while something every call needs is being built), the
+clocks of its calls stand still: a call's deadline is ``timeout`` seconds of unheld time after its submission.
+
 A call that returns after its deadline hands its outcome to ``on_late`` (e.g. to cache a result that was slow
 once).  Deadlines are enforced by ``expire``, which the owner calls regularly (the scheduler, every step).
 """
@@ -54,6 +57,7 @@ class DeadlinePool:
         self._running: set[_Call] = set()
         self._abandoned = 0
         self._threads = 0
+        self._held_since: float | None = None
         for _ in range(num_workers):
             self._start_worker()
 
@@ -74,22 +78,41 @@ class DeadlinePool:
         once ``timeout`` seconds have passed (when ``expire`` is called after that; ``started``: whether the call
         was running by then, and so goes on running).  ``on_timeout`` runs under the pool's lock: it must not call
         back into the pool or wait on a lock held around ``submit``."""
-        call = _Call(key, fn, time.monotonic() + self.timeout)
         with self._cond:
+            call = _Call(key, fn, (self._held_since or time.monotonic()) + self.timeout)
             self._queue.append(call)
             self._cond.notify()
         return call.future
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline (``time.monotonic()`` clock) of a call not answered yet."""
+        """The earliest deadline (``time.monotonic()`` clock) of a call not answered yet (while held: as if the
+        pool were released now)."""
         with self._cond:
             pending = [c.deadline for c in (*self._queue, *self._running) if not c.future.done()]
-        return min(pending, default=None)
+            shift = 0.0 if self._held_since is None else time.monotonic() - self._held_since
+        return min(pending) + shift if pending else None
+
+    def hold(self) -> None:
+        """Stop the clocks of all calls, pending and future, until ``release``."""
+        with self._cond:
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+
+    def release(self) -> None:
+        with self._cond:
+            if self._held_since is None:
+                return
+            shift = time.monotonic() - self._held_since
+            self._held_since = None
+            for call in (*self._queue, *self._running):
+                call.deadline += shift
 
     def expire(self, now: float | None = None) -> None:
         """Answer every call past its deadline with its timeout error; replace the workers of running ones."""
         now = time.monotonic() if now is None else now
         with self._cond:
+            if self._held_since is not None:
+                return
             for call in [c for c in self._queue if c.deadline <= now]:
                 self._queue.remove(call)
                 call.future.set_exception(self._on_timeout(call.key, False))

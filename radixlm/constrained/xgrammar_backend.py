@@ -19,6 +19,7 @@ Three stages, each where it costs least:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -46,6 +47,7 @@ _XGRAMMAR_CALLS = {
 GRAMMAR_KINDS = tuple(_XGRAMMAR_CALLS)
 # "[17:23:27] /project/cpp/regex_converter.cc:83: " in front of xgrammar's messages says nothing to a user.
 _LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+logger = logging.getLogger(__name__)
 # Compilations past the timeout still burning a core each, at most; see compile_pool.DeadlinePool.
 MAX_ABANDONED_COMPILATIONS = 4
 
@@ -105,7 +107,19 @@ class GrammarBackend:
         self._overdue_lock = threading.Lock()
         self._lock = threading.Lock()
         self._compiler_lock = threading.Lock()
-        self._compiler: Any = None  # built on first use, on a worker thread (loads the tokenizer)
+        self._compiler: Any = None
+        # Loading the tokenizer and indexing its vocabulary takes seconds on a busy CPU: done once, in the
+        # background from startup, with the compile timeouts held meanwhile (it is not the grammars' doing).
+        self._pool.hold()
+        threading.Thread(target=self._build_compiler, daemon=True, name="grammar-init").start()
+
+    def _build_compiler(self) -> None:
+        try:
+            self._get_compiler()
+        except Exception:  # each compilation retries and reports it
+            logger.exception("building the grammar compiler failed")
+        finally:
+            self._pool.release()
 
     def compile(self, spec: GrammarSpec) -> Future:
         with self._lock:

@@ -95,3 +95,20 @@ def test_next_deadline_is_the_earliest_unanswered() -> None:
     release.set()
     future.result(WAIT_S)
     assert pool.next_deadline() is None
+
+
+def test_held_clocks_stand_still() -> None:
+    """Time spent held (building what every call needs) does not count against the calls' deadlines."""
+    pool = make()
+    pool.hold()
+    release, started = threading.Event(), threading.Event()
+    future = pool.submit("x", blocked(release, started))
+    assert started.wait(WAIT_S)
+    pool.expire(time.monotonic() + 100.0)  # held: nothing expires
+    assert not future.done()
+    held_from = time.monotonic()
+    pool.release()
+    assert pool.next_deadline() >= held_from + 5.0
+    pool.expire(pool.next_deadline())
+    assert error_of(future) == "x started=True"
+    release.set()
