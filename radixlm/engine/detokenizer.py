@@ -1,8 +1,9 @@
 """Streaming detokenization and stop-string matching for one request.
 
 ``IncrementalDetokenizer`` turns output token ids into text as they arrive, never emitting half a UTF-8 character;
-``StopStringMatcher`` finds stop strings in that text even when they straddle deltas; ``StopRegexMatcher`` finds
-``stop_regex`` matches in a bounded tail window of it; ``RequestDecoder`` chains them the way the engine uses them.
+``StopStringMatcher`` finds stop strings in that text even when they straddle deltas; ``StopRegexMatcher``
+(``radixlm.sampling.stop_regex``) finds ``stop_regex`` matches in it; ``RequestDecoder`` chains them the way the
+engine uses them.
 
 Detokenization keeps a small *window* of the most recent ids and decodes only that window on each step (the offset
 technique of SGLang/vLLM): the window text's first ``_emitted`` characters have already been emitted (or belong to
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from radixlm.sampling.stop_regex import compile_stop_regex
+from radixlm.sampling.stop_regex import StopRegexMatcher
 
 _REPLACEMENT = "\ufffd"
 # Trim the window once it holds more than this many ids ...
@@ -223,51 +224,6 @@ class StopStringMatcher:
             if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self._stops):
                 return pos
         return None
-
-
-# Characters kept in front of a stop_regex search window, for lookbehinds and \b at its start.
-_REGEX_LEFT_CONTEXT = 64
-
-
-class StopRegexMatcher:
-    """Finds the first ``stop_regex`` match in a stream of text deltas (SGLang's semantics).
-
-    Each ``feed`` searches only where a match could end in the new text: from ``max_width - 1`` characters before
-    it (``StopRegex.max_width``), over a buffer that keeps that much text plus ``_REGEX_LEFT_CONTEXT`` characters
-    for lookbehinds, so a step costs O(window + new text) however long the output is.  ``^`` matches only at the
-    very start of the output, ``$`` at the end of the text seen so far.
-
-    The matched text stays in the output (as in SGLang, whatever ``no_stop_trim`` says): the text is cut right after
-    the match, so no text needs to be held back while streaming.  Among the patterns, the one whose match ends
-    first wins (earlier pattern on ties); within one pattern, ``re.search``'s leftmost match is taken.
-    """
-
-    def __init__(self, patterns: list[str]) -> None:
-        self._regexes = [compile_stop_regex(p) for p in patterns]
-        self._keep = max((r.max_width for r in self._regexes), default=1) - 1 + _REGEX_LEFT_CONTEXT
-        self._buffer = ""
-        self._trimmed = False  # text before the buffer exists (then a search never starts at buffer index 0)
-        self.matched: str | None = None
-
-    def feed(self, new_text: str) -> tuple[str, str | None]:
-        """(``new_text``, None), or, when a match ends in it, (its part up to the match end, the pattern)."""
-        if not self._regexes or not new_text or self.matched is not None:
-            return new_text, None
-        old = len(self._buffer)
-        buffer = self._buffer + new_text
-        best_end, best = None, None
-        for regex in self._regexes:
-            start = max(old - (regex.max_width - 1), 1 if self._trimmed else 0)
-            match = regex.compiled.search(buffer, start)
-            # A match ending in the old text needed the new one to be confirmed (a lookahead, `$`): it ends now.
-            if match is not None and (best_end is None or max(match.end(), old) < best_end):
-                best_end, best = max(match.end(), old), regex.pattern
-        if best is not None:
-            self.matched = best
-            return new_text[: best_end - old], best
-        self._trimmed = self._trimmed or len(buffer) > self._keep
-        self._buffer = buffer[-self._keep:]
-        return new_text, None
 
 
 class RequestDecoder:

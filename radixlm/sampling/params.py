@@ -10,7 +10,7 @@ from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 from radixlm.errors import InvalidRequestError
 from radixlm.sampling import limits
-from radixlm.sampling.stop_regex import compile_stop_regex
+from radixlm.sampling.stop_regex import compile_stop_regexes
 
 # Below this temperature a request is treated as greedy; dividing logits by it would overflow.
 _GREEDY_TEMPERATURE_EPS = 1e-6
@@ -187,8 +187,8 @@ class SamplingParams:
         self._verify_sizes()
         self._verify_logit_bias(vocab_size)
         self._verify_stop_token_ids()
-        for pattern in _as_list(self.stop_regex):
-            compile_stop_regex(pattern)
+        if self.stop_regex:
+            compile_stop_regexes(_as_list(self.stop_regex))
 
     def _verify_sizes(self) -> None:
         stops = _as_list(self.stop)

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from radixlm.engine.detokenizer import IncrementalDetokenizer, RequestDecoder, StopStringMatcher
-from radixlm.sampling.stop_regex import STOP_REGEX_WINDOW_CHARS
 
 TEXTS = [
     "Hello, world! This is plain ASCII text with numbers 12345 and punctuation...",
@@ -356,16 +355,13 @@ def test_stop_regex_and_a_stop_string_in_the_same_step(embedded_tokenizer):
     assert dec.step(encode(embedded_tokenizer, ANSWER)) == ("The ", "answer")
 
 
-def test_stop_regex_searches_a_bounded_window(embedded_tokenizer):
-    """However long the output, the text kept for the search is the window plus a little left context; a bounded
-    pattern keeps only its own width."""
+def test_stop_regex_state_stays_bounded(embedded_tokenizer):
+    """However long the output, the matcher keeps only its alive NFA states and a lookbehind's few characters."""
     ids = encode(embedded_tokenizer, "word " * 2000)
-    unbounded = RequestDecoder(embedded_tokenizer, stop_regex=[r"\d+x"])
-    bounded = RequestDecoder(embedded_tokenizer, stop_regex=[r"z{3}"])
-    for dec in (unbounded, bounded):
-        run_decoder(dec, ids, 1)
-    assert len(unbounded._regex._buffer) == STOP_REGEX_WINDOW_CHARS - 1 + 64
-    assert len(bounded._regex._buffer) == 3 - 1 + 64
+    dec = RequestDecoder(embedded_tokenizer, stop_regex=[r"\d+x", r"(?<=ab)c"])
+    run_decoder(dec, ids, 1)
+    assert dec.matched is None
+    assert len(dec._regex._history) == 3 and len(dec._regex._threads) <= len(dec._regex._regexes.prog)
 
 
 def test_stop_regex_match_completed_across_deltas(embedded_tokenizer):

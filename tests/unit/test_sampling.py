@@ -77,8 +77,8 @@ def logits_from_probs(probs: list[float], rows: int) -> torch.Tensor:
         ({"stop_regex": "a" * 257}, "stop_regex"),
         ({"stop_regex": "(unclosed"}, "stop_regex"),
         ({"stop_regex": "a*"}, "stop_regex"),  # matches the empty string: would stop before any output
-        ({"stop_regex": ["ok", "(.{1,60}){1,60}"]}, "stop_regex"),  # nested variable repeat
-        ({"stop_regex": r"(\d+,)+"}, "stop_regex"),
+        ({"stop_regex": ["ok", "(.{1,60}){1,60}"]}, "stop_regex"),  # unrolls to more than MAX_STOP_REGEX_PROGRAM
+        ({"stop_regex": r"\d(?=x)"}, "stop_regex"),  # lookahead: the text ahead is not known yet
         ({"stop_token_ids": list(range(257))}, "stop_token_ids"),
         ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
         ({"json_schema": " " * (256 * 1024 + 1)}, "json_schema"),
