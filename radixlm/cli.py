@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from radixlm.server.launch import launch_server
 
-    launch_server(ServerArgs.from_cli_args(args))
-    return 0
+    return launch_server(ServerArgs.from_cli_args(args))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_type_hints
@@ -11,6 +12,8 @@ from typing import Any, get_args, get_type_hints
 import torch
 
 from radixlm.utils.toolchain import cpu_kernels_buildable
+
+API_KEY_ENV = "RADIXLM_API_KEY"  # the API key when --api-key is not given
 
 
 def _arg(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -75,7 +78,17 @@ class ServerArgs:
     # Serving
     host: str = _arg("127.0.0.1", "HTTP host")
     port: int = _arg(30000, "HTTP port")
-    api_key: str | None = _arg(None, "require this bearer token")
+    api_key: str | None = _arg(None, "require this bearer token on every route but /health (default: the "
+                                     "RADIXLM_API_KEY environment variable, which keeps it out of `ps`)")
+    max_queued_requests: int | None = _arg(None, "most requests queued at once (submitted, no output token yet; "
+                                                 "a request with n choices counts n); beyond it 503 with "
+                                                 "Retry-After (default: unlimited)")
+    max_request_body_bytes: int = _arg(32 * 1024 * 1024, "largest HTTP request body; larger ones get 413")
+    watchdog_timeout: float = _arg(300.0, "seconds a scheduler step may make no progress while requests are in "
+                                          "flight before the stacks are logged and the server exits non-zero "
+                                          "(0: no watchdog)")
+    graceful_shutdown_timeout: float = _arg(25.0, "on SIGTERM, seconds in-flight requests may take to finish "
+                                                  "before they are aborted (new ones get 503 meanwhile)")
     log_level: str = _arg("info", "logging level", ("debug", "info", "warning", "error"))
     log_requests: bool = _arg(False, "log every finished request: one key=value line each")
     decode_log_interval: int = _arg(40, "log a load line every this many scheduler steps (0: never)")
@@ -93,7 +106,8 @@ class ServerArgs:
             problems.append(f"--page-size must be a power of two >= 1, got {self.page_size}")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             problems.append(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
-        for name in ("max_total_tokens", "context_length", "max_running_requests", "cuda_graph_max_bs"):
+        for name in ("max_total_tokens", "context_length", "max_running_requests", "cuda_graph_max_bs",
+                     "max_queued_requests", "max_request_body_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -105,6 +119,9 @@ class ServerArgs:
             problems.append(f"--grammar-compile-timeout must be > 0, got {self.grammar_compile_timeout}")
         if self.schedule_conservativeness <= 0:
             problems.append(f"--schedule-conservativeness must be > 0, got {self.schedule_conservativeness}")
+        for name in ("watchdog_timeout", "graceful_shutdown_timeout"):
+            if not getattr(self, name) >= 0:  # NaN too
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             problems.append(f"--port must be in 1..65535, got {self.port}")
         for f in dataclasses.fields(self):
@@ -119,6 +136,8 @@ class ServerArgs:
         # Resolve the derived defaults once so every process sees the same values.
         if self.device == "auto":
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+        if self.api_key is None and os.environ.get(API_KEY_ENV):
+            object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
         if self.random_seed is None:
             object.__setattr__(self, "random_seed", random.randint(0, 2**30))
         # Judged without compiling (constructing ServerArgs must stay cheap): the kernels are built where they are

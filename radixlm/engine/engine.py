@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import multiprocessing as mp
+import os
 import random
 import tempfile
 import threading
@@ -33,19 +34,28 @@ from radixlm.engine.io_struct import (
     ControlReply,
     ControlRequest,
     GenerateRequest,
+    SchedulerFailure,
     SchedulerInfo,
     TokenOutput,
 )
 from radixlm.engine.prompt_limits import check_context, check_prompt_chars, max_prompt_chars
-from radixlm.engine.request_state import EngineDeadError, RequestState, raise_if_rejected
+from radixlm.engine.request_state import (
+    EngineDeadError,
+    EngineUnavailableError,
+    RequestFailedError,
+    RequestState,
+    raise_if_rejected,
+)
 from radixlm.engine.scheduler_process import run_scheduler_process
 from radixlm.errors import InvalidRequestError
 from radixlm.metrics import MetricsCollector
 from radixlm.models.embedded import embedded_model_path
 from radixlm.sampling import SamplingParams
 from radixlm.sampling.logprobs import LogprobOptions
+from radixlm.utils import faults
 
 PROGRESS_BAR_MIN_PROMPTS = 64
+RETRY_AFTER_S = 1  # what a 503 for a full queue or a draining server tells the client to wait
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 logger = logging.getLogger(__name__)
@@ -73,14 +83,19 @@ class Engine:
         self._rng = random.Random(self.server_args.random_seed)
         self._states: dict[str, RequestState] = {}
         self._replies: dict[str, tuple[asyncio.AbstractEventLoop | None, Any]] = {}  # token -> (loop, future)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: _start admits and registers requests under one hold
         self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe; the receiver thread sends too
         self._closed = False
         self.dead_reason: str | None = None  # set once a scheduler process died
+        # Requests submitted that have no output token yet (--max-queued-requests); rids, n copies counted apart
+        self._queued: set[str] = set()
+        self._refusing: str | None = None  # set by stop_admitting: why new requests get 503
         # The name the API reports and metrics carry: SGLang's default is the model path as given.
         self.model_name = self.server_args.served_model_name or self.server_args.model_path or EMBEDDED_MODEL_NAME
         self.metrics = MetricsCollector(self.model_name) if self.server_args.enable_metrics else None
 
+        # IPC sockets live in a directory only this user can enter (mkdtemp: mode 0700); the sockets themselves are
+        # owner-only too, so that no other local user can inject requests or read outputs.
         self._ipc_dir = tempfile.TemporaryDirectory(prefix="radixlm-")
         in_addr, out_addr = f"ipc://{self._ipc_dir.name}/in", f"ipc://{self._ipc_dir.name}/out"
         self._zmq = zmq.Context()
@@ -88,6 +103,8 @@ class Engine:
         self._to_scheduler.bind(in_addr)
         self._from_scheduler = self._zmq.socket(zmq.PULL)
         self._from_scheduler.bind(out_addr)
+        for addr in (in_addr, out_addr):
+            os.chmod(addr.removeprefix("ipc://"), 0o600)
 
         ctx = mp.get_context("spawn")
         self._procs, pipes, stderrs = [], [], []
@@ -229,6 +246,36 @@ class Engine:
         if self._closed:
             raise EngineDeadError("the engine is shut down")
 
+    def check_admitting(self) -> None:
+        """Raise ``EngineUnavailableError`` (HTTP 503) if a new request would be refused now: the engine is dead or
+        shut down, or it drains (``stop_admitting``)."""
+        self.check_ready()
+        if self._refusing is not None:
+            raise EngineUnavailableError(self._refusing, retry_after=RETRY_AFTER_S)
+
+    def stop_admitting(self, reason: str) -> None:
+        """From now on new requests raise ``EngineUnavailableError(reason)``; those in flight go on (a drain)."""
+        self._refusing = reason
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not finished (n copies counted apart)."""
+        return len(self._states)
+
+    def _admit(self, count: int) -> None:
+        """Admission of ``count`` new sequences: 503 while draining or when the queue (submitted, no output token
+        yet) would pass ``--max-queued-requests``; call under ``_lock``, then register them before releasing it."""
+        self.check_admitting()
+        limit = self.server_args.max_queued_requests
+        if limit is None:
+            return
+        if count > limit:
+            raise InvalidRequestError(f"this request asks for {count} sequences (prompts x n); the server queues at "
+                                      f"most {limit} (--max-queued-requests)", "n")
+        if len(self._queued) + count > limit:
+            raise EngineUnavailableError(f"the server is overloaded: {len(self._queued)} requests are queued "
+                                         f"(--max-queued-requests {limit}); retry later", retry_after=RETRY_AFTER_S)
+
     async def submit(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
                      rids: list[str | None] | None = None, return_hidden_states: bool = False) -> list[RequestState]:
         """Start prepared requests whose chunks go to the running event loop: ``len(ids) * n`` states."""
@@ -365,6 +412,13 @@ class Engine:
             taken = [r for r in wanted if r in self._states]
         if taken or len(set(wanted)) != len(wanted):
             raise InvalidRequestError(f"rid {(taken or wanted)[0]!r} is already in use by a running request", "rid")
+        with self._lock:  # admitted and counted at once, so that concurrent submissions cannot both pass the limit
+            self._admit(sum(p.n for p in params))
+            return self._start_admitted(ids, params, options, loop, rids, return_hidden_states)
+
+    def _start_admitted(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
+                        loop: asyncio.AbstractEventLoop | None, rids: list[str | None] | None,
+                        return_hidden_states: bool) -> list[RequestState]:
         states: list[RequestState] = []
         batch: list[GenerateRequest] = []  # sent as one message, so that the scheduler admits it together
         for i, (p_ids, p) in enumerate(zip(ids, params)):
@@ -380,7 +434,12 @@ class Engine:
                 batch.append(warm_req)
             else:
                 batch += [req for _, req in copies]
-        self._send(batch)
+        self._queued.update(s.rid for s in states)
+        try:
+            self._send(batch)
+        except BaseException:
+            self._queued.difference_update(s.rid for s in states)
+            raise
         return states
 
     def _new_state(self, ids: list[int], p: SamplingParams, options: LogprobOptions | None, copy: int,
@@ -445,7 +504,7 @@ class Engine:
         while True:
             chunk = state.chunks.get()
             if "error" in chunk:
-                raise EngineDeadError(chunk["error"])
+                raise RequestFailedError(chunk["error"])
             raise_if_rejected(chunk["meta_info"]["finish_reason"])
             yield chunk
             if chunk["meta_info"]["finish_reason"] is not None:
@@ -462,6 +521,9 @@ class Engine:
                 msg = self._from_scheduler.recv_pyobj()
             except zmq.ZMQError:
                 return
+            if isinstance(msg, SchedulerFailure):
+                self._engine_failed(msg.reason)
+                continue
             if isinstance(msg, ControlReply):
                 with self._lock:
                     loop, callback = self._replies.pop(msg.token, (None, None))
@@ -473,26 +535,34 @@ class Engine:
             for out in msg.outputs:
                 try:
                     self._apply(out)
-                except Exception:  # a bug here must fail its request, not leave every request hanging
+                except Exception as e:  # a bug here must fail its request, not leave every request hanging
                     logger.exception("internal error delivering the output of request %s", out.rid)
-                    self._fail_request(out.rid, "internal error while delivering the request's output")
+                    self._fail_request(out.rid, f"internal error while delivering the request's output: "
+                                                f"{type(e).__name__}: {e}")
 
     def _watch_processes(self) -> None:
         """If a scheduler process died, fail every waiting request instead of leaving it hanging."""
         if self.dead_reason is not None or self._closed:
             return
         dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
-        if not dead:
+        if dead:
+            self._engine_failed(f"the scheduler process died "
+                                f"({', '.join(f'tp rank {r}: exit code {c}' for r, c in dead)})")
+
+    def _engine_failed(self, reason: str) -> None:
+        """The scheduler is gone (it reported an error, its watchdog fired, or it was killed): every request in flight
+        fails with ``reason`` (RequestFailedError: HTTP 500), every later one is refused (EngineDeadError: 503)."""
+        if self.dead_reason is not None or self._closed:
             return
-        self.dead_reason = (f"the scheduler process died ({', '.join(f'tp rank {r}: exit code {c}' for r, c in dead)});"
-                            " restart the server")
-        logger.error(self.dead_reason)
+        self.dead_reason = f"{reason}; the engine is dead, restart the server"
+        logger.error("engine failed: %s", reason)
         self._fail_pending(self.dead_reason)
 
     def _fail_request(self, rid: str, reason: str) -> None:
         """Fail one request and tell the scheduler to drop it (its KV is freed at once)."""
         with self._lock:
             state = self._states.pop(rid, None)
+            self._queued.discard(rid)
         if state is not None:
             state.fail(reason)
             self.abort(rid)
@@ -502,6 +572,7 @@ class Engine:
         with self._lock:
             states, self._states = list(self._states.values()), {}
             replies, self._replies = list(self._replies.items()), {}
+            self._queued.clear()
         for state in states:
             state.fail(reason)
         for token, (loop, callback) in replies:
@@ -513,6 +584,10 @@ class Engine:
             state = self._states.get(out.rid)
         if state is None:  # finished here already (stop string), the scheduler's last tokens are dropped
             return
+        if out.new_ids or out.finished_reason is not None:
+            self._queued.discard(out.rid)  # no longer queued: its first token came (or it ended without one)
+        if faults.ACTIVE is not None:
+            faults.ACTIVE.fire("detokenizer", (out.rid,))
         now = time.time()
         if self.metrics is not None:
             self.metrics.on_output(state, out, now)

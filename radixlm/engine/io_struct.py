@@ -74,3 +74,11 @@ class SchedulerInfo:
     max_running_requests: int
     context_length: int
     vocab_size: int
+
+
+@dataclass
+class SchedulerFailure:
+    """The scheduler's last message before it exits on an error (an exception escaping its loop, a watchdog
+    timeout): the front end fails every request in flight with ``reason`` (HTTP 500) and takes no new ones."""
+
+    reason: str

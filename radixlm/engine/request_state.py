@@ -18,8 +18,23 @@ from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.errors import InvalidRequestError
 
 
-class EngineDeadError(RuntimeError):
-    """The scheduler is gone: the request cannot be answered (HTTP 503)."""
+class EngineUnavailableError(RuntimeError):
+    """The engine takes no new request now (HTTP 503).  ``retry_after``: seconds after which a retry may succeed
+    (its queue is full, or the server drains and its load balancer sends the retry elsewhere); None when it will not
+    (the engine is dead)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadError(EngineUnavailableError):
+    """The scheduler is gone or the engine is shut down: no request can be answered any more (HTTP 503)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request after accepting it: the scheduler crashed, hung or was killed while it was in
+    flight, or delivering its output raised (HTTP 500; the message names the error, the log has the traceback)."""
 
 
 def raise_if_rejected(finished_reason: dict[str, Any] | None) -> None:
@@ -42,7 +57,7 @@ class RequestState:
     cached_tokens: int = 0
     logprobs: dict[str, list] | None = None  # accumulated SGLang-style logprob fields, when asked for
     hidden_states: list[list[float]] | None = None  # final hidden state behind each output token, when asked for
-    error: str | None = None  # the engine died before the request finished
+    error: str | None = None  # why the engine failed the request before it finished
     chunks: "queue.Queue[dict[str, Any]]" = field(default_factory=queue.Queue)
     aqueue: "asyncio.Queue[dict[str, Any]] | None" = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -75,7 +90,7 @@ class RequestState:
 
     def result(self) -> dict[str, Any]:
         if self.error is not None:
-            raise EngineDeadError(self.error)
+            raise RequestFailedError(self.error)
         raise_if_rejected(self.finished_reason)
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": self.meta_info()}
 
@@ -97,11 +112,11 @@ class RequestState:
         self.deliver({"error": message})
 
     async def next_chunk(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next chunk for an asyncio consumer; raises ``EngineDeadError`` if the engine died meanwhile, and
+        """The next chunk for an asyncio consumer; raises ``RequestFailedError`` if the engine failed it, and
         ``InvalidRequestError`` if the scheduler rejected the request (``raise_if_rejected``)."""
         chunk = await asyncio.wait_for(self.aqueue.get(), timeout)
         if "error" in chunk:
-            raise EngineDeadError(chunk["error"])
+            raise RequestFailedError(chunk["error"])
         raise_if_rejected(chunk["meta_info"]["finish_reason"])
         return chunk
 

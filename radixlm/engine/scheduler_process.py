@@ -1,11 +1,20 @@
 """The scheduler process: one per TP rank.  Rank 0 receives requests over ZMQ and broadcasts them to the other
-ranks, every rank runs the same ``Scheduler.step()`` in lockstep, and rank 0 sends the new tokens back."""
+ranks, every rank runs the same ``Scheduler.step()`` in lockstep, and rank 0 sends the new tokens back.
+
+Failure contract: an exception escaping the loop is logged with its traceback, rank 0 sends a ``SchedulerFailure``
+naming it (the front end answers every request in flight with a 500), and the process exits with status 1.  With
+``--watchdog-timeout`` a loop that makes no progress for that long while it has work (a hung forward) is ended by
+the watchdog (``radixlm.utils.watchdog``): the stacks of every thread to the log, the same ``SchedulerFailure``,
+exit status 3.  The front end never waits on a dead scheduler either way.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -20,6 +29,7 @@ from radixlm.engine.io_struct import (
     ControlReply,
     ControlRequest,
     GenerateRequest,
+    SchedulerFailure,
     SchedulerInfo,
     TokenOutput,
 )
@@ -27,6 +37,8 @@ from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling.logprobs import RequestLogprobs
 from radixlm.scheduler import Scheduler
+from radixlm.utils import faults
+from radixlm.utils.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +65,32 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
     memory = runner.memory
     ready.send(SchedulerInfo(memory.max_total_num_tokens, memory.max_running_requests,
                              runner.model_config.context_length, runner.model_config.vocab_size))
-    if SchedulerLoop(scheduler, runner.tp, recv, send).run():
+
+    def report_failure(reason: str) -> None:
+        """Tell the front end (rank 0 only) on a socket of its own: the watchdog calls this from its thread while
+        the loop's socket may be in use."""
+        if tp_rank != 0:
+            return
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(out_addr)
+        sock.send_pyobj(SchedulerFailure(reason))
+        sock.close(linger=2000)  # the message must leave before the process does
+
+    watchdog = None
+    if server_args.watchdog_timeout:
+        watchdog = Watchdog(server_args.watchdog_timeout, f"scheduler loop (tp rank {tp_rank})",
+                            on_timeout=report_failure).start()
+    try:
+        clean = SchedulerLoop(scheduler, runner.tp, recv, send, watchdog).run()
+    except Exception as e:
+        logger.exception("the scheduler loop failed; failing every request in flight and exiting")
+        if watchdog is not None:
+            watchdog.stop()
+        report_failure(f"internal error in the scheduler: {type(e).__name__}: {e}")
+        sys.exit(1)
+    if watchdog is not None:
+        watchdog.stop()
+    if clean:
         # Every rank leaves the loop at the same step (the stop message is broadcast), so they can part cleanly;
         # a rank that just exits leaves its peers' NCCL watchdogs polling a store that is gone.
         destroy_tensor_parallel()
@@ -61,8 +98,9 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
 
 class SchedulerLoop:
     def __init__(self, scheduler: Scheduler, tp: TPGroup, recv: zmq.Socket | None,
-                 send: zmq.Socket | None):
+                 send: zmq.Socket | None, watchdog: Watchdog | None = None):
         self.scheduler = scheduler
+        self.watchdog = watchdog
         self.recv, self.send = recv, send
         self.tp = tp
         self.reqs: dict[str, Req] = {}
@@ -76,11 +114,18 @@ class SchedulerLoop:
     def run(self) -> bool:
         """Serve until the front end says stop (returns True) or goes away (False: an orphan stops at once)."""
         while os.getppid() == self.parent_pid:
-            messages = self._receive(block=self.scheduler.is_idle())
+            if self.watchdog is not None:
+                self.watchdog.beat()
+            idle = self.scheduler.is_idle()
+            # An idle loop may wait for requests for good (rank 0 on its socket, the other ranks in the broadcast)
+            with self.watchdog.idle() if idle and self.watchdog is not None else contextlib.nullcontext():
+                messages = self._receive(block=idle)
             if messages is None:
                 return True
             for msg in messages:
                 self._handle(msg)
+            if faults.ACTIVE is not None and self.reqs:
+                faults.ACTIVE.fire("scheduler.step", self.reqs)
             if self.scheduler.step():
                 self._steps += 1
                 if self.log_interval > 0 and self._steps % self.log_interval == 0:

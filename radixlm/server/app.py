@@ -1,9 +1,14 @@
-"""The FastAPI application: routes, API-key check, and the mapping of every failure to an OpenAI-style error.
+"""The FastAPI application: routes, the plain ASGI middlewares around them (API key, body size limit, the count of
+requests being served, internal errors), and the mapping of every failure to an OpenAI-style error.
 
 Errors: a malformed body, a wrong type or an invalid value (pydantic's validation errors and
 ``InvalidRequestError``, nothing else) is a 400 whose message names the field; a missing or wrong API key a 401; an
-unknown route a 404; a dead scheduler a 503; any other exception is a bug, a 500 whose traceback goes to the log.
-None of them affects other requests.
+unknown route a 404; a body over ``--max-request-body-bytes`` a 413; a request the engine cannot take now a 503
+(with ``Retry-After`` when the queue is full or the server drains; without when the engine is dead); a request the
+engine failed after accepting it (a scheduler crash, hang or kill, an error delivering its output) a 500 naming the
+error; any other exception is a bug, a 500 whose traceback goes to the log.  A stream that fails after its first
+bytes ends with an error event (``data: {"error": ...}``) and ``data: [DONE]``, never a dropped connection.  None of
+them affects other requests.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from radixlm.engine.request_state import EngineDeadError
+from radixlm.engine.request_state import EngineUnavailableError, RequestFailedError
 from radixlm.errors import InvalidRequestError
 from radixlm.server.native_api import NativeServing
 from radixlm.server.openai_api import OpenAIServing
@@ -56,42 +61,129 @@ def error(status: int, message: str, param: str | None = None) -> JSONResponse:
 def respond(result: Any) -> Any:
     """A handler's result: an async iterator of SSE lines becomes a streaming response."""
     if isinstance(result, AsyncIterator):
-        return StreamingResponse(_error_events(result), media_type="text/event-stream",
+        return StreamingResponse(_ending_in_error_event(result), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return JSONResponse(result)
 
 
-async def _error_events(stream: AsyncIterator[str]) -> AsyncIterator[str]:
-    """A stream whose request fails after the headers went out (200) ends with the error it would have got as a
-    status (400 for a client mistake found by the scheduler, such as a grammar that does not compile in time;
-    503 for a dead engine): one ``data: {"error": {...}}`` event with the OpenAI error body, then ``[DONE]``."""
+async def _ending_in_error_event(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream whose status line is gone already (200) can only report a failure in-band: one
+    ``data: {"error": {...}}`` event with the OpenAI error body of the status it would have got, then ``[DONE]``, as
+    OpenAI-compatible servers do (the ``openai`` client raises it as an APIError).  400 for a client mistake the
+    scheduler found (a grammar that does not compile, or not in time), 500 for a request the engine failed, 503 for
+    an engine that takes no requests."""
     try:
-        async for line in stream:
+        async for line in lines:
             yield line
-    except InvalidRequestError as e:
-        yield sse(error_body(str(e), 400, e.param))
-        yield "data: [DONE]\n\n"
-    except EngineDeadError as e:
-        yield sse(error_body(str(e), 503))
+    except Exception as exc:
+        param = None
+        if isinstance(exc, InvalidRequestError):
+            status, message, param = 400, str(exc), exc.param
+        elif isinstance(exc, RequestFailedError):
+            status, message = 500, str(exc)
+        elif isinstance(exc, EngineUnavailableError):
+            status, message = 503, str(exc)
+        else:
+            logger.error("internal error while streaming a response", exc_info=exc)
+            status, message = 500, _internal_error_message(exc)
+        yield sse(error_body(message, status, param))
         yield "data: [DONE]\n\n"
 
 
 class ApiKeyMiddleware:
-    """``Authorization: Bearer <key>`` on every route but ``OPEN_ROUTES``.  Plain ASGI, so that streaming and
+    """``Authorization: Bearer <key>`` on every route but ``OPEN_ROUTES``, compared in constant time (bytes, so any
+    key, ASCII or not, and any header a client sends are compared the same way).  Plain ASGI, so that streaming and
     client-disconnect detection pass through untouched."""
 
     def __init__(self, app: Any, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = given.partition(b" ")
+            # compare_digest runs whatever the scheme, so the time taken says nothing about the header either
+            if not hmac.compare_digest(token.strip(), self.expected) or scheme.lower() != b"bearer":
                 response = error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """A request body over ``max_bytes`` is a 413, judged from its ``Content-Length`` before anything is read, and
+    while it arrives (a chunked upload has none, and a client may send more than it announced): the handler reading
+    the body stops at the first chunk past the limit.  Plain ASGI, as ``ApiKeyMiddleware``."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        body = error_body(f"the request body is larger than {self.max_bytes} bytes (--max-request-body-bytes)", 413)
+        body["error"]["type"] = "invalid_request_error"
+        return JSONResponse(body, status_code=413)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        announced = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if announced.isdigit() and int(announced) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def send_tracking(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, send_tracking)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._too_large()(scope, receive, send)
+
+
+class InFlight:
+    """The number of HTTP requests being served (their responses not yet written to the end): the drain and the exit
+    after an engine failure wait for it to reach 0."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class InFlightMiddleware:
+    def __init__(self, app: Any, in_flight: InFlight):
+        self.app = app
+        self.in_flight = in_flight
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.in_flight.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.count -= 1
 
 
 class InternalErrorMiddleware:
@@ -124,11 +216,15 @@ class InternalErrorMiddleware:
 
 def internal_error(exc: Exception) -> JSONResponse:
     """The 500 for a bug: the exception's type and the first line of its message, never its traceback."""
+    return error(500, _internal_error_message(exc))
+
+
+def _internal_error_message(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()
     summary = type(exc).__name__ + (f": {lines[0]}" if lines else "")
     if len(summary) > INTERNAL_ERROR_MESSAGE_CHARS:
         summary = summary[:INTERNAL_ERROR_MESSAGE_CHARS] + "..."
-    return error(500, f"internal server error: {summary}")
+    return f"internal server error: {summary}"
 
 
 def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
@@ -138,9 +234,13 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     native = NativeServing(engine, model_name)
     app = FastAPI(title="radixlm", version=_version())
     created = int(time.time())
+    app.state.in_flight = InFlight()
 
+    # Innermost first: the body limit applies to authorized requests only (an unauthorized body is never read).
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_bytes)
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
+    app.add_middleware(InFlightMiddleware, in_flight=app.state.in_flight)
     app.add_middleware(InternalErrorMiddleware)
 
     @app.exception_handler(RequestValidationError)
@@ -152,9 +252,16 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     async def on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
         return error(400, str(exc), exc.param)
 
-    @app.exception_handler(EngineDeadError)
-    async def on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error(503, str(exc))
+    @app.exception_handler(EngineUnavailableError)
+    async def on_unavailable(request: Request, exc: EngineUnavailableError) -> JSONResponse:
+        response = error(503, str(exc))
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.exception_handler(RequestFailedError)
+    async def on_failed(request: Request, exc: RequestFailedError) -> JSONResponse:
+        return error(500, str(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def on_gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
@@ -209,7 +316,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Any:
-        engine.check_ready()
+        engine.check_admitting()  # a draining server answers 503, so that load balancers take it out
         return JSONResponse({})
 
     @app.get("/health_generate")

@@ -53,7 +53,7 @@ def test_hidden_states_on_request(engine, embedded_hf_model):
 def test_an_internal_error_fails_its_request_not_the_engine(engine, monkeypatch):
     """A bug while delivering one request's output fails that request (with a message) and frees its KV; the
     engine keeps serving."""
-    from radixlm.engine.request_state import EngineDeadError
+    from radixlm.engine.request_state import RequestFailedError
 
     deliver = engine._apply
     broken = {"on": True}
@@ -64,7 +64,7 @@ def test_an_internal_error_fails_its_request_not_the_engine(engine, monkeypatch)
         deliver(out)
 
     monkeypatch.setattr(engine, "_apply", failing)
-    with pytest.raises(EngineDeadError, match="internal error"):
+    with pytest.raises(RequestFailedError, match="internal error"):
         engine.generate("The capital of France is", {"max_new_tokens": 4, "temperature": 0})
     broken["on"] = False
     out = engine.generate("The capital of France is", {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
