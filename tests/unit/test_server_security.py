@@ -174,3 +174,48 @@ def test_a_body_over_the_limit_is_413_from_its_length_or_while_it_streams() -> N
     # at the limit: served
     small = json.dumps({"tokens": [72, 73]}).encode()
     assert request(app, "POST", "/v1/detokenize", [small[:10], small[10:]])[:2] == (200, {"text": "HI"})
+
+
+# ---------------------------------------------------------------------------------------------------- chat templates
+def _render(chat_template: str | None, content: str, **body: Any) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from radixlm.models.embedded import embedded_model_path
+    from radixlm.server.openai_api import OpenAIServing
+    from radixlm.server.protocol import ChatCompletionRequest
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    engine = SimpleNamespace(server_args=SimpleNamespace(tool_call_parser="hermes"),
+                             require_tokenizer=lambda: tokenizer)
+    serving = OpenAIServing(engine, "m", chat_template)  # type: ignore[arg-type]
+    request_body = ChatCompletionRequest(messages=[{"role": "user", "content": content}], **body)
+    return tokenizer.decode(serving._render_chat(request_body, tools=False))
+
+
+ESCAPES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ messages.__class__.__init__.__globals__ }}",
+    "{% for c in [].__class__.__base__.__subclasses__() %}{{ c }}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("template", ESCAPES)
+def test_chat_templates_render_in_a_sandbox(template: str) -> None:
+    """transformers renders chat templates in jinja2's ImmutableSandboxedEnvironment: even an operator's
+    --chat-template cannot reach Python internals; the request is refused with a 400."""
+    from radixlm.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="chat template"):
+        _render(template, "hi")
+
+
+def test_request_fields_cannot_inject_a_template() -> None:
+    from radixlm.errors import InvalidRequestError
+
+    # a message is data: Jinja syntax in it is copied, never evaluated
+    text = _render(None, "{{ 7 * 7 }} {% raw %}")
+    assert "{{ 7 * 7 }} {% raw %}" in text and "49" not in text
+    # chat_template_kwargs are template variables; they cannot replace the template
+    with pytest.raises(InvalidRequestError):
+        _render(None, "hi", chat_template_kwargs={"chat_template": ESCAPES[1]})
