@@ -186,7 +186,7 @@ def _render(chat_template: str | None, content: str, **body: Any) -> list[int]:
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     engine = SimpleNamespace(server_args=SimpleNamespace(tool_call_parser="hermes"),
-                             require_tokenizer=lambda: tokenizer)
+                             require_tokenizer=lambda: tokenizer, check_prompt_chars=lambda chars, param: None)
     serving = OpenAIServing(engine, "m", chat_template)  # type: ignore[arg-type]
     request_body = ChatCompletionRequest(messages=[{"role": "user", "content": content}], **body)
     return tokenizer.decode(serving._render_chat(request_body, tools=False))
