@@ -8,6 +8,7 @@ before top-k/top-p/min-p truncation); prompt logprobs from the model's raw distr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,9 @@ from radixlm.errors import InvalidRequestError
 from radixlm.utils.device import to_device_async
 
 Entry = tuple[float | None, int]
+# The logprob reported for an impossible token (-inf, or NaN when nothing was possible): finite, because JSON
+# has no infinity; the value vLLM's OpenAI server reports for the same case.
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass
@@ -134,12 +138,22 @@ class LogprobTensors:
                               opt(self.by_ids), self.ids)
 
     def values(self) -> LogprobValues:
-        """Read on the host (call once the copy has completed)."""
+        """Read on the host (call once the copy has completed).
+
+        A token that a grammar or ``min_tokens`` forbids has logprob -inf, which JSON cannot carry: it is left
+        out of the top-k alternatives (it is no alternative; the list may come out shorter than asked) and
+        reported as ``LOGPROB_FLOOR`` where a token was named (the chosen one, ``token_ids_logprob``)."""
         n = self.token_ids.numel()
         tops: list[list[Entry]] = [[] for _ in range(n)]
         if self.top_values is not None:
-            tops = [list(zip(v, i)) for v, i in zip(self.top_values.tolist(), self.top_indices.tolist())]
+            tops = [[(v, t) for v, t in zip(vs, ts) if math.isfinite(v)]
+                    for vs, ts in zip(self.top_values.tolist(), self.top_indices.tolist())]
         by_ids: list[list[Entry]] = [[] for _ in range(n)]
         if self.by_ids is not None:
-            by_ids = [list(zip(v, self.ids)) for v in self.by_ids.tolist()]
-        return LogprobValues(list(zip(self.chosen.tolist(), self.token_ids.tolist())), tops, by_ids)
+            by_ids = [[(_finite(v), t) for v, t in zip(vs, self.ids)] for vs in self.by_ids.tolist()]
+        return LogprobValues([(_finite(v), t) for v, t in zip(self.chosen.tolist(), self.token_ids.tolist())],
+                             tops, by_ids)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
