@@ -163,9 +163,16 @@ class GrammarBackend:
     def _compile(self, spec: GrammarSpec) -> Any:
         _, compile_method, options = _XGRAMMAR_CALLS[spec.kind]
         try:
-            return getattr(self._get_compiler(), compile_method)(spec.text, **options)
+            compiled = getattr(self._get_compiler(), compile_method)(spec.text, **options)
         except Exception as e:  # the request's grammar, not the compiler, is at fault
             raise InvalidRequestError(f"invalid {spec.kind}: {_message(e)}", spec.kind) from e
+        # A grammar that parses can still match nothing (`root ::= a  a ::= a`): it would leave no token to
+        # sample from, so it fails here, once per spec, instead of at the request's first step.
+        first = torch.zeros((1, -(-self._vocab_size // 32)), dtype=torch.int32)
+        new_matcher(compiled).fill_next_token_bitmask(first, 0)
+        if not first.any():
+            raise InvalidRequestError(f"invalid {spec.kind}: it matches no text at all", spec.kind)
+        return compiled
 
     def _get_compiler(self) -> Any:
         with self._compiler_lock:
