@@ -147,8 +147,10 @@ class OpenAIServing:
                 chat_template=self.chat_template, tools=body.tools if tools else None,
                 **(body.chat_template_kwargs or {}))
         # A template rejects a conversation with a TemplateError (its raise_exception, an undefined it needs); a
-        # message or tool of the wrong shape fails inside a filter (tojson of an undefined) with a TypeError.
-        except (jinja2.TemplateError, TypeError) as e:
+        # message or tool of the wrong shape fails inside a filter (tojson of an undefined) with a TypeError;
+        # chat_template_kwargs that transformers cannot combine (continue_final_message with a generation prompt,
+        # return_assistant_tokens_mask without tokenizing) raise a ValueError.
+        except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise InvalidRequestError(f"the chat template rejected these messages: {e}", "messages") from e
         return tokenizer(text, add_special_tokens=False).input_ids
 
