@@ -205,6 +205,11 @@ class Engine:
     def scheduler_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
+    def num_tracked_requests(self) -> int:
+        """Requests this front end still waits on (0 when idle: a finished or failed request is forgotten)."""
+        with self._lock:
+            return len(self._states)
+
     def abort_all(self) -> None:
         """Stop every request in flight."""
         with self._lock:

@@ -182,7 +182,7 @@ class SchedulerLoop:
             return ControlReply(msg.token, ok, {"message": "cache flushed" if ok else
                                                 "requests are in flight; the cache was not flushed"})
         if msg.kind == "get_state":
-            return ControlReply(msg.token, True, self.scheduler.state())
+            return ControlReply(msg.token, True, {**self.scheduler.state(), "num_tracked_reqs": len(self.reqs)})
         return ControlReply(msg.token, False, {"message": f"unknown control request {msg.kind!r}"})
 
     def _send_outputs(self) -> None:

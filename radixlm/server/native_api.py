@@ -78,5 +78,6 @@ class NativeServing:
         info.update(version=__version__, max_total_num_tokens=self.engine.info.max_total_num_tokens,
                     max_running_requests=self.engine.info.max_running_requests,
                     context_length=self.engine.info.context_length, internal_states=[reply.payload],
-                    scheduler_pids=self.engine.scheduler_pids())
+                    scheduler_pids=self.engine.scheduler_pids(),
+                    num_frontend_reqs=self.engine.num_tracked_requests())
         return info
