@@ -56,6 +56,9 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
         ready.send(f"{type(e).__name__}: {e}")
         raise
     ctx = zmq.Context()
+    # zmq's default linger waits forever to deliver queued outputs at exit: an orphan (front end killed) would
+    # never exit, the peer being gone.
+    ctx.setsockopt(zmq.LINGER, 0)
     recv = send = None
     if tp_rank == 0:
         recv = ctx.socket(zmq.PULL)

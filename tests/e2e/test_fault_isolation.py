@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -171,3 +173,40 @@ def test_client_that_stops_reading_a_stream(server, alone):
     finally:
         sock.close()
     assert_idle(server)  # closing the connection releases whatever the stalled stream still held
+
+
+# ---------------------------------------------------------------------------------------------------- front end
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (a container's init may not reap the orphans it adopts)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split()[1] == "Z" for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        return True
+
+
+def test_scheduler_exits_when_the_front_end_is_killed_mid_stream():
+    """SIGKILL of the server while a request streams: its scheduler notices the orphaning and exits.  (Its last
+    outputs, queued for the dead front end, used to block zmq's context termination forever -- a 2 GB process
+    left behind.)"""
+    s = LiveServer("--max-total-tokens", "4096")
+    try:
+        pids = s.server_info()["scheduler_pids"]
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        body = json.dumps({"text": "Once upon a time", "stream": True,
+                           "sampling_params": {"max_new_tokens": 256, "ignore_eos": True}}).encode()
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.settimeout(HANG_TIMEOUT_S)
+        assert sock.recv(1, socket.MSG_PEEK)  # streaming: the scheduler is sending outputs
+        s.proc.kill()
+        s.proc.wait()
+        sock.close()
+        deadline = time.monotonic() + IDLE_TIMEOUT_S
+        while not all(exited(pid) for pid in pids):
+            assert time.monotonic() < deadline, f"scheduler {pids} still alive {IDLE_TIMEOUT_S} s after its parent died"
+            time.sleep(0.2)
+    finally:
+        for pid in pids if "pids" in locals() else []:
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
+        s.stop()
