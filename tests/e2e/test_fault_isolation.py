@@ -85,25 +85,24 @@ def assert_idle(server) -> None:
 # ---------------------------------------------------------------------------------------------------- grammars
 def test_unsatisfiable_grammar_fails_alone(server, alone):
     """A grammar that parses but matches nothing passes the front end's check and fails when the scheduler
-    compiles it (an abort naming the problem; before, the request sampled from an all -inf distribution)."""
+    compiles it: a 400 naming the problem, like any grammar the scheduler rejects (before, the request sampled
+    from an all -inf distribution)."""
     def fault() -> dict:
         status, out = server.request("POST", "/generate", {
             "text": "Hi", "sampling_params": {"ebnf": UNSATISFIABLE, "max_new_tokens": 8, "temperature": 0.7},
             "return_logprob": True, "top_logprobs_num": 3}, timeout=HANG_TIMEOUT_S)
-        assert status == 200, out
+        assert status == 400, out
         return out
 
     out = with_neighbours(server, alone, fault)
-    reason = out["meta_info"]["finish_reason"]
-    assert reason["type"] == "abort" and "matches no text" in reason["message"], reason
-    assert out["output_ids"] == [] and out["text"] == ""
+    assert "matches no text" in out["error"]["message"] and out["error"]["param"] == "ebnf", out
 
 
 def test_unsatisfiable_grammar_through_the_openai_api(server):
     status, out = server.request("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 4,
                                                               "ebnf": UNSATISFIABLE})
-    assert status == 200, out
-    assert out["choices"][0]["finish_reason"] == "abort" and out["choices"][0]["text"] == ""
+    assert status == 400, out
+    assert "matches no text" in out["error"]["message"] and out["error"]["param"] == "ebnf", out
 
 
 def test_top_logprobs_of_a_constrained_request(server, alone):
