@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixlm.engine.request_state import EngineUnavailableError, RequestFailedError
@@ -40,7 +42,7 @@ from radixlm.server.protocol import (
     TokenizeRequest,
     error_body,
 )
-from radixlm.server.streams import ClientDisconnected, sse
+from radixlm.server.streams import ClientDisconnected, json_text, sse
 
 if TYPE_CHECKING:
     from radixlm.engine.engine import Engine
@@ -52,10 +54,19 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 # Routes that answer without an API key (load balancers probe them).
 OPEN_ROUTES = frozenset({"/health"})
 INTERNAL_ERROR_MESSAGE_CHARS = 200  # of "<type>: <message>" in a 500's body
+ECHOED_INPUT_CHARS = 200  # of the invalid value a 400's message quotes
+
+
+class StrictJSONResponse(JSONResponse):
+    """JSON that every client parses: no ``NaN``/``Infinity`` tokens (``json_text``), where Starlette's own
+    encoder raises on them (a 500 for an answer that was fine)."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content, separators=(",", ":")).encode("utf-8")
 
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status)
+    return StrictJSONResponse(error_body(message, status, param), status_code=status)
 
 
 def respond(result: Any) -> Any:
@@ -63,7 +74,7 @@ def respond(result: Any) -> Any:
     if isinstance(result, AsyncIterator):
         return StreamingResponse(_ending_in_error_event(result), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(result)
+    return StrictJSONResponse(result)
 
 
 async def _ending_in_error_event(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -232,9 +243,10 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     model_name = engine.model_name
     openai = OpenAIServing(engine, model_name, chat_template)
     native = NativeServing(engine, model_name)
-    app = FastAPI(title="radixlm", version=_version())
+    app = FastAPI(title="radixlm", version=_version(), default_response_class=StrictJSONResponse)
     created = int(time.time())
     app.state.in_flight = InFlight()
+    bodies = BodySchemas()
 
     # Innermost first: the body limit applies to authorized requests only (an unauthorized body is never read).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_bytes)
@@ -272,12 +284,12 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         return error(exc.status_code, str(exc.detail))
 
     # ------------------------------------------------------------------ OpenAI
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=bodies(ChatCompletionRequest))
     async def chat_completions(raw: Request) -> Any:
         body = await parse_body(raw, ChatCompletionRequest)
         return respond(await openai.chat(body, raw))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=bodies(CompletionRequest))
     async def completions(raw: Request) -> Any:
         body = await parse_body(raw, CompletionRequest)
         return respond(await openai.completions(body, raw))
@@ -288,14 +300,14 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
                                             "owned_by": "radixlm", "root": engine.model_path,
                                             "max_model_len": engine.info.context_length}]}
 
-    @app.post("/v1/tokenize")
+    @app.post("/v1/tokenize", openapi_extra=bodies(TokenizeRequest))
     async def tokenize(raw: Request) -> Any:
         body = await parse_body(raw, TokenizeRequest)
         encoded = await asyncio.to_thread(engine.require_tokenizer(), body.prompt, add_special_tokens=body.add_special_tokens)
         ids = encoded.input_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.info.context_length}
 
-    @app.post("/v1/detokenize")
+    @app.post("/v1/detokenize", openapi_extra=bodies(DetokenizeRequest))
     async def detokenize(raw: Request) -> Any:
         body = await parse_body(raw, DetokenizeRequest)
         bad = [t for t in body.tokens if not 0 <= t < engine.info.vocab_size]
@@ -304,7 +316,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         return {"text": await asyncio.to_thread(engine.require_tokenizer().decode, body.tokens)}
 
     # ------------------------------------------------------------------ native (SGLang)
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=bodies(GenerateRequestBody))
     async def generate(raw: Request) -> Any:
         body = await parse_body(raw, GenerateRequestBody)
         return respond(await native.generate(body, raw))
@@ -337,7 +349,8 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         engine.check_ready()
         return await native.server_info()
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.get("/flush_cache")
+    @app.post("/flush_cache")
     async def flush_cache() -> Any:
         engine.check_ready()
         reply = await engine.async_control("flush_cache")
@@ -345,7 +358,7 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
             return error(400, reply.payload["message"])
         return JSONResponse({"message": reply.payload["message"]})
 
-    @app.post("/abort_request")
+    @app.post("/abort_request", openapi_extra=bodies(AbortRequestBody))
     async def abort_request(raw: Request) -> Any:
         body = await parse_body(raw, AbortRequestBody)
         engine.check_ready()
@@ -357,7 +370,38 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
             raise InvalidRequestError("give rid, or abort_all: true", "rid")
         return JSONResponse({})
 
+    bodies.publish(app)
     return app
+
+
+class BodySchemas:
+    """The request bodies of ``/openapi.json``.  Routes parse their bodies themselves (``parse_body``: any
+    Content-Type, an empty body is ``{}``), which FastAPI's own body parameters would not; so each route declares its
+    model through ``openapi_extra=bodies(Model)``, and ``publish`` adds the models' JSON schemas (and those of the
+    models inside them) under ``components/schemas``."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, type[BaseModel]] = {}
+
+    def __call__(self, model: type[BaseModel]) -> dict[str, Any]:
+        """``openapi_extra`` for a route whose JSON body is ``model``; required when the model has a required field
+        (an empty body, read as ``{}``, fails validation then)."""
+        self.models[model.__name__] = model
+        required = any(field.is_required() for field in model.model_fields.values())
+        return {"requestBody": {"required": required, "content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+    def publish(self, app: FastAPI) -> None:
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+                _, defs = models_json_schema([(m, "validation") for m in self.models.values()],
+                                             ref_template="#/components/schemas/{model}")
+                schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def parse_body(raw: Request, model: type[BodyT]) -> BodyT:
@@ -379,7 +423,10 @@ def _describe(problems: Any) -> tuple[str, str | None]:
     if first.get("type") == "missing":
         return f"missing required field {param!r}", param
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-    return f"{param or 'body'}: {first.get('msg')}; got {first.get('input')!r}{more}", param
+    got = repr(first.get("input"))
+    if len(got) > ECHOED_INPUT_CHARS:  # a 1 MB string is not echoed back in full
+        got = f"{got[:ECHOED_INPUT_CHARS]}... ({len(got)} characters)"
+    return f"{param or 'body'}: {first.get('msg')}; got {got}{more}", param
 
 
 def _version() -> str:
