@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import types
 from dataclasses import dataclass
@@ -211,6 +212,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not _has_type(value, hint):
                 raise InvalidRequestError(f"{name} must be {_type_name(hint)}, got {value!r}", name)
+            # NaN and Infinity (JSON tokens some parsers accept) pass the range checks below as NaN logits would
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequestError(f"{name} must be a finite number, got {value}", name)
 
     def _verify_logit_bias(self, vocab_size: int | None) -> None:
         if self.logit_bias is None:

@@ -46,6 +46,10 @@ def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -
     return (bits.to(torch.float64) + 0.5) * (2.0**-52)
 
 
+# Far above any real logit (exp saturates long before), far below float32's max even after temperature (>= 1e-6).
+PENALIZED_LOGIT_MAX = 1e4
+
+
 class Sampler:
     """Turns final-position logits into next tokens for a whole batch.
 
@@ -84,8 +88,11 @@ class Sampler:
             assert info.prompt_mask is not None and info.output_counts is not None
             seen = info.prompt_mask | (info.output_counts > 0)  # [bs, vocab]
             rep = info.repetition_penalties.view(-1, 1)  # [bs, 1]
-            # Dividing positive and multiplying negative logits both make the token less likely.
-            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            # Dividing positive and multiplying negative logits both make the token less likely.  A penalty near
+            # 0 (allowed: it favours seen tokens) would divide by a float32 0 or overflow to inf, and inf logits
+            # are NaN probabilities: the penalty is floored and the boosted logit capped.
+            rep = rep.clamp(min=torch.finfo(logits.dtype).tiny)
+            penalized = torch.where(logits > 0, (logits / rep).clamp(max=PENALIZED_LOGIT_MAX), logits * rep)
             logits = torch.where(seen, penalized, logits)
         if info.frequency_penalties is not None:
             assert info.output_counts is not None

@@ -49,7 +49,8 @@ def _log_unknown_field(where: str, name: str) -> None:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and Infinity (JSON tokens pydantic accepts, and 1e999) are no sampling parameter: a 400, not NaN logits
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     where: ClassVar[str] = "request bodies"  # what the unknown-field warning names
 
     @model_validator(mode="wrap")

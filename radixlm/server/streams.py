@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,31 @@ class ClientDisconnected(Exception):
     """The client closed the connection; its requests have been aborted."""
 
 
+# JSON has no infinities: a logprob of -inf (a token that a grammar, top-k/min-p or logit_bias rules out, yet in a
+# top-k list or asked for by id) is written as OpenAI writes it, -9999.0.
+LOGPROB_FLOOR = -9999.0
+
+
+def json_text(obj: Any, separators: tuple[str, str] | None = None) -> str:
+    """``obj`` as strict JSON (what every client parses): -inf/+inf become -/+``LOGPROB_FLOOR``, NaN null."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=separators)
+    except ValueError:  # only non-finite floats get here; the walk is paid by the rare answer that has one
+        return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, separators=separators)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else math.copysign(-LOGPROB_FLOOR, obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json_text(obj)}\n\n"
 
 
 async def merge_streams(engine: "Engine", states: list["RequestState"]) -> AsyncIterator[tuple[int, dict]]:
