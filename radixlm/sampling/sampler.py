@@ -127,6 +127,7 @@ class Sampler:
                 mass_before = cumulative - kept  # exactly 0 for rank 0, so it is always kept
                 budget = info.top_ps.view(-1, 1) * cumulative[:, -1:]
                 keep_sorted &= mass_before < budget
+                keep_sorted[:, 0] = True  # also when top_p underflows to 0 in float32 (5e-324): budget 0
             keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
             probs = probs.masked_fill(~keep, 0.0)
         if info.need_min_p:

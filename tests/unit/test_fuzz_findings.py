@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,3 +67,12 @@ def test_a_tiny_repetition_penalty_keeps_logits_finite() -> None:
     assert out[0, 0] == PENALIZED_LOGIT_MAX and out[0, 2] == 1.0 and out[0, 3] == float("-inf")
     assert -1e-30 < out[0, 1] <= 0
     assert not torch.isnan(torch.softmax(out / 1e-6, dim=-1)).any()
+
+
+def test_a_tiny_top_p_keeps_the_top_token() -> None:
+    """top_p 5e-324 (valid: in (0, 1]) is 0 in float32: the top-p budget was 0, no token survived the filter, the
+    sampler picked an arbitrary one and a grammar request aborted."""
+    probs = torch.tensor([[0.1, 0.6, 0.3]])
+    info = SimpleNamespace(need_top_k=False, need_top_p=True, need_min_p=False, vocab_size=3,
+                           top_ps=torch.tensor([5e-324], dtype=torch.float32))
+    assert Sampler._filter(probs, info).tolist() == [[0.0, pytest.approx(0.6), 0.0]]
