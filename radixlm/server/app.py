@@ -374,11 +374,20 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
     return app
 
 
+# ``error_body``'s shape, OpenAI's error object
+ERROR_RESPONSE_SCHEMA = {
+    "type": "object", "required": ["error"], "title": "ErrorResponse",
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "code": {"type": "integer"}}}},
+}
+
+
 class BodySchemas:
     """The request bodies of ``/openapi.json``.  Routes parse their bodies themselves (``parse_body``: any
     Content-Type, an empty body is ``{}``), which FastAPI's own body parameters would not; so each route declares its
     model through ``openapi_extra=bodies(Model)``, and ``publish`` adds the models' JSON schemas (and those of the
-    models inside them) under ``components/schemas``."""
+    models inside them) under ``components/schemas``, with ``ErrorResponse``, the body of a 400 to such a body."""
 
     def __init__(self) -> None:
         self.models: dict[str, type[BaseModel]] = {}
@@ -389,7 +398,10 @@ class BodySchemas:
         self.models[model.__name__] = model
         required = any(field.is_required() for field in model.model_fields.values())
         return {"requestBody": {"required": required, "content": {"application/json": {"schema": {
-            "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+            "$ref": f"#/components/schemas/{model.__name__}"}}}},
+                "responses": {"400": {"description": "Invalid request (the field is named in error.param)",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/ErrorResponse"}}}}}}
 
     def publish(self, app: FastAPI) -> None:
         def openapi() -> dict[str, Any]:
@@ -397,7 +409,8 @@ class BodySchemas:
                 schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
                 _, defs = models_json_schema([(m, "validation") for m in self.models.values()],
                                              ref_template="#/components/schemas/{model}")
-                schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+                components = schema.setdefault("components", {}).setdefault("schemas", {})
+                components.update(defs.get("$defs", {}), ErrorResponse=ERROR_RESPONSE_SCHEMA)
                 app.openapi_schema = schema
             return app.openapi_schema
 

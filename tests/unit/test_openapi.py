@@ -132,6 +132,17 @@ def test_bodies_parse_whatever_the_content_type(content_type: str | None) -> Non
     assert call(app, "POST", "/v1/detokenize", b'{"tokens": [72, 73]}', content_type) == (200, {"text": "HI"})
 
 
+def test_a_400_matches_the_published_error_schema(spec: dict[str, Any]) -> None:
+    components = spec["components"]["schemas"]
+    ref = spec["paths"]["/generate"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ErrorResponse"
+    status, out = call(create_app(StubEngine()), "POST", "/v1/chat/completions", b'{"messages": 1}')  # type: ignore[arg-type]
+    assert status == 400
+    jsonschema.validate(out, components["ErrorResponse"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": {"message": "m"}}, components["ErrorResponse"])
+
+
 def test_empty_bodies_and_bad_json_keep_their_answers() -> None:
     app = create_app(StubEngine())  # type: ignore[arg-type]
     assert call(app, "POST", "/v1/tokenize") == (400, {"error": {
