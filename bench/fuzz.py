@@ -64,9 +64,9 @@ class Target:
 
 
 def fuzz_route(target: Target, spec: dict, route: tuple[str, str], cases: int, seed_value: int,
-               statuses: collections.Counter, notes: collections.Counter) -> str | None:
-    """Run ``cases`` cases on ``route``; the minimized failure, or None."""
-    last_failure: list[str] = []
+               statuses: collections.Counter) -> str | None:
+    """Run ``cases`` cases on ``route``; the failure (as first seen and as minimized), or None."""
+    failures: list[str] = []  # first seen, then each smaller one Hypothesis tries
 
     @seed(seed_value)
     @settings(max_examples=cases, deadline=None, database=None, report_multiple_bugs=False,
@@ -76,18 +76,21 @@ def fuzz_route(target: Target, spec: dict, route: tuple[str, str], cases: int, s
         try:
             reply = api_fuzz.call(target.port, case)
             statuses[reply.status] += 1
-            notes[case.note] += 1
             api_fuzz.check(case, reply)
         except (api_fuzz.Violation, OSError) as e:
-            last_failure[:] = [f"{type(e).__name__}: {e}" if not isinstance(e, api_fuzz.Violation) else str(e)]
-            if not isinstance(e, api_fuzz.Violation):
-                last_failure[0] += f"\n    case: {case.show()}"
+            text = str(e) if isinstance(e, api_fuzz.Violation) else f"{type(e).__name__}: {e}\n    case: {case.show()}"
+            failures.append(text)
             raise
 
     try:
         run()
-    except Exception as e:  # the failing case, minimized, is the last one that failed
-        return last_failure[0] if last_failure else f"failed outside a call: {type(e).__name__}: {e}"
+    except Exception as e:
+        if not failures:
+            return f"failed outside a call: {type(e).__name__}: {e}"
+        # The minimized case is the last that failed; the first is kept too, since a case that leaves the server
+        # hung or dead makes every later one fail and the "minimized" one meaningless.
+        first, last = failures[0], failures[-1]
+        return last if first == last else f"first seen: {first}\n  minimized: {last}"
     return None
 
 
@@ -108,14 +111,17 @@ def main() -> int:
             per_route = max(1, args.cases // len(routes))
             rows, failures, started = [], [], time.monotonic()
             for i, route in enumerate(routes):
-                statuses, notes = collections.Counter(), collections.Counter()
-                failure = fuzz_route(target, spec, route, per_route, args.seed + i, statuses, notes)
+                statuses: collections.Counter = collections.Counter()
+                failure = fuzz_route(target, spec, route, per_route, args.seed + i, statuses)
                 rows.append((f"{route[0]} {route[1]}", sum(statuses.values()), statuses, failure))
                 if failure:
-                    failures.append((f"{route[0]} {route[1]}", failure))
+                    found = [failure]
                     if not target.healthy():
-                        log = target.restart()
-                        failures.append((f"{route[0]} {route[1]}", f"the server was unhealthy afterwards:\n{log}"))
+                        found.append(f"the server was unhealthy afterwards; its log:\n{target.restart()}")
+                    for text in found:  # now, not only in the summary: a long run may be cut short
+                        print(f"FAILURE {route[0]} {route[1]} ({time.monotonic() - started:.0f} s):\n  {text}\n",
+                              flush=True)
+                        failures.append((f"{route[0]} {route[1]}", text))
             try:
                 idle = api_fuzz.assert_idle(target.port)
                 after = f"healthy and idle after the run (KV: {idle['available_kv_tokens']} free + " \
