@@ -51,6 +51,7 @@ from radixlm.errors import InvalidRequestError
 from radixlm.metrics import MetricsCollector
 from radixlm.models.embedded import embedded_model_path
 from radixlm.sampling import SamplingParams
+from radixlm.sampling.limits import MAX_SEQUENCES
 from radixlm.sampling.logprobs import LogprobOptions
 from radixlm.utils import faults
 
@@ -283,8 +284,10 @@ class Engine:
 
     async def submit(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
                      rids: list[str | None] | None = None, return_hidden_states: bool = False) -> list[RequestState]:
-        """Start prepared requests whose chunks go to the running event loop: ``len(ids) * n`` states."""
-        return self._start(ids, params, options, asyncio.get_running_loop(), rids, return_hidden_states)
+        """Start prepared requests whose chunks go to the running event loop: ``len(ids) * n`` states.  Started
+        on a worker thread: a batch of thousands takes a while to register, and the event loop serves everyone."""
+        return await asyncio.to_thread(self._start, ids, params, options, asyncio.get_running_loop(), rids,
+                                       return_hidden_states)
 
     async def stream_state(self, state: RequestState) -> AsyncIterator[dict[str, Any]]:
         """The chunks of one request (deltas), the last with ``finish_reason`` set.  Closing the iterator before
@@ -360,6 +363,8 @@ class Engine:
             prompts = [prompt] if single else list(prompt)
             if not all(isinstance(p, str) for p in prompts):
                 raise InvalidRequestError("prompt must be a string or a list of strings", "prompt")
+            if len(prompts) > MAX_SEQUENCES:  # before any tokenizing
+                raise InvalidRequestError(f"at most {MAX_SEQUENCES} prompts per request, got {len(prompts)}", source)
             tokenizer = self.require_tokenizer()
             for p in prompts:
                 check_prompt_chars(len(p), self.max_prompt_chars, limit, "prompt")
@@ -370,6 +375,8 @@ class Engine:
         n = len(ids)
         if n == 0:
             raise InvalidRequestError("no prompts given", source)
+        if n > MAX_SEQUENCES:
+            raise InvalidRequestError(f"at most {MAX_SEQUENCES} prompts per request, got {n}", source)
         if isinstance(sampling_params, list):
             if len(sampling_params) != n:
                 raise InvalidRequestError(f"{len(sampling_params)} sampling_params for {n} prompts", "sampling_params")
@@ -382,6 +389,10 @@ class Engine:
             raw = [{**r, **{k: v for k, v in defaults.items() if r.get(k) is None}} if isinstance(r, dict) else r
                    for r in raw]
         params = [self._parse_params(p) for p in raw]
+        sequences = sum(p.n for p in params)
+        if sequences > MAX_SEQUENCES:
+            raise InvalidRequestError(f"at most {MAX_SEQUENCES} sequences (prompts x n) per request, got {sequences}",
+                                      "n")
         vocab = self.info.vocab_size
 
         def is_token(t: Any) -> bool:

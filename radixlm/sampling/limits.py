@@ -5,6 +5,8 @@ One place for the numbers, so that the OpenAI routes (pydantic), the native ``/g
 enough that the per-token work it multiplies stays small:
 
 - ``MAX_N``: copies of one prompt (OpenAI's own bound for ``n``); each copy is a full request.
+- ``MAX_SEQUENCES``: sequences one call may start (prompts of a batch x their ``n``): each costs front-end work
+  and a scheduler entry, and a call's submission is one unit, so it is bounded like a batch a client would send.
 - ``MAX_STOP_STRINGS`` / ``MAX_STOP_STRING_CHARS``: OpenAI allows 4 stop strings; we allow more.  The stop matcher
   costs O(count x length) per token, so both are bounded.
 - ``MAX_STOP_REGEXES`` / ``MAX_STOP_REGEX_CHARS`` / ``MAX_STOP_REGEX_PROGRAM``: the same for ``stop_regex``; the
@@ -18,6 +20,7 @@ enough that the per-token work it multiplies stays small:
 from __future__ import annotations
 
 MAX_N = 128
+MAX_SEQUENCES = 4096
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_REGEXES = 8
