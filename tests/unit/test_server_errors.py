@@ -14,6 +14,7 @@ import pytest
 from radixlm.config import ServerArgs
 from radixlm.engine.engine import Engine
 from radixlm.engine.io_struct import SchedulerInfo
+from radixlm.engine.request_validator import RequestValidator
 from radixlm.server.app import create_app
 
 VOCAB = 100
@@ -28,6 +29,9 @@ class StubTokenizer:
     def __len__(self) -> int:
         return VOCAB
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [chr(i) for i in ids]
+
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
 
@@ -36,10 +40,9 @@ class StubTokenizer:
 
 
 class StubEngine:
-    """What the routes use of an Engine; requests are validated by the real ``Engine.prepare``."""
+    """What the routes use of an Engine; requests are validated by the real ``RequestValidator``."""
 
     prepare = Engine.prepare
-    _parse_params = Engine._parse_params
     require_tokenizer = Engine.require_tokenizer
     check_prompt_chars = Engine.check_prompt_chars
 
@@ -50,7 +53,8 @@ class StubEngine:
         self.tokenizer = StubTokenizer()
         self.info = SchedulerInfo(max_total_num_tokens=1024, max_running_requests=8, context_length=64,
                                   vocab_size=VOCAB)
-        self.max_prompt_chars = 64  # one character per token: context_length x 1
+        self.validator = RequestValidator(self.tokenizer, self.info, self.server_args.grammar_backend)
+        self.validator.max_prompt_chars = 64  # one character per token: context_length x 1
 
     def check_ready(self) -> None:
         pass
@@ -114,12 +118,13 @@ def test_internal_error_is_500_and_the_server_keeps_serving(engine: StubEngine, 
                              "type": "internal_server_error", "param": None, "code": 500}}
     assert "Traceback" in caplog.text and "second line stays in the log" in caplog.text
 
-    engine.tokenizer = SimpleNamespace(decode=lambda ids: (_ for _ in ()).throw(RuntimeError("decoder crashed")))
+    crashing = SimpleNamespace(decode=lambda ids: (_ for _ in ()).throw(RuntimeError("decoder crashed")))
+    engine.tokenizer = engine.validator.tokenizer = crashing
     status, out = request(app, "POST", "/v1/detokenize", {"tokens": [1, 2]})
     assert status == 500 and out["error"]["message"] == "internal server error: RuntimeError: decoder crashed"
 
     assert request(app, "GET", "/v1/models")[0] == 200
-    engine.tokenizer = StubTokenizer()
+    engine.tokenizer = engine.validator.tokenizer = StubTokenizer()
     assert request(app, "POST", "/v1/detokenize", {"tokens": [72, 73]}) == (200, {"text": "HI"})
 
 

@@ -15,6 +15,7 @@ from radixlm.config import ServerArgs
 from radixlm.config.server_args import API_KEY_ENV
 from radixlm.engine.engine import Engine
 from radixlm.engine.io_struct import SchedulerInfo
+from radixlm.engine.request_validator import RequestValidator
 from radixlm.metrics import MetricsCollector
 from radixlm.server.app import OPEN_ROUTES, create_app
 
@@ -29,6 +30,9 @@ class StubTokenizer:
     def __len__(self) -> int:
         return VOCAB
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [chr(i) for i in ids]
+
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
 
@@ -38,8 +42,8 @@ class StubTokenizer:
 
 class StubEngine:
     prepare = Engine.prepare
-    _parse_params = Engine._parse_params
     require_tokenizer = Engine.require_tokenizer
+    check_prompt_chars = Engine.check_prompt_chars
 
     def __init__(self, **args: Any) -> None:
         self.server_args = ServerArgs(device="cpu", attention_backend="torch_native", random_seed=0,
@@ -49,6 +53,7 @@ class StubEngine:
         self.tokenizer = StubTokenizer()
         self.info = SchedulerInfo(max_total_num_tokens=1024, max_running_requests=8, context_length=64,
                                   vocab_size=VOCAB)
+        self.validator = RequestValidator(self.tokenizer, self.info, self.server_args.grammar_backend)
 
     def check_ready(self) -> None:
         pass
