@@ -74,10 +74,14 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
         the loop's socket may be in use."""
         if tp_rank != 0:
             return
-        sock = ctx.socket(zmq.PUSH)
+        # A context of its own: terminating it waits (up to the linger) until the message has left, which the
+        # watchdog's os._exit right after would otherwise cut short.
+        own = zmq.Context()
+        sock = own.socket(zmq.PUSH)
         sock.connect(out_addr)
         sock.send_pyobj(SchedulerFailure(reason))
-        sock.close(linger=2000)  # the message must leave before the process does
+        sock.close(linger=2000)
+        own.term()
 
     watchdog = None
     if server_args.watchdog_timeout:

@@ -182,7 +182,7 @@ def test_skip_tokenizer_init_serves_token_ids(engine):
         assert out["output_ids"] == want and out["text"] == ""
         with pytest.raises(ValueError, match="skip-tokenizer-init"):
             bare.generate("text needs a tokenizer", {"max_new_tokens": 2})
-        with pytest.raises(ValueError, match="stop strings"):
+        with pytest.raises(ValueError, match="stop needs a tokenizer"):
             bare.generate(input_ids=ids, sampling_params={"max_new_tokens": 2, "stop": ["x"]})
 
 
