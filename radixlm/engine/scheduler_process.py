@@ -38,6 +38,7 @@ from radixlm.models.loader import resolve_model_config
 from radixlm.sampling.logprobs import RequestLogprobs
 from radixlm.scheduler import Scheduler
 from radixlm.utils import faults
+from radixlm.utils.heap import HeapTrimmer
 from radixlm.utils.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class SchedulerLoop:
         self.log_interval = scheduler.args.decode_log_interval
         self._steps = 0
         self._next_stats = 0.0
+        self._heap = HeapTrimmer()  # RSS tracks use over hours of varied batches
         self._stats_mark = self._log_mark = scheduler.load_mark()  # rates in stats and log lines start here
 
     def run(self) -> bool:
@@ -138,6 +140,7 @@ class SchedulerLoop:
                 if self.log_interval > 0 and self._steps % self.log_interval == 0:
                     self._log_load()
             self._send_outputs()
+            self._heap.maybe_trim()
         return False
 
     def _log_load(self) -> None:
