@@ -12,55 +12,9 @@ from typing import Any
 import pytest
 
 from radixlm.config import ServerArgs
-from radixlm.engine.engine import Engine
-from radixlm.engine.io_struct import SchedulerInfo
-from radixlm.engine.request_validator import RequestValidator
 from radixlm.server.app import create_app
+from stub_engine import VOCAB, StubEngine, StubTokenizer
 
-VOCAB = 100
-
-
-class StubTokenizer:
-    """Characters as token ids."""
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
-        return SimpleNamespace(input_ids=[ord(c) % VOCAB for c in text])
-
-    def __len__(self) -> int:
-        return VOCAB
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [chr(i) for i in ids]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        return "".join(m["content"] for m in messages)
-
-
-class StubEngine:
-    """What the routes use of an Engine; requests are validated by the real ``RequestValidator``."""
-
-    prepare = Engine.prepare
-    require_tokenizer = Engine.require_tokenizer
-    check_prompt_chars = Engine.check_prompt_chars
-
-    def __init__(self) -> None:
-        self.server_args = ServerArgs(device="cpu", attention_backend="torch_native", random_seed=0)
-        self.model_name = self.model_path = "stub"
-        self.metrics = None
-        self.tokenizer = StubTokenizer()
-        self.info = SchedulerInfo(max_total_num_tokens=1024, max_running_requests=8, context_length=64,
-                                  vocab_size=VOCAB)
-        self.validator = RequestValidator(self.tokenizer, self.info, self.server_args.grammar_backend)
-        self.validator.max_prompt_chars = 64  # one character per token: context_length x 1
-
-    def check_ready(self) -> None:
-        pass
-
-    async def submit(self, *args: Any) -> list:
-        raise AssertionError("these tests never get a request to the scheduler")
 
 
 def request(app: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -13,56 +13,10 @@ from starlette.routing import Route
 
 from radixlm.config import ServerArgs
 from radixlm.config.server_args import API_KEY_ENV
-from radixlm.engine.engine import Engine
-from radixlm.engine.io_struct import SchedulerInfo
-from radixlm.engine.request_validator import RequestValidator
-from radixlm.metrics import MetricsCollector
 from radixlm.server.app import OPEN_ROUTES, create_app
+from stub_engine import StubEngine
 
 KEY = "s3cret-clé-ß"  # non-ASCII on purpose: compared as UTF-8 bytes, never as str
-VOCAB = 100
-
-
-class StubTokenizer:
-    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
-        return SimpleNamespace(input_ids=[ord(c) % VOCAB for c in text])
-
-    def __len__(self) -> int:
-        return VOCAB
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [chr(i) for i in ids]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        return "".join(m["content"] for m in messages)
-
-
-class StubEngine:
-    prepare = Engine.prepare
-    require_tokenizer = Engine.require_tokenizer
-    check_prompt_chars = Engine.check_prompt_chars
-
-    def __init__(self, **args: Any) -> None:
-        self.server_args = ServerArgs(device="cpu", attention_backend="torch_native", random_seed=0,
-                                      enable_metrics=True, **args)
-        self.model_name = self.model_path = "stub"
-        self.metrics = MetricsCollector("stub")
-        self.tokenizer = StubTokenizer()
-        self.info = SchedulerInfo(max_total_num_tokens=1024, max_running_requests=8, context_length=64,
-                                  vocab_size=VOCAB)
-        self.validator = RequestValidator(self.tokenizer, self.info, self.server_args.grammar_backend)
-
-    def check_ready(self) -> None:
-        pass
-
-    def check_admitting(self) -> None:
-        pass
-
-    async def submit(self, *args: Any) -> list:
-        raise RuntimeError("no scheduler behind this stub")
 
 
 def request(app: Any, method: str, path: str, chunks: list[bytes] = (), headers: dict[str, bytes] | None = None
@@ -115,7 +69,7 @@ def _every_route(app: Any) -> list[tuple[str, str]]:
 
 def test_the_api_key_guards_every_route_but_health() -> None:
     """Enumerated from the app itself, so a route added later is covered without touching this test."""
-    app = create_app(StubEngine(api_key=KEY))  # type: ignore[arg-type]
+    app = create_app(StubEngine(api_key=KEY, enable_metrics=True))  # type: ignore[arg-type]
     routes = _every_route(app)
     paths = {p for _, p in routes}
     assert {"/metrics", "/openapi.json", "/docs", "/redoc", "/health_generate", "/flush_cache", "/abort_request",
@@ -137,7 +91,7 @@ def test_the_api_key_guards_every_route_but_health() -> None:
 
 
 def test_the_key_is_compared_as_bytes_whatever_the_client_sends() -> None:
-    app = create_app(StubEngine(api_key=KEY))  # type: ignore[arg-type]
+    app = create_app(StubEngine(api_key=KEY, enable_metrics=True))  # type: ignore[arg-type]
     assert request(app, "GET", "/v1/models", headers={"authorization": f"bearer {KEY}".encode()})[0] == 200
     for header in (b"Bearer \xff\xfe", b"Bearer", b"", "Bearer s3cret-clé-ß ".encode("latin-1", "replace")):
         assert request(app, "GET", "/v1/models", headers={"authorization": header})[0] == 401, header
@@ -161,7 +115,7 @@ def test_secure_defaults() -> None:
 
 
 def test_a_body_over_the_limit_is_413_from_its_length_or_while_it_streams() -> None:
-    app = create_app(StubEngine(max_request_body_bytes=100))  # type: ignore[arg-type]
+    app = create_app(StubEngine(max_request_body_bytes=100, enable_metrics=True))  # type: ignore[arg-type]
     body = json.dumps({"tokens": [1] * 100}).encode()
     assert len(body) > 100
     # announced: refused before a byte is read
