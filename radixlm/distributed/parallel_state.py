@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +23,25 @@ _NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "
 class TPGroup:
     """One tensor-parallel group: this process's rank, the group size, the device process group (NCCL on CUDA,
     gloo on CPU) for tensors, and a gloo group for the scheduler's control messages: a pickled object sent over
-    NCCL would go through device memory and make the host wait for the GPU work queued before it."""
+    NCCL would go through device memory and make the host wait for the GPU work queued before it.
+
+    The process groups are held weakly: torch.distributed's registry owns them, so ``destroy_tensor_parallel``
+    frees them (joining gloo's worker threads while the interpreter is alive) even though layers keep this
+    object.  A gloo worker left to drop its last finished work during interpreter shutdown needs the GIL to
+    release the work's tensors and aborts the process instead."""
 
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None
-    cpu_group: dist.ProcessGroup | None = None
+    group_ref: weakref.ref | None = None
+    cpu_group_ref: weakref.ref | None = None
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return _live(self.group_ref)
+
+    @property
+    def cpu_group(self) -> dist.ProcessGroup | None:
+        return _live(self.cpu_group_ref)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place; returns ``x``."""
@@ -52,6 +66,15 @@ class TPGroup:
         return box[0]
 
 
+def _live(ref: weakref.ref | None) -> dist.ProcessGroup | None:
+    if ref is None:
+        return None
+    group = ref()
+    if group is None:
+        raise RuntimeError("the tensor-parallel group was destroyed")
+    return group
+
+
 _TP_GROUP = TPGroup()
 
 
@@ -67,7 +90,8 @@ def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_
         dist.init_process_group(backend, init_method=init_method, world_size=tp_size, rank=tp_rank,
                                 device_id=device if backend == "nccl" else None)
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
-    _TP_GROUP = TPGroup(rank=tp_rank, size=tp_size, group=dist.group.WORLD, cpu_group=cpu_group)
+    _TP_GROUP = TPGroup(rank=tp_rank, size=tp_size, group_ref=weakref.ref(dist.group.WORLD),
+                        cpu_group_ref=weakref.ref(cpu_group))
     return _TP_GROUP
 
 
@@ -93,7 +117,7 @@ def destroy_tensor_parallel() -> None:
     global _TP_GROUP
     if dist.is_initialized():
         dist.barrier()  # gloo aborts a rank whose peer tears down while it is still connected
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # drops the last references (TPGroup's are weak): the groups end here
     _TP_GROUP = TPGroup()
 
 
