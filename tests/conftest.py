@@ -97,18 +97,59 @@ MLA_CONFIGS = {
 
 def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                         **save_kwargs) -> torch.nn.Module:
-    """Instantiate ``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``) with random weights in transformers, save it,
-    return the HF model."""
+    """Instantiate ``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``, ``MOE_CONFIGS[name]``) with random weights in
+    transformers, save it, return the HF model.  MoE routers get spread-out random weights and correction biases
+    (HF initialises the bias to zero), so that routing is decisive and its parameters' loading is checked."""
     import transformers
 
-    spec = dict({**TINY_CONFIGS, **MLA_CONFIGS}[name])
+    spec = dict({**TINY_CONFIGS, **MLA_CONFIGS, **MOE_CONFIGS}[name])
     arch = spec.pop("arch")
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     config = config_cls(initializer_range=0.1, **spec)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).to(dtype).eval()
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if param_name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.normal_(0.0, 0.5)
+        for buffer_name, b in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.2, 0.2)
     model.save_pretrained(directory, **save_kwargs)
     return model
+
+
+# Mixture-of-experts models, one per routing family; every config has a dense layer next to its MoE ones.
+_MOE_ATTN = dict(vocab_size=1000, hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
+                 tie_word_embeddings=False)
+MOE_CONFIGS = {
+    # softmax, group-limited greedy (4 groups, 2 kept), 2 shared experts, scaled weights; q straight from x
+    "deepseek_v2_moe": dict(
+        _MLA, q_lora_rank=None, tie_word_embeddings=False, num_hidden_layers=3, first_k_dense_replace=1,
+        n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=2,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+    ),
+    # sigmoid + correction bias, grouped top-k (top-2 sums), renormalised, x2.5; q LoRA and YaRN
+    "deepseek_v3": dict(
+        _MLA, arch="DeepseekV3ForCausalLM", q_lora_rank=24, tie_word_embeddings=False, num_hidden_layers=3,
+        first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+        n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                         "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                         "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    # softmax top-k renormalised; layer 1 dense (mlp_only_layers); QK-norm attention with GQA
+    "qwen3_moe": dict(
+        _MOE_ATTN, arch="Qwen3MoeForCausalLM", intermediate_size=128, num_hidden_layers=3, num_key_value_heads=2,
+        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[1], rope_theta=1000000.0,
+    ),
+    # softmax top-2 of 4 renormalised, every layer MoE, block_sparse_moe / w1 w2 w3 checkpoint names
+    "mixtral": dict(
+        _MOE_ATTN, arch="MixtralForCausalLM", intermediate_size=48, num_hidden_layers=2, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0,
+    ),
+}
 
 
 @pytest.fixture(scope="session")

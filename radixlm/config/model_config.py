@@ -63,11 +63,7 @@ class ModelConfig:
         """Read ``model_path/config.json`` (or use ``hf_config``) and resolve dtype (``resolve_dtype``) and
         context length."""
         if hf_config is None:
-            config_file = os.path.join(model_path, "config.json")
-            if not os.path.isfile(config_file):
-                raise FileNotFoundError(f"no config.json in model path {model_path!r}")
-            with open(config_file) as f:
-                hf_config = json.load(f)
+            hf_config = read_hf_config(model_path)
         archs = hf_config.get("architectures") or []
         if not archs:
             raise ValueError(f"{model_path}: config.json has no 'architectures' field")
@@ -111,6 +107,15 @@ class ModelConfig:
             eos_token_ids=_eos_ids(model_path, hf_config),
             hf_config=hf_config,
         )
+
+
+def read_hf_config(model_path: str) -> dict[str, Any]:
+    """``model_path/config.json`` as a dict."""
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no config.json in model path {model_path!r}")
+    with open(config_file) as f:
+        return json.load(f)
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> torch.dtype:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class ServerArgs:
     chat_template: str | None = _arg(None, "chat template file or name overriding the tokenizer's")
     tool_call_parser: str = _arg("hermes", "format of the model's tool calls in /v1/chat/completions",
                                  ("hermes", "llama3"))
+    json_model_override_args: str = _arg("", "JSON object merged over the model's config.json, e.g. "
+                                             "'{\"num_hidden_layers\": 4}' to time the first layers of a large "
+                                             "model (checkpoint tensors of the layers cut off are skipped)")
     skip_tokenizer_init: bool = _arg(False, "load no tokenizer: requests carry input_ids, outputs carry output_ids "
                                             "and empty text (for models without a tokenizer, e.g. dummy presets)")
 
@@ -122,6 +126,12 @@ class ServerArgs:
         for name in ("watchdog_timeout", "graceful_shutdown_timeout"):
             if not getattr(self, name) >= 0:  # NaN too
                 problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        try:
+            overrides = json.loads(self.json_model_override_args or "{}")
+            if not isinstance(overrides, dict):
+                problems.append(f"--json-model-override-args must be a JSON object, got {self.json_model_override_args!r}")
+        except json.JSONDecodeError as e:
+            problems.append(f"--json-model-override-args is not valid JSON ({e})")
         if not 0 < self.port < 65536:
             problems.append(f"--port must be in 1..65535, got {self.port}")
         for f in dataclasses.fields(self):
@@ -149,6 +159,10 @@ class ServerArgs:
         if self.attention_backend == "cpu" and not buildable:
             raise ValueError("invalid server arguments:\n  --attention-backend cpu needs --device cpu and a C "
                              "compiler to build radixlm's CPU kernels (and RADIXLM_DISABLE_CPU_KERNELS unset)")
+
+    def model_overrides(self) -> dict[str, Any]:
+        """``--json-model-override-args`` parsed (validated in ``__post_init__``)."""
+        return json.loads(self.json_model_override_args or "{}")
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

@@ -143,11 +143,18 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split over ranks; partial products are summed with an all-reduce, then the bias added."""
+    """Input features split over ranks; partial products are summed with an all-reduce, then the bias added.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
+    ``reduce_results=False`` returns this rank's partial product: a caller that sums several partial outputs
+    (an MoE layer's routed and shared experts) all-reduces once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 reduce_results: bool = True):
         super().__init__()
+        if bias and not reduce_results:
+            raise ValueError("a row-parallel bias is added after the reduction; it needs reduce_results")
         self.tp = get_tp_group()
+        self.reduce_results = reduce_results
         self.local_in = divide(in_features, self.tp.size, "input features")
         self.weight = _param((out_features, self.local_in), dtype, self.weight_loader,
                              {None: (out_features, in_features)})
@@ -160,5 +167,8 @@ class RowParallelLinear(nn.Module):
             param.data.copy_(loaded.narrow(1, self.tp.rank * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(linear(x, self.weight))
+        y = linear(x, self.weight)
+        if not self.reduce_results:
+            return y
+        y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y

@@ -8,7 +8,8 @@ A model file supplies its attention and MLP modules and its KV layout; parameter
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -20,6 +21,8 @@ from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
 from radixlm.mem import KVCacheSpec
 from radixlm.models.weights import load_named_weights
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class PreNormDecoderLayer(nn.Module):
@@ -68,10 +71,11 @@ class CausalLM(nn.Module):
     """A ``DecoderModel`` under a vocab-parallel LM head (tied to the embedding when the config says so).
 
     Subclasses set ``stacked_params_mapping`` ((our parameter, checkpoint name, shard id): checkpoint tensors
-    stacked into one parameter) and implement ``kv_cache_spec``.
+    stacked into one parameter; see ``load_named_weights``) and implement ``kv_cache_spec``.
     """
 
-    stacked_params_mapping: list[tuple[str, str, str | int]] = []
+    stacked_params_mapping: list[tuple[str, str, object]] = []
+    checkpoint_renames: list[tuple[str, str]] = []  # (checkpoint name part, ours), e.g. Mixtral's block_sparse_moe
 
     def __init__(self, config: ModelConfig, model: DecoderModel):
         super().__init__()
@@ -91,4 +95,16 @@ class CausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
-        load_named_weights(self, weights, self.stacked_params_mapping, skip)
+        load_named_weights(self, self._our_layers(weights), self.stacked_params_mapping, skip)
+
+    def _our_layers(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint minus the layers this model does not build: DeepSeek-V3's multi-token-prediction layer
+        (stored as layer ``num_hidden_layers``), or the tail of a model cut short by
+        ``--json-model-override-args '{"num_hidden_layers": N}'``; ``checkpoint_renames`` applied."""
+        for name, tensor in weights:
+            layer = _LAYER_INDEX.match(name)
+            if layer is not None and int(layer.group(1)) >= self.config.num_hidden_layers:
+                continue
+            for theirs, ours in self.checkpoint_renames:
+                name = name.replace(theirs, ours)
+            yield name, tensor

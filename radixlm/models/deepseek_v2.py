@@ -14,7 +14,13 @@ output is a latent that ``W_UV[h]`` maps to v_head_dim before ``o_proj``.  Every
 
 Tensor parallelism splits the heads: q_proj / q_b_proj and kv_b_proj are column-parallel by head, o_proj
 row-parallel; q_a_proj and kv_a_proj_with_mqa are replicated (every rank needs the whole latent), so the KV cache
-is the same on every rank.  MoE layers (``layer >= first_k_dense_replace`` with routed experts) are refused.
+is the same on every rank.
+
+The feed-forward of layer ``i >= first_k_dense_replace`` is a mixture of experts: ``n_routed_experts`` SwiGLU
+experts of ``moe_intermediate_size``, ``num_experts_per_tok`` chosen per token (``Routing.from_deepseek``: V2's
+softmax with group-limited greedy choice, V3's sigmoid with a correction bias and grouped top-k), plus
+``n_shared_experts`` always-on experts run as one MLP; the first layers are dense.  DeepSeek-V3 is this network
+with V3's routing.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from radixlm.distributed import divide, get_tp_group
 from radixlm.layers.attention import RadixAttention
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from radixlm.layers.moe import SparseMoeBlock, expert_params_mapping
+from radixlm.layers.moe_router import Routing
 from radixlm.layers.rotary import get_rope, yarn_softmax_scale_factor
 from radixlm.mem import KVCacheSpec
 from radixlm.models.decoder import CausalLM, DecoderModel, PreNormDecoderLayer
@@ -41,11 +49,23 @@ LATENT_NORM_EPS = 1e-6
 
 
 def moe_layers(hf_config: dict[str, Any]) -> list[int]:
-    """The layers whose MLP is a mixture of experts (transformers' rule: every layer from first_k_dense_replace on,
-    when the config has routed experts)."""
+    """The layers whose MLP is a mixture of experts: from first_k_dense_replace on, every ``moe_layer_freq``-th,
+    when the config has routed experts."""
     if not hf_config.get("n_routed_experts"):
         return []
-    return list(range(hf_config.get("first_k_dense_replace") or 0, hf_config["num_hidden_layers"]))
+    first, every = hf_config.get("first_k_dense_replace") or 0, hf_config.get("moe_layer_freq") or 1
+    return [i for i in range(first, hf_config["num_hidden_layers"]) if i % every == 0]
+
+
+def deepseek_mlp(config: ModelConfig, layer_id: int, default_topk_method: str) -> nn.Module:
+    """Layer ``layer_id``'s feed-forward: dense SwiGLU, or routed experts plus shared ones."""
+    hf = config.hf_config
+    if layer_id not in moe_layers(hf):
+        return LlamaMLP(config)
+    inter = hf["moe_intermediate_size"]
+    shared = hf.get("n_shared_experts") or 0
+    return SparseMoeBlock(config, Routing.from_deepseek(hf, default_topk_method), inter,
+                          LlamaMLP(config, inter * shared, reduce_results=False) if shared else None)
 
 
 class DeepseekV2Attention(nn.Module):
@@ -75,8 +95,9 @@ class DeepseekV2Attention(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, [heads * (self.qk_nope_head_dim + self.v_head_dim)],
                                               dtype=dtype)
         self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=bias, dtype=dtype)
+        # DeepSeek rotates interleaved pairs; a V3 config with rope_interleave=false rotates halves (transformers)
         self.rotary_emb = get_rope(self.qk_rope_head_dim, config.context_length, config.rope_theta,
-                                   config.rope_scaling, is_neox_style=False)
+                                   config.rope_scaling, is_neox_style=not hf.get("rope_interleave", True))
         # The logits are those of the decompressed heads, so the scale is theirs (with YaRN's correction).
         scaling = qk_head_dim**-0.5 * yarn_softmax_scale_factor(config.rope_scaling)
         self.attn = RadixAttention(self.num_heads, self.kv_lora_rank + self.qk_rope_head_dim, scaling,
@@ -113,26 +134,24 @@ class DeepseekV2Attention(nn.Module):
 
 
 class DeepseekV2ForCausalLM(CausalLM):
-    stacked_params_mapping = [
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    default_topk_method = "greedy"  # when the config names none
 
     def __init__(self, config: ModelConfig):
         hf = config.hf_config
-        moe = moe_layers(hf)
-        if moe:
-            raise NotImplementedError(
-                f"DeepSeek's MoE layers are not implemented yet (they come with the MoE work): this config has "
-                f"n_routed_experts={hf['n_routed_experts']} and first_k_dense_replace="
-                f"{hf.get('first_k_dense_replace') or 0}, so layers {moe[0]}..{moe[-1]} are MoE.  Dense "
-                f"configurations (first_k_dense_replace >= num_hidden_layers) run.")
         if hf.get("mlp_bias"):
             raise NotImplementedError("DeepSeek-V2 with mlp_bias is not supported")
+        self.stacked_params_mapping = (expert_params_mapping(hf.get("n_routed_experts") or 0)
+                                       + [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)])
         super().__init__(config, DecoderModel(config, lambda i: PreNormDecoderLayer(
-            config, DeepseekV2Attention(config, i), LlamaMLP(config))))
+            config, DeepseekV2Attention(config, i), deepseek_mlp(config, i, self.default_topk_method))))
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """One latent + rope key per token and layer, the same on every rank."""
         attn = self.model.layers[0].self_attn
         return KVCacheSpec.mla(len(self.model.layers), attn.kv_lora_rank, attn.qk_rope_head_dim, dtype)
+
+
+class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
+    """DeepSeek-V3/R1 (BF16 weights): V2's network, routed with ``noaux_tc``."""
+
+    default_topk_method = "noaux_tc"

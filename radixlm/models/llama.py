@@ -1,6 +1,7 @@
 """Llama (and Mistral, SmolLM): pre-norm decoder blocks of grouped-query attention with RoPE and a SwiGLU MLP.
 
-Qwen2 (QKV bias) and Qwen3 (per-head RMSNorm of q and k) are the same network with a switch each.
+Qwen2 (QKV bias) and Qwen3 (per-head RMSNorm of q and k) are the same network with a switch each; Mixtral and
+Qwen3-MoE replace the MLP (``make_mlp``) with a mixture of experts.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from radixlm.models.decoder import CausalLM, DecoderModel, PreNormDecoderLayer
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; ``intermediate_size`` defaults to the config's (MoE models size
+    their shared experts otherwise), ``reduce_results=False`` leaves the TP all-reduce to the caller."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None, reduce_results: bool = True):
         super().__init__()
         dtype = config.dtype
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, dtype=dtype)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, dtype=dtype)
+        inter = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, dtype=dtype, reduce_results=reduce_results)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (only silu)")
         self.act_fn = SiluAndMul()
@@ -75,7 +80,11 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig):
         qkv_bias = config.attention_bias if self.qkv_bias is None else self.qkv_bias
         super().__init__(config, DecoderModel(config, lambda i: PreNormDecoderLayer(
-            config, LlamaAttention(config, i, qkv_bias, self.qk_norm), LlamaMLP(config))))
+            config, LlamaAttention(config, i, qkv_bias, self.qk_norm), self.make_mlp(config, i))))
+
+    def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        """Layer ``layer_id``'s feed-forward (mixture-of-experts models choose per layer)."""
+        return LlamaMLP(config)
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """K and V of every layer, this rank's KV heads."""

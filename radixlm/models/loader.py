@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from radixlm.config import ModelConfig, ServerArgs
+from radixlm.config.model_config import read_hf_config
 from radixlm.models.embedded import embedded_model_path
 from radixlm.models.presets import PRESETS
 from radixlm.models.registry import get_model_class
@@ -16,16 +17,20 @@ from radixlm.models.weights import dummy_weights, iter_safetensors
 
 def resolve_model_config(args: ServerArgs) -> ModelConfig:
     """Model path → config: no path means the embedded model; with ``--load-format dummy`` a preset name
-    (``llama-3.1-8b``, ...) stands for its config."""
+    (``llama-3.1-8b``, ``deepseek-v3``, ...) stands for its config; ``--json-model-override-args`` is merged
+    over it."""
     path = args.model_path
     if path is None:
         path = embedded_model_path()
     if args.load_format == "dummy" and path in PRESETS:
-        return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=PRESETS[path])
-    if not os.path.isdir(path):
+        hf_config = dict(PRESETS[path])
+    elif not os.path.isdir(path):
         presets = f"; presets for --load-format dummy: {', '.join(PRESETS)}" if args.load_format == "dummy" else ""
         raise FileNotFoundError(f"model path {path!r} is not a directory{presets}")
-    return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length)
+    else:
+        hf_config = read_hf_config(path)
+    hf_config.update(args.model_overrides())
+    return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=hf_config)
 
 
 def load_model(config: ModelConfig, load_format: str, device: torch.device, seed: int) -> nn.Module:

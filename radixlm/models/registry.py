@@ -8,10 +8,13 @@ from torch import nn
 
 _MODELS = {
     "DeepseekV2ForCausalLM": "radixlm.models.deepseek_v2",
+    "DeepseekV3ForCausalLM": "radixlm.models.deepseek_v2",
     "LlamaForCausalLM": "radixlm.models.llama",
     "MistralForCausalLM": "radixlm.models.llama",
+    "MixtralForCausalLM": "radixlm.models.mixtral",
     "Qwen2ForCausalLM": "radixlm.models.qwen2",
     "Qwen3ForCausalLM": "radixlm.models.qwen3",
+    "Qwen3MoeForCausalLM": "radixlm.models.qwen3_moe",
 }
 
 

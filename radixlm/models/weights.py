@@ -50,7 +50,12 @@ def load_named_weights(
     stacked_params_mapping: list[tuple[str, str, object]],
     skip: tuple[str, ...] = (),
 ) -> None:
-    """Route checkpoint tensors to parameters; raise if a tensor has no home or a parameter got no tensor."""
+    """Route checkpoint tensors to parameters; raise if a tensor has no home or a parameter got no tensor.
+
+    ``stacked_params_mapping`` entries ``(param_part, ckpt_part, shard_id)`` send a checkpoint tensor whose name
+    contains ``.{ckpt_part}.`` (the name's end counts as a dot, so a part may end with the leaf, as in
+    ``experts.3.w1.weight``) to the parameter named with ``param_part`` instead, as shard ``shard_id``; the
+    first matching entry wins."""
     params = dict(model.named_parameters())
     expected = {(name, shard) for name, p in params.items() for shard in _shard_ids(p)}
     loaded: set[tuple[str, object]] = set()
@@ -60,8 +65,8 @@ def load_named_weights(
             continue
         target, shard = name, None
         for param_part, ckpt_part, shard_id in stacked_params_mapping:
-            if f".{ckpt_part}." in name:
-                target, shard = name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
+            if f".{ckpt_part}." in f"{name}.":
+                target, shard = f"{name}.".replace(f".{ckpt_part}.", f".{param_part}.", 1)[:-1], shard_id
                 break
         param = params.get(target)
         if param is None:
@@ -95,15 +100,13 @@ def dummy_weights(model: nn.Module, seed: int, stacked_params_mapping: list[tupl
     Norm weights are ``1 + N(0, 0.05)``; everything else ``N(0, 0.02)``, a scale that keeps activations and
     logits of a deep model in a realistic range.
     """
-    to_ckpt = {(param_part, shard): ckpt_part for param_part, ckpt_part, shard in stacked_params_mapping}
+    by_shard: dict[object, list[tuple[str, str]]] = {}
+    for param_part, ckpt_part, shard in stacked_params_mapping:
+        by_shard.setdefault(shard, []).append((param_part, ckpt_part))
     for name, param in model.named_parameters():
         shapes = getattr(param, "checkpoint_shapes", None) or {None: tuple(param.shape)}
         for shard, shape in shapes.items():
-            ckpt_name = name
-            if shard is not None:
-                module_path, leaf = name.rsplit(".", 1)
-                parent, part = module_path.rsplit(".", 1)
-                ckpt_name = f"{parent}.{to_ckpt[(part, shard)]}.{leaf}"
+            ckpt_name = name if shard is None else _checkpoint_name(name, by_shard.get(shard, []))
             gen = torch.Generator(device=param.device)
             gen.manual_seed((seed * 1_000_003 + zlib.crc32(ckpt_name.encode())) % 2**63)
             t = torch.randn(shape, generator=gen, device=param.device, dtype=torch.float32)
@@ -111,6 +114,14 @@ def dummy_weights(model: nn.Module, seed: int, stacked_params_mapping: list[tupl
                 yield ckpt_name, 1.0 + 0.05 * t
             else:
                 yield ckpt_name, 0.02 * t
+
+
+def _checkpoint_name(name: str, entries: list[tuple[str, str]]) -> str:
+    """The checkpoint name of one shard of parameter ``name`` (the inverse of ``load_named_weights``' mapping)."""
+    for param_part, ckpt_part in entries:
+        if f".{param_part}." in f"{name}.":
+            return f"{name}.".replace(f".{param_part}.", f".{ckpt_part}.", 1)[:-1]
+    raise KeyError(f"no checkpoint name for a shard of {name}")
 
 
 def _shard_ids(param: nn.Parameter) -> list[object]:

@@ -1,7 +1,7 @@
 """DeepSeek-V2 (Multi-head Latent Attention, absorbed form, over the MLA latent KV pool) against HF transformers:
 logits of batched extend with cached prefixes and of decode steps, greedy continuations, the pool's layout and
-size, a scheduler run (radix cache, chunked prefill, pages) against the static batch, and the refusal of MoE
-configs.  TP=2 is in test_tensor_parallel.py."""
+size, and a scheduler run (radix cache, chunked prefill, pages) against the static batch.  DeepSeek's MoE layers are
+in test_moe_models.py, TP=2 in test_tensor_parallel.py."""
 
 from __future__ import annotations
 
@@ -105,14 +105,3 @@ def test_scheduler_matches_static(tiny_mla, kwargs):
     assert all(r.cached_tokens >= 32 for r in reqs[:4])  # the shared prefix came from the cache
     assert sched.is_idle()
 
-
-def test_moe_config_is_refused(tmp_path):
-    import transformers
-
-    spec = dict(MLA_CONFIGS["deepseek_v2"], first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
-                moe_intermediate_size=32)
-    spec.pop("arch")
-    transformers.DeepseekV2Config(**spec, architectures=["DeepseekV2ForCausalLM"]).save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match=r"MoE layers are not implemented.*first_k_dense_replace >= "
-                                                  r"num_hidden_layers"):
-        make_runner(str(tmp_path), dtype="float32", load_format="dummy")

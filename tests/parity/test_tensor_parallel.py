@@ -79,6 +79,8 @@ def run_tp(tp_size: int, model_path: str, load_format: str):
     ("mistral_sliding", "auto"),  # a single KV head, replicated on both ranks
     ("qwen3", "dummy"),           # seeded dummy weights must not depend on the TP size
     ("deepseek_v2_lora_yarn", "auto"),  # MLA: 2 of 4 heads per rank, the latent (q_a, kv_a) replicated
+    ("deepseek_v3", "auto"),      # MoE: each expert's intermediate dim split, shared experts too, one all-reduce
+    ("mixtral", "dummy"),         # MoE every layer, dummy expert weights identical for every TP size
 ])
 def test_tp2_equals_tp1(name, load_format, tmp_path):
     build_tiny_hf_model(name, str(tmp_path))

@@ -1,0 +1,101 @@
+"""Mixture-of-experts models against HF transformers, one tiny config per routing family (DeepSeek-V2 group-limited
+greedy with shared experts, DeepSeek-V3 sigmoid + correction bias, Qwen3-MoE, Mixtral): logits of batched extend
+over cached prefixes and of decode steps, greedy continuations, a scheduler run over the radix cache with chunked
+prefill and pages, and prompt/output logprobs.  TP=2 is in test_tensor_parallel.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from radixlm.core import Req
+from radixlm.executor.static_batch import generate_static
+from radixlm.layers.moe import SparseMoeBlock
+from radixlm.sampling import SamplingParams
+from radixlm.sampling.logprobs import LogprobOptions, RequestLogprobs
+from radixlm.scheduler import run_to_completion
+
+from conftest import MOE_CONFIGS, build_tiny_hf_model, make_scheduler, make_worker
+from hf_reference import check_extend_and_decode, hf_greedy
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, torch.nn.Module]]:
+    """Each MoE config saved once: name -> (path, HF model)."""
+    models = {}
+    for name in MOE_CONFIGS:
+        path = str(tmp_path_factory.mktemp(name))
+        models[name] = (path, build_tiny_hf_model(name, path))
+    return models
+
+
+def random_seqs(lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
+def test_moe_matches_hf(tiny_moe, name):
+    path, hf = tiny_moe[name]
+    worker = make_worker(path, dtype="float32")
+    layers = worker.runner.model.model.layers
+    moe = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoeBlock)]
+    assert moe == {"deepseek_v2_moe": [1, 2], "deepseek_v3": [1, 2], "qwen3_moe": [0, 2], "mixtral": [0, 1]}[name]
+    seqs = random_seqs((21, 5, 13, 30))
+    check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4)
+    outs = generate_static(worker, seqs, SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True))
+    for ids, out in zip(seqs, outs):
+        assert out == hf_greedy(hf, ids, 10, set())
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
+def test_moe_scheduler_matches_static(tiny_moe, name):
+    """Continuous batching over the radix cache, chunked prefill and 4-token pages gives each request the
+    greedy tokens of the static batch (routing is per token, so batching must not change it)."""
+    path, _ = tiny_moe[name]
+    shared = random_seqs((40,))[0]
+    prompts = [shared + t for t in random_seqs((3, 9, 1, 14), seed=2)] + random_seqs((23, 7), seed=3)
+    max_new = [5 + 2 * (i % 3) for i in range(len(prompts))]
+    worker = make_worker(path, dtype="float32")
+    expected = [generate_static(worker, [p], SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True))[0]
+                for p, n in zip(prompts, max_new)]
+
+    def req(i: int) -> Req:
+        sp = SamplingParams(temperature=0.0, max_new_tokens=max_new[i], ignore_eos=True)
+        sp.normalize()
+        return Req(rid=str(i), origin_input_ids=list(prompts[i]), sampling_params=sp)
+
+    sched = make_scheduler(path, max_total_tokens=2048, chunked_prefill_size=16, page_size=4)
+    first = req(0)
+    run_to_completion(sched, [first])
+    reqs = [req(i) for i in range(1, len(prompts))]
+    run_to_completion(sched, reqs)
+    assert [first.output_ids] + [r.output_ids for r in reqs] == expected
+    assert all(r.cached_tokens >= 32 for r in reqs[:3])
+    assert sched.is_idle()
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2_moe", "mixtral"])
+def test_moe_logprobs_match_hf(tiny_moe, name):
+    """Prompt logprobs of a chunked prefill and output logprobs equal HF's log-softmax."""
+    path, hf = tiny_moe[name]
+    ids = random_seqs((19,), seed=4)[0]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
+    sp.normalize()
+    req = Req(rid="lp", origin_input_ids=ids, sampling_params=sp)
+    req.logprobs = RequestLogprobs(LogprobOptions(0, 0, None), input_done=False)
+    run_to_completion(make_scheduler(path, max_total_tokens=1024, chunked_prefill_size=8), [req])
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids + req.output_ids])).logits[0].log_softmax(-1)
+    got_in = torch.tensor([x for x, _ in req.logprobs.input_token_logprobs[1:]])
+    want_in = torch.stack([ref[p - 1, ids[p]] for p in range(1, len(ids))])
+    assert (got_in - want_in).abs().max() < 1e-4
+    got_out = torch.tensor([x for x, _ in req.logprobs.output_token_logprobs])
+    want_out = torch.stack([ref[len(ids) - 1 + i, t] for i, t in enumerate(req.output_ids)])
+    assert (got_out - want_out).abs().max() < 1e-4
+    assert req.output_ids == hf_greedy(hf, ids, 5, set())
