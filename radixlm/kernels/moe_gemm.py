@@ -1,0 +1,171 @@
+"""The Triton path of ``radixlm.kernels.fused_moe.fused_experts``: one grouped GEMM kernel, launched twice.
+
+The (token, expert) pairs are first grouped by expert into blocks of ``BLOCK_M`` (``moe_align``).  Each program
+computes one ``[BLOCK_M, BLOCK_N]`` output tile of one block against that block's expert weight, so the weight
+tile is read once for all the block's pairs, and the activation rows are gathered by pair id as they are loaded
+(no permuted copy of the hidden states):
+
+1. gate-up: ``A = hidden[pair // top_k]`` against ``w13[expert]``; each program holds two fp32 accumulators, the
+   gate columns ``n`` and the up columns ``inter + n``, and writes ``silu(gate) * up`` (rounded once to the
+   compute dtype), so the ``[num_pairs, 2 * inter]`` product never reaches memory.
+2. down: ``A = act[pair]`` against ``w2[expert]``, scaled by the pair's routing weight in the epilogue, written
+   to row ``pair`` of a ``[num_pairs, hidden]`` buffer; a reduction over the ``top_k`` rows of each token (fp32)
+   gives the output.
+
+Programs of blocks past the device-side padded length exit at once, so nothing is read on the host and the whole
+path can be captured in a CUDA graph.  Block sizes come from ``default_config`` (by the average number of pairs
+per expert, which decides whether a weight tile is reused); callers such as a tuning sweep may pass their own
+``MoEConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from radixlm.kernels.moe_align import align_pairs_by_expert
+
+
+class MoEConfig(NamedTuple):
+    """Launch parameters of both GEMMs.  ``block_m`` is also the alignment of the expert runs; ``group_m`` is how
+    many M blocks share a run of N blocks in the launch order (weight-tile reuse in L2)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> MoEConfig:
+    """Block sizes by the average number of pairs per expert.  Few pairs (decode) make the GEMM a stream over the
+    used experts' weights: the smallest ``tl.dot`` M (16) wastes least on padding, and deep K tiles with several
+    stages keep loads in flight.  Many pairs make it compute-bound: large tiles reuse each loaded tile more."""
+    per_expert = num_pairs / max(num_experts, 1)
+    if per_expert <= 16:
+        return MoEConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+    if per_expert <= 64:
+        return MoEConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=4)
+    if per_expert <= 256:
+        return MoEConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
+    return MoEConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
+    num_pairs, n_out, k_dim, up_offset, num_blocks_m,
+    stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+    A_ROW_DIV: tl.constexpr,  # pairs per A row: top_k when A is the token rows, 1 when A is per pair
+    FUSE_SILU_MUL: tl.constexpr,  # B rows [up_offset, up_offset + n_out) are the up projection
+    MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M consecutive M blocks walk the N blocks together.
+    pid = tl.program_id(0)
+    num_blocks_n = tl.cdiv(n_out, BLOCK_N)
+    in_group = GROUP_M * num_blocks_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = min(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M]
+    row_ok = pair < num_pairs
+    a_rows = (pair // A_ROW_DIV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped columns keep every weight load in bounds without a mask; their results are not stored.
+    offs_bn = (offs_n % n_out).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_dim, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+            if FUSE_SILU_MUL:
+                b_up = tl.load(b_ptrs + up_offset * stride_bn)
+        else:
+            k_ok = offs_k < k_dim - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if FUSE_SILU_MUL:
+                b_up = tl.load(b_ptrs + up_offset * stride_bn, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if FUSE_SILU_MUL:
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+
+    if FUSE_SILU_MUL:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weights_ptr + pair, mask=row_ok, other=0.0)[:, None]
+    c_ptrs = c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < n_out)[None, :])
+
+
+def _launch_gemm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor | None, aligned, num_pairs: int,
+    a_row_div: int, fuse_silu_mul: bool, config: MoEConfig,
+) -> None:
+    """``c[pair] = epilogue(a[pair // a_row_div] @ b[expert(pair)]^T)`` for every pair; ``b`` [E, N', K]."""
+    n_out, k_dim = c.shape[1], a.shape[1]
+    num_blocks_m = aligned.block_expert_ids.numel()
+    grid = (num_blocks_m * triton.cdiv(n_out, config.block_n),)
+    _moe_gemm_kernel[grid](
+        a, b, c, weights, aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded,
+        num_pairs, n_out, k_dim, n_out, num_blocks_m,
+        a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
+        A_ROW_DIV=a_row_div, FUSE_SILU_MUL=fuse_silu_mul, MUL_WEIGHT=weights is not None,
+        EVEN_K=k_dim % config.block_k == 0,
+        # fp32 operands get full fp32 products (not TF32), so the fp32 path is an exact reference.
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def fused_experts_triton(
+    hidden: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]
+    w2: torch.Tensor,  # [num_experts, hidden, inter]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64
+    config: MoEConfig | None = None,
+) -> torch.Tensor:  # [num_tokens, hidden]
+    """``fused_experts`` on any device Triton runs on (CUDA, or CPU under TRITON_INTERPRET=1); ``config``
+    overrides ``default_config``.  The weights need a unit stride along ``hidden``/``inter`` (their last dim);
+    the activations are made contiguous."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    if config is None:
+        config = default_config(num_pairs, num_experts, hidden_size, inter)
+    hidden = hidden.contiguous()
+    weights = topk_weights.contiguous()
+    if weights.dtype != torch.float32:
+        weights = weights.float()
+    aligned = align_pairs_by_expert(topk_ids, num_experts, config.block_m)
+
+    act = torch.empty((num_pairs, inter), dtype=hidden.dtype, device=hidden.device)  # silu(gate) * up
+    _launch_gemm(hidden, w13, act, None, aligned, num_pairs, top_k, True, config)
+    per_pair = torch.empty((num_pairs, hidden_size), dtype=hidden.dtype, device=hidden.device)
+    _launch_gemm(act, w2, per_pair, weights, aligned, num_pairs, 1, False, config)
+    if top_k == 1:  # each token's single pair row is its output row
+        return per_pair
+    return torch.sum(per_pair.view(num_tokens, top_k, hidden_size), dim=1, dtype=torch.float32).to(hidden.dtype)
