@@ -41,7 +41,7 @@ class MoEConfig(NamedTuple):
     num_stages: int = 3
 
 
-def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> MoEConfig:
+def default_config(num_pairs: int, num_experts: int) -> MoEConfig:
     """Block sizes by the average number of pairs per expert.  Few pairs (decode) make the GEMM a stream over the
     used experts' weights: the smallest ``tl.dot`` M (16) wastes least on padding, and deep K tiles with several
     stages keep loads in flight.  Many pairs make it compute-bound: large tiles reuse each loaded tile more."""
@@ -59,8 +59,9 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int) ->
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, n_out, k_dim, up_offset, num_blocks_m,
+    a_row_div,  # pairs per A row: top_k when A is the token rows, 1 when A is per pair (a runtime value, so
+    # every top_k shares one compiled kernel)
     stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-    A_ROW_DIV: tl.constexpr,  # pairs per A row: top_k when A is the token rows, 1 when A is per pair
     FUSE_SILU_MUL: tl.constexpr,  # B rows [up_offset, up_offset + n_out) are the up projection
     MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -79,7 +80,7 @@ def _moe_gemm_kernel(
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
     pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M]
     row_ok = pair < num_pairs
-    a_rows = (pair // A_ROW_DIV).to(tl.int64)
+    a_rows = (pair // a_row_div).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrapped columns keep every weight load in bounds without a mask; their results are not stored.
     offs_bn = (offs_n % n_out).to(tl.int64)
@@ -125,9 +126,9 @@ def _launch_gemm(
     grid = (num_blocks_m * triton.cdiv(n_out, config.block_n),)
     _moe_gemm_kernel[grid](
         a, b, c, weights, aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded,
-        num_pairs, n_out, k_dim, n_out, num_blocks_m,
+        num_pairs, n_out, k_dim, n_out, num_blocks_m, a_row_div,
         a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
-        A_ROW_DIV=a_row_div, FUSE_SILU_MUL=fuse_silu_mul, MUL_WEIGHT=weights is not None,
+        FUSE_SILU_MUL=fuse_silu_mul, MUL_WEIGHT=weights is not None,
         EVEN_K=k_dim % config.block_k == 0,
         # fp32 operands get full fp32 products (not TF32), so the fp32 path is an exact reference.
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
@@ -145,8 +146,7 @@ def fused_experts_triton(
     config: MoEConfig | None = None,
 ) -> torch.Tensor:  # [num_tokens, hidden]
     """``fused_experts`` on any device Triton runs on (CUDA, or CPU under TRITON_INTERPRET=1); ``config``
-    overrides ``default_config``.  The weights need a unit stride along ``hidden``/``inter`` (their last dim);
-    the activations are made contiguous."""
+    overrides ``default_config``.  The weights may have any strides; the activations are made contiguous."""
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -155,7 +155,7 @@ def fused_experts_triton(
     if num_pairs == 0:
         return torch.empty_like(hidden, memory_format=torch.contiguous_format)
     if config is None:
-        config = default_config(num_pairs, num_experts, hidden_size, inter)
+        config = default_config(num_pairs, num_experts)
     hidden = hidden.contiguous()
     weights = topk_weights.contiguous()
     if weights.dtype != torch.float32:
@@ -168,4 +168,5 @@ def fused_experts_triton(
     _launch_gemm(act, w2, per_pair, weights, aligned, num_pairs, 1, False, config)
     if top_k == 1:  # each token's single pair row is its output row
         return per_pair
-    return torch.sum(per_pair.view(num_tokens, top_k, hidden_size), dim=1, dtype=torch.float32).to(hidden.dtype)
+    # torch sums fp16/bf16 in fp32 and rounds once: one kernel, no fp32 copy.
+    return per_pair.view(num_tokens, top_k, hidden_size).sum(dim=1)

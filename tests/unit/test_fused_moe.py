@@ -135,7 +135,7 @@ def test_torch_path_matches_dense_reference(num_tokens, num_experts, hidden, int
 
 
 def test_default_config_grows_with_pairs_per_expert() -> None:
-    decode, prefill = default_config(8, 256, 7168, 2048), default_config(4096 * 8, 256, 7168, 2048)
+    decode, prefill = default_config(8, 256), default_config(4096 * 8, 256)
     assert decode.block_m == 16 and prefill.block_m > decode.block_m
 
 

@@ -1,0 +1,227 @@
+"""The fused MoE kernel (``radixlm.kernels.fused_moe``) on a GPU: correctness at real shapes, timing, tuning.
+
+Shapes (one layer's routed experts, bf16, uniform random top-k distinct experts per token):
+DeepSeek-V2-Lite, Qwen3-30B-A3B, Mixtral-8x7B, DeepSeek-V3 at TP1; num_tokens 1 .. 4096.
+
+Default mode:
+1. correctness: the Triton path against the grouped torch path (``fused_experts_torch``, bf16, one F.linear
+   chain per used expert) at every shape, relative Frobenius error printed and asserted below 2e-2;
+2. timing (``triton.testing.do_bench`` medians, L2 flushed), one row per (shape, num_tokens):
+   ``triton us`` the whole ``fused_experts`` call (alignment, two GEMMs, top-k sum) with its host launch
+   overhead, and its TFLOP/s of useful FLOPs (2 * num_tokens * top_k * 3 * hidden * inter); ``graph us`` the
+   same call replayed as a CUDA graph (what a captured decode step pays; also proves the path is capturable);
+   ``loop us``/``TF/s`` the per-expert torch loop; ``dense TF/s`` one bf16 GEMM of the same FLOPs
+   ([num_tokens * top_k, hidden] x [hidden, 3 * inter]), the ceiling for a grouped GEMM; ``TB/s`` the weight
+   bytes of the experts actually hit over the graph time, the roofline of memory-bound decode rows.
+
+``--tune``: for every (shape, num_tokens), every config of a small grid (``tune_grid``) timed as a CUDA graph;
+prints the best config per row and a summary by pairs per expert, from which ``default_config`` can be updated.
+
+    python bench/gpu/fused_moe.py            # ~2-3 minutes on an H200 (Triton compiles included)
+    python bench/gpu/fused_moe.py --tune     # ~5-6 minutes
+    python bench/gpu/fused_moe.py --shapes qwen3-30b-a3b --tokens 1 64   # a subset
+
+from the repository root with ``PYTHONPATH=.``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import triton.testing
+
+from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch
+from radixlm.kernels.moe_gemm import MoEConfig, default_config, fused_experts_triton
+
+
+class Shape(NamedTuple):
+    num_experts: int
+    hidden: int
+    inter: int
+    top_k: int
+
+
+SHAPES = {
+    "deepseek-v2-lite": Shape(64, 2048, 1408, 6),
+    "qwen3-30b-a3b": Shape(128, 2048, 768, 8),
+    "mixtral-8x7b": Shape(8, 4096, 14336, 2),
+    "deepseek-v3-tp1": Shape(256, 7168, 2048, 8),
+}
+TOKENS = (1, 8, 64, 256, 1024, 4096)
+DTYPE = torch.bfloat16
+
+
+class Case(NamedTuple):
+    x: torch.Tensor  # [num_tokens, hidden]
+    w13: torch.Tensor  # [E, 2 * inter, hidden]
+    w2: torch.Tensor  # [E, hidden, inter]
+    weights: torch.Tensor  # [num_tokens, top_k] fp32
+    ids: torch.Tensor  # [num_tokens, top_k] int32
+
+
+def make_weights(shape: Shape, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    e, h, i = shape.num_experts, shape.hidden, shape.inter
+    w13 = torch.randn(e, 2 * i, h, generator=gen, device="cuda", dtype=DTYPE).mul_(h**-0.5)
+    w2 = torch.randn(e, h, i, generator=gen, device="cuda", dtype=DTYPE).mul_(i**-0.5)
+    return w13, w2
+
+
+def make_case(shape: Shape, w13: torch.Tensor, w2: torch.Tensor, num_tokens: int, gen: torch.Generator) -> Case:
+    x = torch.randn(num_tokens, shape.hidden, generator=gen, device="cuda", dtype=DTYPE)
+    # uniform random top-k distinct experts: the k largest of uniform scores
+    ids = torch.rand(num_tokens, shape.num_experts, generator=gen, device="cuda").topk(shape.top_k, dim=1).indices
+    weights = torch.rand(num_tokens, shape.top_k, generator=gen, device="cuda").softmax(dim=1)
+    return Case(x, w13, w2, weights, ids.to(torch.int32))
+
+
+def useful_flops(shape: Shape, num_tokens: int) -> float:
+    return 2.0 * num_tokens * shape.top_k * 3 * shape.hidden * shape.inter
+
+
+def weight_bytes_hit(case: Case, shape: Shape) -> float:
+    experts_hit = case.ids.unique().numel()
+    return experts_hit * 3 * shape.hidden * shape.inter * case.w13.element_size()
+
+
+def bench_us(fn: Callable[[], object], rep_ms: int = 50) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms) * 1e3
+
+
+def graph_us(fn: Callable[[], object], rep_ms: int = 50) -> float:
+    """Median of CUDA-graph replays of ``fn`` (captured on a side stream by do_bench_cudagraph; L2 not
+    flushed)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def check(names: list[str], tokens: list[int]) -> None:
+    print("correctness: Triton vs the grouped torch loop (bf16), relative Frobenius error")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    worst = 0.0
+    for name in names:
+        shape = SHAPES[name]
+        w13, w2 = make_weights(shape, gen)
+        errs = []
+        for num_tokens in tokens:
+            case = make_case(shape, w13, w2, num_tokens, gen)
+            err = rel_err(fused_experts(*case), fused_experts_torch(*case))
+            errs.append(f"{num_tokens}: {err:.1e}")
+            worst = max(worst, err)
+        print(f"  {name:18s} " + "  ".join(errs))
+        del w13, w2
+        torch.cuda.empty_cache()
+    assert worst < 2e-2, f"relative error {worst:.3e} vs the torch loop"
+    print(f"  worst {worst:.2e} (< 2e-2: ok)")
+
+
+def timing(names: list[str], tokens: list[int]) -> None:
+    header = (f"{'shape':18s} {'tokens':>6s} {'triton us':>10s} {'graph us':>9s} {'TF/s':>6s} {'loop us':>9s} "
+              f"{'TF/s':>6s} {'dense TF/s':>10s} {'TB/s':>6s} {'config':s}")
+    print("\ntiming (bf16; TF/s of the useful FLOPs; TB/s: weight bytes of the experts hit / graph us)")
+    print(header)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for name in names:
+        shape = SHAPES[name]
+        w13, w2 = make_weights(shape, gen)
+        for num_tokens in tokens:
+            case = make_case(shape, w13, w2, num_tokens, gen)
+            flops = useful_flops(shape, num_tokens)
+            t_triton = bench_us(lambda: fused_experts(*case))
+            try:
+                t_graph = graph_us(lambda: fused_experts(*case))
+            except RuntimeError as exc:  # report and go on: the other rows still say something
+                print(f"  CUDA-graph capture failed: {exc}")
+                t_graph = float("nan")
+            t_loop = bench_us(lambda: fused_experts_torch(*case), rep_ms=30)
+            a = torch.randn(num_tokens * shape.top_k, shape.hidden, device="cuda", dtype=DTYPE)
+            b = torch.randn(shape.hidden, 3 * shape.inter, device="cuda", dtype=DTYPE)
+            t_dense = bench_us(lambda: torch.mm(a, b))
+            del a, b
+            config = default_config(num_tokens * shape.top_k, shape.num_experts)
+            print(f"{name:18s} {num_tokens:6d} {t_triton:10.1f} {t_graph:9.1f} {flops / t_triton / 1e6:6.1f} "
+                  f"{t_loop:9.1f} {flops / t_loop / 1e6:6.1f} {flops / t_dense / 1e6:10.1f} "
+                  f"{weight_bytes_hit(case, shape) / t_graph / 1e6:6.2f} "
+                  f"m{config.block_m} n{config.block_n} k{config.block_k} w{config.num_warps} s{config.num_stages}")
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+def tune_grid(pairs_per_expert: float) -> list[MoEConfig]:
+    """Configs worth trying at this many pairs per expert (block_m near it; ~24 each, mostly shared, so few
+    compiles)."""
+    if pairs_per_expert <= 16:
+        block_ms = (16, 32)
+    elif pairs_per_expert <= 64:
+        block_ms = (16, 32, 64)
+    elif pairs_per_expert <= 256:
+        block_ms = (32, 64, 128)
+    else:
+        block_ms = (64, 128)
+    grid = []
+    for block_m, block_n, block_k, (warps, stages) in itertools.product(
+            block_ms, (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))):
+        grid.append(MoEConfig(block_m, block_n, block_k, group_m=1 if block_m == 16 else 8,
+                              num_warps=warps, num_stages=stages))
+    return grid
+
+
+def tune(names: list[str], tokens: list[int]) -> None:
+    print("tuning: CUDA-graph us per config; best vs default_config")
+    print(f"{'shape':18s} {'tokens':>6s} {'pairs/E':>8s} {'default us':>10s} {'best us':>8s}  best config")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    best_by_bucket: dict[str, list[str]] = {}
+    for name in names:
+        shape = SHAPES[name]
+        w13, w2 = make_weights(shape, gen)
+        for num_tokens in tokens:
+            case = make_case(shape, w13, w2, num_tokens, gen)
+            per_expert = num_tokens * shape.top_k / shape.num_experts
+            rep = 10 if num_tokens <= 256 else 20
+            t_default = graph_us(lambda: fused_experts_triton(*case), rep_ms=rep)
+            results = []
+            for config in tune_grid(per_expert):
+                try:
+                    results.append((graph_us(lambda: fused_experts_triton(*case, config=config), rep_ms=rep), config))
+                except Exception as exc:  # e.g. out of shared memory for the largest tiles with many stages
+                    print(f"  skipped {config}: {type(exc).__name__}")
+            t_best, best = min(results)
+            row = f"{name:18s} {num_tokens:6d} {per_expert:8.2f} {t_default:10.1f} {t_best:8.1f}  {best}"
+            print(row, flush=True)
+            bucket = ("<=16" if per_expert <= 16 else "<=64" if per_expert <= 64 else "<=256" if per_expert <= 256
+                      else ">256")
+            best_by_bucket.setdefault(bucket, []).append(f"{name}/{num_tokens}: {tuple(best)}")
+        del w13, w2
+        torch.cuda.empty_cache()
+    print("\nbest configs by pairs per expert (default_config's buckets):")
+    for bucket, rows in best_by_bucket.items():
+        print(f"  {bucket}:")
+        for row in rows:
+            print(f"    {row}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    start = time.perf_counter()
+    if args.tune:
+        tune(args.shapes, args.tokens)
+    else:
+        check(args.shapes, [t for t in args.tokens if t in (1, 64, 1024)] or args.tokens[:1])
+        timing(args.shapes, args.tokens)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
