@@ -7,8 +7,12 @@ expert's run is padded up to a multiple of ``block_m`` with a sentinel pair id `
 
 How many blocks there are depends on the routing, i.e. on device values.  Reading that count on the host would
 stall the stream and break CUDA-graph capture, so the outputs are sized by a static upper bound instead and the
-real padded length stays on the device (``num_padded``); GEMM programs past it exit at once.  Only torch ops
-without a host sync are used (``bincount`` syncs on CUDA to size its output, so counts are a ``scatter_add``).
+real padded length stays on the device (``num_padded``); GEMM programs past it exit at once.
+
+Two implementations with one contract: a single-program Triton kernel (one launch, for the small batches of
+decode, where a dozen torch launches would cost more than the expert GEMMs of a small model) and torch ops
+(sort-based, parallel, for large batches; ``bincount`` syncs on CUDA to size its output, so counts are a
+``scatter_add``).  ``align_pairs_by_expert`` picks by size.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 
 class AlignedPairs(NamedTuple):
@@ -32,7 +38,21 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
     return (bound + block_m - 1) // block_m * block_m
 
 
+# Above these the torch ops win: the single program's passes grow with pairs x experts.
+_KERNEL_MAX_PAIRS = 4096
+_KERNEL_MAX_EXPERTS = 1024
+
+
 def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
+    """Sort the pairs of ``topk_ids`` [num_tokens, top_k] (int32/int64, values in [0, num_experts)) by expert,
+    padding each expert's run to a multiple of ``block_m``; the output contract is ``align_pairs_torch``'s.  The
+    Triton kernel for small batches, torch ops for large ones; both without a host sync."""
+    if topk_ids.numel() <= _KERNEL_MAX_PAIRS and num_experts <= _KERNEL_MAX_EXPERTS:
+        return align_pairs_triton(topk_ids, num_experts, block_m)
+    return align_pairs_torch(topk_ids, num_experts, block_m)
+
+
+def align_pairs_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
     """Sort the pairs of ``topk_ids`` [num_tokens, top_k] (int32/int64, values in [0, num_experts)) by expert,
     padding each expert's run to a multiple of ``block_m``.
 
@@ -63,3 +83,66 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     block_starts = torch.arange(0, max_padded, block_m, device=device)
     block_expert_ids = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
     return AlignedPairs(sorted_pair_ids, block_expert_ids, padded_end[-1:])
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr, num_pairs, num_experts, max_padded,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program; every pass walks its range in CHUNK-sized steps, matching elements against all experts with
+    a [CHUNK, BLOCK_E] comparison (registers have no gather)."""
+    experts = tl.arange(0, BLOCK_E)
+    lane = tl.arange(0, CHUNK)
+
+    # Pass 1: pairs per expert.
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + start + lane, mask=start + lane < num_pairs, other=BLOCK_E).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)  # [BLOCK_E]; experts >= num_experts have no pairs, so no padding
+    padded_start = padded_end - padded
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0).to(tl.int64))
+
+    # Pass 2: each pair's slot = its expert's padded start + the pairs of that expert before it (stable).
+    seen = tl.zeros((BLOCK_E,), dtype=tl.int32)  # pairs per expert in the chunks so far
+    for start in range(0, num_pairs, CHUNK):
+        pairs = start + lane
+        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=BLOCK_E).to(tl.int32)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
+        earlier = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])  # [CHUNK, CHUNK]
+        slot = tl.sum(onehot * (padded_start + seen)[None, :], axis=1) + tl.sum(earlier.to(tl.int32), axis=1)
+        tl.store(sorted_pair_ids_ptr + slot, pairs, mask=pairs < num_pairs)
+        seen += tl.sum(onehot, axis=0)
+
+    # Pass 3: padding slots (disjoint from pass 2's, so no barrier): past an expert's pairs, or past the end.
+    for start in range(0, max_padded, CHUNK):
+        slots = start + lane
+        inside = (slots[:, None] >= padded_start[None, :]) & (slots[:, None] < padded_end[None, :])
+        filled = tl.sum((inside & (slots[:, None] < (padded_start + counts)[None, :])).to(tl.int32), axis=1)
+        tl.store(sorted_pair_ids_ptr + slots, num_pairs, mask=(slots < max_padded) & (filled == 0))
+
+    # Pass 4: a block's expert is the number of padded runs ending at or before its first slot.
+    for start in range(0, max_padded // BLOCK_M, CHUNK):
+        blocks = start + lane
+        expert = tl.sum((padded_end[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        expert = tl.minimum(expert, num_experts)
+        tl.store(block_expert_ids_ptr + blocks, expert, mask=blocks < max_padded // BLOCK_M)
+
+
+def align_pairs_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
+    """``align_pairs_torch``'s result from one single-program Triton launch (``num_experts`` <= 1024)."""
+    num_pairs = topk_ids.numel()
+    max_padded = max_padded_pairs(num_pairs, num_experts, block_m)
+    device = topk_ids.device
+    sorted_pair_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+    block_expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int64, device=device)
+    block_e = triton.next_power_of_2(num_experts)
+    _align_kernel[(1,)](
+        topk_ids.reshape(-1), sorted_pair_ids, block_expert_ids, num_padded, num_pairs, num_experts, max_padded,
+        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, min(64, 8192 // block_e)),
+        num_warps=4 if block_e <= 128 else 8,
+    )
+    return AlignedPairs(sorted_pair_ids, block_expert_ids, num_padded)

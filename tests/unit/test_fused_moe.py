@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch  # noqa: E402
-from radixlm.kernels.moe_align import align_pairs_by_expert, max_padded_pairs  # noqa: E402
+from radixlm.kernels.moe_align import align_pairs_torch, align_pairs_triton, max_padded_pairs  # noqa: E402
 from radixlm.kernels.moe_gemm import MoEConfig, default_config, fused_experts_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -88,13 +88,16 @@ def test_triton_id_dtypes_and_no_tokens(id_dtype) -> None:
     assert out.shape == (0, 32) and out.dtype == torch.float16
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(0, 4, 2), (1, 4, 1), (5, 8, 3), (33, 6, 2), (2, 64, 6)])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [
+    (0, 4, 2), (1, 4, 1), (5, 8, 3), (33, 6, 2), (2, 64, 6), (40, 5, 3),  # 120 pairs: several kernel chunks
+])
 @pytest.mark.parametrize("block_m", [1, 4, 16])
-@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
-def test_alignment_against_brute_force(num_tokens, num_experts, top_k, block_m, id_dtype) -> None:
+@pytest.mark.parametrize("align", [align_pairs_torch, align_pairs_triton])
+def test_alignment_against_brute_force(num_tokens, num_experts, top_k, block_m, align) -> None:
+    id_dtype = torch.int32 if block_m == 4 else torch.int64
     ids = make_case(num_tokens, num_experts, 8, 8, top_k, torch.float32, seed=2, id_dtype=id_dtype)[4]
     num_pairs = num_tokens * top_k
-    sorted_pair_ids, block_expert_ids, num_padded = align_pairs_by_expert(ids, num_experts, block_m)
+    sorted_pair_ids, block_expert_ids, num_padded = align(ids.to(DEVICE), num_experts, block_m)
     max_padded = max_padded_pairs(num_pairs, num_experts, block_m)
     assert sorted_pair_ids.shape == (max_padded,) and block_expert_ids.shape == (max_padded // block_m,)
     assert sorted_pair_ids.dtype == block_expert_ids.dtype == torch.int32
