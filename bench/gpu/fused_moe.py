@@ -14,6 +14,9 @@ Default mode:
    ([num_tokens * top_k, hidden] x [hidden, 3 * inter]), the ceiling for a grouped GEMM; ``TB/s`` the weight
    bytes of the experts actually hit over the graph time, the roofline of memory-bound decode rows.
 
+3. routing: DeepSeek-V3's grouped top-k (256 experts, 8 groups, keep 4, top-8) as the Triton kernel vs the
+   torch code, ids compared, both timed eager and as CUDA graphs.
+
 ``--tune``: for every (shape, num_tokens), every config of a small grid (``tune_grid``) timed as a CUDA graph;
 prints the best config per row and a summary by pairs per expert, from which ``default_config`` can be updated.
 
@@ -37,6 +40,7 @@ import triton.testing
 
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch
 from radixlm.kernels.moe_gemm import MoEConfig, default_config, fused_experts_triton
+from radixlm.kernels.moe_routing import grouped_topk_sigmoid, grouped_topk_sigmoid_torch
 
 
 class Shape(NamedTuple):
@@ -154,6 +158,23 @@ def timing(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
+def routing(tokens: list[int]) -> None:
+    print("\nDeepSeek-V3 grouped top-k routing (E=256, 8 groups, keep 4, top-8): Triton vs torch, us")
+    print(f"{'tokens':>6s} {'triton':>8s} {'graph':>8s} {'torch':>8s} {'graph':>8s} {'ids equal':>9s}")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    bias = 0.1 * torch.randn(256, generator=gen, device="cuda")
+    for num_tokens in tokens:
+        logits = torch.randn(num_tokens, 256, generator=gen, device="cuda")
+        args = (logits, bias, 8, 8, 4, 2.5, True)
+        weights, ids = grouped_topk_sigmoid(*args)
+        ref_weights, ref_ids = grouped_topk_sigmoid_torch(*args)
+        same = (ids == ref_ids).all(dim=1).float().mean().item()  # a near-tie may order two experts differently
+        assert same > 0.99 and rel_err(weights, ref_weights) < 1e-3, (same, rel_err(weights, ref_weights))
+        times = [f(lambda fn=fn: fn(*args)) for fn in (grouped_topk_sigmoid, grouped_topk_sigmoid_torch)
+                 for f in (bench_us, graph_us)]
+        print(f"{num_tokens:6d} " + " ".join(f"{t:8.1f}" for t in times) + f" {same:9.3f}")
+
+
 def tune_grid(pairs_per_expert: float) -> list[MoEConfig]:
     """Configs worth trying at this many pairs per expert (block_m near it; ~24 each, mostly shared, so few
     compiles)."""
@@ -220,6 +241,7 @@ def main() -> None:
     else:
         check(args.shapes, [t for t in args.tokens if t in (1, 64, 1024)] or args.tokens[:1])
         timing(args.shapes, args.tokens)
+        routing(args.tokens)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
