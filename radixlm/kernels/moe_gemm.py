@@ -30,8 +30,10 @@ from radixlm.kernels.moe_align import align_pairs_by_expert
 
 
 class MoEConfig(NamedTuple):
-    """Launch parameters of both GEMMs.  ``block_m`` is also the alignment of the expert runs; ``group_m`` is how
-    many M blocks share a run of N blocks in the launch order (weight-tile reuse in L2)."""
+    """Launch parameters of both GEMMs.  ``block_m`` is also the alignment of the expert runs.  ``block_n`` is the
+    output columns of a down-GEMM program; a gate-up program computes ``block_n // 2`` gate and as many up
+    columns, the same tile work and accumulator registers.  ``group_m`` is how many M blocks share a run of N
+    blocks in the launch order (weight-tile reuse in L2)."""
 
     block_m: int
     block_n: int
@@ -51,7 +53,7 @@ def default_config(num_pairs: int, num_experts: int) -> MoEConfig:
     if per_expert <= 64:
         return MoEConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=4)
     if per_expert <= 256:
-        return MoEConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
+        return MoEConfig(64, 128, 64, group_m=8, num_warps=8, num_stages=4)
     return MoEConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
 
 
@@ -123,7 +125,8 @@ def _launch_gemm(
     """``c[pair] = epilogue(a[pair // a_row_div] @ b[expert(pair)]^T)`` for every pair; ``b`` [E, N', K]."""
     n_out, k_dim = c.shape[1], a.shape[1]
     num_blocks_m = aligned.block_expert_ids.numel()
-    grid = (num_blocks_m * triton.cdiv(n_out, config.block_n),)
+    block_n = max(config.block_n // 2, 16) if fuse_silu_mul else config.block_n
+    grid = (num_blocks_m * triton.cdiv(n_out, block_n),)
     _moe_gemm_kernel[grid](
         a, b, c, weights, aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded,
         num_pairs, n_out, k_dim, n_out, num_blocks_m, a_row_div,
@@ -132,7 +135,7 @@ def _launch_gemm(
         EVEN_K=k_dim % config.block_k == 0,
         # fp32 operands get full fp32 products (not TF32), so the fp32 path is an exact reference.
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
