@@ -151,3 +151,20 @@ def test_triton_real_shapes_on_gpu(num_tokens) -> None:
     expected = fused_experts_torch(*args).double()
     out = fused_experts(*args)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_tokens", [3, 1000])  # the Triton alignment kernel, and the torch one
+def test_triton_path_replays_in_a_cuda_graph(num_tokens) -> None:
+    """Captured once, replayed with a new routing written into the same input buffers: nothing in the path may
+    read the routing on the host (a host read would fail the capture or freeze the first routing)."""
+    x, w13, w2, weights, ids = (t.cuda() for t in make_case(num_tokens, 64, 128, 96, 6, torch.bfloat16, seed=5))
+    fused_experts(x, w13, w2, weights, ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(x, w13, w2, weights, ids)
+    new_weights, new_ids = (t.cuda() for t in make_case(num_tokens, 64, 128, 96, 6, torch.bfloat16, seed=6)[3:])
+    weights.copy_(new_weights)
+    ids.copy_(new_ids)
+    graph.replay()
+    torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=0, atol=0)
