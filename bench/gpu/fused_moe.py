@@ -120,7 +120,7 @@ def check(names: list[str], tokens: list[int]) -> None:
             errs.append(f"{num_tokens}: {err:.1e}")
             worst = max(worst, err)
         print(f"  {name:18s} " + "  ".join(errs))
-        del w13, w2
+        del w13, w2, case  # the case holds the weights too
         torch.cuda.empty_cache()
     assert worst < 2e-2, f"relative error {worst:.3e} vs the torch loop"
     print(f"  worst {worst:.2e} (< 2e-2: ok)")
@@ -154,7 +154,7 @@ def timing(names: list[str], tokens: list[int]) -> None:
                   f"{t_loop:9.1f} {flops / t_loop / 1e6:6.1f} {flops / t_dense / 1e6:10.1f} "
                   f"{weight_bytes_hit(case, shape) / t_graph / 1e6:6.2f} "
                   f"m{config.block_m} n{config.block_n} k{config.block_k} w{config.num_warps} s{config.num_stages}")
-        del w13, w2
+        del w13, w2, case  # the case holds the weights too
         torch.cuda.empty_cache()
 
 
@@ -219,7 +219,7 @@ def tune(names: list[str], tokens: list[int]) -> None:
             bucket = ("<=16" if per_expert <= 16 else "<=64" if per_expert <= 64 else "<=256" if per_expert <= 256
                       else ">256")
             best_by_bucket.setdefault(bucket, []).append(f"{name}/{num_tokens}: {tuple(best)}")
-        del w13, w2
+        del w13, w2, case  # the case holds the weights too
         torch.cuda.empty_cache()
     print("\nbest configs by pairs per expert (default_config's buckets):")
     for bucket, rows in best_by_bucket.items():
