@@ -14,7 +14,9 @@ Default mode:
    ([num_tokens * top_k, hidden] x [hidden, 3 * inter]), the ceiling for a grouped GEMM; ``TB/s`` the weight
    bytes of the experts actually hit over the graph time, the roofline of memory-bound decode rows.
 
-3. routing: DeepSeek-V3's grouped top-k (256 experts, 8 groups, keep 4, top-8) as the Triton kernel vs the
+3. alignment: the single-program Triton kernel vs the torch ops (CUDA-graph us, and whether they agree), to
+   set ``moe_align._KERNEL_MAX_PAIRS`` (where ``align_pairs_by_expert`` switches from the first to the second);
+4. routing: DeepSeek-V3's grouped top-k (256 experts, 8 groups, keep 4, top-8) as the Triton kernel vs the
    torch code, ids compared, both timed eager and as CUDA graphs.
 
 ``--tune``: for every (shape, num_tokens), every config of a small grid (``tune_grid``) timed as a CUDA graph;
@@ -39,6 +41,7 @@ import torch
 import triton.testing
 
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch
+from radixlm.kernels.moe_align import align_pairs_torch, align_pairs_triton
 from radixlm.kernels.moe_gemm import MoEConfig, default_config, fused_experts_triton
 from radixlm.kernels.moe_routing import grouped_topk_sigmoid, grouped_topk_sigmoid_torch
 
@@ -158,6 +161,23 @@ def timing(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
+def alignment(names: list[str], tokens: list[int]) -> None:
+    print("\nalignment, CUDA-graph us: the single-program Triton kernel vs torch ops (block_m of default_config)")
+    print(f"{'shape':18s} {'tokens':>6s} {'pairs':>6s} {'block_m':>7s} {'triton':>8s} {'torch':>8s} {'equal':>5s}")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for name in names:
+        shape = SHAPES[name]
+        for num_tokens in tokens:
+            ids = torch.rand(num_tokens, shape.num_experts, generator=gen, device="cuda").topk(shape.top_k).indices
+            block_m = default_config(ids.numel(), shape.num_experts).block_m
+            results = [align(ids, shape.num_experts, block_m) for align in (align_pairs_triton, align_pairs_torch)]
+            equal = all(torch.equal(a, b) for a, b in zip(*results))
+            times = [graph_us(lambda align=align: align(ids, shape.num_experts, block_m), rep_ms=10)
+                     for align in (align_pairs_triton, align_pairs_torch)]
+            print(f"{name:18s} {num_tokens:6d} {ids.numel():6d} {block_m:7d} {times[0]:8.1f} {times[1]:8.1f} "
+                  f"{str(equal):>5s}")
+
+
 def routing(tokens: list[int]) -> None:
     print("\nDeepSeek-V3 grouped top-k routing (E=256, 8 groups, keep 4, top-8): Triton vs torch, us")
     print(f"{'tokens':>6s} {'triton':>8s} {'graph':>8s} {'torch':>8s} {'graph':>8s} {'ids equal':>9s}")
@@ -241,6 +261,7 @@ def main() -> None:
     else:
         check(args.shapes, [t for t in args.tokens if t in (1, 64, 1024)] or args.tokens[:1])
         timing(args.shapes, args.tokens)
+        alignment(args.shapes, args.tokens)
         routing(args.tokens)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 

@@ -39,7 +39,7 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 # Above these the torch ops win: the single program's passes grow with pairs x experts.
-_KERNEL_MAX_PAIRS = 4096
+_KERNEL_MAX_PAIRS = 2048
 _KERNEL_MAX_EXPERTS = 1024
 
 
@@ -88,7 +88,7 @@ def align_pairs_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) ->
 @triton.jit
 def _align_kernel(
     ids_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr, num_pairs, num_experts, max_padded,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, PAD_CHUNK: tl.constexpr,
 ):
     """One program; every pass walks its range in CHUNK-sized steps, matching elements against all experts with
     a [CHUNK, BLOCK_E] comparison (registers have no gather)."""
@@ -116,12 +116,14 @@ def _align_kernel(
         tl.store(sorted_pair_ids_ptr + slot, pairs, mask=pairs < num_pairs)
         seen += tl.sum(onehot, axis=0)
 
-    # Pass 3: padding slots (disjoint from pass 2's, so no barrier): past an expert's pairs, or past the end.
-    for start in range(0, max_padded, CHUNK):
-        slots = start + lane
-        inside = (slots[:, None] >= padded_start[None, :]) & (slots[:, None] < padded_end[None, :])
-        filled = tl.sum((inside & (slots[:, None] < (padded_start + counts)[None, :])).to(tl.int32), axis=1)
-        tl.store(sorted_pair_ids_ptr + slots, num_pairs, mask=(slots < max_padded) & (filled == 0))
+    # Pass 3: padding slots (disjoint from pass 2's, so no barrier): each expert's last block past its pairs,
+    # as one [BLOCK_E, PAD_CHUNK] tile per chunk of the block, then everything past the last run.
+    pad_from = padded_start + counts
+    for j in tl.static_range(0, BLOCK_M, PAD_CHUNK):
+        slots = pad_from[:, None] + j + tl.arange(0, PAD_CHUNK)[None, :]
+        tl.store(sorted_pair_ids_ptr + slots, num_pairs, mask=slots < padded_end[:, None])
+    for start in range(tl.sum(padded, axis=0), max_padded, CHUNK):
+        tl.store(sorted_pair_ids_ptr + start + lane, num_pairs, mask=start + lane < max_padded)
 
     # Pass 4: a block's expert is the number of padded runs ending at or before its first slot.
     for start in range(0, max_padded // BLOCK_M, CHUNK):
@@ -143,6 +145,7 @@ def align_pairs_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
     _align_kernel[(1,)](
         topk_ids.reshape(-1), sorted_pair_ids, block_expert_ids, num_padded, num_pairs, num_experts, max_padded,
         BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, min(64, 8192 // block_e)),
+        PAD_CHUNK=min(block_m, max(1, 4096 // block_e)),
         num_warps=4 if block_e <= 128 else 8,
     )
     return AlignedPairs(sorted_pair_ids, block_expert_ids, num_padded)
