@@ -9,7 +9,7 @@ tile is read once for all the block's pairs, and the activation rows are gathere
    gate columns ``n`` and the up columns ``inter + n``, and writes ``silu(gate) * up`` (rounded once to the
    compute dtype), so the ``[num_pairs, 2 * inter]`` product never reaches memory.
 2. down: ``A = act[pair]`` against ``w2[expert]``, scaled by the pair's routing weight in the epilogue, written
-   to row ``pair`` of a ``[num_pairs, hidden]`` buffer; a reduction over the ``top_k`` rows of each token (fp32)
+   to row ``pair`` of a ``[num_pairs, hidden]`` buffer; a reduction over the ``top_k`` rows of each token (in fp32)
    gives the output.
 
 Programs of blocks past the device-side padded length exit at once, so nothing is read on the host and the whole
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.moe_align import align_pairs_by_expert
+from radixlm.kernels.moe_align import AlignedPairs, align_pairs_by_expert
 
 
 class MoEConfig(NamedTuple):
@@ -119,7 +119,8 @@ def _moe_gemm_kernel(
 
 
 def _launch_gemm(
-    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor | None, aligned, num_pairs: int,
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor | None, aligned: AlignedPairs,
+    num_pairs: int,
     a_row_div: int, fuse_silu_mul: bool, config: MoEConfig,
 ) -> None:
     """``c[pair] = epilogue(a[pair // a_row_div] @ b[expert(pair)]^T)`` for every pair; ``b`` [E, N', K]."""
