@@ -43,7 +43,8 @@ import triton.testing
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch
 from radixlm.kernels.moe_align import align_pairs_torch, align_pairs_triton
 from radixlm.kernels.moe_gemm import MoEConfig, default_config, fused_experts_triton
-from radixlm.kernels.moe_routing import grouped_topk_sigmoid, grouped_topk_sigmoid_torch
+from radixlm.kernels.moe_routing import grouped_topk_sigmoid
+from radixlm.layers.moe_router import Routing, select_experts_torch
 
 
 class Shape(NamedTuple):
@@ -186,12 +187,14 @@ def routing(tokens: list[int]) -> None:
     for num_tokens in tokens:
         logits = torch.randn(num_tokens, 256, generator=gen, device="cuda")
         args = (logits, bias, 8, 8, 4, 2.5, True)
+        v3 = Routing(num_experts=256, top_k=8, scoring="sigmoid", renormalize=True, num_groups=8, topk_groups=4,
+                     group_score="top2_sum", scaling_factor=2.5, correction_bias=True)
         weights, ids = grouped_topk_sigmoid(*args)
-        ref_weights, ref_ids = grouped_topk_sigmoid_torch(*args)
+        ref_weights, ref_ids = select_experts_torch(logits, v3, bias)
         same = (ids == ref_ids).all(dim=1).float().mean().item()  # a near-tie may order two experts differently
         assert same > 0.99 and rel_err(weights, ref_weights) < 1e-3, (same, rel_err(weights, ref_weights))
-        times = [f(lambda fn=fn: fn(*args)) for fn in (grouped_topk_sigmoid, grouped_topk_sigmoid_torch)
-                 for f in (bench_us, graph_us)]
+        kernels = (lambda: grouped_topk_sigmoid(*args), lambda: select_experts_torch(logits, v3, bias))
+        times = [f(fn) for fn in kernels for f in (bench_us, graph_us)]
         print(f"{num_tokens:6d} " + " ".join(f"{t:8.1f}" for t in times) + f" {same:9.3f}")
 
 

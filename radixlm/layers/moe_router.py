@@ -23,6 +23,8 @@ from torch import nn
 
 from radixlm.layers.linear import default_weight_loader, linear
 
+RENORM_EPS = 1e-20  # added to the chosen weights' sum: an all-zero choice gives zeros, not NaN
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -74,10 +76,28 @@ class Routing:
         raise ValueError(f"unsupported DeepSeek topk_method {method!r} (greedy, group_limited_greedy, noaux_tc)")
 
 
+def _fused_kernel_applies(routing: Routing, bias: torch.Tensor | None) -> bool:
+    """DeepSeek-V3's routing has a one-launch Triton kernel (``kernels/moe_routing.py``)."""
+    return (routing.scoring == "sigmoid" and routing.group_score == "top2_sum" and bias is not None
+            and routing.num_experts // routing.num_groups >= 2)
+
+
 def select_experts(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits`` [num_tokens, num_experts] -> (weights [num_tokens, top_k] float32, ids [num_tokens, top_k]
-    int64)."""
+    int64, or int32 from the CUDA kernel)."""
+    logits = logits.float()
+    if logits.is_cuda and _fused_kernel_applies(routing, bias):
+        from radixlm.kernels.moe_routing import grouped_topk_sigmoid
+
+        return grouped_topk_sigmoid(logits, bias, routing.top_k, routing.num_groups, routing.topk_groups,
+                                    routing.scaling_factor, routing.renormalize, RENORM_EPS)
+    return select_experts_torch(logits, routing, bias)
+
+
+def select_experts_torch(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts`` in torch ops, for every routing (the CPU path and the kernel's reference)."""
     logits = logits.float()
     scores = logits.softmax(dim=-1) if routing.scoring == "softmax" else logits.sigmoid()
     choice = scores if bias is None else scores + bias.float()
@@ -93,7 +113,7 @@ def select_experts(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | 
     ids = choice.topk(routing.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if routing.renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     if routing.scaling_factor != 1.0:
         weights = weights * routing.scaling_factor
     return weights, ids

@@ -1,5 +1,6 @@
-"""``radixlm.kernels.moe_routing.grouped_topk_sigmoid`` (DeepSeek-V3's routing): the torch code against a per-token
-reference written from the definition, and the Triton kernel (under the interpreter without CUDA) against both."""
+"""``radixlm.kernels.moe_routing.grouped_topk_sigmoid`` (DeepSeek-V3's routing in one Triton kernel, under the
+interpreter without CUDA) and the router's torch code (``select_experts``) against a per-token reference written
+from the definition."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from radixlm.kernels.moe_routing import grouped_topk_sigmoid, grouped_topk_sigmoid_torch  # noqa: E402
-from radixlm.kernels.moe_routing_triton import grouped_topk_sigmoid_triton  # noqa: E402
+from radixlm.kernels.moe_routing import grouped_topk_sigmoid  # noqa: E402
+from radixlm.layers.moe_router import Routing, select_experts  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (num_experts, top_k, n_group, topk_group): V3's own, one group, groups that are not powers of two
@@ -49,11 +50,14 @@ def test_grouped_topk_sigmoid(num_experts, top_k, n_group, topk_group, renormali
     bias = 0.1 * torch.randn(num_experts, generator=gen)
     args = (top_k, n_group, topk_group, 2.5, renormalize)
     expected_weights, expected_ids = reference(logits, bias, *args)
-    weights, ids = grouped_topk_sigmoid_torch(logits, bias, *args)
-    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    routing = Routing(num_experts=num_experts, top_k=top_k, scoring="sigmoid", renormalize=renormalize,
+                      num_groups=n_group, topk_groups=topk_group, group_score="top2_sum", scaling_factor=2.5,
+                      correction_bias=True)
+    weights, ids = select_experts(logits, routing, bias)  # the torch code (CPU tensors)
     assert ids.tolist() == expected_ids
     torch.testing.assert_close(weights, torch.tensor(expected_weights), rtol=1e-5, atol=1e-6)
-    weights, ids = grouped_topk_sigmoid_triton(logits.to(DEVICE), bias.to(DEVICE), *args)
+    weights, ids = grouped_topk_sigmoid(logits.to(DEVICE), bias.to(DEVICE), *args)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert ids.cpu().tolist() == expected_ids
     torch.testing.assert_close(weights.cpu(), torch.tensor(expected_weights), rtol=1e-5, atol=1e-6)
 
