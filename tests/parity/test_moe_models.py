@@ -39,10 +39,14 @@ def random_seqs(lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
     return [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton MoE and routing kernels on CUDA need a GPU"))])
 @pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
-def test_moe_matches_hf(tiny_moe, name):
+def test_moe_matches_hf(tiny_moe, name, device):
+    """On CPU the grouped torch experts; on CUDA the Triton fused-MoE kernel (and V3's routing kernel) in CUDA
+    graphs for the decode steps."""
     path, hf = tiny_moe[name]
-    worker = make_worker(path, dtype="float32")
+    worker = make_worker(path, dtype="float32", device=device)
     layers = worker.runner.model.model.layers
     moe = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoeBlock)]
     assert moe == {"deepseek_v2_moe": [1, 2], "deepseek_v3": [1, 2], "qwen3_moe": [0, 2], "mixtral": [0, 1]}[name]
