@@ -44,17 +44,18 @@ class MoEConfig(NamedTuple):
 
 
 def default_config(num_pairs: int, num_experts: int) -> MoEConfig:
-    """Block sizes by the average number of pairs per expert.  Few pairs (decode) make the GEMM a stream over the
-    used experts' weights: the smallest ``tl.dot`` M (16) wastes least on padding, and deep K tiles with several
-    stages keep loads in flight.  Many pairs make it compute-bound: large tiles reuse each loaded tile more."""
+    """Block sizes by the average number of pairs per expert, from the H200 sweep (``bench/gpu/fused_moe.py
+    --tune``, docs/benchmarks.md).  Few pairs (decode) make the GEMM a stream over the used experts' weights:
+    the smallest ``tl.dot`` M (16) wastes least on padding, and deep K tiles with several stages keep loads in
+    flight.  Many pairs make it compute-bound: large tiles reuse each loaded tile more."""
     per_expert = num_pairs / max(num_experts, 1)
-    if per_expert <= 16:
+    if per_expert <= 8:
         return MoEConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
-    if per_expert <= 64:
-        return MoEConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=4)
-    if per_expert <= 256:
-        return MoEConfig(64, 128, 64, group_m=8, num_warps=8, num_stages=4)
-    return MoEConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+    if per_expert <= 48:
+        return MoEConfig(32, 128, 128, group_m=8, num_warps=4, num_stages=3)
+    if per_expert <= 192:
+        return MoEConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3)
+    return MoEConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=3)
 
 
 @triton.jit
