@@ -126,7 +126,10 @@ class TopKRouter(nn.Module):
     def __init__(self, hidden_size: int, routing: Routing, dtype: torch.dtype):
         super().__init__()
         self.routing = routing
-        self.weight = nn.Parameter(torch.empty(routing.num_experts, hidden_size, dtype=dtype), requires_grad=False)
+        # kept in float32 when the logits are (converted once at load, not every step)
+        weight_dtype = torch.float32 if routing.fp32_logits else dtype
+        self.weight = nn.Parameter(torch.empty(routing.num_experts, hidden_size, dtype=weight_dtype),
+                                   requires_grad=False)
         self.weight.weight_loader = default_weight_loader
         self.e_score_correction_bias = None
         if routing.correction_bias:
@@ -138,7 +141,7 @@ class TopKRouter(nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden`` [num_tokens, hidden] -> (weights [num_tokens, top_k] float32, ids [num_tokens, top_k])."""
         if self.routing.fp32_logits:
-            logits = torch.nn.functional.linear(hidden.float(), self.weight.float())
+            logits = torch.nn.functional.linear(hidden.float(), self.weight)
         else:
             logits = linear(hidden, self.weight)
         return select_experts(logits, self.routing, self.e_score_correction_bias)
