@@ -12,9 +12,10 @@ BACKENDS = ("torch_native", "triton", "cpu")
 
 
 def create_attention_backend(name: str, *, num_heads: int, kv_spec: KVCacheSpec, max_batch_size: int,
-                             device: torch.device) -> AttentionBackend:
+                             device: torch.device, max_context_len: int | None = None) -> AttentionBackend:
     """Build backend ``name`` for a model with ``num_heads`` query heads per rank and a KV cache like
-    ``kv_spec``; the shapes size the Triton backend's decode scratch."""
+    ``kv_spec``; the shapes size the Triton backend's decode scratch, ``max_context_len`` (a request's longest
+    sequence) bounds its MLA split count."""
     if name == "torch_native":
         return TorchNativeAttnBackend()
     if name == "cpu":
@@ -26,7 +27,7 @@ def create_attention_backend(name: str, *, num_heads: int, kv_spec: KVCacheSpec,
         # test has chosen the Triton interpreter).
         from radixlm.attention.triton_backend import TritonAttnBackend
 
-        return TritonAttnBackend(num_heads, kv_spec, max_batch_size, device)
+        return TritonAttnBackend(num_heads, kv_spec, max_batch_size, device, max_context_len=max_context_len)
     raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}")
 
 

@@ -1,8 +1,12 @@
 """Attention through the engine's own Triton kernels (``radixlm.kernels``): the GPU backend.
 
-Decode uses flash-decoding over a fixed number of KV splits whose fp32 scratch is allocated once, for the
-largest batch, at construction: a decode step then allocates only its output and reads no device value on the
-host, so it can be captured in a CUDA graph at any batch size up to ``max_batch_size`` and replayed.  EXTEND,
+Decode uses flash-decoding over KV splits whose fp32 scratch is allocated once, for the largest batch, at
+construction: a decode step then allocates only its output and reads no device value on the host, so it can be
+captured in a CUDA graph at any batch size up to ``max_batch_size`` and replayed.  GQA caches always run
+``num_kv_splits`` splits.  An MLA cache (one latent KV head, so a small batch has few programs) takes the split
+count of ``plan_decode_splits`` for each batch size, a function of the batch size, head count, longest context
+and SM count only; the scratch is one flat buffer viewed as ``[bs, heads, splits, v_head_dim]``, so small
+batches get more splits in the bytes that ``num_kv_splits`` splits of the largest batch take.  EXTEND,
 MIXED (its decode rows are one-token extends) and TARGET_VERIFY (the batch's custom mask over the draft tokens)
 run the extend kernel.  Keys may be wider than values, and V a view of K's rows (an MLA latent cache).
 """
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.attention.base import AttentionBackend
-from radixlm.kernels.decode_attention import decode_attention_fwd
+from radixlm.kernels.decode_attention import MAX_KV_SPLITS, decode_attention_fwd, plan_decode_splits
 from radixlm.kernels.extend_attention import extend_attention_fwd
 from radixlm.mem import KVCacheSpec
 
@@ -25,20 +29,48 @@ if TYPE_CHECKING:
 
 class TritonAttnBackend(AttentionBackend):
     """``num_heads`` is per tensor-parallel rank; ``num_kv_splits`` is how many key ranges of every request stage
-    1 of decode attends to in parallel."""
+    1 of decode attends to in parallel (GQA; the MLA plan never goes below it).  ``max_context_len`` bounds the
+    MLA split count, ``num_sms`` (default: the device's, 1 on CPU) sets its target."""
 
     name = "triton"
 
     def __init__(self, num_heads: int, kv_spec: KVCacheSpec, max_batch_size: int, device: torch.device | str,
-                 num_kv_splits: int = 8) -> None:
+                 num_kv_splits: int = 8, max_context_len: int | None = None, num_sms: int | None = None) -> None:
+        self.num_heads, self.kv_spec = num_heads, kv_spec
         self.num_kv_splits = num_kv_splits
-        # [max_batch_size, num_heads, num_kv_splits, v_head_dim] normalised output of every split
-        self.mid_o = torch.empty((max_batch_size, num_heads, num_kv_splits, kv_spec.v_head_dim),
-                                 dtype=torch.float32, device=device)
-        # [max_batch_size, num_heads, num_kv_splits] log-sum-exp of every split
-        self.mid_lse = torch.empty((max_batch_size, num_heads, num_kv_splits), dtype=torch.float32, device=device)
+        self.adaptive_splits = kv_spec.layout == "mla"
+        device = torch.device(device)
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.num_sms = num_sms
+        self.max_context_len = max_context_len or 1
+        # Enough for num_kv_splits splits of the largest batch and, for MLA, MAX_KV_SPLITS of a batch of one.
+        rows = max_batch_size * num_kv_splits
+        if self.adaptive_splits:
+            rows = max(rows, MAX_KV_SPLITS)
+        # flat [rows * num_heads * v_head_dim] normalised output of every split, viewed per batch size
+        self.mid_o = torch.empty(rows * num_heads * kv_spec.v_head_dim, dtype=torch.float32, device=device)
+        # flat [rows * num_heads] log-sum-exp of every split
+        self.mid_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
+        self.max_batch_size = max_batch_size
         self.max_extend_len = 0
         self.decode_tail = 0  # trailing one-token rows of an extend batch, run by the decode kernel
+
+    def decode_splits(self, batch_size: int) -> int:
+        """KV splits of a decode launch of ``batch_size`` rows (fixed per batch size: CUDA graphs replay it)."""
+        if not self.adaptive_splits:
+            return self.num_kv_splits
+        spec = self.kv_spec
+        capacity = self.mid_lse.numel() // (batch_size * self.num_heads)
+        return plan_decode_splits(batch_size, spec.num_kv_heads, self.num_heads // spec.num_kv_heads, spec.head_dim,
+                                  spec.v_head_dim, spec.element_size, self.max_context_len, self.num_sms, capacity)
+
+    def decode_scratch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(mid_o [bs, heads, splits, v_head_dim], mid_lse [bs, heads, splits])`` of the flat scratch."""
+        splits = self.decode_splits(batch_size)
+        n = batch_size * self.num_heads * splits
+        return (self.mid_o[: n * self.kv_spec.v_head_dim].view(batch_size, self.num_heads, splits, -1),
+                self.mid_lse[:n].view(batch_size, self.num_heads, splits))
 
     def prepare(self, fb: "ForwardBatch") -> None:
         # Decode needs nothing beyond the batch's own tensors; extend sizes its grid from the host lengths.
@@ -52,7 +84,7 @@ class TritonAttnBackend(AttentionBackend):
         if fb.custom_mask is None:
             while tail < len(lens) and lens[len(lens) - 1 - tail] == 1:
                 tail += 1
-        self.decode_tail = min(tail, self.mid_o.shape[0])
+        self.decode_tail = min(tail, self.max_batch_size)
         self.max_extend_len = max(lens[: len(lens) - self.decode_tail], default=0)
 
     def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
@@ -78,8 +110,8 @@ class TritonAttnBackend(AttentionBackend):
 
     def _decode(self, q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                 layer: "RadixAttention", fb: "ForwardBatch", rows: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        bs = q.shape[0]
+        mid_o, mid_lse = self.decode_scratch(q.shape[0])
         decode_attention_fwd(
-            q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, rows, seq_lens, self.mid_o[:bs],
-            self.mid_lse[:bs], layer.scaling, layer.sliding_window,
+            q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, rows, seq_lens, mid_o, mid_lse, layer.scaling,
+            layer.sliding_window,
         )

@@ -47,6 +47,7 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(
             server_args.attention_backend, num_heads=model_config.num_attention_heads // server_args.tp_size,
             kv_spec=self.kv_spec, max_batch_size=self.memory.max_running_requests, device=self.device,
+            max_context_len=model_config.context_length,
         )
         self.sampler = Sampler()
         self.cuda_graph_runner: CudaGraphRunner | None = None

@@ -1,9 +1,17 @@
 """Paged decode attention, flash-decoding style: one new query token per request over its whole KV sequence.
 
 Stage 1 splits each request's keys into ``num_kv_splits`` contiguous ranges and attends to every range in its
-own program, so a small batch with long contexts still fills the GPU; one program serves all query heads of a
-KV head (GQA), reading that head's K/V once.  Each range leaves a normalised partial output and its log-sum-exp
-in caller-owned fp32 scratch; stage 2 merges the ranges of every (request, head) with those log-sum-exps.
+own program, so a small batch with long contexts still fills the GPU; one program serves a tile of up to
+``BLOCK_H`` query heads of one KV head (GQA), reading that head's K/V once per tile.  Each range leaves a
+normalised partial output and its log-sum-exp in caller-owned fp32 scratch; stage 2 merges the ranges of every
+(request, head) with those log-sum-exps.
+
+The split count is the scratch's, fixed per launch (a CUDA graph replays one launch): ``plan_decode_splits``
+picks it on the host from what is known at capture time (batch size, head tiles, the longest possible context,
+the SM count), so that a batch of one MLA request still runs >= ~2 programs per SM.  Inside the kernel a split
+covers at least ``min_split_len`` keys, so a short sequence under a large split count leaves trailing splits
+empty (they cost a launch slot and no memory traffic) instead of running many one-block programs whose partial
+outputs would cost as many bytes as the keys they read.
 
 Keys and values may differ in width (``Dk >= Dv``), and V may be a strided view into the K buffer: DeepSeek's
 Multi-head Latent Attention keeps one 576-wide vector per token (512 latent dims, then 64 rotary ones) that is
@@ -24,6 +32,16 @@ LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 _MIN_BLOCK_H = 16  # tl.dot needs at least 16 rows; smaller GQA groups are padded with masked heads
 _MIN_BLOCK_DPE = 16  # tl.dot's smallest reduction width
+# The split plan (``plan_decode_splits``): enough programs to keep every SM busy with two resident programs (one
+# waits on memory while the other computes), at most MAX_KV_SPLITS ranges (stage 2 reads their log-sum-exps in one
+# tile), never fewer than the default 8 (what every batch size ran before the plan; large batches keep it).
+TARGET_PROGRAMS_PER_SM = 2
+DEFAULT_KV_SPLITS = 8
+MAX_KV_SPLITS = 128
+# Least keys per non-empty split of an MLA launch: a 16-head tile's partial output is 16 x 512 fp32 = 32 KB, the
+# bytes of ~28 latent rows (576 bf16); with >= 128 keys a split reads >= 4.5x the bytes it writes to scratch.
+MLA_MIN_SPLIT_LEN = 128
+_MERGE_TILE = 4096  # elements of partial outputs stage 2 holds at once: [8 splits, 512] or [32, 128]
 
 
 def head_blocks(head_dim_k: int, head_dim_v: int) -> tuple[int, int, int]:
@@ -59,7 +77,8 @@ def _decode_split_kernel(
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     head_blocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
@@ -79,8 +98,9 @@ def _decode_split_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
-    # Splits share the attended range evenly in whole key blocks; trailing splits of a short range are empty.
-    split_len = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # Splits share the attended range evenly in whole key blocks, each at least MIN_SPLIT_LEN keys (a multiple of
+    # BLOCK_N); trailing splits of a short range are empty.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_LEN)
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -133,20 +153,59 @@ def _decode_merge_kernel(
     MidO, MidLse, O,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < NUM_SPLITS
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))  # [BLOCK_S]
+    lse_row = MidLse + b * stride_lb + h * stride_lh
+    lse = tl.load(lse_row + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))  # [BLOCK_S]
     # Split 0 is never empty (seq_len >= 1), so the max is finite and empty splits get weight exp(-inf) = 0.
-    w = tl.exp(lse - tl.max(lse, 0))
-    parts = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
+    lse_max = tl.max(lse, 0)
+    total = tl.sum(tl.exp(lse - lse_max), 0)
+    out = tl.zeros([BLOCK_D], tl.float32)
+    # CHUNK_S partial outputs at a time keep the tile in registers however many splits there are.
+    for s0 in range(0, NUM_SPLITS, CHUNK_S):
+        offs_c = s0 + tl.arange(0, CHUNK_S)
+        lse_c = tl.load(lse_row + offs_c, mask=offs_c < NUM_SPLITS, other=float("-inf"))
+        live = lse_c > float("-inf")  # empty splits wrote no useful output: skip their bytes
+        parts = tl.load(MidO + b * stride_mb + h * stride_mh + offs_c[:, None] * stride_ms + offs_d[None, :],
+                        mask=live[:, None] & mask_d[None, :], other=0.0)  # [CHUNK_S, BLOCK_D]
+        out += tl.sum(parts * tl.exp(lse_c - lse_max)[:, None], 0)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, (out / total).to(O.dtype.element_ty), mask=mask_d)
+
+
+def decode_launch(group: int, head_dim: int, head_dim_v: int, elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_N) of stage 1 for a GQA group of ``group`` query heads per KV head: the query heads of a
+    KV head are served in ``cdiv(group, BLOCK_H)`` tiles."""
+    block_d, block_dpe, _ = head_blocks(head_dim, head_dim_v)
+    if head_dim != head_dim_v and block_d + block_dpe > 256:
+        # MLA-wide keys (576): a 16-head tile keeps the [BLOCK_H, Dv] fp32 accumulator and the q tile in registers
+        # (SGLang's MLA decode tiles; ptxas for sm_90, bf16: 192 registers, no spills, 56 KB of shared memory with V
+        # a view of K, 89 KB with a separate V); fp32 caches halve the key block (75 / 108 KB).  128 query heads
+        # (DeepSeek-V3 at TP1) run as 8 tiles; bench/gpu/mla.py times 32-head tiles against them.
+        return _MIN_BLOCK_H, (32 if elem_bytes <= 2 else 16)
+    return max(_MIN_BLOCK_H, min(triton.next_power_of_2(group), 64)), (64 if block_d <= 128 else 32)
+
+
+def plan_decode_splits(batch_size: int, num_kv_heads: int, group: int, head_dim: int, head_dim_v: int,
+                       elem_bytes: int, max_context: int, num_sms: int, max_splits: int) -> int:
+    """The KV split count for a decode launch of ``batch_size`` requests, from values fixed when a CUDA graph is
+    captured: enough (request, head tile, split) programs for ``TARGET_PROGRAMS_PER_SM`` per SM, no more splits
+    than ``max_context`` fills with ``MLA_MIN_SPLIT_LEN``-key ranges, than ``max_splits`` (what the caller's
+    scratch holds at this batch size) or than ``MAX_KV_SPLITS``; and never fewer than ``DEFAULT_KV_SPLITS`` (capped
+    by ``max_splits``), so that batches which already fill the GPU keep their launch.
+
+    V2-Lite (16 heads, 1 tile) on 132 SMs: batch 1 -> 128 splits at 32k context (256 keys each), 32 at 4k;
+    batch 8 -> 33; batch 32 -> 9; 64 and up -> 8.  V3 at TP1 (128 heads, 8 tiles): batch 1 -> 33, batch 4 -> 9,
+    8 and up -> 8."""
+    block_h, _ = decode_launch(group, head_dim, head_dim_v, elem_bytes)
+    programs = batch_size * num_kv_heads * triton.cdiv(group, block_h)
+    want = triton.cdiv(TARGET_PROGRAMS_PER_SM * num_sms, programs)
+    by_context = triton.cdiv(max_context, MLA_MIN_SPLIT_LEN)
+    return max(1, min(max(DEFAULT_KV_SPLITS, min(want, by_context, MAX_KV_SPLITS)), max_splits))
 
 
 def decode_attention_fwd(
@@ -161,6 +220,7 @@ def decode_attention_fwd(
     mid_lse: torch.Tensor,  # [>= bs, num_heads, num_kv_splits] fp32 scratch
     sm_scale: float,
     sliding_window: int | None = None,
+    block_h: int | None = None,
 ) -> None:
     """``o[i]`` = softmax(q[i] K^T * sm_scale) V over keys ``0 .. seq_lens[i]-1`` of request row
     ``req_pool_indices[i]`` (the last ``sliding_window`` of them when given), K/V read at the slots
@@ -168,9 +228,11 @@ def decode_attention_fwd(
 
     Keys (and queries) are ``Dk`` wide, values (and outputs) ``Dv <= Dk`` wide: DeepSeek MLA with absorbed
     weights is MQA over the latent cache ``k_buffer [num_slots, 1, 576]`` with ``v_buffer = k_buffer[..., :512]``.
-    The number of KV splits is ``mid_o.shape[2]``.  q, o and the KV buffers need a unit stride in the last
-    dimension (the KV buffers any strides in the first two); the KV buffers may be fp32, fp16 or bf16 (q is cast
-    to their dtype), o has q's dtype.
+    The number of KV splits is ``mid_o.shape[2]`` (``plan_decode_splits`` sizes it; at most ``MAX_KV_SPLITS``);
+    an MLA-wide launch gives each non-empty split at least ``MLA_MIN_SPLIT_LEN`` keys.  ``block_h`` overrides
+    the query-head tile of ``decode_launch`` (a power of two >= 16; for benchmarks).  q, o and the KV buffers
+    need a unit stride in the last dimension (the KV buffers any strides in the first two); the KV buffers may be
+    fp32, fp16 or bf16 (q is cast to their dtype), o has q's dtype.
     """
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -183,14 +245,12 @@ def decode_attention_fwd(
     assert o.shape[2] == head_dim_v and mid_o.shape[3] == head_dim_v
     assert mid_o.shape[0] >= bs and mid_lse.shape[0] >= bs, "decode scratch is smaller than the batch"
     block_d, block_dpe, block_dv = head_blocks(head_dim, head_dim_v)
-    block_h = max(_MIN_BLOCK_H, min(triton.next_power_of_2(group), 64))
-    block_n = 64 if block_d <= 128 else 32
-    if head_dim != head_dim_v and block_d + block_dpe > 256:
-        # MLA-wide keys (576): a 16-head tile keeps the [BLOCK_H, Dv] fp32 accumulator and the q tile in registers
-        # (SGLang's MLA decode tiles; ptxas for sm_90, bf16: 192 registers, no spills, 56 KB of shared memory with V
-        # a view of K, 89 KB with a separate V); fp32 caches halve the key block (75 / 108 KB).
-        block_h = _MIN_BLOCK_H
-        block_n = 32 if k_buffer.element_size() <= 2 else 16
+    default_block_h, block_n = decode_launch(group, head_dim, head_dim_v, k_buffer.element_size())
+    block_h = block_h or default_block_h
+    mla_wide = head_dim != head_dim_v and block_d + block_dpe > 256
+    # A wider MLA head tile takes twice the warps, so each thread holds as much of the accumulator as at 16 heads.
+    num_warps = 8 if mla_wide and block_h > _MIN_BLOCK_H else 4
+    min_split_len = MLA_MIN_SPLIT_LEN if mla_wide else block_n  # block_n: no floor beyond whole blocks
     precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"  # tf32 would cost fp32 caches ~1e-3
     grid = (bs, num_kv_heads * triton.cdiv(group, block_h), num_splits)
     _decode_split_kernel[grid](
@@ -201,13 +261,13 @@ def decode_attention_fwd(
         mid_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe), BLOCK_H=block_h,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_PRECISION=precision,
-        num_warps=4, num_stages=2,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, HAS_WINDOW=sliding_window is not None,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=2,
     )
     _decode_merge_kernel[(bs, num_heads)](
         mid_o, mid_lse, o,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
         HEAD_DIM=head_dim_v, BLOCK_D=block_dv, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=4,
+        CHUNK_S=min(triton.next_power_of_2(num_splits), max(1, _MERGE_TILE // block_dv)), num_warps=4,
     )

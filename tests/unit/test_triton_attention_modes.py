@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from radixlm.kernels.decode_attention import decode_attention_fwd, head_blocks, v_is_k_prefix
+from radixlm.kernels.decode_attention import (MAX_KV_SPLITS, MLA_MIN_SPLIT_LEN, decode_attention_fwd, head_blocks,
+                                              plan_decode_splits, v_is_k_prefix)
 from radixlm.kernels.extend_attention import extend_attention_fwd
 from test_triton_attention import CUDA, DEVICE, DTYPES, TOLERANCE, kv_layout, rel_err
 
@@ -121,7 +122,7 @@ def run_extend(reqs: list[tuple[int, int]], heads: tuple[int, int, int, int], dt
 
 def run_decode(seq_lens: list[int], heads: tuple[int, int, int, int], dtype: torch.dtype, page_size: int,
                window: int | None = None, v_mode: str = "separate", row_pad: int = 0, num_kv_splits: int = 4,
-               check_v_from_k: bool | None = None) -> None:
+               check_v_from_k: bool | None = None, block_h: int | None = None) -> None:
     num_heads, num_kv_heads, dk, dv = heads
     gen = seed("decode", seq_lens, heads, dtype, page_size, window, v_mode)
     table, rows, num_slots = kv_layout(seq_lens, page_size, gen)
@@ -136,7 +137,7 @@ def run_decode(seq_lens: list[int], heads: tuple[int, int, int, int], dtype: tor
     mid_lse = torch.full((bs + 2, num_heads, num_kv_splits), float("nan"), device=DEVICE)
     sm_scale = dk**-0.5
     decode_attention_fwd(q, k_buf, v_buf, o, table, rows, torch.tensor(seq_lens, device=DEVICE), mid_o[:bs],
-                         mid_lse[:bs], sm_scale, window)
+                         mid_lse[:bs], sm_scale, window, block_h=block_h)
     assert o.dtype == dtype and not o.isnan().any()
     for i, n in enumerate(seq_lens):
         slots = table[rows[i], :n].long()
@@ -173,6 +174,38 @@ def test_mla_decode(dtype: torch.dtype, page_size: int, v_mode: str) -> None:
 def test_mla_decode_head_blocks(num_heads: int) -> None:
     # 4 heads pad the 16-row head tile; 20 take two head tiles, the second partial
     run_decode([5, 33], (num_heads, 1, MLA_DK, MLA_DV), torch.float16, 4, v_mode="view", num_kv_splits=2)
+
+
+def test_mla_decode_many_splits() -> None:
+    # The split counts small MLA batches get (plan_decode_splits): 16 splits over 300 keys give each non-empty
+    # split MLA_MIN_SPLIT_LEN keys (3 live, 13 empty), and stage 2 merges them in two chunks of 8; a 1-key and a
+    # 129-key request (a second split of one key) in the same launch.
+    assert MLA_MIN_SPLIT_LEN == 128
+    run_decode([300, 1, 129], (16, 1, MLA_DK, MLA_DV), torch.float16, 4, v_mode="view", num_kv_splits=16)
+    run_decode([200], (16, 1, MLA_DK, MLA_DV), torch.float32, 1, v_mode="separate", num_kv_splits=MAX_KV_SPLITS)
+
+
+def test_mla_decode_wide_head_tile() -> None:
+    # 32-head tiles (block_h override, 8 warps) over 40 heads: one full tile and one partial
+    run_decode([70, 9], (40, 1, MLA_DK, MLA_DV), torch.float16, 4, v_mode="view", num_kv_splits=2, block_h=32)
+
+
+def test_plan_decode_splits() -> None:
+    def plan(bs: int, heads: int, ctx: int, sms: int = 132, cap: int = 1 << 20) -> int:
+        return plan_decode_splits(bs, 1, heads, MLA_DK, MLA_DV, 2, ctx, sms, cap)
+
+    # V2-Lite (16 heads, one tile): batch 1 fills 2 x 132 SMs as far as the context allows
+    assert plan(1, 16, 32768) == MAX_KV_SPLITS  # 264 wanted, capped
+    assert plan(1, 16, 4096) == 4096 // MLA_MIN_SPLIT_LEN
+    assert plan(8, 16, 32768) == 33
+    assert plan(32, 16, 32768) == 9
+    assert [plan(bs, 16, 32768) for bs in (64, 128, 256)] == [8, 8, 8]  # large batches keep the default
+    # V3 at TP1: 128 heads, 8 tiles of 16
+    assert plan(1, 128, 32768) == 33 and plan(8, 128, 32768) == 8
+    assert plan(1, 16, 100) == 8  # short contexts: never below the default...
+    assert plan(1, 16, 32768, cap=5) == 5  # ...except where the scratch holds fewer
+    # GQA shapes through the same rule: 32 heads over 8 KV heads, head dim 128 (64-row head tile padded)
+    assert plan_decode_splits(1, 8, 4, 128, 128, 2, 32768, 132, 1 << 20) == 33
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -262,3 +295,21 @@ def test_tree_mask_gpu_sizes() -> None:
     # DeepSeek-V3's 128 heads verifying 64- and 33-token trees after long prefixes
     run_extend([(3000, 64), (100, 33)], (128, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, make_mask=random_tree_mask,
                v_mode="view")
+
+
+def test_backend_decode_scratch() -> None:
+    """The Triton backend's MLA split plan per batch size, as views of one flat scratch no larger than
+    ``num_kv_splits`` splits of the largest batch (or one batch of MAX_KV_SPLITS); GQA keeps its fixed count."""
+    from radixlm.attention.triton_backend import TritonAttnBackend
+    from radixlm.mem import KVCacheSpec
+
+    mla = TritonAttnBackend(16, KVCacheSpec.mla(2, 512, 64, torch.bfloat16), 64, DEVICE, max_context_len=32768,
+                            num_sms=132)
+    assert mla.mid_lse.numel() == 64 * 16 * 8
+    for bs, splits in [(1, MAX_KV_SPLITS), (8, 33), (64, 8)]:
+        mid_o, mid_lse = mla.decode_scratch(bs)
+        assert mid_o.shape == (bs, 16, splits, 512) and mid_lse.shape == (bs, 16, splits)
+        assert mid_o.data_ptr() == mla.mid_o.data_ptr() and mid_o.is_contiguous()
+    gqa = TritonAttnBackend(32, KVCacheSpec.mha(2, 8, 128, torch.bfloat16), 64, DEVICE, max_context_len=32768,
+                            num_sms=132)
+    assert [gqa.decode_scratch(bs)[0].shape[2] for bs in (1, 64)] == [8, 8]
