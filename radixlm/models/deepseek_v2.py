@@ -10,7 +10,10 @@ and ``v[h] = W_UV[h] c``.  The absorbed form never builds them:
 
 so attention is MQA over one KV "head", ``cat(c, k_pe)`` [kv_lora_rank + qk_rope_head_dim], stored once per token
 in the MLA pool (V is its latent part, read in place), with queries ``cat(q_latent[h], q_pe[h])``; each head's
-output is a latent that ``W_UV[h]`` maps to v_head_dim before ``o_proj``.  Every forward mode runs this form.
+output is a latent that ``W_UV[h]`` maps to v_head_dim before ``o_proj``.  Decode, MIXED and TARGET_VERIFY
+batches run this form; a long EXTEND batch runs the decompressed one (``mla_extend``: the cached latents are
+up-projected into per-head K/V and attention is ordinary causal MHA, 3.4x fewer FLOPs per query-key pair), chosen
+per batch by ``mla_extend.use_decompressed``.  Both read and write the same MLA pool.
 
 Tensor parallelism splits the heads: q_proj / q_b_proj and kv_b_proj are column-parallel by head, o_proj
 row-parallel; q_a_proj and kv_a_proj_with_mqa are replicated (every rank needs the whole latent), so the KV cache
@@ -42,6 +45,7 @@ from radixlm.layers.rotary import get_rope, yarn_softmax_scale_factor
 from radixlm.mem import KVCacheSpec
 from radixlm.models.decoder import CausalLM, DecoderModel, PreNormDecoderLayer
 from radixlm.models.llama import LlamaMLP
+from radixlm.models.mla_extend import EXTEND_PATHS, MLADims, prefix_causal_attention, sequence_rows, use_decompressed
 
 # The low-rank norms (q_a_layernorm, kv_a_layernorm) use RMSNorm's default eps in DeepSeek's reference code and in
 # transformers, not the config's rms_norm_eps.
@@ -69,10 +73,15 @@ def deepseek_mlp(config: ModelConfig, layer_id: int, default_topk_method: str) -
 
 
 class DeepseekV2Attention(nn.Module):
-    """MLA in the absorbed form (see the module docstring); this rank's ``num_heads`` of the query heads."""
+    """MLA (see the module docstring); this rank's ``num_heads`` of the query heads.  ``extend_path`` (one of
+    ``mla_extend.EXTEND_PATHS``) picks the form of EXTEND batches: ``auto`` by the batch, or one form always
+    (tests and benchmarks set the attribute to compare the two)."""
 
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, extend_path: str = "auto"):
         super().__init__()
+        if extend_path not in EXTEND_PATHS:
+            raise ValueError(f"unknown MLA extend path {extend_path!r}; known: {', '.join(EXTEND_PATHS)}")
+        self.extend_path = extend_path
         hf, dtype, hidden = config.hf_config, config.dtype, config.hidden_size
         self.q_lora_rank = hf.get("q_lora_rank")
         self.kv_lora_rank = hf["kv_lora_rank"]
@@ -102,6 +111,7 @@ class DeepseekV2Attention(nn.Module):
         scaling = qk_head_dim**-0.5 * yarn_softmax_scale_factor(config.rope_scaling)
         self.attn = RadixAttention(self.num_heads, self.kv_lora_rank + self.qk_rope_head_dim, scaling,
                                    num_kv_heads=1, layer_id=layer_id, v_head_dim=self.kv_lora_rank)
+        self.dims = MLADims(self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_UK [num_heads, qk_nope_head_dim, kv_lora_rank], W_UV [num_heads, v_head_dim, kv_lora_rank])``:
@@ -121,16 +131,37 @@ class DeepseekV2Attention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         # [num_tokens, num_heads, qk_rope_head_dim], [num_tokens, 1, qk_rope_head_dim]
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
+        k = torch.cat([latent.unsqueeze(1), k_pe], dim=-1)  # [num_tokens, 1, kv_lora_rank + qk_rope_head_dim]
+        if use_decompressed(fb, self.extend_path, self.dims):
+            return self.o_proj(self.decompressed_attention(q_nope, q_pe, k, fb).flatten(1))
 
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [num_tokens, num_heads, kv_lora_rank]
         q = torch.cat([q_latent, q_pe], dim=-1)  # [num_tokens, num_heads, kv_lora_rank + qk_rope_head_dim]
-        k = torch.cat([latent.unsqueeze(1), k_pe], dim=-1)  # [num_tokens, 1, kv_lora_rank + qk_rope_head_dim]
         out = self.attn(q.flatten(1), k.flatten(1), None, fb)  # [num_tokens, num_heads * kv_lora_rank]
         out = out.view(-1, self.num_heads, self.kv_lora_rank)
         # [num_tokens, num_heads, v_head_dim]
         out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return self.o_proj(out.flatten(1))
+
+    def decompressed_attention(
+        self,
+        q_nope: torch.Tensor,  # [num_tokens, num_heads, qk_nope_head_dim]
+        q_pe: torch.Tensor,  # [num_tokens, num_heads, qk_rope_head_dim], rotated
+        latent_kv: torch.Tensor,  # [num_tokens, 1, kv_lora_rank + qk_rope_head_dim]: what the pool stores
+        fb: ForwardBatch,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, v_head_dim]
+        """EXTEND in the decompressed form: store the new latents, gather every request's whole sequence from
+        the pool and up-project it with kv_b_proj into per-head K (``[W_UK c ; k_pe]``) and V (``W_UV c``)."""
+        fb.kv_pool.set_kv(self.attn.layer_id, fb.out_cache_loc, latent_kv, None)
+        seqs = sequence_rows(fb)
+        rows = fb.kv_pool.get_kv_buffer(self.attn.layer_id)[0][seqs.slots, 0].to(q_nope.dtype)  # [total, 576]
+        latent, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [total, num_heads, 128 | 128]
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)], dim=-1)  # [total, heads, 192]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [num_tokens, num_heads, 192]
+        return prefix_causal_attention(q, k, v, seqs, fb, self.attn.scaling, fb.attn_backend.name == "triton")
 
 
 class DeepseekV2ForCausalLM(CausalLM):

@@ -1,7 +1,8 @@
-"""DeepSeek-V2 (Multi-head Latent Attention, absorbed form, over the MLA latent KV pool) against HF transformers:
-logits of batched extend with cached prefixes and of decode steps, greedy continuations, the pool's layout and
-size, and a scheduler run (radix cache, chunked prefill, pages) against the static batch.  DeepSeek's MoE layers are
-in test_moe_models.py, TP=2 in test_tensor_parallel.py."""
+"""DeepSeek-V2 (Multi-head Latent Attention over the MLA latent KV pool) against HF transformers: logits of
+batched extend with cached prefixes and of decode steps, greedy continuations, the pool's layout and size, and a
+scheduler run (radix cache, chunked prefill, pages) against the static batch.  Extend runs in both forms,
+absorbed and decompressed (``extend_path`` forced on every layer), and the automatic choice is checked against
+its rule.  DeepSeek's MoE layers are in test_moe_models.py, TP=2 in test_tensor_parallel.py."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from radixlm.core import Req
+from radixlm.core import ForwardMode, Req
 from radixlm.executor.static_batch import generate_static
 from radixlm.kernels import cpu as cpu_kernels
 from radixlm.mem import MLAKVPool
+from radixlm.models import mla_extend
+from radixlm.models.deepseek_v2 import DeepseekV2Attention
+from radixlm.models.mla_extend import MLADims, mla_extend_macs
 from radixlm.sampling import SamplingParams
 from radixlm.scheduler import run_to_completion
 
@@ -46,16 +50,27 @@ def random_seqs(lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
     return [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
 
 
+def set_extend_path(worker, path: str) -> None:
+    """Force every MLA layer of ``worker``'s model to one extend form (or back to ``auto``)."""
+    layers = [m for m in worker.runner.model.modules() if isinstance(m, DeepseekV2Attention)]
+    assert layers
+    for layer in layers:
+        layer.extend_path = path
+
+
+@pytest.mark.parametrize("extend_path", ["absorbed", "decompressed"])
 @pytest.mark.parametrize("backend", ["cpu", "torch_native", "triton"])
 @pytest.mark.parametrize("name", sorted(MLA_CONFIGS))
-def test_mla_matches_hf(tiny_mla, name, backend):
-    """On every backend: the Triton kernels (under the interpreter on CPU) read keys wider than values, V a view
-    of the latent rows."""
+def test_mla_matches_hf(tiny_mla, name, backend, extend_path):
+    """On every backend and in both extend forms: the Triton kernels (under the interpreter on CPU) read keys
+    wider than values, V a view of the latent rows; decompressed, the extend kernel (or SDPA) attends over the
+    up-projected prefix and new tokens with each request's causal offset."""
     if backend == "cpu" and not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernels are not built")
     path, hf = tiny_mla[name]
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     worker = make_worker(path, attention_backend=backend, dtype="float32", device=device)
+    set_extend_path(worker, extend_path)
     seqs = random_seqs((21, 5, 13, 30))
     check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4)
     outs = generate_static(worker, seqs, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
@@ -76,18 +91,23 @@ def test_mla_pool(tiny_mla):
     assert v.shape[-1] == cfg["kv_lora_rank"] and v.data_ptr() == k.data_ptr()
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(max_total_tokens=2048, chunked_prefill_size=16),  # radix cache + chunked prefill
-    dict(max_total_tokens=2048, chunked_prefill_size=16, page_size=4),  # and paged KV (page gathers of the V view)
+@pytest.mark.parametrize("kwargs,extend_path", [
+    (dict(max_total_tokens=2048, chunked_prefill_size=16), "absorbed"),  # radix cache + chunked prefill
+    (dict(max_total_tokens=2048, chunked_prefill_size=16), "decompressed"),
+    # and paged KV (page gathers of the V view)
+    (dict(max_total_tokens=2048, chunked_prefill_size=16, page_size=4), "decompressed"),
 ])
-def test_scheduler_matches_static(tiny_mla, kwargs):
-    """Continuous batching over the radix cache gives each request the greedy tokens of the static batch."""
+def test_scheduler_matches_static(tiny_mla, kwargs, extend_path):
+    """Continuous batching over the radix cache gives each request the greedy tokens of the static batch (which
+    runs absorbed): with the decompressed form the chunks after the first and the radix-cache hits decompress a
+    cached prefix."""
     path, _ = tiny_mla["deepseek_v2_lora_yarn"]
     shared = random_seqs((40,))[0]
     tails = random_seqs((3, 9, 1, 14, 6), seed=2)
     prompts = [shared + t for t in tails] + random_seqs((23, 7), seed=3)
     max_new = [6 + 2 * (i % 3) for i in range(len(prompts))]
     worker = make_worker(path, dtype="float32")
+    set_extend_path(worker, "absorbed")
     expected = [generate_static(worker, [p], SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True))[0]
                 for p, n in zip(prompts, max_new)]
 
@@ -97,6 +117,7 @@ def test_scheduler_matches_static(tiny_mla, kwargs):
         return Req(rid=str(i), origin_input_ids=list(prompts[i]), sampling_params=sp)
 
     sched = make_scheduler(path, dtype="float32", **kwargs)
+    set_extend_path(sched.worker, extend_path)
     first = req(0)
     run_to_completion(sched, [first])  # puts the shared prefix in the radix cache
     reqs = [req(i) for i in range(1, len(prompts))]
@@ -104,4 +125,32 @@ def test_scheduler_matches_static(tiny_mla, kwargs):
     assert [first.output_ids] + [r.output_ids for r in reqs] == expected
     assert all(r.cached_tokens >= 32 for r in reqs[:4])  # the shared prefix came from the cache
     assert sched.is_idle()
+
+
+def test_extend_path_rule(monkeypatch):
+    """``auto``: EXTEND batches only, from DECOMPRESSED_EXTEND_MIN_TOKENS new tokens on, where the cost model
+    favours decompression; forced paths apply to EXTEND batches only."""
+    dims = MLADims(512, 128, 64, 128)  # DeepSeek-V2/V3
+    # per pair: 1088 absorbed vs 320 decompressed; per query vs per key: 512 * 256
+    assert mla_extend_macs([0], [1], dims) == (1088 + 131072, 320 + 131072)
+    assert mla_extend_macs([4096], [64], dims) == (1088 * (64 * 4096 + 2080) + 64 * 131072,
+                                                   320 * (64 * 4096 + 2080) + 4160 * 131072)
+
+    def batch(mode: ForwardMode, prefix: list[int], new: list[int], mask=None):
+        return type("FB", (), dict(forward_mode=mode, custom_mask=mask, extend_prefix_lens_cpu=prefix,
+                                   extend_seq_lens_cpu=new))()
+
+    monkeypatch.setattr(mla_extend, "DECOMPRESSED_EXTEND_MIN_TOKENS", 256)
+    rule = mla_extend.use_decompressed
+    assert rule(batch(ForwardMode.EXTEND, [0], [256]), "auto", dims)
+    assert not rule(batch(ForwardMode.EXTEND, [0], [255]), "auto", dims)  # below the threshold
+    assert rule(batch(ForwardMode.EXTEND, [0, 0], [128, 128]), "auto", dims)  # new tokens of the whole batch
+    # 128 new tokens after each 8k prefix: decompressing the prefixes costs more than the pairs save
+    assert not rule(batch(ForwardMode.EXTEND, [8192, 8192], [128, 128]), "auto", dims)
+    assert rule(batch(ForwardMode.EXTEND, [8192], [1024]), "auto", dims)
+    for mode in (ForwardMode.MIXED, ForwardMode.TARGET_VERIFY, ForwardMode.DECODE):
+        assert not rule(batch(mode, [0], [4096]), "auto", dims)
+        assert not rule(batch(mode, [0], [4096]), "decompressed", dims)
+    assert rule(batch(ForwardMode.EXTEND, [9], [1]), "decompressed", dims)
+    assert not rule(batch(ForwardMode.EXTEND, [0], [4096]), "absorbed", dims)
 
