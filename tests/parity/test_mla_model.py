@@ -58,24 +58,35 @@ def set_extend_path(worker, path: str) -> None:
         layer.extend_path = path
 
 
-@pytest.mark.parametrize("extend_path", ["absorbed", "decompressed"])
 @pytest.mark.parametrize("backend", ["cpu", "torch_native", "triton"])
 @pytest.mark.parametrize("name", sorted(MLA_CONFIGS))
-def test_mla_matches_hf(tiny_mla, name, backend, extend_path):
-    """On every backend and in both extend forms: the Triton kernels (under the interpreter on CPU) read keys
-    wider than values, V a view of the latent rows; decompressed, the extend kernel (or SDPA) attends over the
-    up-projected prefix and new tokens with each request's causal offset."""
+def test_mla_matches_hf(tiny_mla, name, backend):
+    """On every backend, absorbed: the Triton kernels (under the interpreter on CPU) read keys wider than values, V
+    a view of the latent rows."""
     if backend == "cpu" and not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernels are not built")
     path, hf = tiny_mla[name]
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     worker = make_worker(path, attention_backend=backend, dtype="float32", device=device)
-    set_extend_path(worker, extend_path)
+    set_extend_path(worker, "absorbed")
     seqs = random_seqs((21, 5, 13, 30))
     check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4)
     outs = generate_static(worker, seqs, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
     for ids, out in zip(seqs, outs):
         assert out == hf_greedy(hf, ids, 12, set())
+
+
+@pytest.mark.parametrize("name,backend", [("deepseek_v2", "torch_native"), ("deepseek_v2_lora_yarn", "torch_native"),
+                                          ("deepseek_v2_lora_yarn", "triton")])
+def test_decompressed_extend_matches_hf(tiny_mla, name, backend):
+    """The decompressed extend form: requests with and without a cached prefix in one EXTEND batch attend over
+    their up-projected prefix and new tokens (the extend kernel over the contiguous layout on Triton, SDPA
+    otherwise); the decode steps after it read the latents it stored."""
+    path, hf = tiny_mla[name]
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    worker = make_worker(path, attention_backend=backend, dtype="float32", device=device)
+    set_extend_path(worker, "decompressed")
+    check_extend_and_decode(worker, hf, random_seqs((21, 5, 13, 30)), [9, 0, 12, 20], tol=1e-4)
 
 
 def test_mla_pool(tiny_mla):
@@ -93,8 +104,7 @@ def test_mla_pool(tiny_mla):
 
 @pytest.mark.parametrize("kwargs,extend_path", [
     (dict(max_total_tokens=2048, chunked_prefill_size=16), "absorbed"),  # radix cache + chunked prefill
-    (dict(max_total_tokens=2048, chunked_prefill_size=16), "decompressed"),
-    # and paged KV (page gathers of the V view)
+    # and paged KV (page gathers of the V view), decompressed
     (dict(max_total_tokens=2048, chunked_prefill_size=16, page_size=4), "decompressed"),
 ])
 def test_scheduler_matches_static(tiny_mla, kwargs, extend_path):
