@@ -85,16 +85,17 @@ class SequenceRows:
 
 
 def sequence_rows(fb: "ForwardBatch") -> SequenceRows:
-    """The rows of ``fb``'s sequences in the KV pool; device work only (sizes from the host lengths)."""
+    """The rows of ``fb``'s sequences in the KV pool: device work only, sized from the host lengths (no host
+    tensor is copied to the device)."""
     lens = [p + n for p, n in zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)]
     starts = [0]
     for n in lens[:-1]:
         starts.append(starts[-1] + n)
     device = fb.req_pool_indices.device
-    total, bs = sum(lens), len(lens)
     seq_lens = fb.extend_prefix_lens + fb.extend_seq_lens  # [bs]
-    start_t = torch.tensor(starts, dtype=torch.int64, device=device)
-    req = torch.repeat_interleave(torch.arange(bs, device=device), seq_lens, output_size=total)  # [total]
+    start_t = torch.cumsum(seq_lens, 0) - seq_lens  # [bs], the device copy of ``starts``
+    total = sum(lens)
+    req = torch.repeat_interleave(torch.arange(len(lens), device=device), seq_lens, output_size=total)  # [total]
     pos = torch.arange(total, device=device) - start_t[req]
     slots = fb.req_to_token_pool.req_to_token[fb.req_pool_indices[req], pos].long()
     table = (start_t[:, None] + torch.arange(max(lens), device=device)[None, :]).to(torch.int32)
