@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.attention.base import AttentionBackend
-from radixlm.kernels.decode_attention import MAX_KV_SPLITS, decode_attention_fwd, plan_decode_splits
+from radixlm.kernels.decode_attention import DEFAULT_KV_SPLITS, MAX_KV_SPLITS, decode_attention_fwd, plan_decode_splits
 from radixlm.kernels.extend_attention import extend_attention_fwd
 from radixlm.mem import KVCacheSpec
 
@@ -29,13 +29,14 @@ if TYPE_CHECKING:
 
 class TritonAttnBackend(AttentionBackend):
     """``num_heads`` is per tensor-parallel rank; ``num_kv_splits`` is how many key ranges of every request stage
-    1 of decode attends to in parallel (GQA; the MLA plan never goes below it).  ``max_context_len`` bounds the
+    1 of decode attends to in parallel (GQA; the MLA plan never goes below DEFAULT_KV_SPLITS).  ``max_context_len`` bounds the
     MLA split count, ``num_sms`` (default: the device's, 1 on CPU) sets its target."""
 
     name = "triton"
 
     def __init__(self, num_heads: int, kv_spec: KVCacheSpec, max_batch_size: int, device: torch.device | str,
-                 num_kv_splits: int = 8, max_context_len: int | None = None, num_sms: int | None = None) -> None:
+                 num_kv_splits: int = DEFAULT_KV_SPLITS, max_context_len: int | None = None,
+                 num_sms: int | None = None) -> None:
         self.num_heads, self.kv_spec = num_heads, kv_spec
         self.num_kv_splits = num_kv_splits
         self.adaptive_splits = kv_spec.layout == "mla"
@@ -53,6 +54,7 @@ class TritonAttnBackend(AttentionBackend):
         # flat [rows * num_heads] log-sum-exp of every split
         self.mid_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
         self.max_batch_size = max_batch_size
+        self._splits: dict[int, int] = {}  # batch size -> planned splits (every layer of every step asks)
         self.max_extend_len = 0
         self.decode_tail = 0  # trailing one-token rows of an extend batch, run by the decode kernel
 
@@ -60,10 +62,13 @@ class TritonAttnBackend(AttentionBackend):
         """KV splits of a decode launch of ``batch_size`` rows (fixed per batch size: CUDA graphs replay it)."""
         if not self.adaptive_splits:
             return self.num_kv_splits
-        spec = self.kv_spec
-        capacity = self.mid_lse.numel() // (batch_size * self.num_heads)
-        return plan_decode_splits(batch_size, spec.num_kv_heads, self.num_heads // spec.num_kv_heads, spec.head_dim,
-                                  spec.v_head_dim, spec.element_size, self.max_context_len, self.num_sms, capacity)
+        if batch_size not in self._splits:
+            spec = self.kv_spec
+            capacity = self.mid_lse.numel() // (batch_size * self.num_heads)
+            self._splits[batch_size] = plan_decode_splits(
+                batch_size, spec.num_kv_heads, self.num_heads // spec.num_kv_heads, spec.head_dim, spec.v_head_dim,
+                spec.element_size, self.max_context_len, self.num_sms, capacity)
+        return self._splits[batch_size]
 
     def decode_scratch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``(mid_o [bs, heads, splits, v_head_dim], mid_lse [bs, heads, splits])`` of the flat scratch."""

@@ -245,6 +245,10 @@ def test_unequal_fp32() -> None:
 def test_mla_gpu_sizes() -> None:
     # 128 heads (DeepSeek-V3 at TP=1): eight 16-head tiles; long contexts over the splits
     run_decode([4096, 1000, 2], (128, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, v_mode="view", num_kv_splits=8)
+    # the split plan's batch of one: 128 splits over 20k keys (V2-Lite), 33 over 5k (V3), a 32-head tile
+    run_decode([20000], (16, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, v_mode="view", num_kv_splits=MAX_KV_SPLITS)
+    run_decode([5000], (128, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, v_mode="view", num_kv_splits=33)
+    run_decode([3000, 7], (128, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, v_mode="view", block_h=32)
     run_extend([(3000, 64), (0, 500)], (16, 1, MLA_DK, MLA_DV), torch.bfloat16, 16, v_mode="view")
 
 
