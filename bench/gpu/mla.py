@@ -9,9 +9,9 @@ DeepSeek-V3 at TP1 (128 heads, hidden 7168, q LoRA 1536) shapes; latent 512 + ro
     non-absorbed (kv_b_proj over every cached token each step + MHA decode kernel over 192/128-dim K/V).
 (c) extend, one request: a whole DeepseekV2Attention layer forward (projections included, the same in both) in
     the absorbed and the decompressed form, new tokens x cached prefix, with the relative difference of the two
-    forms' outputs (bf16: ~1e-2 expected; random weights); prints the crossover, from which
-    ``radixlm.models.mla_extend.DECOMPRESSED_EXTEND_MIN_TOKENS`` is set (the smallest new-token count, prefix 0,
-    from which the decompressed form is faster at both head shapes).
+    forms' outputs (bf16: ~1e-2 expected; random weights), and the multiply-adds the decompressed form saves
+    over the layer's heads by the cost model, between whose values for lost and won rows
+    ``radixlm.models.mla_extend.DECOMPRESSED_MIN_MACS_SAVED`` is set.
 
     python bench/gpu/mla.py [--parts a b c]        (repository root; ~3 minutes on an H200)
     python bench/gpu/mla.py --smoke                (CPU, Triton interpreter, tiny shapes: the script runs)
@@ -280,10 +280,10 @@ def extend_batch(shape: Shape, prefix: int, new: int, layer: DeepseekV2Attention
 
 def bench_extend() -> None:
     print("\n(c) extend, one request: DeepseekV2Attention layer forward (projections included), ms; "
-          f"auto = what the rule picks at DECOMPRESSED_EXTEND_MIN_TOKENS = {mla_extend.DECOMPRESSED_EXTEND_MIN_TOKENS}")
+          f"auto = what the rule picks at DECOMPRESSED_MIN_MACS_SAVED = {mla_extend.DECOMPRESSED_MIN_MACS_SAVED:.3g}; "
+          f"saved = modelled multiply-adds saved over the layer's heads")
     print(f"{'shape':>8} {'prefix':>7} {'new':>6} {'absorbed':>9} {'decomp.':>9} {'speed-up':>9} {'faster':>8} "
-          f"{'MAC model':>9} {'auto':>8} {'rel diff':>9}")
-    crossover: dict[str, int | None] = {}
+          f"{'MAC model':>9} {'saved G':>8} {'auto':>8} {'rel diff':>9}")
     for shape in SHAPES:
         layer = make_layer(shape)
         for prefix in EXTEND_PREFIX:
@@ -299,26 +299,21 @@ def bench_extend() -> None:
                         times[path] = eager_time_ms(lambda: layer(fb.positions, hidden, fb))
                 diff = ((outs["absorbed"] - outs["decompressed"]).norm() / outs["absorbed"].norm()).item()
                 layer.extend_path = "auto"
-                auto = "decomp." if mla_extend.use_decompressed(fb, "auto", layer.dims) else "absorbed"
+                auto = "decomp." if mla_extend.use_decompressed(fb, "auto", layer.dims, layer.num_heads) else "absorbed"
                 a, d = mla_extend.mla_extend_macs([prefix], [new], layer.dims)
+                saved = (a - d) * layer.num_heads / 1e9
                 faster = "decomp." if times["decompressed"] < times["absorbed"] else "absorbed"
                 if faster == "decomp." and first_win is None:
                     first_win = new
                 print(f"{shape.name:>8} {prefix:>7} {new:>6} {times['absorbed']:>9.2f} {times['decompressed']:>9.2f} "
-                      f"{times['absorbed'] / times['decompressed']:>8.2f}x {faster:>8} {a / d:>8.2f}x {auto:>8} "
+                      f"{times['absorbed'] / times['decompressed']:>8.2f}x {faster:>8} {a / d:>8.2f}x {saved:>8.1f} {auto:>8} "
                       f"{diff:>9.1e}")
                 del fb
-            if prefix == 0:
-                crossover[shape.name] = first_win
             print(f"{shape.name:>8} prefix {prefix}: decompressed faster from {first_win} new tokens on"
                   if first_win else f"{shape.name:>8} prefix {prefix}: absorbed faster at every size measured")
         del layer
-    wins = list(crossover.values())
-    if all(w is not None for w in wins):
-        print(f"\nDECOMPRESSED_EXTEND_MIN_TOKENS should be {max(wins)} (prefix 0: the larger crossover of "
-              f"{', '.join(f'{k} {v}' for k, v in crossover.items())}); the MAC model handles long prefixes")
-    else:
-        print("\nno crossover at prefix 0 for every shape: keep the absorbed form (raise the threshold)")
+    print("\nDECOMPRESSED_MIN_MACS_SAVED belongs between the largest 'saved G' of a row the absorbed form won and the "
+          "smallest of a row the decompressed form won")
 
 
 def main() -> None:

@@ -132,7 +132,7 @@ class DeepseekV2Attention(nn.Module):
         # [num_tokens, num_heads, qk_rope_head_dim], [num_tokens, 1, qk_rope_head_dim]
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
         k = torch.cat([latent.unsqueeze(1), k_pe], dim=-1)  # [num_tokens, 1, kv_lora_rank + qk_rope_head_dim]
-        if use_decompressed(fb, self.extend_path, self.dims):
+        if use_decompressed(fb, self.extend_path, self.dims, self.num_heads):
             return self.o_proj(self.decompressed_attention(q_nope, q_pe, k, fb).flatten(1))
 
         w_uk, w_uv = self.absorbed_weights()

@@ -29,12 +29,14 @@ if TYPE_CHECKING:
     from radixlm.core import ForwardBatch
 
 EXTEND_PATHS = ("auto", "absorbed", "decompressed")
-# "auto" takes the decompressed form for an EXTEND batch of at least this many new tokens whose cost model
-# (``mla_extend_macs``) favours it.  Set from bench/gpu/mla.py's extend table (prefix 0): the smallest new-token
-# count from which the decompressed layer time beats the absorbed one on the H200.  Until that run, 256: the FLOP
-# model alone prefers decompression from a few tokens on without a prefix, but below a few hundred tokens both
-# forms are launch- and memory-bound and the absorbed one moves fewer bytes.
-DECOMPRESSED_EXTEND_MIN_TOKENS = 256
+# "auto" takes the decompressed form for an EXTEND batch when the multiply-adds it saves over the layer's heads
+# (``mla_extend_macs``, times the rank's query heads) reach this.  Set from bench/gpu/mla.py's extend table on the
+# H200 (docs/benchmarks.md, GPU run F): the absorbed form won every measured point that saves <= 6.4 G (V2-Lite, 16
+# heads: 1024 new tokens without prefix, 0.81x; 256 after a 4096 prefix, 0.78x; V3, 128 heads: 256 new tokens,
+# 0.71x), the decompressed form every point that saves >= 37 G (V3: 256 after 4096, 1.58x; 1024 new, 1.52x;
+# V2-Lite: 1024 after 4096, 1.58x; 4096 new, 2.05x).  Below a few G both forms are bound by launches and the
+# up-projections, which the model does not weigh; 16 G sits between the two sets.
+DECOMPRESSED_MIN_MACS_SAVED = 16e9
 
 
 @dataclass(frozen=True)
@@ -58,19 +60,17 @@ def mla_extend_macs(prefix_lens: list[int], extend_lens: list[int], d: MLADims) 
     return absorbed, decompressed
 
 
-def use_decompressed(fb: "ForwardBatch", path: str, dims: MLADims) -> bool:
-    """Whether a layer with extend path ``path`` (``EXTEND_PATHS``) runs ``fb`` decompressed.  Only EXTEND
-    batches can: DECODE (one query per request: decompressing its whole context would dwarf the attention) and
-    MIXED / TARGET_VERIFY (mostly short rows; a verification mask) stay absorbed.  ``auto``: at least
-    ``DECOMPRESSED_EXTEND_MIN_TOKENS`` new tokens and fewer modelled multiply-adds; host metadata only."""
+def use_decompressed(fb: "ForwardBatch", path: str, dims: MLADims, num_heads: int) -> bool:
+    """Whether a layer with extend path ``path`` (``EXTEND_PATHS``) and ``num_heads`` query heads on this rank runs
+    ``fb`` decompressed.  Only EXTEND batches can: DECODE (one query per request: decompressing its whole context
+    would dwarf the attention) and MIXED / TARGET_VERIFY (mostly short rows; a verification mask) stay absorbed.
+    ``auto``: when the modelled saving reaches ``DECOMPRESSED_MIN_MACS_SAVED``; host metadata only."""
     if fb.forward_mode is not ForwardMode.EXTEND or fb.custom_mask is not None or path == "absorbed":
         return False
     if path == "decompressed":
         return True
-    if sum(fb.extend_seq_lens_cpu) < DECOMPRESSED_EXTEND_MIN_TOKENS:
-        return False
     absorbed, decompressed = mla_extend_macs(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu, dims)
-    return decompressed < absorbed
+    return (absorbed - decompressed) * num_heads >= DECOMPRESSED_MIN_MACS_SAVED
 
 
 @dataclass

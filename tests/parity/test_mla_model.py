@@ -137,9 +137,9 @@ def test_scheduler_matches_static(tiny_mla, kwargs, extend_path):
     assert sched.is_idle()
 
 
-def test_extend_path_rule(monkeypatch):
-    """``auto``: EXTEND batches only, from DECOMPRESSED_EXTEND_MIN_TOKENS new tokens on, where the cost model
-    favours decompression; forced paths apply to EXTEND batches only."""
+def test_extend_path_rule():
+    """``auto``: EXTEND batches only, where the modelled saving over the layer's heads reaches
+    DECOMPRESSED_MIN_MACS_SAVED (the H200 crossovers); forced paths apply to EXTEND batches only."""
     dims = MLADims(512, 128, 64, 128)  # DeepSeek-V2/V3
     # per pair: 1088 absorbed vs 320 decompressed; per query vs per key: 512 * 256
     assert mla_extend_macs([0], [1], dims) == (1088 + 131072, 320 + 131072)
@@ -150,14 +150,22 @@ def test_extend_path_rule(monkeypatch):
         return type("FB", (), dict(forward_mode=mode, custom_mask=mask, extend_prefix_lens_cpu=prefix,
                                    extend_seq_lens_cpu=new))()
 
-    monkeypatch.setattr(mla_extend, "DECOMPRESSED_EXTEND_MIN_TOKENS", 256)
-    rule = mla_extend.use_decompressed
-    assert rule(batch(ForwardMode.EXTEND, [0], [256]), "auto", dims)
-    assert not rule(batch(ForwardMode.EXTEND, [0], [255]), "auto", dims)  # below the threshold
-    assert rule(batch(ForwardMode.EXTEND, [0, 0], [128, 128]), "auto", dims)  # new tokens of the whole batch
+    def rule(fb, path: str, dims: MLADims, heads: int = 16) -> bool:
+        return mla_extend.use_decompressed(fb, path, dims, heads)
+
+    # the H200 measurements the threshold was set from (V2-Lite 16 heads, V3 128): absorbed won...
+    assert not rule(batch(ForwardMode.EXTEND, [0], [1024]), "auto", dims)
+    assert not rule(batch(ForwardMode.EXTEND, [4096], [256]), "auto", dims)
+    assert not rule(batch(ForwardMode.EXTEND, [0], [256]), "auto", dims, heads=128)
+    # ...decompressed won
+    assert rule(batch(ForwardMode.EXTEND, [0], [4096]), "auto", dims)
+    assert rule(batch(ForwardMode.EXTEND, [4096], [1024]), "auto", dims)
+    assert rule(batch(ForwardMode.EXTEND, [4096], [256]), "auto", dims, heads=128)
+    assert rule(batch(ForwardMode.EXTEND, [0, 0], [2048, 2048]), "auto", dims)  # the whole batch counts
     # 128 new tokens after each 8k prefix: decompressing the prefixes costs more than the pairs save
-    assert not rule(batch(ForwardMode.EXTEND, [8192, 8192], [128, 128]), "auto", dims)
-    assert rule(batch(ForwardMode.EXTEND, [8192], [1024]), "auto", dims)
+    assert not rule(batch(ForwardMode.EXTEND, [8192, 8192], [128, 128]), "auto", dims, heads=128)
+    # fewer heads per rank (tensor parallelism) save less per layer
+    assert not rule(batch(ForwardMode.EXTEND, [4096], [1024]), "auto", dims, heads=4)
     for mode in (ForwardMode.MIXED, ForwardMode.TARGET_VERIFY, ForwardMode.DECODE):
         assert not rule(batch(mode, [0], [4096]), "auto", dims)
         assert not rule(batch(mode, [0], [4096]), "decompressed", dims)

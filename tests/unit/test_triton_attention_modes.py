@@ -197,15 +197,15 @@ def test_plan_decode_splits() -> None:
     # V2-Lite (16 heads, one tile): batch 1 fills 2 x 132 SMs as far as the context allows
     assert plan(1, 16, 32768) == MAX_KV_SPLITS  # 264 wanted, capped
     assert plan(1, 16, 4096) == 4096 // MLA_MIN_SPLIT_LEN
-    assert plan(8, 16, 32768) == 33
-    assert plan(32, 16, 32768) == 9
+    assert plan(8, 16, 32768) == 32  # 33 wanted, rounded down to a power of two
+    assert plan(32, 16, 32768) == 8
     assert [plan(bs, 16, 32768) for bs in (64, 128, 256)] == [8, 8, 8]  # large batches keep the default
     # V3 at TP1: 128 heads, 8 tiles of 16
-    assert plan(1, 128, 32768) == 33 and plan(8, 128, 32768) == 8
+    assert plan(1, 128, 32768) == 32 and plan(8, 128, 32768) == 8
     assert plan(1, 16, 100) == 8  # short contexts: never below the default...
     assert plan(1, 16, 32768, cap=5) == 5  # ...except where the scratch holds fewer
     # GQA shapes through the same rule: 32 heads over 8 KV heads, head dim 128 (64-row head tile padded)
-    assert plan_decode_splits(1, 8, 4, 128, 128, 2, 32768, 132, 1 << 20) == 33
+    assert plan_decode_splits(1, 8, 4, 128, 128, 2, 32768, 132, 1 << 20) == 32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -310,7 +310,7 @@ def test_backend_decode_scratch() -> None:
     mla = TritonAttnBackend(16, KVCacheSpec.mla(2, 512, 64, torch.bfloat16), 64, DEVICE, max_context_len=32768,
                             num_sms=132)
     assert mla.mid_lse.numel() == 64 * 16 * 8
-    for bs, splits in [(1, MAX_KV_SPLITS), (8, 33), (64, 8)]:
+    for bs, splits in [(1, MAX_KV_SPLITS), (8, 32), (64, 8)]:
         mid_o, mid_lse = mla.decode_scratch(bs)
         assert mid_o.shape == (bs, 16, splits, 512) and mid_lse.shape == (bs, 16, splits)
         assert mid_o.data_ptr() == mla.mid_o.data_ptr() and mid_o.is_contiguous()
