@@ -121,10 +121,15 @@ def main() -> None:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             server_args.dtype, torch.float32 if server_args.device == "cpu" else torch.bfloat16)
         model = load_hf_model(model_path or embedded_model_path(), dtype, server_args.device)
-        rows.append(("HF continuous batching", median_run(args.repeat, lambda: run_hf_generate_batch(model, work))))
+        peers = [("HF continuous batching", lambda: median_run(args.repeat, lambda: run_hf_generate_batch(model, work)))]
         if args.hf_generate_prompts > 0:
-            rows.append((f"HF generate x{min(args.hf_generate_prompts, len(work.prompts))} (sequential)",
-                         run_hf_generate(model, work, args.hf_generate_prompts)))
+            peers.append((f"HF generate x{min(args.hf_generate_prompts, len(work.prompts))} (sequential)",
+                          lambda: run_hf_generate(model, work, args.hf_generate_prompts)))
+        for name, run in peers:
+            try:  # a peer path the model does not support is reported, not fatal to the table
+                rows.append((name, run()))
+            except Exception as e:
+                print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
 
     print(f"\ndataset {args.dataset}, {len(work.prompts)} prompts, input tokens {sum(map(len, work.prompts))}, "
           f"output tokens {sum(work.output_lens)}, device {server_args.device}")
