@@ -94,12 +94,34 @@ def run_hf_generate(model, work: Workload, count: int) -> dict[str, float]:
             "cache_hit_rate": 0.0}
 
 
+def run_hf_generate_padded(model, work: Workload) -> dict[str, float]:
+    """All prompts in one ``generate`` call, left-padded: transformers' static batching, for models its
+    continuous batching does not serve (DeepSeek's MLA cache).  Every row decodes the longest output; the
+    requested lengths are what counts as output."""
+    ids = work.prompts
+    longest = max(map(len, ids))
+    pad = 0
+    batch = torch.tensor([[pad] * (longest - len(p)) + p for p in ids], device=model.device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in ids], device=model.device)
+    n = max(work.output_lens)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=pad, eos_token_id=None)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == longest + n
+    return {"seconds": elapsed, "requests": len(ids), "input": sum(map(len, ids)), "output": sum(work.output_lens),
+            "cache_hit_rate": 0.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ServerArgs.add_cli_args(parser)
     add_workload_args(parser)
     parser.add_argument("--hf", action="store_true", help="also time HF transformers on the same prompts")
     parser.add_argument("--hf-generate-prompts", type=int, default=4)
+    parser.add_argument("--hf-padded-batch", action="store_true",
+                        help="also time HF generate on all prompts at once, left-padded (static batching)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="time radixlm and HF continuous batching this many times each (radix cache flushed "
                              "between runs) and report the median run, with the range of the seconds")
@@ -122,6 +144,8 @@ def main() -> None:
             server_args.dtype, torch.float32 if server_args.device == "cpu" else torch.bfloat16)
         model = load_hf_model(model_path or embedded_model_path(), dtype, server_args.device)
         peers = [("HF continuous batching", lambda: median_run(args.repeat, lambda: run_hf_generate_batch(model, work)))]
+        if args.hf_padded_batch:
+            peers.append(("HF generate, one padded batch", lambda: run_hf_generate_padded(model, work)))
         if args.hf_generate_prompts > 0:
             peers.append((f"HF generate x{min(args.hf_generate_prompts, len(work.prompts))} (sequential)",
                           lambda: run_hf_generate(model, work, args.hf_generate_prompts)))
