@@ -57,14 +57,20 @@ def test_moe_matches_hf(tiny_moe, name, device):
         assert out == hf_greedy(hf, ids, 10, set())
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
-def test_moe_scheduler_matches_static(tiny_moe, name):
-    """Continuous batching over the radix cache, chunked prefill and 4-token pages gives each request the
-    greedy tokens of the static batch (routing is per token, so batching must not change it)."""
+PAGED_CHUNKED = dict(max_total_tokens=2048, chunked_prefill_size=16, page_size=4)
+PRESSURE = dict(max_total_tokens=128, chunked_prefill_size=32, schedule_conservativeness=0.3)  # evict + retract
+
+
+@pytest.mark.parametrize("name,kwargs", [("deepseek_v3", PAGED_CHUNKED), ("qwen3_moe", PAGED_CHUNKED),
+                                         ("deepseek_v3", PRESSURE)])
+def test_moe_scheduler_matches_static(tiny_moe, name, kwargs):
+    """Continuous batching (overlapped) over the radix cache, chunked prefill and 4-token pages, or under memory
+    pressure that evicts and retracts, gives each request the greedy tokens of the static batch (routing is per
+    token, so batching must not change it)."""
     path, _ = tiny_moe[name]
     shared = random_seqs((40,))[0]
     prompts = [shared + t for t in random_seqs((3, 9, 1, 14), seed=2)] + random_seqs((23, 7), seed=3)
-    max_new = [5 + 2 * (i % 3) for i in range(len(prompts))]
+    max_new = [(5 if kwargs is PAGED_CHUNKED else 24) + 2 * (i % 3) for i in range(len(prompts))]
     worker = make_worker(path, dtype="float32")
     expected = [generate_static(worker, [p], SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True))[0]
                 for p, n in zip(prompts, max_new)]
@@ -74,14 +80,17 @@ def test_moe_scheduler_matches_static(tiny_moe, name):
         sp.normalize()
         return Req(rid=str(i), origin_input_ids=list(prompts[i]), sampling_params=sp)
 
-    sched = make_scheduler(path, max_total_tokens=2048, chunked_prefill_size=16, page_size=4)
+    sched = make_scheduler(path, **kwargs)
     first = req(0)
     run_to_completion(sched, [first])
     reqs = [req(i) for i in range(1, len(prompts))]
     run_to_completion(sched, reqs)
     assert [first.output_ids] + [r.output_ids for r in reqs] == expected
-    assert all(r.cached_tokens >= 32 for r in reqs[:3])
     assert sched.is_idle()
+    if kwargs is PRESSURE:
+        assert sched.decode.num_retracted > 0
+    else:
+        assert all(r.cached_tokens >= 32 for r in reqs[:3])
 
 
 @pytest.mark.parametrize("name", ["deepseek_v2_moe", "mixtral"])
