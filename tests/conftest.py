@@ -37,6 +37,22 @@ def make_worker(model_path: str | None, **kwargs) -> ModelWorker:
     return ModelWorker(make_runner(model_path, **kwargs))
 
 
+def random_seqs(lengths: tuple[int, ...], seed: int = 1, vocab: int = 1000) -> list[list[int]]:
+    """Random token-id sequences of the given lengths (the tiny models' vocabulary by default)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy_req(rid: str, ids: list[int], max_new_tokens: int):
+    """A greedy request of exactly ``max_new_tokens`` new tokens (EOS ignored)."""
+    from radixlm.core import Req
+    from radixlm.sampling import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    sp.normalize()
+    return Req(rid=rid, origin_input_ids=list(ids), sampling_params=sp)
+
+
 def make_scheduler(model_path: str | None, **kwargs):
     """A scheduler over a fresh TP=1 worker (``kwargs`` are ServerArgs fields; CPU and float32 unless asked)."""
     from radixlm.scheduler import Scheduler

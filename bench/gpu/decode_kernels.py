@@ -82,7 +82,7 @@ def main() -> None:
             grouped[group] += us
         for group, us in sorted(grouped.items(), key=lambda kv: -kv[1]):
             print(f"  {group:24s} {us:9.1f} us  {us / total:6.1%}")
-        print(f"  top kernels (us per step, launches per step):")
+        print("  top kernels (us per step, launches per step):")
         for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"    {us:9.1f}  {n:5.0f}  {name[:110]}")
 

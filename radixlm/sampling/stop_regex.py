@@ -308,7 +308,7 @@ class StopRegexMatcher:
     def feed(self, new_text: str) -> tuple[str, str | None]:
         if self._regexes is None or not new_text or self.matched is not None:
             return new_text, None
-        prog, entries, keep = self._regexes.prog, self._regexes.entries, self._regexes.lookbehind
+        prog, keep = self._regexes.prog, self._regexes.lookbehind
         start = self._pos
         for c in new_text:
             if self._match_here(c):

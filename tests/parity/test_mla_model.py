@@ -24,7 +24,8 @@ from radixlm.models.mla_extend import MLADims, mla_extend_macs
 from radixlm.sampling import SamplingParams
 from radixlm.scheduler import run_to_completion
 
-from conftest import MLA_CONFIGS, build_tiny_hf_model, make_runner, make_scheduler, make_worker
+from conftest import (MLA_CONFIGS, build_tiny_hf_model, greedy_req, make_runner, make_scheduler, make_worker,
+                      random_seqs)
 from hf_reference import check_extend_and_decode, hf_greedy
 
 
@@ -44,10 +45,6 @@ def tiny_mla(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, t
         models[name] = (path, hf)
     return models
 
-
-def random_seqs(lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
 
 
 def set_extend_path(worker, path: str) -> None:
@@ -122,9 +119,7 @@ def test_scheduler_matches_static(tiny_mla, kwargs, extend_path):
                 for p, n in zip(prompts, max_new)]
 
     def req(i: int) -> Req:
-        sp = SamplingParams(temperature=0.0, max_new_tokens=max_new[i], ignore_eos=True)
-        sp.normalize()
-        return Req(rid=str(i), origin_input_ids=list(prompts[i]), sampling_params=sp)
+        return greedy_req(str(i), prompts[i], max_new[i])
 
     sched = make_scheduler(path, dtype="float32", **kwargs)
     set_extend_path(sched.worker, extend_path)

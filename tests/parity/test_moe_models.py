@@ -20,7 +20,7 @@ from radixlm.sampling import SamplingParams
 from radixlm.sampling.logprobs import LogprobOptions, RequestLogprobs
 from radixlm.scheduler import run_to_completion
 
-from conftest import MOE_CONFIGS, build_tiny_hf_model, make_scheduler, make_worker
+from conftest import MOE_CONFIGS, build_tiny_hf_model, greedy_req, make_scheduler, make_worker, random_seqs
 from hf_reference import check_extend_and_decode, hf_greedy
 
 
@@ -33,10 +33,6 @@ def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, t
         models[name] = (path, build_tiny_hf_model(name, path))
     return models
 
-
-def random_seqs(lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -76,9 +72,7 @@ def test_moe_scheduler_matches_static(tiny_moe, name, kwargs):
                 for p, n in zip(prompts, max_new)]
 
     def req(i: int) -> Req:
-        sp = SamplingParams(temperature=0.0, max_new_tokens=max_new[i], ignore_eos=True)
-        sp.normalize()
-        return Req(rid=str(i), origin_input_ids=list(prompts[i]), sampling_params=sp)
+        return greedy_req(str(i), prompts[i], max_new[i])
 
     sched = make_scheduler(path, **kwargs)
     first = req(0)
@@ -98,9 +92,7 @@ def test_moe_logprobs_match_hf(tiny_moe, name):
     """Prompt logprobs of a chunked prefill and output logprobs equal HF's log-softmax."""
     path, hf = tiny_moe[name]
     ids = random_seqs((19,), seed=4)[0]
-    sp = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
-    sp.normalize()
-    req = Req(rid="lp", origin_input_ids=ids, sampling_params=sp)
+    req = greedy_req("lp", ids, 5)
     req.logprobs = RequestLogprobs(LogprobOptions(0, 0, None), input_done=False)
     run_to_completion(make_scheduler(path, max_total_tokens=1024, chunked_prefill_size=8), [req])
     with torch.no_grad():

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from radixlm.core import Batch, BatchResult, ForwardMode
+from radixlm.core import Batch, BatchResult
 from radixlm.mem import KVMemory
 
 VOCAB = 50

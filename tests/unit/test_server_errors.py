@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from radixlm.config import ServerArgs
 from radixlm.server.app import create_app
 from stub_engine import VOCAB, StubEngine, StubTokenizer
 
