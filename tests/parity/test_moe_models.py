@@ -104,3 +104,40 @@ def test_moe_logprobs_match_hf(tiny_moe, name):
     want_out = torch.stack([ref[len(ids) - 1 + i, t] for i, t in enumerate(req.output_ids)])
     assert (got_out - want_out).abs().max() < 1e-4
     assert req.output_ids == hf_greedy(hf, ids, 5, set())
+
+
+def test_layer_override_cuts_the_checkpoint(tiny_moe):
+    """--json-model-override-args '{"num_hidden_layers": 2}' builds the first two layers and skips the checkpoint's
+    third (as a DeepSeek-V3 checkpoint's multi-token-prediction layer is skipped); what is loaded is HF's."""
+    path, hf = tiny_moe["deepseek_v3"]
+    worker = make_worker(path, json_model_override_args='{"num_hidden_layers": 2}')
+    model = worker.runner.model
+    assert len(model.model.layers) == 2
+    experts = model.model.layers[1].mlp.experts
+    for e in (0, 7):
+        ref = hf.model.layers[1].mlp.experts  # transformers 5 stacks experts as we do: [E, 2 * inter, hidden]
+        assert torch.equal(experts.gate_up_proj[e], ref.gate_up_proj[e])
+        assert torch.equal(experts.down_proj[e], ref.down_proj[e])
+    assert torch.equal(model.model.layers[1].mlp.gate.e_score_correction_bias,
+                       hf.model.layers[1].mlp.gate.e_score_correction_bias)
+
+
+def test_presets_build_with_published_sizes():
+    """The dummy presets' parameter counts are the published ones; DeepSeek-V3 cut to 5 layers (3 dense, 2 MoE)."""
+    from radixlm.config import ServerArgs
+    from radixlm.models.loader import resolve_model_config
+    from radixlm.models.registry import get_model_class
+
+    def billions(name: str, override: str = "") -> tuple[float, list[int]]:
+        args = ServerArgs(model_path=name, load_format="dummy", device="cpu", dtype="bfloat16",
+                          json_model_override_args=override)
+        cfg = resolve_model_config(args)
+        with torch.device("meta"):
+            model = get_model_class(cfg.architecture)(cfg)
+        moe = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoeBlock)]
+        return round(sum(p.numel() for p in model.parameters()) / 1e9, 1), moe
+
+    assert billions("deepseek-v2-lite")[0] == 15.7
+    assert billions("qwen3-30b-a3b")[0] == 30.5
+    assert billions("mixtral-8x7b")[0] == 46.7
+    assert billions("deepseek-v3", '{"num_hidden_layers": 5}')[1] == [3, 4]
