@@ -20,6 +20,9 @@ def fused_experts(
     w2: torch.Tensor,  # [num_experts, hidden, inter]
     topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int32 or int64, values in [0, num_experts)
+    w13_scale: torch.Tensor | None = None,  # [num_experts, ceil(2 * inter / bn), ceil(hidden / bk)] float32
+    w2_scale: torch.Tensor | None = None,  # [num_experts, ceil(hidden / bn), ceil(inter / bk)] float32
+    block_shape: tuple[int, int] | None = None,  # (bn, bk), (128, 128) if None
 ) -> torch.Tensor:  # [num_tokens, hidden], hidden's dtype
     """``out[t] = sum_k topk_weights[t, k] * (w2[e] @ (silu(w13[e, :inter] @ x_t) * (w13[e, inter:] @ x_t)))``
     with ``e = topk_ids[t, k]``, accumulated in fp32.
@@ -27,11 +30,26 @@ def fused_experts(
     The products are rounded once to the compute dtype (``hidden``'s) after each GEMM, as the activation
     ``silu(gate) * up`` and as each expert's weighted output, before the fp32 sum over ``top_k``.  CUDA tensors
     run the Triton kernels (no host sync: capturable in a CUDA graph); others run ``fused_experts_torch``.
+
+    Block FP8 experts (DeepSeek-V3's format, see ``radixlm.kernels.fp8``): ``w13``/``w2`` in float8_e4m3fn with
+    ``w13_scale``/``w2_scale`` one float32 per ``block_shape`` block.  On CUDA the activations are quantized per
+    token per group of ``bk`` channels before each GEMM (the intermediate ``silu(gate) * up`` too) and the block
+    scales are applied in the grouped GEMM's K loop; elsewhere the experts are dequantized to hidden's dtype on
+    every call and the torch path runs on unquantized activations.
     """
+    if (w13_scale is None) != (w2_scale is None):
+        raise ValueError("block FP8 experts need both w13_scale and w2_scale")
     if hidden.is_cuda:
         from radixlm.kernels.moe_gemm import fused_experts_triton
 
-        return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids)
+        return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,
+                                    w2_scale=w2_scale, block_shape=block_shape)
+    if w13_scale is not None:
+        from radixlm.kernels.fp8 import DEFAULT_BLOCK, dequantize_block_fp8
+
+        block_shape = tuple(block_shape or DEFAULT_BLOCK)
+        w13 = dequantize_block_fp8(w13, w13_scale, block_shape).to(hidden.dtype)
+        w2 = dequantize_block_fp8(w2, w2_scale, block_shape).to(hidden.dtype)
     return fused_experts_torch(hidden, w13, w2, topk_weights, topk_ids)
 
 

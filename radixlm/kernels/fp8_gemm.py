@@ -1,0 +1,181 @@
+"""The Triton kernels of ``radixlm.kernels.fp8``: per-token-group activation quantization and the block-scaled
+FP8 GEMM (see ``fp8`` for the format).
+
+The GEMM computes one ``[BLOCK_M, BLOCK_N]`` tile per program.  ``BLOCK_K`` divides the scale block ``bk``, so
+every K tile lies in one scale slice ``j``: the tile's fp8 ``tl.dot`` (fp32 result) is multiplied by
+``a_s[rows, j] * b_s[cols // bn, j]`` and added to the fp32 accumulator.  The column scales are loaded per
+column, so ``BLOCK_N`` need not match ``bn``.  N and K need not be multiples of the blocks: columns past N wrap
+(in-bounds loads, not stored) and K past the end is masked to zero.  Block sizes come from
+``default_fp8_config`` (decode-sized M vs prefill); a tuning sweep passes its own ``Fp8GemmConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
+
+
+# Elements one quantization program holds: several groups of a row, so a program has enough work on a GPU (and
+# the interpreter runs few programs).
+_QUANT_TILE = 2048
+
+
+@triton.jit
+def _group_quant_kernel(
+    x_ptr, q_ptr, s_ptr, group_size, x_row_stride, num_groups, eps, fp8_max,
+    GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Program (row, chunk) quantizes groups [chunk * GROUPS, (chunk + 1) * GROUPS) of its row.
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
+    cols = tl.arange(0, BLOCK)
+    mask = (groups < num_groups)[:, None] & (cols < group_size)[None, :]
+    offs = groups[:, None] * group_size + cols[None, :]  # [GROUPS, BLOCK]
+    x = tl.load(x_ptr + row * x_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), eps) / fp8_max  # [GROUPS]
+    # IEEE division, as torch's: the approximate one could land on the other side of an fp8 rounding boundary.
+    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+    tl.store(q_ptr + row * num_groups * group_size + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row * num_groups + groups, scale, mask=groups < num_groups)
+
+
+def per_token_group_quant_fp8_triton(
+    x: torch.Tensor,  # [M, K], unit stride along K
+    group_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [M, K] fp8, [M, K // group_size] float32
+    """``fp8.per_token_group_quant_fp8`` on any device Triton runs on (CUDA, or CPU under the interpreter)."""
+    m, k = x.shape
+    check_group_size(k, group_size)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    x_q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    num_groups = k // group_size
+    scales = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
+    if m:
+        block = triton.next_power_of_2(group_size)
+        groups = min(triton.next_power_of_2(num_groups), max(_QUANT_TILE // block, 1))
+        _group_quant_kernel[(m, triton.cdiv(num_groups, groups))](
+            x, x_q, scales, group_size, x.stride(0), num_groups, SCALE_EPS, FP8_MAX,
+            GROUPS=groups, BLOCK=block, num_warps=4,
+        )
+    return x_q, scales
+
+
+class Fp8GemmConfig(NamedTuple):
+    """Launch parameters of the block-scaled GEMM.  ``block_k`` must divide the scale block's K size; on a GPU
+    an fp8 ``tl.dot`` needs ``block_k >= 32`` and ``block_m, block_n >= 16``.  ``group_m`` M blocks share a run
+    of N blocks in the launch order (weight-tile reuse in L2)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_fp8_config(m: int, n: int, k: int, block_size: tuple[int, int]) -> Fp8GemmConfig:
+    """Block sizes by M.  Decode-sized M (<= 64) streams the weight: the smallest M tile wastes least on
+    padding, and more stages keep loads in flight.  Larger M is compute-bound: larger tiles reuse each load.
+    ``block_k`` is the scale block's K size (128 for DeepSeek-V3), at most 128.  A starting point for the
+    H200 sweep (``bench/gpu/fp8_gemm.py --tune``), not yet tuned."""
+    block_k = min(block_size[1], 128)
+    if m <= 16:
+        return Fp8GemmConfig(16, 64, block_k, group_m=1, num_warps=4, num_stages=4)
+    if m <= 64:
+        return Fp8GemmConfig(64, 64, block_k, group_m=1, num_warps=4, num_stages=4)
+    if m <= 256:
+        return Fp8GemmConfig(64, 128, block_k, group_m=8, num_warps=4, num_stages=3)
+    return Fp8GemmConfig(128, 128, block_k, group_m=8, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _w8a8_block_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
+    m_dim, n_dim, k_dim, group_n, group_k,
+    stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_blocks_m = tl.cdiv(m_dim, BLOCK_M)
+    num_blocks_n = tl.cdiv(n_dim, BLOCK_N)
+    in_group = GROUP_M * num_blocks_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = min(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped rows/columns keep every load in bounds without a mask; their results are not stored.
+    offs_am = (offs_m % m_dim).to(tl.int64)
+    offs_bn = (offs_n % n_dim).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_bn[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    as_ptrs = as_ptr + offs_am * stride_asm  # [BLOCK_M]
+    bs_ptrs = bs_ptr + (offs_bn // group_n) * stride_bsn  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_dim, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < k_dim - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        k_slice = (k * BLOCK_K) // group_k
+        a_s = tl.load(as_ptrs + k_slice)
+        b_s = tl.load(bs_ptrs + k_slice)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < m_dim)[:, None] & (offs_n < n_dim)[None, :])
+
+
+def w8a8_block_fp8_matmul_triton(
+    a_q: torch.Tensor,  # [M, K] fp8, unit stride along K
+    a_s: torch.Tensor,  # [M, ceil(K / bk)] float32
+    b_q: torch.Tensor,  # [N, K] fp8, unit stride along K
+    b_s: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
+    block_size: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: Fp8GemmConfig | None = None,
+) -> torch.Tensor:  # [M, N] out_dtype
+    """``fp8.w8a8_block_fp8_matmul`` on any device Triton runs on; ``config`` overrides ``default_fp8_config``."""
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    bn, bk = block_size
+    if b_q.shape[1] != k or a_s.shape != (m, triton.cdiv(k, bk)) or b_s.shape != (triton.cdiv(n, bn),
+                                                                                   triton.cdiv(k, bk)):
+        raise ValueError(f"block FP8 GEMM shapes disagree: a {tuple(a_q.shape)}, a_s {tuple(a_s.shape)}, "
+                         f"b {tuple(b_q.shape)}, b_s {tuple(b_s.shape)}, block {block_size}")
+    if config is None:
+        config = default_fp8_config(m, n, k, block_size)
+    if bk % config.block_k:
+        raise ValueError(f"block_k {config.block_k} must divide the scale block's K size {bk}")
+    if a_q.stride(1) != 1:
+        a_q = a_q.contiguous()
+    if b_q.stride(1) != 1:
+        b_q = b_q.contiguous()
+    a_s, b_s = a_s.contiguous(), b_s.contiguous()
+    c = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+    if m == 0:
+        return c
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _w8a8_block_kernel[grid](
+        a_q, b_q, c, a_s, b_s, m, n, k, bn, bk,
+        a_q.stride(0), b_q.stride(0), c.stride(0), a_s.stride(0), b_s.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        EVEN_K=k % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return c

@@ -1,0 +1,294 @@
+"""``radixlm.kernels.fp8`` / ``fp8_gemm`` and the block-FP8 experts of ``fused_experts``: activation quantization
+against its definition, the block-scaled GEMM and the fused MoE against references built from the dequantized
+operands.
+
+Without CUDA the Triton kernels run under the interpreter on CPU tensors (called directly: the dispatchers send
+CPU tensors to torch).  The interpreter's fp8 ``tl.dot`` is exact (fp8 values widen exactly), so the GEMMs are
+checked there.  Its fp32 -> fp8 cast is not round-to-nearest-even: it drops the carry of a mantissa that rounds
+up across an odd binade (124.7 becomes 64, not 128), rounds ties away from zero and truncates subnormals; the
+quantization kernel's fp8 values are therefore compared exactly on GPU only, and under the interpreter everywhere
+except those elements.  Its fp32 -> bf16 cast truncates, so bf16 outputs get twice the rounding bound there.
+
+Error bounds (E4M3: 3 mantissa bits, so round-to-nearest errs by at most 2^-4 relative for normal values and by
+at most half the subnormal spacing, 2^-10, times the scale below 2^-6):
+- same quantized operands as the reference: every fp8 product is exact in fp32 and only the fp32 summation
+  order differs (the kernel scales per K slice, the reference per element), so the relative Frobenius error is
+  a few fp32 ulps; asserted < 1e-5;
+- unquantized activations in the reference: elementwise |out - ref| <= sum_k |w_k| * max(2^-4 |x_k|, 2^-10 s_k)
+  (plus fp32 slack), asserted elementwise;
+- fused MoE with fp8 experts against the emulation that quantizes the activations in float64: 1e-5 except where
+  an activation lands within fp32 noise of an fp8 rounding boundary (none at these seeds).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported: decoration picks the mode
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from radixlm.kernels.fp8 import (  # noqa: E402
+    FP8_DTYPE, FP8_MAX, SCALE_EPS, dequantize_block_fp8, fp8_block_linear, per_token_group_quant_fp8,
+    per_token_group_quant_fp8_torch, w8a8_block_fp8_matmul, w8a8_block_fp8_matmul_torch,
+)
+from radixlm.kernels.fp8_gemm import (  # noqa: E402
+    Fp8GemmConfig, default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
+)
+from radixlm.kernels.fused_moe import fused_experts  # noqa: E402
+from radixlm.kernels.moe_gemm import MoEConfig, fused_experts_triton  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+SMALLEST_NORMAL = 2.0**-6  # E4M3
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.cpu().double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def quantize_weight(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block-FP8 weight ``[..., N, K]`` as a checkpoint stores it (scale = block max / 448, partial edge blocks)."""
+    bn, bk = block
+    *lead, n, k = w.shape
+    padded = F.pad(w.float(), (0, cdiv(k, bk) * bk - k, 0, cdiv(n, bn) * bn - n))
+    blocks = padded.reshape(*lead, cdiv(n, bn), bn, cdiv(k, bk), bk)
+    scale = blocks.abs().amax(dim=(-3, -1)).clamp_min(SCALE_EPS) / FP8_MAX  # [..., N blocks, K blocks]
+    full = scale.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+    return (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_activation(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-group quantization of ``x [M, K]`` for any K: the last group is zero-padded."""
+    k = x.shape[1]
+    x_q, x_s = per_token_group_quant_fp8_torch(F.pad(x, (0, cdiv(k, group) * group - k)), group)
+    return x_q[:, :k].contiguous(), x_s
+
+
+def make_x(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # Per-row magnitudes spread over decades, as activations' are, with one all-zero row segment.
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]
+    x[0, :16] = 0
+    return x.to(dtype)
+
+
+# --- activation quantization -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("group", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quant_matches_definition(m, group, dtype) -> None:
+    x = make_x(m, 256, dtype)
+    x_q, scales = per_token_group_quant_fp8(x, group)  # CPU: the torch code
+    assert x_q.dtype == FP8_DTYPE and x_q.shape == x.shape
+    assert scales.dtype == torch.float32 and scales.shape == (m, 256 // group)
+    xf = x.float().view(m, -1, group)
+    amax = xf.abs().amax(-1)
+    expected_scales = torch.where(amax > 0, amax, torch.full_like(amax, SCALE_EPS)) / 448.0
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(x_q.view(m, -1, group).float(), (xf / expected_scales[..., None]).to(FP8_DTYPE).float())
+    deq = x_q.view(m, -1, group).float() * scales[..., None]
+    # round trip: 2^-4 relative for normal fp8 values, half the subnormal spacing (2^-10) times the scale below
+    bound = torch.maximum(xf.abs() * 2.0**-4, scales[..., None] * 2.0**-10) * (1 + 1e-6)
+    assert ((deq - xf).abs() <= bound).all()
+    assert (x_q.view(m, -1, group)[0, 0] == 0).all() if group == 16 else True  # the all-zero group: zeros
+    assert torch.isfinite(deq).all()
+    # each nonzero group's largest magnitude lands exactly on the fp8 maximum
+    top = x_q.view(m, -1, group).float().abs().amax(-1)
+    assert torch.equal(top[amax > 0], torch.full_like(top[amax > 0], 448.0))
+
+
+@pytest.mark.parametrize("m,k,group", [(1, 256, 128), (5, 256, 16), (33, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quant_triton_matches_torch(m, k, group, dtype) -> None:
+    x = make_x(m, k, dtype, seed=1)
+    x_q, scales = per_token_group_quant_fp8_triton(x.to(DEVICE), group)
+    ref_q, ref_s = per_token_group_quant_fp8_torch(x, group)
+    assert torch.equal(scales.cpu(), ref_s)
+    ours, ref = x_q.cpu().float(), ref_q.float()
+    differ = ours != ref
+    if INTERPRETED:  # the interpreter's cast bugs (module docstring), nothing else
+        mag = ref.abs()
+        scaled = (x.float().view(m, -1, group) / ref_s[..., None]).view(m, k)
+        tie = (scaled - ours).abs() == (scaled - ref).abs()
+        known = (mag < SMALLEST_NORMAL) | (torch.frexp(mag).mantissa == 0.5) | tie
+        assert not (differ & ~known).any()
+        assert differ.float().mean() < 0.05
+    else:
+        assert not differ.any()
+
+
+def test_quant_rejects_ragged_k() -> None:
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        per_token_group_quant_fp8(torch.randn(2, 200), 128)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        per_token_group_quant_fp8_triton(torch.randn(2, 40, device=DEVICE), 16)
+
+
+# --- block-scaled GEMM -------------------------------------------------------------------------------------
+
+def gemm_case(m: int, n: int, k: int, block: tuple[int, int], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=gen)
+    # Weight blocks of different magnitudes, so a scale applied to the wrong block shows.
+    w = torch.randn(n, k, generator=gen) * torch.rand(cdiv(n, block[0]), cdiv(k, block[1]), generator=gen).add(
+        0.1).repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    a_q, a_s = quantize_activation(a, block[1])
+    w_q, w_s = quantize_weight(w, block)
+    return a, a_q, a_s, w_q, w_s
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("n,k,block,config", [
+    (200, 256, (16, 16), Fp8GemmConfig(16, 64, 16, group_m=2)),  # N not a multiple of the block or tile
+    (40, 250, (16, 16), Fp8GemmConfig(16, 32, 16, group_m=2)),  # partial last K block (masked)
+    (48, 96, (32, 32), Fp8GemmConfig(32, 16, 16, group_m=1)),  # two K tiles per scale slice; bn > BLOCK_N
+    (72, 256, (128, 128), None),  # the default heuristic at DeepSeek-V3's block
+])
+def test_gemm_matches_dequantized_reference(m, n, k, block, config) -> None:
+    a, a_q, a_s, w_q, w_s = gemm_case(m, n, k, block)
+    args = [t.to(DEVICE) for t in (a_q, a_s, w_q, w_s)]
+    out = w8a8_block_fp8_matmul_triton(*args, block, torch.float32, config)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    w = dequantize_block_fp8(w_q, w_s, block).double()
+    a_deq = a_q.double() * a_s.double().repeat_interleave(block[1], 1)[:, :k]
+    exact = a_deq @ w.T
+    assert rel_err(out, exact) < 1e-5
+    assert rel_err(w8a8_block_fp8_matmul_torch(a_q, a_s, w_q, w_s, block, torch.float32), exact) < 1e-5
+    # bf16 output: one rounding, at most 2^-8 relative per element (2^-7: the interpreter truncates)
+    out_bf16 = w8a8_block_fp8_matmul_triton(*args, block, torch.bfloat16, config)
+    assert out_bf16.dtype == torch.bfloat16 and rel_err(out_bf16, exact) < (2.0**-7 if INTERPRETED else 2.0**-8)
+    # against the unquantized activations: each a_k errs by at most max(2^-4 |a_k|, 2^-10 s_k)
+    a_err = torch.maximum(a.double().abs() * 2.0**-4, a_s.double().repeat_interleave(block[1], 1)[:, :k] * 2.0**-10)
+    bound = a_err @ w.abs().T + 1e-5 * (a.double().abs() @ w.abs().T)
+    assert ((out.cpu().double() - a.double() @ w.T).abs() <= bound).all()
+
+
+def test_gemm_dispatch_and_shape_checks() -> None:
+    _, a_q, a_s, w_q, w_s = gemm_case(3, 40, 64, (16, 16))
+    cpu = w8a8_block_fp8_matmul(a_q, a_s, w_q, w_s, (16, 16), torch.float16)  # CPU tensors: the torch path
+    assert cpu.dtype == torch.float16 and torch.equal(cpu, w8a8_block_fp8_matmul_torch(a_q, a_s, w_q, w_s, (16, 16),
+                                                                                         torch.float16))
+    with pytest.raises(ValueError, match="shapes disagree"):
+        w8a8_block_fp8_matmul_triton(a_q, a_s, w_q, w_s, (32, 16))
+    with pytest.raises(ValueError, match="must divide"):
+        w8a8_block_fp8_matmul_triton(a_q, a_s, w_q, w_s, (16, 16), config=Fp8GemmConfig(16, 16, 32))
+    decode, prefill = default_fp8_config(1, 4096, 4096, (128, 128)), default_fp8_config(4096, 4096, 4096, (128, 128))
+    assert decode.block_m == 16 and prefill.block_m > decode.block_m and decode.block_k == 128
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_block_linear_cpu(dtype) -> None:
+    """The CPU path: the weight dequantized, F.linear in float32 on unquantized activations, x's dtype out."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 256, generator=gen).to(dtype)
+    w_q, w_s = quantize_weight(torch.randn(200, 256, generator=gen), (128, 128))
+    bias = torch.randn(200, generator=gen).to(dtype)
+    out = fp8_block_linear(x, w_q, w_s, bias)
+    assert out.shape == (2, 3, 200) and out.dtype == dtype
+    expected = x.double() @ dequantize_block_fp8(w_q, w_s).double().T + bias.double()
+    assert rel_err(out, expected) < (1e-6 if dtype == torch.float32 else 2.0**-8)
+
+
+# --- fused MoE with block-FP8 experts ----------------------------------------------------------------------
+
+def moe_case(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, block: tuple[int, int],
+             dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
+    w13_q, w13_s = quantize_weight(torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5, block)
+    w2_q, w2_s = quantize_weight(torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5, block)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    return x, w13_q, w2_q, weights, ids, w13_s, w2_s
+
+
+def emulated_reference(x, w13_q, w2_q, weights, ids, w13_s, w2_s, block) -> torch.Tensor:
+    """The Triton path's arithmetic in float64: activations quantized per token group before each GEMM, the
+    intermediate rounded to x's dtype first, the weighted per-expert outputs rounded to x's dtype.  The
+    quantizer is the Triton kernel the path runs (under the interpreter its cast is off, see the module
+    docstring; the kernel is checked against the definition above), so this checks the GEMMs' arithmetic."""
+    def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t_q, t_s = per_token_group_quant_fp8_triton(t.to(DEVICE), block[1])
+        return t_q.cpu(), t_s.cpu()
+
+    w13, w2 = dequantize_block_fp8(w13_q, w13_s, block).double(), dequantize_block_fp8(w2_q, w2_s, block).double()
+    inter = w13.shape[1] // 2
+    x_q, x_s = quantize(x)
+    x_deq = x_q.double() * x_s.double().repeat_interleave(block[1], 1)
+    tokens = torch.arange(x.shape[0]).repeat_interleave(ids.shape[1])  # [num_pairs]
+    experts = ids.reshape(-1)
+    gate_up = torch.einsum("pnk,pk->pn", w13[experts], x_deq[tokens])  # [num_pairs, 2 * inter]
+    act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
+    a_q, a_s = quantize(act)
+    act_deq = a_q.double() * a_s.double().repeat_interleave(block[1], 1)
+    per_pair = (weights.reshape(-1, 1).double() * torch.einsum("pnk,pk->pn", w2[experts], act_deq)).to(x.dtype)
+    return torch.zeros(x.shape, dtype=torch.float64).index_add_(0, tokens, per_pair.double())
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 4, 1), (5, 4, 2), (33, 8, 2)])
+@pytest.mark.parametrize("block,dtype", [
+    ((16, 16), torch.float32),
+    ((32, 16), torch.float16),  # a scale block straddles the gate and up rows (inter 48)
+])
+def test_fused_moe_fp8_matches_emulation(num_tokens, num_experts, top_k, block, dtype) -> None:
+    case = moe_case(num_tokens, num_experts, 32, 48, top_k, block, dtype)
+    x, w13_q, w2_q, weights, ids, w13_s, w2_s = case
+    out = fused_experts_triton(*(t.to(DEVICE) for t in case[:5]), config=MoEConfig(16, 32, 16, group_m=2),
+                               w13_scale=w13_s.to(DEVICE), w2_scale=w2_s.to(DEVICE), block_shape=block)
+    assert out.shape == x.shape and out.dtype == dtype
+    expected = emulated_reference(*case, block)
+    assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 2e-3)
+    # the CPU path (dequantized experts, unquantized activations) differs by the activations' fp8 rounding:
+    # two roundings of at most 2^-4 relative each, ~2^-4 / sqrt(3) each in Frobenius norm for uniform errors
+    cpu = fused_experts(x, w13_q, w2_q, weights, ids, w13_s, w2_s, block)
+    assert cpu.dtype == dtype and rel_err(cpu, expected) < 0.1
+
+
+def test_fused_moe_fp8_argument_checks() -> None:
+    x, w13_q, w2_q, weights, ids, w13_s, w2_s = moe_case(2, 4, 32, 16, 2, (16, 16), torch.float32)
+    with pytest.raises(ValueError, match="both"):
+        fused_experts(x, w13_q, w2_q, weights, ids, w13_s, None, (16, 16))
+    with pytest.raises(ValueError, match="must|need"):
+        fused_experts_triton(x, w13_q, w2_q, weights, ids, config=MoEConfig(16, 16, 32), w13_scale=w13_s,
+                             w2_scale=w2_s, block_shape=(16, 16))
+
+
+# --- real shapes on a GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not CUDA, reason="real shapes are too slow for the interpreter")
+@pytest.mark.parametrize("m", [1, 64, 1024])
+@pytest.mark.parametrize("n,k", [(576, 7168), (7168, 2048), (6144, 4096)])
+def test_fp8_linear_real_shapes_on_gpu(m, n, k) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(m, k, generator=gen).bfloat16().cuda()
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=gen) / k**0.5, (128, 128))
+    bias = torch.randn(n, generator=gen).bfloat16().cuda()
+    out = fp8_block_linear(x, w_q.cuda(), w_s.cuda(), bias)
+    assert out.dtype == torch.bfloat16
+    a_q, a_s = per_token_group_quant_fp8(x)
+    same_quant = w8a8_block_fp8_matmul_torch(a_q.cpu(), a_s.cpu(), w_q, w_s, (128, 128), torch.float32)
+    assert rel_err(out.float() - bias.float(), same_quant) < 2.0**-8  # bf16 output rounding (and bias add)
+    dense = x.double().cpu() @ dequantize_block_fp8(w_q, w_s).double().T
+    assert rel_err(out.float() - bias.float(), dense) < 0.06  # the activations' fp8 rounding
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes are too slow for the interpreter")
+@pytest.mark.parametrize("num_tokens", [1, 64, 512])
+def test_fused_moe_fp8_real_shapes_on_gpu(num_tokens) -> None:
+    # DeepSeek-V3's routed experts at TP8 (inter 2048 / 8), 64 of the 256 experts to keep memory small.
+    x, w13_q, w2_q, weights, ids, w13_s, w2_s = moe_case(num_tokens, 64, 7168, 256, 8, (128, 128), torch.bfloat16)
+    out = fused_experts(*(t.cuda() for t in (x, w13_q, w2_q, weights, ids, w13_s, w2_s)), block_shape=(128, 128))
+    dense = fused_experts(*(t.cuda() for t in (x, dequantize_block_fp8(w13_q, w13_s).bfloat16(),
+                                                dequantize_block_fp8(w2_q, w2_s).bfloat16(), weights, ids)))
+    assert rel_err(out.float(), dense.float().cpu()) < 0.1
