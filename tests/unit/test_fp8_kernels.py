@@ -278,7 +278,7 @@ def test_fp8_linear_real_shapes_on_gpu(m, n, k) -> None:
     assert out.dtype == torch.bfloat16
     a_q, a_s = per_token_group_quant_fp8(x)
     same_quant = w8a8_block_fp8_matmul_torch(a_q.cpu(), a_s.cpu(), w_q, w_s, (128, 128), torch.float32)
-    assert rel_err(out.float() - bias.float(), same_quant) < 2.0**-8  # bf16 output rounding (and bias add)
+    assert rel_err(out.float() - bias.float(), same_quant) < 1e-2  # bf16 roundings of the GEMM and the bias add
     dense = x.double().cpu() @ dequantize_block_fp8(w_q, w_s).double().T
     assert rel_err(out.float() - bias.float(), dense) < 0.06  # the activations' fp8 rounding
 
@@ -292,3 +292,26 @@ def test_fused_moe_fp8_real_shapes_on_gpu(num_tokens) -> None:
     dense = fused_experts(*(t.cuda() for t in (x, dequantize_block_fp8(w13_q, w13_s).bfloat16(),
                                                 dequantize_block_fp8(w2_q, w2_s).bfloat16(), weights, ids)))
     assert rel_err(out.float(), dense.float().cpu()) < 0.1
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_fp8_paths_replay_in_a_cuda_graph() -> None:
+    """The activation quantization, the block GEMM and the fp8 experts read nothing on the host: captured once,
+    replayed on new inputs written into the same buffers, they equal an eager call."""
+    x, w13_q, w2_q, weights, ids, w13_s, w2_s = (t.cuda() for t in moe_case(5, 16, 256, 128, 4, (128, 128),
+                                                                             torch.bfloat16))
+    w_q, w_s = (t.cuda() for t in quantize_weight(torch.randn(200, 256), (128, 128)))
+
+    def step():
+        return fp8_block_linear(x, w_q, w_s), fused_experts(x, w13_q, w2_q, weights, ids, w13_s, w2_s)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    new = moe_case(5, 16, 256, 128, 4, (128, 128), torch.bfloat16, seed=1)
+    x.copy_(new[0].cuda())
+    ids.copy_(new[4].cuda())
+    graph.replay()
+    for out, expected in zip(outs, step()):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -1,0 +1,266 @@
+"""Block-wise FP8 (``radixlm.kernels.fp8``, issue #19) on a GPU: correctness at real shapes, timing, tuning.
+
+Shapes: Llama-3.1-8B's linears (qkv, o, gate_up, down) and DeepSeek-V3's (q_a, kv_a, o, the shared expert's
+gate_up and down, the lm head), weights random E4M3 with random 128x128 block scales; M (tokens) 1 .. 4096.
+
+Default mode:
+1. correctness: ``fp8_block_linear`` (activation quantization + block GEMM, bf16 out) at M 1, 64, 1024 against
+   (a) the same quantized operands dequantized to fp32 and multiplied in fp32 (asserted < 1e-2: bf16 output
+   rounding only) and (b) the unquantized bf16 activations times the dequantized weight (printed; the activations'
+   fp8 rounding, a few percent, asserted < 6e-2);
+2. timing (``triton.testing.do_bench`` medians, L2 flushed), TFLOP/s of 2*M*N*K per (shape, M):
+   ``gemm`` the block GEMM on pre-quantized activations, ``linear`` with the activation quantization (two
+   launches), ``bf16`` torch.matmul on the dequantized bf16 weight (cuBLAS), ``rowwise`` torch._scaled_mm with
+   per-row activation / per-column weight scales (the per-channel online-FP8 path; GEMM only), and ``TB/s``
+   the fp8 weight bytes over the ``gemm`` time (the roofline of decode rows);
+3. fused MoE at DeepSeek-V3's expert shapes (256 experts, hidden 7168, top 8; inter 2048 = TP1, 256 = TP8):
+   fp8 experts vs the same experts dequantized to bf16, relative error and CUDA-graph us for both.
+
+``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
+by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
+
+    python bench/gpu/fp8_gemm.py             # ~2-3 minutes on an H200 (Triton compiles included)
+    python bench/gpu/fp8_gemm.py --tune      # ~4-5 minutes
+    python bench/gpu/fp8_gemm.py --shapes v3-kv_a v3-o --tokens 1 64 --no-moe   # a subset
+
+from the repository root with ``PYTHONPATH=.``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.testing
+
+from radixlm.kernels.fp8 import (
+    FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, per_token_group_quant_fp8,
+    w8a8_block_fp8_matmul_torch,
+)
+from radixlm.kernels.fp8_gemm import Fp8GemmConfig, default_fp8_config, w8a8_block_fp8_matmul_triton
+from radixlm.kernels.fused_moe import fused_experts
+
+BLOCK = (128, 128)
+
+
+class Linear(NamedTuple):
+    k: int  # in features
+    n: int  # out features
+
+
+SHAPES = {
+    "llama8b-qkv": Linear(4096, 6144),
+    "llama8b-o": Linear(4096, 4096),
+    "llama8b-gate_up": Linear(4096, 28672),
+    "llama8b-down": Linear(14336, 4096),
+    "v3-q_a": Linear(7168, 1536),
+    "v3-kv_a": Linear(7168, 576),
+    "v3-o": Linear(16384, 7168),
+    "v3-shared_gate_up": Linear(7168, 4096),
+    "v3-shared_down": Linear(2048, 7168),
+    "v3-lm_head": Linear(7168, 129280),
+}
+TOKENS = (1, 16, 64, 256, 1024, 4096)
+MOE_SHAPES = {"v3-experts-tp1": 2048, "v3-experts-tp8": 256}  # inter; 256 experts, hidden 7168, top 8
+MOE_TOKENS = (1, 16, 64, 256, 1024, 4096)
+
+
+def random_fp8_weight(n: int, k: int, gen: torch.Generator, lead: tuple[int, ...] = ()) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """An fp8 weight ``[*lead, n, k]`` spread over E4M3's range, with block scales near 1 / (448 sqrt(k)) so the
+    dequantized weight has unit-variance rows / sqrt(k) (realistic magnitudes for bf16 outputs)."""
+    w_q = (torch.randn(*lead, n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 100).clamp_(
+        -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    scale_shape = (*lead, triton.cdiv(n, BLOCK[0]), triton.cdiv(k, BLOCK[1]))
+    w_s = (0.5 + torch.rand(scale_shape, generator=gen, device="cuda")) / (100 * k**0.5)
+    return w_q, w_s
+
+
+def dequantize_bf16(w_q: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
+    """The bf16 copy of a (possibly per-expert) block-fp8 weight, built a slice at a time (the fp32 temporaries
+    of a whole expert stack would not fit)."""
+    if w_q.dim() == 2:
+        return torch.cat([dequantize_block_fp8(w_q[i:i + 8192], w_s[i // BLOCK[0]:(i + 8192) // BLOCK[0]],
+                                               BLOCK).bfloat16() for i in range(0, w_q.shape[0], 8192)])
+    return torch.stack([dequantize_block_fp8(w_q[e], w_s[e], BLOCK).bfloat16() for e in range(w_q.shape[0])])
+
+
+def bench_us(fn: Callable[[], object], rep_ms: int = 25) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=rep_ms) * 1e3
+
+
+def graph_us(fn: Callable[[], object], rep_ms: int = 25) -> float:
+    """Median of CUDA-graph replays of ``fn`` (L2 not flushed)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def rowwise_operands(w_bf16: torch.Tensor, x: torch.Tensor):
+    """Per-channel online FP8 for torch._scaled_mm: the weight per output row, the activations per token."""
+    w_scale = w_bf16.float().abs().amax(dim=1).clamp_min(1e-10) / FP8_MAX  # [N]
+    w_q = (w_bf16.float() / w_scale[:, None]).to(FP8_DTYPE)  # [N, K]
+    x_scale = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-10) / FP8_MAX  # [M, 1]
+    x_q = (x.float() / x_scale).to(FP8_DTYPE)
+    return x_q, x_scale, w_q.t(), w_scale[None, :]  # b column-major [K, N], scale_b [1, N]
+
+
+def check(names: list[str], tokens: list[int]) -> None:
+    print("correctness: fp8_block_linear (bf16 out) vs the same quantized operands in fp32 (same-q) and vs the "
+          "unquantized bf16 activations (dense), relative Frobenius error")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    worst_same, worst_dense = 0.0, 0.0
+    for name in names:
+        shape = SHAPES[name]
+        w_q, w_s = random_fp8_weight(shape.n, shape.k, gen)
+        w = dequantize_bf16(w_q, w_s)
+        row = []
+        for m in tokens:
+            x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            out = fp8_block_linear(x, w_q, w_s)
+            x_q, x_s = per_token_group_quant_fp8(x)
+            same = rel_err(out, w8a8_block_fp8_matmul_torch(x_q, x_s, w_q, w_s, BLOCK, torch.float32))
+            dense = rel_err(out, x.double() @ w.double().T)
+            worst_same, worst_dense = max(worst_same, same), max(worst_dense, dense)
+            row.append(f"M{m}: same-q {same:.1e} dense {dense:.1e}")
+        print(f"  {name:18s} " + "  ".join(row))
+        del w_q, w_s, w
+        torch.cuda.empty_cache()
+    assert worst_same < 1e-2 and worst_dense < 6e-2, (worst_same, worst_dense)
+    print(f"  worst same-q {worst_same:.2e} (< 1e-2: ok), dense {worst_dense:.2e} (< 6e-2: ok)")
+
+
+def timing(names: list[str], tokens: list[int]) -> None:
+    print("\ntiming, TFLOP/s (2*M*N*K / do_bench median); TB/s: fp8 weight bytes / gemm time")
+    print(f"{'shape':18s} {'M':>5s} {'gemm us':>8s} {'gemm':>7s} {'linear':>7s} {'bf16':>7s} {'rowwise':>7s} "
+          f"{'TB/s':>5s}  config")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for name in names:
+        shape = SHAPES[name]
+        w_q, w_s = random_fp8_weight(shape.n, shape.k, gen)
+        w = dequantize_bf16(w_q, w_s)
+        for m in tokens:
+            x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            x_q, x_s = per_token_group_quant_fp8(x)
+            flops = 2.0 * m * shape.n * shape.k
+            t_gemm = bench_us(lambda: w8a8_block_fp8_matmul_triton(x_q, x_s, w_q, w_s, BLOCK))
+            t_linear = bench_us(lambda: fp8_block_linear(x, w_q, w_s))
+            t_bf16 = bench_us(lambda: torch.matmul(x, w.T))
+            try:
+                rq, rs, wq_col, ws_row = rowwise_operands(w, x)
+                t_row = bench_us(lambda: torch._scaled_mm(rq, wq_col, scale_a=rs, scale_b=ws_row,
+                                                          out_dtype=torch.bfloat16))
+                del rq, rs, wq_col, ws_row
+            except (RuntimeError, AttributeError) as exc:  # not every build/shape has the row-wise path
+                print(f"  _scaled_mm: {str(exc).splitlines()[0][:100]}")
+                t_row = float("nan")
+            c = default_fp8_config(m, shape.n, shape.k, BLOCK)
+            print(f"{name:18s} {m:5d} {t_gemm:8.1f} {flops / t_gemm / 1e6:7.1f} {flops / t_linear / 1e6:7.1f} "
+                  f"{flops / t_bf16 / 1e6:7.1f} {flops / t_row / 1e6:7.1f} {shape.n * shape.k / t_gemm / 1e6:5.2f}  "
+                  f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}", flush=True)
+        del w_q, w_s, w
+        torch.cuda.empty_cache()
+
+
+def moe(names: list[str], tokens: list[int]) -> None:
+    print("\nfused MoE, DeepSeek-V3 experts (E=256, hidden 7168, top 8): fp8 block experts vs the same experts in "
+          "bf16; CUDA-graph us, TF/s of 2*tokens*8*3*hidden*inter")
+    print(f"{'shape':16s} {'tokens':>6s} {'rel err':>8s} {'fp8 us':>8s} {'TF/s':>6s} {'bf16 us':>8s} {'TF/s':>6s}")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    experts, hidden, top_k = 256, 7168, 8
+    for name in names:
+        inter = MOE_SHAPES[name]
+        w13_q, w13_s = random_fp8_weight(2 * inter, hidden, gen, (experts,))
+        w2_q, w2_s = random_fp8_weight(hidden, inter, gen, (experts,))
+        w13, w2 = dequantize_bf16(w13_q, w13_s), dequantize_bf16(w2_q, w2_s)
+        for num_tokens in tokens:
+            x = torch.randn(num_tokens, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+            ids = torch.rand(num_tokens, experts, generator=gen, device="cuda").topk(top_k, dim=1).indices.int()
+            weights = torch.rand(num_tokens, top_k, generator=gen, device="cuda").softmax(dim=1)
+            fp8_call = lambda: fused_experts(x, w13_q, w2_q, weights, ids, w13_s, w2_s, BLOCK)  # noqa: E731
+            bf16_call = lambda: fused_experts(x, w13, w2, weights, ids)  # noqa: E731
+            err = rel_err(fp8_call(), bf16_call())
+            flops = 2.0 * num_tokens * top_k * 3 * hidden * inter
+            t_fp8, t_bf16 = graph_us(fp8_call), graph_us(bf16_call)
+            print(f"{name:16s} {num_tokens:6d} {err:8.1e} {t_fp8:8.1f} {flops / t_fp8 / 1e6:6.1f} {t_bf16:8.1f} "
+                  f"{flops / t_bf16 / 1e6:6.1f}", flush=True)
+            assert err < 6e-2, err
+        del w13_q, w13_s, w2_q, w2_s, w13, w2
+        torch.cuda.empty_cache()
+
+
+def tune_grid(m: int) -> list[Fp8GemmConfig]:
+    """Configs worth trying at this M (block_m near it); block_k divides the 128-wide scale slice."""
+    block_ms = (16, 32) if m <= 16 else (16, 32, 64) if m <= 64 else (64, 128)
+    grid = []
+    for block_m, block_n, block_k, (warps, stages) in itertools.product(
+            block_ms, (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))):
+        grid.append(Fp8GemmConfig(block_m, block_n, block_k, group_m=1 if block_m <= 32 else 8,
+                                  num_warps=warps, num_stages=stages))
+    return grid
+
+
+def tune(names: list[str], tokens: list[int]) -> None:
+    print("tuning: do_bench us of the block GEMM per config; best vs default_fp8_config")
+    print(f"{'shape':18s} {'M':>5s} {'default us':>10s} {'best us':>8s} {'best TF/s':>9s}  best config")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    best_by_bucket: dict[str, list[str]] = {}
+    for name in names:
+        shape = SHAPES[name]
+        w_q, w_s = random_fp8_weight(shape.n, shape.k, gen)
+        for m in tokens:
+            x_q, x_s = per_token_group_quant_fp8(torch.randn(m, shape.k, generator=gen, device="cuda",
+                                                             dtype=torch.bfloat16))
+            t_default = bench_us(lambda: w8a8_block_fp8_matmul_triton(x_q, x_s, w_q, w_s, BLOCK), rep_ms=10)
+            results = []
+            for config in tune_grid(m):
+                try:
+                    results.append((bench_us(lambda: w8a8_block_fp8_matmul_triton(
+                        x_q, x_s, w_q, w_s, BLOCK, config=config), rep_ms=10), config))
+                except Exception as exc:  # e.g. out of shared memory for the largest tiles with many stages
+                    print(f"  skipped {tuple(config)}: {type(exc).__name__}")
+            t_best, best = min(results)
+            flops = 2.0 * m * shape.n * shape.k
+            print(f"{name:18s} {m:5d} {t_default:10.1f} {t_best:8.1f} {flops / t_best / 1e6:9.1f}  {tuple(best)}",
+                  flush=True)
+            bucket = "<=16" if m <= 16 else "<=64" if m <= 64 else "<=256" if m <= 256 else ">256"
+            best_by_bucket.setdefault(bucket, []).append(f"{name}/{m}: {tuple(best)} "
+                                                         f"({t_default / t_best:.2f}x default)")
+        del w_q, w_s
+        torch.cuda.empty_cache()
+    print("\nbest configs by M (default_fp8_config's buckets):")
+    for bucket, rows in best_by_bucket.items():
+        print(f"  {bucket}:")
+        for row in rows:
+            print(f"    {row}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    parser.add_argument("--moe-shapes", nargs="+", choices=sorted(MOE_SHAPES), default=list(MOE_SHAPES))
+    parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
+    parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    start = time.perf_counter()
+    if args.tune:
+        tune(args.shapes, args.tokens)
+    else:
+        check(args.shapes, [t for t in args.tokens if t in (1, 64, 1024)] or args.tokens[:1])
+        timing(args.shapes, args.tokens)
+        if not args.no_moe:
+            moe(args.moe_shapes, [t for t in MOE_TOKENS if t in args.tokens] or MOE_TOKENS)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
