@@ -4,7 +4,9 @@ FP8 GEMM (see ``fp8`` for the format).
 The GEMM computes one ``[BLOCK_M, BLOCK_N]`` tile per program.  ``BLOCK_K`` divides the scale block ``bk``, so
 every K tile lies in one scale slice ``j``: the tile's fp8 ``tl.dot`` (fp32 result) is multiplied by
 ``a_s[rows, j] * b_s[cols // bn, j]`` and added to the fp32 accumulator.  The column scales are loaded per
-column, so ``BLOCK_N`` need not match ``bn``.  N and K need not be multiples of the blocks: columns past N wrap
+column, so ``BLOCK_N`` need not match ``bn``.  Each tile's dot starts from zero and is added to the accumulator in
+fp32: on sm_90, where an fp8 wgmma accumulates with reduced precision (Triton's default there), that limits the
+imprecise sums to one K tile (<= 128 products), the promotion interval DeepSeek-V3 uses.  N and K need not be multiples of the blocks: columns past N wrap
 (in-bounds loads, not stored) and K past the end is masked to zero.  Block sizes come from
 ``default_fp8_config`` (decode-sized M vs prefill); a tuning sweep passes its own ``Fp8GemmConfig``.
 """
