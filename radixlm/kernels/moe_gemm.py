@@ -16,6 +16,12 @@ Programs of blocks past the device-side padded length exit at once, so nothing i
 path can be captured in a CUDA graph.  Block sizes come from ``default_config`` (by the average number of pairs
 per expert, which decides whether a weight tile is reused); callers such as a tuning sweep may pass their own
 ``MoEConfig``.
+
+Block-FP8 experts (``BLOCK_SCALED``, see ``radixlm.kernels.fp8``): the hidden states are quantized per token per
+group of ``bk`` channels before the gate-up launch and ``silu(gate) * up`` likewise before the down launch (one
+extra quantization kernel each); in the K loop each tile's fp8 dot is scaled by the rows' activation scales and
+the columns' weight block scales (``BLOCK_K`` divides ``bk``, so a tile lies in one K slice).  The bf16/fp16/fp32
+launches are unchanged (``BLOCK_SCALED`` false compiles the same loop).
 """
 
 from __future__ import annotations
