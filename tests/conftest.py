@@ -135,6 +135,44 @@ def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.fl
     return model
 
 
+def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16, 16)) -> torch.nn.Module:
+    """``TINY_CONFIGS[name]`` saved as a block-wise FP8 checkpoint (DeepSeek-V3's format: every linear weight of the
+    decoder layers in float8_e4m3fn with a float32 ``weight_scale_inv`` per ``block``, ``quantization_config`` in
+    config.json); returns the HF model holding the dequantized weights, the reference."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf = build_tiny_hf_model(name, directory)
+    bn, bk = block
+    tensors = {}
+    with torch.no_grad():
+        for param_name, p in hf.named_parameters():
+            if ".layers." in param_name and p.dim() == 2 and param_name.endswith("proj.weight"):
+                n, k = p.shape
+                blocks = p.float().reshape(n // bn, bn, k // bk, bk)
+                scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)  # [n / bn, k / bk]
+                q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+                tensors[param_name] = q.reshape(n, k)
+                tensors[param_name.replace(".weight", ".weight_scale_inv")] = scale
+                p.copy_((q.float() * scale[:, None, :, None]).reshape(n, k))  # the reference's dequantized weight
+            else:
+                tensors[param_name] = p.detach().clone().contiguous()
+    if hf.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    for f in os.listdir(directory):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(os.path.join(directory, f))
+    save_file(tensors, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [bn, bk]}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    return hf
+
+
 # Mixture-of-experts models, one per routing family; every config has a dense layer next to its MoE ones.
 _MOE_ATTN = dict(vocab_size=1000, hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
                  tie_word_embeddings=False)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from radixlm.config.quant_config import QuantConfig
+
 from radixlm.utils import cpu_features
 
 _DTYPES = {
@@ -50,6 +52,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     hf_config: dict[str, Any] = field(repr=False, compare=False)
+    quant: QuantConfig | None = None  # FP8 weights: from the checkpoint, or --quantization
 
     @classmethod
     def from_hf(
@@ -59,6 +62,7 @@ class ModelConfig:
         device: str = "cpu",
         context_length: int | None = None,
         hf_config: dict[str, Any] | None = None,
+        quantization: str | None = None,
     ) -> "ModelConfig":
         """Read ``model_path/config.json`` (or use ``hf_config``) and resolve dtype (``resolve_dtype``) and
         context length."""
@@ -106,6 +110,7 @@ class ModelConfig:
             bos_token_id=hf_config.get("bos_token_id"),
             eos_token_ids=_eos_ids(model_path, hf_config),
             hf_config=hf_config,
+            quant=QuantConfig.resolve(hf_config, quantization),
         )
 
 

@@ -39,6 +39,10 @@ class ServerArgs:
     chat_template: str | None = _arg(None, "chat template file or name overriding the tokenizer's")
     tool_call_parser: str = _arg("hermes", "format of the model's tool calls in /v1/chat/completions",
                                  ("hermes", "llama3"))
+    quantization: str | None = _arg(None, "quantize a bf16/fp16 checkpoint's linear weights at load: fp8 (E4M3, one "
+                                          "scale per output channel, activations per token); FP8 checkpoints "
+                                          "(block-wise, DeepSeek-V3's format) are detected from config.json",
+                                    (None, "fp8"))
     json_model_override_args: str = _arg("", "JSON object merged over the model's config.json, e.g. "
                                              "'{\"num_hidden_layers\": 4}' to time the first layers of a large "
                                              "model (checkpoint tensors of the layers cut off are skipped)")

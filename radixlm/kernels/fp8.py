@@ -107,8 +107,9 @@ def fp8_block_linear(
 ) -> torch.Tensor:  # [*, N], x's dtype
     """A linear layer over a block-FP8 weight.  CUDA: ``x`` quantized per token per group of ``bk`` channels
     (K must be a multiple of ``bk``), then the block-scaled GEMM.  Elsewhere (CI, CPU users): the weight
-    dequantized to float32 on every call (no cache: the fp8 weight is the only copy kept) and ``F.linear`` in
-    float32, so CPU results carry only the weight's quantization, not the activations'."""
+    dequantized to float32 on every call (no cache: the fp8 weight is the only copy kept), ``x`` rounded through
+    E4M3 per token group as the GPU path quantizes it, and ``F.linear`` in float32: the GPU's numerics up to
+    summation order."""
     if x.is_cuda:
         from radixlm.kernels import as_rows
         from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton
@@ -119,4 +120,12 @@ def fp8_block_linear(
             out = out + bias
         return out.view(*x.shape[:-1], weight.shape[0])
     w = dequantize_block_fp8(weight, weight_scale_inv, block_size)
-    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(round_activations(x, block_size[1]), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def round_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` [*, K] quantized per token per ``group_size`` channels and dequantized, in float32: what the FP8
+    GEMMs see of their input."""
+    k = x.shape[-1]
+    x_q, x_s = per_token_group_quant_fp8(x.reshape(-1, k), group_size)
+    return dequantize_block_fp8(x_q, x_s, (1, group_size)).view(x.shape)

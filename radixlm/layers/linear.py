@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.config.quant_config import QuantConfig
 from radixlm.distributed import divide, get_tp_group
 from radixlm.kernels import cpu
+from radixlm.layers import fp8_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,21 +38,66 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, loader, checkpoint_shapes
     return p
 
 
-class ReplicatedLinear(nn.Module):
+class QuantizableLinear(nn.Module):
+    """What the linear layers share: ``weight`` [out, in] in the model dtype, or FP8 under a ``QuantConfig``
+    (``radixlm.layers.fp8_linear``: block-wise from the checkpoint with ``weight_scale_inv``, or online with
+    ``weight_scale`` after ``finish_loading``); ``matmul(x)`` is ``x @ W^T`` whichever it is."""
+
+    quant: QuantConfig | None = None
+
+    def _init_weight(self, out: int, in_features: int, dtype: torch.dtype, checkpoint_shapes: dict,
+                     quant: QuantConfig | None, scale_loader=None) -> None:
+        self.quant = quant
+        block = quant is not None and quant.from_checkpoint
+        self.weight = _param((out, in_features), torch.float8_e4m3fn if block else dtype, self.weight_loader,
+                             checkpoint_shapes)
+        if block:
+            bn, bk = quant.weight_block
+            self.weight_scale_inv = _param(
+                (fp8_linear.cdiv(out, bn), fp8_linear.cdiv(in_features, bk)), torch.float32,
+                scale_loader or default_weight_loader,
+                {k: (fp8_linear.cdiv(o, bn), fp8_linear.cdiv(i, bk)) for k, (o, i) in checkpoint_shapes.items()})
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        default_weight_loader(param, loaded)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is None:
+            return linear(x, self.weight)
+        return fp8_linear.fp8_forward(self, x)
+
+    def finish_loading(self) -> None:
+        fp8_linear.finish_loading(self, self.quant)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The local weight in ``dtype``: the parameter itself when it is not quantized, else a dequantized copy
+        made once (weights do not change after loading; DeepSeek's absorbed ``kv_b_proj`` reads it every step)."""
+        if self.quant is None:
+            return self.weight
+        cached = self.__dict__.get("_dequantized")
+        if cached is None or cached.dtype != dtype:
+            cached = self.__dict__["_dequantized"] = fp8_linear.dequantize(self, dtype)
+        return cached
+
+
+class ReplicatedLinear(QuantizableLinear):
     """The full matrix on every rank: for projections whose whole output every rank needs (DeepSeek's
     ``q_a_proj`` and ``kv_a_proj_with_mqa``, which produce the low-rank latents shared by all heads)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 quant: QuantConfig | None = None):
         super().__init__()
-        self.weight = _param((out_features, in_features), dtype, default_weight_loader,
-                             {None: (out_features, in_features)})
+        self._init_weight(out_features, in_features, dtype, {None: (out_features, in_features)}, quant)
         self.bias = _param((out_features,), dtype, default_weight_loader, {None: (out_features,)}) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if self.quant is None:
+            return linear(x, self.weight, self.bias)
+        y = self.matmul(x)
+        return y + self.bias if self.bias is not None else y
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(QuantizableLinear):
     """Output features split over ranks; each rank computes its slice of ``y``.
 
     ``output_sizes`` lists the logical sub-matrices stacked along the output dim (one, or several for merged
@@ -64,6 +111,7 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = False,
         gather_output: bool = False,
         dtype: torch.dtype = torch.float32,
+        quant: QuantConfig | None = None,
     ):
         super().__init__()
         self.tp = get_tp_group()
@@ -73,8 +121,11 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output = gather_output
         out = sum(self.local_sizes)
         shapes = self._checkpoint_shapes()
-        self.weight = _param((out, in_features), dtype, self.weight_loader,
-                             {k: (s, in_features) for k, s in shapes.items()})
+        if quant is not None and quant.from_checkpoint and (self.tp.size > 1 or len(self.local_sizes) > 1):
+            for size in self.local_sizes:  # every sub-matrix's rows must start on a scale block
+                fp8_linear.check_block_split("output features", size, quant.weight_block[0], 2)
+        self._init_weight(out, in_features, dtype, {k: (s, in_features) for k, s in shapes.items()}, quant,
+                          self._scale_loader)
         self.bias = _param((out,), dtype, self.weight_loader, {k: (s,) for k, s in shapes.items()}) if bias else None
 
     def _local_sizes(self) -> list[int]:
@@ -96,8 +147,19 @@ class ColumnParallelLinear(nn.Module):
         dst_offset, size, src_offset = self._shard_range(shard_id)
         param.data.narrow(0, dst_offset, size).copy_(loaded.narrow(0, src_offset, size))
 
+    def _scale_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """The block scales of the rows ``weight_loader`` takes (they start on block boundaries)."""
+        bn = self.quant.weight_block[0]
+        dst_offset, size, src_offset = self._shard_range(shard_id)
+        rows = fp8_linear.cdiv(size, bn)
+        param.data.narrow(0, dst_offset // bn, rows).copy_(loaded.narrow(0, src_offset // bn, rows))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        if self.quant is None:
+            y = linear(x, self.weight, self.bias)
+        else:
+            y = self.matmul(x)
+            y = y + self.bias if self.bias is not None else y
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -113,7 +175,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, dtype: torch.dtype = torch.float32):
+                 bias: bool = False, dtype: torch.dtype = torch.float32, quant: QuantConfig | None = None):
         tp = get_tp_group()
         self.head_dim = head_dim
         self.total_num_heads = num_heads
@@ -126,7 +188,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.kv_replicas = divide(tp.size, num_kv_heads, "tensor-parallel size over KV heads")
             self.num_kv_heads = 1
         super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                         bias=bias, dtype=dtype)
+                         bias=bias, dtype=dtype, quant=quant)
 
     def _checkpoint_shapes(self) -> dict[object, int]:
         return {"q": self.output_sizes[0], "k": self.output_sizes[1], "v": self.output_sizes[2]}
@@ -142,22 +204,24 @@ class QKVParallelLinear(ColumnParallelLinear):
         return (q if shard_id == "k" else q + kv), kv, kv_rank * kv
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """Input features split over ranks; partial products are summed with an all-reduce, then the bias added.
 
     ``reduce_results=False`` returns this rank's partial product: a caller that sums several partial outputs
     (an MoE layer's routed and shared experts) all-reduces once, after the sum."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
-                 reduce_results: bool = True):
+                 reduce_results: bool = True, quant: QuantConfig | None = None):
         super().__init__()
         if bias and not reduce_results:
             raise ValueError("a row-parallel bias is added after the reduction; it needs reduce_results")
         self.tp = get_tp_group()
         self.reduce_results = reduce_results
         self.local_in = divide(in_features, self.tp.size, "input features")
-        self.weight = _param((out_features, self.local_in), dtype, self.weight_loader,
-                             {None: (out_features, in_features)})
+        if quant is not None and quant.from_checkpoint:
+            fp8_linear.check_block_split("input features", self.local_in, quant.weight_block[1], self.tp.size)
+        self._init_weight(out_features, self.local_in, dtype, {None: (out_features, in_features)}, quant,
+                          self._scale_loader)
         self.bias = _param((out_features,), dtype, self.weight_loader, {None: (out_features,)}) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -166,8 +230,12 @@ class RowParallelLinear(nn.Module):
         else:
             param.data.copy_(loaded.narrow(1, self.tp.rank * self.local_in, self.local_in))
 
+    def _scale_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        cols = fp8_linear.cdiv(self.local_in, self.quant.weight_block[1])
+        param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = self.matmul(x)
         if not self.reduce_results:
             return y
         y = self.tp.all_reduce(y)

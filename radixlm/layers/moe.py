@@ -84,6 +84,9 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, config: ModelConfig, routing: Routing, expert_intermediate_size: int,
                  shared_experts: nn.Module | None = None):
         super().__init__()
+        if config.quant is not None:
+            raise NotImplementedError("FP8 mixture-of-experts weights (an FP8 checkpoint or --quantization fp8 on an "
+                                      "MoE model) are not supported yet; dense FP8 models are")
         self.tp = get_tp_group()
         self.gate = TopKRouter(config.hidden_size, routing, config.dtype)
         self.experts = FusedMoE(routing.num_experts, config.hidden_size, expert_intermediate_size, config.dtype)

@@ -82,7 +82,8 @@ class DeepseekV2Attention(nn.Module):
         if extend_path not in EXTEND_PATHS:
             raise ValueError(f"unknown MLA extend path {extend_path!r}; known: {', '.join(EXTEND_PATHS)}")
         self.extend_path = extend_path
-        hf, dtype, hidden = config.hf_config, config.dtype, config.hidden_size
+        hf, dtype, hidden, quant = config.hf_config, config.dtype, config.hidden_size, config.quant
+        self.dtype = dtype
         self.q_lora_rank = hf.get("q_lora_rank")
         self.kv_lora_rank = hf["kv_lora_rank"]
         self.qk_nope_head_dim, self.qk_rope_head_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
@@ -92,18 +93,18 @@ class DeepseekV2Attention(nn.Module):
         self.num_heads = divide(heads, get_tp_group().size, "number of attention heads")
         bias = config.attention_bias  # on the a-projections and o_proj, as in transformers
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden, [heads * qk_head_dim], dtype=dtype)
+            self.q_proj = ColumnParallelLinear(hidden, [heads * qk_head_dim], dtype=dtype, quant=quant)
         else:
-            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, dtype=dtype)
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, dtype=dtype, quant=quant)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, dtype)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, [heads * qk_head_dim], dtype=dtype)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, [heads * qk_head_dim], dtype=dtype, quant=quant)
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias,
-                                                   dtype=dtype)
+                                                   dtype=dtype, quant=quant)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
         # Rows: per head, W_UK's qk_nope_head_dim rows then W_UV's v_head_dim rows; split by head over ranks.
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, [heads * (self.qk_nope_head_dim + self.v_head_dim)],
-                                              dtype=dtype)
-        self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=bias, dtype=dtype)
+                                              dtype=dtype, quant=quant)
+        self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=bias, dtype=dtype, quant=quant)
         # DeepSeek rotates interleaved pairs; a V3 config with rope_interleave=false rotates halves (transformers)
         self.rotary_emb = get_rope(self.qk_rope_head_dim, config.context_length, config.rope_theta,
                                    config.rope_scaling, is_neox_style=not hf.get("rope_interleave", True))
@@ -115,8 +116,9 @@ class DeepseekV2Attention(nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_UK [num_heads, qk_nope_head_dim, kv_lora_rank], W_UV [num_heads, v_head_dim, kv_lora_rank])``:
-        views of this rank's kv_b_proj weight."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        views of this rank's kv_b_proj weight (of its dequantized copy when it is FP8)."""
+        w = self.kv_b_proj.dequantized_weight(self.dtype)
+        w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:

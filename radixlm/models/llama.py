@@ -28,8 +28,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         dtype = config.dtype
         inter = intermediate_size or config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2, dtype=dtype)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, dtype=dtype, reduce_results=reduce_results)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2, dtype=dtype, quant=config.quant)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, dtype=dtype, reduce_results=reduce_results,
+                                           quant=config.quant)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (only silu)")
         self.act_fn = SiluAndMul()
@@ -43,11 +44,12 @@ class LlamaAttention(nn.Module):
         super().__init__()
         head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=qkv_bias, dtype=config.dtype)
+                                          config.num_key_value_heads, bias=qkv_bias, dtype=config.dtype,
+                                          quant=config.quant)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
-                                        bias=False, dtype=config.dtype)
+                                        bias=False, dtype=config.dtype, quant=config.quant)
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, config.dtype) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, config.dtype) if qk_norm else None
         self.rotary_emb = get_rope(head_dim, config.context_length, config.rope_theta, config.rope_scaling)

@@ -9,6 +9,7 @@ from torch import nn
 
 from radixlm.config import ModelConfig, ServerArgs
 from radixlm.config.model_config import read_hf_config
+from radixlm.layers.linear import QuantizableLinear
 from radixlm.models.embedded import embedded_model_path
 from radixlm.models.presets import PRESETS
 from radixlm.models.registry import get_model_class
@@ -30,7 +31,8 @@ def resolve_model_config(args: ServerArgs) -> ModelConfig:
     else:
         hf_config = read_hf_config(path)
     hf_config.update(args.model_overrides())
-    return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=hf_config)
+    return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=hf_config,
+                               quantization=args.quantization)
 
 
 def load_model(config: ModelConfig, load_format: str, device: torch.device, seed: int) -> nn.Module:
@@ -46,4 +48,7 @@ def load_model(config: ModelConfig, load_format: str, device: torch.device, seed
     else:
         weights = iter_safetensors(config.model_path)
     model.load_weights(weights)
+    for module in model.modules():
+        if isinstance(module, QuantizableLinear):
+            module.finish_loading()  # online FP8: quantize what was loaded
     return model.eval()

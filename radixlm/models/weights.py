@@ -112,6 +112,10 @@ def dummy_weights(model: nn.Module, seed: int, stacked_params_mapping: list[tupl
             t = torch.randn(shape, generator=gen, device=param.device, dtype=torch.float32)
             if ckpt_name.endswith("norm.weight"):
                 yield ckpt_name, 1.0 + 0.05 * t
+            elif param.dtype == torch.float8_e4m3fn:  # FP8 weights span the format; their scales bring them to 0.02
+                yield ckpt_name, (100.0 * t).clamp(-448.0, 448.0)
+            elif ckpt_name.endswith("weight_scale_inv"):
+                yield ckpt_name, torch.full(shape, 0.02 / 100.0, device=param.device)
             else:
                 yield ckpt_name, 0.02 * t
 

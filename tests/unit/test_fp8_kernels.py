@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from radixlm.kernels.fp8 import (  # noqa: E402
     FP8_DTYPE, FP8_MAX, SCALE_EPS, dequantize_block_fp8, fp8_block_linear, per_token_group_quant_fp8,
-    per_token_group_quant_fp8_torch, w8a8_block_fp8_matmul, w8a8_block_fp8_matmul_torch,
+    per_token_group_quant_fp8_torch, round_activations, w8a8_block_fp8_matmul, w8a8_block_fp8_matmul_torch,
 )
 from radixlm.kernels.fp8_gemm import (  # noqa: E402
     Fp8GemmConfig, default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
@@ -190,14 +190,15 @@ def test_gemm_dispatch_and_shape_checks() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_block_linear_cpu(dtype) -> None:
-    """The CPU path: the weight dequantized, F.linear in float32 on unquantized activations, x's dtype out."""
+    """The CPU path: the weight dequantized, the activations rounded per token group as the GPU path quantizes
+    them (``round_activations``), F.linear in float32, x's dtype out."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 256, generator=gen).to(dtype)
     w_q, w_s = quantize_weight(torch.randn(200, 256, generator=gen), (128, 128))
     bias = torch.randn(200, generator=gen).to(dtype)
     out = fp8_block_linear(x, w_q, w_s, bias)
     assert out.shape == (2, 3, 200) and out.dtype == dtype
-    expected = x.double() @ dequantize_block_fp8(w_q, w_s).double().T + bias.double()
+    expected = round_activations(x, 128).double() @ dequantize_block_fp8(w_q, w_s).double().T + bias.double()
     assert rel_err(out, expected) < (1e-6 if dtype == torch.float32 else 2.0**-8)
 
 

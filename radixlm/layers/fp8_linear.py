@@ -1,0 +1,85 @@
+"""FP8 (E4M3) weights of the linear layers (``radixlm.layers.linear``), in the two forms of ``QuantConfig``:
+
+- block-wise from the checkpoint: ``weight`` float8_e4m3fn [out, in] and ``weight_scale_inv`` float32
+  [ceil(out / bn), ceil(in / bk)]; ``W = weight * weight_scale_inv[row // bn, col // bk]``.  Tensor parallelism
+  shards whole blocks: a rank's slice must start and end on block boundaries, else loading refuses the TP size.
+- online: weights loaded in the model dtype, then (``quantize_online``) ``weight`` float8_e4m3fn with
+  ``weight_scale`` float32 [out], one scale per output channel (``max |row| / 448``).
+
+Activations are quantized per token (per group of ``bk`` channels for block weights) when the layer runs: on CUDA
+the FP8 GEMMs (``radixlm.kernels.fp8``: the Triton block-scaled GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for
+per-channel weights); elsewhere the same rounding in torch over the dequantized weight, so CPU results show the
+quantization error the GPU has.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from radixlm.config.quant_config import QuantConfig
+from radixlm.kernels.fp8 import (FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear,
+                                 per_token_group_quant_fp8, round_activations)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_block_split(what: str, size: int, block: int, shards: int) -> None:
+    """A TP shard (or a merged sub-matrix) of ``size`` features, one of ``shards``, must cover whole blocks."""
+    if shards > 1 and size % block:
+        raise ValueError(f"{what} split into pieces of {size} (tensor parallelism or merged projections) cut the "
+                         f"FP8 checkpoint's {block}-wide scale blocks; choose a TP size that leaves multiples of "
+                         f"{block}")
+
+
+def new_param(shape: tuple[int, ...], dtype: torch.dtype, loader, checkpoint_shapes) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    p.weight_loader = loader
+    p.checkpoint_shapes = checkpoint_shapes
+    return p
+
+
+def quantize_online(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` [out, in] -> (float8_e4m3fn [out, in], float32 scale [out]): one scale per output channel."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized layer's local weight in ``dtype``."""
+    if layer.quant.weight_block is None:
+        return (layer.weight.float() * layer.weight_scale[:, None]).to(dtype)
+    return dequantize_block_fp8(layer.weight, layer.weight_scale_inv, layer.quant.weight_block).to(dtype)
+
+
+def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
+    ``x`` quantized per token: cuBLAS's row-wise scaled FP8 GEMM (CUDA; ``fp8_forward`` rounds in torch elsewhere)."""
+    shape, k = x.shape, x.shape[-1]
+    x_q, x_s = per_token_group_quant_fp8(x.reshape(-1, k), k)  # [M, K] fp8, [M, 1]
+    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(), out_dtype=x.dtype)
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` (no bias) of a quantized layer, in x's dtype.  On CUDA the FP8 GEMMs; elsewhere the layer's
+    dequantized weight (made once) times ``x`` rounded as those GEMMs round it."""
+    block = layer.quant.weight_block
+    if not x.is_cuda:
+        x_rounded = round_activations(x, block[1] if block else x.shape[-1])
+        return torch.nn.functional.linear(x_rounded, layer.dequantized_weight(torch.float32)).to(x.dtype)
+    if block is None:
+        return fp8_channel_linear(x, layer.weight, layer.weight_scale)
+    return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, None, block)
+
+
+def finish_loading(layer: nn.Module, quant: QuantConfig | None) -> None:
+    """After the checkpoint is in: quantize an online-FP8 layer's weight (replacing the parameter)."""
+    if quant is None or quant.from_checkpoint or layer.weight.dtype == FP8_DTYPE:
+        return
+    w, scale = quantize_online(layer.weight.data)
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    layer.register_buffer("weight_scale", scale)
