@@ -19,7 +19,7 @@ from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
 from radixlm.kernels.fp8 import (FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear,
-                                 per_token_group_quant_fp8, round_activations)
+                                 per_token_group_quant_fp8_torch, round_activations)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -59,9 +59,12 @@ def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
     ``x`` quantized per token: cuBLAS's row-wise scaled FP8 GEMM (CUDA; ``fp8_forward`` rounds in torch elsewhere)."""
     shape, k = x.shape, x.shape[-1]
-    x_q, x_s = per_token_group_quant_fp8(x.reshape(-1, k), k)  # [M, K] fp8, [M, 1]
-    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(), out_dtype=x.dtype)
-    return y.reshape(*shape[:-1], weight.shape[0])
+    # torch ops: one group per row of any width (the Triton quantizer tiles power-of-two groups)
+    x_q, x_s = per_token_group_quant_fp8_torch(x.reshape(-1, k), k)  # [M, K] fp8, [M, 1]
+    # row-wise scaling writes bf16 only
+    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(),
+                         out_dtype=torch.bfloat16)
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
 def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
