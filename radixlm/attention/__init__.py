@@ -21,7 +21,7 @@ def create_attention_backend(name: str, *, num_heads: int, kv_spec: KVCacheSpec,
     if name == "cpu":
         from radixlm.attention.cpu_backend import CpuAttnBackend
 
-        return CpuAttnBackend(kv_spec.head_dim, kv_spec.v_head_dim)
+        return CpuAttnBackend(kv_spec.head_dim, kv_spec.v_head_dim, kv_spec.quantized)
     if name == "triton":
         # Imported here so that CPU-only use never imports triton (and the kernels are decorated only after a
         # test has chosen the Triton interpreter).

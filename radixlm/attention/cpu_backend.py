@@ -3,11 +3,14 @@
 Both modes read each request's K/V rows in place through ``req_to_token`` (no padded gather, no float32 copy of a
 bf16 cache), so on CPU ``--kv-cache-dtype auto`` keeps the cache in the model dtype.  EXTEND, MIXED and DECODE
 run in C; what the kernels lack runs the torch-native code: TARGET_VERIFY (a custom mask over the new tokens),
-K and V of different widths (an MLA latent cache), a float16 cache, a head dim off the 16-float vector width.
+K and V of different widths (an MLA latent cache), a float16 or FP8 cache, a head dim off the 16-float vector
+width.  An FP8 cache (``--kv-cache-dtype fp8_*``) therefore runs all of its attention in the torch-native code,
+which dequantizes what it gathers; the backend logs that once.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,13 +23,18 @@ if TYPE_CHECKING:
     from radixlm.core import ForwardBatch
     from radixlm.layers.attention import RadixAttention
 
+logger = logging.getLogger(__name__)
+
 
 class CpuAttnBackend(TorchNativeAttnBackend):
     name = "cpu"
 
-    def __init__(self, head_dim: int, v_head_dim: int) -> None:
+    def __init__(self, head_dim: int, v_head_dim: int, quantized_kv: bool = False) -> None:
         super().__init__()
-        self.kernel_shapes = head_dim == v_head_dim and head_dim % cpu.HEAD_DIM_MULTIPLE == 0
+        self.kernel_shapes = head_dim == v_head_dim and head_dim % cpu.HEAD_DIM_MULTIPLE == 0 and not quantized_kv
+        if quantized_kv:
+            logger.info("FP8 KV cache: the C attention kernels read float32/bfloat16 caches only, so attention "
+                        "runs the torch-native code (gather, dequantize with the layer's scales, float32 SDPA)")
         self._in_place = False  # this batch runs the C kernels
         self._plan: cpu.ExtendPlan | None = None
 

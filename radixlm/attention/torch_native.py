@@ -6,7 +6,8 @@ which on CPU is an order of magnitude faster than a row-per-token gather.  Exten
 its memory stays proportional to the longest request.  The arithmetic is torch's fused
 ``scaled_dot_product_attention`` in float32 (bf16 attention kernels on CPU are several times slower), with the
 query heads of each KV head folded into extra query rows so K and V are never expanded per query head.  On CPU
-``--kv-cache-dtype auto`` stores the cache in float32, so decode casts nothing but q.
+``--kv-cache-dtype auto`` stores the cache in float32, so decode casts nothing but q.  An FP8 cache is gathered
+as stored (through a uint8 view: one byte a value) and dequantized with the layer's scales in float32.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class TorchNativeAttnBackend(AttentionBackend):
     def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         meta = self._meta
         assert isinstance(meta, _ExtendMetadata)
-        k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
+        pool = fb.kv_pool
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
         out = q.new_empty((q.shape[0], q.shape[1], v_buf.shape[-1]))
         for slots, qpos, seen, start in zip(meta.kv_slots, meta.query_pos, meta.visible, meta.starts):
             n = qpos.numel()
@@ -87,16 +89,19 @@ class TorchNativeAttnBackend(AttentionBackend):
                 key_pos = torch.arange(slots.numel(), device=q.device)
                 seen = seen & (key_pos[None, :] > qpos[:, None] - layer.sliding_window)
             out[start : start + n] = _attend(
-                q[start : start + n].unsqueeze(0), k_buf[slots].unsqueeze(0), v_buf[slots].unsqueeze(0),
-                seen.unsqueeze(0), layer.scaling,
+                q[start : start + n].unsqueeze(0), pool.read_rows(k_buf, slots, layer.layer_id, 0).unsqueeze(0),
+                pool.read_rows(v_buf, slots, layer.layer_id, 1).unsqueeze(0), seen.unsqueeze(0), layer.scaling,
             )[0]
         return out
 
     def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         meta = self._meta
         assert isinstance(meta, _DecodeMetadata)
-        page = fb.kv_pool.page_size
-        k, v = (_gather_pages(buf, meta.kv_pages, page) for buf in fb.kv_pool.get_kv_buffer(layer.layer_id))
+        pool = fb.kv_pool
+        k, v = (_gather_pages(buf, meta.kv_pages, pool.page_size) for buf in pool.get_kv_buffer(layer.layer_id))
+        scales = pool.get_kv_scales(layer.layer_id)
+        if scales is not None:  # gathered as uint8: one byte a value, dequantized here
+            k, v = (x.view(pool.dtype).float() * scale for x, scale in zip((k, v), scales))
         allowed = meta.valid & _causal_window(meta.query_pos, meta.key_pos, layer.sliding_window)  # [bs, max_len]
         return _attend(q.unsqueeze(1), k, v, allowed.unsqueeze(1), layer.scaling)[:, 0]
 
@@ -113,7 +118,10 @@ def _split_masks(fb: "ForwardBatch") -> list[torch.Tensor] | None:
 
 
 def _gather_pages(buf: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
-    """``buf`` [num_slots, num_kv_heads, head_dim] read at ``pages`` [bs, n] -> [bs, n * page_size, kv_heads, hd]."""
+    """``buf`` [num_slots, num_kv_heads, head_dim] read at ``pages`` [bs, n] -> [bs, n * page_size, kv_heads, hd]
+    (an FP8 buffer comes back as its uint8 bytes)."""
+    if buf.element_size() == 1:
+        buf = buf.view(torch.uint8)  # index_select does not take float8 everywhere
     bs, n = pages.shape
     if not buf.is_contiguous():  # a V view into an MLA latent buffer: gather rows, then drop the key columns
         return buf[(pages[:, :, None] * page_size + torch.arange(page_size, device=buf.device)).reshape(bs, -1)]

@@ -8,7 +8,8 @@ count of ``plan_decode_splits`` for each batch size, a function of the batch siz
 and SM count only; the scratch is one flat buffer viewed as ``[bs, heads, splits, v_head_dim]``, so small
 batches get more splits in the bytes that ``num_kv_splits`` splits of the largest batch take.  EXTEND,
 MIXED (its decode rows are one-token extends) and TARGET_VERIFY (the batch's custom mask over the draft tokens)
-run the extend kernel.  Keys may be wider than values, and V a view of K's rows (an MLA latent cache).
+run the extend kernel.  Keys may be wider than values, and V a view of K's rows (an MLA latent cache).  An FP8
+cache passes the layer's scales (device tensors of the pool) to both kernels, which dequantize as they load.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class TritonAttnBackend(AttentionBackend):
 
     def forward_extend(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
         k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
+        k_scale, v_scale = fb.kv_pool.get_kv_scales(layer.layer_id) or (None, None)
         o = q.new_empty((q.shape[0], q.shape[1], v_buf.shape[-1]))
         rows, tail = fb.batch_size - self.decode_tail, self.decode_tail
         if rows:
@@ -101,7 +103,7 @@ class TritonAttnBackend(AttentionBackend):
                 q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, fb.req_pool_indices[:rows],
                 fb.extend_prefix_lens[:rows], fb.extend_seq_lens[:rows], fb.extend_start_loc[:rows],
                 self.max_extend_len, layer.scaling, layer.sliding_window, custom_mask=fb.custom_mask,
-                mask_indptr=fb.mask_indptr,
+                mask_indptr=fb.mask_indptr, k_scale=k_scale, v_scale=v_scale,
             )
         if tail:
             self._decode(q[-tail:], o[-tail:], k_buf, v_buf, layer, fb, fb.req_pool_indices[rows:], fb.seq_lens[rows:])
@@ -116,7 +118,8 @@ class TritonAttnBackend(AttentionBackend):
     def _decode(self, q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                 layer: "RadixAttention", fb: "ForwardBatch", rows: torch.Tensor, seq_lens: torch.Tensor) -> None:
         mid_o, mid_lse = self.decode_scratch(q.shape[0])
+        k_scale, v_scale = fb.kv_pool.get_kv_scales(layer.layer_id) or (None, None)
         decode_attention_fwd(
             q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, rows, seq_lens, mid_o, mid_lse, layer.scaling,
-            layer.sliding_window,
+            layer.sliding_window, k_scale=k_scale, v_scale=v_scale,
         )

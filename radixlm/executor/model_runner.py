@@ -14,6 +14,7 @@ from radixlm.distributed import init_tensor_parallel
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.mem import KVMemory, create_kv_pool
+from radixlm.mem.kv_spec import FP8_KV_DTYPES
 from radixlm.models.loader import load_model
 from radixlm.sampling import Sampler
 
@@ -100,13 +101,16 @@ class ModelRunner:
         max_reqs = args.max_running_requests or min(max(max_tokens * 512 // context_len, 256), 4096)
         self.memory = KVMemory.create(max_tokens, args.page_size, max_reqs, context_len, self.device)
         self.kv_pool = create_kv_pool(self.kv_spec, max_tokens, args.page_size, self.device)
-        logger.info("KV cache (%s): %d tokens (%.2f GiB), %d request slots", self.kv_spec.layout, max_tokens,
-                    self.kv_pool.bytes() / 2**30, max_reqs)
+        logger.info("KV cache (%s, %s): %d tokens (%.2f GiB), %d request slots", self.kv_spec.layout,
+                    str(self.kv_spec.dtype).removeprefix("torch."), max_tokens, self.kv_pool.bytes() / 2**30, max_reqs)
 
     def _kv_cache_dtype(self) -> torch.dtype:
         """``--kv-cache-dtype``; ``auto`` is float32 where attention computes in float32 from the cache anyway (the
-        torch-native backend on CPU: no per-step cast of the whole context), else the model dtype."""
+        torch-native backend on CPU: no per-step cast of the whole context), else the model dtype.  ``fp8_e4m3`` /
+        ``fp8_e5m2`` store FP8 with per-layer scales of 1.0 (checkpoint ``k_scale`` / ``v_scale`` are not loaded)."""
         name = self.server_args.kv_cache_dtype
+        if name in FP8_KV_DTYPES:
+            return FP8_KV_DTYPES[name]
         if name != "auto":
             return resolve_dtype(name, {}, self.device.type)
         if self.device.type == "cpu" and self.server_args.attention_backend == "torch_native":

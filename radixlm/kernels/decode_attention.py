@@ -19,6 +19,11 @@ the key whole and the value by its first 512 dims.  A key width that is not a po
 power-of-two main block and a smaller power-of-two remainder (576 = 512 + 64, SGLang's BLOCK_DMODEL and
 BLOCK_DPE) whose two dot products are summed, instead of one block padded to 1024; see ``head_blocks``.
 
+An FP8 cache (``float8_e4m3fn`` / ``float8_e5m2``, values ``x / scale``) is loaded as FP8 and converted in
+registers to the query's dtype, which the dots then run in; the layer's K scale multiplies the softmax scale and
+its V scale the split's output (both scales are one float32 each, read in the kernel: nothing extra passes over the
+cache, nothing is read on the host).  ``kv_compute`` gives that dtype choice to the launch code of both kernels.
+
 Nothing here reads a device value on the host or allocates, so a decode step can be captured in a CUDA graph.
 """
 
@@ -61,6 +66,23 @@ def head_blocks(head_dim_k: int, head_dim_v: int) -> tuple[int, int, int]:
     return main, rest, block_dv
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def kv_compute(q: torch.Tensor, k_buffer: torch.Tensor, k_scale: torch.Tensor | None,
+               v_scale: torch.Tensor | None) -> tuple[bool, torch.dtype, str]:
+    """(KV_FP8, the dtype the dots run in, their input precision) of a launch.  An FP8 cache needs both scales
+    (float32, one element each) and computes in the query's dtype; any other cache in its own (q is cast)."""
+    fp8 = k_buffer.dtype in FP8_DTYPES
+    if fp8:
+        assert k_scale is not None and v_scale is not None, "an FP8 KV cache needs its layer's k_scale and v_scale"
+        assert k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.numel() == v_scale.numel() == 1
+    else:
+        assert k_scale is None and v_scale is None, "scales go with an FP8 KV cache"
+    dtype = q.dtype if fp8 else k_buffer.dtype
+    return fp8, dtype, ("ieee" if dtype == torch.float32 else "tf32")  # tf32 would cost fp32 caches ~1e-3
+
+
 def v_is_k_prefix(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_d: int, block_dpe: int) -> bool:
     """Whether V is exactly the first ``block_d`` dims of the K rows (the MLA latent ``k_buffer[..., :512]``), so
     the kernels can use the main K tile as the V tile instead of loading the same bytes a second time."""
@@ -71,6 +93,7 @@ def v_is_k_prefix(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_d: int, 
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, ReqToToken, ReqPoolIndices, SeqLens, MidO, MidLse,
+    KScale, VScale,  # [1] float32 each when KV_FP8: x = stored * scale
     qk_scale,  # sm_scale * log2(e): logits live in base 2 so that exp2 does the softmax
     window,  # attend only to the last ``window`` keys when HAS_WINDOW
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_rt,
@@ -78,7 +101,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     head_blocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
@@ -104,14 +127,18 @@ def _decode_split_kernel(
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
+    # The dots run in the cache's dtype, an FP8 cache's in q's (its tiles are converted as they load).
+    compute_ty = Q.dtype.element_ty if KV_FP8 else K.dtype.element_ty
+    if KV_FP8:  # q (K_stored k_scale)^T = (q K_stored^T) k_scale: the K scale joins the softmax scale
+        qk_scale = qk_scale * tl.load(KScale)
     q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_rows + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :],
-                other=0.0).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
+                other=0.0).to(compute_ty)  # [BLOCK_H, BLOCK_D]
     if BLOCK_DPE > 0:  # the key dims past the main block
         offs_dpe = BLOCK_D + tl.arange(0, BLOCK_DPE)
         mask_dpe = offs_dpe < HEAD_DIM
         q_pe = tl.load(q_rows + offs_dpe[None, :], mask=mask_h[:, None] & mask_dpe[None, :],
-                       other=0.0).to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_DPE]
+                       other=0.0).to(compute_ty)  # [BLOCK_H, BLOCK_DPE]
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -120,10 +147,11 @@ def _decode_split_kernel(
         mask_n = offs_n < end
         slots = tl.load(row_slots + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: slot * stride may pass 2^31
         k_rows = K + slots[:, None] * stride_kn + kv_head * stride_kh
-        k = tl.load(k_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k = tl.load(k_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(compute_ty)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         if BLOCK_DPE > 0:
-            k_pe = tl.load(k_rows + offs_dpe[None, :], mask=mask_n[:, None] & mask_dpe[None, :], other=0.0)
+            k_pe = tl.load(k_rows + offs_dpe[None, :], mask=mask_n[:, None] & mask_dpe[None, :],
+                           other=0.0).to(compute_ty)
             s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         # Every block holds at least one key, so m_new is finite and no row turns NaN.
@@ -135,15 +163,18 @@ def _decode_split_kernel(
             v = k
         else:
             v = tl.load(V + slots[:, None] * stride_vn + kv_head * stride_vh + offs_dv[None, :],
-                        mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+                        mask=mask_n[:, None] & mask_dv[None, :], other=0.0).to(compute_ty)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # An empty split leaves a zero output and LSE -inf: weight 0 in the merge.
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
-    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_dv[None, :],
-             acc / l_safe[:, None], mask=mask_h[:, None] & mask_dv[None, :])
+    out = acc / l_safe[:, None]
+    if KV_FP8:  # P (V_stored v_scale) = (P V_stored) v_scale: the V scale multiplies the output (the merge is linear)
+        out = out * tl.load(VScale)
+    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_dv[None, :], out,
+             mask=mask_h[:, None] & mask_dv[None, :])
     lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))  # natural log
     tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
@@ -223,6 +254,8 @@ def decode_attention_fwd(
     sm_scale: float,
     sliding_window: int | None = None,
     block_h: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: k = k_buffer * k_scale
+    v_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: v = v_buffer * v_scale
 ) -> None:
     """``o[i]`` = softmax(q[i] K^T * sm_scale) V over keys ``0 .. seq_lens[i]-1`` of request row
     ``req_pool_indices[i]`` (the last ``sliding_window`` of them when given), K/V read at the slots
@@ -234,7 +267,8 @@ def decode_attention_fwd(
     an MLA-wide launch gives each non-empty split at least ``MLA_MIN_SPLIT_LEN`` keys.  ``block_h`` overrides
     the query-head tile of ``decode_launch`` (a power of two >= 16; for benchmarks).  q, o and the KV buffers
     need a unit stride in the last dimension (the KV buffers any strides in the first two); the KV buffers may be
-    fp32, fp16 or bf16 (q is cast to their dtype), o has q's dtype.
+    fp32, fp16 or bf16 (q is cast to their dtype), or FP8 with ``k_scale`` and ``v_scale`` (the buffers hold
+    ``x / scale``; computed in q's dtype; MLA passes the latent's scale as both), o has q's dtype.
     """
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -247,16 +281,18 @@ def decode_attention_fwd(
     assert o.shape[2] == head_dim_v and mid_o.shape[3] == head_dim_v
     assert mid_o.shape[0] >= bs and mid_lse.shape[0] >= bs, "decode scratch is smaller than the batch"
     block_d, block_dpe, block_dv = head_blocks(head_dim, head_dim_v)
-    default_block_h, block_n = decode_launch(group, head_dim, head_dim_v, k_buffer.element_size())
+    fp8, compute_dtype, precision = kv_compute(q, k_buffer, k_scale, v_scale)
+    # an FP8 tile becomes a compute_dtype tile in registers: size the launch for that
+    tile_bytes = compute_dtype.itemsize
+    default_block_h, block_n = decode_launch(group, head_dim, head_dim_v, tile_bytes)
     block_h = block_h or default_block_h
     mla_wide = head_dim != head_dim_v and block_d + block_dpe > 256
     # A wider MLA head tile takes twice the warps, so each thread holds as much of the accumulator as at 16 heads.
     num_warps = 8 if mla_wide and block_h > _MIN_BLOCK_H else 4
     min_split_len = MLA_MIN_SPLIT_LEN if mla_wide else block_n  # block_n: no floor beyond whole blocks
-    precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"  # tf32 would cost fp32 caches ~1e-3
     grid = (bs, num_kv_heads * triton.cdiv(group, block_h), num_splits)
     _decode_split_kernel[grid](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, k_scale, v_scale,
         sm_scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
@@ -264,7 +300,7 @@ def decode_attention_fwd(
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe), BLOCK_H=block_h,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=2,
+        KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps, num_stages=2,
     )
     _decode_merge_kernel[(bs, num_heads)](
         mid_o, mid_lse, o,

@@ -10,7 +10,9 @@ With a custom mask (speculative-decoding verification of a draft tree) the phase
 visible to every row, and then all of the request's new tokens, each row seeing those its mask allows.
 
 Keys may be wider than values (DeepSeek MLA's latent cache: 576-wide keys, values its first 512 dims); the key
-width is split into two power-of-two blocks as in decode (``head_blocks``).
+width is split into two power-of-two blocks as in decode (``head_blocks``).  An FP8 cache is dequantized as in
+decode: its tiles are converted to q's dtype as they load, the K scale joins the softmax scale and the V scale
+multiplies the output.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.decode_attention import LOG2E, head_blocks, v_is_k_prefix
+from radixlm.kernels.decode_attention import LOG2E, head_blocks, kv_compute, v_is_k_prefix
 
 
 @triton.jit
@@ -31,15 +33,16 @@ def _attend_key_block(
     BLOCK_DPE: tl.constexpr, V_FROM_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over keys ``start_n .. start_n + BLOCK_N - 1`` (those ``< kv_end``).  With
-    CUSTOM_MASK the keys are new tokens and row r sees key n where ``mask_rows[r, 0][n - prefix]`` is set."""
+    CUSTOM_MASK the keys are new tokens and row r sees key n where ``mask_rows[r, 0][n - prefix]`` is set.  K/V
+    tiles are converted to q's dtype (a no-op unless the cache is FP8)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < kv_end
     slots = tl.load(row_slots + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: slot * stride may pass 2^31
     k_rows = K + kv_head_off_k + slots[:, None] * stride_kn
-    k = tl.load(k_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    k = tl.load(k_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if BLOCK_DPE > 0:  # the key dims past the main block
-        k_pe = tl.load(k_rows + offs_dpe[None, :], mask=mask_n[:, None] & mask_dpe[None, :], other=0.0)
+        k_pe = tl.load(k_rows + offs_dpe[None, :], mask=mask_n[:, None] & mask_dpe[None, :], other=0.0).to(q.dtype)
         s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
     s = s * qk_scale
     allowed = mask_n[None, :]
@@ -62,7 +65,7 @@ def _attend_key_block(
         v = k
     else:
         v = tl.load(V + kv_head_off_v + slots[:, None] * stride_vn + offs_dv[None, :],
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -70,12 +73,14 @@ def _attend_key_block(
 @triton.jit
 def _extend_kernel(
     Q, K, V, O, ReqToToken, ReqPoolIndices, PrefixLens, ExtendLens, ExtendStarts, CustomMask, MaskIndptr,
+    KScale, VScale,  # [1] float32 each when KV_FP8: x = stored * scale
     qk_scale,  # sm_scale * log2(e): logits live in base 2 so that exp2 does the softmax
     window,  # attend only to keys within ``window`` of the query position when HAS_WINDOW
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ot, stride_oh, stride_rt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_CUSTOM_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_CUSTOM_MASK: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -96,9 +101,13 @@ def _extend_kernel(
     mask_d = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < HEAD_DIM_V
+    # The dots run in the cache's dtype, an FP8 cache's in q's (its tiles are converted as they load).
+    compute_ty = Q.dtype.element_ty if KV_FP8 else K.dtype.element_ty
+    if KV_FP8:  # q (K_stored k_scale)^T = (q K_stored^T) k_scale: the K scale joins the softmax scale
+        qk_scale = qk_scale * tl.load(KScale)
     q_rows = Q + (first_tok + offs_m)[:, None] * stride_qt + head * stride_qh
     q = tl.load(q_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0).to(K.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+                other=0.0).to(compute_ty)  # [BLOCK_M, BLOCK_D]
     offs_dpe = None
     mask_dpe = None
     q_pe = None
@@ -106,7 +115,7 @@ def _extend_kernel(
         offs_dpe = BLOCK_D + tl.arange(0, BLOCK_DPE)
         mask_dpe = offs_dpe < HEAD_DIM
         q_pe = tl.load(q_rows + offs_dpe[None, :], mask=mask_m[:, None] & mask_dpe[None, :],
-                       other=0.0).to(K.dtype.element_ty)  # [BLOCK_M, BLOCK_DPE]
+                       other=0.0).to(compute_ty)  # [BLOCK_M, BLOCK_DPE]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -155,8 +164,11 @@ def _extend_kernel(
             )
     # Every real row has seen at least its own key (l_i > 0); only padding rows past the window can have none.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if KV_FP8:  # P (V_stored v_scale) = (P V_stored) v_scale: the V scale multiplies the output
+        out = out * tl.load(VScale)
     tl.store(O + (first_tok + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
-             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+             out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
 
 def extend_attention_fwd(
@@ -174,6 +186,8 @@ def extend_attention_fwd(
     sliding_window: int | None = None,
     custom_mask: torch.Tensor | None = None,  # [sum(extend_seq_lens[i]^2)] bool or uint8
     mask_indptr: torch.Tensor | None = None,  # [bs] int64: where request i's block of custom_mask starts
+    k_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: k = k_buffer * k_scale
+    v_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: v = v_buffer * v_scale
 ) -> None:
     """New token j of request i (query row ``extend_start_loc[i] + j``, position ``p = extend_prefix_lens[i] + j``)
     attends to the request's keys at positions ``<= p`` (and ``> p - sliding_window`` when given), read through
@@ -189,8 +203,9 @@ def extend_attention_fwd(
     Keys and queries are ``Dk`` wide, values and outputs ``Dv <= Dk`` wide (DeepSeek MLA with absorbed weights:
     ``k_buffer [num_slots, 1, 576]``, ``v_buffer = k_buffer[..., :512]``).  ``max_extend_len >=
     max(extend_seq_lens)`` sizes the grid.  q, o and the KV buffers need a unit stride in the last dimension (the KV
-    buffers any strides in the first two); the KV buffers may be fp32, fp16 or bf16 (q is cast to their dtype), o
-    has q's dtype.
+    buffers any strides in the first two); the KV buffers may be fp32, fp16 or bf16 (q is cast to their dtype), or
+    FP8 with ``k_scale`` and ``v_scale`` (the buffers hold ``x / scale``; computed in q's dtype; MLA passes the
+    latent's scale as both), o has q's dtype.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
@@ -206,22 +221,23 @@ def extend_attention_fwd(
             custom_mask = custom_mask.view(torch.uint8)  # same bytes; loads as 0/1 in the kernel
         assert custom_mask.dtype == torch.uint8 and custom_mask.dim() == 1
     block_d, block_dpe, block_dv = head_blocks(head_dim, head_dim_v)
+    fp8, compute_dtype, precision = kv_compute(q, k_buffer, k_scale, v_scale)
+    tile_bytes = compute_dtype.itemsize  # an FP8 tile becomes a compute_dtype tile in registers
     if head_dim == head_dim_v:
-        block_m, block_n, num_warps, num_stages = _launch_config(block_d, k_buffer.element_size(), max_extend_len)
+        block_m, block_n, num_warps, num_stages = _launch_config(block_d, tile_bytes, max_extend_len)
     else:
-        block_m, block_n, num_warps, num_stages = _launch_config_split(block_d + block_dpe, block_dv,
-                                                                       k_buffer.element_size(), max_extend_len)
-    precision = "ieee" if k_buffer.dtype == torch.float32 else "tf32"  # tf32 would cost fp32 caches ~1e-3
+        block_m, block_n, num_warps, num_stages = _launch_config_split(block_d + block_dpe, block_dv, tile_bytes,
+                                                                       max_extend_len)
     grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         q, k_buffer, v_buffer, o, req_to_token, req_pool_indices, extend_prefix_lens, extend_seq_lens,
-        extend_start_loc, custom_mask, mask_indptr, sm_scale * LOG2E, sliding_window or 0,
+        extend_start_loc, custom_mask, mask_indptr, k_scale, v_scale, sm_scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d,
         BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, USE_CUSTOM_MASK=use_mask,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
 
 

@@ -4,6 +4,13 @@ The interface is what the attention backends use: ``set_kv`` stores a step's new
 ``get_kv_buffer`` returns the K and V views of one layer.  Every buffer has ``size + page_size`` rows; the first
 page is the padding target (padded tokens write their KV there; the allocator never hands it out).  Buffers are
 zero-initialised: padded slots are read under a mask, and a NaN there would survive ``0 * x``.
+
+A quantized pool (``spec.quantized``: FP8 storage) keeps one float32 scale per layer for K and one for V (MLA: one
+for the latent) in ``scales``, all 1.0 unless ``set_kv_scales`` is given a checkpoint's.  ``set_kv`` stores
+``fp8(x / scale)`` clamped to the format's largest finite value first, so an out-of-range value saturates
+instead of turning into inf (E5M2) or NaN (E4M3 has no inf) whatever the device's cast does.  Scale 1.0 suits
+normal models: E4M3 spans +-448 with 3 mantissa bits, E5M2 +-57344 with 2, and post-RoPE K and V stay well
+inside +-448.  Readers take the layer's scales from ``get_kv_scales`` and dequantize ``x = stored * scale``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,14 @@ class KVPool(ABC):
         self.page_size = page_size
         self.dtype = spec.dtype
         self.device = torch.device(device)
+        # [num_layers, num_scales] float32 (K, V | latent) of a quantized cache; per-layer views built once, as the
+        # backends ask for them in every layer of every step
+        self.scales: torch.Tensor | None = None
+        self._layer_scales: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if spec.quantized:
+            self.scales = torch.ones((spec.num_layers, spec.num_scales), dtype=torch.float32, device=self.device)
+            cols = (0, 1) if spec.num_scales == 2 else (0, 0)
+            self._layer_scales = [(row[cols[0]: cols[0] + 1], row[cols[1]: cols[1] + 1]) for row in self.scales]
 
     @abstractmethod
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
@@ -32,6 +47,38 @@ class KVPool(ABC):
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k [slots, num_kv_heads, head_dim], v [slots, num_kv_heads, v_head_dim])`` of one layer; V may be a
         strided view into K's storage (MLA)."""
+
+    def get_kv_scales(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(k_scale [1], v_scale [1])`` float32 device views of a quantized cache's layer (MLA: the latent's
+        scale twice, V being part of it); None for an unquantized cache."""
+        return self._layer_scales[layer_id] if self.scales is not None else None
+
+    def set_kv_scales(self, layer_id: int, k_scale: float, v_scale: float | None = None) -> None:
+        """A layer's scales (a checkpoint's ``k_scale`` / ``v_scale``), set before anything is stored: stored
+        values are ``x / scale``.  MLA takes ``k_scale`` for its latent."""
+        assert self.scales is not None, "only a quantized (FP8) cache has scales"
+        self.scales[layer_id, 0] = k_scale
+        if self.spec.num_scales == 2:
+            self.scales[layer_id, 1] = k_scale if v_scale is None else v_scale
+
+    def _store(self, buf: torch.Tensor, loc: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """``buf[loc] = x`` in the buffer's dtype; quantized: ``fp8(x / scale)``, saturated."""
+        if scale is None:
+            buf[loc] = x.to(self.dtype)
+            return
+        limit = torch.finfo(self.dtype).max
+        quantized = (x.float() / scale).clamp_(-limit, limit).to(self.dtype)
+        # Through a uint8 view: index_put on float8 tensors is not implemented on every device.
+        buf.view(torch.uint8)[loc] = quantized.view(torch.uint8)
+
+    def read_rows(self, buf: torch.Tensor, index: torch.Tensor, layer_id: int, which: int = 0,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``buf[index]`` (a buffer or view of this pool's layer ``layer_id``; ``which`` 0 for K, 1 for V) in
+        ``dtype``, dequantized when the cache is quantized: the gather for code that reads rows in torch."""
+        scales = self.get_kv_scales(layer_id)
+        if scales is None:
+            return buf[index].to(dtype)
+        return (buf.view(torch.uint8)[index].view(self.dtype).float() * scales[which]).to(dtype)
 
     @abstractmethod
     def buffers(self) -> list[torch.Tensor]:
@@ -54,8 +101,9 @@ class MHAKVPool(KVPool):
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         assert v is not None, "an MHA cache stores V separately"
-        self.k_buffers[layer_id][loc] = k.to(self.dtype)
-        self.v_buffers[layer_id][loc] = v.to(self.dtype)
+        k_scale, v_scale = self.get_kv_scales(layer_id) or (None, None)
+        self._store(self.k_buffers[layer_id], loc, k, k_scale)
+        self._store(self.v_buffers[layer_id], loc, v, v_scale)
 
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffers[layer_id], self.v_buffers[layer_id]
@@ -73,7 +121,9 @@ class MLAKVPool(KVPool):
         self.kv_buffers = [self._new_buffer(spec.head_dim, 1) for _ in range(spec.num_layers)]
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
-        self.kv_buffers[layer_id][loc] = k.to(self.dtype)  # v is k's latent part: nothing more to store
+        scales = self.get_kv_scales(layer_id)
+        # v is k's latent part: nothing more to store
+        self._store(self.kv_buffers[layer_id], loc, k, None if scales is None else scales[0])
 
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.kv_buffers[layer_id]

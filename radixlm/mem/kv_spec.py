@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 LAYOUTS = ("mha", "mla")
+# --kv-cache-dtype names of the quantized caches
+FP8_KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,14 @@ class KVCacheSpec:
     per token, no heads, the same on every TP rank); V is its first ``v_head_dim`` (``kv_lora_rank``) columns,
     read in place, so attention over it is MQA with one KV head.
 
-    ``dtype`` is what the buffers store.  A quantized layout (FP8 with per-layer scales) adds its storage dtype
-    and scale bytes here and in ``bytes_per_token``; readers keep asking the pool for its buffers.
+    ``dtype`` is what the buffers store.  An FP8 dtype (``torch.float8_e4m3fn`` or ``torch.float8_e5m2``,
+    ``--kv-cache-dtype fp8_e4m3 | fp8_e5m2``) makes the cache quantized: the pool stores ``fp8(x / scale)``,
+    saturated to the format's finite range, with one float32 scale per layer for K and one for V (MLA: one for
+    the latent, ``num_scales``).  The scales live in the pool, ``KVPool.scales [num_layers, num_scales]`` on the
+    cache's device, and readers get a layer's through ``KVPool.get_kv_scales`` and dequantize ``x = stored *
+    scale`` as they load (the Triton kernels fold the K scale into the softmax scale and the V scale into the
+    output).  ``bytes_per_token`` counts one byte per FP8 element; the per-layer scales are not per token and
+    are left out of it.
     """
 
     layout: str
@@ -49,6 +57,16 @@ class KVCacheSpec:
     @classmethod
     def mla(cls, num_layers: int, kv_lora_rank: int, qk_rope_head_dim: int, dtype: torch.dtype) -> "KVCacheSpec":
         return cls("mla", num_layers, 1, kv_lora_rank + qk_rope_head_dim, kv_lora_rank, dtype)
+
+    @property
+    def quantized(self) -> bool:
+        """The buffers hold FP8 values to be multiplied by the layer's scales."""
+        return self.dtype in FP8_KV_DTYPES.values()
+
+    @property
+    def num_scales(self) -> int:
+        """Scales per layer of a quantized cache: K and V (MHA), the latent alone (MLA)."""
+        return 1 if self.layout == "mla" else 2
 
     @property
     def element_size(self) -> int:

@@ -157,7 +157,9 @@ class DeepseekV2Attention(nn.Module):
         the pool and up-project it with kv_b_proj into per-head K (``[W_UK c ; k_pe]``) and V (``W_UV c``)."""
         fb.kv_pool.set_kv(self.attn.layer_id, fb.out_cache_loc, latent_kv, None)
         seqs = sequence_rows(fb)
-        rows = fb.kv_pool.get_kv_buffer(self.attn.layer_id)[0][seqs.slots, 0].to(q_nope.dtype)  # [total, 576]
+        layer_id, pool = self.attn.layer_id, fb.kv_pool
+        # [total, 576], dequantized if the cache is FP8
+        rows = pool.read_rows(pool.get_kv_buffer(layer_id)[0], seqs.slots, layer_id, dtype=q_nope.dtype)[:, 0]
         latent, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [total, num_heads, 128 | 128]
