@@ -114,3 +114,26 @@ def test_accuracy_against_float32_cache(embedded_path: str, embedded_tokenizer) 
     assert fp8.positions == 64
     assert fp8.top1 >= 0.9
     assert fp8.mean_kl < 0.05 and fp8.max_kl < 1.0
+
+
+def triton_vs_native_outputs(model_path: str, backend: str) -> tuple[list[list[int]], list[int]]:
+    """Greedy outputs and cached tokens over an FP8 cache with scales 0.5 (K) and 2 (V), a first request and then
+    three sharing its first 24 tokens (extend over a cached prefix, then decode)."""
+    worker = make_worker(model_path, kv_cache_dtype="fp8_e4m3", attention_backend=backend, max_total_tokens=1024)
+    pool = worker.runner.kv_pool
+    for layer in range(pool.spec.num_layers):
+        pool.set_kv_scales(layer, 0.5, 2.0)
+    sched = Scheduler(worker.runner.server_args, worker)
+    shared = list(range(100, 124))
+    reqs = [greedy_req(str(i), ids, 4) for i, ids in enumerate(
+        [shared + [7, 8, 9], shared + [11] * 5, shared + [300, 301], shared[:20] + [42]])]
+    run_to_completion(sched, reqs[:1])
+    run_to_completion(sched, reqs[1:])
+    return [r.output_ids for r in reqs], [r.cached_tokens for r in reqs]
+
+
+def test_triton_backend_matches_torch_native_fp8(tiny_llama: str) -> None:
+    # The Triton backend passes the pool's per-layer scales to both kernels (under the interpreter on CPU).
+    outs, cached = triton_vs_native_outputs(tiny_llama, "triton")
+    assert cached[1] > 0
+    assert (outs, cached) == triton_vs_native_outputs(tiny_llama, "torch_native")
