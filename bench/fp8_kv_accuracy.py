@@ -1,4 +1,5 @@
-"""Accuracy of an FP8 KV cache against a float32 (or the model dtype's) cache: same model, same prompts.
+"""Accuracy of an FP8 KV cache (and, with ``--quantization fp8``, FP8 weights) against a float32 (or the model
+dtype's) cache and unquantized weights: same model, same prompts.
 
 The reference cache greedily generates ``--output-len`` tokens for every prompt (one EXTEND of the prompts, then
 DECODE steps of the batch).  Then every cache, the reference included, is teacher-forced along those sequences
@@ -15,6 +16,7 @@ default (the embedded SmolLM2-135M, float32 weights); on a GPU pass ``--device c
 reference cache is bf16.
 
     python bench/fp8_kv_accuracy.py                                  # CPU, embedded model
+    python bench/fp8_kv_accuracy.py --quantization fp8 --kv-dtypes auto fp8_e4m3   # FP8 weights, then + FP8 KV
     python bench/fp8_kv_accuracy.py --device cuda --dtype bfloat16 --model-path <path>
 """
 
@@ -99,7 +101,7 @@ def measure(args: ServerArgs, prompts: list[list[int]], output_len: int, referen
             kv_dtypes: list[str], free_running: bool = True) -> list[Accuracy]:
     """Each of ``kv_dtypes`` against ``reference_dtype``'s cache (the first row: the reference against itself);
     without ``free_running`` the FP8 caches skip their own greedy run (``same_sequences`` is then -1)."""
-    worker = make_worker(args, reference_dtype)
+    worker = make_worker(args.replace(quantization=None), reference_dtype)  # the reference: unquantized weights
     ref_tokens, ref_logits = greedy_logits(worker, prompts, output_len)
     results = [compare(reference_dtype, ref_tokens, ref_logits,
                        greedy_logits(worker, prompts, output_len, forced=ref_tokens)[1], ref_tokens)]
@@ -109,14 +111,15 @@ def measure(args: ServerArgs, prompts: list[list[int]], output_len: int, referen
         worker = make_worker(args, name)
         own = greedy_logits(worker, prompts, output_len)[0] if free_running else None
         logits = greedy_logits(worker, prompts, output_len, forced=ref_tokens)[1]
-        results.append(compare(name, ref_tokens, ref_logits, logits, own))
+        label = name + (f" + {args.quantization} weights" if args.quantization else "")
+        results.append(compare(label, ref_tokens, ref_logits, logits, own))
     return results
 
 
 def table(results: list[Accuracy]) -> str:
-    lines = [f"{'kv cache':10s} {'top-1':>7s} {'mean KL':>10s} {'max KL':>10s} {'same seq':>9s} {'positions':>9s}"]
+    lines = [f"{'kv cache':22s} {'top-1':>7s} {'mean KL':>10s} {'max KL':>10s} {'same seq':>9s} {'positions':>9s}"]
     for r in results:
-        lines.append(f"{r.kv_cache_dtype:10s} {r.top1:7.4f} {r.mean_kl:10.2e} {r.max_kl:10.2e} "
+        lines.append(f"{r.kv_cache_dtype:22s} {r.top1:7.4f} {r.mean_kl:10.2e} {r.max_kl:10.2e} "
                      f"{r.same_sequences:>4d}/{r.num_prompts:<4d} {r.positions:9d}")
     return "\n".join(lines)
 
