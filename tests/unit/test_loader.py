@@ -248,8 +248,9 @@ def test_unsupported_architecture_lists_supported(tmp_path: Path) -> None:
     cfg = tiny_hf_config()
     cfg.architectures = ["GPT2LMHeadModel"]
     path = write_config_only(tmp_path, cfg)
-    assert supported_architectures() == ["DeepseekV2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-                                         "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+    assert supported_architectures() == ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "LlamaForCausalLM",
+                                         "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+                                         "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]
     with pytest.raises(ValueError) as exc:
         make_runner(path, load_format="dummy")
     msg = str(exc.value)
@@ -333,7 +334,8 @@ def test_preset_llama3_rope_scaling() -> None:
     assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     assert cfg.context_length == 4096
-    assert sorted(PRESETS) == ["llama-3.1-8b", "llama-3.2-1b", "qwen2.5-7b", "qwen3-8b"]
+    assert sorted(PRESETS) == ["deepseek-v2-lite", "deepseek-v3", "llama-3.1-8b", "llama-3.2-1b", "mixtral-8x7b",
+                              "qwen2.5-7b", "qwen3-30b-a3b", "qwen3-8b"]
 
 
 def test_preset_name_needs_dummy_format(tmp_path: Path) -> None:
