@@ -42,7 +42,8 @@ from radixlm.kernels.fp8 import (
     FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, per_token_group_quant_fp8,
     w8a8_block_fp8_matmul_torch,
 )
-from radixlm.kernels.fp8_gemm import Fp8GemmConfig, default_fp8_config, w8a8_block_fp8_matmul_triton
+from radixlm.kernels.fp8_gemm import default_fp8_config, w8a8_block_fp8_matmul_triton
+from radixlm.kernels.gemm_config import GemmConfig
 from radixlm.kernels.fused_moe import fused_experts
 
 BLOCK = (128, 128)
@@ -196,13 +197,13 @@ def moe(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-def tune_grid(m: int) -> list[Fp8GemmConfig]:
+def tune_grid(m: int) -> list[GemmConfig]:
     """Configs worth trying at this M (block_m near it); block_k divides the 128-wide scale slice."""
     block_ms = (16, 32) if m <= 16 else (16, 32, 64) if m <= 64 else (64, 128)
     grid = []
     for block_m, block_n, block_k, (warps, stages) in itertools.product(
             block_ms, (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))):
-        grid.append(Fp8GemmConfig(block_m, block_n, block_k, group_m=1 if block_m <= 32 else 8,
+        grid.append(GemmConfig(block_m, block_n, block_k, group_m=1 if block_m <= 32 else 8,
                                   num_warps=warps, num_stages=stages))
     return grid
 

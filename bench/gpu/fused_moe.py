@@ -42,7 +42,7 @@ import triton.testing
 
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch
 from radixlm.kernels.moe_align import align_pairs_torch, align_pairs_triton
-from radixlm.kernels.moe_gemm import MoEConfig, default_config, fused_experts_triton
+from radixlm.kernels.moe_gemm import GemmConfig, default_config, fused_experts_triton
 from radixlm.kernels.moe_routing import grouped_topk_sigmoid
 from radixlm.layers.moe_router import Routing, select_experts_torch
 
@@ -198,7 +198,7 @@ def routing(tokens: list[int]) -> None:
         print(f"{num_tokens:6d} " + " ".join(f"{t:8.1f}" for t in times) + f" {same:9.3f}")
 
 
-def tune_grid(pairs_per_expert: float) -> list[MoEConfig]:
+def tune_grid(pairs_per_expert: float) -> list[GemmConfig]:
     """Configs worth trying at this many pairs per expert (block_m near it; ~24 each, mostly shared, so few
     compiles)."""
     if pairs_per_expert <= 16:
@@ -212,7 +212,7 @@ def tune_grid(pairs_per_expert: float) -> list[MoEConfig]:
     grid = []
     for block_m, block_n, block_k, (warps, stages) in itertools.product(
             block_ms, (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))):
-        grid.append(MoEConfig(block_m, block_n, block_k, group_m=1 if block_m == 16 else 8,
+        grid.append(GemmConfig(block_m, block_n, block_k, group_m=1 if block_m == 16 else 8,
                               num_warps=warps, num_stages=stages))
     return grid
 

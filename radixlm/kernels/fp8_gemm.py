@@ -8,16 +8,16 @@ column, so ``BLOCK_N`` need not match ``bn``.  Each tile's dot starts from zero 
 fp32: on sm_90, where an fp8 wgmma accumulates with reduced precision (Triton's default there), that limits the
 imprecise sums to one K tile (<= 128 products), the promotion interval DeepSeek-V3 uses.  N and K need not be multiples of the blocks: columns past N wrap
 (in-bounds loads, not stored) and K past the end is masked to zero.  Block sizes come from
-``default_fp8_config`` (decode-sized M vs prefill); a tuning sweep passes its own ``Fp8GemmConfig``.
+``default_fp8_config`` (decode-sized M vs prefill); a tuning sweep passes its own ``GemmConfig``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
+
+from radixlm.kernels.gemm_config import GemmConfig
 
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
 
@@ -68,32 +68,20 @@ def per_token_group_quant_fp8_triton(
     return x_q, scales
 
 
-class Fp8GemmConfig(NamedTuple):
-    """Launch parameters of the block-scaled GEMM.  ``block_k`` must divide the scale block's K size; on a GPU
-    an fp8 ``tl.dot`` needs ``block_k >= 32`` and ``block_m, block_n >= 16``.  ``group_m`` M blocks share a run
-    of N blocks in the launch order (weight-tile reuse in L2)."""
 
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def default_fp8_config(m: int, n: int, k: int, block_size: tuple[int, int]) -> Fp8GemmConfig:
+def default_fp8_config(m: int, n: int, k: int, block_size: tuple[int, int]) -> GemmConfig:
     """Block sizes by M.  Decode-sized M (<= 64) streams the weight: the smallest M tile wastes least on
     padding, and more stages keep loads in flight.  Larger M is compute-bound: larger tiles reuse each load.
     ``block_k`` is the scale block's K size (128 for DeepSeek-V3), at most 128.  A starting point for the
     H200 sweep (``bench/gpu/fp8_gemm.py --tune``), not yet tuned."""
     block_k = min(block_size[1], 128)
     if m <= 16:
-        return Fp8GemmConfig(16, 64, block_k, group_m=1, num_warps=4, num_stages=4)
+        return GemmConfig(16, 64, block_k, group_m=1, num_warps=4, num_stages=4)
     if m <= 64:
-        return Fp8GemmConfig(64, 64, block_k, group_m=1, num_warps=4, num_stages=4)
+        return GemmConfig(64, 64, block_k, group_m=1, num_warps=4, num_stages=4)
     if m <= 256:
-        return Fp8GemmConfig(64, 128, block_k, group_m=8, num_warps=4, num_stages=3)
-    return Fp8GemmConfig(128, 128, block_k, group_m=8, num_warps=8, num_stages=3)
+        return GemmConfig(64, 128, block_k, group_m=8, num_warps=4, num_stages=3)
+    return GemmConfig(128, 128, block_k, group_m=8, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -151,7 +139,7 @@ def w8a8_block_fp8_matmul_triton(
     b_s: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
     block_size: tuple[int, int] = (128, 128),
     out_dtype: torch.dtype = torch.bfloat16,
-    config: Fp8GemmConfig | None = None,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:  # [M, N] out_dtype
     """``fp8.w8a8_block_fp8_matmul`` on any device Triton runs on; ``config`` overrides ``default_fp8_config``."""
     m, k = a_q.shape

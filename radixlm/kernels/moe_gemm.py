@@ -15,7 +15,7 @@ tile is read once for all the block's pairs, and the activation rows are gathere
 Programs of blocks past the device-side padded length exit at once, so nothing is read on the host and the whole
 path can be captured in a CUDA graph.  Block sizes come from ``default_config`` (by the average number of pairs
 per expert, which decides whether a weight tile is reused); callers such as a tuning sweep may pass their own
-``MoEConfig``.
+``GemmConfig``.
 
 Block-FP8 experts (``BLOCK_SCALED``, see ``radixlm.kernels.fp8``): the hidden states are quantized per token per
 group of ``bk`` channels before the gate-up launch and ``silu(gate) * up`` likewise before the down launch (one
@@ -32,36 +32,25 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.gemm_config import GemmConfig
+
 from radixlm.kernels.moe_align import AlignedPairs, align_pairs_by_expert
 
 
-class MoEConfig(NamedTuple):
-    """Launch parameters of both GEMMs.  ``block_m`` is also the alignment of the expert runs.  ``block_n`` is the
-    output columns of a down-GEMM program; a gate-up program computes ``block_n // 2`` gate and as many up
-    columns, the same tile work and accumulator registers.  ``group_m`` is how many M blocks share a run of N
-    blocks in the launch order (weight-tile reuse in L2)."""
 
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def default_config(num_pairs: int, num_experts: int) -> MoEConfig:
+def default_config(num_pairs: int, num_experts: int) -> GemmConfig:
     """Block sizes by the average number of pairs per expert, from the H200 sweep (``bench/gpu/fused_moe.py
     --tune``, docs/benchmarks.md).  Few pairs (decode) make the GEMM a stream over the used experts' weights:
     the smallest ``tl.dot`` M (16) wastes least on padding, and deep K tiles with several stages keep loads in
     flight.  Many pairs make it compute-bound: large tiles reuse each loaded tile more."""
     per_expert = num_pairs / max(num_experts, 1)
     if per_expert <= 8:
-        return MoEConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+        return GemmConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
     if per_expert <= 48:
-        return MoEConfig(32, 128, 128, group_m=8, num_warps=4, num_stages=3)
+        return GemmConfig(32, 128, 128, group_m=8, num_warps=4, num_stages=3)
     if per_expert <= 192:
-        return MoEConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3)
-    return MoEConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=3)
+        return GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3)
+    return GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -150,7 +139,7 @@ class BlockScales(NamedTuple):
 
 def _launch_gemm(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor | None, aligned: AlignedPairs,
-    num_pairs: int, a_row_div: int, fuse_silu_mul: bool, config: MoEConfig, scales: BlockScales | None = None,
+    num_pairs: int, a_row_div: int, fuse_silu_mul: bool, config: GemmConfig, scales: BlockScales | None = None,
 ) -> None:
     """``c[pair] = epilogue(a[pair // a_row_div] @ b[expert(pair)]^T)`` for every pair; ``b`` [E, N', K].  With
     ``scales``, ``a`` and ``b`` are fp8 and each K slice's product is scaled by their block scales."""
@@ -180,7 +169,7 @@ def fused_experts_triton(
     w2: torch.Tensor,  # [num_experts, hidden, inter]  (fp8 with w2_scale)
     topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64
-    config: MoEConfig | None = None,
+    config: GemmConfig | None = None,
     w13_scale: torch.Tensor | None = None,  # [num_experts, ceil(2 * inter / bn), ceil(hidden / bk)] float32
     w2_scale: torch.Tensor | None = None,  # [num_experts, ceil(hidden / bn), ceil(inter / bk)] float32
     block_shape: tuple[int, int] | None = None,  # (bn, bk) of the weight scales; (128, 128) if None

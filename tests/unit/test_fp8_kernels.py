@@ -38,10 +38,11 @@ from radixlm.kernels.fp8 import (  # noqa: E402
     per_token_group_quant_fp8_torch, round_activations, w8a8_block_fp8_matmul, w8a8_block_fp8_matmul_torch,
 )
 from radixlm.kernels.fp8_gemm import (  # noqa: E402
-    Fp8GemmConfig, default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
+    default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
 )
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch  # noqa: E402
-from radixlm.kernels.moe_gemm import MoEConfig, fused_experts_triton  # noqa: E402
+from radixlm.kernels.gemm_config import GemmConfig  # noqa: E402
+from radixlm.kernels.moe_gemm import fused_experts_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -151,9 +152,9 @@ def gemm_case(m: int, n: int, k: int, block: tuple[int, int], seed: int = 0):
 
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("n,k,block,config", [
-    (200, 256, (16, 16), Fp8GemmConfig(16, 64, 16, group_m=2)),  # N not a multiple of the block or tile
-    (40, 250, (16, 16), Fp8GemmConfig(16, 32, 16, group_m=2)),  # partial last K block (masked)
-    (48, 96, (32, 32), Fp8GemmConfig(32, 16, 16, group_m=1)),  # two K tiles per scale slice; bn > BLOCK_N
+    (200, 256, (16, 16), GemmConfig(16, 64, 16, group_m=2)),  # N not a multiple of the block or tile
+    (40, 250, (16, 16), GemmConfig(16, 32, 16, group_m=2)),  # partial last K block (masked)
+    (48, 96, (32, 32), GemmConfig(32, 16, 16, group_m=1)),  # two K tiles per scale slice; bn > BLOCK_N
     (72, 256, (128, 128), None),  # the default heuristic at DeepSeek-V3's block
 ])
 def test_gemm_matches_dequantized_reference(m, n, k, block, config) -> None:
@@ -183,7 +184,7 @@ def test_gemm_dispatch_and_shape_checks() -> None:
     with pytest.raises(ValueError, match="shapes disagree"):
         w8a8_block_fp8_matmul_triton(a_q, a_s, w_q, w_s, (32, 16))
     with pytest.raises(ValueError, match="must divide"):
-        w8a8_block_fp8_matmul_triton(a_q, a_s, w_q, w_s, (16, 16), config=Fp8GemmConfig(16, 16, 32))
+        w8a8_block_fp8_matmul_triton(a_q, a_s, w_q, w_s, (16, 16), config=GemmConfig(16, 16, 32))
     decode, prefill = default_fp8_config(1, 4096, 4096, (128, 128)), default_fp8_config(4096, 4096, 4096, (128, 128))
     assert decode.block_m == 16 and prefill.block_m > decode.block_m and decode.block_k == 128
 
@@ -246,7 +247,7 @@ def emulated_reference(x, w13_q, w2_q, weights, ids, w13_s, w2_s, block) -> torc
 def test_fused_moe_fp8_matches_emulation(num_tokens, num_experts, top_k, block, dtype) -> None:
     case = moe_case(num_tokens, num_experts, 32, 48, top_k, block, dtype)
     x, w13_q, w2_q, weights, ids, w13_s, w2_s = case
-    out = fused_experts_triton(*(t.to(DEVICE) for t in case[:5]), config=MoEConfig(16, 32, 16, group_m=2),
+    out = fused_experts_triton(*(t.to(DEVICE) for t in case[:5]), config=GemmConfig(16, 32, 16, group_m=2),
                                w13_scale=w13_s.to(DEVICE), w2_scale=w2_s.to(DEVICE), block_shape=block)
     assert out.shape == x.shape and out.dtype == dtype
     expected = emulated_reference(*case, block)
@@ -266,7 +267,7 @@ def test_fused_moe_fp8_argument_checks() -> None:
     with pytest.raises(ValueError, match="both"):
         fused_experts(x, w13_q, w2_q, weights, ids, w13_s, None, (16, 16))
     with pytest.raises(ValueError, match="must|need"):
-        fused_experts_triton(x, w13_q, w2_q, weights, ids, config=MoEConfig(16, 16, 32), w13_scale=w13_s,
+        fused_experts_triton(x, w13_q, w2_q, weights, ids, config=GemmConfig(16, 16, 32), w13_scale=w13_s,
                              w2_scale=w2_s, block_shape=(16, 16))
 
 

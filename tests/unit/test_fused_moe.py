@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch  # noqa: E402
 from radixlm.kernels.moe_align import align_pairs_torch, align_pairs_triton, max_padded_pairs  # noqa: E402
-from radixlm.kernels.moe_gemm import MoEConfig, default_config, fused_experts_triton  # noqa: E402
+from radixlm.kernels.moe_gemm import GemmConfig, default_config, fused_experts_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -28,7 +28,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # activation and each expert's output once.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # Small tiles, so the interpreter's shapes span several M, N and K blocks (with ragged edges) per expert.
-SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, group_m=2)
+SMALL = GemmConfig(block_m=16, block_n=16, block_k=16, group_m=2)
 
 
 def make_case(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype,
