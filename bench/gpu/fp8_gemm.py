@@ -43,7 +43,9 @@ from radixlm.kernels.fp8 import (
     w8a8_block_fp8_matmul_torch,
 )
 from radixlm.kernels.fp8_gemm import default_fp8_config, w8a8_block_fp8_matmul_triton
+from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
 from radixlm.kernels.gemm_config import GemmConfig
+from radixlm.layers.fp8_linear import fp8_channel_linear, quantize_online
 from radixlm.kernels.fused_moe import fused_experts
 
 BLOCK = (128, 128)
@@ -141,12 +143,13 @@ def check(names: list[str], tokens: list[int]) -> None:
 def timing(names: list[str], tokens: list[int]) -> None:
     print("\ntiming, TFLOP/s (2*M*N*K / do_bench median); TB/s: fp8 weight bytes / gemm time")
     print(f"{'shape':18s} {'M':>5s} {'gemm us':>8s} {'gemm':>7s} {'linear':>7s} {'bf16':>7s} {'rowwise':>7s} "
-          f"{'TB/s':>5s}  config")
+          f"{'channel':>7s} {'TB/s':>5s} {'lin TB/s':>8s} {'ch TB/s':>7s} {'bf16 TB/s':>9s}  config")
     gen = torch.Generator(device="cuda").manual_seed(1)
     for name in names:
         shape = SHAPES[name]
         w_q, w_s = random_fp8_weight(shape.n, shape.k, gen)
         w = dequantize_bf16(w_q, w_s)
+        w_ch, w_ch_scale = quantize_online(w)
         for m in tokens:
             x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
             x_q, x_s = per_token_group_quant_fp8(x)
@@ -162,11 +165,15 @@ def timing(names: list[str], tokens: list[int]) -> None:
             except (RuntimeError, AttributeError) as exc:  # not every build/shape has the row-wise path
                 print(f"  _scaled_mm: {str(exc).splitlines()[0][:100]}")
                 t_row = float("nan")
+            t_channel = bench_us(lambda: fp8_channel_linear(x, w_ch, w_ch_scale))
             c = default_fp8_config(m, shape.n, shape.k, BLOCK)
+            nk = shape.n * shape.k
             print(f"{name:18s} {m:5d} {t_gemm:8.1f} {flops / t_gemm / 1e6:7.1f} {flops / t_linear / 1e6:7.1f} "
-                  f"{flops / t_bf16 / 1e6:7.1f} {flops / t_row / 1e6:7.1f} {shape.n * shape.k / t_gemm / 1e6:5.2f}  "
+                  f"{flops / t_bf16 / 1e6:7.1f} {flops / t_row / 1e6:7.1f} {flops / t_channel / 1e6:7.1f} "
+                  f"{nk / t_gemm / 1e6:5.2f} {nk / t_linear / 1e6:8.2f} {nk / t_channel / 1e6:7.2f} "
+                  f"{2 * nk / t_bf16 / 1e6:9.2f}  "
                   f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}", flush=True)
-        del w_q, w_s, w
+        del w_q, w_s, w, w_ch, w_ch_scale
         torch.cuda.empty_cache()
 
 
@@ -200,9 +207,10 @@ def moe(names: list[str], tokens: list[int]) -> None:
 def tune_grid(m: int) -> list[GemmConfig]:
     """Configs worth trying at this M (block_m near it); block_k divides the 128-wide scale slice."""
     block_ms = (16, 32) if m <= 16 else (16, 32, 64) if m <= 64 else (64, 128)
+    block_ns = (64, 128) if m <= 64 else (128, 256)
     grid = []
     for block_m, block_n, block_k, (warps, stages) in itertools.product(
-            block_ms, (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3))):
+            block_ms, block_ns, (64, 128), ((4, 3), (4, 4), (8, 3), (8, 4))):
         grid.append(GemmConfig(block_m, block_n, block_k, group_m=1 if block_m <= 32 else 8,
                                   num_warps=warps, num_stages=stages))
     return grid
@@ -243,6 +251,38 @@ def tune(names: list[str], tokens: list[int]) -> None:
             print(f"    {row}")
 
 
+def tune_gemv(names: list[str], tokens: list[int]) -> None:
+    """The decode GEMV (``fp8_gemv``) per config, block and per-channel weights, at M <= 16."""
+    print("tuning the decode GEMV: us per config (do_bench, L2 flushed); weight TB/s of the best")
+    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'default us':>10s} {'TB/s':>5s} {'best us':>8s} {'TB/s':>5s}  best")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    grid = [GemvConfig(n, k, w, st) for n, k, w, st in itertools.product(
+        (16, 32, 64), (128, 256, 512), (2, 4, 8), (3, 4, 6))]
+    for name in names:
+        shape = SHAPES[name]
+        w_q, w_s = random_fp8_weight(shape.n, shape.k, gen)
+        w_ch, w_ch_scale = quantize_online(dequantize_bf16(w_q, w_s))
+        for m in [t for t in tokens if t <= 16]:
+            x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            for fmt, args in (("block", (w_q, w_s, BLOCK)), ("chan", (w_ch, w_ch_scale, None))):
+                # block weights ignore block_k (their tiles are the scale blocks): sweep it for "chan" only
+                configs = grid if fmt == "chan" else [c for c in grid if c.block_k == 256]
+                t_default = bench_us(lambda: fp8_gemv(x, *args), rep_ms=10)
+                results = []
+                for config in configs:
+                    try:
+                        results.append((bench_us(lambda: fp8_gemv(x, *args, config=config), rep_ms=10), config))
+                    except Exception as exc:  # out of shared memory / registers for the widest tiles
+                        print(f"  skipped {tuple(config)}: {type(exc).__name__}")
+                t_best, best = min(results)
+                nk = shape.n * shape.k
+                print(f"{name:18s} {fmt:>5s} {m:3d} {t_default:10.1f} {nk / t_default / 1e6:5.2f} {t_best:8.1f} "
+                      f"{nk / t_best / 1e6:5.2f}  {tuple(best)} (default {tuple(default_gemv_config(*shape[::-1]))})",
+                      flush=True)
+        del w_q, w_s, w_ch, w_ch_scale
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
@@ -250,10 +290,13 @@ def main() -> None:
     parser.add_argument("--moe-shapes", nargs="+", choices=sorted(MOE_SHAPES), default=list(MOE_SHAPES))
     parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
+    parser.add_argument("--tune-gemv", action="store_true", help="sweep the decode GEMV's configs (M <= 16)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()
-    if args.tune:
+    if args.tune_gemv:
+        tune_gemv(args.shapes, args.tokens)
+    elif args.tune:
         tune(args.shapes, args.tokens)
     else:
         check(args.shapes, [t for t in args.tokens if t in (1, 64, 1024)] or args.tokens[:1])

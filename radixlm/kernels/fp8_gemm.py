@@ -28,6 +28,19 @@ _QUANT_TILE = 2048
 
 
 @triton.jit
+def round_to_e4m3(y):
+    """``y`` (fp32, |y| <= 448) rounded to the nearest E4M3 value (ties to even), still in fp32.  Done in integer
+    and float arithmetic rather than by a cast so Triton's CPU interpreter, whose fp8 casts misround, gives the
+    GPU's result.  Normal range: round the fp32 significand to 3 bits (a carry into the exponent is the correct
+    next binade).  Below 2^-6, E4M3's subnormals are multiples of 2^-9: adding and subtracting 1.5 * 2^14, whose
+    fp32 ulp is 2^-9, rounds there."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = (y + 24576.0) - 24576.0
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
 def _group_quant_kernel(
     x_ptr, q_ptr, s_ptr, group_size, x_row_stride, num_groups, eps, fp8_max,
     GROUPS: tl.constexpr, BLOCK: tl.constexpr,
@@ -39,9 +52,10 @@ def _group_quant_kernel(
     mask = (groups < num_groups)[:, None] & (cols < group_size)[None, :]
     offs = groups[:, None] * group_size + cols[None, :]  # [GROUPS, BLOCK]
     x = tl.load(x_ptr + row * x_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), eps) / fp8_max  # [GROUPS]
-    # IEEE division, as torch's: the approximate one could land on the other side of an fp8 rounding boundary.
-    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max)
+    # IEEE divisions, as torch's: Triton's default fp32 division is approximate (scales would differ in the last
+    # bit, and a value could land on the other side of an fp8 rounding boundary).
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), eps), fp8_max)  # [GROUPS]
+    y = round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_max, fp8_max))
     tl.store(q_ptr + row * num_groups * group_size + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * num_groups + groups, scale, mask=groups < num_groups)
 

@@ -7,9 +7,10 @@
   ``weight_scale`` float32 [out], one scale per output channel (``max |row| / 448``).
 
 Activations are quantized per token (per group of ``bk`` channels for block weights) when the layer runs: on CUDA
-the FP8 GEMMs (``radixlm.kernels.fp8``: the Triton block-scaled GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for
-per-channel weights); elsewhere the same rounding in torch over the dequantized weight, so CPU results show the
-quantization error the GPU has.
+at decode-sized M one Triton GEMV that quantizes as it streams the weight (``radixlm.kernels.fp8_gemv``), above
+it the FP8 GEMMs (``radixlm.kernels.fp8``: the Triton block-scaled GEMM; cuBLAS's row-wise scaled ``_scaled_mm``
+for per-channel weights); elsewhere the same rounding in torch over the dequantized weight, so CPU results show
+the quantization error the GPU has.
 """
 
 from __future__ import annotations
@@ -57,14 +58,21 @@ def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
-    ``x`` quantized per token: cuBLAS's row-wise scaled FP8 GEMM (CUDA; ``fp8_forward`` rounds in torch elsewhere)."""
-    shape, k = x.shape, x.shape[-1]
-    # torch ops: one group per row of any width (the Triton quantizer tiles power-of-two groups)
-    x_q, x_s = per_token_group_quant_fp8_torch(x.reshape(-1, k), k)  # [M, K] fp8, [M, 1]
-    # row-wise scaling writes bf16 only
-    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(),
-                         out_dtype=torch.bfloat16)
-    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+    ``x`` quantized per token, on CUDA (``fp8_forward`` rounds in torch elsewhere).  Decode-sized M, and float32
+    models (cuBLAS's row-wise scaled GEMM writes only bf16): the Triton GEMV, which quantizes as it streams the
+    weight; otherwise cuBLAS's row-wise scaled FP8 GEMM."""
+    from radixlm.kernels import as_rows
+    from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
+
+    rows = as_rows(x)  # [M, K]
+    if rows.shape[0] <= SMALL_M or x.dtype == torch.float32:
+        y = fp8_gemv(rows, weight, weight_scale)
+    else:
+        # torch ops: one group per row of any width (the Triton quantizer tiles power-of-two groups)
+        x_q, x_s = per_token_group_quant_fp8_torch(rows, rows.shape[1])  # [M, K] fp8, [M, 1]
+        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(),
+                             out_dtype=torch.bfloat16).to(x.dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,9 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
-    """CPU: rounding in torch; CUDA: the Triton quantization and block GEMM, decode in CUDA graphs (32-wide
-    blocks there: an FP8 ``tl.dot`` on sm_90 needs K tiles of >= 32)."""
+    """CPU: rounding in torch; CUDA: the Triton quantization and block GEMM for the prefill, the decode GEMV in
+    CUDA graphs (32-wide blocks there: an FP8 ``tl.dot`` on sm_90 needs K tiles of >= 32; and a looser bound,
+    since that dot accumulates each K tile with ~14 significand bits)."""
     b = 16 if device == "cpu" else 32
     hf = build_tiny_fp8_model(name, str(tmp_path), block=(b, b))
     worker = make_worker(str(tmp_path), device=device)
@@ -61,7 +62,7 @@ def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
     plain = hf_logits(hf, seqs[3])
     hooks = round_linear_inputs(hf, b)
     try:
-        check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4)
+        check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4 if device == "cpu" else 2e-3)
         rounded = hf_logits(hf, seqs[3])
     finally:
         for h in hooks:
@@ -71,7 +72,8 @@ def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_online_fp8_matches_hf(tmp_path, device):
-    """CUDA: cuBLAS's row-wise scaled FP8 GEMM (bf16 out, so a looser bound there)."""
+    """CUDA: the Triton GEMV for every M, since this model is float32 (cuBLAS's row-wise scaled FP8 GEMM, used
+    for bf16/fp16 models above 16 rows, writes bf16 only; ``test_fp8_kernels`` checks it at real shapes)."""
     hf = build_tiny_hf_model("llama", str(tmp_path))
     worker = make_worker(str(tmp_path), quantization="fp8", device=device)
     qkv = worker.runner.model.model.layers[0].self_attn.qkv_proj
@@ -83,7 +85,7 @@ def test_online_fp8_matches_hf(tmp_path, device):
     hooks = round_linear_inputs(hf, None)
     try:
         check_extend_and_decode(worker, hf, random_seqs((21, 5, 13, 30)), [9, 0, 12, 20],
-                                tol=1e-4 if device == "cpu" else 3e-2)
+                                tol=1e-4)
     finally:
         for h in hooks:
             h.remove()
