@@ -42,8 +42,8 @@ from radixlm.kernels.fp8 import (
     FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, per_token_group_quant_fp8,
     w8a8_block_fp8_matmul_torch,
 )
-from radixlm.kernels.fp8_gemm import default_fp8_config, w8a8_block_fp8_matmul_triton
-from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
+from radixlm.kernels.fp8_gemm import default_fp8_config, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton
+from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv
 from radixlm.kernels.gemm_config import GemmConfig
 from radixlm.layers.fp8_linear import fp8_channel_linear, quantize_online
 from radixlm.kernels.fused_moe import fused_experts
@@ -252,33 +252,36 @@ def tune(names: list[str], tokens: list[int]) -> None:
 
 
 def tune_gemv(names: list[str], tokens: list[int]) -> None:
-    """The decode GEMV (``fp8_gemv``) per config, block and per-channel weights, at M <= 16."""
-    print("tuning the decode GEMV: us per config (do_bench, L2 flushed); weight TB/s of the best")
+    """The decode GEMV (``fp8_gemv``, pre-quantized activations) per config, block and per-channel weights, at
+    M <= 16."""
+    print("tuning the decode GEMV: us per config (do_bench, L2 flushed); weight TB/s")
     print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'default us':>10s} {'TB/s':>5s} {'best us':>8s} {'TB/s':>5s}  best")
     gen = torch.Generator(device="cuda").manual_seed(4)
-    grid = [GemvConfig(n, k, w, st) for n, k, w, st in itertools.product(
-        (16, 32, 64), (128, 256, 512), (2, 4, 8), (3, 4, 6))]
+    grid = [GemvConfig(n, k, w, st, sk) for n, k, w, st, sk in itertools.product(
+        (32, 64, 128), (256, 512), (4, 8), (3, 5), (1, 2, 4))]
     for name in names:
         shape = SHAPES[name]
         w_q, w_s = random_fp8_weight(shape.n, shape.k, gen)
         w_ch, w_ch_scale = quantize_online(dequantize_bf16(w_q, w_s))
         for m in [t for t in tokens if t <= 16]:
             x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
-            for fmt, args in (("block", (w_q, w_s, BLOCK)), ("chan", (w_ch, w_ch_scale, None))):
+            x_q, x_s = per_token_group_quant_fp8(x)
+            xc_q, xc_s = per_token_quant_fp8_triton(x)
+            for fmt, args in (("block", (x_q, x_s, w_q, w_s, BLOCK)), ("chan", (xc_q, xc_s, w_ch, w_ch_scale, None))):
                 # block weights ignore block_k (their tiles are the scale blocks): sweep it for "chan" only
                 configs = grid if fmt == "chan" else [c for c in grid if c.block_k == 256]
-                t_default = bench_us(lambda: fp8_gemv(x, *args), rep_ms=10)
+                t_default = bench_us(lambda: fp8_gemv(*args), rep_ms=10)
                 results = []
                 for config in configs:
                     try:
-                        results.append((bench_us(lambda: fp8_gemv(x, *args, config=config), rep_ms=10), config))
+                        results.append((bench_us(lambda: fp8_gemv(*args, config=config), rep_ms=10), config))
                     except Exception as exc:  # out of shared memory / registers for the widest tiles
                         print(f"  skipped {tuple(config)}: {type(exc).__name__}")
-                t_best, best = min(results)
+                results.sort()
                 nk = shape.n * shape.k
-                print(f"{name:18s} {fmt:>5s} {m:3d} {t_default:10.1f} {nk / t_default / 1e6:5.2f} {t_best:8.1f} "
-                      f"{nk / t_best / 1e6:5.2f}  {tuple(best)} (default {tuple(default_gemv_config(*shape[::-1]))})",
-                      flush=True)
+                top = "  ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:3])
+                print(f"{name:18s} {fmt:>5s} {m:3d} {t_default:10.1f} {nk / t_default / 1e6:5.2f} "
+                      f"{results[0][0]:8.1f} {nk / results[0][0] / 1e6:5.2f}  {top}", flush=True)
         del w_q, w_s, w_ch, w_ch_scale
         torch.cuda.empty_cache()
 

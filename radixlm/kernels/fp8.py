@@ -106,8 +106,8 @@ def fp8_block_linear(
     block_size: tuple[int, int] = DEFAULT_BLOCK,
 ) -> torch.Tensor:  # [*, N], x's dtype
     """A linear layer over a block-FP8 weight.  CUDA: ``x`` quantized per token per group of ``bk`` channels
-    (K must be a multiple of ``bk``), then the block-scaled GEMM; at decode-sized M (``fp8_gemv.SMALL_M``) one
-    kernel doing both, with the same numbers up to fp32 summation order.  Elsewhere (CI, CPU users): the weight
+    (K must be a multiple of ``bk``), then the block-scaled GEMM (at decode-sized M, ``fp8_gemv.SMALL_M``, the
+    GEMV: the same numbers up to summation order).  Elsewhere (CI, CPU users): the weight
     dequantized to float32 on every call (no cache: the fp8 weight is the only copy kept), ``x`` rounded through
     E4M3 per token group as the GPU path quantizes it, and ``F.linear`` in float32: the GPU's numerics up to
     summation order."""
@@ -116,11 +116,10 @@ def fp8_block_linear(
         from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton
         from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
-        rows = as_rows(x)
-        if rows.shape[0] <= SMALL_M:  # decode: one kernel streams the weight, quantizing x as it goes
-            out = fp8_gemv(rows, weight, weight_scale_inv, block_size)
+        x_q, x_s = per_token_group_quant_fp8_triton(as_rows(x), block_size[1])
+        if x_q.shape[0] <= SMALL_M:  # decode-sized: the GEMV streams the weight
+            out = fp8_gemv(x_q, x_s, weight, weight_scale_inv, block_size, x.dtype)
         else:
-            x_q, x_s = per_token_group_quant_fp8_triton(rows, block_size[1])
             out = w8a8_block_fp8_matmul_triton(x_q, x_s, weight, weight_scale_inv, block_size, x.dtype)
         if bias is not None:
             out = out + bias

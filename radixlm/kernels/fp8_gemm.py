@@ -82,6 +82,39 @@ def per_token_group_quant_fp8_triton(
     return x_q, scales
 
 
+@triton.jit
+def _row_quant_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_row_stride, eps, fp8_max, BLOCK: tl.constexpr):
+    # Program ``row``: max |x| over the row in BLOCK-wide chunks, then the chunks quantized with that scale.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, k_dim, BLOCK):
+        x = tl.load(x_ptr + row * x_row_stride + start + cols, mask=start + cols < k_dim, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), fp8_max)
+    for start in range(0, k_dim, BLOCK):
+        mask = start + cols < k_dim
+        x = tl.load(x_ptr + row * x_row_stride + start + cols, mask=mask, other=0.0).to(tl.float32)
+        y = round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -fp8_max, fp8_max))
+        tl.store(q_ptr + row * k_dim + start + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def per_token_quant_fp8_triton(
+    x: torch.Tensor,  # [M, K], unit stride along K
+) -> tuple[torch.Tensor, torch.Tensor]:  # [M, K] fp8, [M, 1] float32
+    """One scale per row over any K (the online-FP8 activations): ``per_token_group_quant_fp8`` with one group
+    of K, without its power-of-two tiles."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    x_q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _row_quant_kernel[(m,)](x, x_q, scales, k, x.stride(0), SCALE_EPS, FP8_MAX,
+                                BLOCK=min(triton.next_power_of_2(k), _QUANT_TILE), num_warps=4)
+    return x_q, scales
+
 
 def default_fp8_config(m: int, n: int, k: int, block_size: tuple[int, int]) -> GemmConfig:
     """Block sizes by M.  Decode-sized M (<= 64) streams the weight: the smallest M tile wastes least on

@@ -6,11 +6,11 @@
 - online: weights loaded in the model dtype, then (``quantize_online``) ``weight`` float8_e4m3fn with
   ``weight_scale`` float32 [out], one scale per output channel (``max |row| / 448``).
 
-Activations are quantized per token (per group of ``bk`` channels for block weights) when the layer runs: on CUDA
-at decode-sized M one Triton GEMV that quantizes as it streams the weight (``radixlm.kernels.fp8_gemv``), above
-it the FP8 GEMMs (``radixlm.kernels.fp8``: the Triton block-scaled GEMM; cuBLAS's row-wise scaled ``_scaled_mm``
-for per-channel weights); elsewhere the same rounding in torch over the dequantized weight, so CPU results show
-the quantization error the GPU has.
+Activations are quantized per token (per group of ``bk`` channels for block weights) when the layer runs.  On
+CUDA a Triton kernel quantizes them, then at decode-sized M a Triton GEMV streams the weight
+(``radixlm.kernels.fp8_gemv``) and above it the FP8 GEMMs run (``radixlm.kernels.fp8``: the Triton block-scaled
+GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for per-channel weights).  Elsewhere the same rounding in torch over
+the dequantized weight, so CPU results show the quantization error the GPU has.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
-from radixlm.kernels.fp8 import (FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear,
-                                 per_token_group_quant_fp8_torch, round_activations)
+from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
 
 
 def cdiv(a: int, b: int) -> int:
@@ -58,18 +57,17 @@ def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
-    ``x`` quantized per token, on CUDA (``fp8_forward`` rounds in torch elsewhere).  Decode-sized M, and float32
-    models (cuBLAS's row-wise scaled GEMM writes only bf16): the Triton GEMV, which quantizes as it streams the
-    weight; otherwise cuBLAS's row-wise scaled FP8 GEMM."""
+    ``x`` quantized per token, on CUDA (``fp8_forward`` rounds in torch elsewhere): decode-sized M, and float32
+    models (cuBLAS's row-wise scaled GEMM writes only bf16), through the Triton GEMV; otherwise cuBLAS's row-wise
+    scaled FP8 GEMM."""
     from radixlm.kernels import as_rows
+    from radixlm.kernels.fp8_gemm import per_token_quant_fp8_triton
     from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
-    rows = as_rows(x)  # [M, K]
-    if rows.shape[0] <= SMALL_M or x.dtype == torch.float32:
-        y = fp8_gemv(rows, weight, weight_scale)
+    x_q, x_s = per_token_quant_fp8_triton(as_rows(x))  # [M, K] fp8, [M, 1]
+    if x_q.shape[0] <= SMALL_M or x.dtype == torch.float32:
+        y = fp8_gemv(x_q, x_s, weight, weight_scale, None, x.dtype)
     else:
-        # torch ops: one group per row of any width (the Triton quantizer tiles power-of-two groups)
-        x_q, x_s = per_token_group_quant_fp8_torch(rows, rows.shape[1])  # [M, K] fp8, [M, 1]
         y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(),
                              out_dtype=torch.bfloat16).to(x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])

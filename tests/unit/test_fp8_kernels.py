@@ -16,7 +16,7 @@ at most half the subnormal spacing, 2^-10, times the scale below 2^-6):
 - same quantized operands as the reference: every fp8 product is exact in fp32 and only the fp32 summation
   order differs (the kernel scales per K slice, the reference per element), so the relative Frobenius error is
   a few fp32 ulps; asserted < 1e-5 (``FP8_DOT_REL``: 1e-3 on a GPU, for the reduced-precision accumulation);
-- the decode GEMV (``fp8_gemv``) quantizes inside and widens to fp16 for an fp32-accumulated dot: against the
+- the decode GEMV (``fp8_gemv``) widens the fp8 operands to fp16 for an fp32-accumulated dot: against the
   float64 product of the torch-quantized operands, a few fp32 ulps on every device (< 1e-6);
 - unquantized activations in the reference: elementwise |out - ref| <= sum_k |w_k| * max(2^-4 |x_k|, 2^-10 s_k)
   (plus fp32 slack), asserted elementwise;
@@ -42,7 +42,7 @@ from radixlm.kernels.fp8 import (  # noqa: E402
     per_token_group_quant_fp8_torch, round_activations, w8a8_block_fp8_matmul, w8a8_block_fp8_matmul_torch,
 )
 from radixlm.kernels.fp8_gemm import (  # noqa: E402
-    default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
+    default_fp8_config, per_token_group_quant_fp8_triton, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
 )
 from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv  # noqa: E402
 from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch  # noqa: E402
@@ -213,9 +213,9 @@ def quantized_product(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, blo
 @pytest.mark.parametrize("m", [1, 5, 16, 21])  # 21: a second 16-row tile
 @pytest.mark.parametrize("n,k,block,config", [
     (72, 96, None, GemvConfig(16, 32, 4, 2)),  # per channel; N not a multiple of BLOCK_N, K of BLOCK_K
-    (40, 200, None, GemvConfig(32, 64, 4, 3)),  # per channel, a partial last K tile (masked)
+    (40, 200, None, GemvConfig(32, 64, 4, 3, split_k=3)),  # per channel, a partial last K tile, split K
     (72, 128, (32, 32), GemvConfig(16, 0, 4, 2)),  # block: a partial last N block of the scales
-    (64, 192, (64, 64), GemvConfig(32, 0, 4, 2)),  # block: bn > BLOCK_N
+    (64, 192, (64, 64), GemvConfig(32, 0, 4, 2, split_k=2)),  # block: bn > BLOCK_N, split K
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv_matches_quantized_reference(m, n, k, block, config, dtype) -> None:
@@ -225,24 +225,29 @@ def test_gemv_matches_quantized_reference(m, n, k, block, config, dtype) -> None
     if block is None:
         w_s = w.abs().amax(1) / FP8_MAX
         w_q = (w / w_s[:, None]).to(FP8_DTYPE)
+        x_q, x_s = per_token_quant_fp8_triton(x.to(DEVICE))
     else:
         w_q, w_s = quantize_weight(w, block)
-    out = fp8_gemv(x.to(DEVICE), w_q.to(DEVICE), w_s.to(DEVICE), block, torch.float32, config)
+        x_q, x_s = per_token_group_quant_fp8_triton(x.to(DEVICE), block[1])
+    ref_q, ref_s = per_token_group_quant_fp8_torch(x, k if block is None else block[1])
+    assert torch.equal(x_q.cpu().float(), ref_q.float()) and torch.equal(x_s.cpu(), ref_s)  # the row quantizer
+    args = (x_q, x_s, w_q.to(DEVICE), w_s.to(DEVICE), block)
+    out = fp8_gemv(*args, torch.float32, config)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert rel_err(out, quantized_product(x, w_q, w_s, block)) < 1e-6
-    # in x's dtype, with the default config
-    out_x = fp8_gemv(x.to(DEVICE), w_q.to(DEVICE), w_s.to(DEVICE), block)
+    out_x = fp8_gemv(*args, dtype)  # x's dtype, the default config
     assert out_x.dtype == dtype and rel_err(out_x, quantized_product(x, w_q, w_s, block)) < 2.0**-10
 
 
 def test_gemv_argument_checks() -> None:
     w_q = torch.zeros(40, 64, dtype=FP8_DTYPE)
-    with pytest.raises(ValueError, match="needs 40 scales"):
-        fp8_gemv(torch.zeros(1, 64), w_q, torch.ones(20))
+    x_q = torch.zeros(1, 64, dtype=FP8_DTYPE)
     with pytest.raises(ValueError, match="needs scales"):
-        fp8_gemv(torch.zeros(1, 64), w_q, torch.ones(1, 2), (32, 32))
-    with pytest.raises(ValueError, match="multiple of the group size"):
-        fp8_gemv(torch.zeros(1, 64), w_q, torch.ones(2, 2), (32, 48))
+        fp8_gemv(x_q, torch.ones(1, 1), w_q, torch.ones(20))
+    with pytest.raises(ValueError, match="needs K a multiple"):
+        fp8_gemv(x_q, torch.ones(1, 2), w_q, torch.ones(1, 2), (32, 32))
+    with pytest.raises(ValueError, match="needs K a multiple"):
+        fp8_gemv(x_q, torch.ones(1, 2), w_q, torch.ones(2, 2), (32, 48))
 
 
 # --- fused MoE with block-FP8 experts ----------------------------------------------------------------------
