@@ -60,8 +60,9 @@ class ServerArgs:
                                   ("auto", "torch_native", "triton", "cpu"))
     kv_cache_dtype: str = _arg("auto", "KV cache dtype (auto: float32 for torch_native attention on CPU, which "
                                        "computes in float32, else the model dtype; fp8_e4m3 / fp8_e5m2: one byte a "
-                                       "value with a per-layer scale of 1.0, twice the tokens of bf16, out-of-range "
-                                       "values saturate; on CPU attention then runs torch_native)",
+                                       "value with per-layer K and V scales from the checkpoint (k_scale / "
+                                       "v_scale / kv_scale tensors; 1.0 without them), twice the tokens of bf16, "
+                                       "out-of-range values saturate; on CPU attention then runs torch_native)",
                                ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2"))
 
     # Scheduling

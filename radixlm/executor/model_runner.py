@@ -101,13 +101,29 @@ class ModelRunner:
         max_reqs = args.max_running_requests or min(max(max_tokens * 512 // context_len, 256), 4096)
         self.memory = KVMemory.create(max_tokens, args.page_size, max_reqs, context_len, self.device)
         self.kv_pool = create_kv_pool(self.kv_spec, max_tokens, args.page_size, self.device)
+        self._apply_checkpoint_kv_scales()
         logger.info("KV cache (%s, %s): %d tokens (%.2f GiB), %d request slots", self.kv_spec.layout,
                     str(self.kv_spec.dtype).removeprefix("torch."), max_tokens, self.kv_pool.bytes() / 2**30, max_reqs)
+
+    def _apply_checkpoint_kv_scales(self) -> None:
+        """An FP8 pool takes the checkpoint's per-layer K/V scales (``model.kv_scales``; 1.0 where it has none),
+        before anything is stored; any other cache ignores them."""
+        scales = self.model.kv_scales
+        if not scales:
+            return
+        if self.kv_spec.quantized:
+            scales.apply(self.kv_pool)
+            logger.info("FP8 KV cache: the checkpoint's scales for %d of %d layers", len(scales.by_layer),
+                        self.kv_spec.num_layers)
+        else:
+            logger.info("the checkpoint's FP8 KV-cache scales are not used: --kv-cache-dtype is %s",
+                        self.server_args.kv_cache_dtype)
 
     def _kv_cache_dtype(self) -> torch.dtype:
         """``--kv-cache-dtype``; ``auto`` is float32 where attention computes in float32 from the cache anyway (the
         torch-native backend on CPU: no per-step cast of the whole context), else the model dtype.  ``fp8_e4m3`` /
-        ``fp8_e5m2`` store FP8 with per-layer scales of 1.0 (checkpoint ``k_scale`` / ``v_scale`` are not loaded)."""
+        ``fp8_e5m2`` store FP8 with the checkpoint's per-layer scales (``_apply_checkpoint_kv_scales``), 1.0
+        without them."""
         name = self.server_args.kv_cache_dtype
         if name in FP8_KV_DTYPES:
             return FP8_KV_DTYPES[name]

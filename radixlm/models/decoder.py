@@ -20,6 +20,7 @@ from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, app
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
 from radixlm.mem import KVCacheSpec
+from radixlm.models.kv_scales import KVScales
 from radixlm.models.weights import load_named_weights
 
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
@@ -71,7 +72,8 @@ class CausalLM(nn.Module):
     """A ``DecoderModel`` under a vocab-parallel LM head (tied to the embedding when the config says so).
 
     Subclasses set ``stacked_params_mapping`` ((our parameter, checkpoint name, shard id): checkpoint tensors
-    stacked into one parameter; see ``load_named_weights``) and implement ``kv_cache_spec``.
+    stacked into one parameter; see ``load_named_weights``) and implement ``kv_cache_spec``.  ``kv_scales`` holds
+    the checkpoint's FP8 KV-cache scales after ``load_weights`` (empty when it has none), for the KV pool's creator.
     """
 
     stacked_params_mapping: list[tuple[str, str, object]] = []
@@ -85,6 +87,7 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor()
+        self.kv_scales = KVScales()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> LogitsOutput:
@@ -95,7 +98,8 @@ class CausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
-        load_named_weights(self, self._our_layers(weights), self.stacked_params_mapping, skip)
+        self.kv_scales = KVScales()
+        load_named_weights(self, self.kv_scales.take(self._our_layers(weights)), self.stacked_params_mapping, skip)
 
     def _our_layers(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """The checkpoint minus the layers this model does not build: DeepSeek-V3's multi-token-prediction layer
