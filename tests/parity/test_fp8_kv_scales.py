@@ -175,5 +175,6 @@ def test_mla_checkpoint_scale(tmp_path) -> None:
     err_original = check_extend_and_decode(make_worker(original, **fp8), hf, SEQS, PREFIXES, tol=UNBOUNDED)
     unscaled = make_worker(save_checkpoint(enlarged, original, str(tmp_path / "unscaled")), **fp8)
     err_unscaled = check_extend_and_decode(unscaled, hf, SEQS, PREFIXES, tol=UNBOUNDED)
+    # Measured on CPU: 0.21 for both; 4.0 with the scale ignored.
     assert abs(err_scaled - err_original) < 1e-3 and err_scaled < 0.4
     assert err_unscaled > 1.0
