@@ -136,9 +136,10 @@ def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.fl
 
 
 def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16, 16)) -> torch.nn.Module:
-    """``TINY_CONFIGS[name]`` saved as a block-wise FP8 checkpoint (DeepSeek-V3's format: every linear weight of the
-    decoder layers in float8_e4m3fn with a float32 ``weight_scale_inv`` per ``block``, ``quantization_config`` in
-    config.json); returns the HF model holding the dequantized weights, the reference."""
+    """``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``) saved as a block-wise FP8 checkpoint (DeepSeek-V3's
+    format: every linear weight of the decoder layers in float8_e4m3fn with a float32 ``weight_scale_inv`` per
+    ``block``, ``quantization_config`` in config.json); returns the HF model holding the dequantized weights, the
+    reference."""
     import json
 
     from safetensors.torch import save_file
@@ -148,7 +149,8 @@ def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16
     tensors = {}
     with torch.no_grad():
         for param_name, p in hf.named_parameters():
-            if ".layers." in param_name and p.dim() == 2 and param_name.endswith("proj.weight"):
+            if (".layers." in param_name and p.dim() == 2
+                    and param_name.endswith(("proj.weight", "proj_with_mqa.weight"))):  # MLA's kv_a_proj_with_mqa
                 n, k = p.shape
                 blocks = p.float().reshape(n // bn, bn, k // bk, bk)
                 scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)  # [n / bn, k / bk]

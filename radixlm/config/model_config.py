@@ -53,6 +53,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     hf_config: dict[str, Any] = field(repr=False, compare=False)
     quant: QuantConfig | None = None  # FP8 weights: from the checkpoint, or --quantization
+    enable_fp8_mla_bmm: bool = False  # MLA's absorbed W_UK / W_UV products in FP8 (--enable-fp8-mla-bmm)
 
     @classmethod
     def from_hf(
@@ -63,9 +64,10 @@ class ModelConfig:
         context_length: int | None = None,
         hf_config: dict[str, Any] | None = None,
         quantization: str | None = None,
+        enable_fp8_mla_bmm: bool = False,
     ) -> "ModelConfig":
         """Read ``model_path/config.json`` (or use ``hf_config``) and resolve dtype (``resolve_dtype``) and
-        context length."""
+        context length.  ``enable_fp8_mla_bmm`` needs an MLA model (a ``kv_lora_rank``; ValueError)."""
         if hf_config is None:
             hf_config = read_hf_config(model_path)
         archs = hf_config.get("architectures") or []
@@ -83,6 +85,9 @@ class ModelConfig:
             raise ValueError(
                 f"--context-length {context_length} exceeds the model's max_position_embeddings {max_pos}"
             )
+        if enable_fp8_mla_bmm and not hf_config.get("kv_lora_rank"):
+            raise ValueError(f"--enable-fp8-mla-bmm applies to MLA models (DeepSeek-V2/V3); {archs[0]} has no "
+                             "latent attention")
         rope_theta, rope_scaling = _rope(hf_config)
         sliding = hf_config.get("sliding_window")
         if hf_config.get("use_sliding_window") is False:
@@ -111,6 +116,7 @@ class ModelConfig:
             eos_token_ids=_eos_ids(model_path, hf_config),
             hf_config=hf_config,
             quant=QuantConfig.resolve(hf_config, quantization),
+            enable_fp8_mla_bmm=enable_fp8_mla_bmm,
         )
 
 

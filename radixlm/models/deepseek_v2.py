@@ -15,6 +15,10 @@ batches run this form; a long EXTEND batch runs the decompressed one (``mla_exte
 up-projected into per-head K/V and attention is ordinary causal MHA, 3.4x fewer FLOPs per query-key pair), chosen
 per batch by ``mla_extend.use_decompressed``.  Both read and write the same MLA pool.
 
+With ``--enable-fp8-mla-bmm`` the absorbed form's two per-head products run in E4M3 (``radixlm.kernels.fp8_bmm``):
+W_UK and W_UV quantized once after loading with one scale per head, the activations (q_nope, the latent attention
+output) with one dynamic scale per tensor.  The decompressed form is unchanged (kv_b_proj as loaded).
+
 Tensor parallelism splits the heads: q_proj / q_b_proj and kv_b_proj are column-parallel by head, o_proj
 row-parallel; q_a_proj and kv_a_proj_with_mqa are replicated (every rank needs the whole latent), so the KV cache
 is the same on every rank.
@@ -28,6 +32,7 @@ with V3's routing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -36,6 +41,9 @@ from torch import nn
 from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
 from radixlm.distributed import divide, get_tp_group
+from radixlm.kernels.fp8 import FP8_DTYPE
+from radixlm.kernels.fp8_bmm import fp8_bmm, quantize_per_batch
+from radixlm.layers import fp8_linear
 from radixlm.layers.attention import RadixAttention
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -75,13 +83,15 @@ def deepseek_mlp(config: ModelConfig, layer_id: int, default_topk_method: str) -
 class DeepseekV2Attention(nn.Module):
     """MLA (see the module docstring); this rank's ``num_heads`` of the query heads.  ``extend_path`` (one of
     ``mla_extend.EXTEND_PATHS``) picks the form of EXTEND batches: ``auto`` by the batch, or one form always
-    (tests and benchmarks set the attribute to compare the two)."""
+    (tests and benchmarks set the attribute to compare the two).  ``fp8_bmm``: the absorbed form's products with
+    W_UK and W_UV in FP8, over the buffers ``quantize_absorbed_weights`` fills after loading."""
 
-    def __init__(self, config: ModelConfig, layer_id: int, extend_path: str = "auto"):
+    def __init__(self, config: ModelConfig, layer_id: int, extend_path: str = "auto", fp8_bmm: bool = False):
         super().__init__()
         if extend_path not in EXTEND_PATHS:
             raise ValueError(f"unknown MLA extend path {extend_path!r}; known: {', '.join(EXTEND_PATHS)}")
         self.extend_path = extend_path
+        self.fp8_bmm = fp8_bmm
         hf, dtype, hidden, quant = config.hf_config, config.dtype, config.hidden_size, config.quant
         self.dtype = dtype
         self.q_lora_rank = hf.get("q_lora_rank")
@@ -113,13 +123,40 @@ class DeepseekV2Attention(nn.Module):
         self.attn = RadixAttention(self.num_heads, self.kv_lora_rank + self.qk_rope_head_dim, scaling,
                                    num_kv_heads=1, layer_id=layer_id, v_head_dim=self.kv_lora_rank)
         self.dims = MLADims(self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
+        if fp8_bmm:
+            # Allocated with the parameters (before the KV cache is sized); filled by quantize_absorbed_weights.
+            # [num_heads, kv_lora_rank, qk_nope_head_dim]: W_UK[h]^T, K-contiguous as the kernel reads it
+            self.register_buffer("w_uk_fp8", torch.empty(self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim,
+                                                         dtype=FP8_DTYPE), persistent=False)
+            # [num_heads, v_head_dim, kv_lora_rank]
+            self.register_buffer("w_uv_fp8", torch.empty(self.num_heads, self.v_head_dim, self.kv_lora_rank,
+                                                         dtype=FP8_DTYPE), persistent=False)
+            self.register_buffer("w_uk_scale", torch.empty(self.num_heads, dtype=torch.float32), persistent=False)
+            self.register_buffer("w_uv_scale", torch.empty(self.num_heads, dtype=torch.float32), persistent=False)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_UK [num_heads, qk_nope_head_dim, kv_lora_rank], W_UV [num_heads, v_head_dim, kv_lora_rank])``:
         views of this rank's kv_b_proj weight (of its dequantized copy when it is FP8)."""
-        w = self.kv_b_proj.dequantized_weight(self.dtype)
+        return self._split_kv_b(self.kv_b_proj.dequantized_weight(self.dtype))
+
+    def _split_kv_b(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+
+    def quantize_absorbed_weights(self) -> None:
+        """With ``fp8_bmm``, once the checkpoint is in: W_UK and W_UV to E4M3 with one float32 scale per head
+        (``fp8_bmm.quantize_per_batch``), from kv_b_proj's weight in float32: the checkpoint's values (an online
+        ``--quantization fp8`` quantizes kv_b_proj after this), or a block-FP8 checkpoint's dequantized ones
+        (rounded again, to the head's scale)."""
+        if not self.fp8_bmm:
+            return
+        w = self.kv_b_proj.weight
+        w = fp8_linear.dequantize(self.kv_b_proj, torch.float32) if w.dtype == FP8_DTYPE else w.float()
+        w_uk, w_uv = self._split_kv_b(w)
+        for name, weight in (("w_uk", w_uk.transpose(1, 2)), ("w_uv", w_uv)):
+            w_q, scale = quantize_per_batch(weight)
+            getattr(self, f"{name}_fp8").copy_(w_q)
+            getattr(self, f"{name}_scale").copy_(scale)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         if self.q_lora_rank is None:
@@ -137,13 +174,19 @@ class DeepseekV2Attention(nn.Module):
         if use_decompressed(fb, self.extend_path, self.dims, self.num_heads):
             return self.o_proj(self.decompressed_attention(q_nope, q_pe, k, fb).flatten(1))
 
-        w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [num_tokens, num_heads, kv_lora_rank]
+        if self.fp8_bmm:
+            q_latent = fp8_bmm(q_nope, self.w_uk_fp8, self.w_uk_scale)  # [num_tokens, num_heads, kv_lora_rank]
+        else:
+            w_uk, w_uv = self.absorbed_weights()
+            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
         q = torch.cat([q_latent, q_pe], dim=-1)  # [num_tokens, num_heads, kv_lora_rank + qk_rope_head_dim]
         out = self.attn(q.flatten(1), k.flatten(1), None, fb)  # [num_tokens, num_heads * kv_lora_rank]
         out = out.view(-1, self.num_heads, self.kv_lora_rank)
         # [num_tokens, num_heads, v_head_dim]
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        if self.fp8_bmm:
+            out = fp8_bmm(out, self.w_uv_fp8, self.w_uv_scale)
+        else:
+            out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return self.o_proj(out.flatten(1))
 
     def decompressed_attention(
@@ -178,7 +221,13 @@ class DeepseekV2ForCausalLM(CausalLM):
         self.stacked_params_mapping = (expert_params_mapping(hf.get("n_routed_experts") or 0)
                                        + [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)])
         super().__init__(config, DecoderModel(config, lambda i: PreNormDecoderLayer(
-            config, DeepseekV2Attention(config, i), deepseek_mlp(config, i, self.default_topk_method))))
+            config, DeepseekV2Attention(config, i, fp8_bmm=config.enable_fp8_mla_bmm),
+            deepseek_mlp(config, i, self.default_topk_method))))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(weights)
+        for layer in self.model.layers:
+            layer.self_attn.quantize_absorbed_weights()
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """One latent + rope key per token and layer, the same on every rank."""

@@ -32,7 +32,7 @@ def resolve_model_config(args: ServerArgs) -> ModelConfig:
         hf_config = read_hf_config(path)
     hf_config.update(args.model_overrides())
     return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=hf_config,
-                               quantization=args.quantization)
+                               quantization=args.quantization, enable_fp8_mla_bmm=args.enable_fp8_mla_bmm)
 
 
 def load_model(config: ModelConfig, load_format: str, device: torch.device, seed: int) -> nn.Module:
