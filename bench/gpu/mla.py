@@ -12,8 +12,14 @@ DeepSeek-V3 at TP1 (128 heads, hidden 7168, q LoRA 1536) shapes; latent 512 + ro
     forms' outputs (bf16: ~1e-2 expected; random weights), and the multiply-adds the decompressed form saves
     over the layer's heads by the cost model, between whose values for lost and won rows
     ``radixlm.models.mla_extend.DECOMPRESSED_MIN_MACS_SAVED`` is set.
+(d) the absorbed products alone (``--enable-fp8-mla-bmm``), tokens x shape, CUDA graph: q_nope x W_UK
+    (K = nope 128, N = latent 512) and latent out x W_UV^T (K = 512, N = v 128) as bf16 ``torch.bmm`` (what the
+    model runs without the flag) against ``fp8_bmm`` (the activation amax reduction + the Triton kernel with its
+    fused quantization, ``default_bmm_config``), with the FP8 result's relative difference from bf16 (E4M3
+    rounding: a few %).  ``--tune`` adds, per row, the fastest of a sweep of kernel configs (for
+    ``fp8_bmm_kernel.default_bmm_config``).
 
-    python bench/gpu/mla.py [--parts a b c]        (repository root; ~3 minutes on an H200)
+    python bench/gpu/mla.py [--parts a b c d] [--tune]   (repository root; ~3 minutes on an H200, --tune ~3 more)
     python bench/gpu/mla.py --smoke                (CPU, Triton interpreter, tiny shapes: the script runs)
 """
 
@@ -38,6 +44,9 @@ from radixlm.attention.triton_backend import TritonAttnBackend  # noqa: E402
 from radixlm.config import ModelConfig  # noqa: E402
 from radixlm.core import ForwardBatch, ForwardMode  # noqa: E402
 from radixlm.kernels.decode_attention import decode_attention_fwd  # noqa: E402
+from radixlm.kernels.fp8_bmm import activation_amax, quantize_per_batch  # noqa: E402
+from radixlm.kernels.fp8_bmm_kernel import default_bmm_config, fp8_bmm_triton  # noqa: E402
+from radixlm.kernels.gemm_config import GemmConfig  # noqa: E402
 from radixlm.mem import KVCacheSpec, create_kv_pool  # noqa: E402
 from radixlm.models import mla_extend  # noqa: E402
 from radixlm.models.deepseek_v2 import DeepseekV2Attention  # noqa: E402
@@ -68,12 +77,14 @@ if SMOKE:
     DECODE_BATCHES, DECODE_CONTEXTS = [1, 3], [40, 150]
     B_BATCH, B_CONTEXT = 2, 50
     EXTEND_NEW, EXTEND_PREFIX = [8, 24], [0, 16]
+    BMM_TOKENS = [1, 5]
 else:
     DEVICE, DTYPE = "cuda", torch.bfloat16
     SHAPES = [Shape("V2-Lite", 16, 2048, None), Shape("V3", 128, 7168, 1536)]
     DECODE_BATCHES, DECODE_CONTEXTS = [1, 8, 32, 64, 128], [1024, 4096, 16384, 32768]
     B_BATCH, B_CONTEXT = 64, 4096
     EXTEND_NEW, EXTEND_PREFIX = [64, 256, 1024, 4096, 8192], [0, 4096]
+    BMM_TOKENS = [1, 8, 16, 32, 64, 128, 256]
 MAX_KV_BYTES = 8 << 30
 
 
@@ -316,9 +327,62 @@ def bench_extend() -> None:
           "smallest of a row the decompressed form won")
 
 
+# ------------------------------------------------------------------------------- (d) FP8 absorbed products
+def bmm_sweep() -> list[GemmConfig]:
+    """Kernel configs tried by --tune (an fp8 dot needs block_k >= 32 on a GPU)."""
+    if SMOKE:
+        return [GemmConfig(16, 16, 32), GemmConfig(32, 16, 32, num_stages=2)]
+    return [GemmConfig(bm, bn, bk, num_warps=4, num_stages=stages)
+            for bm in (16, 32, 64) for bn in (32, 64, 128) for bk in (64, 128) for stages in (3, 4)]
+
+
+def bench_fp8_bmm(tune: bool) -> None:
+    print("\n(d) absorbed products, CUDA graph, us: bf16 torch.bmm vs FP8 (amax + Triton kernel, default config); "
+          "rel = ||fp8 - bf16|| / ||bf16||" + ("; tuned = fastest of the sweep" if tune else ""))
+    head = f"{'shape':>8} {'product':>8} {'tokens':>6} {'bf16 us':>8} {'fp8 us':>8} {'speed-up':>8} {'rel':>8}"
+    print(head + (f" {'tuned us':>9} {'speed-up':>8}  tuned config (m, n, k, warps, stages)" if tune else ""))
+    gen = torch.Generator().manual_seed(3)
+    sweep = bmm_sweep() if tune else []
+    for shape in SHAPES:
+        h = shape.heads
+        w_kv_b = (torch.randn(h * (shape.nope + shape.v), shape.rank, generator=gen) * 0.02).to(DEVICE, DTYPE)
+        w_uk, w_uv = w_kv_b.view(h, shape.nope + shape.v, shape.rank).split([shape.nope, shape.v], dim=1)
+        (uk_q, uk_s), (uv_q, uv_s) = quantize_per_batch(w_uk.transpose(1, 2)), quantize_per_batch(w_uv)
+        totals = {"bf16": 0.0, "fp8": 0.0}
+        for tokens in BMM_TOKENS:
+            # q_nope: a view of q [tokens, heads, nope + rope], as the model slices it
+            q = torch.randn(tokens, h, shape.nope + shape.rope, generator=gen).to(DEVICE, DTYPE)
+            q_nope = q[..., : shape.nope]
+            o_lat = torch.randn(tokens, h, shape.rank, generator=gen).to(DEVICE, DTYPE)
+            cases = [("W_UK", q_nope, uk_q, uk_s, lambda: torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)),
+                     ("W_UV", o_lat, uv_q, uv_s,
+                      lambda: torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1))]
+            for name, x, w_q, w_s, bf16 in cases:
+                def fp8(config=None, x=x, w_q=w_q, w_s=w_s):
+                    return fp8_bmm_triton(x, activation_amax(x), w_q, w_s, DTYPE, config)
+
+                t_bf16, t_fp8 = graph_time_us(bf16), graph_time_us(fp8)
+                totals["bf16"] += t_bf16
+                totals["fp8"] += t_fp8
+                ref = bf16().float()
+                diff = ((fp8().float() - ref).norm() / ref.norm()).item()
+                line = (f"{shape.name:>8} {name:>8} {tokens:>6} {t_bf16:>8.1f} {t_fp8:>8.1f} {t_bf16 / t_fp8:>7.2f}x "
+                        f"{diff:>8.1e}")
+                if tune:
+                    timed = [(graph_time_us(lambda c=c: fp8(c)), c) for c in sweep]
+                    best_t, best = min(timed, key=lambda tc: (tc[0] != tc[0], tc[0]))  # NaN (failed) last
+                    line += (f" {best_t:>9.1f} {t_bf16 / best_t:>7.2f}x  ({best.block_m}, {best.block_n}, "
+                             f"{best.block_k}, {best.num_warps}, {best.num_stages})")
+                    default = default_bmm_config(tokens, w_q.shape[1], w_q.shape[2])
+                    line += "  = default" if best == default else ""
+                print(line)
+        print(f"{shape.name:>8} sum over the rows: bf16 {totals['bf16']:.1f} us, fp8 {totals['fp8']:.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
+    parser.add_argument("--parts", nargs="+", choices=["a", "b", "c", "d"], default=["a", "b", "c", "d"])
+    parser.add_argument("--tune", action="store_true", help="(d): also sweep the FP8 kernel's configs")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -336,6 +400,8 @@ def main() -> None:
         bench_absorbed_decode()
     if "c" in args.parts:
         bench_extend()
+    if "d" in args.parts:
+        bench_fp8_bmm(args.tune)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
