@@ -2,12 +2,14 @@
 products ``q_nope[h] @ W_UK[h]`` and ``o_latent[h] @ W_UV[h]^T`` (``radixlm.models.deepseek_v2``) in E4M3.
 
     W[b, n, k] = Wq[b, n, k] * S[b]                 S[b] = max(max |W[b]|, SCALE_EPS) / 448, once at load
-    x[m, b, k] ~ xq[m, b, k] * s                    s = max(max |x|, SCALE_EPS) / 448, over the whole tensor
+    x[m, b, k] ~ xq[m, b, k] * s                    s = max(max |x|, SCALE_EPS) / 448, over the whole tensor,
+                                                    xq = fp8(x * (1 / s)), round to nearest even
     out[m, b, n] = s * S[b] * sum_k xq[m, b, k] * Wq[b, n, k]      (fp32 accumulation, rounded once to out_dtype)
 
 The activation scale is computed on the device from the tensor's amax on every call (no host read: decode is
 captured in CUDA graphs); the quantization itself is fused into the GEMM, which loads x in its own dtype and
-rounds each tile to E4M3 in registers (``fp8(x / s)``, IEEE division and round-to-nearest-even, as torch's cast).
+rounds each tile to E4M3 in registers.  It multiplies by the scale's inverse (one IEEE division per call, not per
+element: the kernel requantizes a tile for every N tile), which rounds like torch's ``x * (1 / s)`` here.
 One scale per weight batch (per head) rather than per tensor: the kernel runs one head per program, so it costs a
 scalar load; a head whose weights are smaller than the largest head's keeps E4M3's full relative precision
 instead of sinking toward its subnormals; and the quantized weights do not depend on which heads a
@@ -63,7 +65,7 @@ def fp8_bmm(
 def round_activation(x: torch.Tensor) -> torch.Tensor:
     """``x`` through E4M3 with one per-tensor scale and back, in float32: what the kernel multiplies."""
     scale = activation_scale(activation_amax(x))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale
+    return (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale
 
 
 def fp8_bmm_torch(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,

@@ -1,13 +1,19 @@
 """The Triton kernel of ``radixlm.kernels.fp8_bmm`` (see there for the format).
 
 Grid: (batch index b, M tile x N tile).  A program loads its ``[BLOCK_M, BLOCK_K]`` tiles of x in x's dtype,
-divides by the per-tensor scale and casts to E4M3 in registers (the quantization is fused: no fp8 copy of x is
-written), and multiplies with the ``[BLOCK_K, BLOCK_N]`` tile of ``w[b]`` (K-contiguous, as sm_90's fp8 wgmma
-wants both operands).  Each K tile's dot starts from zero and is added to the fp32 accumulator: on sm_90 an fp8
-dot accumulates with reduced precision, and this bounds the imprecise sums to one tile (<= 128 products), as the
-block-FP8 GEMM does.  The two scales multiply the accumulator once, at the end.  Rows past M and columns past N
-wrap (in-bounds loads, not stored); K past the end is masked to zero.  An fp8 ``tl.dot`` needs ``BLOCK_K >= 32``
-on a GPU; smaller K is padded by the mask.
+multiplies by the inverse of the per-tensor scale and casts to E4M3 in registers (the quantization is fused: no
+fp8 copy of x is written, no extra launch), and multiplies with the ``[BLOCK_K, BLOCK_N]`` tile of ``w[b]``
+(K-contiguous, as sm_90's fp8 wgmma wants both operands).  Every N tile of a row block requantizes its x tiles,
+so that work is kept to a multiply, a clamp and the cast (a division per element, or the arithmetic rounding
+below, could make the decode-sized kernel ALU-bound, as quantizing inside every program made ``fp8_gemv``).  On
+CPU tensors (Triton's interpreter, whose fp8 casts misround) the value is first rounded in arithmetic
+(``fp8_gemm.round_to_e4m3``), so the interpreter gives the GPU's fp8 values.
+
+Each K tile's dot starts from zero and is added to the fp32 accumulator: on sm_90 an fp8 dot accumulates with
+reduced precision, and this bounds the imprecise sums to one tile (<= 128 products), as the block-FP8 GEMM does.
+The two scales multiply the accumulator once, at the end.  Rows past M and columns past N wrap (in-bounds loads,
+not stored); K past the end is masked to zero.  An fp8 ``tl.dot`` needs ``BLOCK_K >= 32`` on a GPU; smaller K is
+padded by the mask.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import triton
 import triton.language as tl
 
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
+from radixlm.kernels.fp8_gemm import round_to_e4m3
 from radixlm.kernels.gemm_config import GemmConfig
 
 
@@ -39,13 +46,15 @@ def _fp8_bmm_kernel(
     stride_xm, stride_xb, stride_wb, stride_wn, stride_om, stride_ob,
     eps, fp8_max,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ROUND_IN_ARITHMETIC: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     num_blocks_n = tl.cdiv(n_dim, BLOCK_N)
     pid_m = tl.program_id(1) // num_blocks_n
     pid_n = tl.program_id(1) % num_blocks_n
-    # IEEE division, as torch's: the approximate one could move x / scale across an fp8 rounding boundary.
+    # IEEE divisions, as torch's: Triton's default fp32 division is approximate.
     x_scale = tl.math.div_rn(tl.maximum(tl.load(x_amax_ptr).to(tl.float32), eps), fp8_max)
+    x_inv_scale = tl.math.div_rn(1.0, x_scale)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,8 +73,10 @@ def _fp8_bmm_kernel(
             k_ok = offs_k < k_dim - k * BLOCK_K
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        x_q = tl.clamp(tl.math.div_rn(x.to(tl.float32), x_scale), -fp8_max, fp8_max).to(w_ptr.dtype.element_ty)
-        acc += tl.dot(x_q, w)
+        y = tl.clamp(x.to(tl.float32) * x_inv_scale, -fp8_max, fp8_max)
+        if ROUND_IN_ARITHMETIC:
+            y = round_to_e4m3(y)
+        acc += tl.dot(y.to(w_ptr.dtype.element_ty), w)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -103,6 +114,6 @@ def fp8_bmm_triton(
         x.stride(0), x.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
         SCALE_EPS, FP8_MAX,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ROUND_IN_ARITHMETIC=not x.is_cuda, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
