@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 
 import torch
 
@@ -135,41 +137,57 @@ def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.fl
     return model
 
 
-def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16, 16)) -> torch.nn.Module:
-    """``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``) saved as a block-wise FP8 checkpoint (DeepSeek-V3's
-    format: every linear weight of the decoder layers in float8_e4m3fn with a float32 ``weight_scale_inv`` per
-    ``block``, ``quantization_config`` in config.json); returns the HF model holding the dequantized weights, the
-    reference."""
-    import json
+# The checkpoint tensors an FP8 checkpoint holds in E4M3, as DeepSeek-V3 does: every projection of the decoder
+# layers (attention, dense MLP, routed experts ``experts.{e}.gate_proj`` / Mixtral's ``w1``, shared experts); the
+# routers (``mlp.gate``), norms, embedding and LM head stay in the model dtype.
+FP8_CHECKPOINT_WEIGHT = re.compile(r"\.layers\.\d+\..*(proj|proj_with_mqa|\.w[123])\.weight$")
 
-    from safetensors.torch import save_file
 
-    hf = build_tiny_hf_model(name, directory)
+def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` [n, k] as a block-FP8 checkpoint stores it: (float8_e4m3fn [n, k], float32 scale [ceil(n / bn),
+    ceil(k / bk)] = block max / 448, partial edge blocks) and the dequantized weight [n, k] float32."""
     bn, bk = block
-    tensors = {}
-    with torch.no_grad():
-        for param_name, p in hf.named_parameters():
-            if (".layers." in param_name and p.dim() == 2
-                    and param_name.endswith(("proj.weight", "proj_with_mqa.weight"))):  # MLA's kv_a_proj_with_mqa
-                n, k = p.shape
-                blocks = p.float().reshape(n // bn, bn, k // bk, bk)
-                scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)  # [n / bn, k / bk]
-                q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-                tensors[param_name] = q.reshape(n, k)
-                tensors[param_name.replace(".weight", ".weight_scale_inv")] = scale
-                p.copy_((q.float() * scale[:, None, :, None]).reshape(n, k))  # the reference's dequantized weight
-            else:
-                tensors[param_name] = p.detach().clone().contiguous()
-    if hf.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    for f in os.listdir(directory):
+    n, k = w.shape
+    padded = torch.nn.functional.pad(w.float(), (0, -k % bk, 0, -n % bn))
+    blocks = padded.reshape(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)  # [n / bn, k / bk]
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    dequantized = (q.float() * scale[:, None, :, None]).reshape(padded.shape)[:n, :k]
+    return q.reshape(padded.shape)[:n, :k].contiguous(), scale, dequantized
+
+
+def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16, 16)) -> torch.nn.Module:
+    """``TINY_CONFIGS[name]`` (or an MLA / MoE config) saved as a block-wise FP8 checkpoint (DeepSeek-V3's format:
+    the tensors ``FP8_CHECKPOINT_WEIGHT`` matches in float8_e4m3fn with a float32 ``weight_scale_inv`` per
+    ``block``, ``quantization_config`` in config.json); returns the reference: the HF model loaded from the same
+    checkpoint dequantized (through transformers' own loading, which stacks the per-expert tensors)."""
+    import json
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_hf_model(name, directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(os.listdir(directory)):
         if f.endswith(".safetensors") or f.endswith(".index.json"):
+            if f.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(directory, f)))
             os.remove(os.path.join(directory, f))
+    dequantized = dict(tensors)
+    for tensor_name, w in list(tensors.items()):
+        if FP8_CHECKPOINT_WEIGHT.search(tensor_name):
+            tensors[tensor_name], scale, dequantized[tensor_name] = quantize_fp8_blocks(w, block)
+            tensors[tensor_name.replace(".weight", ".weight_scale_inv")] = scale
+    with tempfile.TemporaryDirectory() as reference_dir:
+        save_file(dequantized, os.path.join(reference_dir, "model.safetensors"))
+        shutil.copy(os.path.join(directory, "config.json"), reference_dir)
+        hf = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     save_file(tensors, os.path.join(directory, "model.safetensors"))
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [bn, bk]}
+                                     "weight_block_size": list(block)}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     return hf

@@ -70,6 +70,23 @@ def dequantize_block_fp8(
     return w_q.float() * full
 
 
+def quantize_block_fp8(
+    w: torch.Tensor,  # [..., N, K] any float dtype
+    block_size: tuple[int, int] = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [..., N, K] fp8, [..., ceil(N / bn), ceil(K / bk)] float32
+    """The inverse of ``dequantize_block_fp8``, as a checkpoint is made: one scale per block,
+    ``max(max |block|, SCALE_EPS) / 448``, and ``fp8(w / scale)`` (round to nearest even); edge blocks may be
+    partial.  Works in float32 on w's device: callers with large weights pass one expert at a time."""
+    bn, bk = block_size
+    n, k = w.shape[-2:]
+    wf = w.float()
+    padded = F.pad(wf, (0, -k % bk, 0, -n % bn))  # zeros do not change a block's max |w|
+    blocks = padded.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn))  # [..., N / bn, bn, K / bk, bk]
+    scale = blocks.abs().amax(dim=(-3, -1)).clamp_min(SCALE_EPS) / FP8_MAX  # [..., N / bn, K / bk]
+    full = scale.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+    return (wf / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
 def w8a8_block_fp8_matmul(
     a_q: torch.Tensor,  # [M, K] fp8
     a_s: torch.Tensor,  # [M, ceil(K / bk)] float32

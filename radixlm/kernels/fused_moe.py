@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from radixlm.kernels.fp8 import DEFAULT_BLOCK, dequantize_block_fp8, round_activations
+
 
 def fused_experts(
     hidden: torch.Tensor,  # [num_tokens, hidden]  bf16/fp16/fp32
@@ -32,10 +34,13 @@ def fused_experts(
     run the Triton kernels (no host sync: capturable in a CUDA graph); others run ``fused_experts_torch``.
 
     Block FP8 experts (DeepSeek-V3's format, see ``radixlm.kernels.fp8``): ``w13``/``w2`` in float8_e4m3fn with
-    ``w13_scale``/``w2_scale`` one float32 per ``block_shape`` block.  On CUDA the activations are quantized per
-    token per group of ``bk`` channels before each GEMM (the intermediate ``silu(gate) * up`` too) and the block
-    scales are applied in the grouped GEMM's K loop; elsewhere the experts are dequantized to hidden's dtype on
-    every call and the torch path runs on unquantized activations.
+    ``w13_scale``/``w2_scale`` one float32 per ``block_shape`` block.  The activations are quantized per token per
+    group of ``bk`` channels before each GEMM (the intermediate ``silu(gate) * up`` too, after its rounding to
+    the compute dtype); ``hidden`` and ``inter`` must be multiples of ``bk``.  On CUDA the block scales are
+    applied in the grouped GEMM's K loop; elsewhere the experts are dequantized to float32 (on every call: a
+    layer that runs often caches them and calls ``fused_experts_torch`` itself, as ``FusedMoE`` does) and the
+    torch path rounds the activations through E4M3 as the GPU quantizes them (``act_group``), so CPU results
+    show the GPU's quantization error.
     """
     if (w13_scale is None) != (w2_scale is None):
         raise ValueError("block FP8 experts need both w13_scale and w2_scale")
@@ -44,13 +49,12 @@ def fused_experts(
 
         return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,
                                     w2_scale=w2_scale, block_shape=block_shape)
-    if w13_scale is not None:
-        from radixlm.kernels.fp8 import DEFAULT_BLOCK, dequantize_block_fp8
-
-        block_shape = tuple(block_shape or DEFAULT_BLOCK)
-        w13 = dequantize_block_fp8(w13, w13_scale, block_shape).to(hidden.dtype)
-        w2 = dequantize_block_fp8(w2, w2_scale, block_shape).to(hidden.dtype)
-    return fused_experts_torch(hidden, w13, w2, topk_weights, topk_ids)
+    if w13_scale is None:
+        return fused_experts_torch(hidden, w13, w2, topk_weights, topk_ids)
+    block_shape = tuple(block_shape or DEFAULT_BLOCK)
+    w13 = dequantize_block_fp8(w13, w13_scale, block_shape)
+    w2 = dequantize_block_fp8(w2, w2_scale, block_shape)
+    return fused_experts_torch(hidden, w13, w2, topk_weights, topk_ids, act_group=block_shape[1])
 
 
 def fused_experts_torch(
@@ -59,10 +63,15 @@ def fused_experts_torch(
     w2: torch.Tensor,  # [num_experts, hidden, inter]
     topk_weights: torch.Tensor,  # [num_tokens, top_k]
     topk_ids: torch.Tensor,  # [num_tokens, top_k]
+    act_group: int | None = None,  # FP8 experts' activation group size (bk); the weights are then dequantized
 ) -> torch.Tensor:  # [num_tokens, hidden]
     """``fused_experts`` with torch ops: the pairs sorted by expert, then one gate-up and one down GEMM per expert
     that receives tokens, on that expert's rows gathered together.  Reads the per-expert counts on the host (one
-    sync), so it is for CPU tensors, where that costs nothing, and as a reference."""
+    sync), so it is for CPU tensors, where that costs nothing, and as a reference.
+
+    With ``act_group`` the GEMM inputs (``hidden``, and ``silu(gate) * up`` once rounded to hidden's dtype) go
+    through E4M3 per token per ``act_group`` channels (``fp8.round_activations``) and the GEMMs run in float32:
+    the block-FP8 path's numerics, given the experts dequantized (float32 ``w13``/``w2``)."""
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     inter = w13.shape[1] // 2
@@ -74,11 +83,14 @@ def fused_experts_torch(
     experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     token_of_pair = order // top_k  # [num_pairs] in sorted order
     weight_of_pair = topk_weights.reshape(-1).to(torch.float32)[order]
+    x = hidden if act_group is None else round_activations(hidden, act_group)  # float32 when rounded
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist()):
         tokens = token_of_pair[start:start + count]  # [count]
-        gate_up = F.linear(hidden[tokens], w13[expert])  # [count, 2 * inter]
+        gate_up = F.linear(x[tokens], w13[expert])  # [count, 2 * inter]
         act = (F.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()).to(hidden.dtype)
+        if act_group is not None:
+            act = round_activations(act, act_group)
         expert_out = F.linear(act, w2[expert])  # [count, hidden]
         # Rounded to the compute dtype after the weighting, as the Triton path stores each pair's row.
         weighted = (expert_out.float() * weight_of_pair[start:start + count, None]).to(hidden.dtype)

@@ -179,7 +179,8 @@ def fused_experts_triton(
 
     Block FP8 experts (``w13_scale`` and ``w2_scale`` given): ``hidden`` is quantized per token per group of
     ``bk`` channels before the gate-up GEMM, and ``silu(gate) * up`` (rounded to hidden's dtype) likewise before
-    the down GEMM; ``hidden`` and ``inter`` must be multiples of ``bk``, and ``config.block_k`` must divide it."""
+    the down GEMM; ``hidden`` and ``inter`` must be multiples of ``bk``, and ``config.block_k`` must divide it
+    (``default_config``'s is capped at ``bk``)."""
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -187,11 +188,14 @@ def fused_experts_triton(
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    if config is None:
-        config = default_config(num_pairs, num_experts)
     block_fp8 = w13_scale is not None
     if block_fp8:
         block_shape = tuple(block_shape or (128, 128))
+    if config is None:
+        config = default_config(num_pairs, num_experts)
+        if block_fp8:  # a K tile must lie in one scale slice (bk < 128 only in small test models)
+            config = config._replace(block_k=min(config.block_k, block_shape[1]))
+    if block_fp8:
         if w2_scale is None or block_shape[1] % config.block_k:
             raise ValueError(f"block FP8 experts need both scales and config.block_k ({config.block_k}) "
                              f"dividing the scale block's K size ({block_shape[1]})")

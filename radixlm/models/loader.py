@@ -10,6 +10,7 @@ from torch import nn
 from radixlm.config import ModelConfig, ServerArgs
 from radixlm.config.model_config import read_hf_config
 from radixlm.layers.linear import QuantizableLinear
+from radixlm.layers.moe import FusedMoE
 from radixlm.models.embedded import embedded_model_path
 from radixlm.models.presets import PRESETS
 from radixlm.models.registry import get_model_class
@@ -49,6 +50,6 @@ def load_model(config: ModelConfig, load_format: str, device: torch.device, seed
         weights = iter_safetensors(config.model_path)
     model.load_weights(weights)
     for module in model.modules():
-        if isinstance(module, QuantizableLinear):
+        if isinstance(module, (QuantizableLinear, FusedMoE)):
             module.finish_loading()  # online FP8: quantize what was loaded
     return model.eval()

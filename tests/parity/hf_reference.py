@@ -1,9 +1,10 @@
-"""Comparisons with HF transformers shared by the parity tests: HF's logits and greedy continuations, and the
-batched extend + decode check of every logit row."""
+"""Comparisons with HF transformers shared by the parity tests: HF's logits and greedy continuations, the
+batched extend + decode check of every logit row, and hooks that make HF see FP8 GEMMs' rounded inputs."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from radixlm.executor.static_batch import decode_batch, extend_batch, release
 
@@ -59,3 +60,57 @@ def check_extend_and_decode(worker, hf_model, seqs: list[list[int]], prefix_lens
     finally:
         release(worker, rows, [len(s) + 3 for s in seqs])
     return worst
+
+
+FP8_MAX = 448.0
+
+
+def round_to_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` [*, K] through E4M3 with one scale per ``group`` channels (max |x| / 448), back in x's dtype."""
+    g = x.float().reshape(-1, x.shape[-1] // group, group)
+    scale = (g.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-10)
+    return ((g / scale).to(torch.float8_e4m3fn).float() * scale).reshape(x.shape).to(x.dtype)
+
+
+class _RestoreForward:
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        del self.module.forward  # the instance attribute: the class's forward is back
+
+
+def _rounded_experts_forward(experts: torch.nn.Module, group: int):
+    """transformers 5's stacked experts (``gate_up_proj`` [E, 2 * inter, hidden], ``down_proj`` [E, hidden, inter])
+    computed as HF's eager loop does, with both GEMM inputs rounded through E4M3 per ``group`` channels."""
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        x = round_to_fp8(hidden_states, group)
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            token, pos = torch.where(top_k_index == e)
+            gate, up = F.linear(x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            act = round_to_fp8(experts.act_fn(gate) * up, group)
+            out.index_add_(0, token, F.linear(act, experts.down_proj[e]) * top_k_weights[token, pos, None])
+        return out
+
+    return forward
+
+
+def round_fp8_inputs(hf, group: int | None, expert_group: int | None = None, skip: tuple[str, ...] = ()) -> list:
+    """Make ``hf`` see what radixlm's FP8 GEMMs see: the input of every decoder-layer projection (modules named
+    ``*proj`` or ``*proj_with_mqa``, except names ending with one of ``skip``) rounded through E4M3 per ``group``
+    channels of a token (per token when None), and in every stacked-experts module both GEMM inputs rounded per
+    ``expert_group`` channels.  Returns handles to ``remove()``."""
+    def hook(module, args):
+        return (round_to_fp8(args[0], group or args[0].shape[-1]),)
+
+    handles: list = []
+    for n, m in hf.named_modules():
+        if ".layers." not in n:
+            continue
+        if n.endswith(("proj", "proj_with_mqa")) and not n.endswith(skip):
+            handles.append(m.register_forward_pre_hook(hook))
+        elif expert_group is not None and isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter):
+            m.forward = _rounded_experts_forward(m, expert_group)
+            handles.append(_RestoreForward(m))
+    return handles

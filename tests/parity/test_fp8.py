@@ -21,27 +21,8 @@ if not torch.cuda.is_available():
 from radixlm.config.quant_config import QuantConfig
 from radixlm.layers.fp8_linear import check_block_split
 
-from conftest import MOE_CONFIGS, build_tiny_fp8_model, build_tiny_hf_model, make_worker, random_seqs
-from hf_reference import check_extend_and_decode, hf_logits
-
-FP8_MAX = 448.0
-
-
-def round_to_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x`` [*, K] through E4M3 with one scale per ``group`` channels (max |x| / 448), back in x's dtype."""
-    g = x.float().reshape(-1, x.shape[-1] // group, group)
-    scale = (g.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-10)
-    return ((g / scale).to(torch.float8_e4m3fn).float() * scale).reshape(x.shape).to(x.dtype)
-
-
-def round_linear_inputs(hf, group: int | None) -> list:
-    """Hooks rounding the input of every decoder-layer projection of ``hf`` (per token when ``group`` is None)."""
-    def hook(module, args):
-        return (round_to_fp8(args[0], group or args[0].shape[-1]),)
-
-    return [m.register_forward_pre_hook(hook) for n, m in hf.named_modules()
-            if ".layers." in n and n.endswith("proj")]
-
+from conftest import build_tiny_fp8_model, build_tiny_hf_model, make_worker, random_seqs
+from hf_reference import check_extend_and_decode, hf_logits, round_fp8_inputs, round_to_fp8
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
 
@@ -63,7 +44,7 @@ def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
     assert tuple(layer.mlp.down_proj.weight_scale_inv.shape) == (64 // b, 128 // b)
     seqs = random_seqs((21, 5, 13, 30))
     plain = hf_logits(hf, seqs[3])
-    hooks = round_linear_inputs(hf, b)
+    hooks = round_fp8_inputs(hf, b)
     try:
         check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4 if device == "cpu" else 0.2)
         rounded = hf_logits(hf, seqs[3])
@@ -85,7 +66,7 @@ def test_online_fp8_matches_hf(tmp_path, device):
         for n, m in hf.named_modules():
             if ".layers." in n and n.endswith("proj"):
                 m.weight.copy_(round_to_fp8(m.weight, m.weight.shape[1]))
-    hooks = round_linear_inputs(hf, None)
+    hooks = round_fp8_inputs(hf, None)
     try:
         check_extend_and_decode(worker, hf, random_seqs((21, 5, 13, 30)), [9, 0, 12, 20],
                                 tol=1e-4)
@@ -114,10 +95,3 @@ def test_a_tp_size_that_cuts_scale_blocks_is_refused():
     check_block_split("output features", 256, 128, 2)  # whole blocks: fine
     with pytest.raises(ValueError, match="cut the FP8 checkpoint's 128-wide scale blocks"):
         check_block_split("output features", 576 // 2, 128, 2)
-
-
-def test_fp8_moe_is_refused_clearly(tmp_path):
-    build_tiny_hf_model("qwen3_moe", str(tmp_path))
-    assert "qwen3_moe" in MOE_CONFIGS
-    with pytest.raises(NotImplementedError, match="FP8 mixture-of-experts"):
-        make_worker(str(tmp_path), quantization="fp8")
