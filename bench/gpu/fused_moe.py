@@ -22,9 +22,18 @@ Default mode:
 ``--tune``: for every (shape, num_tokens), every config of a small grid (``tune_grid``) timed as a CUDA graph;
 prints the best config per row and a summary by pairs per expert, from which ``default_config`` can be updated.
 
+``--fp8``: block-FP8 experts (issue #19; the bf16 experts quantized in 128x128 blocks, as DeepSeek-V3's
+checkpoint stores them, activations quantized per token per 128 channels by the kernel path) against the same
+bf16 experts: relative error of the fp8 output vs the bf16 one (four E4M3 roundings: hidden, w13, the activation
+and w2, each ~3.6 % rms relative; 6.3 % measured by the CPU path at smaller random shapes; asserted < 0.1),
+CUDA-graph us and TF/s of both, the speedup, and ``TB/s`` the fp8 weight + scale bytes of the experts hit over
+the fp8 time.  With ``--tune``, the sweep times the fp8 kernel instead.
+
     python bench/gpu/fused_moe.py            # ~2-3 minutes on an H200 (Triton compiles included)
     python bench/gpu/fused_moe.py --tune     # ~5-6 minutes
     python bench/gpu/fused_moe.py --shapes qwen3-30b-a3b --tokens 1 64   # a subset
+    python bench/gpu/fused_moe.py --fp8 --shapes deepseek-v3-tp1         # ~2-3 minutes
+    python bench/gpu/fused_moe.py --fp8 --tune --shapes deepseek-v3-tp1  # ~5-6 minutes
 
 from the repository root with ``PYTHONPATH=.``.
 """
@@ -44,6 +53,7 @@ from radixlm.kernels.fused_moe import fused_experts, fused_experts_torch
 from radixlm.kernels.moe_align import align_pairs_torch, align_pairs_triton
 from radixlm.kernels.moe_gemm import GemmConfig, default_config, fused_experts_triton
 from radixlm.kernels.moe_routing import grouped_topk_sigmoid
+from radixlm.layers.fp8_moe import quantize_experts
 from radixlm.layers.moe_router import Routing, select_experts_torch
 
 
@@ -62,6 +72,7 @@ SHAPES = {
 }
 TOKENS = (1, 8, 64, 256, 1024, 4096)
 DTYPE = torch.bfloat16
+FP8_BLOCK = (128, 128)
 
 
 class Case(NamedTuple):
@@ -85,6 +96,28 @@ def make_case(shape: Shape, w13: torch.Tensor, w2: torch.Tensor, num_tokens: int
     ids = torch.rand(num_tokens, shape.num_experts, generator=gen, device="cuda").topk(shape.top_k, dim=1).indices
     weights = torch.rand(num_tokens, shape.top_k, generator=gen, device="cuda").softmax(dim=1)
     return Case(x, w13, w2, weights, ids.to(torch.int32))
+
+
+class Fp8Experts(NamedTuple):
+    w13: torch.Tensor  # [E, 2 * inter, hidden] float8_e4m3fn
+    w2: torch.Tensor  # [E, hidden, inter] float8_e4m3fn
+    w13_scale: torch.Tensor  # [E, 2 * inter / 128, hidden / 128] float32
+    w2_scale: torch.Tensor  # [E, hidden / 128, inter / 128] float32
+
+    def __call__(self, case: Case, config: GemmConfig | None = None) -> torch.Tensor:
+        """The fused MoE of ``case``'s tokens and routing over these experts (the Triton path)."""
+        return fused_experts_triton(case.x, self.w13, self.w2, case.weights, case.ids, config=config,
+                                    w13_scale=self.w13_scale, w2_scale=self.w2_scale, block_shape=FP8_BLOCK)
+
+    def bytes_hit(self, case: Case) -> float:
+        """Weight and scale bytes of the experts ``case`` routes to."""
+        per_expert = sum(t[0].numel() * t.element_size() for t in self)
+        return case.ids.unique().numel() * per_expert
+
+
+def quantize_case_experts(w13: torch.Tensor, w2: torch.Tensor) -> Fp8Experts:
+    (w13_q, w13_s), (w2_q, w2_s) = quantize_experts(w13, FP8_BLOCK), quantize_experts(w2, FP8_BLOCK)
+    return Fp8Experts(w13_q, w2_q, w13_s, w2_s)
 
 
 def useful_flops(shape: Shape, num_tokens: int) -> float:
@@ -162,6 +195,32 @@ def timing(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
+def fp8_timing(names: list[str], tokens: list[int]) -> None:
+    print("\nblock-FP8 experts (128x128 weight blocks, per-token-group activations) vs the same experts in bf16: "
+          "CUDA-graph us, TF/s of the useful FLOPs, TB/s of the fp8 weight + scale bytes of the experts hit")
+    print(f"{'shape':18s} {'tokens':>6s} {'rel err':>8s} {'fp8 us':>8s} {'TF/s':>6s} {'bf16 us':>8s} {'TF/s':>6s} "
+          f"{'speedup':>7s} {'TB/s':>6s}")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    worst = 0.0
+    for name in names:
+        shape = SHAPES[name]
+        w13, w2 = make_weights(shape, gen)
+        fp8 = quantize_case_experts(w13, w2)
+        for num_tokens in tokens:
+            case = make_case(shape, w13, w2, num_tokens, gen)
+            err = rel_err(fp8(case), fused_experts(*case))
+            worst = max(worst, err)
+            t_fp8, t_bf16 = graph_us(lambda: fp8(case)), graph_us(lambda: fused_experts(*case))
+            flops = useful_flops(shape, num_tokens)
+            print(f"{name:18s} {num_tokens:6d} {err:8.1e} {t_fp8:8.1f} {flops / t_fp8 / 1e6:6.1f} {t_bf16:8.1f} "
+                  f"{flops / t_bf16 / 1e6:6.1f} {t_bf16 / t_fp8:6.2f}x {fp8.bytes_hit(case) / t_fp8 / 1e6:6.2f}",
+                  flush=True)
+        del w13, w2, fp8, case  # the case holds the weights too
+        torch.cuda.empty_cache()
+    assert worst < 0.1, f"fp8 vs bf16 relative error {worst:.3e}"
+    print(f"  worst relative error {worst:.2e} (< 0.1: ok)")
+
+
 def alignment(names: list[str], tokens: list[int]) -> None:
     print("\nalignment, CUDA-graph us: the single-program Triton kernel vs torch ops (block_m of default_config)")
     print(f"{'shape':18s} {'tokens':>6s} {'pairs':>6s} {'block_m':>7s} {'triton':>8s} {'torch':>8s} {'equal':>5s}")
@@ -217,23 +276,29 @@ def tune_grid(pairs_per_expert: float) -> list[GemmConfig]:
     return grid
 
 
-def tune(names: list[str], tokens: list[int]) -> None:
-    print("tuning: CUDA-graph us per config; best vs default_config")
+def run_bf16(case: Case, config: GemmConfig | None = None) -> torch.Tensor:
+    return fused_experts_triton(*case, config=config)
+
+
+def tune(names: list[str], tokens: list[int], fp8: bool = False) -> None:
+    """``fp8``: the block-FP8 experts' kernel (the grid's block_k, 64 and 128, divide the 128-wide scale block)."""
+    print(f"tuning{' block-FP8 experts' if fp8 else ''}: CUDA-graph us per config; best vs default_config")
     print(f"{'shape':18s} {'tokens':>6s} {'pairs/E':>8s} {'default us':>10s} {'best us':>8s}  best config")
     gen = torch.Generator(device="cuda").manual_seed(2)
     best_by_bucket: dict[str, list[str]] = {}
     for name in names:
         shape = SHAPES[name]
         w13, w2 = make_weights(shape, gen)
+        run = quantize_case_experts(w13, w2) if fp8 else run_bf16
         for num_tokens in tokens:
             case = make_case(shape, w13, w2, num_tokens, gen)
             per_expert = num_tokens * shape.top_k / shape.num_experts
             rep = 10 if num_tokens <= 256 else 20
-            t_default = graph_us(lambda: fused_experts_triton(*case), rep_ms=rep)
+            t_default = graph_us(lambda: run(case), rep_ms=rep)
             results = []
             for config in tune_grid(per_expert):
                 try:
-                    results.append((graph_us(lambda: fused_experts_triton(*case, config=config), rep_ms=rep), config))
+                    results.append((graph_us(lambda: run(case, config), rep_ms=rep), config))
                 except Exception as exc:  # e.g. out of shared memory for the largest tiles with many stages
                     print(f"  skipped {config}: {type(exc).__name__}")
             t_best, best = min(results)
@@ -242,7 +307,7 @@ def tune(names: list[str], tokens: list[int]) -> None:
             bucket = ("<=16" if per_expert <= 16 else "<=64" if per_expert <= 64 else "<=256" if per_expert <= 256
                       else ">256")
             best_by_bucket.setdefault(bucket, []).append(f"{name}/{num_tokens}: {tuple(best)}")
-        del w13, w2, case  # the case holds the weights too
+        del w13, w2, run, case  # the case holds the weights too
         torch.cuda.empty_cache()
     print("\nbest configs by pairs per expert (default_config's buckets):")
     for bucket, rows in best_by_bucket.items():
@@ -256,11 +321,14 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
+    parser.add_argument("--fp8", action="store_true", help="block-FP8 experts vs bf16 (with --tune: tune them)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()
     if args.tune:
-        tune(args.shapes, args.tokens)
+        tune(args.shapes, args.tokens, args.fp8)
+    elif args.fp8:
+        fp8_timing(args.shapes, args.tokens)
     else:
         check(args.shapes, [t for t in args.tokens if t in (1, 64, 1024)] or args.tokens[:1])
         timing(args.shapes, args.tokens)
