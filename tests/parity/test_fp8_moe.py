@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 
 from radixlm.config.quant_config import QuantConfig
 from radixlm.distributed.parallel_state import TPGroup
-from radixlm.executor.static_batch import generate_static
+from radixlm.executor.static_batch import extend_batch, generate_static, release
 from radixlm.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8
 from radixlm.layers import moe
 from radixlm.layers.moe import FusedMoE, SparseMoeBlock
@@ -58,6 +58,16 @@ def check_against_hf(worker, hf, group: int | None, expert_group: int, tol: floa
             h.remove()
 
 
+def hf_logits_rounded(hf, ids: list[int], group: int) -> torch.Tensor:
+    """HF's logits of ``ids`` with every GEMM input (experts' too) rounded per ``group`` channels."""
+    hooks = round_fp8_inputs(hf, group, group, skip=("kv_b_proj",))
+    try:
+        return hf_logits(hf, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("name,device,block", [
     *[(name, "cpu", block) for name, block in CPU_BLOCKS.items()],
     # 32-wide blocks: an FP8 tl.dot on sm_90 needs K tiles of >= 32 (DeepSeek's q_lora_rank 24 does not allow it)
@@ -83,15 +93,6 @@ def test_block_fp8_moe_checkpoint_matches_hf(tmp_path, name, device, block):
         assert (hf_logits(hf, SEQS[3]) - hf_logits_rounded(hf, SEQS[3], bk)).abs().max() > 1e-2
 
 
-def hf_logits_rounded(hf, ids: list[int], group: int) -> torch.Tensor:
-    hooks = round_fp8_inputs(hf, group, group, skip=("kv_b_proj",))
-    try:
-        return hf_logits(hf, ids)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def test_online_fp8_moe_matches_hf(tmp_path):
     """``--quantization fp8`` on a bf16 checkpoint: experts in 32 x 32 blocks, dense layers per channel, against HF
     with the same weight and input roundings; and next to the unquantized model the logits move by the FP8
@@ -112,7 +113,7 @@ def test_online_fp8_moe_matches_hf(tmp_path):
                     for e in range(w.shape[0]):
                         w[e].copy_(quantize_fp8_blocks(w[e], (32, 32))[2])
     check_against_hf(worker, hf, None, 32, tol=1e-4)
-    quantized = hf_logits_rounded(hf, SEQS[3], 32)
+    quantized = run_logits(worker, SEQS[3])
     assert ((quantized - plain).norm() / plain.norm()).item() < 0.15
 
 
@@ -141,9 +142,7 @@ def test_dummy_fp8_moe_weights(tmp_path, quantization):
 
 
 def run_logits(worker, ids: list[int]) -> torch.Tensor:
-    """The prompt logits of one extend (no cache reuse)."""
-    from radixlm.executor.static_batch import extend_batch, release
-
+    """The prompt logits of one extend, every position's."""
     rows = worker.memory.req_to_token_pool.alloc(1)
     try:
         batch = extend_batch(worker.memory, rows, [0], [ids])
