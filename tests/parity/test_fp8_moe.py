@@ -4,11 +4,13 @@ A block-FP8 checkpoint (DeepSeek-V3's format, made here from a tiny random model
 routed and shared experts included, in E4M3; routers and norms unquantized) must give what HF gives with the
 dequantized weights *and* every GEMM input rounded through E4M3 per token per ``bk`` channels, as the FP8 GEMMs
 quantize them (for the experts both the hidden states and ``silu(gate) * up``).  radixlm's CPU path performs the
-same roundings and differs only in float32 summation order (~1e-6 on these logits of magnitude ~1), so the bound is
+same roundings and differs only in float32 summation order (~3e-6 on these logits of magnitude ~3), so the bound is
 1e-4, the dense FP8 test's; a missing or misplaced rounding moves the logits by 1e-2 or more (asserted below).
 DeepSeek's ``kv_b_proj`` is the exception: the absorbed MLA path multiplies its dequantized weight by unquantized
-activations, so the reference leaves its input unrounded.  On a GPU (Hopper's FP8 tensor cores accumulate each K
-tile with reduced precision, ~2e-3 relative) the bound is 5e-3.
+activations, so the reference leaves its input unrounded.  On a GPU the bound is test_fp8.py's 0.2 and greedy
+tokens are not compared: Hopper's FP8 dot accumulates each K tile with ~14 significand bits (~2e-3 relative),
+and an activation that then lands on the other side of an E4M3 rounding boundary in the next layer moves by a
+whole fp8 step (test_fp8.py measured 0.10 on the dense tiny models' logits).
 
 Online FP8 (``--quantization fp8``) quantizes the experts in blocks (``fp8_moe.online_block``: 32 x 32 on these
 64-wide models) and the dense layers per output channel; the reference rounds HF's weights and inputs alike."""
@@ -46,13 +48,16 @@ def moe_layers(worker) -> list[SparseMoeBlock]:
     return [layer.mlp for layer in worker.runner.model.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
 
-def check_against_hf(worker, hf, group: int | None, expert_group: int, tol: float) -> None:
-    """Every logit row of extend + decode within ``tol`` of the rounding HF reference, and 8 greedy tokens equal."""
+def check_against_hf(worker, hf, group: int | None, expert_group: int, tol: float, greedy: bool = True) -> None:
+    """Every logit row of extend + decode within ``tol`` of the rounding HF reference, and (``greedy``) 8 greedy
+    tokens equal."""
     hooks = round_fp8_inputs(hf, group, expert_group, skip=("kv_b_proj",))
     try:
         check_extend_and_decode(worker, hf, SEQS, PREFIXES, tol=tol)
-        outs = generate_static(worker, SEQS, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))
-        assert outs == [hf_greedy(hf, ids, 8, set()) for ids in SEQS]
+        if greedy:
+            outs = generate_static(worker, SEQS, SamplingParams(temperature=0.0, max_new_tokens=8,
+                                                                ignore_eos=True))
+            assert outs == [hf_greedy(hf, ids, 8, set()) for ids in SEQS]
     finally:
         for h in hooks:
             h.remove()
@@ -88,8 +93,9 @@ def test_block_fp8_moe_checkpoint_matches_hf(tmp_path, name, device, block):
         assert experts.gate_up_proj.dtype == experts.down_proj.dtype == FP8_DTYPE
         assert experts.gate_up_proj_scale_inv.shape == (e, two_inter // bn, hidden // bk)
         assert experts.down_proj_scale_inv.shape == (e, -(-hidden // bn), two_inter // 2 // bk)
-    check_against_hf(worker, hf, bk, bk, tol=1e-4 if device == "cpu" else 5e-3)
-    if device == "cpu":  # the bound is tight enough to see the activations' rounding
+    cpu = device == "cpu"
+    check_against_hf(worker, hf, bk, bk, tol=1e-4 if cpu else 0.2, greedy=cpu)
+    if cpu:  # the bound is tight enough to see the activations' rounding
         assert (hf_logits(hf, SEQS[3]) - hf_logits_rounded(hf, SEQS[3], bk)).abs().max() > 1e-2
 
 
