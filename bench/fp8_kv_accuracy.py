@@ -45,6 +45,23 @@ PROMPTS = [
     "Q: What is the boiling point of water at sea level?\nA:",
 ]
 
+# More prompts than PROMPTS (``--num-prompts``): every template with every subject, in a fixed order.
+TEMPLATES = ["Write two sentences about {}.", "What is the most important fact about {}?",
+             "Explain {} to a ten-year-old.", "Give three keywords related to {}:", "A short story about {}:",
+             "Q: Where does the word '{}' come from?\nA:", "List the pros and cons of {}.",
+             "Summarize the history of {} in one paragraph."]
+SUBJECTS = ["volcanoes", "the Roman Empire", "photosynthesis", "chess", "the stock market", "honey bees",
+            "quantum computing", "jazz", "the Moon", "bicycles", "coffee", "the Internet", "glaciers", "paper",
+            "electric cars", "the violin"]
+
+
+def prompt_texts(n: int) -> list[str]:
+    """``n`` prompts: PROMPTS first, then templates filled with subjects."""
+    extra = [t.format(s) for s in SUBJECTS for t in TEMPLATES]
+    if n > len(PROMPTS) + len(extra):
+        raise SystemExit(f"--num-prompts at most {len(PROMPTS) + len(extra)}")
+    return (PROMPTS + extra)[:n]
+
 
 @dataclass
 class Accuracy:
@@ -128,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ServerArgs.add_cli_args(parser)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--reference-kv-dtype", default="auto",
                         help="the reference cache (auto: float32 on CPU, the model dtype on GPU)")
     parser.add_argument("--kv-dtypes", nargs="+", default=["fp8_e4m3", "fp8_e5m2"])
@@ -144,7 +162,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
-    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    prompts = [tokenizer(p).input_ids for p in prompt_texts(cli.num_prompts)]
     start = time.perf_counter()
     results = measure(args, prompts, cli.output_len, cli.reference_kv_dtype, cli.kv_dtypes)
     print(f"{args.model_path}: {len(prompts)} prompts x {cli.output_len} tokens, device {args.device}, dtype "
