@@ -152,7 +152,7 @@ def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.
     blocks = padded.reshape(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
     scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)  # [n / bn, k / bk]
     q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    dequantized = (q.float() * scale[:, None, :, None]).reshape(padded.shape)[:n, :k]
+    dequantized = (q.float() * scale[:, None, :, None]).reshape(padded.shape)[:n, :k].contiguous()
     return q.reshape(padded.shape)[:n, :k].contiguous(), scale, dequantized
 
 

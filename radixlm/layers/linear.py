@@ -53,6 +53,10 @@ class QuantizableLinear(nn.Module):
                              checkpoint_shapes)
         if block:
             bn, bk = quant.weight_block
+            if in_features % bk:
+                raise ValueError(f"a linear layer with {in_features} input features (per rank) under the FP8 "
+                                 f"checkpoint's {bk}-wide K blocks: the activations are quantized per group of {bk} "
+                                 f"channels, so the input size must be a multiple of it")
             self.weight_scale_inv = _param(
                 (fp8_linear.cdiv(out, bn), fp8_linear.cdiv(in_features, bk)), torch.float32,
                 scale_loader or default_weight_loader,

@@ -1,8 +1,11 @@
-"""FP8 weights served end to end: the ``Engine`` with ``--quantization fp8`` on the embedded model, and
-``radixlm serve`` on a block-wise FP8 checkpoint (native /generate, token ids in and out); each answer equals the
-static batch's greedy tokens with the same weights (parity with HF is in tests/parity/test_fp8.py)."""
+"""FP8 served end to end: the ``Engine`` with ``--quantization fp8`` on the embedded model; ``radixlm serve`` with
+online FP8 weights and an FP8 KV cache through the OpenAI chat API; ``radixlm serve`` on block-wise FP8
+checkpoints, dense and mixture-of-experts (native /generate, token ids in and out).  Each answer equals the
+static batch's greedy tokens with the same weights and cache (parity with HF is in tests/parity/test_fp8*.py)."""
 
 from __future__ import annotations
+
+import pytest
 
 import radixlm
 from radixlm.executor.static_batch import generate_static
@@ -27,9 +30,29 @@ def test_engine_online_fp8(embedded_tokenizer):
         assert out["text"] == embedded_tokenizer.decode(want, skip_special_tokens=True)
 
 
-def test_serve_block_fp8_checkpoint(tmp_path):
+def test_serve_online_fp8_with_fp8_kv_cache(embedded_tokenizer):
+    server = LiveServer("--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3", "--max-total-tokens", "2048")
+    try:
+        import openai
+
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="none")
+        messages = [{"role": "user", "content": "Name a large river."}]
+        chat = client.chat.completions.create(model="any", messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        prompt = embedded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        want = static_greedy(None, list(prompt["input_ids"]), 8, quantization="fp8", kv_cache_dtype="fp8_e4m3")
+        assert chat.usage.completion_tokens == 8
+        assert chat.choices[0].message.content == embedded_tokenizer.decode(want, skip_special_tokens=True)
+        info = server.server_info()
+        assert info["quantization"] == "fp8" and info["kv_cache_dtype"] == "fp8_e4m3"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("name,block", [("llama", (16, 16)), ("deepseek_v3", (16, 8))])  # V3: 24-wide o_proj input
+def test_serve_block_fp8_checkpoint(tmp_path, name, block):
     path = str(tmp_path)
-    build_tiny_fp8_model("llama", path, block=(16, 16))
+    build_tiny_fp8_model(name, path, block=block)
     ids = list(range(10, 40))
     want = static_greedy(path, ids, 8)
     server = LiveServer("--model-path", path, "--skip-tokenizer-init", "--max-total-tokens", "2048")

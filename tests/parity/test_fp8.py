@@ -95,3 +95,13 @@ def test_a_tp_size_that_cuts_scale_blocks_is_refused():
     check_block_split("output features", 256, 128, 2)  # whole blocks: fine
     with pytest.raises(ValueError, match="cut the FP8 checkpoint's 128-wide scale blocks"):
         check_block_split("output features", 576 // 2, 128, 2)
+
+
+def test_an_input_size_off_the_k_blocks_is_refused():
+    from radixlm.layers.linear import ReplicatedLinear
+
+    quant = QuantConfig.resolve({"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                                         "weight_block_size": [128, 128]}}, None)
+    assert ReplicatedLinear(256, 576, quant=quant).weight_scale_inv.shape == (5, 2)  # a partial N block is fine
+    with pytest.raises(ValueError, match="activations are quantized per group of 128"):
+        ReplicatedLinear(192, 256, quant=quant)
