@@ -11,8 +11,10 @@ Default mode:
 2. timing (``triton.testing.do_bench`` medians, L2 flushed), TFLOP/s of 2*M*N*K per (shape, M):
    ``gemm`` the block GEMM on pre-quantized activations, ``linear`` with the activation quantization (two
    launches), ``bf16`` torch.matmul on the dequantized bf16 weight (cuBLAS), ``rowwise`` torch._scaled_mm with
-   per-row activation / per-column weight scales (the per-channel online-FP8 path; GEMM only), and ``TB/s``
-   the fp8 weight bytes over the ``gemm`` time (the roofline of decode rows);
+   per-row activation / per-column weight scales (the per-channel online-FP8 path; GEMM only), ``channel`` the
+   online-FP8 layer as served, ``TB/s`` the fp8 weight bytes over the ``gemm`` time (the roofline of decode
+   rows), and ``cublasB`` cuBLAS's block-scaled GEMM (``cublas_block_gemm``, a candidate not yet wired in) with
+   its relative error against the fp32 product of the same quantized operands;
 3. fused MoE at DeepSeek-V3's expert shapes (256 experts, hidden 7168, top 8; inter 2048 = TP1, 256 = TP8):
    fp8 experts vs the same experts dequantized to bf16, relative error and CUDA-graph us for both.
 
@@ -115,6 +117,16 @@ def rowwise_operands(w_bf16: torch.Tensor, x: torch.Tensor):
     return x_q, x_scale, w_q.t(), w_scale[None, :]  # b column-major [K, N], scale_b [1, N]
 
 
+def cublas_block_gemm(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
+    """The block-scaled GEMM by cuBLAS (torch's ``scaled_mm`` with DeepSeek's recipes, sm_90): activations 1x128
+    (scales ``[M, K / 128]`` stored M-major), weights 128x128 (``mat_b = w_q^T`` [K, N], scales ``[K / 128, N /
+    128]``).  A candidate for the layers' prefill path, timed here before it is wired in."""
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    return scaled_mm(x_q, w_q.t(), x_s.t().contiguous().t(), ScalingType.BlockWise1x128, w_s.t(),
+                     ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+
+
 def check(names: list[str], tokens: list[int]) -> None:
     print("correctness: fp8_block_linear (bf16 out) vs the same quantized operands in fp32 (same-q) and vs the "
           "unquantized bf16 activations (dense), relative Frobenius error")
@@ -143,7 +155,8 @@ def check(names: list[str], tokens: list[int]) -> None:
 def timing(names: list[str], tokens: list[int]) -> None:
     print("\ntiming, TFLOP/s (2*M*N*K / do_bench median); TB/s: fp8 weight bytes / gemm time")
     print(f"{'shape':18s} {'M':>5s} {'gemm us':>8s} {'gemm':>7s} {'linear':>7s} {'bf16':>7s} {'rowwise':>7s} "
-          f"{'channel':>7s} {'TB/s':>5s} {'lin TB/s':>8s} {'ch TB/s':>7s} {'bf16 TB/s':>9s}  config")
+          f"{'channel':>7s} {'TB/s':>5s} {'lin TB/s':>8s} {'ch TB/s':>7s} {'bf16 TB/s':>9s} {'cublasB':>7s} "
+          f"{'cB err':>8s}  config")
     gen = torch.Generator(device="cuda").manual_seed(1)
     for name in names:
         shape = SHAPES[name]
@@ -166,12 +179,19 @@ def timing(names: list[str], tokens: list[int]) -> None:
                 print(f"  _scaled_mm: {str(exc).splitlines()[0][:100]}")
                 t_row = float("nan")
             t_channel = bench_us(lambda: fp8_channel_linear(x, w_ch, w_ch_scale))
+            try:
+                cublas_err = rel_err(cublas_block_gemm(x_q, x_s, w_q, w_s),
+                                     w8a8_block_fp8_matmul_torch(x_q, x_s, w_q, w_s, BLOCK, torch.float32))
+                t_cublas = bench_us(lambda: cublas_block_gemm(x_q, x_s, w_q, w_s))
+            except (RuntimeError, ValueError, NotImplementedError, ImportError, TypeError) as exc:  # no such recipe
+                print(f"  cuBLAS block-scaled: {str(exc).splitlines()[0][:100]}")
+                cublas_err, t_cublas = float("nan"), float("nan")
             c = default_fp8_config(m, shape.n, shape.k, BLOCK)
             nk = shape.n * shape.k
             print(f"{name:18s} {m:5d} {t_gemm:8.1f} {flops / t_gemm / 1e6:7.1f} {flops / t_linear / 1e6:7.1f} "
                   f"{flops / t_bf16 / 1e6:7.1f} {flops / t_row / 1e6:7.1f} {flops / t_channel / 1e6:7.1f} "
                   f"{nk / t_gemm / 1e6:5.2f} {nk / t_linear / 1e6:8.2f} {nk / t_channel / 1e6:7.2f} "
-                  f"{2 * nk / t_bf16 / 1e6:9.2f}  "
+                  f"{2 * nk / t_bf16 / 1e6:9.2f} {flops / t_cublas / 1e6:7.1f} {cublas_err:8.1e}  "
                   f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}", flush=True)
         del w_q, w_s, w, w_ch, w_ch_scale
         torch.cuda.empty_cache()
