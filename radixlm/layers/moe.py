@@ -79,33 +79,25 @@ class FusedMoE(nn.Module):
         if from_checkpoint:
             bn, bk = self.block_shape
             self.gate_up_proj_scale_inv = new_param(
-                (num_experts, 2 * local // bn, cdiv(hidden_size, bk)), torch.float32, self._load_gate_up_scale,
+                (num_experts, 2 * local // bn, cdiv(hidden_size, bk)), torch.float32, self._load_gate_up,
                 {(e, part): (inter // bn, cdiv(hidden_size, bk))
                  for e in range(num_experts) for part in ("gate", "up")})
             self.down_proj_scale_inv = new_param(
-                (num_experts, cdiv(hidden_size, bn), local // bk), torch.float32, self._load_down_scale,
+                (num_experts, cdiv(hidden_size, bn), local // bk), torch.float32, self._load_down,
                 {(e, "down"): (cdiv(hidden_size, bn), inter // bk) for e in range(num_experts)})
 
     def _load_gate_up(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
+        """This rank's rows of one expert's gate or up matrix (or of its block scales: whole blocks, by
+        ``check_expert_blocks``) into the gate or up half of ``param``."""
         expert, part = shard
-        rows = loaded.narrow(0, self.tp.rank * self.local_inter, self.local_inter)
-        offset = 0 if part == "gate" else self.local_inter
-        param.data[expert].narrow(0, offset, self.local_inter).copy_(rows)
+        half = param.shape[1] // 2  # local_inter rows, or local_inter / bn scale rows
+        offset = 0 if part == "gate" else half
+        param.data[expert].narrow(0, offset, half).copy_(loaded.narrow(0, self.tp.rank * half, half))
 
     def _load_down(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
+        """This rank's columns of one expert's down matrix (or of its block scales)."""
         expert, _ = shard
-        param.data[expert].copy_(loaded.narrow(1, self.tp.rank * self.local_inter, self.local_inter))
-
-    def _load_gate_up_scale(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
-        """The scale rows of the weight rows ``_load_gate_up`` takes (whole blocks: ``check_expert_blocks``)."""
-        expert, part = shard
-        rows = self.local_inter // self.block_shape[0]
-        offset = 0 if part == "gate" else rows
-        param.data[expert].narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp.rank * rows, rows))
-
-    def _load_down_scale(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
-        expert, _ = shard
-        cols = self.local_inter // self.block_shape[1]
+        cols = param.shape[2]  # local_inter columns, or local_inter / bk scale columns
         param.data[expert].copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
     def finish_loading(self) -> None:
