@@ -32,7 +32,6 @@ with V3's routing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -84,7 +83,7 @@ class DeepseekV2Attention(nn.Module):
     """MLA (see the module docstring); this rank's ``num_heads`` of the query heads.  ``extend_path`` (one of
     ``mla_extend.EXTEND_PATHS``) picks the form of EXTEND batches: ``auto`` by the batch, or one form always
     (tests and benchmarks set the attribute to compare the two).  ``fp8_bmm``: the absorbed form's products with
-    W_UK and W_UV in FP8, over the buffers ``quantize_absorbed_weights`` fills after loading."""
+    W_UK and W_UV in FP8, over the buffers ``finish_loading`` fills after loading."""
 
     def __init__(self, config: ModelConfig, layer_id: int, extend_path: str = "auto", fp8_bmm: bool = False):
         super().__init__()
@@ -124,7 +123,7 @@ class DeepseekV2Attention(nn.Module):
                                    num_kv_heads=1, layer_id=layer_id, v_head_dim=self.kv_lora_rank)
         self.dims = MLADims(self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
         if fp8_bmm:
-            # Allocated with the parameters (before the KV cache is sized); filled by quantize_absorbed_weights.
+            # Allocated with the parameters (before the KV cache is sized); filled by finish_loading.
             # [num_heads, kv_lora_rank, qk_nope_head_dim]: W_UK[h]^T, K-contiguous as the kernel reads it
             self.register_buffer("w_uk_fp8", torch.empty(self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim,
                                                          dtype=FP8_DTYPE), persistent=False)
@@ -143,7 +142,7 @@ class DeepseekV2Attention(nn.Module):
         w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
 
-    def quantize_absorbed_weights(self) -> None:
+    def finish_loading(self) -> None:
         """With ``fp8_bmm``, once the checkpoint is in: W_UK and W_UV to E4M3 with one float32 scale per head
         (``fp8_bmm.quantize_per_batch``), from kv_b_proj's weight in float32: the checkpoint's values (an online
         ``--quantization fp8`` quantizes kv_b_proj after this), or a block-FP8 checkpoint's dequantized ones
@@ -223,11 +222,6 @@ class DeepseekV2ForCausalLM(CausalLM):
         super().__init__(config, DecoderModel(config, lambda i: PreNormDecoderLayer(
             config, DeepseekV2Attention(config, i, fp8_bmm=config.enable_fp8_mla_bmm),
             deepseek_mlp(config, i, self.default_topk_method))))
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(weights)
-        for layer in self.model.layers:
-            layer.self_attn.quantize_absorbed_weights()
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """One latent + rope key per token and layer, the same on every rank."""

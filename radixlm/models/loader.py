@@ -9,8 +9,6 @@ from torch import nn
 
 from radixlm.config import ModelConfig, ServerArgs
 from radixlm.config.model_config import read_hf_config
-from radixlm.layers.linear import QuantizableLinear
-from radixlm.layers.moe import FusedMoE
 from radixlm.models.embedded import embedded_model_path
 from radixlm.models.presets import PRESETS
 from radixlm.models.registry import get_model_class
@@ -49,7 +47,9 @@ def load_model(config: ModelConfig, load_format: str, device: torch.device, seed
     else:
         weights = iter_safetensors(config.model_path)
     model.load_weights(weights)
+    # After the checkpoint is in: online FP8 quantizes what was loaded, MLA's FP8 products take W_UK / W_UV.  In
+    # module order, so a layer runs before its sub-layers (the MLA attention reads kv_b_proj unquantized).
     for module in model.modules():
-        if isinstance(module, (QuantizableLinear, FusedMoE)):
-            module.finish_loading()  # online FP8: quantize what was loaded
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
     return model.eval()
