@@ -46,6 +46,7 @@ MAX_KV_SPLITS = 128
 # Least keys per non-empty split of an MLA launch: a 16-head tile's partial output is 16 x 512 fp32 = 32 KB, the
 # bytes of ~28 latent rows (576 bf16); with >= 128 keys a split reads >= 4.5x the bytes it writes to scratch.
 MLA_MIN_SPLIT_LEN = 128
+SPLIT_STAGES = 2  # software-pipeline depth of stage 1's key loop
 _MERGE_TILE = 4096  # elements of partial outputs stage 2 holds at once: [8 splits, 512] or [32, 128]
 
 
@@ -300,7 +301,7 @@ def decode_attention_fwd(
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe), BLOCK_H=block_h,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, HAS_WINDOW=sliding_window is not None,
-        KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps, num_stages=2,
+        KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps, num_stages=SPLIT_STAGES,
     )
     _decode_merge_kernel[(bs, num_heads)](
         mid_o, mid_lse, o,
