@@ -18,17 +18,17 @@ Default mode:
 3. fused MoE at DeepSeek-V3's expert shapes (256 experts, hidden 7168, top 8; inter 2048 = TP1, 256 = TP8):
    fp8 experts vs the same experts dequantized to bf16, relative error and CUDA-graph us for both.
 
-``--tune-rows``: the batch-1 decode kernel (``fp8_gemv_rows``, quantizing inside) per config at M = 1, then
-its best config at M = 1, 2, 4, 8 against the path it replaces (the activation quantizer + ``fp8_gemv``) and bf16
-cuBLAS, all in CUDA graphs over enough weight copies (``ROTATE_BYTES``) that every call reads its weight from HBM,
-as a decode step's back-to-back layers do; weight TB/s per row.
+``--tune-gemv``: the decode GEMV (``fp8_gemv``, pre-quantized activations) per config at M = 1, block and
+per-channel weights; then at M = 1 and 16 its default and best configs, the layer as served (quantizer + GEMV)
+and bf16 cuBLAS.  All in CUDA graphs over enough weight copies (``ROTATE_BYTES``) that every call reads its
+weight from HBM, as a decode step's back-to-back layers do; weight TB/s per row.
 
 ``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
 by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
 
     python bench/gpu/fp8_gemm.py             # ~2-3 minutes on an H200 (Triton compiles included)
     python bench/gpu/fp8_gemm.py --tune      # ~4-5 minutes
-    python bench/gpu/fp8_gemm.py --tune-rows --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down v3-o
+    python bench/gpu/fp8_gemm.py --tune-gemv --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down v3-o
     python bench/gpu/fp8_gemm.py --shapes v3-kv_a v3-o --tokens 1 64 --no-moe   # a subset
 
 from the repository root with ``PYTHONPATH=.``.
@@ -51,7 +51,7 @@ from radixlm.kernels.fp8 import (
     w8a8_block_fp8_matmul_torch,
 )
 from radixlm.kernels.fp8_gemm import default_fp8_config, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton
-from radixlm.kernels.fp8_gemv import GemvConfig, RowGemvConfig, default_row_gemv_config, fp8_gemv, fp8_gemv_rows
+from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
 from radixlm.kernels.gemm_config import GemmConfig
 from radixlm.layers.fp8_linear import fp8_channel_linear, quantize_online
 from radixlm.kernels.fused_moe import fused_experts
@@ -278,41 +278,6 @@ def tune(names: list[str], tokens: list[int]) -> None:
             print(f"    {row}")
 
 
-def tune_gemv(names: list[str], tokens: list[int]) -> None:
-    """The decode GEMV (``fp8_gemv``, pre-quantized activations) per config, block and per-channel weights, at
-    M <= 16."""
-    print("tuning the decode GEMV: us per config (do_bench, L2 flushed); weight TB/s")
-    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'default us':>10s} {'TB/s':>5s} {'best us':>8s} {'TB/s':>5s}  best")
-    gen = torch.Generator(device="cuda").manual_seed(4)
-    grid = [GemvConfig(n, k, w, st, sk) for n, k, w, st, sk in itertools.product(
-        (32, 64, 128), (256, 512), (4, 8), (3, 5), (1, 2, 4))]
-    for name in names:
-        shape = SHAPES[name]
-        w_q, w_s = random_fp8_weight(shape.n, shape.k, gen)
-        w_ch, w_ch_scale = quantize_online(dequantize_bf16(w_q, w_s))
-        for m in [t for t in tokens if t <= 16]:
-            x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
-            x_q, x_s = per_token_group_quant_fp8(x)
-            xc_q, xc_s = per_token_quant_fp8_triton(x)
-            for fmt, args in (("block", (x_q, x_s, w_q, w_s, BLOCK)), ("chan", (xc_q, xc_s, w_ch, w_ch_scale, None))):
-                # block weights ignore block_k (their tiles are the scale blocks): sweep it for "chan" only
-                configs = grid if fmt == "chan" else [c for c in grid if c.block_k == 256]
-                t_default = bench_us(lambda: fp8_gemv(*args), rep_ms=10)
-                results = []
-                for config in configs:
-                    try:
-                        results.append((bench_us(lambda: fp8_gemv(*args, config=config), rep_ms=10), config))
-                    except Exception as exc:  # out of shared memory / registers for the widest tiles
-                        print(f"  skipped {tuple(config)}: {type(exc).__name__}")
-                results.sort()
-                nk = shape.n * shape.k
-                top = "  ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:3])
-                print(f"{name:18s} {fmt:>5s} {m:3d} {t_default:10.1f} {nk / t_default / 1e6:5.2f} "
-                      f"{results[0][0]:8.1f} {nk / results[0][0] / 1e6:5.2f}  {top}", flush=True)
-        del w_q, w_s, w_ch, w_ch_scale
-        torch.cuda.empty_cache()
-
-
 def rotating_graph_us(calls: list[Callable[[], object]]) -> float:
     """us per call of ``calls`` (each on its own weight copy) captured back to back in one CUDA graph."""
     for call in calls:
@@ -325,14 +290,15 @@ def rotating_graph_us(calls: list[Callable[[], object]]) -> float:
     return triton.testing.do_bench(graph.replay, warmup=3, rep=30, return_mode="median") * 1e3 / len(calls)
 
 
-def tune_rows(names: list[str], tokens: list[int]) -> None:
-    """``fp8_gemv_rows`` (bf16 activations in, quantized inside) per config at M = 1; then per M its best config
-    against ``quant+gemv`` (the Triton quantizer and ``fp8_gemv``, default config) and bf16 cuBLAS."""
-    grid = [RowGemvConfig(n, k, w, st) for n, k, w, st in itertools.product((4, 8, 16, 32), (256, 512, 1024),
-                                                                              (4, 8), (1, 3))]
-    print("fp8_gemv_rows: us per call in CUDA graphs over rotating weight copies; TB/s of fp8 weight bytes")
-    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'rows us':>8s} {'TB/s':>5s} {'q+gemv us':>9s} {'TB/s':>5s} "
-          f"{'bf16 us':>8s} {'TB/s':>5s} {'rel err':>8s}  config (default {tuple(default_row_gemv_config(1, 1))})")
+def tune_gemv(names: list[str], tokens: list[int]) -> None:
+    """``fp8_gemv`` per config at M = 1 (CUDA graphs, rotating weights); then per M the default and best configs,
+    the FP8 layer as served (quantizer + GEMV: ``fp8_block_linear`` / ``fp8_channel_linear``) and bf16 cuBLAS."""
+    grid = [GemvConfig(n, k, 4, st, sk) for n, k, st, sk in itertools.product((64, 128), (128, 256), (3, 5),
+                                                                             (1, 2, 4, 8))]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("decode GEMV: us per call in CUDA graphs over rotating weight copies; TB/s of weight bytes")
+    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'default us':>10s} {'TB/s':>5s} {'best us':>8s} {'TB/s':>5s} "
+          f"{'layer us':>8s} {'TB/s':>5s} {'bf16 us':>8s} {'TB/s':>5s}  default / best config")
     gen = torch.Generator(device="cuda").manual_seed(5)
     for name in names:
         shape = SHAPES[name]
@@ -340,19 +306,25 @@ def tune_rows(names: list[str], tokens: list[int]) -> None:
         blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
         bf16 = [dequantize_bf16(w_q, w_s) for w_q, w_s in blocks]
         chans = [quantize_online(w) for w in bf16]
+        default = default_gemv_config(shape.n, shape.k, num_sms)
         for fmt in ("block", "chan"):
             weights = [(w_q, w_s, BLOCK) for w_q, w_s in blocks] if fmt == "block" else \
                 [(w_q, w_s, None) for w_q, w_s in chans]
+            configs = grid if fmt == "chan" else [c for c in grid if c.block_k == 128]  # block: K tile = bk
 
-            def rows_us(x: torch.Tensor, config: RowGemvConfig) -> float:
-                return rotating_graph_us([lambda w=w: fp8_gemv_rows(x, *w, config) for w in weights])
+            def quantized(x: torch.Tensor):
+                return per_token_group_quant_fp8(x) if fmt == "block" else per_token_quant_fp8_triton(x)
+
+            def gemv_us(x: torch.Tensor, config: GemvConfig) -> float:
+                x_q, x_s = quantized(x)
+                return rotating_graph_us([lambda w=w: fp8_gemv(x_q, x_s, *w, config=config) for w in weights])
 
             x1 = torch.randn(1, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
             results = []
-            for config in grid:
+            for config in configs:
                 try:
-                    results.append((rows_us(x1, config), config))
-                except Exception as exc:  # out of registers for the widest tiles
+                    results.append((gemv_us(x1, config), config))
+                except Exception as exc:  # out of shared memory for the deepest pipelines
                     print(f"  skipped {tuple(config)}: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             results.sort()
             print(f"  {name} {fmt} M=1 top 5: " + "  ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:5]),
@@ -360,22 +332,17 @@ def tune_rows(names: list[str], tokens: list[int]) -> None:
             best = results[0][1]
             for m in tokens:
                 x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
-                t_rows = rows_us(x, best)
+                t_default, t_best = gemv_us(x, default), gemv_us(x, best)
                 if fmt == "block":
-                    def quant_gemv(w):
-                        x_q, x_s = per_token_group_quant_fp8(x)
-                        return fp8_gemv(x_q, x_s, *w)
+                    t_layer = rotating_graph_us([lambda w=w: fp8_block_linear(x, w[0], w[1], None, BLOCK)
+                                                 for w in weights])
                 else:
-                    def quant_gemv(w):
-                        x_q, x_s = per_token_quant_fp8_triton(x)
-                        return fp8_gemv(x_q, x_s, *w)
-                t_q = rotating_graph_us([lambda w=w: quant_gemv(w) for w in weights])
+                    t_layer = rotating_graph_us([lambda w=w: fp8_channel_linear(x, w[0], w[1]) for w in weights])
                 t_bf16 = rotating_graph_us([lambda w=w: torch.matmul(x, w.t()) for w in bf16])
-                err = rel_err(fp8_gemv_rows(x, *weights[0], best), quant_gemv(weights[0]))
                 nk = shape.n * shape.k
-                print(f"{name:18s} {fmt:>5s} {m:3d} {t_rows:8.1f} {nk / t_rows / 1e6:5.2f} {t_q:9.1f} "
-                      f"{nk / t_q / 1e6:5.2f} {t_bf16:8.1f} {2 * nk / t_bf16 / 1e6:5.2f} {err:8.1e}  {tuple(best)}",
-                      flush=True)
+                print(f"{name:18s} {fmt:>5s} {m:3d} {t_default:10.1f} {nk / t_default / 1e6:5.2f} {t_best:8.1f} "
+                      f"{nk / t_best / 1e6:5.2f} {t_layer:8.1f} {nk / t_layer / 1e6:5.2f} {t_bf16:8.1f} "
+                      f"{2 * nk / t_bf16 / 1e6:5.2f}  {tuple(default)} / {tuple(best)}", flush=True)
         del blocks, bf16, chans, weights
         torch.cuda.empty_cache()
 
@@ -388,15 +355,11 @@ def main() -> None:
     parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
     parser.add_argument("--tune-gemv", action="store_true", help="sweep the decode GEMV's configs (M <= 16)")
-    parser.add_argument("--tune-rows", action="store_true",
-                        help="sweep the batch-1 GEMV that quantizes inside, against quant + GEMV and bf16")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()
-    if args.tune_rows:
-        tune_rows(args.shapes, [t for t in args.tokens if t <= 8])
-    elif args.tune_gemv:
-        tune_gemv(args.shapes, args.tokens)
+    if args.tune_gemv:
+        tune_gemv(args.shapes, [t for t in args.tokens if t <= 16])
     elif args.tune:
         tune(args.shapes, args.tokens)
     else:

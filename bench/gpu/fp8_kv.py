@@ -8,11 +8,6 @@ of bf16 K/V plus its FP8 copy.
 
     python bench/gpu/fp8_kv.py                   (repository root; ~1 minute on an H200)
     python bench/gpu/fp8_kv.py --smoke           (CPU, Triton interpreter, tiny shapes: the script runs)
-    python bench/gpu/fp8_kv.py --variants        (also the FP8 launch variants below, us per call)
-
-``--variants`` times the FP8 cache under launch changes, for choosing the kernel's FP8 path: ``q16`` queries in
-fp16 (the tiles convert E4M3 -> fp16, one instruction per pair on sm_90, instead of -> bf16); ``n2`` twice the
-key block (an FP8 tile of the same bytes); ``st3`` / ``st4`` deeper software pipelining of the key loop.
 """
 
 from __future__ import annotations
@@ -23,13 +18,11 @@ import sys
 import torch
 
 SMOKE = "--smoke" in sys.argv
-VARIANTS = "--variants" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo
 
 from radixlm.attention.triton_backend import TritonAttnBackend  # noqa: E402
-from radixlm.kernels import decode_attention  # noqa: E402
 from radixlm.kernels.decode_attention import decode_attention_fwd  # noqa: E402
 from radixlm.mem import KVCacheSpec, create_kv_pool  # noqa: E402
 
@@ -87,46 +80,11 @@ def run(shape: tuple, bs: int, context: int) -> None:
         us = graph_time_us(call)
         kv_bytes = tokens * spec.bytes_per_token()
         results[dtype] = (us, kv_bytes / (us * 1e-6) / 1e9, o.float().clone(), mid_o.shape[2])
-        if VARIANTS and dtype == torch.float8_e4m3fn:
-            q_bf16 = q
-            for variant in ("q16", "n2", "q16 n2", "st3", "q16 st3", "q16 n2 st3", "st4"):
-                q = q_bf16.half() if "q16" in variant else q_bf16
-                o = torch.empty((bs, heads, dv), device=DEVICE, dtype=q.dtype)
-                with launch_variant(variant):
-                    us_v = graph_time_us(call)
-                d = ((o.float() - results[torch.bfloat16][2]).norm() / results[torch.bfloat16][2].norm()).item()
-                results[variant] = (us_v, d)
-            q = q_bf16
         del pool
     (t16, bw16, o16, splits), (t8, bw8, o8, _) = results[torch.bfloat16], results[torch.float8_e4m3fn]
     diff = ((o8 - o16).norm() / o16.norm()).item()
     print(f"{name:12s} {bs:5d} {context:7d} {splits:6d} {t16:10.1f} {t8:10.1f} {t16 / t8:7.2f}x "
           f"{bw16:8.0f} {bw8:8.0f} {diff:9.2e}")
-    if VARIANTS:
-        print("    fp8 variants (us, speedup over bf16, rel diff): " + "  ".join(
-            f"{v}: {results[v][0]:.1f} {t16 / results[v][0]:.2f}x {results[v][1]:.1e}"
-            for v in results if isinstance(v, str)),
-            flush=True)
-
-
-class launch_variant:
-    """Patches ``decode_attention``'s launch choices for one timing: ``n2`` doubles the key block, ``st3`` /
-    ``st4`` set the pipeline depth (``q16`` is the caller's: fp16 queries)."""
-
-    def __init__(self, variant: str) -> None:
-        self.variant = variant.split()
-
-    def __enter__(self) -> None:
-        self.saved = decode_attention.decode_launch, decode_attention.SPLIT_STAGES
-        launch = self.saved[0]
-        if "n2" in self.variant:
-            decode_attention.decode_launch = lambda *a: (launch(*a)[0], 2 * launch(*a)[1])
-        for stages in (3, 4):
-            if f"st{stages}" in self.variant:
-                decode_attention.SPLIT_STAGES = stages
-
-    def __exit__(self, *exc) -> None:
-        decode_attention.decode_launch, decode_attention.SPLIT_STAGES = self.saved
 
 
 def main() -> None:

@@ -20,9 +20,11 @@ power-of-two main block and a smaller power-of-two remainder (576 = 512 + 64, SG
 BLOCK_DPE) whose two dot products are summed, instead of one block padded to 1024; see ``head_blocks``.
 
 An FP8 cache (``float8_e4m3fn`` / ``float8_e5m2``, values ``x / scale``) is loaded as FP8 and converted in
-registers to the query's dtype, which the dots then run in; the layer's K scale multiplies the softmax scale and
-its V scale the split's output (both scales are one float32 each, read in the kernel: nothing extra passes over the
-cache, nothing is read on the host).  ``kv_compute`` gives that dtype choice to the launch code of both kernels.
+registers to fp16 (fp32 for fp32 queries), which the dots then run in (sm_90 widens a pair of E4M3 values to fp16 in one instruction;
+to bf16 takes several, and converting to the query's bf16 made FP8 reads slower than bf16 ones: GPU run H), with
+the query pre-scaled by the softmax scale; an FP8 key block holds twice the keys of a 16-bit one (the same bytes
+per iteration).  The layer's K scale multiplies the logits and its V scale the split's output (both scales are
+one float32 each, read in the kernel: nothing extra passes over the cache, nothing is read on the host).  ``kv_compute`` gives that dtype choice to the launch code of both kernels.
 
 Nothing here reads a device value on the host or allocates, so a decode step can be captured in a CUDA graph.
 """
@@ -46,7 +48,9 @@ MAX_KV_SPLITS = 128
 # Least keys per non-empty split of an MLA launch: a 16-head tile's partial output is 16 x 512 fp32 = 32 KB, the
 # bytes of ~28 latent rows (576 bf16); with >= 128 keys a split reads >= 4.5x the bytes it writes to scratch.
 MLA_MIN_SPLIT_LEN = 128
-SPLIT_STAGES = 2  # software-pipeline depth of stage 1's key loop
+# Software-pipeline depth of stage 1's key loop; one more for FP8 GQA caches (GPU run H: 1.2-1.5x with fp16
+# tiles and doubled key blocks; MLA-wide FP8 tiles ran slower with it).
+SPLIT_STAGES = 2
 _MERGE_TILE = 4096  # elements of partial outputs stage 2 holds at once: [8 splits, 512] or [32, 128]
 
 
@@ -73,14 +77,15 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 def kv_compute(q: torch.Tensor, k_buffer: torch.Tensor, k_scale: torch.Tensor | None,
                v_scale: torch.Tensor | None) -> tuple[bool, torch.dtype, str]:
     """(KV_FP8, the dtype the dots run in, their input precision) of a launch.  An FP8 cache needs both scales
-    (float32, one element each) and computes in the query's dtype; any other cache in its own (q is cast)."""
+    (float32, one element each) and computes in fp16 (q scaled, then cast), or in fp32 for fp32 queries; any
+    other cache in its own (q is cast)."""
     fp8 = k_buffer.dtype in FP8_DTYPES
     if fp8:
         assert k_scale is not None and v_scale is not None, "an FP8 KV cache needs its layer's k_scale and v_scale"
         assert k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.numel() == v_scale.numel() == 1
     else:
         assert k_scale is None and v_scale is None, "scales go with an FP8 KV cache"
-    dtype = q.dtype if fp8 else k_buffer.dtype
+    dtype = (torch.float32 if q.dtype == torch.float32 else torch.float16) if fp8 else k_buffer.dtype
     return fp8, dtype, ("ieee" if dtype == torch.float32 else "tf32")  # tf32 would cost fp32 caches ~1e-3
 
 
@@ -128,18 +133,28 @@ def _decode_split_kernel(
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    # The dots run in the cache's dtype, an FP8 cache's in q's (its tiles are converted as they load).
-    compute_ty = Q.dtype.element_ty if KV_FP8 else K.dtype.element_ty
-    if KV_FP8:  # q (K_stored k_scale)^T = (q K_stored^T) k_scale: the K scale joins the softmax scale
-        qk_scale = qk_scale * tl.load(KScale)
+    # The dots run in the cache's dtype, an FP8 cache's in fp16 (fp32 for fp32 queries; ``kv_compute``), its
+    # tiles converted as they load.  There q is multiplied by the softmax scale before its cast (fp16 then overflows only past ~7e5 x
+    # sqrt(head_dim)), and q (K_stored k_scale)^T = (q K_stored^T) k_scale: the K scale scales the logits.
+    compute_ty = K.dtype.element_ty
+    q_mul = qk_scale
+    if KV_FP8:
+        compute_ty = tl.float32 if Q.dtype.element_ty == tl.float32 else tl.float16
+        qk_scale = tl.load(KScale)
     q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_rows + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :],
-                other=0.0).to(compute_ty)  # [BLOCK_H, BLOCK_D]
+                other=0.0)  # [BLOCK_H, BLOCK_D]
+    if KV_FP8:
+        q = q.to(tl.float32) * q_mul
+    q = q.to(compute_ty)
     if BLOCK_DPE > 0:  # the key dims past the main block
         offs_dpe = BLOCK_D + tl.arange(0, BLOCK_DPE)
         mask_dpe = offs_dpe < HEAD_DIM
         q_pe = tl.load(q_rows + offs_dpe[None, :], mask=mask_h[:, None] & mask_dpe[None, :],
-                       other=0.0).to(compute_ty)  # [BLOCK_H, BLOCK_DPE]
+                       other=0.0)  # [BLOCK_H, BLOCK_DPE]
+        if KV_FP8:
+            q_pe = q_pe.to(tl.float32) * q_mul
+        q_pe = q_pe.to(compute_ty)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -218,8 +233,9 @@ def decode_launch(group: int, head_dim: int, head_dim_v: int, elem_bytes: int) -
         # (SGLang's MLA decode tiles; ptxas for sm_90, bf16: 192 registers, no spills, 56 KB of shared memory with V
         # a view of K, 89 KB with a separate V); fp32 caches halve the key block (75 / 108 KB).  128 query heads
         # (DeepSeek-V3 at TP1) run as 8 tiles; bench/gpu/mla.py times 32-head tiles against them.
-        return _MIN_BLOCK_H, (32 if elem_bytes <= 2 else 16)
-    return max(_MIN_BLOCK_H, min(triton.next_power_of_2(group), 64)), (64 if block_d <= 128 else 32)
+        return _MIN_BLOCK_H, {1: 64, 2: 32}.get(elem_bytes, 16)
+    block_n = 64 if block_d <= 128 else 32
+    return max(_MIN_BLOCK_H, min(triton.next_power_of_2(group), 64)), (2 * block_n if elem_bytes == 1 else block_n)
 
 
 def plan_decode_splits(batch_size: int, num_kv_heads: int, group: int, head_dim: int, head_dim_v: int,
@@ -269,7 +285,7 @@ def decode_attention_fwd(
     the query-head tile of ``decode_launch`` (a power of two >= 16; for benchmarks).  q, o and the KV buffers
     need a unit stride in the last dimension (the KV buffers any strides in the first two); the KV buffers may be
     fp32, fp16 or bf16 (q is cast to their dtype), or FP8 with ``k_scale`` and ``v_scale`` (the buffers hold
-    ``x / scale``; computed in q's dtype; MLA passes the latent's scale as both), o has q's dtype.
+    ``x / scale``; computed in fp16; MLA passes the latent's scale as both), o has q's dtype.
     """
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -282,10 +298,8 @@ def decode_attention_fwd(
     assert o.shape[2] == head_dim_v and mid_o.shape[3] == head_dim_v
     assert mid_o.shape[0] >= bs and mid_lse.shape[0] >= bs, "decode scratch is smaller than the batch"
     block_d, block_dpe, block_dv = head_blocks(head_dim, head_dim_v)
-    fp8, compute_dtype, precision = kv_compute(q, k_buffer, k_scale, v_scale)
-    # an FP8 tile becomes a compute_dtype tile in registers: size the launch for that
-    tile_bytes = compute_dtype.itemsize
-    default_block_h, block_n = decode_launch(group, head_dim, head_dim_v, tile_bytes)
+    fp8, _, precision = kv_compute(q, k_buffer, k_scale, v_scale)
+    default_block_h, block_n = decode_launch(group, head_dim, head_dim_v, k_buffer.element_size())
     block_h = block_h or default_block_h
     mla_wide = head_dim != head_dim_v and block_d + block_dpe > 256
     # A wider MLA head tile takes twice the warps, so each thread holds as much of the accumulator as at 16 heads.
@@ -301,7 +315,8 @@ def decode_attention_fwd(
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe), BLOCK_H=block_h,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, HAS_WINDOW=sliding_window is not None,
-        KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps, num_stages=SPLIT_STAGES,
+        KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps,
+        num_stages=SPLIT_STAGES + 1 if fp8 and not mla_wide else SPLIT_STAGES,
     )
     _decode_merge_kernel[(bs, num_heads)](
         mid_o, mid_lse, o,

@@ -11,8 +11,8 @@ visible to every row, and then all of the request's new tokens, each row seeing 
 
 Keys may be wider than values (DeepSeek MLA's latent cache: 576-wide keys, values its first 512 dims); the key
 width is split into two power-of-two blocks as in decode (``head_blocks``).  An FP8 cache is dequantized as in
-decode: its tiles are converted to q's dtype as they load, the K scale joins the softmax scale and the V scale
-multiplies the output.
+decode: its tiles are converted to fp16 as they load (q scaled by the softmax scale, then cast), the K scale
+multiplies the logits and the V scale the output.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _attend_key_block(
 ):
     """One online-softmax step over keys ``start_n .. start_n + BLOCK_N - 1`` (those ``< kv_end``).  With
     CUSTOM_MASK the keys are new tokens and row r sees key n where ``mask_rows[r, 0][n - prefix]`` is set.  K/V
-    tiles are converted to q's dtype (a no-op unless the cache is FP8)."""
+    tiles are converted to q's dtype, the compute dtype (a no-op unless the cache is FP8)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < kv_end
     slots = tl.load(row_slots + offs_n, mask=mask_n, other=0).to(tl.int64)  # int64: slot * stride may pass 2^31
@@ -101,13 +101,20 @@ def _extend_kernel(
     mask_d = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < HEAD_DIM_V
-    # The dots run in the cache's dtype, an FP8 cache's in q's (its tiles are converted as they load).
-    compute_ty = Q.dtype.element_ty if KV_FP8 else K.dtype.element_ty
-    if KV_FP8:  # q (K_stored k_scale)^T = (q K_stored^T) k_scale: the K scale joins the softmax scale
-        qk_scale = qk_scale * tl.load(KScale)
+    # The dots run in the cache's dtype, an FP8 cache's in fp16 (fp32 for fp32 queries; ``kv_compute``), its
+    # tiles converted as they load.  There q is multiplied by the softmax scale before its cast (fp16 then overflows only past ~7e5 x
+    # sqrt(head_dim)), and q (K_stored k_scale)^T = (q K_stored^T) k_scale: the K scale scales the logits.
+    compute_ty = K.dtype.element_ty
+    q_mul = qk_scale
+    if KV_FP8:
+        compute_ty = tl.float32 if Q.dtype.element_ty == tl.float32 else tl.float16
+        qk_scale = tl.load(KScale)
     q_rows = Q + (first_tok + offs_m)[:, None] * stride_qt + head * stride_qh
     q = tl.load(q_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0).to(compute_ty)  # [BLOCK_M, BLOCK_D]
+                other=0.0)  # [BLOCK_M, BLOCK_D]
+    if KV_FP8:
+        q = q.to(tl.float32) * q_mul
+    q = q.to(compute_ty)
     offs_dpe = None
     mask_dpe = None
     q_pe = None
@@ -115,7 +122,10 @@ def _extend_kernel(
         offs_dpe = BLOCK_D + tl.arange(0, BLOCK_DPE)
         mask_dpe = offs_dpe < HEAD_DIM
         q_pe = tl.load(q_rows + offs_dpe[None, :], mask=mask_m[:, None] & mask_dpe[None, :],
-                       other=0.0).to(compute_ty)  # [BLOCK_M, BLOCK_DPE]
+                       other=0.0)  # [BLOCK_M, BLOCK_DPE]
+        if KV_FP8:
+            q_pe = q_pe.to(tl.float32) * q_mul
+        q_pe = q_pe.to(compute_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -204,7 +214,7 @@ def extend_attention_fwd(
     ``k_buffer [num_slots, 1, 576]``, ``v_buffer = k_buffer[..., :512]``).  ``max_extend_len >=
     max(extend_seq_lens)`` sizes the grid.  q, o and the KV buffers need a unit stride in the last dimension (the KV
     buffers any strides in the first two); the KV buffers may be fp32, fp16 or bf16 (q is cast to their dtype), or
-    FP8 with ``k_scale`` and ``v_scale`` (the buffers hold ``x / scale``; computed in q's dtype; MLA passes the
+    FP8 with ``k_scale`` and ``v_scale`` (the buffers hold ``x / scale``; computed in fp16; MLA passes the
     latent's scale as both), o has q's dtype.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]

@@ -33,11 +33,21 @@ def round_to_e4m3(y):
     and float arithmetic rather than by a cast so Triton's CPU interpreter, whose fp8 casts misround, gives the
     GPU's result.  Normal range: round the fp32 significand to 3 bits (a carry into the exponent is the correct
     next binade).  Below 2^-6, E4M3's subnormals are multiples of 2^-9: adding and subtracting 1.5 * 2^14, whose
-    fp32 ulp is 2^-9, rounds there."""
+    fp32 ulp is 2^-9, rounds there (a tiny negative gives +0 where torch's cast gives -0: the same value)."""
     bits = y.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
     subnormal = (y + 24576.0) - 24576.0
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def round_to_e5m2(y):
+    """``round_to_e4m3`` for E5M2 (|y| <= 57344): 2 significand bits; subnormals below 2^-14 are multiples of
+    2^-16, the fp32 ulp of 1.5 * 2^7."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0xFFFFF + ((bits >> 21) & 1)) & -0x200000).to(tl.float32, bitcast=True)
+    subnormal = (y + 192.0) - 192.0
+    return tl.where(tl.abs(y) < 6.103515625e-05, subnormal, normal)
 
 
 @triton.jit
@@ -83,36 +93,63 @@ def per_token_group_quant_fp8_triton(
 
 
 @triton.jit
-def _row_quant_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_row_stride, eps, fp8_max, BLOCK: tl.constexpr):
-    # Program ``row``: max |x| over the row in BLOCK-wide chunks, then the chunks quantized with that scale.
+def _row_quant_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_row_stride, eps, fp8_max, BLOCK: tl.constexpr,
+                      CHUNK: tl.constexpr, ONE_TILE: tl.constexpr):
+    # ONE_TILE: program (row, chunk) reads the whole row (one tile) for max |x|, then quantizes its CHUNK of it:
+    # the divisions and roundings of a decode row spread over several SMs.  Otherwise program ``row`` walks the
+    # row twice in BLOCK-wide chunks, for the max and then the quantization.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, k_dim, BLOCK):
-        x = tl.load(x_ptr + row * x_row_stride + start + cols, mask=start + cols < k_dim, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), fp8_max)
-    for start in range(0, k_dim, BLOCK):
-        mask = start + cols < k_dim
-        x = tl.load(x_ptr + row * x_row_stride + start + cols, mask=mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + row * x_row_stride
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < k_dim, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), eps), fp8_max)
+        chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        mask = chunk < k_dim
+        x = tl.load(x_row + chunk, mask=mask, other=0.0).to(tl.float32)
         y = round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -fp8_max, fp8_max))
-        tl.store(q_ptr + row * k_dim + start + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row, scale)
+        tl.store(q_ptr + row * k_dim + chunk, y.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        cols = tl.arange(0, BLOCK)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, k_dim, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < k_dim, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), fp8_max)
+        for start in range(0, k_dim, BLOCK):
+            mask = start + cols < k_dim
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            y = round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -fp8_max, fp8_max))
+            tl.store(q_ptr + row * k_dim + start + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(s_ptr + row, scale)
+
+
+# Widest row ``per_token_quant_fp8_triton`` reads as one tile (16 warps: 32 values a thread), and the part of it
+# each program quantizes.
+_ROW_TILE = 16384
+_ROW_CHUNK = 1024
 
 
 def per_token_quant_fp8_triton(
     x: torch.Tensor,  # [M, K], unit stride along K
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [M, K] fp8, [M, 1] float32
     """One scale per row over any K (the online-FP8 activations): ``per_token_group_quant_fp8`` with one group
-    of K, without its power-of-two tiles."""
+    of K, without its power-of-two tiles.  Rows up to ``_ROW_TILE`` wide (every Llama/Qwen hidden and
+    intermediate size up to 16k) are read once per ``_ROW_CHUNK`` by several programs; wider ones in two passes
+    by one."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     x_q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _row_quant_kernel[(m,)](x, x_q, scales, k, x.stride(0), SCALE_EPS, FP8_MAX,
-                                BLOCK=min(triton.next_power_of_2(k), _QUANT_TILE), num_warps=4)
+        one_tile = k <= _ROW_TILE
+        block = triton.next_power_of_2(k) if one_tile else _QUANT_TILE
+        chunk = min(block, _ROW_CHUNK)
+        _row_quant_kernel[(m, triton.cdiv(k, chunk) if one_tile else 1)](
+            x, x_q, scales, k, x.stride(0), SCALE_EPS, FP8_MAX, BLOCK=block, CHUNK=chunk, ONE_TILE=one_tile,
+            num_warps=max(4, min(16, block // 1024)))
     return x_q, scales
 
 

@@ -1,12 +1,20 @@
 """FP8 GEMMs at decode-sized M (a few tokens): a Triton kernel that streams the FP8 weight once.
 
-At M <= ``SMALL_M`` a linear layer is bound by reading its weight.  The tensor-core FP8 GEMM's tiles need 64
-rows (``fp8_gemm``; most of a decode tile would be padding) and cuBLAS's FP8 GEMM is tuned for large M, so here
-each program owns ``BLOCK_N`` output columns of a 16-row tile and walks its share of K (all of it, or a
-``1 / SPLIT_K`` slice whose partial sums are added atomically in fp32), loading the pre-quantized activations
-(``fp8_gemm``'s quantizers) and the weight, both widened to fp16 for the dot: exact, as E4M3 fits fp16's exponent
-range and significand, and the products of two 4-bit significands are exact in the fp32 accumulator, so the
-result is the W8A8 sum with fp32 accumulation throughout (Hopper's FP8 tensor cores accumulate with fewer bits).
+At M <= ``SMALL_M`` a linear layer is bound by reading its weight.  A GEMM's M side would be mostly padding, so
+the product is computed transposed ("swap AB"): ``out^T [N, M] = W [N, K] x^T [K, M]``, the weight rows on the
+MMA's 64-row side and the few tokens, padded to 16, on its narrow side.  Each program owns ``BLOCK_N`` weight
+rows and walks its share of K, so the weight goes from memory into the tensor cores as stored, with no conversion:
+on sm_90 an FP8 wgmma reads both operands from shared memory.  That dot accumulates with reduced precision (about
+14 significand bits, DeepSeek-V3's report), so every K tile (<= 256 products) starts from zero and is added to an
+fp32 accumulator, as the block GEMM does.  ``exact`` widens both operands to fp16 for the dot instead: exact, as
+E4M3 fits fp16, the products of two 4-bit significands are exact in fp32, so the result is the W8A8 sum with fp32
+accumulation throughout (float32 models, whose tests compare at 1e-4).
+
+Few weight rows per program leave the GPU half idle when N is small (Llama-8B's o projection: 64 programs of 64
+rows), so ``split_k`` programs share a column tile's K: each writes its fp32 partial to scratch, and the one that
+arrives last at the tile's counter (an atomic) adds the partials in split order (deterministic) and writes the
+output.  The counters live in a zeroed buffer per device and stream (``_counters``) that every launch leaves
+zeroed, so a launch needs no memset and no second kernel, and CUDA graphs replay it as is.
 
 Two weight formats (``fp8_linear``):
 
@@ -27,69 +35,104 @@ import triton.language as tl
 
 # Rows at or below which the FP8 linears run this kernel on CUDA (one BLOCK_M tile).
 SMALL_M = 16
+_COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
+_counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 class GemvConfig(NamedTuple):
-    """Launch parameters; ``block_k`` is the per-channel K tile (block weights use their scale block's K);
-    ``split_k`` > 1 divides K over that many programs per column tile (fp32 atomics, then a cast)."""
+    """Launch parameters: ``block_n`` weight rows per program (the MMA's M side: 64 or 128), ``block_k`` the
+    per-channel K tile (block weights use their scale block's K), ``split_k`` programs per column tile."""
 
-    block_n: int
-    block_k: int = 256
+    block_n: int = 64
+    block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 1
 
 
-def default_gemv_config(n: int, k: int) -> GemvConfig:
-    """From ``bench/gpu/fp8_gemm.py --tune-gemv`` on an H200 (GPU run G2, Llama-3.1-8B and DeepSeek-V3 shapes,
-    M 1 and 16): 256-wide K tiles, 4 warps and 5 stages were within ~10 % of each shape's best; 64-column tiles
-    for wide outputs, 32 for narrow ones (more programs; N = 4096 gives 128).  Split K lost to its extra zero
-    fill and cast except on Llama's down projection at M = 1 (per channel, 30 against 40 us)."""
-    return GemvConfig(64 if n >= 6144 else 32, 256, 4, 5)
+def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
+    """64-row tiles, 128-wide K tiles, 4 stages; split K until the launch has about two programs per SM, each
+    split keeping >= 1024 of K.  ``bench/gpu/fp8_gemm.py --tune-gemv`` on an H200 (GPU run H2, Llama-3.1-8B and
+    DeepSeek-V3 shapes, M 1 and 16, 32 configs): within 8 % of each shape's best (256-wide per-channel tiles, best
+    on some shapes alone, lost up to 20 % with this split rule in run H3)."""
+    tiles = triton.cdiv(n, 64)
+    split = 1
+    while split < 8 and tiles * split < 2 * num_sms and k // (2 * split) >= 1024:
+        split *= 2
+    return GemvConfig(64, 128, 4, 4, split)
+
+
+def _counters(device: torch.device | str) -> torch.Tensor:
+    """The zeroed int32 counters of split launches on ``device``'s current stream (launches on one stream run
+    one after another, so they can share them; each leaves them zeroed)."""
+    device = torch.device(device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _counter_buffers.get(key)
+    if buf is None:
+        buf = _counter_buffers[key] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return buf
 
 
 @triton.jit
 def _fp8_gemv_kernel(
-    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
     m_dim, n_dim, k_dim, group_n, group_k,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
-    PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < m_dim
-    rows = offs_m.to(tl.int64)
+    # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrapped columns keep the weight loads in bounds without a mask; their results are not stored.
     offs_wn = (offs_n % n_dim).to(tl.int64)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < m_dim
+    rows = offs_m.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
     k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = tl.program_id(2) * k_per_split
+    k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_dim)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k < k_dim - k
-        x = tl.load(xq_ptr + rows[:, None] * stride_xm + k + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_K] fp8
-        w = tl.load(w_ptr + offs_wn[None, :] * stride_wn + k + offs_k[:, None], mask=k_ok[:, None],
-                    other=0.0)  # [BLOCK_K, BLOCK_N] fp8
+        w = tl.load(w_ptr + offs_wn[:, None] * stride_wn + k + offs_k[None, :], mask=k_ok[None, :],
+                    other=0.0)  # [BLOCK_N, BLOCK_K] fp8
+        x = tl.load(xq_ptr + rows[None, :] * stride_xm + k + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                    other=0.0)  # [BLOCK_K, BLOCK_M] fp8
+        if EXACT:
+            part = tl.dot(w.to(tl.float16), x.to(tl.float16))
+        else:
+            part = tl.dot(w, x)
         if PER_CHANNEL:
-            acc = tl.dot(x.to(tl.float16), w.to(tl.float16), acc)
+            acc += part
         else:
             k_slice = k // group_k
             x_s = tl.load(xs_ptr + rows * stride_xsm + k_slice, mask=m_ok, other=0.0)  # [BLOCK_M]
             w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
-            acc += tl.dot(x.to(tl.float16), w.to(tl.float16)) * x_s[:, None] * w_s[None, :]
+            acc += part * w_s[:, None] * x_s[None, :]
     if PER_CHANNEL:
         x_s = tl.load(xs_ptr + rows * stride_xsm, mask=m_ok, other=0.0)
-        acc = acc * x_s[:, None] * tl.load(ws_ptr + offs_wn * stride_wsn)[None, :]
+        acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None] * x_s[None, :]
 
-    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
-    out_mask = m_ok[:, None] & (offs_n < n_dim)[None, :]
+    mask = (offs_n < n_dim)[:, None] & m_ok[None, :]
+    out_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        tile_part = part_ptr + rows[None, :] * n_dim + offs_n[:, None]  # split s at + s * m_dim * n_dim
+        tl.store(tile_part + split * m_dim * n_dim, acc, mask=mask)
+        # Every thread's partial is written before one thread releases the count (CUTLASS's semaphore order);
+        # the last to arrive acquires it, so the other splits' partials are visible to its L2 reads.
+        tl.debug_barrier()
+        counter = count_ptr + tl.program_id(2) * tl.num_programs(0) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(tile_part + s * m_dim * n_dim, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch
 
 
 def fp8_gemv(
@@ -100,43 +143,49 @@ def fp8_gemv(
     block_size: tuple[int, int] | None = None,  # (bn, bk) of a block weight; None: per channel
     out_dtype: torch.dtype = torch.bfloat16,
     config: GemvConfig | None = None,
+    exact: bool | None = None,  # fp16-widened dots (exact products, fp32 sums); default: for float32 outputs
 ) -> torch.Tensor:  # [M, N] out_dtype
-    """``(x_q * x_s) @ (weight * weight_scale)^T`` with fp32 accumulation.  Any M works (a grid row per 16
-    rows, each re-reading the weight): the FP8 linears send M <= ``SMALL_M`` here, and float32 models' rows of
-    any M (cuBLAS's row-wise FP8 GEMM writes bf16 only)."""
+    """``(x_q * x_s) @ (weight * weight_scale)^T`` with fp32 accumulation across K tiles.  Any M works (a grid
+    row per 16 rows, each re-reading the weight): the FP8 linears send M <= ``SMALL_M`` here, and float32
+    models' rows of any M (cuBLAS's row-wise FP8 GEMM writes bf16 only)."""
     m, k = x_q.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"FP8 GEMV: x has K={k}, the weight {tuple(weight.shape)}")
-    if config is None:
-        config = default_gemv_config(n, k)
     if block_size is None:
         if weight_scale.shape != (n,) or x_s.shape != (m, 1):
             raise ValueError(f"per-channel FP8 GEMV of {m} x {k} by {n} x {k} needs scales ({m}, 1) and ({n},), "
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
-        group_n, group_k, block_k = 1, k, config.block_k
     else:
         bn, bk = block_size
         if k % bk or weight_scale.shape != (triton.cdiv(n, bn), k // bk) or x_s.shape != (m, k // bk):
             raise ValueError(f"block FP8 GEMV of {m} x {k} by {tuple(weight.shape)} with blocks {block_size} needs "
                              f"K a multiple of {bk} and scales ({m}, {k // bk}) and {(triton.cdiv(n, bn), k // bk)}, "
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
-        group_n, group_k, block_k = bn, bk, bk
+    if config is None:
+        num_sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count if x_q.is_cuda else 1
+        config = default_gemv_config(n, k, num_sms)
+    group_n, group_k, block_k = (1, k, config.block_k) if block_size is None else (*block_size, block_size[1])
     if x_q.stride(1) != 1:
         x_q = x_q.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     weight_scale = weight_scale.contiguous()
-    split_k = config.split_k
-    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device) if split_k == 1 else \
-        torch.zeros((m, n), dtype=torch.float32, device=x_q.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
-        return out.to(out_dtype)
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, SMALL_M), split_k)
-    _fp8_gemv_kernel[grid](
-        x_q, x_s, weight, weight_scale, out, m, n, k, group_n, group_k,
+        return out
+    grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, SMALL_M))
+    split_k = config.split_k if grid[0] * grid[2] <= _COUNTERS else 1
+    if split_k > 1:
+        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
+        counters = _counters(x_q.device)
+    else:
+        partials = counters = out  # not read
+    _fp8_gemv_kernel[(grid[0], split_k, grid[2])](
+        x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        PER_CHANNEL=block_size is None, BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        PER_CHANNEL=block_size is None, EXACT=out_dtype == torch.float32 if exact is None else exact,
+        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out if split_k == 1 else out.to(out_dtype)
+    return out

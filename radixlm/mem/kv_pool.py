@@ -62,9 +62,15 @@ class KVPool(ABC):
             self.scales[layer_id, 1] = k_scale if v_scale is None else v_scale
 
     def _store(self, buf: torch.Tensor, loc: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
-        """``buf[loc] = x`` in the buffer's dtype; quantized: ``fp8(x / scale)``, saturated."""
+        """``buf[loc] = x`` in the buffer's dtype; quantized: ``fp8(x / scale)``, saturated (on CUDA one Triton
+        launch, ``kernels.kv_store``; the same bytes)."""
         if scale is None:
             buf[loc] = x.to(self.dtype)
+            return
+        if buf.is_cuda:
+            from radixlm.kernels.kv_store import store_fp8
+
+            store_fp8(buf, loc, x, scale)
             return
         limit = torch.finfo(self.dtype).max
         quantized = (x.float() / scale).clamp_(-limit, limit).to(self.dtype)

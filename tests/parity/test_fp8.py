@@ -35,7 +35,8 @@ def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
     loose: the block GEMM's FP8 dot accumulates each K tile with ~14 significand bits, and an activation that
     then lands on the other side of an E4M3 rounding boundary in the next layer moves by a whole fp8 step (1/16
     to 1/8 of itself); measured 0.10 on logits of norm ~10 (the kernels themselves are bounded tightly in
-    ``test_fp8_kernels``)."""
+    ``test_fp8_kernels``).  On CPU the same flip happens where a CPU sums in another order: 1.6e-4 on the H200
+    host's CPU (GPU run H), so the CPU bound is 1e-3, not the unflipped ~1e-5."""
     b = 16 if device == "cpu" else 32
     hf = build_tiny_fp8_model(name, str(tmp_path), block=(b, b))
     worker = make_worker(str(tmp_path), device=device)
@@ -46,7 +47,7 @@ def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
     plain = hf_logits(hf, seqs[3])
     hooks = round_fp8_inputs(hf, b)
     try:
-        check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-4 if device == "cpu" else 0.2)
+        check_extend_and_decode(worker, hf, seqs, [9, 0, 12, 20], tol=1e-3 if device == "cpu" else 0.2)
         rounded = hf_logits(hf, seqs[3])
     finally:
         for h in hooks:
