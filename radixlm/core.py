@@ -245,6 +245,9 @@ class Batch:
     input_embeds: list[tuple[int, torch.Tensor]] | None = None
     mrope_positions: torch.Tensor | None = None  # [3, num_tokens] int64 on the host, for M-RoPE models
     verify: VerifyInput | None = None  # TARGET_VERIFY only
+    # Data-parallel attention: this step's new tokens on every DP rank, in DP-rank order (None: the executor
+    # exchanges them with the other ranks)
+    dp_token_counts: list[int] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -305,6 +308,9 @@ class ForwardBatch:
     embed_overrides: tuple[torch.Tensor, torch.Tensor] | None = None
     return_hidden_states: bool = False
     sampling_info: "SamplingBatchInfo | None" = None
+    # Data-parallel attention: new tokens of every DP rank this step, host ints the same on every rank (the
+    # feed-forward runs on all of them); None without DP attention
+    dp_token_counts: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -55,6 +55,13 @@ class ServerArgs:
     # Hardware and memory
     device: str = _arg("auto", "where to run", ("auto", "cpu", "cuda"))
     tp_size: int = _arg(1, "tensor-parallel size")
+    dp_size: int = _arg(1, "data-parallel attention size (with --enable-dp-attention): the --tp-size ranks form this "
+                           "many attention groups of consecutive ranks, each with its own requests and KV cache; "
+                           "must divide --tp-size")
+    enable_dp_attention: bool = _arg(False, "MLA models (DeepSeek-V2/V3): attention data-parallel over --dp-size "
+                                            "groups (tensor-parallel over --tp-size / --dp-size ranks within one, "
+                                            "with the embedding and LM head), the MoE and MLP layers "
+                                            "tensor-parallel over all --tp-size ranks on every group's tokens")
     mem_fraction_static: float | None = _arg(None, "fraction of GPU memory for weights + KV cache (GPU default 0.88)")
     max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
     page_size: int = _arg(1, "tokens per KV page")
@@ -116,6 +123,15 @@ class ServerArgs:
         problems = []
         if self.tp_size < 1:
             problems.append(f"--tp-size must be >= 1, got {self.tp_size}")
+        if self.dp_size < 1:
+            problems.append(f"--dp-size must be >= 1, got {self.dp_size}")
+        elif self.dp_size > 1 and not self.enable_dp_attention:
+            problems.append(f"--dp-size {self.dp_size} needs --enable-dp-attention (data-parallel replicas of the "
+                            "whole model are not supported)")
+        elif self.enable_dp_attention and self.dp_size == 1:
+            problems.append("--enable-dp-attention needs --dp-size >= 2, got 1 (that is plain tensor parallelism)")
+        elif self.tp_size >= 1 and self.tp_size % self.dp_size:
+            problems.append(f"--dp-size {self.dp_size} must divide --tp-size {self.tp_size}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             problems.append(f"--page-size must be a power of two >= 1, got {self.page_size}")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:

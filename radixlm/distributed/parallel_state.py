@@ -1,8 +1,15 @@
-"""Tensor-parallel process group.
+"""Tensor-parallel process groups.
 
-The group is created once, before the model is built, and never changes afterwards: layers read it at
-construction time (``get_tp_group()``) and keep a reference, so nothing deep inside a forward pass looks up
-mutable global state.  With ``tp_size == 1`` every collective is a no-op and torch.distributed is not needed.
+The groups are created once, before the model is built, and never change afterwards: layers read them at
+construction time (``get_tp_group()``, ``get_attn_tp_group()``, ``get_dp_attention()``) and keep a reference, so
+nothing deep inside a forward pass looks up mutable global state.  With ``tp_size == 1`` every collective is a
+no-op and torch.distributed is not needed.
+
+Data-parallel attention (``--enable-dp-attention --dp-size D``) splits the ``tp_size`` ranks into D consecutive
+attention groups of ``A = tp_size / D`` ranks: DP rank d owns TP ranks ``[d * A, (d + 1) * A)``.  Each DP rank
+serves its own requests with its own KV cache; attention (and the vocabulary-parallel embedding and LM head) is
+tensor-parallel within its attention group, the feed-forward over the whole TP group
+(``radixlm.distributed.dp_attention``).  Without it the attention group is the TP group.
 """
 
 from __future__ import annotations
@@ -75,14 +82,38 @@ def _live(ref: weakref.ref | None) -> dist.ProcessGroup | None:
     return group
 
 
+@dataclass(frozen=True)
+class DPAttention:
+    """This process's place under data-parallel attention: DP rank ``rank`` of ``size``, its attention group
+    ``attn_tp`` (the ranks sharing its requests and KV cache) and the whole TP group ``tp`` (the feed-forward's).
+    ``size == 1``: DP attention is off and ``attn_tp`` is ``tp``."""
+
+    rank: int = 0
+    size: int = 1
+    attn_tp: TPGroup = TPGroup()
+    tp: TPGroup = TPGroup()
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+
 _TP_GROUP = TPGroup()
+_DP_ATTENTION = DPAttention()
 
 
-def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_method: str) -> TPGroup:
-    """Join the tensor-parallel group (NCCL on CUDA, gloo on CPU) and make it the process's TP group."""
-    global _TP_GROUP
+def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_method: str,
+                         dp_size: int = 1) -> TPGroup:
+    """Join the tensor-parallel group (NCCL on CUDA, gloo on CPU) and make it the process's TP group; with
+    ``dp_size > 1`` (data-parallel attention) also create the ``dp_size`` attention groups (every rank takes part
+    in creating each of them, as torch.distributed requires) and keep this rank's."""
+    global _TP_GROUP, _DP_ATTENTION
+    if dp_size < 1 or tp_size % dp_size:
+        raise ValueError(f"the data-parallel attention size ({dp_size}) must divide the tensor-parallel size "
+                         f"({tp_size})")
+    attn_size = tp_size // dp_size
     if tp_size == 1:
-        _TP_GROUP = TPGroup()
+        _TP_GROUP, _DP_ATTENTION = TPGroup(), DPAttention()
         return _TP_GROUP
     set_multi_gpu_env()
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -92,6 +123,17 @@ def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     _TP_GROUP = TPGroup(rank=tp_rank, size=tp_size, group_ref=weakref.ref(dist.group.WORLD),
                         cpu_group_ref=weakref.ref(cpu_group))
+    attn_tp = _TP_GROUP
+    if dp_size > 1:
+        attn_tp = TPGroup()  # one rank per attention group: no collectives, no process groups
+        for d in range(dp_size if attn_size > 1 else 0):
+            ranks = list(range(d * attn_size, (d + 1) * attn_size))
+            group = dist.new_group(ranks, backend=backend)
+            attn_cpu = dist.new_group(ranks, backend="gloo") if backend == "nccl" else group
+            if tp_rank in ranks:
+                attn_tp = TPGroup(rank=tp_rank - ranks[0], size=attn_size, group_ref=weakref.ref(group),
+                                  cpu_group_ref=weakref.ref(attn_cpu))
+    _DP_ATTENTION = DPAttention(rank=tp_rank // attn_size, size=dp_size, attn_tp=attn_tp, tp=_TP_GROUP)
     return _TP_GROUP
 
 
@@ -113,12 +155,21 @@ def get_tp_group() -> TPGroup:
     return _TP_GROUP
 
 
+def get_attn_tp_group() -> TPGroup:
+    """The group attention is tensor-parallel over: this DP rank's attention group, or the TP group."""
+    return _DP_ATTENTION.attn_tp
+
+
+def get_dp_attention() -> DPAttention:
+    return _DP_ATTENTION
+
+
 def destroy_tensor_parallel() -> None:
-    global _TP_GROUP
+    global _TP_GROUP, _DP_ATTENTION
     if dist.is_initialized():
         dist.barrier()  # gloo aborts a rank whose peer tears down while it is still connected
         dist.destroy_process_group()  # drops the last references (TPGroup's are weak): the groups end here
-    _TP_GROUP = TPGroup()
+    _TP_GROUP, _DP_ATTENTION = TPGroup(), DPAttention()
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

@@ -10,7 +10,7 @@ from radixlm.attention import create_attention_backend
 from radixlm.config import ModelConfig, ServerArgs
 from radixlm.config.model_config import resolve_dtype
 from radixlm.core import ForwardBatch
-from radixlm.distributed import init_tensor_parallel
+from radixlm.distributed import get_dp_attention, init_tensor_parallel
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.mem import KVMemory, create_kv_pool
@@ -38,7 +38,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_method = f"tcp://{server_args.dist_init_addr}" if server_args.dist_init_addr else "env://"
-        self.tp = init_tensor_parallel(tp_rank, server_args.tp_size, self.device, init_method)
+        self.tp = init_tensor_parallel(tp_rank, server_args.tp_size, self.device, init_method, server_args.dp_size)
+        self.dp = get_dp_attention()
         torch.manual_seed(server_args.random_seed)
 
         self.model = load_model(model_config, server_args.load_format, self.device, server_args.random_seed)
@@ -46,7 +47,7 @@ class ModelRunner:
         self.cuda_graph_max_bs = self._graph_batch_limit()
         self._init_memory_pools()
         self.attn_backend = create_attention_backend(
-            server_args.attention_backend, num_heads=model_config.num_attention_heads // server_args.tp_size,
+            server_args.attention_backend, num_heads=model_config.num_attention_heads // self.dp.attn_tp.size,
             kv_spec=self.kv_spec, max_batch_size=self.memory.max_running_requests, device=self.device,
             max_context_len=model_config.context_length,
         )
@@ -75,6 +76,8 @@ class ModelRunner:
         args = self.server_args
         if self.device.type != "cuda" or args.disable_cuda_graph or args.attention_backend == "torch_native":
             return 0  # torch-native attention sizes its decode tensors from host values: not capturable
+        if self.dp.enabled:
+            return 0  # the feed-forward's token count is every DP rank's: graphs would need padded shapes
         return min(args.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, args.max_running_requests or 1 << 30)
 
     def _init_memory_pools(self) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from radixlm.constrained import TokenBitmask, apply_token_bitmask
 from radixlm.core import Batch, BatchResult, ForwardBatch, ForwardMode
+from radixlm.distributed.dp_attention import exchange_token_counts
 from radixlm.executor.forward_batch import build_forward_batch
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.layers.logits_processor import LogitsOutput
@@ -85,7 +86,7 @@ class ModelWorker:
         return self.sample(self.launch(batch), grammar_mask).result()
 
     def launch(self, batch: Batch) -> LaunchedStep:
-        fb = build_forward_batch(batch, self.runner, self._prev_ids)
+        fb = build_forward_batch(batch, self.runner, self._prev_ids, self._dp_token_counts(batch))
         fb.sampling_info = self._sampling_info_for(batch, fb)
         return LaunchedStep(batch, fb, self.runner.forward(fb))
 
@@ -114,6 +115,16 @@ class ModelWorker:
         return self.runner.memory_used_bytes()
 
     # ------------------------------------------------------------------ helpers
+    def _dp_token_counts(self, batch: Batch) -> list[int] | None:
+        """Data-parallel attention: every DP rank's token count this step, the batch's or else exchanged with
+        the other ranks (a gloo all-gather: every rank launches every step, IDLE ones too)."""
+        dp = self.runner.dp
+        if not dp.enabled:
+            return None
+        if batch.dp_token_counts is not None:
+            return batch.dp_token_counts
+        return exchange_token_counts(batch.num_tokens, dp)
+
     def _sampling_info_for(self, batch: Batch, fb: ForwardBatch) -> SamplingBatchInfo | None:
         rows = batch.sampling
         if rows is None or batch.mode.is_idle:

@@ -1,5 +1,6 @@
 """Vocabulary-parallel token embedding and LM head: rank r holds rows ``[r * V/tp, (r+1) * V/tp)`` of the
-(padded) vocabulary."""
+(padded) vocabulary, over the TP group or the group given (data-parallel attention: the attention group, whose
+ranks hold the same tokens)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixlm.distributed import get_tp_group
+from radixlm.distributed import TPGroup, get_tp_group
 from radixlm.layers.linear import linear
 
 VOCAB_PAD = 64  # each rank's shard is a multiple of this, for aligned matmuls
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 tp: TPGroup | None = None):
         super().__init__()
-        self.tp = get_tp_group()
+        self.tp = tp if tp is not None else get_tp_group()
         self.vocab_size = vocab_size
         multiple = VOCAB_PAD * self.tp.size
         self.padded_vocab_size = -(-vocab_size // multiple) * multiple

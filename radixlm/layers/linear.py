@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
-from radixlm.distributed import divide, get_tp_group
+from radixlm.distributed import TPGroup, divide, get_tp_group
 from radixlm.kernels import cpu
 from radixlm.layers import fp8_linear
 
@@ -116,9 +116,10 @@ class ColumnParallelLinear(QuantizableLinear):
         gather_output: bool = False,
         dtype: torch.dtype = torch.float32,
         quant: QuantConfig | None = None,
+        tp: TPGroup | None = None,
     ):
         super().__init__()
-        self.tp = get_tp_group()
+        self.tp = tp if tp is not None else get_tp_group()
         self.in_features = in_features
         self.output_sizes = output_sizes
         self.local_sizes = self._local_sizes()
@@ -212,14 +213,15 @@ class RowParallelLinear(QuantizableLinear):
     """Input features split over ranks; partial products are summed with an all-reduce, then the bias added.
 
     ``reduce_results=False`` returns this rank's partial product: a caller that sums several partial outputs
-    (an MoE layer's routed and shared experts) all-reduces once, after the sum."""
+    (an MoE layer's routed and shared experts) all-reduces once, after the sum.  ``tp``: the group it is split
+    over (default: the TP group)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
-                 reduce_results: bool = True, quant: QuantConfig | None = None):
+                 reduce_results: bool = True, quant: QuantConfig | None = None, tp: TPGroup | None = None):
         super().__init__()
         if bias and not reduce_results:
             raise ValueError("a row-parallel bias is added after the reduction; it needs reduce_results")
-        self.tp = get_tp_group()
+        self.tp = tp if tp is not None else get_tp_group()
         self.reduce_results = reduce_results
         self.local_in = divide(in_features, self.tp.size, "input features")
         if quant is not None and quant.from_checkpoint:

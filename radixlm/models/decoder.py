@@ -16,6 +16,8 @@ from torch import nn
 
 from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
+from radixlm.distributed import DPAttention, TPGroup
+from radixlm.distributed.dp_attention import dp_gather, dp_scatter
 from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
@@ -28,14 +30,19 @@ _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 class PreNormDecoderLayer(nn.Module):
     """``x + attn(norm(x))``, then ``+ mlp(norm(.))``, with the residual carried into the fused add-norms.
-    ``self_attn(positions, hidden, fb)`` and ``mlp(hidden)`` are the model's own."""
+    ``self_attn(positions, hidden, fb)`` and ``mlp(hidden)`` are the model's own.
 
-    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module):
+    With data-parallel attention (``dp`` enabled) the attention and the residual stream hold this DP rank's tokens
+    and ``mlp`` is sharded over the whole TP group: it runs on every DP rank's tokens (``dp_gather`` before it,
+    ``dp_scatter`` after, sized by ``fb.dp_token_counts``)."""
+
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module, dp: DPAttention | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.mlp = mlp
+        self.dp = dp if dp is not None and dp.enabled else None
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch
@@ -46,16 +53,22 @@ class PreNormDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, fb)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        if self.dp is None:
+            return self.mlp(hidden), residual
+        counts = fb.dp_token_counts
+        if counts is None:
+            raise ValueError("a data-parallel attention step needs ForwardBatch.dp_token_counts")
+        return dp_scatter(self.mlp(dp_gather(hidden, counts, self.dp)), counts, self.dp), residual
 
 
 class DecoderModel(nn.Module):
     """Token embedding (prompt positions given as embeddings replace theirs), ``make_layer(i)`` for every layer,
-    final norm: ``[num_tokens]`` ids -> ``[num_tokens, hidden]`` final hidden states."""
+    final norm: ``[num_tokens]`` ids -> ``[num_tokens, hidden]`` final hidden states.  ``vocab_tp``: the group
+    the embedding (and the LM head over it) is split over; default the TP group."""
 
-    def __init__(self, config: ModelConfig, make_layer: Callable[[int], nn.Module]):
+    def __init__(self, config: ModelConfig, make_layer: Callable[[int], nn.Module], vocab_tp: TPGroup | None = None):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype, vocab_tp)
         self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
@@ -69,7 +82,8 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A ``DecoderModel`` under a vocab-parallel LM head (tied to the embedding when the config says so).
+    """A ``DecoderModel`` under a vocab-parallel LM head, split over the embedding's group (tied to the embedding
+    when the config says so).
 
     Subclasses set ``stacked_params_mapping`` ((our parameter, checkpoint name, shard id): checkpoint tensors
     stacked into one parameter; see ``load_named_weights``) and implement ``kv_cache_spec``.  ``kv_scales`` holds
@@ -83,7 +97,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = model
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype, model.embed_tokens.tp)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor()

@@ -21,7 +21,10 @@ output) with one dynamic scale per tensor.  The decompressed form is unchanged (
 
 Tensor parallelism splits the heads: q_proj / q_b_proj and kv_b_proj are column-parallel by head, o_proj
 row-parallel; q_a_proj and kv_a_proj_with_mqa are replicated (every rank needs the whole latent), so the KV cache
-is the same on every rank.
+is the same on every rank.  Data-parallel attention (``--enable-dp-attention``) splits the heads over the
+attention group only (``get_attn_tp_group()``, with the embedding and the LM head), so each DP rank keeps the
+latents of its own requests; the feed-forward stays sharded over the whole TP group (``PreNormDecoderLayer``
+gathers every DP rank's tokens around it).
 
 The feed-forward of layer ``i >= first_k_dense_replace`` is a mixture of experts: ``n_routed_experts`` SwiGLU
 experts of ``moe_intermediate_size``, ``num_experts_per_tok`` chosen per token (``Routing.from_deepseek``: V2's
@@ -39,7 +42,7 @@ from torch import nn
 
 from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
-from radixlm.distributed import divide, get_tp_group
+from radixlm.distributed import divide, get_attn_tp_group, get_dp_attention
 from radixlm.kernels.fp8 import FP8_DTYPE
 from radixlm.kernels.fp8_bmm import fp8_bmm, quantize_per_batch
 from radixlm.layers import fp8_linear
@@ -83,7 +86,8 @@ class DeepseekV2Attention(nn.Module):
     """MLA (see the module docstring); this rank's ``num_heads`` of the query heads.  ``extend_path`` (one of
     ``mla_extend.EXTEND_PATHS``) picks the form of EXTEND batches: ``auto`` by the batch, or one form always
     (tests and benchmarks set the attribute to compare the two).  ``fp8_bmm``: the absorbed form's products with
-    W_UK and W_UV in FP8, over the buffers ``finish_loading`` fills after loading."""
+    W_UK and W_UV in FP8, over the buffers ``finish_loading`` fills after loading.  The heads are split over the
+    attention group (the TP group unless attention is data-parallel)."""
 
     def __init__(self, config: ModelConfig, layer_id: int, extend_path: str = "auto", fp8_bmm: bool = False):
         super().__init__()
@@ -99,21 +103,23 @@ class DeepseekV2Attention(nn.Module):
         self.v_head_dim = hf["v_head_dim"]
         qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         heads = config.num_attention_heads
-        self.num_heads = divide(heads, get_tp_group().size, "number of attention heads")
+        tp = get_attn_tp_group()
+        self.num_heads = divide(heads, tp.size, "number of attention heads")
         bias = config.attention_bias  # on the a-projections and o_proj, as in transformers
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden, [heads * qk_head_dim], dtype=dtype, quant=quant)
+            self.q_proj = ColumnParallelLinear(hidden, [heads * qk_head_dim], dtype=dtype, quant=quant, tp=tp)
         else:
             self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, dtype=dtype, quant=quant)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, dtype)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, [heads * qk_head_dim], dtype=dtype, quant=quant)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, [heads * qk_head_dim], dtype=dtype, quant=quant,
+                                                 tp=tp)
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias,
                                                    dtype=dtype, quant=quant)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
         # Rows: per head, W_UK's qk_nope_head_dim rows then W_UV's v_head_dim rows; split by head over ranks.
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, [heads * (self.qk_nope_head_dim + self.v_head_dim)],
-                                              dtype=dtype, quant=quant)
-        self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=bias, dtype=dtype, quant=quant)
+                                              dtype=dtype, quant=quant, tp=tp)
+        self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=bias, dtype=dtype, quant=quant, tp=tp)
         # DeepSeek rotates interleaved pairs; a V3 config with rope_interleave=false rotates halves (transformers)
         self.rotary_emb = get_rope(self.qk_rope_head_dim, config.context_length, config.rope_theta,
                                    config.rope_scaling, is_neox_style=not hf.get("rope_interleave", True))
@@ -219,12 +225,13 @@ class DeepseekV2ForCausalLM(CausalLM):
             raise NotImplementedError("DeepSeek-V2 with mlp_bias is not supported")
         self.stacked_params_mapping = (expert_params_mapping(hf.get("n_routed_experts") or 0)
                                        + [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)])
+        dp = get_dp_attention()
         super().__init__(config, DecoderModel(config, lambda i: PreNormDecoderLayer(
             config, DeepseekV2Attention(config, i, fp8_bmm=config.enable_fp8_mla_bmm),
-            deepseek_mlp(config, i, self.default_topk_method))))
+            deepseek_mlp(config, i, self.default_topk_method), dp), vocab_tp=get_attn_tp_group()))
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
-        """One latent + rope key per token and layer, the same on every rank."""
+        """One latent + rope key per token and layer, the same on every rank of an attention group."""
         attn = self.model.layers[0].self_attn
         return KVCacheSpec.mla(len(self.model.layers), attn.kv_lora_rank, attn.qk_rope_head_dim, dtype)
 

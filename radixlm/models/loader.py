@@ -18,7 +18,7 @@ from radixlm.models.weights import dummy_weights, iter_safetensors
 def resolve_model_config(args: ServerArgs) -> ModelConfig:
     """Model path → config: no path means the embedded model; with ``--load-format dummy`` a preset name
     (``llama-3.1-8b``, ``deepseek-v3``, ...) stands for its config; ``--json-model-override-args`` is merged
-    over it."""
+    over it.  ``--enable-dp-attention`` needs an MLA model (ValueError)."""
     path = args.model_path
     if path is None:
         path = embedded_model_path()
@@ -30,6 +30,10 @@ def resolve_model_config(args: ServerArgs) -> ModelConfig:
     else:
         hf_config = read_hf_config(path)
     hf_config.update(args.model_overrides())
+    if args.enable_dp_attention and not hf_config.get("kv_lora_rank"):
+        arch = (hf_config.get("architectures") or ["the model"])[0]
+        raise ValueError(f"--enable-dp-attention applies to MLA models (DeepSeek-V2/V3), whose one latent KV head "
+                         f"cannot be split over ranks; {arch} has no latent attention")
     return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=hf_config,
                                quantization=args.quantization, enable_fp8_mla_bmm=args.enable_fp8_mla_bmm)
 

@@ -1,0 +1,175 @@
+"""Data-parallel attention on CPU (gloo, float32): every DP rank runs its own requests, the MLP/MoE layers all DP
+ranks' tokens over the whole TP group, and each request's prompt logits and greedy tokens equal those of one
+process (TP=1) running that DP rank's requests alone.
+
+The ranks follow a static schedule known to all of them (``schedule``): a DP rank extends the requests that arrive
+in a step, else decodes its running ones, else idles; a request leaves once it has its tokens.  So DP ranks run
+different modes in one step (one extends while another decodes or idles), finish at different steps and idle to
+the end, and the step's token counts (``Batch.dp_token_counts``) follow from the plans without any exchange.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from radixlm.config import ServerArgs
+from radixlm.core import Batch
+from radixlm.distributed import destroy_tensor_parallel, free_local_addr
+from radixlm.executor import ModelRunner, ModelWorker
+from radixlm.executor.static_batch import decode_batch, extend_batch, release
+from radixlm.models.loader import resolve_model_config
+
+from conftest import build_tiny_hf_model, random_seqs
+
+# Per DP rank: its requests (arrival step, prompt, new tokens).  Rank 0 extends two at once and a third later
+# while its first still decodes; rank 1 idles first, then extends in two steps and outlives rank 0; rank 2 never
+# has a request; rank 3 one short request.  Ranks 2 and 3 run with --dp-size 4 only.
+_P = random_seqs((9, 3, 6, 20, 2, 5), seed=7)
+PLANS: list[list[tuple[int, list[int], int]]] = [
+    [(0, _P[0], 5), (0, _P[1], 2), (3, _P[2], 3)],
+    [(1, _P[3], 4), (2, _P[4], 6)],
+    [],
+    [(2, _P[5], 3)],
+]
+
+Step = tuple[str, list[int]]  # ("extend" | "decode" | "idle", request indices)
+
+
+def schedule(plan: list[tuple[int, list[int], int]]) -> list[Step]:
+    """The steps one DP rank runs for ``plan``: arrivals are extended in their step (the running requests wait),
+    otherwise the running requests decode; a request leaves with its last token."""
+    steps: list[Step] = []
+    produced = [0] * len(plan)
+    pending, running = list(range(len(plan))), []
+    while pending or running:
+        arriving = [i for i in pending if plan[i][0] <= len(steps)]
+        if arriving:
+            steps.append(("extend", arriving))
+            pending = [i for i in pending if i not in arriving]
+            running += arriving
+        else:
+            steps.append(("decode", list(running)) if running else ("idle", []))
+        for i in steps[-1][1]:
+            produced[i] += 1
+        running = [i for i in running if produced[i] < plan[i][2]]
+    return steps
+
+
+def token_counts(plans: list[list[tuple[int, list[int], int]]]) -> list[list[int]]:
+    """Per step, every DP rank's new tokens (idle ranks 0, to the end of the longest schedule)."""
+    schedules = [schedule(p) for p in plans]
+    counts = []
+    for t in range(max(len(s) for s in schedules)):
+        row = []
+        for plan, steps in zip(plans, schedules):
+            kind, reqs = steps[t] if t < len(steps) else ("idle", [])
+            row.append(sum(len(plan[i][1]) for i in reqs) if kind == "extend" else len(reqs))
+        counts.append(row)
+    return counts
+
+
+def run_plan(worker: ModelWorker, plan, counts: list[list[int]] | None):
+    """Run ``plan`` on ``worker`` step by step (``counts``: every DP rank's tokens per step; None: alone, TP=1).
+    Returns per request its greedy tokens and its prompt logits [prompt_len, vocab]."""
+    steps = schedule(plan)
+    num_steps = len(steps) if counts is None else len(counts)
+    outputs: list[list[int]] = [[] for _ in plan]
+    logits: list[np.ndarray | None] = [None] * len(plan)
+    rows: dict[int, int] = {}
+    seq_lens: dict[int, int] = {}
+    memory = worker.memory
+    for t in range(num_steps):
+        kind, reqs = steps[t] if t < len(steps) else ("idle", [])
+        if kind == "extend":
+            for i, row in zip(reqs, memory.req_to_token_pool.alloc(len(reqs))):
+                rows[i], seq_lens[i] = row, len(plan[i][1])
+            batch = extend_batch(memory, [rows[i] for i in reqs], [0] * len(reqs), [plan[i][1] for i in reqs])
+            batch.input_logprob_start = [1] * len(reqs)  # logits at every prompt token
+        elif kind == "decode":
+            batch = decode_batch(memory, [rows[i] for i in reqs], [seq_lens[i] for i in reqs],
+                                 [outputs[i][-1] for i in reqs])
+            for i in reqs:
+                seq_lens[i] += 1
+        else:
+            batch = Batch.idle()
+        batch.dp_token_counts = None if counts is None else counts[t]
+        step = worker.launch(batch)
+        tokens = step.logits.next_token_logits.argmax(dim=-1).tolist()  # greedy
+        if kind == "extend":
+            prompt_logits = step.logits.input_token_logits.split([len(plan[i][1]) for i in reqs])
+            for i, rows_logits in zip(reqs, prompt_logits):
+                logits[i] = rows_logits.numpy().copy()
+        for i, tok in zip(reqs, tokens):
+            outputs[i].append(tok)
+            if len(outputs[i]) == plan[i][2]:
+                release(worker, [rows.pop(i)], [seq_lens.pop(i)])
+    assert not rows, "every request finished"
+    return outputs, logits
+
+
+def _args(model_path: str, tp: int, dp: int, addr: str | None) -> ServerArgs:
+    return ServerArgs(model_path=model_path, tp_size=tp, dp_size=dp, enable_dp_attention=dp > 1, device="cpu",
+                      dist_init_addr=addr, max_total_tokens=2048, random_seed=0, dtype="float32")
+
+
+def _rank_main(rank: int, tp: int, cases: list[tuple[str, int, str]], queue) -> None:
+    """Every case (model path, dp size, rendezvous address) in turn, on fresh process groups."""
+    torch.set_num_threads(1)
+    for index, (model_path, dp, addr) in enumerate(cases):
+        args = _args(model_path, tp, dp, addr)
+        worker = ModelWorker(ModelRunner(args, resolve_model_config(args), tp_rank=rank))
+        try:
+            dp_rank = worker.runner.dp.rank
+            assert worker.runner.dp.attn_tp.size == tp // dp and worker.runner.dp.size == dp
+            plans = PLANS[:dp]
+            queue.put((index, rank, dp_rank, run_plan(worker, plans[dp_rank], token_counts(plans))))
+        finally:
+            destroy_tensor_parallel()
+
+
+def run_group(tp: int, cases: list[tuple[str, int]]) -> dict[tuple[int, int], tuple]:
+    """(case index, TP rank) -> (DP rank, (tokens, logits)) from ``tp`` spawned gloo ranks."""
+    cases_with_addr = [(path, dp, free_local_addr()) for path, dp in cases]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, tp, cases_with_addr, queue)) for r in range(tp)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(tp * len(cases)):
+            index, rank, dp_rank, result = queue.get(timeout=300)
+            results[index, rank] = (dp_rank, result)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return results
+
+
+@pytest.mark.parametrize("tp,dps", [(2, (2,)), (4, (2, 4))])
+def test_dp_attention_equals_tp1(tp, dps, tmp_path):
+    """Tiny DeepSeek-V2 (softmax group-limited routing, q without LoRA) and V3 (sigmoid grouped routing, q LoRA,
+    YaRN), each with a dense first layer: at TP=``tp`` with every --dp-size in ``dps``, each DP rank's requests
+    get TP=1's tokens exactly and its prompt logits within float32 reduction-order noise."""
+    cases, references = [], []
+    for name in ("deepseek_v2_moe", "deepseek_v3"):
+        path = str(tmp_path / name)
+        build_tiny_hf_model(name, path)
+        worker = ModelWorker(ModelRunner(_args(path, 1, 1, None), resolve_model_config(_args(path, 1, 1, None))))
+        refs = [run_plan(worker, plan, None) for plan in PLANS[:max(dps)]]
+        for dp in dps:
+            cases.append((path, dp))
+            references.append(refs)
+    results = run_group(tp, cases)
+    for index, (path, dp) in enumerate(cases):
+        for rank in range(tp):
+            dp_rank, (tokens, logits) = results[index, rank]
+            assert dp_rank == rank // (tp // dp)
+            ref_tokens, ref_logits = references[index][dp_rank]
+            assert tokens == ref_tokens, (path, dp, rank)
+            for got, want in zip(logits, ref_logits):
+                assert np.abs(got - want).max() < 1e-4, (path, dp, rank)
