@@ -24,15 +24,15 @@ from radixlm.models.loader import resolve_model_config
 
 from conftest import build_tiny_hf_model, random_seqs
 
-# Per DP rank: its requests (arrival step, prompt, new tokens).  Rank 0 extends two at once and a third later
-# while its first still decodes; rank 1 idles first, then extends in two steps and outlives rank 0; rank 2 never
-# has a request; rank 3 one short request.  Ranks 2 and 3 run with --dp-size 4 only.
+# Per DP rank: its requests (arrival step, prompt, new tokens).  Rank 0 extends two at once, and a third while
+# its first still runs; rank 1 idles first, then extends in two steps and outlives rank 0 (which idles at the
+# end); rank 2 never has a request; rank 3 one short request.  Ranks 2 and 3 run with --dp-size 4 only.
 _P = random_seqs((9, 3, 6, 20, 2, 5), seed=7)
 PLANS: list[list[tuple[int, list[int], int]]] = [
-    [(0, _P[0], 5), (0, _P[1], 2), (3, _P[2], 3)],
-    [(1, _P[3], 4), (2, _P[4], 6)],
+    [(0, _P[0], 4), (0, _P[1], 2), (2, _P[2], 2)],
+    [(1, _P[3], 3), (2, _P[4], 4)],
     [],
-    [(2, _P[5], 3)],
+    [(2, _P[5], 2)],
 ]
 
 Step = tuple[str, list[int]]  # ("extend" | "decode" | "idle", request indices)

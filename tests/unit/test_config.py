@@ -63,6 +63,9 @@ def test_server_args_explicit_seed_kept() -> None:
     ("kwargs", "flag"),
     [
         ({"tp_size": 0}, "--tp-size"),
+        ({"dp_size": 0}, "--dp-size"),
+        ({"dp_size": 2}, "--dp-size"),  # without --enable-dp-attention
+        ({"tp_size": 4, "dp_size": 3, "enable_dp_attention": True}, "--dp-size"),
         ({"page_size": 3}, "--page-size"),
         ({"page_size": 0}, "--page-size"),
         ({"page_size": 24}, "--page-size"),
@@ -111,6 +114,28 @@ def test_server_args_boundary_values_valid(kwargs: dict[str, Any]) -> None:
     args = ServerArgs(**kwargs)
     for name, value in kwargs.items():
         assert getattr(args, name) == value
+
+
+def test_dp_attention_args() -> None:
+    """--enable-dp-attention takes a --dp-size >= 2 dividing --tp-size; the flags parse under SGLang's names."""
+    with pytest.raises(ValueError, match="--enable-dp-attention needs --dp-size"):
+        ServerArgs(tp_size=2, enable_dp_attention=True)
+    args = parse(["--tp-size", "4", "--dp-size", "2", "--enable-dp-attention"])
+    assert (args.tp_size, args.dp_size, args.enable_dp_attention) == (4, 2, True)
+    assert ServerArgs(tp_size=4, dp_size=4, enable_dp_attention=True).dp_size == 4
+
+
+def test_dp_attention_needs_an_mla_model(tmp_path: Path) -> None:
+    """A model without latent attention is refused with the flag named; an MLA config is accepted."""
+    from radixlm.models.loader import resolve_model_config
+
+    args = ServerArgs(model_path=write_model_dir(tmp_path / "llama", base_config()), tp_size=2, dp_size=2,
+                      enable_dp_attention=True, device="cpu")
+    with pytest.raises(ValueError, match="--enable-dp-attention applies to MLA models.*LlamaForCausalLM"):
+        resolve_model_config(args)
+    mla = base_config(architectures=["DeepseekV2ForCausalLM"], kv_lora_rank=32, q_lora_rank=None,
+                      qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+    resolve_model_config(args.replace(model_path=write_model_dir(tmp_path / "mla", mla)))
 
 
 def test_server_args_reports_all_problems_at_once() -> None:
