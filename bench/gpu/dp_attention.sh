@@ -13,5 +13,5 @@ mark "dp attention parity (cuda)"
 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/parity/test_dp_attention.py -k cuda 2>&1 | quiet \
   | tee $LOG/dp_attention_cuda.txt | grep -E "passed|failed|skipped|Error|^FAILED|^E " | head -30
 mark "dp attention unit (gloo)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_dp_attention.py 2>&1 | quiet | tail -3
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_dp_groups.py 2>&1 | quiet | tail -3
 mark done
