@@ -72,6 +72,11 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.server_args = ServerArgs(model_path=model_path, **server_args)
+        if self.server_args.enable_dp_attention:
+            # The model side exists (static batches; tests/parity/test_dp_attention.py); a scheduler per DP group and
+            # the dispatcher that feeds them do not yet: every group would run every request (issue #20).
+            raise NotImplementedError("--enable-dp-attention is not served yet: the per-DP-rank schedulers are not "
+                                      "built (issue #20); serve with tensor parallelism alone for now")
         if self.server_args.tp_size > 1:
             set_multi_gpu_env()  # before the scheduler processes are spawned: they inherit it
             if self.server_args.dist_init_addr is None:
