@@ -27,6 +27,7 @@ Two weight formats (``fp8_linear``):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -60,6 +61,11 @@ def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
     while split < 8 and tiles * split < 2 * num_sms and k // (2 * split) >= 1024:
         split *= 2
     return GemvConfig(64, 128, 4, 4, split)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _counters(device: torch.device | str) -> torch.Tensor:
@@ -163,8 +169,7 @@ def fp8_gemv(
                              f"K a multiple of {bk} and scales ({m}, {k // bk}) and {(triton.cdiv(n, bn), k // bk)}, "
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
     if config is None:
-        num_sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count if x_q.is_cuda else 1
-        config = default_gemv_config(n, k, num_sms)
+        config = default_gemv_config(n, k, _num_sms(x_q.device))
     group_n, group_k, block_k = (1, k, config.block_k) if block_size is None else (*block_size, block_size[1])
     if x_q.stride(1) != 1:
         x_q = x_q.contiguous()
