@@ -38,8 +38,7 @@ def dp_gather(hidden: torch.Tensor, counts: list[int], dp: DPAttention) -> torch
     most = max(counts)
     # [tp_size, most, h]: rank r's rows at [r]
     parts = dp.tp.all_gather(F.pad(hidden, (0, 0, 0, most - n)), dim=0).view(dp.tp.size, most, hidden.shape[1])
-    attn_size = dp.tp.size // dp.size
-    return torch.cat([parts[d * attn_size, :count] for d, count in enumerate(counts)])
+    return torch.cat([parts[d * dp.attn_tp.size, :count] for d, count in enumerate(counts)])
 
 
 def dp_scatter(out: torch.Tensor, counts: list[int], dp: DPAttention) -> torch.Tensor:
@@ -58,7 +57,7 @@ def exchange_token_counts(num_tokens: int, dp: DPAttention) -> list[int]:
     parts = [torch.empty_like(mine) for _ in range(dp.tp.size)]
     dist.all_gather(parts, mine, group=dp.tp.cpu_group)
     per_rank = [int(p.item()) for p in parts]
-    attn_size = dp.tp.size // dp.size
+    attn_size = dp.attn_tp.size
     counts = per_rank[::attn_size]
     if any(per_rank[r] != counts[r // attn_size] for r in range(dp.tp.size)):
         raise RuntimeError(f"the ranks of an attention group disagree on their token count: {per_rank}")

@@ -179,14 +179,14 @@ def fp8_gemv(
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, SMALL_M))
-    split_k = config.split_k if grid[0] * grid[2] <= _COUNTERS else 1
+    col_tiles, row_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, SMALL_M)
+    split_k = config.split_k if col_tiles * row_tiles <= _COUNTERS else 1  # a counter per (column, row) tile
     if split_k > 1:
         partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
         counters = _counters(x_q.device)
     else:
         partials = counters = out  # not read
-    _fp8_gemv_kernel[(grid[0], split_k, grid[2])](
+    _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
         x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, EXACT=out_dtype == torch.float32 if exact is None else exact,
