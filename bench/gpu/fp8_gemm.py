@@ -23,16 +23,12 @@ per-channel weights; then at M = 1 and 16 its default and best configs, the laye
 and bf16 cuBLAS.  All in CUDA graphs over enough weight copies (``ROTATE_BYTES``) that every call reads its
 weight from HBM, as a decode step's back-to-back layers do; weight TB/s per row.
 
-``--fused-gemv``: the GEMV quantizing its input inside (as served at M <= 16) against the quantizer + GEMV
-pair it replaced, with a sweep of its configs at M = 1.
-
 ``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
 by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
 
     python bench/gpu/fp8_gemm.py             # ~2-3 minutes on an H200 (Triton compiles included)
     python bench/gpu/fp8_gemm.py --tune      # ~4-5 minutes
     python bench/gpu/fp8_gemm.py --tune-gemv --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down v3-o
-    python bench/gpu/fp8_gemm.py --fused-gemv --tokens 1 16 --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down
     python bench/gpu/fp8_gemm.py --shapes v3-kv_a v3-o --tokens 1 64 --no-moe   # a subset
 
 from the repository root with ``PYTHONPATH=.``.
@@ -351,61 +347,6 @@ def tune_gemv(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-def fused_gemv(names: list[str], tokens: list[int]) -> None:
-    """The decode GEMV quantizing its input itself (``fp8_gemv(x, None, ...)``, as the FP8 linears serve M <= 16)
-    against the quantizer + GEMV it replaced, per format and M; a sweep of the fused kernel's configs at M = 1
-    (its tile quantization shifts the ALU / memory balance).  CUDA graphs over rotating weights, as ``tune_gemv``."""
-    grid = [GemvConfig(n, 128, w, st, sk) for n, w, st, sk in itertools.product((64, 128), (4, 8), (3, 4, 5),
-                                                                               (1, 2, 4, 8))]
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print("decode GEMV with the activation quantization inside: us per call in CUDA graphs over rotating weight "
-          "copies; TB/s of weight bytes")
-    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'quant+GEMV':>10s} {'TB/s':>5s} {'fused':>8s} {'TB/s':>5s} "
-          f"{'best':>8s} {'TB/s':>5s} {'bf16':>8s} {'TB/s':>5s}  best config")
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    for name in names:
-        shape = SHAPES[name]
-        copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
-        blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
-        bf16 = [dequantize_bf16(w_q, w_s) for w_q, w_s in blocks]
-        chans = [quantize_online(w) for w in bf16]
-        default = default_gemv_config(shape.n, shape.k, num_sms)
-        for fmt in ("block", "chan"):
-            weights = [(w_q, w_s, BLOCK) for w_q, w_s in blocks] if fmt == "block" else \
-                [(w_q, w_s, None) for w_q, w_s in chans]
-
-            def two_launches(x: torch.Tensor) -> float:
-                def call(w):
-                    x_q, x_s = per_token_group_quant_fp8(x) if fmt == "block" else per_token_quant_fp8_triton(x)
-                    return fp8_gemv(x_q, x_s, *w, config=default)
-                return rotating_graph_us([lambda w=w: call(w) for w in weights])
-
-            def fused_us(x: torch.Tensor, config: GemvConfig) -> float:
-                return rotating_graph_us([lambda w=w: fp8_gemv(x, None, *w, config=config) for w in weights])
-
-            x1 = torch.randn(1, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
-            results = []
-            for config in grid:
-                try:
-                    results.append((fused_us(x1, config), config))
-                except Exception as exc:  # out of shared memory or registers
-                    print(f"  skipped {tuple(config)}: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-            results.sort()
-            print(f"  {name} {fmt} M=1 fused top 5: " + "  ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:5]),
-                  flush=True)
-            best = results[0][1]
-            for m in tokens:
-                x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
-                t_two, t_fused, t_best = two_launches(x), fused_us(x, default), fused_us(x, best)
-                t_bf16 = rotating_graph_us([lambda w=w: torch.matmul(x, w.t()) for w in bf16])
-                nk = shape.n * shape.k
-                print(f"{name:18s} {fmt:>5s} {m:3d} {t_two:10.1f} {nk / t_two / 1e6:5.2f} {t_fused:8.1f} "
-                      f"{nk / t_fused / 1e6:5.2f} {t_best:8.1f} {nk / t_best / 1e6:5.2f} {t_bf16:8.1f} "
-                      f"{2 * nk / t_bf16 / 1e6:5.2f}  {tuple(best)}", flush=True)
-        del blocks, bf16, chans, weights
-        torch.cuda.empty_cache()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
@@ -414,15 +355,11 @@ def main() -> None:
     parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
     parser.add_argument("--tune-gemv", action="store_true", help="sweep the decode GEMV's configs (M <= 16)")
-    parser.add_argument("--fused-gemv", action="store_true",
-                        help="the GEMV quantizing its input against quantizer + GEMV (M <= 16), with a sweep")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()
     if args.tune_gemv:
         tune_gemv(args.shapes, [t for t in args.tokens if t <= 16])
-    elif args.fused_gemv:
-        fused_gemv(args.shapes, [t for t in args.tokens if t <= 16])
     elif args.tune:
         tune(args.shapes, args.tokens)
     else:

@@ -21,11 +21,6 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # Floor of a group's max |x|, so an all-zero group gets a finite scale and quantizes to zeros (not 0 / 0).
 SCALE_EPS = 1e-10
 DEFAULT_BLOCK = (128, 128)
-# Rows at or below which the FP8 linears run the decode GEMV on CUDA (``fp8_gemv``, one 16-row tile), which
-# quantizes its input itself: per group of the weight's ``bk`` channels (block weights) or of ``QUANT_GROUP``
-# (per-channel weights, whose larger batches' GEMMs take one scale per token).
-SMALL_M = 16
-QUANT_GROUP = 128
 
 
 def check_group_size(k: int, group_size: int) -> None:
@@ -136,13 +131,12 @@ def fp8_block_linear(
     if x.is_cuda:
         from radixlm.kernels import as_rows
         from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton
-        from radixlm.kernels.fp8_gemv import fp8_gemv
+        from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
-        rows = as_rows(x)
-        if rows.shape[0] <= SMALL_M:  # decode-sized: the GEMV streams the weight, quantizing x as it goes
-            out = fp8_gemv(rows, None, weight, weight_scale_inv, block_size, x.dtype)
+        x_q, x_s = per_token_group_quant_fp8_triton(as_rows(x), block_size[1])
+        if x_q.shape[0] <= SMALL_M:  # decode-sized: the GEMV streams the weight
+            out = fp8_gemv(x_q, x_s, weight, weight_scale_inv, block_size, x.dtype)
         else:
-            x_q, x_s = per_token_group_quant_fp8_triton(rows, block_size[1])
             out = w8a8_block_fp8_matmul_triton(x_q, x_s, weight, weight_scale_inv, block_size, x.dtype)
         if bias is not None:
             out = out + bias
@@ -152,9 +146,8 @@ def fp8_block_linear(
 
 
 def round_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``x`` [*, K] quantized per token per ``group_size`` channels (the last group partial when K is not a
-    multiple) and dequantized, in float32: what the FP8 GEMMs see of their input."""
+    """``x`` [*, K] quantized per token per ``group_size`` channels and dequantized, in float32: what the FP8
+    GEMMs see of their input."""
     k = x.shape[-1]
-    rows = F.pad(x.reshape(-1, k), (0, -k % group_size))
-    x_q, x_s = per_token_group_quant_fp8(rows, group_size)
-    return dequantize_block_fp8(x_q, x_s, (1, group_size))[:, :k].reshape(x.shape)
+    x_q, x_s = per_token_group_quant_fp8(x.reshape(-1, k), group_size)
+    return dequantize_block_fp8(x_q, x_s, (1, group_size)).view(x.shape)

@@ -28,18 +28,15 @@ Two weight formats (``fp8_linear``):
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.fp8 import FP8_MAX, QUANT_GROUP, SCALE_EPS, SMALL_M
-from radixlm.kernels.fp8_gemm import round_to_e4m3
-
+# Rows at or below which the FP8 linears run this kernel on CUDA (one BLOCK_M tile).
+SMALL_M = 16
 _COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when kernels are decorated, as Triton does
 _counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -84,11 +81,11 @@ def _counters(device: torch.device | str) -> torch.Tensor:
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
     m_dim, n_dim, k_dim, group_n, group_k,
-    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om, eps, fp8_max,
-    PER_CHANNEL: tl.constexpr, EXACT: tl.constexpr, QUANT_X: tl.constexpr, ARITH_ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
+    PER_CHANNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
@@ -108,36 +105,22 @@ def _fp8_gemv_kernel(
         k_ok = offs_k < k_dim - k
         w = tl.load(w_ptr + offs_wn[:, None] * stride_wn + k + offs_k[None, :], mask=k_ok[None, :],
                     other=0.0)  # [BLOCK_N, BLOCK_K] fp8
-        x = tl.load(x_ptr + rows[None, :] * stride_xm + k + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                    other=0.0)  # [BLOCK_K, BLOCK_M]: fp8, or the activations themselves (QUANT_X)
-        if QUANT_X:
-            # This K tile is one activation group: its scale per token, and the tile rounded to E4M3 by it.
-            x = x.to(tl.float32)
-            # IEEE divisions (once per token): the scales are the quantizers' to the bit.
-            x_s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), eps), fp8_max)  # [BLOCK_M]
-            y = tl.clamp(x * tl.math.div_rn(tl.full(x_s.shape, 1.0, tl.float32), x_s)[None, :], -fp8_max, fp8_max)
-            if ARITH_ROUND:  # the interpreter's casts misround (fp8_gemm.round_to_e4m3)
-                y = round_to_e4m3(y)
-            x = y.to(w.dtype)
+        x = tl.load(xq_ptr + rows[None, :] * stride_xm + k + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                    other=0.0)  # [BLOCK_K, BLOCK_M] fp8
         if EXACT:
             part = tl.dot(w.to(tl.float16), x.to(tl.float16))
         else:
             part = tl.dot(w, x)
-        if PER_CHANNEL and not QUANT_X:
+        if PER_CHANNEL:
             acc += part
         else:
             k_slice = k // group_k
-            if not QUANT_X:
-                x_s = tl.load(xs_ptr + rows * stride_xsm + k_slice, mask=m_ok, other=0.0)  # [BLOCK_M]
-            if PER_CHANNEL:
-                acc += part * x_s[None, :]
-            else:
-                w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
-                acc += part * w_s[:, None] * x_s[None, :]
+            x_s = tl.load(xs_ptr + rows * stride_xsm + k_slice, mask=m_ok, other=0.0)  # [BLOCK_M]
+            w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
+            acc += part * w_s[:, None] * x_s[None, :]
     if PER_CHANNEL:
-        acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None]
-        if not QUANT_X:
-            acc = acc * tl.load(xs_ptr + rows * stride_xsm, mask=m_ok, other=0.0)[None, :]
+        x_s = tl.load(xs_ptr + rows * stride_xsm, mask=m_ok, other=0.0)
+        acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None] * x_s[None, :]
 
     mask = (offs_n < n_dim)[:, None] & m_ok[None, :]
     out_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
@@ -159,8 +142,8 @@ def _fp8_gemv_kernel(
 
 
 def fp8_gemv(
-    x: torch.Tensor,  # [M, K] float8_e4m3fn, or (x_s None) the activations: bf16 / fp16 / fp32; unit stride along K
-    x_s: torch.Tensor | None,  # [M, 1] float32 (per channel) or [M, K / bk] (block); None: quantize x inside
+    x_q: torch.Tensor,  # [M, K] float8_e4m3fn, unit stride along K
+    x_s: torch.Tensor,  # [M, 1] float32 (per channel) or [M, K / bk] (block)
     weight: torch.Tensor,  # [N, K] float8_e4m3fn
     weight_scale: torch.Tensor,  # [N] float32 (per channel) or [ceil(N / bn), K / bk] (block)
     block_size: tuple[int, int] | None = None,  # (bn, bk) of a block weight; None: per channel
@@ -170,57 +153,44 @@ def fp8_gemv(
 ) -> torch.Tensor:  # [M, N] out_dtype
     """``(x_q * x_s) @ (weight * weight_scale)^T`` with fp32 accumulation across K tiles.  Any M works (a grid
     row per 16 rows, each re-reading the weight): the FP8 linears send M <= ``SMALL_M`` here, and float32
-    models' rows of any M (cuBLAS's row-wise FP8 GEMM writes bf16 only).
-
-    ``x_s`` None: ``x`` is quantized inside, per token per group of ``bk`` channels for block weights (the scales
-    ``per_token_group_quant_fp8`` gives) and of ``QUANT_GROUP`` for per-channel ones (the last group partial when
-    K is not a multiple), each program rounding the tiles it multiplies: no quantization launch, and finer
-    activation scales than a per-token one.  The scales are the quantizers' to the bit, but the tile is multiplied
-    by the scale's (correctly rounded) reciprocal rather than divided by it, so a value within an fp32 ulp of an
-    E4M3 rounding boundary may round to the neighbour of the quantizers' value."""
-    m, k = x.shape
+    models' rows of any M (cuBLAS's row-wise FP8 GEMM writes bf16 only)."""
+    m, k = x_q.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"FP8 GEMV: x has K={k}, the weight {tuple(weight.shape)}")
     if block_size is None:
-        if weight_scale.shape != (n,) or (x_s is not None and x_s.shape != (m, 1)):
+        if weight_scale.shape != (n,) or x_s.shape != (m, 1):
             raise ValueError(f"per-channel FP8 GEMV of {m} x {k} by {n} x {k} needs scales ({m}, 1) and ({n},), "
-                             f"got {None if x_s is None else tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
+                             f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
     else:
         bn, bk = block_size
-        if (k % bk or weight_scale.shape != (triton.cdiv(n, bn), k // bk)
-                or (x_s is not None and x_s.shape != (m, k // bk))):
+        if k % bk or weight_scale.shape != (triton.cdiv(n, bn), k // bk) or x_s.shape != (m, k // bk):
             raise ValueError(f"block FP8 GEMV of {m} x {k} by {tuple(weight.shape)} with blocks {block_size} needs "
                              f"K a multiple of {bk} and scales ({m}, {k // bk}) and {(triton.cdiv(n, bn), k // bk)}, "
-                             f"got {None if x_s is None else tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
+                             f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
     if config is None:
-        config = default_gemv_config(n, k, _num_sms(x.device))
-    quant_x = x_s is None
-    if block_size is not None:
-        group_n, group_k, block_k = (*block_size, block_size[1])
-    else:
-        group_n, group_k, block_k = 1, k, QUANT_GROUP if quant_x else config.block_k
-    if x.stride(1) != 1:
-        x = x.contiguous()
+        config = default_gemv_config(n, k, _num_sms(x_q.device))
+    group_n, group_k, block_k = (1, k, config.block_k) if block_size is None else (*block_size, block_size[1])
+    if x_q.stride(1) != 1:
+        x_q = x_q.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     weight_scale = weight_scale.contiguous()
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
     col_tiles, row_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, SMALL_M)
     split_k = config.split_k if col_tiles * row_tiles <= _COUNTERS else 1  # a counter per (column, row) tile
     if split_k > 1:
-        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = _counters(x.device)
+        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
+        counters = _counters(x_q.device)
     else:
         partials = counters = out  # not read
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
-        x, weight_scale if quant_x else x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n,
-        group_k, x.stride(0), 0 if quant_x else x_s.stride(0), weight.stride(0), weight_scale.stride(0),
-        out.stride(0), SCALE_EPS, FP8_MAX,
+        x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
+        x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, EXACT=out_dtype == torch.float32 if exact is None else exact,
-        QUANT_X=quant_x, ARITH_ROUND=_INTERPRETED, BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -6,13 +6,11 @@
 - online: weights loaded in the model dtype, then (``quantize_online``) ``weight`` float8_e4m3fn with
   ``weight_scale`` float32 [out], one scale per output channel (``max |row| / 448``).
 
-Activations are quantized when the layer runs, per token per group of ``bk`` channels for block weights; for
-per-channel weights per token, or at decode-sized M (<= ``SMALL_M`` rows) per token per ``QUANT_GROUP`` channels
-(``activation_group``).  On CUDA, at decode-sized M a Triton GEMV streams the weight and quantizes the activations
-itself (``radixlm.kernels.fp8_gemv``); above it a Triton kernel quantizes them and the FP8 GEMMs run
-(``radixlm.kernels.fp8``: the Triton block-scaled GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for per-channel
-weights).  Elsewhere the same rounding in torch over the dequantized weight, so CPU results show the quantization
-error the GPU has.
+Activations are quantized per token (per group of ``bk`` channels for block weights) when the layer runs.  On
+CUDA a Triton kernel quantizes them, then at decode-sized M a Triton GEMV streams the weight
+(``radixlm.kernels.fp8_gemv``) and above it the FP8 GEMMs run (``radixlm.kernels.fp8``: the Triton block-scaled
+GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for per-channel weights).  Elsewhere the same rounding in torch over
+the dequantized weight, so CPU results show the quantization error the GPU has.
 """
 
 from __future__ import annotations
@@ -21,9 +19,7 @@ import torch
 from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
-from radixlm.kernels.fp8 import (
-    FP8_DTYPE, FP8_MAX, QUANT_GROUP, SMALL_M, dequantize_block_fp8, fp8_block_linear, round_activations,
-)
+from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
 
 
 def cdiv(a: int, b: int) -> int:
@@ -60,35 +56,21 @@ def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) on
-    CUDA (``fp8_forward`` rounds in torch elsewhere): at decode-sized M the Triton GEMV, which quantizes ``x`` per
-    token per ``QUANT_GROUP`` channels itself; above it ``x`` quantized per token, then cuBLAS's row-wise scaled
-    FP8 GEMM, or for float32 models (cuBLAS's writes only bf16) the GEMV."""
+    """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
+    ``x`` quantized per token, on CUDA (``fp8_forward`` rounds in torch elsewhere): decode-sized M, and float32
+    models (cuBLAS's row-wise scaled GEMM writes only bf16), through the Triton GEMV; otherwise cuBLAS's row-wise
+    scaled FP8 GEMM."""
     from radixlm.kernels import as_rows
     from radixlm.kernels.fp8_gemm import per_token_quant_fp8_triton
-    from radixlm.kernels.fp8_gemv import fp8_gemv
+    from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
-    rows = as_rows(x)
-    if rows.shape[0] <= SMALL_M:
-        y = fp8_gemv(rows, None, weight, weight_scale, None, x.dtype)
+    x_q, x_s = per_token_quant_fp8_triton(as_rows(x))  # [M, K] fp8, [M, 1]
+    if x_q.shape[0] <= SMALL_M or x.dtype == torch.float32:
+        y = fp8_gemv(x_q, x_s, weight, weight_scale, None, x.dtype)
     else:
-        x_q, x_s = per_token_quant_fp8_triton(rows)  # [M, K] fp8, [M, 1]
-        if x.dtype == torch.float32:
-            y = fp8_gemv(x_q, x_s, weight, weight_scale, None, x.dtype)
-        else:
-            y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(),
-                                 out_dtype=torch.bfloat16).to(x.dtype)
+        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(),
+                             out_dtype=torch.bfloat16).to(x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def activation_group(layer: nn.Module, x: torch.Tensor) -> int:
-    """Channels per activation scale of ``x`` [*, K] in the layer's FP8 GEMMs (``fp8_channel_linear`` and
-    ``fp8_block_linear`` on CUDA): the block's K, or for per-channel weights ``QUANT_GROUP`` at decode-sized M and
-    the whole row above it."""
-    block = layer.quant.weight_block
-    if block is not None:
-        return block[1]
-    return QUANT_GROUP if x.numel() // x.shape[-1] <= SMALL_M else x.shape[-1]
 
 
 def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +78,7 @@ def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     dequantized weight (made once) times ``x`` rounded as those GEMMs round it."""
     block = layer.quant.weight_block
     if not x.is_cuda:
-        x_rounded = round_activations(x, activation_group(layer, x))
+        x_rounded = round_activations(x, block[1] if block else x.shape[-1])
         return torch.nn.functional.linear(x_rounded, layer.dequantized_weight(torch.float32)).to(x.dtype)
     if block is None:
         return fp8_channel_linear(x, layer.weight, layer.weight_scale)

@@ -231,14 +231,12 @@ def test_per_token_quantizer_matches_torch(monkeypatch, row_tile, m, k) -> None:
 
 # --- decode GEMV -----------------------------------------------------------------------------------------
 
-def quantized_product(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, block,
-                      group: int | None = None) -> torch.Tensor:
-    """float64 ``x_q @ W^T`` with ``x`` quantized by the torch definition (per ``group`` channels, the last group
-    zero-padded; default: per token, or per ``bk`` group)."""
+def quantized_product(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, block) -> torch.Tensor:
+    """float64 ``x_q @ W^T`` with ``x`` quantized by the torch definition (per token, or per ``bk`` group)."""
     k = x.shape[1]
-    group = group or (k if block is None else block[1])
-    x_q, x_s = quantize_activation(x, group)
-    x_deq = x_q.double() * x_s.double().repeat_interleave(group, 1)[:, :k]
+    group = k if block is None else block[1]
+    x_q, x_s = per_token_group_quant_fp8_torch(x, group)
+    x_deq = x_q.double() * x_s.double().repeat_interleave(group, 1)
     w = w_q.double() * w_s.double()[:, None] if block is None else dequantize_block_fp8(w_q, w_s, block).double()
     return x_deq @ w.T
 
@@ -280,58 +278,6 @@ def test_gemv_matches_quantized_reference(m, n, k, block, config, dtype) -> None
     assert rel_err(fp8_gemv(*args, dtype), expected) < 2.0**-10 + FP8_DOT_REL  # the default config
 
 
-def quantize_by_reciprocal(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``fp8_gemv`` does with unquantized activations: per token per ``group`` channels (the last group
-    partial), the quantizers' scales, each group multiplied by the scale's IEEE reciprocal and rounded to E4M3."""
-    m, k = x.shape
-    groups = F.pad(x.float(), (0, -k % group)).view(m, -1, group)  # [M, G, group]
-    scales = groups.abs().amax(-1).clamp_min(SCALE_EPS) / FP8_MAX  # [M, G]
-    x_q = (groups * (1.0 / scales)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return x_q.view(m, -1)[:, :k], scales
-
-
-@pytest.mark.parametrize("m", [1, 5, 21])
-@pytest.mark.parametrize("n,k,block,config", [
-    (72, 200, None, GemvConfig(64, 32, 4, 2)),  # per channel: 128-wide groups whatever the config's K tile, a partial one
-    (40, 384, None, GemvConfig(64, 64, 4, 3, split_k=2)),  # per channel, split K
-    (136, 128, (32, 32), GemvConfig(64, 0, 4, 2)),  # block: 32-wide groups
-    (64, 192, (128, 64), GemvConfig(64, 0, 4, 2, split_k=2)),  # block, split K
-])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemv_quantizing_its_input(m, n, k, block, config, dtype) -> None:
-    """Unquantized activations (``x_s`` None): the GEMV quantizes each K tile itself, per token per ``bk`` (block)
-    or ``QUANT_GROUP`` (per channel) channels.  Exact mode within a few fp32 ulps of the float64 product of the
-    operands ``quantize_by_reciprocal`` gives; the native FP8 dot as in the pre-quantized test.  Block weights:
-    within one rounding flip of the pre-quantized path, whose scales are the same."""
-    from radixlm.kernels.fp8 import QUANT_GROUP
-
-    gen = torch.Generator().manual_seed(11)
-    x = make_x(m, k, dtype, seed=m + 1)
-    w = torch.randn(n, k, generator=gen)
-    if block is None:
-        w_s = w.abs().amax(1) / FP8_MAX
-        w_q = (w / w_s[:, None]).to(FP8_DTYPE)
-        w_deq = w_q.double() * w_s.double()[:, None]
-    else:
-        w_q, w_s = quantize_weight(w, block)
-        w_deq = dequantize_block_fp8(w_q, w_s, block).double()
-    group = QUANT_GROUP if block is None else block[1]
-    x_q, x_s = quantize_by_reciprocal(x, group)
-    expected = (x_q.double() * x_s.double().repeat_interleave(group, 1)[:, :k]) @ w_deq.T
-    args = (x.to(DEVICE), None, w_q.to(DEVICE), w_s.to(DEVICE), block)
-    out = fp8_gemv(*args, torch.float32, config)
-    assert out.shape == (m, n) and rel_err(out, expected) < 1e-6
-    out_x = fp8_gemv(*args, dtype, config, exact=False)
-    assert out_x.dtype == dtype and rel_err(out_x, expected) < 2.0**-10 + FP8_DOT_REL
-    if config.split_k > 1:
-        assert not fp8_gemv_counters(DEVICE).any()
-    if block is not None:
-        pre_q, pre_s = per_token_group_quant_fp8_triton(x.to(DEVICE), block[1])
-        assert torch.equal(pre_s.cpu(), x_s)
-        prequantized = fp8_gemv(pre_q, pre_s, *args[2:], torch.float32, config)
-        assert rel_err(out, prequantized.cpu()) < 1e-2 / k  # equal but for a rare rounding flip
-
-
 def test_gemv_argument_checks() -> None:
     w_q = torch.zeros(40, 64, dtype=FP8_DTYPE)
     x_q = torch.zeros(1, 64, dtype=FP8_DTYPE)
@@ -341,8 +287,6 @@ def test_gemv_argument_checks() -> None:
         fp8_gemv(x_q, torch.ones(1, 2), w_q, torch.ones(1, 2), (32, 32))
     with pytest.raises(ValueError, match="needs K a multiple"):
         fp8_gemv(x_q, torch.ones(1, 2), w_q, torch.ones(2, 2), (32, 48))
-    with pytest.raises(ValueError, match="needs K a multiple"):
-        fp8_gemv(torch.zeros(1, 64), None, w_q, torch.ones(2, 2), (32, 48))
 
 
 # --- fused MoE with block-FP8 experts ----------------------------------------------------------------------
@@ -469,7 +413,6 @@ def test_fp8_paths_replay_in_a_cuda_graph() -> None:
 @pytest.mark.parametrize("m", [1, 16, 64, 1024])  # the GEMV up to 16 rows, cuBLAS's row-wise GEMM above
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
 def test_online_fp8_linear_real_shapes_on_gpu(m, n, k) -> None:
-    from radixlm.kernels.fp8 import QUANT_GROUP, SMALL_M
     from radixlm.layers.fp8_linear import fp8_channel_linear, quantize_online
 
     gen = torch.Generator().manual_seed(6)
@@ -477,5 +420,4 @@ def test_online_fp8_linear_real_shapes_on_gpu(m, n, k) -> None:
     w_q, w_s = quantize_online(torch.randn(n, k, generator=gen) / k**0.5)
     out = fp8_channel_linear(x.cuda(), w_q.cuda(), w_s.cuda())
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    group = QUANT_GROUP if m <= SMALL_M else k  # the GEMV quantizes per 128-channel group, the GEMM per token
-    assert rel_err(out.float(), quantized_product(x, w_q, w_s, None, group)) < 2.0**-8  # bf16 output rounding
+    assert rel_err(out.float(), quantized_product(x, w_q, w_s, None)) < 2.0**-8  # bf16 output rounding
