@@ -45,7 +45,8 @@ class ServerArgs:
                                     (None, "fp8"))
     enable_fp8_mla_bmm: bool = _arg(False, "MLA models (DeepSeek-V2/V3): run the absorbed attention's per-head "
                                            "products with W_UK and W_UV in FP8 (E4M3; weights one scale per head, "
-                                           "activations one dynamic scale per tensor)")
+                                           "activations one dynamic scale per tensor); on an H200 slower than "
+                                           "the bf16 products at every measured batch (docs/benchmarks.md, run I)")
     json_model_override_args: str = _arg("", "JSON object merged over the model's config.json, e.g. "
                                              "'{\"num_hidden_layers\": 4}' to time the first layers of a large "
                                              "model (checkpoint tensors of the layers cut off are skipped)")

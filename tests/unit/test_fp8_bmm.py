@@ -11,7 +11,7 @@ Error bounds (E4M3: 3 mantissa bits, so round-to-nearest errs by at most 2^-4 re
 at most half the subnormal spacing, 2^-10, times the scale below 2^-6 times it):
 - kernel vs the dequantized operands it multiplies: every fp8 product is exact in fp32, only the summation order
   and where the scales are applied differ: relative Frobenius error < 1e-5 (fp32 out); bf16 out adds one rounding,
-  2^-9 relative per element (2^-8 under the interpreter, whose cast to bf16 truncates);
+  2^-9 relative per element (2^-7 under the interpreter, whose cast to bf16 truncates);
 - on sm_90 an fp8 dot accumulates with reduced precision (the K tile's partial sums): 2e-3 relative on top;
 - torch path vs unquantized operands: elementwise |out - ref| <= sum_k |x_k| e(w_k) + |w_k| e(x_k) + e(x_k) e(w_k),
   e(v) = max(2^-4 |v|, 2^-10 scale).
@@ -39,6 +39,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = pytest.mark.skipif(not CUDA, reason="needs a GPU")
+FP8_DOT_REL = 2e-3 if CUDA else 0.0  # sm_90's fp8 dot accumulates a K tile with reduced precision
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -121,8 +122,8 @@ def test_torch_path_error_bounded_by_e4m3(dtype) -> None:
 
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("b,n,k,config", [
-    (3, 24, 64, GemmConfig(16, 16, 16)),  # several K tiles; N not a multiple of the tile
-    (2, 40, 40, GemmConfig(16, 32, 16)),  # a partial last K tile (masked)
+    (3, 24, 96, GemmConfig(16, 16, 32)),  # several K tiles (32 wide: an fp8 dot's smallest on a GPU); N ragged
+    (2, 40, 40, GemmConfig(16, 32, 32)),  # a partial last K tile (masked)
     (4, 32, 16, None),  # the default config: K below the 32-wide tile (masked)
 ])
 def test_kernel_matches_dequantized_reference(m, b, n, k, config) -> None:
@@ -132,9 +133,9 @@ def test_kernel_matches_dequantized_reference(m, b, n, k, config) -> None:
     args = [t.to(DEVICE) for t in (x, activation_amax(x), w_q, w_s)]
     out = fp8_bmm_triton(*args, torch.float32, config)
     assert out.shape == (m, b, n) and out.dtype == torch.float32
-    assert rel_err(out, expected) < 1e-5
+    assert rel_err(out, expected) < 1e-5 + FP8_DOT_REL
     out_bf16 = fp8_bmm_triton(*args, torch.bfloat16, config)
-    assert out_bf16.dtype == torch.bfloat16 and rel_err(out_bf16, expected) < (2.0**-8 if INTERPRETED else 2.0**-9)
+    assert out_bf16.dtype == torch.bfloat16 and rel_err(out_bf16, expected) < (2.0**-7 if INTERPRETED else 2.0**-9 + FP8_DOT_REL)
 
 
 def test_kernel_reads_a_strided_view() -> None:
@@ -144,8 +145,8 @@ def test_kernel_reads_a_strided_view() -> None:
     x = wide.bfloat16()[..., :32]
     w_q, w_s = quantize_per_batch(make_weights(3, 16, 32))
     out = fp8_bmm_triton(x.to(DEVICE), activation_amax(x).to(DEVICE), w_q.to(DEVICE), w_s.to(DEVICE),
-                         torch.float32, GemmConfig(16, 16, 16))
-    assert rel_err(out, dequantized_reference(x.contiguous(), w_q, w_s)) < 1e-5
+                         torch.float32, GemmConfig(16, 16, 32))
+    assert rel_err(out, dequantized_reference(x.contiguous(), w_q, w_s)) < 1e-5 + FP8_DOT_REL
 
 
 def test_kernel_argument_checks_and_configs() -> None:
