@@ -14,9 +14,11 @@ tensor-parallel within its attention group, the feed-forward over the whole TP g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +137,26 @@ def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_
                                   cpu_group_ref=weakref.ref(attn_cpu))
     _DP_ATTENTION = DPAttention(rank=tp_rank // attn_size, size=dp_size, attn_tp=attn_tp, tp=_TP_GROUP)
     return _TP_GROUP
+
+
+@contextlib.contextmanager
+def layout_for_sizing(tp_rank: int, tp_size: int, dp_size: int = 1) -> Iterator[None]:
+    """Within the block, the groups of rank ``tp_rank`` of a ``tp_size``-rank layout with ``dp_size`` attention
+    groups, without process groups: a model built inside gets that rank's shard shapes (layers read the groups at
+    construction), so one process can size any rank's memory (``bench/dp_memory.py``, on the meta device).
+    Collectives inside would fail.  The previous groups come back at the end."""
+    global _TP_GROUP, _DP_ATTENTION
+    if dp_size < 1 or tp_size % dp_size or not 0 <= tp_rank < tp_size:
+        raise ValueError(f"no rank {tp_rank} in a layout of {tp_size} ranks and {dp_size} attention groups")
+    saved = _TP_GROUP, _DP_ATTENTION
+    attn_size = tp_size // dp_size
+    tp = TPGroup(rank=tp_rank, size=tp_size)
+    attn_tp = tp if dp_size == 1 else TPGroup(rank=tp_rank % attn_size, size=attn_size)
+    _TP_GROUP, _DP_ATTENTION = tp, DPAttention(rank=tp_rank // attn_size, size=dp_size, attn_tp=attn_tp, tp=tp)
+    try:
+        yield
+    finally:
+        _TP_GROUP, _DP_ATTENTION = saved
 
 
 def set_multi_gpu_env() -> None:
