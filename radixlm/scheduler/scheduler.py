@@ -334,6 +334,7 @@ class Scheduler:
             gpu_memory_used_bytes=self.worker.memory_used_bytes(),
             num_retracted_reqs_total=self.decode.num_retracted,
             evicted_tokens_total=self.tree_cache.num_evicted_tokens,
+            dp_rank=self.dp_rank,
         )
 
 
