@@ -3,7 +3,8 @@
 the tokens a ``--tp-size 1`` Engine gives it on the same weights, while each DP rank schedules its own requests
 with its own KV pool and radix cache: through chunked prefill, retraction in a tiny pool, the overlap schedule on
 and off, a JSON-schema constrained request and an abort while others run; the ``prefix`` dispatcher sends a
-shared prefix back to the rank that caches it.  Each engine starts once per module (a few seconds each)."""
+shared prefix back to the rank that caches it.  Each engine starts once per module (a few seconds each).  On 4
+GPUs the same holds over NCCL with the Triton kernels (``test_dp_serving_on_cuda``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import radixlm
 
@@ -131,3 +133,16 @@ def test_tp4_dp2(model, reference):
     with radixlm.Engine(model, max_total_tokens=2048, **{**DP2, "tp_size": 4}, **COMMON) as engine:
         assert generate(engine, PROMPTS, NEWS) == reference["mixed"]
         assert all(s["num_tracked_reqs"] == 0 and s["cached_kv_tokens"] > 0 for s in dp_states(engine))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
+def test_dp_serving_on_cuda(model):
+    """NCCL groups, Triton attention and MoE kernels, the overlap schedule with device-side placeholders, CUDA graphs
+    (off under DP attention, on in the reference): every --dp-size at TP 2 and 4 against one GPU."""
+    cuda = dict(dtype="float32", random_seed=0, device="cuda", max_total_tokens=4096)
+    with radixlm.Engine(model, **cuda) as engine:
+        want = (generate(engine, PROMPTS, NEWS), constrained(engine))
+    for tp, dp in ((2, 2), (4, 2), (4, 4)):
+        with radixlm.Engine(model, tp_size=tp, dp_size=dp, enable_dp_attention=True, **cuda) as engine:
+            assert (generate(engine, PROMPTS, NEWS), constrained(engine)) == want, (tp, dp)
+            assert all(s["cached_kv_tokens"] > 0 for s in dp_states(engine)), (tp, dp)
