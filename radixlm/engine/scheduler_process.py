@@ -7,8 +7,10 @@ DP ranks agree on each step through ``DPLockstep``; the first rank of each atten
 requests' tokens and its stats on a socket of its own (the front end's socket fans them in); TP rank 0 answers the
 control requests for all DP ranks.
 
-Failure contract: an exception escaping the loop is logged with its traceback, rank 0 sends a ``SchedulerFailure``
-naming it (the front end answers every request in flight with a 500), and the process exits with status 1.  With
+Failure contract: an exception escaping the loop is logged with its traceback, a sending rank (rank 0; under DP
+attention every DP rank's leader) sends a ``SchedulerFailure`` naming it (the front end answers every request in
+flight with a 500; it notices another rank's exit by watching the processes), and the process exits with status 1.
+With
 ``--watchdog-timeout`` a loop that makes no progress for that long while it has work (a hung forward) is ended by
 the watchdog (``radixlm.utils.watchdog``): the stacks of every thread to the log, the same ``SchedulerFailure``,
 exit status 3.  The front end never waits on a dead scheduler either way.
@@ -206,8 +208,7 @@ class SchedulerLoop:
         """Run on every rank in the same step (the message is broadcast); under DP attention the DP ranks
         exchange their answers and TP rank 0's reply covers them all."""
         if msg.kind == "flush_cache":
-            # Every DP rank or none: a flush on some ranks only would leave the caches out of step with the ranks'
-            # idleness that the reply reports.
+            # Every DP rank or none (all are idle, or none flushes), so that the one reply holds for every cache.
             ok = all(self._per_dp_rank(self.scheduler.is_idle())) and self.scheduler.tree_cache.flush()
             return ControlReply(msg.token, ok, {"message": "cache flushed" if ok else
                                                 "requests are in flight; the cache was not flushed"})
