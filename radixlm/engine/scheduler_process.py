@@ -10,9 +10,8 @@ control requests for all DP ranks.
 Failure contract: an exception escaping the loop is logged with its traceback, a sending rank (rank 0; under DP
 attention every DP rank's leader) sends a ``SchedulerFailure`` naming it (the front end answers every request in
 flight with a 500; it notices another rank's exit by watching the processes), and the process exits with status 1.
-With
-``--watchdog-timeout`` a loop that makes no progress for that long while it has work (a hung forward) is ended by
-the watchdog (``radixlm.utils.watchdog``): the stacks of every thread to the log, the same ``SchedulerFailure``,
+With ``--watchdog-timeout`` a loop that makes no progress for that long while it has work (a hung forward) is ended
+by the watchdog (``radixlm.utils.watchdog``): the stacks of every thread to the log, the same ``SchedulerFailure``,
 exit status 3.  The front end never waits on a dead scheduler either way.
 """
 
