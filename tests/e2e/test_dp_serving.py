@@ -36,10 +36,11 @@ JSON_PROMPT = random_seqs((11,), seed=5)[0]
 PREFIXES = random_seqs((128, 128), seed=9)
 TAILS = random_seqs((3, 7, 5), seed=11)
 FAMILIES = [[prefix + tail for tail in TAILS] for prefix in PREFIXES]
+COPIED = random_seqs((21,), seed=13)[0]  # a prompt asked for with n = 3
 
 
-def greedy(n: int, **extra) -> dict:
-    return {"max_new_tokens": n, "temperature": 0, "ignore_eos": True, **extra}
+def greedy(new_tokens: int, **extra) -> dict:
+    return {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True, **extra}
 
 
 def generate(engine, prompts: list[list[int]], news: list[int]) -> list[list[int]]:
@@ -74,7 +75,8 @@ def reference(model) -> dict[str, list]:
     """Every workload's outputs from one process (TP=1), with room for everything."""
     with radixlm.Engine(model, max_total_tokens=4096, **COMMON) as engine:
         return {"mixed": generate(engine, PROMPTS, NEWS), "json": constrained(engine),
-                "families": [generate(engine, family, [5] * len(family)) for family in FAMILIES]}
+                "families": [generate(engine, family, [5] * len(family)) for family in FAMILIES],
+                "copied": generate(engine, [COPIED], [6])[0]}
 
 
 def test_tp2_dp2_chunked_retracted_overlapped_constrained_aborted(model, reference):
@@ -114,7 +116,8 @@ def test_tp2_dp2_chunked_retracted_overlapped_constrained_aborted(model, referen
 
 def test_tp2_dp2_prefix_dispatch_without_overlap(model, reference):
     """``--load-balance-method prefix`` with the overlap schedule off: after one prompt of each family is served,
-    the family's other prompts go to the rank that caches its prefix and reuse both blocks from its radix cache."""
+    the family's other prompts go to the rank that caches its prefix and reuse both blocks from its radix cache;
+    the n copies of a prompt follow its one prefill."""
     with radixlm.Engine(model, max_total_tokens=2048, load_balance_method="prefix", disable_overlap_schedule=True,
                         **DP2, **COMMON) as engine:
         firsts = engine.generate(input_ids=[f[0] for f in FAMILIES], sampling_params=greedy(5))
@@ -126,6 +129,10 @@ def test_tp2_dp2_prefix_dispatch_without_overlap(model, reference):
                    for i in range(len(FAMILIES))]
         assert outputs == reference["families"]
         assert generate(engine, PROMPTS, NEWS) == reference["mixed"]
+        # n copies go to the rank that prefilled their prompt once: each finds it there
+        copies = engine.generate(input_ids=COPIED, sampling_params=greedy(6, n=3))
+        assert [c["output_ids"] for c in copies] == [reference["copied"]] * 3
+        assert all(c["meta_info"]["cached_tokens"] == len(COPIED) - 1 for c in copies)
 
 
 def test_tp4_dp2(model, reference):
