@@ -4,7 +4,7 @@ each on its own thread, exchanging their plans through an in-process all-gather.
 Every run checks that the ranks launch the same number of forwards (a rank without a plan launches IDLE), that
 the i-th launch of every rank carries the same per-DP-rank token counts and that they are the launched batches'
 own, that IDLE launches are never sampled, that every request gets exactly the tokens the fake model gives it
-alone (through chunked prefill, retraction and the overlap schedule), and that the ranks report all-idle
+alone (through chunked prefill, mixed steps, retraction and the overlap schedule), and that the ranks report all-idle
 together."""
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def run_ranks(plans, **kwargs) -> tuple[list[Scheduler], list[CountingWorker], l
     dict(),
     dict(disable_overlap_schedule=True),
     dict(chunked_prefill_size=8),
+    dict(chunked_prefill_size=8, enable_mixed_chunk=True),
     dict(max_total_tokens=48, chunked_prefill_size=16, schedule_conservativeness=0.3),  # retraction on rank 0
 ])
 def test_ranks_launch_together_and_get_their_tokens(kwargs):
