@@ -114,13 +114,13 @@ MLA_CONFIGS = {
 
 
 def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                        **save_kwargs) -> torch.nn.Module:
-    """Instantiate ``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``, ``MOE_CONFIGS[name]``) with random weights in
-    transformers, save it, return the HF model.  MoE routers get spread-out random weights and correction biases
+                        overrides: dict | None = None, **save_kwargs) -> torch.nn.Module:
+    """Instantiate ``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``, ``MOE_CONFIGS[name]``; ``overrides`` merged
+    over it) with random weights in transformers, save it, return the HF model.  MoE routers get spread-out random weights and correction biases
     (HF initialises the bias to zero), so that routing is decisive and its parameters' loading is checked."""
     import transformers
 
-    spec = dict({**TINY_CONFIGS, **MLA_CONFIGS, **MOE_CONFIGS}[name])
+    spec = dict({**TINY_CONFIGS, **MLA_CONFIGS, **MOE_CONFIGS}[name], **(overrides or {}))
     arch = spec.pop("arch")
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     config = config_cls(initializer_range=0.1, **spec)

@@ -15,6 +15,7 @@ import torch
 from radixlm.utils.toolchain import cpu_kernels_buildable
 
 API_KEY_ENV = "RADIXLM_API_KEY"  # the API key when --api-key is not given
+LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "prefix")  # radixlm.engine.dispatcher
 
 
 def _arg(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -63,6 +64,12 @@ class ServerArgs:
                                             "groups (tensor-parallel over --tp-size / --dp-size ranks within one, "
                                             "with the embedding and LM head), the MoE and MLP layers "
                                             "tensor-parallel over all --tp-size ranks on every group's tokens")
+    load_balance_method: str = _arg("shortest_queue", "with --enable-dp-attention, how the front end picks each "
+                                                      "request's DP rank: round_robin; shortest_queue (fewest "
+                                                      "unfinished requests, then tokens); prefix (the rank that "
+                                                      "most likely caches the prompt's longest prefix, unless its "
+                                                      "queue is much longer than the shortest)",
+                                    LOAD_BALANCE_METHODS)
     mem_fraction_static: float | None = _arg(None, "fraction of GPU memory for weights + KV cache (GPU default 0.88)")
     max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
     page_size: int = _arg(1, "tokens per KV page")

@@ -53,12 +53,18 @@ def exchange_token_counts(num_tokens: int, dp: DPAttention) -> list[int]:
     group (host values: no device work is waited for).  The ranks of one attention group must agree."""
     if not dp.enabled:
         return [num_tokens]
-    mine = torch.tensor([num_tokens], dtype=torch.int64)
+    return [row[0] for row in gather_per_dp_rank([num_tokens], dp)]
+
+
+def gather_per_dp_rank(values: list[int], dp: DPAttention) -> list[list[int]]:
+    """Every DP rank's ``values`` (host ints, the same length on every rank), in DP-rank order, in one all-gather
+    over the TP group's gloo group; RuntimeError when the ranks of an attention group disagree (they run the same
+    scheduler on the same messages, so they never should)."""
+    mine = torch.tensor(values, dtype=torch.int64)
     parts = [torch.empty_like(mine) for _ in range(dp.tp.size)]
     dist.all_gather(parts, mine, group=dp.tp.cpu_group)
-    per_rank = [int(p.item()) for p in parts]
+    per_rank = [p.tolist() for p in parts]
     attn_size = dp.attn_tp.size
-    counts = per_rank[::attn_size]
-    if any(per_rank[r] != counts[r // attn_size] for r in range(dp.tp.size)):
-        raise RuntimeError(f"the ranks of an attention group disagree on their token count: {per_rank}")
-    return counts
+    if any(per_rank[r] != per_rank[r - r % attn_size] for r in range(dp.tp.size)):
+        raise RuntimeError(f"the ranks of an attention group disagree on their step: {per_rank}")
+    return per_rank[::attn_size]

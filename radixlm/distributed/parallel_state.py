@@ -66,6 +66,14 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's picklable ``obj``, in rank order (CPU-side control messages)."""
+        if self.size == 1:
+            return [obj]
+        out: list[object] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
     def broadcast_object(self, obj: object, src: int = 0) -> object:
         """Send a picklable object from ``src`` to every rank (CPU-side control messages)."""
         if self.size == 1:

@@ -28,6 +28,7 @@ from radixlm.config import ServerArgs
 from radixlm.distributed import free_local_addr, set_multi_gpu_env
 from radixlm.engine.child_stderr import ChildStderr, early_exit_message
 from radixlm.engine.detokenizer import RequestDecoder
+from radixlm.engine.dispatcher import Dispatcher
 from radixlm.engine.io_struct import (
     AbortRequest,
     ControlReply,
@@ -72,11 +73,6 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.server_args = ServerArgs(model_path=model_path, **server_args)
-        if self.server_args.enable_dp_attention:
-            # The model side exists (static batches; tests/parity/test_dp_attention.py); a scheduler per DP group and
-            # the dispatcher that feeds them do not yet: every group would run every request (issue #20).
-            raise NotImplementedError("--enable-dp-attention is not served yet: the per-DP-rank schedulers are not "
-                                      "built (issue #20); serve with tensor parallelism alone for now")
         if self.server_args.tp_size > 1:
             set_multi_gpu_env()  # before the scheduler processes are spawned: they inherit it
             if self.server_args.dist_init_addr is None:
@@ -96,7 +92,11 @@ class Engine:
         self._refusing: str | None = None  # set by stop_admitting: why new requests get 503
         # The name the API reports and metrics carry: SGLang's default is the model path as given.
         self.model_name = self.server_args.served_model_name or self.server_args.model_path or EMBEDDED_MODEL_NAME
-        self.metrics = MetricsCollector(self.model_name) if self.server_args.enable_metrics else None
+        self.metrics = (MetricsCollector(self.model_name, self.server_args.dp_size) if self.server_args.enable_metrics
+                        else None)
+        # Data-parallel attention: each request goes to one DP rank's scheduler (the others ignore it)
+        self._dispatcher = (Dispatcher(self.server_args.dp_size, self.server_args.load_balance_method)
+                            if self.server_args.enable_dp_attention else None)
 
         # IPC sockets live in a directory only this user can enter (mkdtemp: mode 0700); the sockets themselves are
         # owner-only too, so that no other local user can inject requests or read outputs.
@@ -121,7 +121,7 @@ class Engine:
             pipes.append(parent)
         atexit.register(self.shutdown)
         infos = [self._wait_ready(rank, pipes[rank], stderrs[rank]) for rank in range(len(self._procs))]
-        self.info: SchedulerInfo = infos[0]
+        self.info: SchedulerInfo = SchedulerInfo.smallest(infos)
         self.validator = RequestValidator(self.tokenizer, self.info, self.server_args.grammar_backend)
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="radixlm-receiver")
         self._receiver.start()
@@ -381,6 +381,7 @@ class Engine:
             copies = [self._new_state(p_ids, p, options, c, loop, rid if p.n == 1 else rid and f"{rid}-{c}",
                                       return_hidden_states) for c in range(p.n)]
             states += [state for state, _ in copies]
+            warm_req = None
             if p.n > 1 and not self.server_args.disable_radix_cache:
                 # Prefill the prompt once; the copies are sent when its KV is in the radix cache.
                 warm_params = SamplingParams(**{**vars(p), "n": 1, "max_new_tokens": 0})
@@ -389,6 +390,11 @@ class Engine:
                 batch.append(warm_req)
             else:
                 batch += [req for _, req in copies]
+            if self._dispatcher is not None:  # the copies go where the prompt is prefilled
+                reqs = [req for _, req in copies] + ([warm_req] if warm_req is not None else [])
+                rank = self._dispatcher.dispatch(p_ids, [(r.rid, self._budget(r)) for r in reqs])
+                for r in reqs:
+                    r.dp_rank = rank
         self._queued.update(s.rid for s in states)
         try:
             self._send(batch)
@@ -396,6 +402,11 @@ class Engine:
             self._queued.difference_update(s.rid for s in states)
             raise
         return states
+
+    def _budget(self, req: GenerateRequest) -> int:
+        """The tokens a request may hold: its prompt and at most its new tokens (the dispatcher's load)."""
+        limit = req.sampling_params.max_new_tokens
+        return len(req.input_ids) + (limit if limit is not None else self.info.context_length - len(req.input_ids))
 
     def _new_state(self, ids: list[int], p: SamplingParams, options: LogprobOptions | None, copy: int,
                    loop: asyncio.AbstractEventLoop | None, rid: str | None,
@@ -497,6 +508,8 @@ class Engine:
         with self._lock:
             state = self._states.pop(rid, None)
             self._queued.discard(rid)
+            if self._dispatcher is not None:
+                self._dispatcher.finish(rid)
         if state is not None:
             state.fail(reason)
             self.abort(rid)
@@ -507,6 +520,8 @@ class Engine:
             states, self._states = list(self._states.values()), {}
             replies, self._replies = list(self._replies.items()), {}
             self._queued.clear()
+            if self._dispatcher is not None:
+                self._dispatcher.clear()
         for state in states:
             state.fail(reason)
         for token, (loop, callback) in replies:
@@ -544,6 +559,8 @@ class Engine:
             self._record_finish(state, now)
             with self._lock:
                 del self._states[out.rid]
+                if self._dispatcher is not None:
+                    self._dispatcher.finish(out.rid)
             if state.on_finish is not None:
                 state.on_finish()
         state.deliver({"text": delta, "output_ids": list(out.new_ids), "meta_info": state.meta_info(logprob_delta)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ class GenerateRequest:
     seed: int
     logprob_options: LogprobOptions | None = None  # None: no logprobs
     return_hidden_states: bool = False  # send the final hidden state behind every output token
+    dp_rank: int = 0  # data-parallel attention: the DP rank that serves it (the front end's dispatcher chose)
 
 
 @dataclass
@@ -29,7 +31,8 @@ class AbortRequest:
 class ControlRequest:
     """A question to the scheduler answered by a ``ControlReply`` with the same ``token``.
 
-    ``kind``: ``"flush_cache"`` (ok only when no request is in flight) or ``"get_state"`` (``Scheduler.state()``).
+    ``kind``: ``"flush_cache"`` (ok only when no request is in flight) or ``"get_state"`` (``Scheduler.state()``;
+    under data-parallel attention the DP ranks' totals and their own states as a list under ``"dp"``).
     """
 
     token: str
@@ -68,12 +71,17 @@ class BatchTokenOutput:
 
 @dataclass
 class SchedulerInfo:
-    """Sent once by TP rank 0 when its model is loaded."""
+    """Sent once by every TP rank when its model is loaded (the front end keeps the smallest limits)."""
 
     max_total_num_tokens: int
     max_running_requests: int
     context_length: int
     vocab_size: int
+
+    @classmethod
+    def smallest(cls, infos: list["SchedulerInfo"]) -> "SchedulerInfo":
+        """The limits every rank can serve (DP ranks each have their own KV pool)."""
+        return cls(*(min(values) for values in zip(*(dataclasses.astuple(i) for i in infos))))
 
 
 @dataclass

@@ -1,10 +1,17 @@
 """The scheduler process: one per TP rank.  Rank 0 receives requests over ZMQ and broadcasts them to the other
 ranks, every rank runs the same ``Scheduler.step()`` in lockstep, and rank 0 sends the new tokens back.
 
-Failure contract: an exception escaping the loop is logged with its traceback, rank 0 sends a ``SchedulerFailure``
-naming it (the front end answers every request in flight with a 500), and the process exits with status 1.  With
-``--watchdog-timeout`` a loop that makes no progress for that long while it has work (a hung forward) is ended by
-the watchdog (``radixlm.utils.watchdog``): the stacks of every thread to the log, the same ``SchedulerFailure``,
+Under data-parallel attention the ranks of DP rank d (its attention group) run a scheduler of the requests the
+front end tagged ``dp_rank == d`` (every rank sees every message and keeps its own); the schedulers of different
+DP ranks agree on each step through ``DPLockstep``; the first rank of each attention group (its leader) sends its
+requests' tokens and its stats on a socket of its own (the front end's socket fans them in); TP rank 0 answers the
+control requests for all DP ranks.
+
+Failure contract: an exception escaping the loop is logged with its traceback, a sending rank (rank 0; under DP
+attention every DP rank's leader) sends a ``SchedulerFailure`` naming it (the front end answers every request in
+flight with a 500; it notices another rank's exit by watching the processes), and the process exits with status 1.
+With ``--watchdog-timeout`` a loop that makes no progress for that long while it has work (a hung forward) is ended
+by the watchdog (``radixlm.utils.watchdog``): the stacks of every thread to the log, the same ``SchedulerFailure``,
 exit status 3.  The front end never waits on a dead scheduler either way.
 """
 
@@ -22,7 +29,7 @@ import zmq
 
 from radixlm.config import ServerArgs
 from radixlm.core import Req
-from radixlm.distributed import TPGroup, destroy_tensor_parallel
+from radixlm.distributed import DPAttention, TPGroup, destroy_tensor_parallel
 from radixlm.engine.io_struct import (
     AbortRequest,
     BatchTokenOutput,
@@ -37,22 +44,24 @@ from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling.logprobs import RequestLogprobs
 from radixlm.scheduler import Scheduler
+from radixlm.scheduler.dp_lockstep import DPLockstep
 from radixlm.utils import faults
 from radixlm.utils.heap import HeapTrimmer
 from radixlm.utils.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
-STATS_INTERVAL_S = 0.5  # how often rank 0 sends SchedulerStats to the front end (metrics)
+STATS_INTERVAL_S = 0.5  # how often each DP rank's leader sends SchedulerStats to the front end (metrics)
 
 
 def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, out_addr: str, ready: Any) -> None:
-    """Process entry point.  ``ready`` is a pipe end: it gets a ``SchedulerInfo`` (rank 0) or an error string."""
+    """Process entry point.  ``ready`` is a pipe end: it gets a ``SchedulerInfo`` or an error string."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     logging.basicConfig(level=server_args.log_level.upper(), format=f"[scheduler tp{tp_rank}] %(message)s")
     try:
         runner = ModelRunner(server_args, resolve_model_config(server_args), tp_rank=tp_rank)
-        scheduler = Scheduler(server_args, ModelWorker(runner))
+        lockstep = DPLockstep.over(runner.dp) if runner.dp.enabled else None
+        scheduler = Scheduler(server_args, ModelWorker(runner), lockstep)
     except Exception as e:  # report load errors to the parent instead of dying silently
         ready.send(f"{type(e).__name__}: {e}")
         raise
@@ -61,9 +70,11 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
     # never exit, the peer being gone.
     ctx.setsockopt(zmq.LINGER, 0)
     recv = send = None
+    leader = runner.dp.attn_tp.rank == 0  # sends its DP rank's outputs (without DP attention: TP rank 0)
     if tp_rank == 0:
         recv = ctx.socket(zmq.PULL)
         recv.connect(in_addr)
+    if leader:
         send = ctx.socket(zmq.PUSH)
         send.connect(out_addr)
     memory = runner.memory
@@ -71,9 +82,9 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
                              runner.model_config.context_length, runner.model_config.vocab_size))
 
     def report_failure(reason: str) -> None:
-        """Tell the front end (rank 0 only) on a socket of its own: the watchdog calls this from its thread while
-        the loop's socket may be in use."""
-        if tp_rank != 0:
+        """Tell the front end (DP leaders only) on a socket of its own: the watchdog calls this from its thread
+        while the loop's socket may be in use."""
+        if not leader:
             return
         # A context of its own: terminating it waits (up to the linger) until the message has left, which the
         # watchdog's os._exit right after would otherwise cut short.
@@ -89,7 +100,7 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
         watchdog = Watchdog(server_args.watchdog_timeout, f"scheduler loop (tp rank {tp_rank})",
                             on_timeout=report_failure).start()
     try:
-        clean = SchedulerLoop(scheduler, runner.tp, recv, send, watchdog).run()
+        clean = SchedulerLoop(scheduler, runner.dp, recv, send, watchdog).run()
     except Exception as e:
         logger.exception("the scheduler loop failed; failing every request in flight and exiting")
         if watchdog is not None:
@@ -105,12 +116,16 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, o
 
 
 class SchedulerLoop:
-    def __init__(self, scheduler: Scheduler, tp: TPGroup, recv: zmq.Socket | None,
+    """One TP rank's loop.  ``dp``: its place under DP attention (``tp``: the whole TP group, which every message
+    is broadcast to); ``recv``: TP rank 0's socket from the front end; ``send``: a DP leader's socket to it."""
+
+    def __init__(self, scheduler: Scheduler, dp: DPAttention, recv: zmq.Socket | None,
                  send: zmq.Socket | None, watchdog: Watchdog | None = None):
         self.scheduler = scheduler
         self.watchdog = watchdog
         self.recv, self.send = recv, send
-        self.tp = tp
+        self.dp = dp
+        self.tp: TPGroup = dp.tp
         self.reqs: dict[str, Req] = {}
         self.sent: dict[str, int] = {}  # rid -> output tokens already sent
         self.parent_pid = os.getppid()
@@ -125,7 +140,7 @@ class SchedulerLoop:
         while os.getppid() == self.parent_pid:
             if self.watchdog is not None:
                 self.watchdog.beat()
-            idle = self.scheduler.is_idle()
+            idle = self.scheduler.may_wait_for_requests()
             # An idle loop may wait for requests for good (rank 0 on its socket, the other ranks in the broadcast)
             with self.watchdog.idle() if idle and self.watchdog is not None else contextlib.nullcontext():
                 messages = self._receive(block=idle)
@@ -144,8 +159,8 @@ class SchedulerLoop:
         return False
 
     def _log_load(self) -> None:
-        """One greppable key=value line of load every --decode-log-interval steps (rank 0); throughput and cache
-        hit rate cover the time since the previous line."""
+        """One greppable key=value line of load every --decode-log-interval steps (each DP rank's leader);
+        throughput and cache hit rate cover the time since the previous line."""
         if self.send is None:
             return
         st, self._log_mark = self.scheduler.stats(self._log_mark), self.scheduler.load_mark()
@@ -171,6 +186,8 @@ class SchedulerLoop:
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, GenerateRequest):
+            if msg.dp_rank != self.scheduler.dp_rank:
+                return  # another DP rank's
             req = Req(rid=msg.rid, origin_input_ids=msg.input_ids, sampling_params=msg.sampling_params,
                       seed=msg.seed, return_hidden_states=msg.return_hidden_states)
             if msg.logprob_options is not None:
@@ -180,20 +197,33 @@ class SchedulerLoop:
             self.sent[msg.rid] = 0
             self.scheduler.add_request(req)
         elif isinstance(msg, AbortRequest):
-            self.scheduler.abort_request(msg.rid)
+            self.scheduler.abort_request(msg.rid)  # every DP rank: only the one holding it finds it
         elif isinstance(msg, ControlRequest):
             reply = self._control(msg)
-            if self.send is not None:
+            if self.tp.rank == 0:
                 self.send.send_pyobj(reply)
 
     def _control(self, msg: ControlRequest) -> ControlReply:
+        """Run on every rank in the same step (the message is broadcast); under DP attention the DP ranks
+        exchange their answers and TP rank 0's reply covers them all."""
         if msg.kind == "flush_cache":
-            ok = self.scheduler.is_idle() and self.scheduler.tree_cache.flush()
+            # Every DP rank or none (all are idle, or none flushes), so that the one reply holds for every cache.
+            ok = all(self._per_dp_rank(self.scheduler.is_idle())) and self.scheduler.tree_cache.flush()
             return ControlReply(msg.token, ok, {"message": "cache flushed" if ok else
                                                 "requests are in flight; the cache was not flushed"})
         if msg.kind == "get_state":
-            return ControlReply(msg.token, True, {**self.scheduler.state(), "num_tracked_reqs": len(self.reqs)})
+            state = {**self.scheduler.state(), "num_tracked_reqs": len(self.reqs)}
+            if not self.dp.enabled:
+                return ControlReply(msg.token, True, state)
+            per_rank = self._per_dp_rank(state)
+            return ControlReply(msg.token, True, {**total_state(per_rank), "dp": per_rank})
         return ControlReply(msg.token, False, {"message": f"unknown control request {msg.kind!r}"})
+
+    def _per_dp_rank(self, value: Any) -> list[Any]:
+        """Every DP rank's ``value`` in DP-rank order (its leader's); ``[value]`` without DP attention."""
+        if not self.dp.enabled:
+            return [value]
+        return self.tp.all_gather_object(value)[:: self.dp.attn_tp.size]
 
     def _send_outputs(self) -> None:
         out = BatchTokenOutput()
@@ -219,4 +249,13 @@ class SchedulerLoop:
             self.send.send_pyobj(out)
 
 
-__all__ = ["SchedulerLoop", "run_scheduler_process"]
+def total_state(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine's state from its DP ranks' (``Scheduler.state`` plus ``num_tracked_reqs``): counts and token
+    numbers summed, ``token_usage`` of the summed pools."""
+    total = {key: sum(state[key] for state in per_rank) for key in per_rank[0] if key != "token_usage"}
+    free = total["available_kv_tokens"] + total["evictable_kv_tokens"]
+    total["token_usage"] = round(1.0 - free / total["max_total_num_tokens"], 4)
+    return total
+
+
+__all__ = ["SchedulerLoop", "run_scheduler_process", "total_state"]

@@ -4,10 +4,15 @@ Everything is exported by the front-end process, from one registry, so several p
 multiprocess mode: request-level counters and latency histograms are observed where tokens arrive (the
 engine's receiver thread), and the scheduler's own numbers (load, memory, its lifetime totals) arrive as a
 ``SchedulerStats`` message twice a second and are exported as they were last reported.
+
+Under data-parallel attention every DP rank reports its own ``SchedulerStats``: the unlabeled metrics are the
+engine's totals (counts, tokens, throughput and memory summed; ``token_usage`` of the summed pools;
+``cache_hit_rate`` the ranks' mean), and ``*_per_dp_rank`` gauges with a ``dp_rank`` label show each rank's load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -32,6 +37,11 @@ _GAUGES = {  # SchedulerStats field -> (metric name, help)
     "max_total_num_tokens": ("max_total_num_tokens", "KV pool capacity in tokens"),
     "gpu_memory_used_bytes": ("gpu_memory_used_bytes", "GPU memory allocated by the scheduler (0 on CPU)"),
 }
+_PER_DP_RANK = {  # SchedulerStats field -> (metric name, help), exported per DP rank under DP attention
+    "num_running_reqs": ("num_running_reqs_per_dp_rank", "requests decoding or prefilling on each DP rank"),
+    "num_queue_reqs": ("num_queue_reqs_per_dp_rank", "requests waiting for admission on each DP rank"),
+    "token_usage": ("token_usage_per_dp_rank", "fraction of each DP rank's KV pool in use"),
+}
 _COUNTERS = {
     "num_retracted_reqs_total": ("num_retracted_reqs", "requests retracted under memory pressure"),
     "evicted_tokens_total": ("evicted_tokens", "KV tokens evicted from the radix cache"),
@@ -39,16 +49,18 @@ _COUNTERS = {
 
 
 class _SchedulerCollector:
-    """Exports the last ``SchedulerStats`` at scrape time."""
+    """Exports each DP rank's last ``SchedulerStats`` (one rank without DP attention) at scrape time."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, dp_size: int):
         self.model_name = model_name
-        self.stats: "SchedulerStats | None" = None
+        self.dp_size = dp_size
+        self.by_rank: dict[int, "SchedulerStats"] = {}  # written by the receiver thread, replaced whole
 
     def collect(self):
-        stats = self.stats
-        if stats is None:
+        ranks = sorted(self.by_rank.items())
+        if not ranks:
             return
+        stats = total_stats([s for _, s in ranks])
         for field, (name, doc) in _GAUGES.items():
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(getattr(stats, field)))
@@ -57,12 +69,29 @@ class _SchedulerCollector:
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(getattr(stats, field)))
             yield family
+        if self.dp_size == 1:
+            return
+        for field, (name, doc) in _PER_DP_RANK.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name", "dp_rank"])
+            for rank, rank_stats in ranks:
+                family.add_metric([self.model_name, str(rank)], float(getattr(rank_stats, field)))
+            yield family
+
+
+def total_stats(per_rank: list["SchedulerStats"]) -> "SchedulerStats":
+    """The engine's stats from its DP ranks' (the one rank's own without DP attention)."""
+    if len(per_rank) == 1:
+        return per_rank[0]
+    summed = {f.name: sum(getattr(s, f.name) for s in per_rank) for f in dataclasses.fields(per_rank[0])}
+    summed.update(token_usage=summed["num_used_tokens"] / max(summed["max_total_num_tokens"], 1),
+                  cache_hit_rate=summed["cache_hit_rate"] / len(per_rank), dp_rank=0)
+    return dataclasses.replace(per_rank[0], **summed)
 
 
 class MetricsCollector:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, dp_size: int = 1):
         self.registry = CollectorRegistry()
-        self._scheduler = _SchedulerCollector(model_name)
+        self._scheduler = _SchedulerCollector(model_name, dp_size)
         self.registry.register(self._scheduler)
         label = {"labelnames": ["model_name"], "registry": self.registry}
 
@@ -84,7 +113,7 @@ class MetricsCollector:
         self.grammar = histogram("grammar_compilation_time_seconds", "arrival at the scheduler to compiled grammar")
 
     def on_stats(self, stats: "SchedulerStats") -> None:
-        self._scheduler.stats = stats
+        self._scheduler.by_rank = {**self._scheduler.by_rank, stats.dp_rank: stats}
 
     def on_output(self, state: "RequestState", out: "TokenOutput", now: float) -> None:
         """A message of new tokens for ``state`` (before the state records them) arrived at ``now``."""

@@ -37,10 +37,13 @@ def order_waiting_queue(waiting: list[Req], policy: str, tree_cache: "RadixCache
 
 
 def reserved_decode_tokens(req: Req, new_token_ratio: float) -> int:
-    """KV tokens to keep free for ``req``'s future decode steps."""
+    """KV tokens to keep free for ``req``'s future decode steps: no more than it can still generate, which its
+    ``max_context_len`` (at most the pool) bounds too.  So a request alone always fits an otherwise empty pool,
+    even at ``new_token_ratio`` 1.0 after a retraction (which only decode steps decay)."""
     p = req.sampling_params
     remaining = (p.max_new_tokens if p.max_new_tokens is not None else CLIP_MAX_NEW_TOKENS) - len(req.output_ids)
-    return int(max(0, min(remaining, CLIP_MAX_NEW_TOKENS)) * new_token_ratio)
+    remaining = min(remaining, CLIP_MAX_NEW_TOKENS, req.max_context_len - req.seq_len)
+    return int(max(0, remaining) * new_token_ratio)
 
 
 @dataclass

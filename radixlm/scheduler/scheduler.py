@@ -11,6 +11,9 @@ The managers own one concern each: ``PrefillManager`` the waiting queue and admi
 running batch and retraction, ``GrammarQueue`` the requests whose grammar compiles; ``plan_step`` writes the
 ``Batch``.  The executor is anything with ``launch``/``sample`` and a ``KVMemory`` (``ModelWorker``, or a fake
 one in the model-free tests).
+
+Under data-parallel attention each DP rank runs a scheduler of its own requests, and ``DPLockstep`` keeps the ranks'
+steps in step: a rank without a plan launches an IDLE batch when another rank has one (``step``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from radixlm.constrained import GrammarBackend, GrammarSpec, TokenBitmask, accep
 from radixlm.core import Batch, BatchResult, ForwardMode, Req, ReqState, new_epoch
 from radixlm.mem import KVMemory
 from radixlm.scheduler.decode import DecodeManager
+from radixlm.scheduler.dp_lockstep import DPLockstep
 from radixlm.scheduler.grammar import GrammarQueue
 from radixlm.scheduler.plan import PlannedStep, plan_step
 from radixlm.scheduler.prefill import PrefillManager
@@ -53,7 +57,9 @@ class _InFlight:
 
 
 class Scheduler:
-    def __init__(self, server_args: ServerArgs, worker: Executor):
+    """``lockstep``: this DP rank's side of data-parallel attention's step exchange; None without DP attention."""
+
+    def __init__(self, server_args: ServerArgs, worker: Executor, lockstep: DPLockstep | None = None):
         self.args = server_args
         self.worker = worker
         self.memory = worker.memory
@@ -67,7 +73,11 @@ class Scheduler:
             backend = GrammarBackend(server_args.tokenizer_path or cfg.model_path, cfg.vocab_size, cfg.eos_token_ids,
                                      compile_timeout=server_args.grammar_compile_timeout)
             warm_up_grammar_masks(cfg.vocab_size, worker.device)
-        self.grammars = GrammarQueue(backend, cfg.vocab_size, worker.tp_size, worker.device.type == "cuda")
+        # The ranks that must admit a constrained request in the same step: this DP rank's attention group
+        lockstep_ranks = lockstep.attn_size if lockstep is not None else worker.tp_size
+        self.grammars = GrammarQueue(backend, cfg.vocab_size, lockstep_ranks, worker.device.type == "cuda")
+        self.lockstep = lockstep
+        self.dp_rank = lockstep.dp_rank if lockstep is not None else 0
         self.overlap = not server_args.disable_overlap_schedule
         self.mixed_chunk = server_args.enable_mixed_chunk
         self.inflight: _InFlight | None = None
@@ -121,20 +131,42 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not (self.waiting or self.running or self.chunked_req or self.grammars or self.inflight)
 
+    def may_wait_for_requests(self) -> bool:
+        """Whether the loop may block until a request arrives: this scheduler is idle and, under DP attention,
+        every DP rank was at the last step (a busy rank would otherwise wait for this one in the next step)."""
+        return self.is_idle() and (self.lockstep is None or self.lockstep.all_idle)
+
     # ------------------------------------------------------------------ the loop body
     def step(self) -> list[Req]:
-        """Run one model step; returns the requests that got a token or finished in it."""
-        ready, failed = self.grammars.poll(idle=not (self.waiting or self.running or self.chunked_req))
+        """Run one model step; returns the requests that got a token or finished in it.
+
+        Under DP attention every rank calls ``DPLockstep.sync`` once per step, whatever it planned: the forward
+        is a collective of all DP ranks, so a rank without a plan launches an IDLE batch when any rank has one
+        (never sampled: it has no rows)."""
+        # Nothing but grammars to wait for: a short wait instead of a spin, unless another DP rank is busy
+        idle = not (self.waiting or self.running or self.chunked_req) and (self.lockstep is None or
+                                                                           not self.lockstep.forward_ran)
+        ready, failed = self.grammars.poll(idle=idle)
         for req in ready:
             req.move_to(ReqState.WAITING)
             self.waiting.append(req)
-        if self.inflight is not None and not self._can_chain():
-            return failed + self._finish_inflight()  # admission, retraction or a new batch need the real state
-        planned = self._plan()
-        if planned is None:
+        # With a step in flight that cannot be chained, admission, retraction or a new batch need the real state:
+        # read it first, launching nothing of this rank's now.
+        planned = None if self.inflight is not None and not self._can_chain() else self._plan()
+        batch = planned.batch if planned is not None else None
+        if self.lockstep is not None:
+            # Idle: no plan and no work (admitted requests are in neither queue until the step is processed).
+            counts = self.lockstep.sync(batch.num_tokens if batch is not None else None,
+                                        batch is None and self.is_idle())
+            if counts is not None:
+                batch = batch or Batch.idle()
+                batch.dp_token_counts = counts
+        if batch is None:
             return failed + self._finish_inflight()
-        launched = self.worker.launch(planned.batch)
+        launched = self.worker.launch(batch)
         updated = failed + self._finish_inflight()  # read the previous step while this one's forward runs
+        if planned is None:
+            return updated
         pending = self.worker.sample(launched, self.grammars.bitmask(planned.reqs))
         if all(r.finished for r in planned.reqs):
             # Nothing will read this step: the GPU writes its KV into freed slots before any later batch can
@@ -302,6 +334,7 @@ class Scheduler:
             gpu_memory_used_bytes=self.worker.memory_used_bytes(),
             num_retracted_reqs_total=self.decode.num_retracted,
             evicted_tokens_total=self.tree_cache.num_evicted_tokens,
+            dp_rank=self.dp_rank,
         )
 
 

@@ -30,3 +30,4 @@ class SchedulerStats:
     gpu_memory_used_bytes: int
     num_retracted_reqs_total: int
     evicted_tokens_total: int
+    dp_rank: int = 0  # data-parallel attention: the DP rank these are of (each DP rank reports its own)

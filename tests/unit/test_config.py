@@ -487,11 +487,3 @@ def test_cpu_attention_backend_auto_with_a_compiler(monkeypatch: pytest.MonkeyPa
     assert ServerArgs(device="cpu").attention_backend == "cpu"
     assert ServerArgs(device="cpu", attention_backend="cpu").attention_backend == "cpu"
     assert not (tmp_path / "cc.log").exists()
-
-
-def test_engine_refuses_dp_attention_until_served() -> None:
-    """The model side runs under static batches only: the Engine says so before starting any process."""
-    from radixlm.engine.engine import Engine
-
-    with pytest.raises(NotImplementedError, match="--enable-dp-attention is not served yet"):
-        Engine(tp_size=2, dp_size=2, enable_dp_attention=True, device="cpu")

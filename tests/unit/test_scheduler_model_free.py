@@ -197,6 +197,17 @@ def test_retraction_sends_the_least_advanced_request_back():
         assert r.output_ids == alone(r.origin_input_ids, 20)
 
 
+def test_a_request_longer_than_the_pool_is_admitted_after_a_retraction():
+    """After a retraction the decode reserve is a request's whole remaining budget (ratio 1.0) and only decode
+    steps decay it: a request asking for more new tokens than the pool holds is still admitted alone (it can
+    use no more than its context, the pool), and ends at the pool's length."""
+    sched, _ = make(max_total_tokens=64, schedule_conservativeness=0.3)
+    sched.decode.new_token_ratio = 1.0  # as right after a retraction
+    r = run(sched, [req("long", [5] * 5, max_new=80)])[0]
+    assert r.finished_reason == {"type": "length", "length": 59}
+    assert r.output_ids == alone([5] * 5, 59)
+
+
 @pytest.mark.parametrize("where", ["waiting", "running", "chunked", "in_flight"])
 def test_abort_anywhere_returns_memory_and_spares_the_others(where):
     sched, worker = make(chunked_prefill_size=8, max_running_requests=2 if where == "waiting" else 16)

@@ -1,0 +1,54 @@
+"""The lockstep of the DP ranks' schedulers under data-parallel attention.
+
+Each DP rank schedules its own requests, but every forward is a collective over the whole TP group (the
+feed-forward runs on all DP ranks' tokens), so in every scheduler step the ranks must agree whether a forward
+runs, and with how many tokens per DP rank.  ``Scheduler.step`` plans this rank's step (or none) and calls
+``sync`` exactly once; the answer decides for every rank alike:
+
+    every rank planned nothing      -> no forward anywhere
+    some rank planned a step        -> every rank launches: its plan, or an IDLE batch without tokens;
+                                       every batch carries the gathered per-DP-rank token counts
+
+The same exchange carries whether each rank is idle (nothing queued, running or in flight), so the loop knows
+when it may block on its socket without leaving a busy rank waiting in the next ``sync``: only when every rank
+was idle.  A rank that turns idle during a step reports it in the next one (one extra, empty iteration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from radixlm.distributed import DPAttention
+from radixlm.distributed.dp_attention import gather_per_dp_rank
+
+# This rank's values -> every DP rank's, in DP-rank order (one collective; the ranks of an attention group agree)
+GatherPerDPRank = Callable[[list[int]], list[list[int]]]
+
+
+class DPLockstep:
+    """One DP rank's side of the exchange; ``gather`` is the collective (``over`` builds the real one, over the TP
+    group's gloo group; the model-free tests pass an in-process one)."""
+
+    def __init__(self, dp_rank: int, dp_size: int, attn_size: int, gather: GatherPerDPRank) -> None:
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.attn_size = attn_size  # TP ranks running this DP rank's requests in lockstep
+        self._gather = gather
+        self.all_idle = True  # every DP rank was idle at the last sync (all start idle)
+        self.forward_ran = False  # some DP rank had a step at the last sync
+
+    @classmethod
+    def over(cls, dp: DPAttention) -> "DPLockstep":
+        return cls(dp.rank, dp.size, dp.attn_tp.size, lambda values: gather_per_dp_rank(values, dp))
+
+    def sync(self, num_tokens: int | None, idle: bool) -> list[int] | None:
+        """``num_tokens``: this rank's planned step's new tokens, None for no step; ``idle``: this rank has no
+        work at all.  Returns every DP rank's token count for the step (0 for a rank without a plan), or None
+        when no rank has a step."""
+        rows = self._gather([-1 if num_tokens is None else num_tokens, int(idle)])
+        self.all_idle = all(flag for _, flag in rows)
+        self.forward_ran = any(n >= 0 for n, _ in rows)
+        return [max(n, 0) for n, _ in rows] if self.forward_ran else None
+
+
+__all__ = ["DPLockstep", "GatherPerDPRank"]
