@@ -85,6 +85,9 @@ class ModelRunner:
         context_len = cfg.context_length
         cell = self.kv_spec.bytes_per_token()
         if self.device.type == "cuda":
+            # Blocks the loading freed (a dummy load's generators, online FP8's unquantized weights) are still
+            # the caching allocator's and count as used: give them back before measuring, or the pool loses them.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = args.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
             # Everything already allocated (weights, the CUDA context) counts against the static fraction.
