@@ -12,5 +12,5 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_store.py
 for q in "" "--quantization fp8" "--quantization fp8 --kv-cache-dtype fp8_e4m3"; do
   echo "-- flags: ${q:-bf16}"
   timeout 60 python3 bench/one_batch.py --model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init \
-    --batch-size 1 32 --input-len 128 --output-len 64 $q 2>&1 | quiet | grep -E "^ +[0-9]+ "
+    --batch-size 1 32 --input-len 128 --output-len 128 $q 2>&1 | quiet | grep -E "^ +[0-9]+ "
 done
