@@ -34,7 +34,7 @@ import torch
 from radixlm.config import ServerArgs
 from radixlm.distributed import layout_for_sizing
 from radixlm.executor.cuda_graph_runner import graph_memory_estimate
-from radixlm.executor.model_runner import DEFAULT_CUDA_GRAPH_MAX_BS, DEFAULT_GPU_MEM_FRACTION
+from radixlm.executor.model_runner import DEFAULT_GPU_MEM_FRACTION, gpu_kv_budget, graph_batch_limit
 from radixlm.mem.kv_spec import FP8_KV_DTYPES
 from radixlm.models.loader import resolve_model_config
 from radixlm.models.registry import get_model_class
@@ -49,9 +49,10 @@ class RankMemory:
     kv_bytes_per_token: int
     graph_room: int  # bytes kept free for the CUDA graphs (0: eager)
 
-    def kv_tokens(self, total: int, fraction: float, context: int, page_size: int = 1) -> int:
-        budget = total * fraction - context - self.weights - self.graph_room
-        return int(budget // self.kv_bytes_per_token) // page_size * page_size
+    def kv_tokens(self, args: ServerArgs, total: int, context: int) -> int:
+        """The pool ``ModelRunner`` sizes on a GPU of ``total`` bytes holding ``context`` besides the weights."""
+        budget = gpu_kv_budget(total - context - self.weights, total, args, self.graph_room)
+        return int(budget // self.kv_bytes_per_token) // args.page_size * args.page_size
 
 
 def rank_memory(args: ServerArgs, tp_rank: int) -> RankMemory:
@@ -63,11 +64,9 @@ def rank_memory(args: ServerArgs, tp_rank: int) -> RankMemory:
     weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
     kv_dtype = FP8_KV_DTYPES.get(args.kv_cache_dtype, cfg.dtype)
     spec = model.kv_cache_spec(kv_dtype)
-    graphs = not (args.disable_cuda_graph or args.enable_dp_attention)  # ModelRunner._graph_batch_limit's rule
-    max_bs = min(args.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, args.max_running_requests or 1 << 30)
-    with layout_for_sizing(tp_rank, args.tp_size, dp_size):
-        room = graph_memory_estimate(SimpleNamespace(model_config=cfg, server_args=args, kv_spec=spec), max_bs) \
-            if graphs else 0
+    max_bs = graph_batch_limit(args, "cuda", dp_size > 1)
+    room = graph_memory_estimate(SimpleNamespace(model_config=cfg, server_args=args, kv_spec=spec), max_bs) \
+        if max_bs else 0
     return RankMemory(weights, spec.bytes_per_token(), room)
 
 
@@ -80,7 +79,7 @@ def layout_table(args: ServerArgs, layouts: list[tuple[int, int]], total: int, c
     for tp, dp in layouts:
         laid = args.replace(tp_size=tp, dp_size=dp, enable_dp_attention=dp > 1)
         ranks = [rank_memory(laid, r) for r in sorted({0, tp - 1})]  # the engine sizes by the smallest rank
-        tokens = min(r.kv_tokens(total, fraction, context, args.page_size) for r in ranks)
+        tokens = min(r.kv_tokens(laid, total, context) for r in ranks)
         worst = max(ranks, key=lambda r: r.weights)
         name = f"TP{tp}" + (f" DP{dp}" if dp > 1 else "")
         print(f"{name:>12s} {worst.weights / 1e9:10.1f} {worst.kv_bytes_per_token:10,d} {worst.graph_room / 1e9:8.2f} "
@@ -100,8 +99,7 @@ def check(args: ServerArgs, layers: int) -> None:
     runner = ModelRunner(one, resolve_model_config(one))
     real_weights = sum(t.numel() * t.element_size()
                        for t in itertools.chain(runner.model.parameters(), runner.model.buffers()))
-    fraction = one.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
-    want = predicted.kv_tokens(total, fraction, context, one.page_size)
+    want = predicted.kv_tokens(one, total, context)
     got = runner.memory.max_total_num_tokens
     print(f"check at tp 1, {layers} layers: weights {real_weights:,d} B built, {predicted.weights:,d} B on meta "
           f"({'equal' if real_weights == predicted.weights else 'DIFFERENT'}); context {context / 2**30:.2f} GiB")

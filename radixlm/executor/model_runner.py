@@ -25,6 +25,23 @@ DEFAULT_GPU_MEM_FRACTION = 0.88
 DEFAULT_CUDA_GRAPH_MAX_BS = 256
 
 
+def graph_batch_limit(args: ServerArgs, device_type: str, dp_attention: bool) -> int:
+    """Largest decode batch captured in a CUDA graph; 0 when decode runs eagerly."""
+    if device_type != "cuda" or args.disable_cuda_graph or args.attention_backend == "torch_native":
+        return 0  # torch-native attention sizes its decode tensors from host values: not capturable
+    if dp_attention:
+        return 0  # the feed-forward's token count is every DP rank's: graphs would need padded shapes
+    return min(args.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, args.max_running_requests or 1 << 30)
+
+
+def gpu_kv_budget(free: int, total: int, args: ServerArgs, graph_room: int) -> float:
+    """Bytes for the KV pool on a GPU with ``free`` of ``total`` bytes free once the model is loaded: everything
+    already allocated (weights, the CUDA context) counts against ``--mem-fraction-static``, and ``graph_room``
+    (the CUDA graphs' activations, captured later) stays free."""
+    fraction = args.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
+    return free - total * (1.0 - fraction) - graph_room
+
+
 class ModelRunner:
     """One tensor-parallel rank's model, its KV pool (in the layout of the model's ``kv_spec``) with the
     ``memory`` bookkeeping sized from it, the attention backend and the CUDA graphs.  ``forward`` runs a
@@ -72,13 +89,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- memory
     def _graph_batch_limit(self) -> int:
-        """Largest decode batch captured in a CUDA graph; 0 when decode runs eagerly."""
-        args = self.server_args
-        if self.device.type != "cuda" or args.disable_cuda_graph or args.attention_backend == "torch_native":
-            return 0  # torch-native attention sizes its decode tensors from host values: not capturable
-        if self.dp.enabled:
-            return 0  # the feed-forward's token count is every DP rank's: graphs would need padded shapes
-        return min(args.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, args.max_running_requests or 1 << 30)
+        return graph_batch_limit(self.server_args, self.device.type, self.dp.enabled)
 
     def _init_memory_pools(self) -> None:
         args, cfg = self.server_args, self.model_config
@@ -89,12 +100,9 @@ class ModelRunner:
             # the caching allocator's and count as used: give them back before measuring, or the pool loses them.
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            fraction = args.mem_fraction_static or DEFAULT_GPU_MEM_FRACTION
-            # Everything already allocated (weights, the CUDA context) counts against the static fraction.
-            budget = free - total * (1.0 - fraction)
-            if self.cuda_graph_max_bs:
-                # The graphs' activations are captured after the KV pool exists; keep their room free now.
-                budget -= graph_memory_estimate(self, self.cuda_graph_max_bs)
+            # The graphs' activations are captured after the KV pool exists; keep their room free now.
+            graph_room = graph_memory_estimate(self, self.cuda_graph_max_bs) if self.cuda_graph_max_bs else 0
+            budget = gpu_kv_budget(free, total, args, graph_room)
         else:
             budget = CPU_KV_CACHE_BYTES
         max_tokens = int(budget // cell)
