@@ -23,12 +23,16 @@ per-channel weights; then at M = 1 and 16 its default and best configs, the laye
 and bf16 cuBLAS.  All in CUDA graphs over enough weight copies (``ROTATE_BYTES``) that every call reads its
 weight from HBM, as a decode step's back-to-back layers do; weight TB/s per row.
 
+``--pdl``: the layer as served at M = 1 and 16 (quantizer + GEMV, per-channel and block weights) with
+programmatic dependent launch off and on, and the GEMV's L2 prefetch of its weight off and on; same timing.
+
 ``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
 by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
 
     python bench/gpu/fp8_gemm.py             # ~2-3 minutes on an H200 (Triton compiles included)
     python bench/gpu/fp8_gemm.py --tune      # ~4-5 minutes
     python bench/gpu/fp8_gemm.py --tune-gemv --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down v3-o
+    python bench/gpu/fp8_gemm.py --pdl --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down
     python bench/gpu/fp8_gemm.py --shapes v3-kv_a v3-o --tokens 1 64 --no-moe   # a subset
 
 from the repository root with ``PYTHONPATH=.``.
@@ -50,7 +54,9 @@ from radixlm.kernels.fp8 import (
     FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, per_token_group_quant_fp8,
     w8a8_block_fp8_matmul_torch,
 )
-from radixlm.kernels.fp8_gemm import default_fp8_config, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton
+from radixlm.kernels.fp8_gemm import (
+    default_fp8_config, per_token_group_quant_fp8_triton, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
+)
 from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
 from radixlm.kernels.gemm_config import GemmConfig
 from radixlm.layers.fp8_linear import fp8_channel_linear, quantize_online
@@ -347,6 +353,39 @@ def tune_gemv(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
+def pdl_layers(names: list[str], tokens: list[int]) -> None:
+    """The FP8 layer as served (quantizer, then the GEMV) per (PDL, prefetch) choice; bit-equality of the four."""
+    variants = [(False, False), (False, True), (True, False), (True, True)]
+    print("FP8 layer (quantizer + GEMV): us per call in CUDA graphs over rotating weight copies; pdl / prefetch")
+    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} " + " ".join(f"{f'{int(p)}/{int(f)} us':>9s}" for p, f in variants)
+          + f" {'TB/s best':>9s}")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for name in names:
+        shape = SHAPES[name]
+        copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
+        blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
+        chans = [quantize_online(dequantize_bf16(w_q, w_s)) for w_q, w_s in blocks]
+        for fmt, weights in (("block", [(q, s, BLOCK) for q, s in blocks]), ("chan", [(q, s, None) for q, s in chans])):
+            for m in tokens:
+                x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+                def layer(w, pdl: bool, prefetch: bool) -> torch.Tensor:
+                    if w[2] is None:
+                        x_q, x_s = per_token_quant_fp8_triton(x, pdl=pdl)
+                    else:
+                        x_q, x_s = per_token_group_quant_fp8_triton(x, 128, pdl=pdl)
+                    return fp8_gemv(x_q, x_s, *w, pdl=pdl, prefetch=prefetch)
+
+                outs = [layer(weights[0], *v) for v in variants]
+                same = all(torch.equal(o, outs[0]) for o in outs)
+                times = [rotating_graph_us([lambda w=w, v=v: layer(w, *v) for w in weights]) for v in variants]
+                print(f"{name:18s} {fmt:>5s} {m:3d} " + " ".join(f"{t:9.1f}" for t in times)
+                      + f" {shape.n * shape.k / min(times) / 1e6:9.2f}" + ("" if same else "  OUTPUTS DIFFER"),
+                      flush=True)
+        del blocks, chans
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
@@ -355,10 +394,13 @@ def main() -> None:
     parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
     parser.add_argument("--tune-gemv", action="store_true", help="sweep the decode GEMV's configs (M <= 16)")
+    parser.add_argument("--pdl", action="store_true", help="the decode layer with PDL and prefetch off and on")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()
-    if args.tune_gemv:
+    if args.pdl:
+        pdl_layers(args.shapes, [t for t in args.tokens if t <= 16])
+    elif args.tune_gemv:
         tune_gemv(args.shapes, [t for t in args.tokens if t <= 16])
     elif args.tune:
         tune(args.shapes, args.tokens)

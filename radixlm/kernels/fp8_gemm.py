@@ -20,6 +20,7 @@ import triton.language as tl
 from radixlm.kernels.gemm_config import GemmConfig
 
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
+from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 
 # Elements one quantization program holds: several groups of a row, so a program has enough work on a GPU (and
@@ -53,9 +54,12 @@ def round_to_e5m2(y):
 @triton.jit
 def _group_quant_kernel(
     x_ptr, q_ptr, s_ptr, group_size, x_row_stride, num_groups, eps, fp8_max,
-    GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    # Program (row, chunk) quantizes groups [chunk * GROUPS, (chunk + 1) * GROUPS) of its row.
+    # Program (row, chunk) quantizes groups [chunk * GROUPS, (chunk + 1) * GROUPS) of its row.  Under PDL the
+    # consumer (a GEMV) may launch at once and start on its weight.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
     cols = tl.arange(0, BLOCK)
@@ -73,6 +77,7 @@ def _group_quant_kernel(
 def per_token_group_quant_fp8_triton(
     x: torch.Tensor,  # [M, K], unit stride along K
     group_size: int = 128,
+    pdl: bool | None = None,  # launch with PDL (``radixlm.kernels.pdl``); default: where the device supports it
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [M, K] fp8, [M, K // group_size] float32
     """``fp8.per_token_group_quant_fp8`` on any device Triton runs on (CUDA, or CPU under the interpreter)."""
     m, k = x.shape
@@ -87,17 +92,19 @@ def per_token_group_quant_fp8_triton(
         groups = min(triton.next_power_of_2(num_groups), max(_QUANT_TILE // block, 1))
         _group_quant_kernel[(m, triton.cdiv(num_groups, groups))](
             x, x_q, scales, group_size, x.stride(0), num_groups, SCALE_EPS, FP8_MAX,
-            GROUPS=groups, BLOCK=block, num_warps=4,
+            GROUPS=groups, BLOCK=block, num_warps=4, **pdl_launch_kwargs(x.device, pdl),
         )
     return x_q, scales
 
 
 @triton.jit
 def _row_quant_kernel(x_ptr, q_ptr, s_ptr, k_dim, x_row_stride, eps, fp8_max, BLOCK: tl.constexpr,
-                      CHUNK: tl.constexpr, ONE_TILE: tl.constexpr):
+                      CHUNK: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
     # ONE_TILE: program (row, chunk) reads the whole row (one tile) for max |x|, then quantizes its CHUNK of it:
     # the divisions and roundings of a decode row spread over several SMs.  Otherwise program ``row`` walks the
-    # row twice in BLOCK-wide chunks, for the max and then the quantization.
+    # row twice in BLOCK-wide chunks, for the max and then the quantization.  Under PDL as the group quantizer.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     if ONE_TILE:
@@ -133,6 +140,7 @@ _ROW_CHUNK = 1024
 
 def per_token_quant_fp8_triton(
     x: torch.Tensor,  # [M, K], unit stride along K
+    pdl: bool | None = None,  # launch with PDL (``radixlm.kernels.pdl``); default: where the device supports it
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [M, K] fp8, [M, 1] float32
     """One scale per row over any K (the online-FP8 activations): ``per_token_group_quant_fp8`` with one group
     of K, without its power-of-two tiles.  Rows up to ``_ROW_TILE`` wide (every Llama/Qwen hidden and
@@ -149,7 +157,7 @@ def per_token_quant_fp8_triton(
         chunk = min(block, _ROW_CHUNK)
         _row_quant_kernel[(m, triton.cdiv(k, chunk) if one_tile else 1)](
             x, x_q, scales, k, x.stride(0), SCALE_EPS, FP8_MAX, BLOCK=block, CHUNK=chunk, ONE_TILE=one_tile,
-            num_warps=max(4, min(16, block // 1024)))
+            num_warps=max(4, min(16, block // 1024)), **pdl_launch_kwargs(x.device, pdl))
     return x_q, scales
 
 

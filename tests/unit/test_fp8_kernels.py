@@ -421,3 +421,45 @@ def test_online_fp8_linear_real_shapes_on_gpu(m, n, k) -> None:
     out = fp8_channel_linear(x.cuda(), w_q.cuda(), w_s.cuda())
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert rel_err(out.float(), quantized_product(x, w_q, w_s, None)) < 2.0**-8  # bf16 output rounding
+
+
+@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["channel", "block"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_pdl_chain_waits_for_its_producer(block, m) -> None:
+    """Quantizer then GEMV with PDL (the GEMV starts early and prefetches its weight, then waits): replayed in a
+    CUDA graph on new activations each time, and eagerly, the output equals the launch without PDL bit for bit.
+    A GEMV that read x before the quantizer finished would see the previous replay's activations."""
+    from radixlm.kernels.pdl import pdl_enabled
+
+    if not pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90 and RADIXLM_DISABLE_PDL unset")
+    gen = torch.Generator().manual_seed(8)
+    n, k = 6144, 4096
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    if block is None:
+        from radixlm.layers.fp8_linear import quantize_online
+
+        w_q, w_s = quantize_online(w)
+    else:
+        w_q, w_s = quantize_weight(w, block)
+    w_q, w_s = w_q.cuda(), w_s.cuda()
+    x = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
+
+    def layer(pdl: bool) -> torch.Tensor:
+        x_q, x_s = (per_token_quant_fp8_triton(x, pdl=pdl) if block is None
+                    else per_token_group_quant_fp8_triton(x, block[1], pdl=pdl))
+        return fp8_gemv(x_q, x_s, w_q, w_s, block, pdl=pdl, prefetch=pdl)
+
+    x.copy_(torch.randn(m, k, generator=gen))
+    layer(False)
+    layer(True)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(True)
+    for _ in range(5):
+        x.copy_(torch.randn(m, k, generator=gen))
+        graph.replay()
+        expected = layer(False)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(layer(True), expected, rtol=0, atol=0)
