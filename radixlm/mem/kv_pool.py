@@ -61,21 +61,26 @@ class KVPool(ABC):
         if self.spec.num_scales == 2:
             self.scales[layer_id, 1] = k_scale if v_scale is None else v_scale
 
-    def _store(self, buf: torch.Tensor, loc: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
-        """``buf[loc] = x`` in the buffer's dtype; quantized: ``fp8(x / scale)``, saturated (on CUDA one Triton
-        launch, ``kernels.kv_store``; the same bytes)."""
-        if scale is None:
-            buf[loc] = x.to(self.dtype)
-            return
-        if buf.is_cuda:
-            from radixlm.kernels.kv_store import store_fp8
+    def _store(self, loc: torch.Tensor, k_buf: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None,
+               v_buf: torch.Tensor | None = None, v: torch.Tensor | None = None,
+               v_scale: torch.Tensor | None = None) -> None:
+        """``k_buf[loc] = k`` (and ``v_buf[loc] = v``) in the buffers' dtype; quantized: ``fp8(x / scale)``,
+        saturated.  On CUDA one Triton launch for both (``kernels.kv_store``; the same bytes)."""
+        if k_buf.is_cuda:
+            from radixlm.kernels.kv_store import store_kv
 
-            store_fp8(buf, loc, x, scale)
+            store_kv(k_buf, loc, k, v_buf, v, k_scale, v_scale)
             return
-        limit = torch.finfo(self.dtype).max
-        quantized = (x.float() / scale).clamp_(-limit, limit).to(self.dtype)
-        # Through a uint8 view: index_put on float8 tensors is not implemented on every device.
-        buf.view(torch.uint8)[loc] = quantized.view(torch.uint8)
+        for buf, x, scale in ((k_buf, k, k_scale), (v_buf, v, v_scale)):
+            if buf is None:
+                continue
+            if scale is None:
+                buf[loc] = x.to(self.dtype)
+                continue
+            limit = torch.finfo(self.dtype).max
+            quantized = (x.float() / scale).clamp_(-limit, limit).to(self.dtype)
+            # Through a uint8 view: index_put on float8 tensors is not implemented on every device.
+            buf.view(torch.uint8)[loc] = quantized.view(torch.uint8)
 
     def read_rows(self, buf: torch.Tensor, index: torch.Tensor, layer_id: int, which: int = 0,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -108,8 +113,7 @@ class MHAKVPool(KVPool):
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         assert v is not None, "an MHA cache stores V separately"
         k_scale, v_scale = self.get_kv_scales(layer_id) or (None, None)
-        self._store(self.k_buffers[layer_id], loc, k, k_scale)
-        self._store(self.v_buffers[layer_id], loc, v, v_scale)
+        self._store(loc, self.k_buffers[layer_id], k, k_scale, self.v_buffers[layer_id], v, v_scale)
 
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffers[layer_id], self.v_buffers[layer_id]
@@ -129,7 +133,7 @@ class MLAKVPool(KVPool):
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         scales = self.get_kv_scales(layer_id)
         # v is k's latent part: nothing more to store
-        self._store(self.kv_buffers[layer_id], loc, k, None if scales is None else scales[0])
+        self._store(loc, self.kv_buffers[layer_id], k, None if scales is None else scales[0])
 
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.kv_buffers[layer_id]
