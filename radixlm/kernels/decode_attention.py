@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
+
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 _MIN_BLOCK_H = 16  # tl.dot needs at least 16 rows; smaller GQA groups are padded with masked heads
@@ -107,8 +109,10 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     b = tl.program_id(0)
     head_blocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
     kv_head = tl.program_id(1) // head_blocks
@@ -200,8 +204,10 @@ def _decode_merge_kernel(
     MidO, MidLse, O,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHUNK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -316,7 +322,7 @@ def decode_attention_fwd(
         BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe), BLOCK_H=block_h,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, HAS_WINDOW=sliding_window is not None,
         KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps,
-        num_stages=SPLIT_STAGES + 1 if fp8 and not mla_wide else SPLIT_STAGES,
+        num_stages=SPLIT_STAGES + 1 if fp8 and not mla_wide else SPLIT_STAGES, **pdl_launch_kwargs(q.device),
     )
     _decode_merge_kernel[(bs, num_heads)](
         mid_o, mid_lse, o,
@@ -324,4 +330,5 @@ def decode_attention_fwd(
         o.stride(0), o.stride(1),
         HEAD_DIM=head_dim_v, BLOCK_D=block_dv, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
         CHUNK_S=min(triton.next_power_of_2(num_splits), max(1, _MERGE_TILE // block_dv)), num_warps=4,
+        **pdl_launch_kwargs(q.device),
     )

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from radixlm.kernels.fp8_gemm import round_to_e4m3, round_to_e5m2
+from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 _BLOCK = 1024  # columns a program moves per iteration (a Llama-8B row of 8 KV heads x 128 in one)
 
@@ -43,8 +44,10 @@ def _store_row(x_ptr, buf_ptr, scale_ptr, row, slot, width, stride_x, fp8_max,
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_scale_ptr, v_scale_ptr,
                      k_width, v_width, stride_k, stride_v, fp8_max,
-                     QUANT: tl.constexpr, E4M3: tl.constexpr, BLOCK: tl.constexpr):
+                     QUANT: tl.constexpr, E4M3: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # Program (row, buffer): row ``row`` of K (buffer 0) or V (buffer 1) into slot ``loc[row]``.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     slot = tl.load(loc_ptr + row).to(tl.int64)
     if tl.program_id(1) == 0:
@@ -89,5 +92,5 @@ def store_kv(
         k_rows, v_rows, loc, k_buf, v_buf if v_buf is not None else k_buf, k_scale, v_scale,
         k_width, v_width, k_rows.stride(0), v_rows.stride(0), fp8_max,
         QUANT=quant, E4M3=k_buf.dtype == torch.float8_e4m3fn, BLOCK=min(_BLOCK, triton.next_power_of_2(
-            max(k_width, v_width))), num_warps=4,
+            max(k_width, v_width))), num_warps=4, **pdl_launch_kwargs(k_buf.device),
     )

@@ -1,11 +1,13 @@
 """Programmatic dependent launch (PDL, sm_90+) for the decode path's Triton kernels.
 
 A kernel launched with PDL may start while the kernel before it on the stream is still running: as soon as
-every program of that earlier kernel has called ``pdl_trigger`` (or exited).  Until its own ``pdl_wait`` it may
-only do work that depends on nothing the earlier kernels write, e.g. pull its weights toward L2; ``pdl_wait``
-returns once all earlier kernels have finished and their writes are visible.  The launch latency and the
-ramp-up of a short kernel (a decode GEMV streams a 16-25 MB weight in a few microseconds) then overlap the
-kernel before it.
+every program of that earlier kernel has called ``pdl_trigger`` (or exited).  ``pdl_wait`` returns once all
+earlier kernels have finished and their writes are visible.  A decode step is a chain of short kernels (a
+batch-1 GEMV streams a 16-25 MB weight in a few microseconds); with every kernel calling ``pdl_trigger`` and
+then ``pdl_wait`` first thing, each launch and program setup overlaps the kernel before it instead of following
+it.  (Doing more before the wait, a bulk L2 prefetch of the GEMV's weight, was slower: ``fp8_gemv``.)  A
+kernel's programs all trigger only once its last wave has started, so waiting programs of the next kernel never
+take an SM from this one's.
 
 The contract every PDL-launched kernel keeps: no load of an activation and no store of any kind before
 ``pdl_wait`` (its output buffer may still be read by an earlier kernel: the caching allocator reuses memory in

@@ -427,7 +427,7 @@ def test_online_fp8_linear_real_shapes_on_gpu(m, n, k) -> None:
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["channel", "block"])
 @pytest.mark.parametrize("m", [1, 16])
 def test_pdl_chain_waits_for_its_producer(block, m) -> None:
-    """Quantizer then GEMV with PDL (the GEMV starts early and prefetches its weight, then waits): replayed in a
+    """Quantizer then GEMV with PDL (the GEMV starts early, then waits): replayed in a
     CUDA graph on new activations each time, and eagerly, the output equals the launch without PDL bit for bit.
     A GEMV that read x before the quantizer finished would see the previous replay's activations."""
     from radixlm.kernels.pdl import pdl_enabled
@@ -449,7 +449,7 @@ def test_pdl_chain_waits_for_its_producer(block, m) -> None:
     def layer(pdl: bool) -> torch.Tensor:
         x_q, x_s = (per_token_quant_fp8_triton(x, pdl=pdl) if block is None
                     else per_token_group_quant_fp8_triton(x, block[1], pdl=pdl))
-        return fp8_gemv(x_q, x_s, w_q, w_s, block, pdl=pdl, prefetch=pdl)
+        return fp8_gemv(x_q, x_s, w_q, w_s, block, pdl=pdl)
 
     x.copy_(torch.randn(m, k, generator=gen))
     layer(False)
@@ -463,3 +463,10 @@ def test_pdl_chain_waits_for_its_producer(block, m) -> None:
         expected = layer(False)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         torch.testing.assert_close(layer(True), expected, rtol=0, atol=0)
+
+
+def test_pdl_only_on_cuda() -> None:
+    from radixlm.kernels.pdl import pdl_launch_kwargs
+
+    assert pdl_launch_kwargs(torch.device("cpu")) == {"PDL": False}
+    assert pdl_launch_kwargs(torch.device("cpu"), enabled=True) == {"PDL": False}
