@@ -43,6 +43,15 @@ def _quantize(y, scale, fp8_max):
 
 
 @triton.jit
+def _group_tile(n_cols, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's groups of a row [GROUPS], their columns [GROUPS, BLOCK_G] and which of those exist."""
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
+    lanes = tl.arange(0, BLOCK_G)  # [BLOCK_G]
+    cols = groups[:, None] * GROUP + lanes[None, :]  # [GROUPS, BLOCK_G]
+    return groups, cols, (groups < n_cols // GROUP)[:, None] & (lanes < GROUP)[None, :]
+
+
+@triton.jit
 def _rms_norm_quant_kernel(
     x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, new_residual_ptr,
     x_row_stride, residual_row_stride, n_cols, eps, scale_eps, fp8_max,
@@ -50,8 +59,8 @@ def _rms_norm_quant_kernel(
     GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr,
 ):
     # GROUP 0: one scale per row, program (row, c) quantizes columns [c * CHUNK, (c + 1) * CHUNK).  Otherwise
-    # groups of GROUP columns (a power of two, or the whole row's BLOCK), program (row, c) quantizes groups
-    # [c * GROUPS, (c + 1) * GROUPS).
+    # groups of GROUP columns, held in CHUNK (a power of two >= GROUP) lanes each: program (row, c) quantizes
+    # groups [c * GROUPS, (c + 1) * GROUPS).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols,
@@ -64,9 +73,7 @@ def _rms_norm_quant_kernel(
         chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
         mask = chunk < n_cols
     else:
-        groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
-        chunk = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GROUPS, GROUP]
-        mask = chunk < n_cols  # whole groups: n_cols is a multiple of GROUP
+        groups, chunk, mask = _group_tile(n_cols, GROUP, GROUPS, CHUNK)
     xc = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, chunk, mask,
                     HAS_RESIDUAL)
     if HAS_RESIDUAL:
@@ -86,16 +93,16 @@ def _rms_norm_quant_kernel(
 
 
 def _split(k: int, quant: ActivationQuant) -> tuple[int, int, int, int]:
-    """(GROUP, GROUPS, CHUNK, chunks per row) of a row of ``k`` quantized as ``quant`` asks."""
+    """(GROUP, GROUPS, CHUNK, programs per row) of a row of ``k`` quantized as ``quant`` asks: per token, CHUNK
+    columns a program; per group, GROUPS groups of CHUNK lanes (GROUP used) a program."""
     if quant.group_size is None:
         chunk = min(triton.next_power_of_2(k), _CHUNK)
         return 0, 1, chunk, triton.cdiv(k, chunk)
     group = quant.group_size
     check_group_size(k, group)
-    if group & (group - 1):
-        raise ValueError(f"fused FP8 quantization needs a power-of-two group size, got {group}")
-    groups = min(triton.next_power_of_2(k // group), max(_CHUNK // group, 1))
-    return group, groups, groups * group, triton.cdiv(k // group, groups)
+    lanes = triton.next_power_of_2(group)
+    groups = min(triton.next_power_of_2(k // group), max(_CHUNK // lanes, 1))
+    return group, groups, lanes, triton.cdiv(k // group, groups)
 
 
 def _new_quantized(rows: int, k: int, quant: ActivationQuant, device: torch.device) -> tuple[torch.Tensor,
@@ -112,8 +119,8 @@ def rms_norm_quant_fp8(
     weight, eps)`` with the normalised output quantized as ``quant`` asks instead of written: returns (that
     output as an ``FP8Activation``, of the dtype and shape ``rms_norm`` returns, and the new residual or None).
 
-    ``x`` (and ``residual``) [..., hidden], hidden <= ``MAX_NORM_HIDDEN`` and a multiple of the group size
-    (a power of two).  Bits equal to the norm kernel followed by ``fp8_activation.quantize_activation``."""
+    ``x`` (and ``residual``) [..., hidden], hidden <= ``MAX_NORM_HIDDEN`` and a multiple of the group size.  Bits
+    equal to the norm kernel followed by ``fp8_activation.quantize_activation``."""
     hidden = x.shape[-1]
     if hidden > MAX_NORM_HIDDEN or weight.shape != (hidden,):
         raise ValueError(f"rms_norm_quant_fp8: hidden size {hidden} (at most {MAX_NORM_HIDDEN}), weight "
@@ -152,17 +159,16 @@ def _silu_mul_quant_kernel(
     if GROUP == 0:
         amax = tl.zeros((TILE,), dtype=tl.float32)
         for start in range(0, d, TILE):
-            cols = start + tl.arange(0, TILE)
-            mask = cols < d
-            out = silu_mul(tl.load(gate_ptr + cols, mask=mask, other=0.0),
-                           tl.load(gate_ptr + d + cols, mask=mask, other=0.0))
+            tile = start + tl.arange(0, TILE)
+            tile_mask = tile < d
+            out = silu_mul(tl.load(gate_ptr + tile, mask=tile_mask, other=0.0),
+                           tl.load(gate_ptr + d + tile, mask=tile_mask, other=0.0))
             amax = tl.maximum(amax, tl.abs(out.to(OUT_DTYPE).to(tl.float32)))  # masked lanes: silu(0) * 0 = 0
         scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), scale_eps), fp8_max)
         chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
+        mask = chunk < d
     else:
-        groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
-        chunk = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GROUPS, GROUP]
-    mask = chunk < d
+        groups, chunk, mask = _group_tile(d, GROUP, GROUPS, CHUNK)
     out_c = silu_mul(tl.load(gate_ptr + chunk, mask=mask, other=0.0),
                      tl.load(gate_ptr + d + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
     if GROUP == 0:
@@ -179,7 +185,7 @@ def _silu_mul_quant_kernel(
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activation:
     """``fused_ops.silu_and_mul(x)`` quantized as ``quant`` asks instead of written, as an ``FP8Activation`` of
-    [..., d] in x's dtype.  ``x`` [..., 2 * d], d a multiple of the group size (a power of two).  Bits equal to
+    [..., d] in x's dtype.  ``x`` [..., 2 * d], d a multiple of the group size.  Bits equal to
     ``silu_and_mul`` followed by ``fp8_activation.quantize_activation``."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
