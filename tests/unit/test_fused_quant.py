@@ -109,6 +109,25 @@ def test_silu_and_mul_quant_is_silu_mul_then_quantizer(rows, d, group, dtype, po
     assert_same(got, quantize_activation(fused_ops.silu_and_mul(x), ActivationQuant(group)))
 
 
+@pytest.mark.skipif(not CUDA, reason="real shapes are too slow for the interpreter")
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("group", [None, 128])
+def test_real_shapes_on_gpu(rows, group) -> None:
+    """Llama-3.1-8B's: hidden 4096 (input and post-attention norms), intermediate 14336 (SiLU-mul), bf16."""
+    quant = ActivationQuant(group)
+    x, residual = randn(rows, 4096, dtype=torch.bfloat16, seed=12), randn(rows, 4096, dtype=torch.bfloat16, seed=13)
+    weight = 1 + 0.1 * randn(4096, dtype=torch.bfloat16, seed=14)
+    got, new_residual = fused_quant.rms_norm_quant_fp8(x, residual, weight, 1e-5, quant)
+    out, want_residual = fused_ops.fused_add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(new_residual, want_residual)
+    assert_same(got, quantize_activation(out, quant))
+    assert_same(fused_quant.rms_norm_quant_fp8(x, None, weight, 1e-5, quant)[0],
+                quantize_activation(fused_ops.rms_norm(x, weight, 1e-5), quant))
+    gate_up = randn(rows, 2 * 14336, dtype=torch.bfloat16, seed=15)
+    assert_same(fused_quant.silu_and_mul_quant_fp8(gate_up, quant),
+                quantize_activation(fused_ops.silu_and_mul(gate_up), quant))
+
+
 def test_no_rows_and_bad_shapes() -> None:
     weight = torch.ones(256, device=DEVICE)
     empty, _ = fused_quant.rms_norm_quant_fp8(torch.empty(0, 256, device=DEVICE), None, weight, 1e-6, PER_TOKEN)
