@@ -12,7 +12,8 @@ Programs split a row as the per-token quantizer does, so a decode row spreads ov
 chunk) quantizes ``CHUNK`` columns of its row.  A per-token scale needs max |out| of the whole row, so each
 program computes the whole row's output for it (the elementwise work is cheap; the row is read from L2) and then
 recomputes its chunk's to quantize; a norm needs the whole row's sum of squares in any case.  Per-group scales
-need only the program's own groups.
+need only the program's own groups.  Like the quantizers, the kernels launch with PDL where the device has it
+(``radixlm.kernels.pdl``), so the FP8 GEMV after them can start streaming its weight early.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from radixlm.kernels.fp8_gemm import round_to_e4m3
 from radixlm.kernels.fused_ops import (
     MAX_NORM_HIDDEN, inv_rms, norm_input, norm_num_warps, rms_apply, silu_mul,
 )
+from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 # Columns one program quantizes (per token), or about that many in whole groups (per group).
 _CHUNK = 1024
@@ -56,8 +58,11 @@ def _rms_norm_quant_kernel(
     x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, new_residual_ptr,
     x_row_stride, residual_row_stride, n_cols, eps, scale_eps, fp8_max,
     HAS_RESIDUAL: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
+    # Under PDL the consumer (the FP8 GEMV) may launch at once and start on its weight, as after the quantizers.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     # GROUP 0: one scale per row, program (row, c) quantizes columns [c * CHUNK, (c + 1) * CHUNK).  Otherwise
     # groups of GROUP columns, held in CHUNK (a power of two >= GROUP) lanes each: program (row, c) quantizes
     # groups [c * GROUPS, (c + 1) * GROUPS).
@@ -143,7 +148,7 @@ def rms_norm_quant_fp8(
             x2d, residual2d, weight, q, scale, new_residual,
             x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
             HAS_RESIDUAL=residual is not None, OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
-            GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block),
+            GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block), **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, out_dtype, x.shape), new_residual
 
@@ -152,8 +157,11 @@ def rms_norm_quant_fp8(
 def _silu_mul_quant_kernel(
     x_ptr, q_ptr, s_ptr, x_row_stride, d, scale_eps, fp8_max,
     OUT_DTYPE: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # The split of ``_rms_norm_quant_kernel``; per token, max |out| over the row in TILE-wide steps first.
+    # The split and PDL of ``_rms_norm_quant_kernel``; per token, max |out| over the row in TILE-wide steps first.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     gate_ptr = x_ptr + row * x_row_stride
     if GROUP == 0:
@@ -198,6 +206,6 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activa
         _silu_mul_quant_kernel[(x2d.shape[0], chunks)](
             x2d, q, scale, x2d.stride(0), d, SCALE_EPS, FP8_MAX,
             OUT_DTYPE=_TL_DTYPES[x.dtype], TILE=tile, GROUP=group, GROUPS=groups, CHUNK=chunk,
-            num_warps=8 if tile >= 4096 else 4,
+            num_warps=8 if tile >= 4096 else 4, **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, x.dtype, torch.Size((*x.shape[:-1], d)))
