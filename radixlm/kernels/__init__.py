@@ -1,8 +1,9 @@
 """The engine's kernels, one module each: Triton kernels for the GPU (``decode_attention``, ``extend_attention``,
-``fused_ops``, ``fused_moe``, ``moe_routing``, ``fp8``) and C kernels for the CPU (``cpu``).
+``fused_ops``, ``fused_quant``, ``fused_moe``, ``moe_routing``, ``fp8``) and C kernels for the CPU (``cpu``).
 
-No kernel module is imported here (``fused_ops_for`` imports on demand): importing a Triton module decorates its
-kernels, which must happen after a test has chosen the Triton interpreter, and CPU-only code never needs triton.
+No kernel module is imported here (``fused_ops_for`` and ``fused_quant_for`` import on demand): importing a Triton
+module decorates its kernels, which must happen after a test has chosen the Triton interpreter, and CPU-only code
+never needs triton.
 """
 
 from __future__ import annotations
@@ -33,3 +34,15 @@ def fused_ops_for(x: "torch.Tensor") -> ModuleType | None:
     from radixlm.kernels import cpu
 
     return cpu if cpu.supports(x) else None
+
+
+def fused_quant_for(x: "torch.Tensor") -> ModuleType | None:
+    """The norm / SiLU-mul kernels that quantize their output for an FP8 linear (``fused_quant``:
+    ``rms_norm_quant_fp8``, ``silu_and_mul_quant_fp8``) for tensors like ``x``: Triton's on CUDA; None elsewhere,
+    where the layers return their output unquantized and the FP8 linear rounds it (the CPU path's reference
+    numerics).  The one place that decides whether quantization is fused."""
+    if x.is_cuda:
+        from radixlm.kernels import fused_quant
+
+        return fused_quant
+    return None

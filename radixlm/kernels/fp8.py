@@ -116,28 +116,33 @@ def w8a8_block_fp8_matmul_torch(
 
 
 def fp8_block_linear(
-    x: torch.Tensor,  # [*, K]
+    x: torch.Tensor,  # [*, K], or on CUDA an FP8Activation quantized per group of bk
     weight: torch.Tensor,  # [N, K] fp8
     weight_scale_inv: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
     bias: torch.Tensor | None = None,  # [N]
     block_size: tuple[int, int] = DEFAULT_BLOCK,
 ) -> torch.Tensor:  # [*, N], x's dtype
     """A linear layer over a block-FP8 weight.  CUDA: ``x`` quantized per token per group of ``bk`` channels
-    (K must be a multiple of ``bk``), then the block-scaled GEMM (at decode-sized M, ``fp8_gemv.SMALL_M``, the
-    GEMV: the same numbers up to summation order).  Elsewhere (CI, CPU users): the weight
+    (K must be a multiple of ``bk``; an ``fp8_activation.FP8Activation`` arrives quantized, by the kernel that
+    produced it), then the block-scaled GEMM (at decode-sized M, ``fp8_gemv.SMALL_M``, the GEMV: the same numbers
+    up to summation order).  Elsewhere (CI, CPU users): the weight
     dequantized to float32 on every call (no cache: the fp8 weight is the only copy kept), ``x`` rounded through
     E4M3 per token group as the GPU path quantizes it, and ``F.linear`` in float32: the GPU's numerics up to
     summation order."""
     if x.is_cuda:
-        from radixlm.kernels import as_rows
-        from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton
+        from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
+        from radixlm.kernels.fp8_gemm import w8a8_block_fp8_matmul_triton
         from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
-        x_q, x_s = per_token_group_quant_fp8_triton(as_rows(x), block_size[1])
-        if x_q.shape[0] <= SMALL_M:  # decode-sized: the GEMV streams the weight
-            out = fp8_gemv(x_q, x_s, weight, weight_scale_inv, block_size, x.dtype)
+        quant = ActivationQuant(block_size[1])
+        if isinstance(x, FP8Activation):
+            x.check(quant)
         else:
-            out = w8a8_block_fp8_matmul_triton(x_q, x_s, weight, weight_scale_inv, block_size, x.dtype)
+            x = quantize_activation(x, quant)
+        if x.q.shape[0] <= SMALL_M:  # decode-sized: the GEMV streams the weight
+            out = fp8_gemv(x.q, x.scale, weight, weight_scale_inv, block_size, x.dtype)
+        else:
+            out = w8a8_block_fp8_matmul_triton(x.q, x.scale, weight, weight_scale_inv, block_size, x.dtype)
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], weight.shape[0])

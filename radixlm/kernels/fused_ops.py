@@ -30,6 +30,33 @@ def _new_output(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
+def norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols, mask,
+               HAS_RESIDUAL: tl.constexpr):
+    """Columns ``cols`` of the row a norm normalises: ``x``'s, or ``x + residual`` rounded to the new residual's
+    dtype (not stored here)."""
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
+        # Rounded to the storage dtype before the statistics, exactly as torch's ``x + residual`` is.
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(new_residual_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def inv_rms(x, n_cols, eps):
+    """``rsqrt(mean(x^2) + eps)`` in fp32 of a whole row ``x`` (masked lanes zero)."""
+    h = x.to(tl.float32)
+    return tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+
+
+@triton.jit
+def rms_apply(x, inv, weight):
+    """``weight * (x * inv).to(x.dtype)`` in fp32: the normalised row is cast back to the input dtype before the
+    weight multiplies it (HF's order)."""
+    return weight.to(tl.float32) * (x.to(tl.float32) * inv).to(x.dtype).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     x_row_stride, residual_row_stride, n_cols, eps,
@@ -38,18 +65,19 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    x = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols, mask,
+                   HAS_RESIDUAL)
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
-        # Rounded to the storage dtype before the statistics, exactly as torch's ``x + residual`` is.
-        x = (x.to(tl.float32) + residual.to(tl.float32)).to(new_residual_ptr.dtype.element_ty)
         tl.store(new_residual_ptr + row * n_cols + cols, x, mask=mask)
-    h = x.to(tl.float32)
-    h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # The normalised row is cast back to the input dtype before the weight multiplies it (HF's order).
-    out = weight * h.to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = rms_apply(x, inv_rms(x, n_cols, eps), weight)
     tl.store(out_ptr + row * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def norm_num_warps(block: int) -> int:
+    """Warps of a norm program over a ``block``-wide row; the fused-quantization norm uses the same, so its sum of
+    squares is reduced in the same order (the same bits)."""
+    return min(max(block // 512, 1), 16)
 
 
 def _launch_rms_norm(
@@ -77,7 +105,7 @@ def _launch_rms_norm(
     _rms_norm_kernel[(x2d.shape[0],)](
         x2d, residual2d, weight, out, new_residual,
         x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_num_warps(block),
     )
     return out, new_residual
 
@@ -106,14 +134,20 @@ def fused_add_rms_norm(
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """``silu(gate) * up`` in fp32 of loaded gate and up values."""
+    gate = gate.to(tl.float32)
+    return gate * tl.sigmoid(gate) * up.to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, d, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * x_row_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up
-    tl.store(out_ptr + row * d + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * x_row_stride + d + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * d + cols, silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@
 - online: weights loaded in the model dtype, then (``quantize_online``) ``weight`` float8_e4m3fn with
   ``weight_scale`` float32 [out], one scale per output channel (``max |row| / 448``).
 
-Activations are quantized per token (per group of ``bk`` channels for block weights) when the layer runs.  On
-CUDA a Triton kernel quantizes them, then at decode-sized M a Triton GEMV streams the weight
+Activations are quantized per token (per group of ``bk`` channels for block weights; ``input_quant``).  On
+CUDA a Triton kernel quantizes them, either the layer's own quantizer or, fused, the norm or SiLU-mul kernel that
+produced them (which hands the layer an ``FP8Activation``); then at decode-sized M a Triton GEMV streams the weight
 (``radixlm.kernels.fp8_gemv``) and above it the FP8 GEMMs run (``radixlm.kernels.fp8``: the Triton block-scaled
 GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for per-channel weights).  Elsewhere the same rounding in torch over
 the dequantized weight, so CPU results show the quantization error the GPU has.
@@ -20,6 +21,9 @@ from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
+from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
+
+PER_TOKEN = ActivationQuant(None)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -55,30 +59,45 @@ def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_block_fp8(layer.weight, layer.weight_scale_inv, layer.quant.weight_block).to(dtype)
 
 
-def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def fp8_channel_linear(
+    x: torch.Tensor | FP8Activation, weight: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
     """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
-    ``x`` quantized per token, on CUDA (``fp8_forward`` rounds in torch elsewhere): decode-sized M, and float32
-    models (cuBLAS's row-wise scaled GEMM writes only bf16), through the Triton GEMV; otherwise cuBLAS's row-wise
-    scaled FP8 GEMM."""
-    from radixlm.kernels import as_rows
-    from radixlm.kernels.fp8_gemm import per_token_quant_fp8_triton
+    ``x`` quantized per token (an ``FP8Activation`` arrives quantized), on CUDA (``fp8_forward`` rounds in torch
+    elsewhere): decode-sized M, and float32 models (cuBLAS's row-wise scaled GEMM writes only bf16), through the
+    Triton GEMV; otherwise cuBLAS's row-wise scaled FP8 GEMM."""
     from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
-    x_q, x_s = per_token_quant_fp8_triton(as_rows(x))  # [M, K] fp8, [M, 1]
-    if x_q.shape[0] <= SMALL_M or x.dtype == torch.float32:
-        y = fp8_gemv(x_q, x_s, weight, weight_scale, None, x.dtype)
+    if isinstance(x, FP8Activation):
+        x.check(PER_TOKEN)
     else:
-        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_s, scale_b=weight_scale[None, :].float(),
+        x = quantize_activation(x, PER_TOKEN)  # [M, K] fp8, [M, 1]
+    if x.q.shape[0] <= SMALL_M or x.dtype == torch.float32:
+        y = fp8_gemv(x.q, x.scale, weight, weight_scale, None, x.dtype)
+    else:
+        y = torch._scaled_mm(x.q, weight.t(), scale_a=x.scale, scale_b=weight_scale[None, :].float(),
                              out_dtype=torch.bfloat16).to(x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_quant(quant: QuantConfig | None) -> ActivationQuant | None:
+    """How a linear layer under ``quant`` wants its input quantized (None: it takes the activation as is)."""
+    if quant is None:
+        return None
+    return PER_TOKEN if quant.weight_block is None else ActivationQuant(quant.weight_block[1])
+
+
+def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation) -> torch.Tensor:
     """``x @ W^T`` (no bias) of a quantized layer, in x's dtype.  On CUDA the FP8 GEMMs; elsewhere the layer's
-    dequantized weight (made once) times ``x`` rounded as those GEMMs round it."""
+    dequantized weight (made once) times ``x`` rounded as those GEMMs round it.  ``x`` may arrive quantized as
+    ``layer.input_quant`` asks (an ``FP8Activation``, from a kernel that fused the quantization)."""
     block = layer.quant.weight_block
     if not x.is_cuda:
-        x_rounded = round_activations(x, block[1] if block else x.shape[-1])
+        if isinstance(x, FP8Activation):
+            x.check(layer.input_quant)
+            x_rounded = x.dequantize()
+        else:
+            x_rounded = round_activations(x, block[1] if block else x.shape[-1])
         return torch.nn.functional.linear(x_rounded, layer.dequantized_weight(torch.float32)).to(x.dtype)
     if block is None:
         return fp8_channel_linear(x, layer.weight, layer.weight_scale)

@@ -14,6 +14,7 @@ from torch import nn
 from radixlm.config.quant_config import QuantConfig
 from radixlm.distributed import TPGroup, divide, get_tp_group
 from radixlm.kernels import cpu
+from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
 from radixlm.layers import fp8_linear
 
 
@@ -41,13 +42,18 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, loader, checkpoint_shapes
 class QuantizableLinear(nn.Module):
     """What the linear layers share: ``weight`` [out, in] in the model dtype, or FP8 under a ``QuantConfig``
     (``radixlm.layers.fp8_linear``: block-wise from the checkpoint with ``weight_scale_inv``, or online with
-    ``weight_scale`` after ``finish_loading``); ``matmul(x)`` is ``x @ W^T`` whichever it is."""
+    ``weight_scale`` after ``finish_loading``); ``matmul(x)`` is ``x @ W^T`` whichever it is.
+
+    ``input_quant``: how an FP8 layer quantizes its input (None when unquantized).  A kernel producing the input
+    may do it instead and pass an ``FP8Activation`` (CUDA only), which ``forward`` takes in place of a tensor."""
 
     quant: QuantConfig | None = None
+    input_quant: ActivationQuant | None = None
 
     def _init_weight(self, out: int, in_features: int, dtype: torch.dtype, checkpoint_shapes: dict,
                      quant: QuantConfig | None, scale_loader=None) -> None:
         self.quant = quant
+        self.input_quant = fp8_linear.input_quant(quant)
         block = quant is not None and quant.from_checkpoint
         self.weight = _param((out, in_features), torch.float8_e4m3fn if block else dtype, self.weight_loader,
                              checkpoint_shapes)
@@ -65,7 +71,7 @@ class QuantizableLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
         if self.quant is None:
             return linear(x, self.weight)
         return fp8_linear.fp8_forward(self, x)
@@ -94,7 +100,7 @@ class ReplicatedLinear(QuantizableLinear):
         self._init_weight(out_features, in_features, dtype, {None: (out_features, in_features)}, quant)
         self.bias = _param((out_features,), dtype, default_weight_loader, {None: (out_features,)}) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
         if self.quant is None:
             return linear(x, self.weight, self.bias)
         y = self.matmul(x)
@@ -159,7 +165,7 @@ class ColumnParallelLinear(QuantizableLinear):
         rows = fp8_linear.cdiv(size, bn)
         param.data.narrow(0, dst_offset // bn, rows).copy_(loaded.narrow(0, src_offset // bn, rows))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
         if self.quant is None:
             y = linear(x, self.weight, self.bias)
         else:
@@ -240,7 +246,7 @@ class RowParallelLinear(QuantizableLinear):
         cols = fp8_linear.cdiv(self.local_in, self.quant.weight_block[1])
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
         y = self.matmul(x)
         if not self.reduce_results:
             return y

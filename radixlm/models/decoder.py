@@ -32,6 +32,10 @@ class PreNormDecoderLayer(nn.Module):
     """``x + attn(norm(x))``, then ``+ mlp(norm(.))``, with the residual carried into the fused add-norms.
     ``self_attn(positions, hidden, fb)`` and ``mlp(hidden)`` are the model's own.
 
+    A module whose first linear is FP8 says how that linear quantizes its input (``input_quant``, an
+    ``ActivationQuant``; a module without the attribute, or None, takes tensors): the norm before it is asked to
+    quantize its output (on CUDA it does, in the norm kernel, and the module gets an ``FP8Activation``).
+
     With data-parallel attention (``dp`` enabled) the attention and the residual stream hold this DP rank's tokens
     and ``mlp`` is sharded over the whole TP group: it runs on every DP rank's tokens (``dp_gather`` before it,
     ``dp_scatter`` after, sized by ``fb.dp_token_counts``)."""
@@ -43,16 +47,19 @@ class PreNormDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.mlp = mlp
         self.dp = dp if dp is not None and dp.enabled else None
+        self.attn_input_quant = getattr(self_attn, "input_quant", None)
+        # The MLP's input is gathered over the DP ranks first: it stays a tensor.
+        self.mlp_input_quant = getattr(mlp, "input_quant", None) if self.dp is None else None
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm(hidden, quant=self.attn_input_quant)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, self.attn_input_quant)
         hidden = self.self_attn(positions, hidden, fb)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, self.mlp_input_quant)
         if self.dp is None:
             return self.mlp(hidden), residual
         counts = fb.dp_token_counts

@@ -11,6 +11,7 @@ from torch import nn
 
 from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
+from radixlm.kernels.fp8_activation import FP8Activation
 from radixlm.layers.activation import SiluAndMul
 from radixlm.layers.attention import RadixAttention
 from radixlm.layers.layernorm import RMSNorm
@@ -22,7 +23,8 @@ from radixlm.models.decoder import CausalLM, DecoderModel, PreNormDecoderLayer
 
 class LlamaMLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``; ``intermediate_size`` defaults to the config's (MoE models size
-    their shared experts otherwise), ``reduce_results=False`` leaves the TP all-reduce to the caller."""
+    their shared experts otherwise), ``reduce_results=False`` leaves the TP all-reduce to the caller.  Under FP8
+    ``x`` may arrive quantized as ``input_quant`` (gate_up_proj's) asks, and the SiLU-mul quantizes for down_proj."""
 
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None, reduce_results: bool = True):
         super().__init__()
@@ -34,9 +36,10 @@ class LlamaMLP(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (only silu)")
         self.act_fn = SiluAndMul()
+        self.input_quant = self.gate_up_proj.input_quant
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x), self.down_proj.input_quant))
 
 
 class LlamaAttention(nn.Module):
@@ -56,8 +59,9 @@ class LlamaAttention(nn.Module):
         self.attn = RadixAttention(self.num_heads, head_dim, head_dim**-0.5, self.num_kv_heads, layer_id,
                                    config.sliding_window)
         self.head_dim = head_dim
+        self.input_quant = self.qkv_proj.input_quant  # ``hidden`` may arrive quantized for qkv_proj
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | FP8Activation, fb: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)

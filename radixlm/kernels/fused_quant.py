@@ -1,0 +1,211 @@
+"""RMSNorm (optionally with the residual add) and SiLU-mul whose output is an FP8 linear's quantized input.
+
+An FP8 linear quantizes its input with a Triton kernel of its own (``fp8_gemm``: one scale per token, or per
+token per group of ``bk`` channels); after a norm or SiLU-mul, which already hold the row, that launch and the
+round trip of the unquantized activation through memory are saved by quantizing there.  The result is
+bit-identical to the composition it replaces, ``fused_ops``' kernel then the quantizer: the same norm / SiLU-mul
+arithmetic (the ``fused_ops`` helpers, the norm's row reduced by as many warps, so in the same order), rounded to
+the output dtype, then quantized as ``fp8_gemm`` quantizes (``round_to_e4m3``, IEEE divisions, the same scale
+floor).
+
+Programs split a row as the per-token quantizer does, so a decode row spreads over several SMs: program (row,
+chunk) quantizes ``CHUNK`` columns of its row.  A per-token scale needs max |out| of the whole row, so each
+program computes the whole row's output for it (the elementwise work is cheap; the row is read from L2) and then
+recomputes its chunk's to quantize; a norm needs the whole row's sum of squares in any case.  Per-group scales
+need only the program's own groups.  Like the quantizers, the kernels launch with PDL where the device has it
+(``radixlm.kernels.pdl``), so the FP8 GEMV after them can start streaming its weight early.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from radixlm.kernels import as_rows
+from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
+from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
+from radixlm.kernels.fp8_gemm import round_to_e4m3
+from radixlm.kernels.fused_ops import (
+    MAX_NORM_HIDDEN, inv_rms, norm_input, norm_num_warps, rms_apply, silu_mul,
+)
+from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
+
+# Columns one program quantizes (per token), or about that many in whole groups (per group).
+_CHUNK = 1024
+# Width of the tiles the per-token SiLU-mul walks its row in for max |out|.
+_SILU_TILE = 4096
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _quantize(y, scale, fp8_max):
+    """fp32 ``y`` over its (broadcast) ``scale`` to E4M3 values, as ``fp8_gemm``'s quantizers do."""
+    return round_to_e4m3(tl.clamp(tl.math.div_rn(y, scale), -fp8_max, fp8_max))
+
+
+@triton.jit
+def _group_tile(n_cols, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's groups of a row [GROUPS], their columns [GROUPS, BLOCK_G] and which of those exist."""
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
+    lanes = tl.arange(0, BLOCK_G)  # [BLOCK_G]
+    cols = groups[:, None] * GROUP + lanes[None, :]  # [GROUPS, BLOCK_G]
+    return groups, cols, (groups < n_cols // GROUP)[:, None] & (lanes < GROUP)[None, :]
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, new_residual_ptr,
+    x_row_stride, residual_row_stride, n_cols, eps, scale_eps, fp8_max,
+    HAS_RESIDUAL: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+):
+    # Under PDL the consumer (the FP8 GEMV) may launch at once and start on its weight, as after the quantizers.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    # GROUP 0: one scale per row, program (row, c) quantizes columns [c * CHUNK, (c + 1) * CHUNK).  Otherwise
+    # groups of GROUP columns, held in CHUNK (a power of two >= GROUP) lanes each: program (row, c) quantizes
+    # groups [c * GROUPS, (c + 1) * GROUPS).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    x = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols,
+                   cols < n_cols, HAS_RESIDUAL)
+    inv = inv_rms(x, n_cols, eps)
+    if GROUP == 0:
+        weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0)
+        out = rms_apply(x, inv, weight).to(OUT_DTYPE).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out), axis=0), scale_eps), fp8_max)
+        chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
+        mask = chunk < n_cols
+    else:
+        groups, chunk, mask = _group_tile(n_cols, GROUP, GROUPS, CHUNK)
+    xc = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, chunk, mask,
+                    HAS_RESIDUAL)
+    if HAS_RESIDUAL:
+        tl.store(new_residual_ptr + row * n_cols + chunk, xc, mask=mask)
+    out_c = rms_apply(xc, inv, tl.load(weight_ptr + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
+    if GROUP == 0:
+        tl.store(q_ptr + row * n_cols + chunk, _quantize(out_c, scale, fp8_max).to(q_ptr.dtype.element_ty),
+                 mask=mask)
+        if tl.program_id(1) == 0:
+            tl.store(s_ptr + row, scale)
+    else:
+        scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
+        tl.store(q_ptr + row * n_cols + chunk,
+                 _quantize(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty), mask=mask)
+        num_groups = n_cols // GROUP
+        tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
+
+
+def _split(k: int, quant: ActivationQuant) -> tuple[int, int, int, int]:
+    """(GROUP, GROUPS, CHUNK, programs per row) of a row of ``k`` quantized as ``quant`` asks: per token, CHUNK
+    columns a program; per group, GROUPS groups of CHUNK lanes (GROUP used) a program."""
+    if quant.group_size is None:
+        chunk = min(triton.next_power_of_2(k), _CHUNK)
+        return 0, 1, chunk, triton.cdiv(k, chunk)
+    group = quant.group_size
+    check_group_size(k, group)
+    lanes = triton.next_power_of_2(group)
+    groups = min(triton.next_power_of_2(k // group), max(_CHUNK // lanes, 1))
+    return group, groups, lanes, triton.cdiv(k // group, groups)
+
+
+def _new_quantized(rows: int, k: int, quant: ActivationQuant, device: torch.device) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=device)  # [rows, k]
+    groups = 1 if quant.group_size is None else k // quant.group_size
+    return q, torch.empty((rows, groups), dtype=torch.float32, device=device)  # [rows, groups]
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, quant: ActivationQuant,
+) -> tuple[FP8Activation, torch.Tensor | None]:
+    """``fused_ops.rms_norm(x, weight, eps)`` (``residual`` None) or ``fused_ops.fused_add_rms_norm(x, residual,
+    weight, eps)`` with the normalised output quantized as ``quant`` asks instead of written: returns (that
+    output as an ``FP8Activation``, of the dtype and shape ``rms_norm`` returns, and the new residual or None).
+
+    ``x`` (and ``residual``) [..., hidden], hidden <= ``MAX_NORM_HIDDEN`` and a multiple of the group size.  Bits
+    equal to the norm kernel followed by ``fp8_activation.quantize_activation``."""
+    hidden = x.shape[-1]
+    if hidden > MAX_NORM_HIDDEN or weight.shape != (hidden,):
+        raise ValueError(f"rms_norm_quant_fp8: hidden size {hidden} (at most {MAX_NORM_HIDDEN}), weight "
+                         f"{tuple(weight.shape)}")
+    group, groups, chunk, chunks = _split(hidden, quant)
+    x2d = as_rows(x)  # [rows, hidden]
+    if residual is None:
+        residual2d, new_residual, norm_dtype = None, None, x.dtype
+    else:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+        residual2d = as_rows(residual)  # [rows, hidden]
+        norm_dtype = torch.promote_types(x.dtype, residual.dtype)
+        new_residual = torch.empty_like(x, dtype=norm_dtype, memory_format=torch.contiguous_format)
+    out_dtype = torch.promote_types(weight.dtype, norm_dtype)  # as fused_ops' norm output
+    q, scale = _new_quantized(x2d.shape[0], hidden, quant, x.device)
+    if x2d.shape[0]:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_quant_kernel[(x2d.shape[0], chunks)](
+            x2d, residual2d, weight, q, scale, new_residual,
+            x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
+            HAS_RESIDUAL=residual is not None, OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
+            GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block), **pdl_launch_kwargs(x.device),
+        )
+    return FP8Activation(q, scale, out_dtype, x.shape), new_residual
+
+
+@triton.jit
+def _silu_mul_quant_kernel(
+    x_ptr, q_ptr, s_ptr, x_row_stride, d, scale_eps, fp8_max,
+    OUT_DTYPE: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # The split and PDL of ``_rms_norm_quant_kernel``; per token, max |out| over the row in TILE-wide steps first.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    gate_ptr = x_ptr + row * x_row_stride
+    if GROUP == 0:
+        amax = tl.zeros((TILE,), dtype=tl.float32)
+        for start in range(0, d, TILE):
+            tile = start + tl.arange(0, TILE)
+            tile_mask = tile < d
+            out = silu_mul(tl.load(gate_ptr + tile, mask=tile_mask, other=0.0),
+                           tl.load(gate_ptr + d + tile, mask=tile_mask, other=0.0))
+            amax = tl.maximum(amax, tl.abs(out.to(OUT_DTYPE).to(tl.float32)))  # masked lanes: silu(0) * 0 = 0
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), scale_eps), fp8_max)
+        chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
+        mask = chunk < d
+    else:
+        groups, chunk, mask = _group_tile(d, GROUP, GROUPS, CHUNK)
+    out_c = silu_mul(tl.load(gate_ptr + chunk, mask=mask, other=0.0),
+                     tl.load(gate_ptr + d + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
+    if GROUP == 0:
+        tl.store(q_ptr + row * d + chunk, _quantize(out_c, scale, fp8_max).to(q_ptr.dtype.element_ty), mask=mask)
+        if tl.program_id(1) == 0:
+            tl.store(s_ptr + row, scale)
+    else:
+        scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
+        tl.store(q_ptr + row * d + chunk, _quantize(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty),
+                 mask=mask)
+        num_groups = d // GROUP
+        tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
+
+
+def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activation:
+    """``fused_ops.silu_and_mul(x)`` quantized as ``quant`` asks instead of written, as an ``FP8Activation`` of
+    [..., d] in x's dtype.  ``x`` [..., 2 * d], d a multiple of the group size.  Bits equal to
+    ``silu_and_mul`` followed by ``fp8_activation.quantize_activation``."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
+    d = x.shape[-1] // 2
+    group, groups, chunk, chunks = _split(d, quant)
+    x2d = as_rows(x)  # [rows, 2 * d]
+    q, scale = _new_quantized(x2d.shape[0], d, quant, x.device)
+    if x2d.shape[0] and d:
+        tile = min(triton.next_power_of_2(d), _SILU_TILE)
+        _silu_mul_quant_kernel[(x2d.shape[0], chunks)](
+            x2d, q, scale, x2d.stride(0), d, SCALE_EPS, FP8_MAX,
+            OUT_DTYPE=_TL_DTYPES[x.dtype], TILE=tile, GROUP=group, GROUPS=groups, CHUNK=chunk,
+            num_warps=8 if tile >= 4096 else 4, **pdl_launch_kwargs(x.device),
+        )
+    return FP8Activation(q, scale, x.dtype, torch.Size((*x.shape[:-1], d)))
