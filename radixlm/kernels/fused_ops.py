@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from radixlm.kernels import as_rows
+from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 # Rows of a norm are reduced by one program, so the whole row must fit in one block.
 MAX_NORM_HIDDEN = 16384
@@ -60,8 +61,10 @@ def rms_apply(x, inv, weight):
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     x_row_stride, residual_row_stride, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -106,6 +109,7 @@ def _launch_rms_norm(
         x2d, residual2d, weight, out, new_residual,
         x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_num_warps(block),
+        **pdl_launch_kwargs(x.device),
     )
     return out, new_residual
 
@@ -141,7 +145,9 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -164,7 +170,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2d.shape[0] and d:
         # Rows on grid axis 0, which (unlike axes 1 and 2) is not limited to 65535 blocks.
         grid = (x2d.shape[0], triton.cdiv(d, _SILU_BLOCK))
-        _silu_and_mul_kernel[grid](x2d, out, x2d.stride(0), d, BLOCK=_SILU_BLOCK, num_warps=4)
+        _silu_and_mul_kernel[grid](x2d, out, x2d.stride(0), d, BLOCK=_SILU_BLOCK, num_warps=4,
+                                   **pdl_launch_kwargs(x.device))
     return out
 
 
@@ -205,9 +212,11 @@ def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_ptr,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, cos_sin_stride, num_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token: its cos/sin row is read once and shared by all q and k heads.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
@@ -251,6 +260,6 @@ def apply_rotary(
         BLOCK_HQ=min(triton.next_power_of_2(num_heads), max_heads),
         BLOCK_HK=min(triton.next_power_of_2(num_kv_heads), max_heads),
         BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=4, enable_fp_fusion=False, **pdl_launch_kwargs(q.device),
     )
     return q_out, k_out

@@ -12,8 +12,8 @@ Programs split a row as the per-token quantizer does, so a decode row spreads ov
 chunk) quantizes ``CHUNK`` columns of its row.  A per-token scale needs max |out| of the whole row, so each
 program computes the whole row's output for it (the elementwise work is cheap; the row is read from L2) and then
 recomputes its chunk's to quantize; a norm needs the whole row's sum of squares in any case.  Per-group scales
-need only the program's own groups.  Like the quantizers, the kernels launch with PDL where the device has it
-(``radixlm.kernels.pdl``), so the FP8 GEMV after them can start streaming its weight early.
+need only the program's own groups.  Like every kernel of the decode layer, they launch with PDL where the
+device has it (``radixlm.kernels.pdl``).
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def rms_norm_quant_fp8(
             x2d, residual2d, weight, q, scale, new_residual,
             x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
             HAS_RESIDUAL=residual is not None, OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
-            GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block), **pdl_launch_kwargs(x.device),
+            GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block),
+            **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, out_dtype, x.shape), new_residual
 
