@@ -9,11 +9,13 @@
 #   bash bench/gpu/session_j2.sh     (GPU machine, repository root; carry .whl, .carry and .base)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_kernels.py tests/unit/test_fused_quant.py \
-  2>&1 | quiet | grep -E "passed|failed|^FAILED|^E " | head -20
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_store.py tests/unit/test_cuda_graph.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_kernels.py tests/unit/test_fused_quant.py \
+  tests/parity/test_fp8_fused.py 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E " | head -20
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_store.py tests/unit/test_cuda_graph.py \
   tests/unit/test_triton_attention.py tests/unit/test_triton_attention_fp8.py tests/unit/test_fused_ops.py \
   2>&1 | quiet | grep -E "passed|failed|^FAILED|^E " | head -12
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/parity/test_fp8.py -k cuda 2>&1 | quiet \
+  | grep -E "passed|failed|^FAILED|^E " | head -12
 timeout 90 python3 bench/gpu/fused_quant.py 2>&1 | quiet
 timeout 100 python3 bench/gpu/fp8_gemm.py --pdl --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down \
   --tokens 1 16 2>&1 | quiet | grep -v "^total"
