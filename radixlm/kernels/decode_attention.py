@@ -111,7 +111,6 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_trigger(PDL)
     pdl_wait(PDL)
     b = tl.program_id(0)
     head_blocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
@@ -186,6 +185,7 @@ def _decode_split_kernel(
                         mask=mask_n[:, None] & mask_dv[None, :], other=0.0).to(compute_ty)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    pdl_trigger(PDL)  # after the stream over the cache (``radixlm.kernels.pdl``)
 
     # An empty split leaves a zero output and LSE -inf: weight 0 in the merge.
     nonempty = l_i > 0.0

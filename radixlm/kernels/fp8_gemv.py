@@ -106,7 +106,6 @@ def _fp8_gemv_kernel(
     k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_dim)
-    pdl_trigger(PDL)
     pdl_wait(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
@@ -129,6 +128,7 @@ def _fp8_gemv_kernel(
             x_s = tl.load(xs_ptr + rows * stride_xsm + k_slice, mask=m_ok, other=0.0)  # [BLOCK_M]
             w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
             acc += part * w_s[:, None] * x_s[None, :]
+    pdl_trigger(PDL)  # after the stream over the weight (``radixlm.kernels.pdl``)
     if PER_CHANNEL:
         x_s = tl.load(xs_ptr + rows * stride_xsm, mask=m_ok, other=0.0)
         acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None] * x_s[None, :]
