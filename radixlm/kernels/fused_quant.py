@@ -9,10 +9,10 @@ the output dtype, then quantized as ``fp8_gemm`` quantizes (``round_to_e4m3``, I
 floor).
 
 Programs split a row as the per-token quantizer does, so a decode row spreads over several SMs: program (row,
-chunk) quantizes ``CHUNK`` columns of its row.  A per-token scale needs max |out| of the whole row, so each
-program computes the whole row's output for it (the elementwise work is cheap; the row is read from L2) and then
-recomputes its chunk's to quantize; a norm needs the whole row's sum of squares in any case.  Per-group scales
-need only the program's own groups.  Like every kernel of the decode layer, they launch with PDL where the
+chunk) quantizes ``CHUNK`` columns of its row.  A per-token scale needs max |out| of the whole row, so each norm
+program computes the whole row's output for it (the norm needs the row's sum of squares in any case; the row is
+read from L2) and then recomputes its chunk's to quantize.  Per-group scales need only the program's own groups.
+SiLU-mul fuses per-group quantization only (``silu_and_mul_quant_fp8`` says why).  Like every kernel of the decode layer, they launch with PDL where the
 device has it (``radixlm.kernels.pdl``).
 """
 
@@ -24,19 +24,15 @@ import triton.language as tl
 
 from radixlm.kernels import as_rows
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
-from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
+from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 from radixlm.kernels.fp8_gemm import round_to_e4m3
 from radixlm.kernels.fused_ops import (
-    MAX_NORM_HIDDEN, inv_rms, norm_input, norm_num_warps, rms_apply, silu_mul,
+    MAX_NORM_HIDDEN, inv_rms, norm_input, norm_num_warps, rms_apply, silu_and_mul, silu_mul,
 )
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 # Columns one program quantizes (per token), or about that many in whole groups (per group).
 _CHUNK = 1024
-# Width of the tiles the per-token SiLU-mul walks its row in for max |out|: a Llama/Qwen intermediate row (up
-# to 16k) in one tile (16 warps), as the per-token quantizer reads it; 4096-wide steps, one load latency each,
-# took twice the unfused kernels' time at 14336 on an H200 (run J2: 4.31 against 2.17 us at M = 1).
-_SILU_TILE = 16384
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -159,56 +155,44 @@ def rms_norm_quant_fp8(
 @triton.jit
 def _silu_mul_quant_kernel(
     x_ptr, q_ptr, s_ptr, x_row_stride, d, scale_eps, fp8_max,
-    OUT_DTYPE: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr,
-    PDL: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
-    # The split and PDL of ``_rms_norm_quant_kernel``; per token, max |out| over the row in TILE-wide steps first.
+    # Program (row, chunk): GROUPS whole groups of its row, as ``_rms_norm_quant_kernel`` splits per group.
     pdl_trigger(PDL)
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     gate_ptr = x_ptr + row * x_row_stride
-    if GROUP == 0:
-        amax = tl.zeros((TILE,), dtype=tl.float32)
-        for start in range(0, d, TILE):
-            tile = start + tl.arange(0, TILE)
-            tile_mask = tile < d
-            out = silu_mul(tl.load(gate_ptr + tile, mask=tile_mask, other=0.0),
-                           tl.load(gate_ptr + d + tile, mask=tile_mask, other=0.0))
-            amax = tl.maximum(amax, tl.abs(out.to(OUT_DTYPE).to(tl.float32)))  # masked lanes: silu(0) * 0 = 0
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), scale_eps), fp8_max)
-        chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
-        mask = chunk < d
-    else:
-        groups, chunk, mask = _group_tile(d, GROUP, GROUPS, CHUNK)
+    groups, chunk, mask = _group_tile(d, GROUP, GROUPS, CHUNK)
     out_c = silu_mul(tl.load(gate_ptr + chunk, mask=mask, other=0.0),
                      tl.load(gate_ptr + d + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
-    if GROUP == 0:
-        tl.store(q_ptr + row * d + chunk, _quantize(out_c, scale, fp8_max).to(q_ptr.dtype.element_ty), mask=mask)
-        if tl.program_id(1) == 0:
-            tl.store(s_ptr + row, scale)
-    else:
-        scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
-        tl.store(q_ptr + row * d + chunk, _quantize(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty),
-                 mask=mask)
-        num_groups = d // GROUP
-        tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
+    scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
+    tl.store(q_ptr + row * d + chunk, _quantize(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty),
+             mask=mask)
+    num_groups = d // GROUP
+    tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
 
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activation:
     """``fused_ops.silu_and_mul(x)`` quantized as ``quant`` asks instead of written, as an ``FP8Activation`` of
     [..., d] in x's dtype.  ``x`` [..., 2 * d], d a multiple of the group size.  Bits equal to
-    ``silu_and_mul`` followed by ``fp8_activation.quantize_activation``."""
+    ``silu_and_mul`` followed by ``fp8_activation.quantize_activation``.
+
+    Per group one kernel.  Per token it is that composition itself: a fused kernel needs max |out| of the whole
+    row in every program, and recomputing SiLU-mul over a 14336-wide row cost more than the quantizer's launch
+    saves (H200, run J3: 3.32 against 2.19 us at M = 1, 6.52 against 4.06 at M = 16; the norms, whose row is
+    reduced anyway, gain: ``rms_norm_quant_fp8``)."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
+    if quant.group_size is None:
+        return quantize_activation(silu_and_mul(x), quant)
     d = x.shape[-1] // 2
     group, groups, chunk, chunks = _split(d, quant)
     x2d = as_rows(x)  # [rows, 2 * d]
     q, scale = _new_quantized(x2d.shape[0], d, quant, x.device)
     if x2d.shape[0] and d:
-        tile = min(triton.next_power_of_2(d), _SILU_TILE)
         _silu_mul_quant_kernel[(x2d.shape[0], chunks)](
             x2d, q, scale, x2d.stride(0), d, SCALE_EPS, FP8_MAX,
-            OUT_DTYPE=_TL_DTYPES[x.dtype], TILE=tile, GROUP=group, GROUPS=groups, CHUNK=chunk,
-            num_warps=max(4, min(16, tile // 1024)), **pdl_launch_kwargs(x.device),
+            OUT_DTYPE=_TL_DTYPES[x.dtype], GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=4,
+            **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, x.dtype, torch.Size((*x.shape[:-1], d)))
