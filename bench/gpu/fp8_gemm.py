@@ -24,7 +24,7 @@ and bf16 cuBLAS.  All in CUDA graphs over enough weight copies (``ROTATE_BYTES``
 weight from HBM, as a decode step's back-to-back layers do; weight TB/s per row.
 
 ``--pdl``: the layer as served at M = 1 and 16 (quantizer + GEMV, per-channel and block weights) with
-programmatic dependent launch off and on, and with the weight through TMA; same timing.
+programmatic dependent launch off and on; same timing.
 
 ``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
 by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
@@ -354,33 +354,31 @@ def tune_gemv(names: list[str], tokens: list[int]) -> None:
 
 
 def pdl_layers(names: list[str], tokens: list[int]) -> None:
-    """The FP8 layer as served (quantizer, then the GEMV at its default config) without and with PDL, and with
-    the GEMV's weight tiles through TMA; the outputs bit-equal."""
-    variants = [(False, False), (True, False), (True, True)]  # (pdl, tma)
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    """The FP8 layer as served (quantizer, then the GEMV at its default config) without and with PDL; the outputs
+    bit-equal."""
+    variants = [False, True]
     print("FP8 layer (quantizer + GEMV): us per call in CUDA graphs over rotating weight copies")
-    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'no PDL us':>9s} {'PDL us':>9s} {'PDL+TMA':>9s} {'TB/s best':>9s}")
+    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'no PDL us':>9s} {'PDL us':>9s} {'TB/s best':>9s}")
     gen = torch.Generator(device="cuda").manual_seed(7)
     for name in names:
         shape = SHAPES[name]
         copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
         blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
         chans = [quantize_online(dequantize_bf16(w_q, w_s)) for w_q, w_s in blocks]
-        default = default_gemv_config(shape.n, shape.k, num_sms)
         for fmt, weights in (("block", [(q, s, BLOCK) for q, s in blocks]), ("chan", [(q, s, None) for q, s in chans])):
             for m in tokens:
                 x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
 
-                def layer(w, pdl: bool, tma: bool) -> torch.Tensor:
+                def layer(w, pdl: bool) -> torch.Tensor:
                     if w[2] is None:
                         x_q, x_s = per_token_quant_fp8_triton(x, pdl=pdl)
                     else:
                         x_q, x_s = per_token_group_quant_fp8_triton(x, 128, pdl=pdl)
-                    return fp8_gemv(x_q, x_s, *w, config=default._replace(tma=tma), pdl=pdl)
+                    return fp8_gemv(x_q, x_s, *w, pdl=pdl)
 
-                outs = [layer(weights[0], *v) for v in variants]
+                outs = [layer(weights[0], v) for v in variants]
                 same = all(torch.equal(o, outs[0]) for o in outs)
-                times = [rotating_graph_us([lambda w=w, v=v: layer(w, *v) for w in weights]) for v in variants]
+                times = [rotating_graph_us([lambda w=w, v=v: layer(w, v) for w in weights]) for v in variants]
                 print(f"{name:18s} {fmt:>5s} {m:3d} " + " ".join(f"{t:9.1f}" for t in times)
                       + f" {shape.n * shape.k / min(times) / 1e6:9.2f}" + ("" if same else "  OUTPUTS DIFFER"),
                       flush=True)
@@ -396,7 +394,7 @@ def main() -> None:
     parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
     parser.add_argument("--tune-gemv", action="store_true", help="sweep the decode GEMV's configs (M <= 16)")
-    parser.add_argument("--pdl", action="store_true", help="the decode layer without and with PDL, and with TMA")
+    parser.add_argument("--pdl", action="store_true", help="the decode layer without and with PDL")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()

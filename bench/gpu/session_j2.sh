@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU run J2 (one H200, ~9 minutes): programmatic dependent launch through the whole decode layer (quantizers,
 # GEMV, norms, rotary, SiLU-mul, K/V store, decode attention: kernels/pdl.py), the activation quantization fused
-# into RMSNorm and SiLU-mul (kernels/fused_quant.py), and the GEMV's weight through TMA (GemvConfig.tma).
-# 1. tests on CUDA;  2. fused_quant.sh's micro-benchmark;  3. the FP8 layer without / with PDL, with TMA;
-# 4. Llama-3.1-8B batch 1 / 32: bf16, online FP8 (also with TMA GEMVs), FP8 + FP8 KV; bf16 and FP8 with
+# into RMSNorm and SiLU-mul (kernels/fused_quant.py).  (At 3758fb7 it also ran FP8 with TMA GEMV weight tiles,
+# an option removed since.)
+# 1. tests on CUDA;  2. fused_quant.sh's micro-benchmark;  3. the FP8 layer without / with PDL;
+# 4. Llama-3.1-8B batch 1 / 32: bf16, online FP8, FP8 + FP8 KV; bf16 and FP8 with
 #    RADIXLM_DISABLE_PDL=1; bf16 and FP8 on the tree before the session (.base: `git archive 69e079f radixlm
 #    bench/one_batch.py`), all in the same call.
 #   bash bench/gpu/session_j2.sh     (GPU machine, repository root; carry .whl, .carry and .base)
@@ -24,14 +25,6 @@ one_batch() { timeout 60 python3 bench/one_batch.py $ARGS "$@" 2>&1 | quiet | gr
 for q in "" "--quantization fp8" "--quantization fp8 --kv-cache-dtype fp8_e4m3"; do
   echo "-- flags: ${q:-bf16}"; one_batch $q
 done
-echo "-- flags: --quantization fp8, GEMV weights through TMA"
-timeout 60 python3 -c "
-import runpy, sys
-import radixlm.kernels.fp8_gemv as g
-default = g.default_gemv_config
-g.default_gemv_config = lambda *a: default(*a)._replace(tma=True)
-sys.argv = ['one_batch.py'] + '$ARGS --quantization fp8'.split()
-runpy.run_path('bench/one_batch.py', run_name='__main__')" 2>&1 | quiet | grep -E "^ +[0-9]+ "
 for q in "" "--quantization fp8"; do
   echo "-- flags: ${q:-bf16}, RADIXLM_DISABLE_PDL=1"; RADIXLM_DISABLE_PDL=1 one_batch $q
   echo "-- flags: ${q:-bf16}, tree 69e079f"; (cd .base && PYTHONPATH=/tmp/site:$PWD one_batch $q)

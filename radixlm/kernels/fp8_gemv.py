@@ -33,7 +33,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
@@ -45,15 +44,14 @@ _counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 class GemvConfig(NamedTuple):
     """Launch parameters: ``block_n`` weight rows per program (the MMA's M side: 64 or 128), ``block_k`` the
-    per-channel K tile (block weights use their scale block's K), ``split_k`` programs per column tile, ``tma``
-    the weight tiles through a TMA tensor descriptor (sm_90) rather than per-thread loads."""
+    per-channel K tile (block weights use their scale block's K), ``split_k`` programs per column tile.  (Loading
+    the weight tiles through a TMA descriptor instead was no faster on an H200, run J2.)"""
 
     block_n: int = 64
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 1
-    tma: bool = False
 
 
 def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
@@ -90,9 +88,8 @@ def _fp8_gemv_kernel(
     m_dim, n_dim, k_dim, group_n, group_k,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
     PER_CHANNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    # With TMA, ``w_ptr`` is a tensor descriptor of the weight (tiles [BLOCK_N, BLOCK_K], zero past N and K).
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -110,11 +107,8 @@ def _fp8_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k < k_dim - k
-        if TMA:
-            w = w_ptr.load([pid_n * BLOCK_N, k])  # [BLOCK_N, BLOCK_K] fp8
-        else:
-            w = tl.load(w_ptr + offs_wn[:, None] * stride_wn + k + offs_k[None, :], mask=k_ok[None, :],
-                        other=0.0)  # [BLOCK_N, BLOCK_K] fp8
+        w = tl.load(w_ptr + offs_wn[:, None] * stride_wn + k + offs_k[None, :], mask=k_ok[None, :],
+                    other=0.0)  # [BLOCK_N, BLOCK_K] fp8
         x = tl.load(xq_ptr + rows[None, :] * stride_xm + k + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
                     other=0.0)  # [BLOCK_K, BLOCK_M] fp8
         if EXACT:
@@ -202,13 +196,11 @@ def fp8_gemv(
         counters = _counters(x_q.device)
     else:
         partials = counters = out  # not read
-    tma = config.tma and weight.data_ptr() % 16 == 0 and weight.stride(0) % 16 == 0  # TMA's alignment
-    w_arg = TensorDescriptor.from_tensor(weight, [config.block_n, block_k]) if tma else weight
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
-        x_q, x_s, w_arg, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
+        x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, EXACT=out_dtype == torch.float32 if exact is None else exact,
-        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, TMA=tma,
+        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
     return out
