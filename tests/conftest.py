@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 import torch
 
@@ -224,6 +226,22 @@ MOE_CONFIGS = {
         num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0,
     ),
 }
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every floating tensor ``torch.empty``/``empty_like`` returns starts NaN (fp8 included), so an output element
+    a kernel fails to write shows up as a mismatch (the kernels allocate their own outputs)."""
+    for name in ("empty", "empty_like"):
+        monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
+
+
+def _poisoned(allocate: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def poisoned(*args, **kwargs) -> torch.Tensor:
+        t = allocate(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    return poisoned
 
 
 @pytest.fixture(scope="session")

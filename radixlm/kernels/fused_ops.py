@@ -83,9 +83,12 @@ def norm_num_warps(block: int) -> int:
     return min(max(block // 512, 1), 16)
 
 
-def _launch_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def norm_operands(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.dtype]:
+    """A norm launch's checked operands: (``x`` as rows [rows, hidden], ``residual`` as rows or None, the new
+    residual's output tensor or None, the normalised output's dtype).  ValueError for a hidden size past
+    ``MAX_NORM_HIDDEN`` or shapes that disagree."""
     hidden = x.shape[-1]
     if hidden > MAX_NORM_HIDDEN:
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_NORM_HIDDEN}, got {hidden}")
@@ -93,15 +96,20 @@ def _launch_rms_norm(
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden}")
     x2d = as_rows(x)  # [rows, hidden]
     if residual is None:
-        residual2d, new_residual, norm_dtype = None, None, x.dtype
-    else:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-        residual2d = as_rows(residual)  # [rows, hidden]
-        norm_dtype = torch.promote_types(x.dtype, residual.dtype)
-        new_residual = _new_output(x, norm_dtype)
+        return x2d, None, None, torch.promote_types(weight.dtype, x.dtype)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+    norm_dtype = torch.promote_types(x.dtype, residual.dtype)
     # torch promotes ``weight * normed``: an fp32 weight over bf16 activations gives an fp32 output.
-    out = _new_output(x, torch.promote_types(weight.dtype, norm_dtype))
+    return x2d, as_rows(residual), _new_output(x, norm_dtype), torch.promote_types(weight.dtype, norm_dtype)
+
+
+def _launch_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight)
+    out = _new_output(x, out_dtype)
     if x2d.shape[0] == 0:
         return out, new_residual
     block = triton.next_power_of_2(hidden)

@@ -27,7 +27,7 @@ from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 from radixlm.kernels.fp8_gemm import round_to_e4m3
 from radixlm.kernels.fused_ops import (
-    MAX_NORM_HIDDEN, inv_rms, norm_input, norm_num_warps, rms_apply, silu_and_mul, silu_mul,
+    inv_rms, norm_input, norm_num_warps, norm_operands, rms_apply, silu_and_mul, silu_mul,
 )
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
@@ -122,23 +122,11 @@ def rms_norm_quant_fp8(
     weight, eps)`` with the normalised output quantized as ``quant`` asks instead of written: returns (that
     output as an ``FP8Activation``, of the dtype and shape ``rms_norm`` returns, and the new residual or None).
 
-    ``x`` (and ``residual``) [..., hidden], hidden <= ``MAX_NORM_HIDDEN`` and a multiple of the group size.  Bits
+    ``x`` (and ``residual``) [..., hidden], hidden <= ``fused_ops.MAX_NORM_HIDDEN`` and a multiple of the group size.  Bits
     equal to the norm kernel followed by ``fp8_activation.quantize_activation``."""
     hidden = x.shape[-1]
-    if hidden > MAX_NORM_HIDDEN or weight.shape != (hidden,):
-        raise ValueError(f"rms_norm_quant_fp8: hidden size {hidden} (at most {MAX_NORM_HIDDEN}), weight "
-                         f"{tuple(weight.shape)}")
+    x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight)  # out_dtype: the norm output's
     group, groups, chunk, chunks = _split(hidden, quant)
-    x2d = as_rows(x)  # [rows, hidden]
-    if residual is None:
-        residual2d, new_residual, norm_dtype = None, None, x.dtype
-    else:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-        residual2d = as_rows(residual)  # [rows, hidden]
-        norm_dtype = torch.promote_types(x.dtype, residual.dtype)
-        new_residual = torch.empty_like(x, dtype=norm_dtype, memory_format=torch.contiguous_format)
-    out_dtype = torch.promote_types(weight.dtype, norm_dtype)  # as fused_ops' norm output
     q, scale = _new_quantized(x2d.shape[0], hidden, quant, x.device)
     if x2d.shape[0]:
         block = triton.next_power_of_2(hidden)

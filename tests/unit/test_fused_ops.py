@@ -6,9 +6,7 @@ bf16 instead of rounding to nearest even, so bf16 is only checked on CUDA.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 
 import torch
 
@@ -33,22 +31,6 @@ DTYPES = [
 # (rtol, atol) for kernels that round differently from torch: about one ulp of the dtype, a little more where
 # torch rounds twice (silu before the product, the normalised row before the weight).
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
-
-
-@pytest.fixture
-def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fill every floating tensor ``torch.empty``/``torch.empty_like`` return with NaN, so an output element a
-    kernel fails to write shows up as a mismatch (the kernels allocate their own outputs)."""
-    for name in ("empty", "empty_like"):
-        monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
-
-
-def _poisoned(allocate: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def poisoned(*args, **kwargs) -> torch.Tensor:
-        t = allocate(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    return poisoned
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
