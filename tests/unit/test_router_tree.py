@@ -214,3 +214,12 @@ def test_remove_worker(worker: str) -> None:
     tree.remove_worker(worker)
     expected = {"abd": {"b": 2}} if worker == "a" else {"ab": {"a": 1, "b": 2}, "abc": {"a": 1}, "abd": {"b": 2}}
     assert edges(tree) == expected
+
+
+def test_a_touch_makes_a_node_recent_again() -> None:
+    tree = PrefixTree()
+    tree.insert("xx", "a", 0)
+    tree.insert("yy", "a", 1)
+    tree.insert("xx", "a", 2)  # the entry (0, "xx") in the heap is stale now
+    tree.evict("a", 2)
+    assert edges(tree) == {"xx": {"a": 2}}
