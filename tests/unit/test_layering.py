@@ -1,5 +1,6 @@
 """The package layering (low to high: kernels/layers/mem/cache/sampling/config -> models/attention -> executor ->
-scheduler -> engine -> server): a lower layer never imports a higher one.  Each check runs in a fresh interpreter,
+scheduler -> engine -> server): a lower layer never imports a higher one; the router (its own process) imports none of
+them.  Each check runs in a fresh interpreter,
 so that nothing this test session imported earlier hides an import."""
 
 from __future__ import annotations
@@ -53,3 +54,9 @@ def test_core_layers_import_no_higher_layer(code: str, higher: list[str]) -> Non
     through the engine's messages; the executor never reaches the scheduler; the shared vocabulary and the
     memory, cache and sampling packages sit below the model code."""
     assert under(modules_loaded_by(code), higher) == []
+
+
+def test_router_imports_only_itself() -> None:
+    """The router is its own light process: its policies load none of the engine's packages, nor torch."""
+    loaded = modules_loaded_by("import radixlm.router\nimport sys\nassert 'torch' not in sys.modules")
+    assert sorted(m for m in loaded if m != "radixlm" and not m.startswith("radixlm.router")) == []
