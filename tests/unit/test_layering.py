@@ -1,7 +1,6 @@
 """The package layering (low to high: kernels/layers/mem/cache/sampling/config -> models/attention -> executor ->
 scheduler -> engine -> server): a lower layer never imports a higher one; the router (its own process) imports none of
-them.  Each check runs in a fresh interpreter,
-so that nothing this test session imported earlier hides an import."""
+them.  Each check runs in a fresh interpreter, so that nothing this test session imported earlier hides an import."""
 
 from __future__ import annotations
 
