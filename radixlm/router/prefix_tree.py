@@ -103,6 +103,16 @@ class PrefixTree:
         """Workers owning at least one node."""
         return [w for w, s in self._sizes.items() if s > 0]
 
+    def iter_nodes(self) -> Iterator[tuple[str, TreeNode]]:
+        """Every non-root node with the text its path spells (depth-first).  O(tree); for tests and debugging."""
+        stack = [("", self.root)]
+        while stack:
+            prefix, node = stack.pop()
+            for child in node.children.values():
+                path = prefix + child.edge
+                yield path, child
+                stack.append((path, child))
+
     def match(self, text: str, workers: Collection[str] | None = None) -> MatchResult:
         """The longest prefix of ``text`` owned by a worker (by one of ``workers`` when given).  Read-only (no
         access time changes: the router inserts the text for the worker it picks).  O(len(text) + depth *
@@ -239,13 +249,3 @@ class PrefixTree:
                     and not n.child_owners.get(worker, 0)}
             heap[:] = live.values()
             heapq.heapify(heap)
-
-    def iter_nodes(self) -> Iterator[tuple[str, TreeNode]]:
-        """Every non-root node with the text its path spells (depth-first).  O(tree); for tests and debugging."""
-        stack = [("", self.root)]
-        while stack:
-            prefix, node = stack.pop()
-            for child in node.children.values():
-                path = prefix + child.edge
-                yield path, child
-                stack.append((path, child))
