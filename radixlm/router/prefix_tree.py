@@ -157,8 +157,8 @@ class PrefixTree:
     def evict(self, worker: str, max_size: int, budget: int | None = None) -> EvictStats:
         """Drop ``worker``'s least recently used leaf-most ownership until its size is <= ``max_size``, or
         ``budget`` heap entries (live or stale) were popped; the caller calls again while ``size(worker) >
-        max_size``.  Nodes left without owners are deleted and a node left with one
-        child of identical ownership is merged into it.  O(popped * log(heap)), never a tree scan."""
+        max_size``.  Nodes left without owners are deleted, and a node left with one child of identical ownership
+        (times included) is merged into it.  O(popped * log(heap) + characters of merged edges), never a scan."""
         heap = self._heaps.get(worker)
         evicted = pops = 0
         while heap and self._sizes[worker] > max_size and (budget is None or pops < budget):
