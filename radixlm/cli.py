@@ -7,11 +7,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["router"]:  # before the engine's flags are imported: the router process loads no torch
+        from radixlm.router.launch import main as router_main
+
+        return router_main(argv[1:])
     parser = argparse.ArgumentParser(prog="radixlm", description="radixlm: a fast LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="convert the embedded model into the cache directory and print its path")
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible and native API)")
     generate = sub.add_parser("generate", help="generate a completion of a prompt with the offline engine")
+    sub.add_parser("router", help="route requests across radixlm workers (radixlm router --help)")
     generate.add_argument("prompt", help="the prompt text")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--temperature", type=float, default=0.0)
