@@ -197,11 +197,12 @@ class Proxy:
             separator = b"" if ended else b"\n\n"  # after a partial event, end it first
             yield separator + f"data: {event}\n\ndata: [DONE]\n\n".encode()
 
-    async def fan_out(self, method: str, path: str, headers: dict[str, str]) -> dict[str, Any]:
-        """Send the request to every worker (healthy or not); per worker its status and JSON answer or error."""
+    async def fan_out(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """Send the request to every worker (healthy or not); per worker its status and JSON answer (or text), or
+        the error that kept it from answering."""
         async def one(url: str) -> tuple[str, dict[str, Any]]:
             try:
-                async with self.session.request(method, url + path, headers=headers) as response:
+                async with self.session.request(method, url + path, data=body, headers=headers) as response:
                     content = await response.read()
                     try:
                         answer: Any = json.loads(content)

@@ -9,7 +9,8 @@ parsed as JSON (not JSON, or not an object: an OpenAI-style 400 from the router 
 
 - ``/health``: 200 when some worker is healthy, else 503;
 - ``/flush_cache``, ``/abort_request``: sent to every worker, the answers per worker (200 when all answered 200);
-- ``/add_worker?url=``, ``/remove_worker?url=`` (POST), ``/list_workers``;
+- ``/add_worker?url=`` (POST; checked at once, and kept when unhealthy: it joins at its first passing check),
+  ``/remove_worker?url=`` (POST), ``/list_workers``;
 - ``/metrics``: Prometheus text: per worker the routing decisions, relayed responses, retried and truncated
   requests, outstanding requests and health.
 
@@ -57,7 +58,8 @@ class RouterMetrics:
         self.counters = {
             name: Counter(f"radixlm_router_{series}", doc, ["worker"], registry=self.registry)
             for name, series, doc in (
-                ("decision", "decisions", f"tries the {policy} policy sent to the worker (retries included)"),
+                ("decision", "decisions", f"tries sent to the worker: the {policy} policy's choices for the "
+                                          "generating routes, the least loaded worker for the others"),
                 ("response", "responses", "worker responses relayed to clients"),
                 ("retried", "retries", "tries that failed before the response head, then sent elsewhere"),
                 ("truncated", "truncated", "relayed responses the worker failed midway"))}
@@ -144,7 +146,8 @@ def create_router_app(args: RouterArgs, policy: RoutingPolicy | None = None, ret
 
     async def fan_out(request: Request) -> Response:
         proxy = state["proxy"]
-        answers = await proxy.fan_out(request.method, request.url.path, proxy.request_headers(request.headers))
+        answers = await proxy.fan_out(request.method, request.url.path, await request.body(),
+                                      proxy.request_headers(request.headers))
         ok = bool(answers) and all(a["status"] == 200 for a in answers.values())
         return JSONResponse({"workers": answers}, status_code=200 if ok else 502)
 

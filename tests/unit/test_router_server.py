@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from radixlm.router import RouterArgs
+from radixlm.router import CacheAwarePolicy, RouterArgs
 from radixlm.router.proxy import error_body, routing_text
-from radixlm.router.server import create_router_app
+from radixlm.router.server import _eviction_loop, create_router_app
 
 SYSTEM = "You are a helpful assistant who answers questions about the weather in great detail. " * 4
 
@@ -61,6 +61,7 @@ class MockWorker:
         self.chunks = chunks
         self.health_status = 200
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
+        self.other_bodies: list[bytes] = []  # of the routes not generating
         self.gate = threading.Event()
         self.gate_timed_out = False
 
@@ -75,6 +76,7 @@ class MockWorker:
 
         async def other(request: Request) -> Response:
             self.requests.append((request.url.path, None, dict(request.headers)))
+            self.other_bodies.append(await request.body())
             return JSONResponse({"worker": self.name, "path": request.url.path})
 
         async def health(request: Request) -> Response:
@@ -82,6 +84,7 @@ class MockWorker:
 
         self.server = Server(Starlette(routes=[
             Route("/health", health), Route("/flush_cache", other, methods=["GET", "POST"]),
+            Route("/abort_request", other, methods=["POST"]),
             Route("/v1/models", other),
             *(Route(p, generating, methods=["POST"]) for p in ("/generate", "/v1/completions",
                                                                 "/v1/chat/completions"))]))
@@ -273,6 +276,8 @@ def test_flush_cache_fans_out_and_metrics_count(two: list[MockWorker]) -> None:
         assert answer.status_code == 200
         assert set(answer.json()["workers"]) == {two[0].url, two[1].url}
         assert [w.requests[-1][0] for w in two] == ["/flush_cache", "/flush_cache"]
+        assert client.post("/abort_request", json={"rid": "r1"}).status_code == 200
+        assert [json.loads(w.other_bodies[-1]) for w in two] == [{"rid": "r1"}, {"rid": "r1"}]
         for _ in range(3):
             completion(client, "x")
         assert client.get("/v1/models").json()["path"] == "/v1/models"
@@ -309,3 +314,37 @@ def test_no_worker_is_a_503() -> None:
     with router([], policy="cache_aware") as client:
         response = completion(client, "x")
         assert response.status_code == 503 and response.json()["error"]["type"] == "service_unavailable"
+
+
+def test_the_eviction_task_cuts_the_trees_in_slices_yielding_between() -> None:
+    policy = CacheAwarePolicy(max_tree_size=50)
+    for i in range(300):  # 300 distinct branches a worker: more heap pops than one slice
+        policy.select(f"{i} {SYSTEM}", {"w0": 0, "w1": 0})
+    assert policy.tree.size("w0") > 50
+    ticks = 0
+    ticks_at_slice: list[int] = []
+    evict = policy.evict
+
+    def counted_evict(budget: int | None = None) -> bool:
+        ticks_at_slice.append(ticks)
+        return evict(budget)
+
+    policy.evict = counted_evict  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async def ticker() -> None:  # advances only when the eviction task yields the loop
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        tasks = [asyncio.create_task(_eviction_loop(policy, 0.2)), asyncio.create_task(ticker())]  # one pass
+        await asyncio.sleep(0.3)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())
+    assert policy.tree.size("w0") <= 50 and policy.tree.size("w1") <= 50
+    assert len(ticks_at_slice) >= 3  # slices of one pass, the loop running between each two
+    assert all(a < b for a, b in zip(ticks_at_slice, ticks_at_slice[1:]))
