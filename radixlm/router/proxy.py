@@ -88,9 +88,9 @@ def _prompt_text(prompt: Any) -> str:
 
 @dataclass
 class ProxyStats:
-    """Counters the router's /metrics reports: ``count(name, worker)`` with name ``decision`` (the policy chose
-    the worker), ``retried`` (a failed try sent elsewhere), ``response`` (a response relayed), ``truncated`` (a
-    relayed body that failed midway)."""
+    """Counters the router's /metrics reports: ``count(name, worker)`` with name ``decision`` (a try sent to the
+    worker), ``retried`` (a try that failed before the response head: retried elsewhere while a worker is left),
+    ``response`` (a response relayed), ``truncated`` (a relayed body that failed midway)."""
 
     count: Callable[[str, str], None]
 

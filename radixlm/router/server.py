@@ -61,7 +61,8 @@ class RouterMetrics:
                 ("decision", "decisions", f"tries sent to the worker: the {policy} policy's choices for the "
                                           "generating routes, the least loaded worker for the others"),
                 ("response", "responses", "worker responses relayed to clients"),
-                ("retried", "retries", "tries that failed before the response head, then sent elsewhere"),
+                ("retried", "retries", "tries failed before the response head (connection error or 5xx): "
+                                      "sent to another worker while one is left"),
                 ("truncated", "truncated", "relayed responses the worker failed midway"))}
         self.outstanding = Gauge("radixlm_router_outstanding_requests", "requests forwarded, not yet ended",
                                  ["worker"], registry=self.registry)
