@@ -17,7 +17,7 @@ import pytest
 import radixlm
 from radixlm.config import ServerArgs
 from radixlm.distributed import free_local_addr
-from radixlm.engine.node import Node
+from radixlm.engine.node import Node, output_endpoint
 from radixlm.engine.request_state import EngineDeadError
 
 from conftest import build_tiny_hf_model
@@ -137,6 +137,7 @@ def test_a_dead_rank_on_another_node_fails_the_engine(model):
 
 def test_node_rank_0_is_the_front_end_not_a_node():
     args = ServerArgs(tp_size=2, nnodes=2, node_rank=0, dist_init_addr="127.0.0.1:29500", device="cpu")
+    assert output_endpoint(args) == "tcp://127.0.0.1:29501"  # node 0 receives the outputs next to the rendezvous
     with pytest.raises(ValueError, match="node 0 runs the front end"):
         Node(args)
     with pytest.raises(ValueError, match="--node-rank 1"):
