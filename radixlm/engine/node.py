@@ -89,12 +89,19 @@ class LocalSchedulers:
         proc, pipe = self.procs[i], self._pipes[i]
         while not pipe.poll(READY_POLL_S):
             if not proc.is_alive() and not pipe.poll():
-                raise RuntimeError(early_exit_message(f"scheduler process (tp rank {self.ranks[i]})",
-                                                      proc.exitcode, self._stderrs[i].tail()))
-        msg = pipe.recv()
+                raise self._early_exit(i)
+        try:
+            msg = pipe.recv()
+        except EOFError:  # only the child holds the pipe's other end: it died before reporting
+            proc.join(STOP_TIMEOUT_S)
+            raise self._early_exit(i) from None
         if isinstance(msg, str):
             raise RuntimeError(f"scheduler failed to start: {msg}")
         return msg
+
+    def _early_exit(self, i: int) -> RuntimeError:
+        return RuntimeError(early_exit_message(f"scheduler process (tp rank {self.ranks[i]})",
+                                               self.procs[i].exitcode, self._stderrs[i].tail()))
 
     def dead(self) -> list[tuple[int, int | None]]:
         """(TP rank, exit code) of every local scheduler that exited."""
