@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -41,9 +42,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(chunk["text"], end="", flush=True)
         print()
         return 0
+    server_args = ServerArgs.from_cli_args(args)
+    if server_args.node_rank > 0:  # a multi-node server's other node: schedulers only, the HTTP server is node 0's
+        from radixlm.engine.node import run_node
+
+        logging.basicConfig(level=server_args.log_level.upper(), format="[radixlm node] %(asctime)s %(message)s")
+        return run_node(server_args)
     from radixlm.server.launch import launch_server
 
-    return launch_server(ServerArgs.from_cli_args(args))
+    return launch_server(server_args)
 
 
 if __name__ == "__main__":

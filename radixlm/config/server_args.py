@@ -125,7 +125,12 @@ class ServerArgs:
     random_seed: int | None = _arg(None, "seed for weights (dummy), sampling and anything random")
 
     # Distributed
-    dist_init_addr: str | None = _arg(None, "host:port of TP rank 0 for torch.distributed (default: a free local port)")
+    dist_init_addr: str | None = _arg(None, "host:port of TP rank 0 for torch.distributed (default: a free local "
+                                            "port); with --nnodes > 1 required, an address of node 0 the other "
+                                            "nodes reach, and port + 1 there carries the schedulers' outputs")
+    nnodes: int = _arg(1, "number of nodes the --tp-size ranks are spread over (--tp-size / --nnodes each)")
+    node_rank: int = _arg(0, "this node's rank in 0..--nnodes - 1: node 0 runs the HTTP server (or Engine) and TP "
+                             "ranks 0.., the others only their TP ranks' scheduler processes")
 
     def __post_init__(self) -> None:
         problems = []
@@ -140,6 +145,20 @@ class ServerArgs:
             problems.append("--enable-dp-attention needs --dp-size >= 2, got 1 (that is plain tensor parallelism)")
         elif self.tp_size >= 1 and self.tp_size % self.dp_size:
             problems.append(f"--dp-size {self.dp_size} must divide --tp-size {self.tp_size}")
+        if self.nnodes < 1:
+            problems.append(f"--nnodes must be >= 1, got {self.nnodes}")
+        elif not 0 <= self.node_rank < self.nnodes:
+            problems.append(f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), "
+                            f"got {self.node_rank}")
+        elif self.tp_size >= 1 and self.tp_size % self.nnodes:
+            problems.append(f"--tp-size {self.tp_size} must be divisible by --nnodes {self.nnodes} (the same number "
+                            "of TP ranks on every node)")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            problems.append(f"--nnodes {self.nnodes} needs --dist-init-addr: host:port of node 0, reachable from "
+                            "every node")
+        elif self.dist_init_addr is not None and not _is_host_port(self.dist_init_addr):
+            problems.append(f"--dist-init-addr must be host:port with a port in 1..65534, "
+                            f"got {self.dist_init_addr!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             problems.append(f"--page-size must be a power of two >= 1, got {self.page_size}")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
@@ -194,6 +213,14 @@ class ServerArgs:
             raise ValueError("invalid server arguments:\n  --attention-backend cpu needs --device cpu and a C "
                              "compiler to build radixlm's CPU kernels (and RADIXLM_DISABLE_CPU_KERNELS unset)")
 
+    @property
+    def tp_size_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    def local_tp_ranks(self) -> range:
+        """The TP ranks whose scheduler processes run on this node (``--node-rank``)."""
+        return range(self.node_rank * self.tp_size_per_node, (self.node_rank + 1) * self.tp_size_per_node)
+
     def model_overrides(self) -> dict[str, Any]:
         """``--json-model-override-args`` parsed (validated in ``__post_init__``)."""
         return json.loads(self.json_model_override_args or "{}")
@@ -223,3 +250,9 @@ class ServerArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _is_host_port(addr: str) -> bool:
+    """``host:port`` (IPv6 in brackets) with a port that leaves port + 1 (the multi-node output socket) valid."""
+    host, sep, port = addr.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65535)

@@ -12,7 +12,6 @@ import asyncio
 import atexit
 import json
 import logging
-import multiprocessing as mp
 import os
 import random
 import tempfile
@@ -25,8 +24,7 @@ from typing import Any
 import zmq
 
 from radixlm.config import ServerArgs
-from radixlm.distributed import free_local_addr, set_multi_gpu_env
-from radixlm.engine.child_stderr import ChildStderr, early_exit_message
+from radixlm.distributed import free_local_addr
 from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.engine.dispatcher import Dispatcher
 from radixlm.engine.io_struct import (
@@ -38,6 +36,7 @@ from radixlm.engine.io_struct import (
     SchedulerInfo,
     TokenOutput,
 )
+from radixlm.engine.node import STOP_TIMEOUT_S, LocalSchedulers, bind_output, output_endpoint
 from radixlm.engine.request_state import (
     EngineDeadError,
     EngineUnavailableError,
@@ -46,7 +45,6 @@ from radixlm.engine.request_state import (
     raise_if_rejected,
 )
 from radixlm.engine.request_validator import RequestValidator
-from radixlm.engine.scheduler_process import run_scheduler_process
 from radixlm.errors import InvalidRequestError
 from radixlm.metrics import MetricsCollector
 from radixlm.models.embedded import embedded_model_path
@@ -73,10 +71,11 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.server_args = ServerArgs(model_path=model_path, **server_args)
-        if self.server_args.tp_size > 1:
-            set_multi_gpu_env()  # before the scheduler processes are spawned: they inherit it
-            if self.server_args.dist_init_addr is None:
-                self.server_args = self.server_args.replace(dist_init_addr=free_local_addr())
+        if self.server_args.node_rank != 0:
+            raise ValueError(f"--node-rank {self.server_args.node_rank}: the front end runs on node 0; the other "
+                             "nodes run radixlm.engine.node.run_node (`radixlm serve --node-rank k`)")
+        if self.server_args.tp_size > 1 and self.server_args.dist_init_addr is None:
+            self.server_args = self.server_args.replace(dist_init_addr=free_local_addr())
         self.model_path = self.server_args.model_path or embedded_model_path()
         self.tokenizer = (None if self.server_args.skip_tokenizer_init
                           else AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.model_path))
@@ -99,46 +98,37 @@ class Engine:
                             if self.server_args.enable_dp_attention else None)
 
         # IPC sockets live in a directory only this user can enter (mkdtemp: mode 0700); the sockets themselves are
-        # owner-only too, so that no other local user can inject requests or read outputs.
+        # owner-only too, so that no other local user can inject requests or read outputs.  Across nodes the outputs
+        # come over TCP (radixlm.engine.node): DP leaders may live on another node.
         self._ipc_dir = tempfile.TemporaryDirectory(prefix="radixlm-")
-        in_addr, out_addr = f"ipc://{self._ipc_dir.name}/in", f"ipc://{self._ipc_dir.name}/out"
+        multi_node = self.server_args.nnodes > 1
+        in_addr = f"ipc://{self._ipc_dir.name}/in"
+        out_addr = output_endpoint(self.server_args) if multi_node else f"ipc://{self._ipc_dir.name}/out"
         self._zmq = zmq.Context()
         self._to_scheduler = self._zmq.socket(zmq.PUSH)
         self._to_scheduler.bind(in_addr)
         self._from_scheduler = self._zmq.socket(zmq.PULL)
-        self._from_scheduler.bind(out_addr)
+        if multi_node:
+            bind_output(self._from_scheduler, self.server_args)
+        else:
+            self._from_scheduler.bind(out_addr)
         for addr in (in_addr, out_addr):
-            os.chmod(addr.removeprefix("ipc://"), 0o600)
+            if addr.startswith("ipc://"):
+                os.chmod(addr.removeprefix("ipc://"), 0o600)
 
-        ctx = mp.get_context("spawn")
-        self._procs, pipes, stderrs = [], [], []
-        for rank in range(self.server_args.tp_size):
-            parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=run_scheduler_process, daemon=True,
-                               args=(self.server_args, rank, in_addr, out_addr, child))
-            stderrs.append(ChildStderr(proc))  # starts it
-            self._procs.append(proc)
-            pipes.append(parent)
+        # Only this node's TP ranks; the other nodes' join the same torch.distributed group, so the ranks here
+        # report ready only once every node's are up (radixlm.engine.node).
+        self._schedulers = LocalSchedulers(self.server_args, in_addr, out_addr)
         atexit.register(self.shutdown)
-        infos = [self._wait_ready(rank, pipes[rank], stderrs[rank]) for rank in range(len(self._procs))]
+        try:
+            infos = self._schedulers.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
         self.info: SchedulerInfo = SchedulerInfo.smallest(infos)
         self.validator = RequestValidator(self.tokenizer, self.info, self.server_args.grammar_backend)
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True, name="radixlm-receiver")
         self._receiver.start()
-
-    def _wait_ready(self, rank: int, pipe: Any, stderr: ChildStderr) -> SchedulerInfo:
-        """The scheduler's ``SchedulerInfo``; RuntimeError with its error, or its last output when it dies first."""
-        proc = self._procs[rank]
-        while not pipe.poll(0.5):
-            if not proc.is_alive() and not pipe.poll():
-                self.shutdown()
-                raise RuntimeError(early_exit_message(f"scheduler process (tp rank {rank})", proc.exitcode,
-                                                      stderr.tail()))
-        msg = pipe.recv()
-        if isinstance(msg, str):
-            self.shutdown()
-            raise RuntimeError(f"scheduler failed to start: {msg}")
-        return msg
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -205,7 +195,8 @@ class Engine:
         self._send(AbortRequest(rid))
 
     def scheduler_pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+        """This node's scheduler processes (all of them on a single node)."""
+        return [p.pid for p in self._schedulers.procs]
 
     def num_tracked_requests(self) -> int:
         """Requests this front end still waits on (0 when idle: a finished or failed request is forgotten)."""
@@ -319,11 +310,8 @@ class Engine:
                 self._to_scheduler.send_pyobj(None, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        for proc in getattr(self, "_procs", []):
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
+        if getattr(self, "_schedulers", None) is not None:
+            self._schedulers.join(STOP_TIMEOUT_S)
         self._zmq.destroy(linger=0)
         self._ipc_dir.cleanup()
 
@@ -489,7 +477,7 @@ class Engine:
         """If a scheduler process died, fail every waiting request instead of leaving it hanging."""
         if self.dead_reason is not None or self._closed:
             return
-        dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs) if not p.is_alive()]
+        dead = self._schedulers.dead()
         if dead:
             self._engine_failed(f"the scheduler process died "
                                 f"({', '.join(f'tp rank {r}: exit code {c}' for r, c in dead)})")

@@ -54,8 +54,11 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.5  # how often each DP rank's leader sends SchedulerStats to the front end (metrics)
 
 
-def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str, out_addr: str, ready: Any) -> None:
-    """Process entry point.  ``ready`` is a pipe end: it gets a ``SchedulerInfo`` or an error string."""
+def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str | None, out_addr: str,
+                          ready: Any) -> None:
+    """Process entry point.  ``in_addr``: the front end's request socket, read by TP rank 0 only (None on the other
+    nodes of a multi-node server); ``out_addr``: its output socket (``tcp://`` across nodes).  ``ready`` is a pipe
+    end: it gets a ``SchedulerInfo`` or an error string."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     logging.basicConfig(level=server_args.log_level.upper(), format=f"[scheduler tp{tp_rank}] %(message)s")
     try:

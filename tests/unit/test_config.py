@@ -125,6 +125,31 @@ def test_dp_attention_args() -> None:
     assert ServerArgs(tp_size=4, dp_size=4, enable_dp_attention=True).dp_size == 4
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nnodes": 0}, "--nnodes must be >= 1, got 0"),
+        ({"tp_size": 2, "nnodes": 2, "node_rank": 2, "dist_init_addr": "h:1"}, "--node-rank must be in 0..1"),
+        ({"tp_size": 2, "nnodes": 2, "node_rank": -1, "dist_init_addr": "h:1"}, "--node-rank must be in 0..1"),
+        ({"tp_size": 3, "nnodes": 2, "dist_init_addr": "h:1"}, "--tp-size 3 must be divisible by --nnodes 2"),
+        ({"tp_size": 2, "nnodes": 2}, "--nnodes 2 needs --dist-init-addr"),
+        ({"dist_init_addr": "node0"}, "--dist-init-addr must be host:port"),
+        ({"dist_init_addr": "node0:65535"}, "--dist-init-addr must be host:port"),
+    ],
+)
+def test_multi_node_args_are_checked(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(**kwargs)
+
+
+def test_multi_node_args_parse_and_place_the_ranks() -> None:
+    """SGLang's flags; node k holds TP ranks [k * tp / nnodes, (k + 1) * tp / nnodes)."""
+    args = parse(["--tp-size", "8", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "[fd00::1]:5000"])
+    assert (args.nnodes, args.node_rank, args.tp_size_per_node) == (2, 1, 4)
+    assert list(args.local_tp_ranks()) == [4, 5, 6, 7]
+    assert list(ServerArgs(tp_size=4).local_tp_ranks()) == [0, 1, 2, 3]
+
+
 def test_dp_attention_needs_an_mla_model(tmp_path: Path) -> None:
     """A model without latent attention is refused with the flag named; an MLA config is accepted."""
     from radixlm.models.loader import resolve_model_config
