@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from starlette.responses import Response, StreamingResponse
 
+from radixlm.errors import error_body
 from radixlm.router.workers import WorkerSet
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,6 @@ HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "conte
                          "proxy-authenticate", "proxy-connection", "te", "trailer", "upgrade"})
 # Request headers relayed to a worker (the body's type and what the client accepts; authorization is set apart).
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept")
-
-
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object, the same as the workers' (``radixlm.server.protocol.error_body``, which the router
-    cannot import without the engine: a test checks they agree)."""
-    err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                500: "internal_server_error", 503: "service_unavailable"}.get(status, "server_error")
-    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
 
 
 def error_response(status: int, message: str, param: str | None = None) -> Response:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -39,11 +38,11 @@ from starlette.routing import Route
 from radixlm.router.policy import RouterArgs, RoutingPolicy, make_policy
 from radixlm.router.proxy import Proxy, ProxyStats, error_response, routing_text
 from radixlm.router.workers import WorkerSet, normalize_url
+from radixlm.server.auth import ApiKeyMiddleware
 
 logger = logging.getLogger(__name__)
 
 EVICTION_SLICE = 128  # heap pops per slice: ~1 ms of the loop (docs/benchmarks.md, Router)
-OPEN_ROUTES = frozenset({"/health"})
 TEXT_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
 FAN_OUT_ROUTES = ("/flush_cache", "/abort_request")
 CONNECT_TIMEOUT_S = 10.0  # to open a worker connection; a generation itself has no time limit
@@ -79,25 +78,6 @@ class RouterMetrics:
             self.outstanding.labels(worker=w.url).set(w.outstanding)
             self.healthy.labels(worker=w.url).set(int(w.healthy))
         return generate_latest(self.registry)
-
-
-class ApiKeyMiddleware:
-    """``Authorization: Bearer <key>`` on every route but ``OPEN_ROUTES``, compared in constant time (as the
-    workers' own check).  Plain ASGI, so that streamed responses pass through untouched."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app = app
-        self.expected = api_key.encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if not hmac.compare_digest(token.strip(), self.expected) or scheme.lower() != b"bearer":
-                await error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")(
-                    scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_router_app(args: RouterArgs, policy: RoutingPolicy | None = None, retries: int = 2,

@@ -14,7 +14,6 @@ them affects other requests.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,7 +29,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixlm.engine.request_state import EngineUnavailableError, RequestFailedError
-from radixlm.errors import InvalidRequestError
+from radixlm.errors import InvalidRequestError, error_body
+from radixlm.server.auth import ApiKeyMiddleware
 from radixlm.server.native_api import NativeServing
 from radixlm.server.openai_api import OpenAIServing
 from radixlm.server.protocol import (
@@ -40,7 +40,6 @@ from radixlm.server.protocol import (
     DetokenizeRequest,
     GenerateRequestBody,
     TokenizeRequest,
-    error_body,
 )
 from radixlm.server.streams import ClientDisconnected, json_text, sse
 
@@ -52,7 +51,6 @@ logger = logging.getLogger(__name__)
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 # Routes that answer without an API key (load balancers probe them).
-OPEN_ROUTES = frozenset({"/health"})
 INTERNAL_ERROR_MESSAGE_CHARS = 200  # of "<type>: <message>" in a 500's body
 ECHOED_INPUT_CHARS = 200  # of the invalid value a 400's message quotes
 
@@ -99,27 +97,6 @@ async def _ending_in_error_event(lines: AsyncIterator[str]) -> AsyncIterator[str
             status, message = 500, _internal_error_message(exc)
         yield sse(error_body(message, status, param))
         yield "data: [DONE]\n\n"
-
-
-class ApiKeyMiddleware:
-    """``Authorization: Bearer <key>`` on every route but ``OPEN_ROUTES``, compared in constant time (bytes, so any
-    key, ASCII or not, and any header a client sends are compared the same way).  Plain ASGI, so that streaming and
-    client-disconnect detection pass through untouched."""
-
-    def __init__(self, app: Any, api_key: str):
-        self.app = app
-        self.expected = api_key.encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            # compare_digest runs whatever the scheme, so the time taken says nothing about the header either
-            if not hmac.compare_digest(token.strip(), self.expected) or scheme.lower() != b"bearer":
-                response = error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):

@@ -204,13 +204,6 @@ class AbortRequestBody(_Body):
     abort_all: bool = False
 
 
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object."""
-    err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                500: "internal_server_error", 503: "service_unavailable"}.get(status, "server_error")
-    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-
-
 @contextmanager
 def params_named(names: dict[str, str]) -> Iterator[None]:
     """Around calls into the engine: an InvalidRequestError's ``param``, an engine name (``max_new_tokens``,

@@ -21,7 +21,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from radixlm.router import CacheAwarePolicy, RouterArgs
-from radixlm.router.proxy import error_body, routing_text
+from radixlm.errors import error_body
+from radixlm.router.proxy import routing_text
 from radixlm.router.server import _eviction_loop, create_router_app
 
 SYSTEM = "You are a helpful assistant who answers questions about the weather in great detail. " * 4
@@ -151,13 +152,6 @@ def test_routing_text() -> None:
     assert routing_text("/generate", {"input_ids": [1, 22, 3]}) == "1 22 3"
     assert routing_text("/generate", {"input_ids": [[1, 2], [3]]}) == "1 2\n3"
     assert routing_text("/v1/completions", {"prompt": 5}) == ""
-
-
-def test_error_body_matches_the_workers() -> None:
-    from radixlm.server.protocol import error_body as workers_error_body
-
-    for status in (400, 401, 404, 413, 500, 502, 503):
-        assert error_body("m", status, "p") == workers_error_body("m", status, "p")
 
 
 def test_cache_aware_sends_a_shared_prefix_to_the_same_worker(two: list[MockWorker]) -> None:

@@ -13,7 +13,8 @@ from starlette.routing import Route
 
 from radixlm.config import ServerArgs
 from radixlm.config.server_args import API_KEY_ENV
-from radixlm.server.app import OPEN_ROUTES, create_app
+from radixlm.server.app import create_app
+from radixlm.server.auth import OPEN_ROUTES
 from stub_engine import StubEngine
 
 KEY = "s3cret-clé-ß"  # non-ASCII on purpose: compared as UTF-8 bytes, never as str
