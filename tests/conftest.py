@@ -115,6 +115,21 @@ MLA_CONFIGS = {
 }
 
 
+EMBEDDED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_embedded_tokenizer(directory: str) -> str:
+    """The embedded model's tokenizer files (those it has) into ``directory``, for tiny models over its vocabulary
+    (49152 tokens); returns ``directory``."""
+    from radixlm.models.embedded import embedded_model_path
+
+    source = embedded_model_path()
+    for f in EMBEDDED_TOKENIZER_FILES:
+        if os.path.exists(os.path.join(source, f)):
+            shutil.copy(os.path.join(source, f), directory)
+    return directory
+
+
 def build_tiny_hf_model(name: str, directory: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                         overrides: dict | None = None, **save_kwargs) -> torch.nn.Module:
     """Instantiate ``TINY_CONFIGS[name]`` (or ``MLA_CONFIGS[name]``, ``MOE_CONFIGS[name]``; ``overrides`` merged

@@ -9,9 +9,7 @@ GPUs the same holds over NCCL with the Triton kernels (``test_dp_serving_on_cuda
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import threading
 import time
 
@@ -20,9 +18,8 @@ import torch
 
 import radixlm
 
-from conftest import build_tiny_hf_model, random_seqs
+from conftest import build_tiny_hf_model, copy_embedded_tokenizer, random_seqs
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 COMMON = dict(dtype="float32", random_seed=0, device="cpu", attention_backend="torch_native")
 DP2 = dict(tp_size=2, dp_size=2, enable_dp_attention=True)
 
@@ -60,14 +57,9 @@ def dp_states(engine) -> list[dict]:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     """A tiny DeepSeek-V3 (MoE, MLA with q LoRA, YaRN) over the embedded model's vocabulary and tokenizer."""
-    from radixlm.models.embedded import embedded_model_path
-
     path = str(tmp_path_factory.mktemp("dp_v3"))
     build_tiny_hf_model("deepseek_v3", path, overrides={"vocab_size": 49152})
-    for f in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(embedded_model_path(), f)):
-            shutil.copy(os.path.join(embedded_model_path(), f), path)
-    return path
+    return copy_embedded_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

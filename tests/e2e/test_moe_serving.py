@@ -5,8 +5,6 @@ is in tests/parity/test_moe_models.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import torch
 import transformers
@@ -15,26 +13,19 @@ import radixlm
 from radixlm.executor.static_batch import generate_static
 from radixlm.sampling import SamplingParams
 
-from conftest import MOE_CONFIGS, make_worker
+from conftest import MOE_CONFIGS, copy_embedded_tokenizer, make_worker
 from server_harness import LiveServer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def tiny_moe_dir(name: str, directory: str) -> str:
     """``MOE_CONFIGS[name]`` with the embedded model's vocabulary and tokenizer files (weights: --load-format
     dummy)."""
-    from radixlm.models.embedded import embedded_model_path
-
     spec = dict(MOE_CONFIGS[name], vocab_size=49152)
     arch = spec.pop("arch")
     config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**spec, architectures=[arch])
     config.save_pretrained(directory)
-    source = embedded_model_path()
-    for f in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(source, f)):
-            shutil.copy(os.path.join(source, f), directory)
-    return directory
+    return copy_embedded_tokenizer(directory)
 
 
 def static_greedy(path: str, ids: list[int], n: int) -> list[int]:

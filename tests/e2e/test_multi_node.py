@@ -6,7 +6,6 @@ process behind; a rank of node 1 that dies fails node 0's engine instead of hang
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +19,8 @@ from radixlm.distributed import free_local_addr
 from radixlm.engine.node import Node, output_endpoint
 from radixlm.engine.request_state import EngineDeadError
 
-from conftest import build_tiny_hf_model
+from conftest import build_tiny_hf_model, copy_embedded_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 COMMON = dict(dtype="float32", random_seed=0, device="cpu", attention_backend="torch_native", max_total_tokens=4096)
 CLI_COMMON = ("--dtype", "float32", "--random-seed", "0", "--device", "cpu", "--attention-backend", "torch_native",
               "--max-total-tokens", "4096")
@@ -69,14 +67,9 @@ def wait_gone(pids: list[int]) -> bool:
 def model(tmp_path_factory) -> str:
     """A tiny DeepSeek-V3 (MLA, MoE) over the embedded model's vocabulary and tokenizer: two ranks split its heads,
     and it runs data-parallel attention."""
-    from radixlm.models.embedded import embedded_model_path
-
     path = str(tmp_path_factory.mktemp("multi_node_v3"))
     build_tiny_hf_model("deepseek_v3", path, overrides={"vocab_size": 49152})
-    for f in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(embedded_model_path(), f)):
-            shutil.copy(os.path.join(embedded_model_path(), f), path)
-    return path
+    return copy_embedded_tokenizer(path)
 
 
 @pytest.fixture(scope="module")
