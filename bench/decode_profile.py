@@ -4,6 +4,8 @@ by kind.  The KV cache is filled by allocation only (values do not change the ti
 prefill.
 
     python bench/decode_profile.py --model-path llama-3.1-8b --load-format dummy --cases 1x256 128x2048
+    python bench/decode_profile.py --model-path llama-3.1-8b --load-format dummy --quantization fp8 \
+        --cases 1x256 --replay-kernels     # the kernels of one graph replay, in order, with their gaps
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,7 +32,32 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in lower for k in keys)), "other")
 
 
-def run_case(worker: ModelWorker, bs: int, ctx: int, steps: int = 30) -> None:
+def print_replay_kernels(replay: Callable[[], None], first: int = 30) -> None:
+    """The kernels of one CUDA-graph replay as the GPU ran them: the first ``first`` in order with their
+    durations and the gap after the one before (negative: they overlapped, as PDL lets them), then per kernel
+    name the count, total and mean, and the replay's span against the sum of its kernels."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        print("    (the profiler saw no kernels inside the replay)")
+        return
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    print(f"    replay: {len(kernels)} kernels, span {span:.1f} us, kernels {busy:.1f} us, gaps {span - busy:.1f} us")
+    for prev, e in zip([None] + kernels, kernels[:first]):
+        gap = e.time_range.start - prev.time_range.end if prev is not None else 0.0
+        print(f"    {e.time_range.elapsed_us():8.2f} us  gap {gap:6.2f}  {e.name[:90]}")
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_name[e.name].append(e.time_range.elapsed_us())
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+        print(f"    {sum(times):9.1f} us  {len(times):4d}x  mean {sum(times) / len(times):7.2f}  {name[:80]}")
+
+
+def run_case(worker: ModelWorker, bs: int, ctx: int, steps: int = 30, replay_kernels: bool = False) -> None:
     runner, memory = worker.runner, worker.memory
     rows = memory.req_to_token_pool.alloc(bs)
     slots = memory.allocator.alloc(bs * ctx)
@@ -64,6 +92,8 @@ def run_case(worker: ModelWorker, bs: int, ctx: int, steps: int = 30) -> None:
             end.record()
             torch.cuda.synchronize()
             gpu = begin.elapsed_time(end) / steps / 1e3
+        if graphs is not None and graphs.can_run(fb) and replay_kernels:
+            print_replay_kernels(lambda: graphs.replay(fb))
         with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
             runner.forward_eager(fb)
             sync()
@@ -87,12 +117,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ServerArgs.add_cli_args(parser)
     parser.add_argument("--cases", nargs="+", default=["1x256", "128x2048"], help="BATCHxCONTEXT")
+    parser.add_argument("--replay-kernels", action="store_true",
+                        help="also list the kernels of one CUDA-graph replay, in order, with their gaps")
     args = parser.parse_args()
     server_args = ServerArgs.from_cli_args(args)
     worker = ModelWorker(ModelRunner(server_args, resolve_model_config(server_args)))
     for case in args.cases:
         bs, ctx = map(int, case.split("x"))
-        run_case(worker, bs, ctx)
+        run_case(worker, bs, ctx, replay_kernels=args.replay_kernels)
 
 
 if __name__ == "__main__":
