@@ -353,41 +353,33 @@ def tune_gemv(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-PREFETCH_VARIANTS = ((False, 0), (True, 0), (True, 256), (True, 512), (True, 1024))  # (PDL, prefetch_k bytes)
-
-
 def pdl_layers(names: list[str], tokens: list[int]) -> None:
-    """The FP8 layer as served (quantizer, then the GEMV at its default config) without PDL, with it, and with it
-    and each program L2-prefetching the first ``prefetch_k`` bytes of its weight rows before its wait; the outputs
+    """The FP8 layer as served (quantizer, then the GEMV at its default config) without and with PDL; the outputs
     bit-equal."""
-    print("FP8 layer (quantizer + GEMV): us per call in CUDA graphs over rotating weight copies; "
-          "columns (PDL, prefetch bytes a row)")
-    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} " + " ".join(f"{f'{int(p)}/{k}':>8s}" for p, k in PREFETCH_VARIANTS)
-          + f" {'TB/s best':>9s}")
+    variants = [False, True]
+    print("FP8 layer (quantizer + GEMV): us per call in CUDA graphs over rotating weight copies")
+    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'no PDL us':>9s} {'PDL us':>9s} {'TB/s best':>9s}")
     gen = torch.Generator(device="cuda").manual_seed(7)
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name in names:
         shape = SHAPES[name]
         copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
         blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
         chans = [quantize_online(dequantize_bf16(w_q, w_s)) for w_q, w_s in blocks]
-        base = default_gemv_config(shape.n, shape.k, num_sms)
         for fmt, weights in (("block", [(q, s, BLOCK) for q, s in blocks]), ("chan", [(q, s, None) for q, s in chans])):
             for m in tokens:
                 x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
 
-                def layer(w, variant: tuple[bool, int]) -> torch.Tensor:
-                    pdl, prefetch_k = variant
+                def layer(w, pdl: bool) -> torch.Tensor:
                     if w[2] is None:
                         x_q, x_s = per_token_quant_fp8_triton(x, pdl=pdl)
                     else:
                         x_q, x_s = per_token_group_quant_fp8_triton(x, 128, pdl=pdl)
-                    return fp8_gemv(x_q, x_s, *w, pdl=pdl, config=base._replace(prefetch_k=prefetch_k))
+                    return fp8_gemv(x_q, x_s, *w, pdl=pdl)
 
-                outs = [layer(weights[0], v) for v in PREFETCH_VARIANTS]
+                outs = [layer(weights[0], v) for v in variants]
                 same = all(torch.equal(o, outs[0]) for o in outs)
-                times = [rotating_graph_us([lambda w=w, v=v: layer(w, v) for w in weights]) for v in PREFETCH_VARIANTS]
-                print(f"{name:18s} {fmt:>5s} {m:3d} " + " ".join(f"{t:8.1f}" for t in times)
+                times = [rotating_graph_us([lambda w=w, v=v: layer(w, v) for w in weights]) for v in variants]
+                print(f"{name:18s} {fmt:>5s} {m:3d} " + " ".join(f"{t:9.1f}" for t in times)
                       + f" {shape.n * shape.k / min(times) / 1e6:9.2f}" + ("" if same else "  OUTPUTS DIFFER"),
                       flush=True)
         del blocks, chans
@@ -402,7 +394,7 @@ def main() -> None:
     parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
     parser.add_argument("--tune-gemv", action="store_true", help="sweep the decode GEMV's configs (M <= 16)")
-    parser.add_argument("--pdl", action="store_true", help="the decode layer without and with PDL and L2 prefetch")
+    parser.add_argument("--pdl", action="store_true", help="the decode layer without and with PDL")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()

@@ -28,7 +28,6 @@ Two weight formats (``fp8_linear``):
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -41,8 +40,6 @@ from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 SMALL_M = 16
 _COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
 _counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
-# Experiment (GPU run K): bytes of each weight row a program prefetches into L2 before its PDL wait.
-_PREFETCH_K = int(os.environ.get("RADIXLM_GEMV_PREFETCH_K", "0"))
 
 
 class GemvConfig(NamedTuple):
@@ -55,7 +52,6 @@ class GemvConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 1
-    prefetch_k: int = 0  # under PDL, the first bytes of each of its weight rows a program pulls into L2 first
 
 
 def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
@@ -67,7 +63,7 @@ def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
     split = 1
     while split < 8 and tiles * split < 2 * num_sms and k // (2 * split) >= 1024:
         split *= 2
-    return GemvConfig(64, 128, 4, 4, split, _PREFETCH_K)
+    return GemvConfig(64, 128, 4, 4, split)
 
 
 @functools.cache
@@ -87,20 +83,12 @@ def _counters(device: torch.device | str) -> torch.Tensor:
 
 
 @triton.jit
-def _prefetch_rows_l2(row_ptrs, nbytes):
-    """Start copying ``nbytes`` (a multiple of 16) from each 16-byte aligned address of ``row_ptrs`` into L2,
-    asynchronously (the TMA unit's bulk prefetch, sm_90); nothing waits for it."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _fp8_gemv_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
     m_dim, n_dim, k_dim, group_n, group_k,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
     PER_CHANNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
@@ -115,10 +103,6 @@ def _fp8_gemv_kernel(
     k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_dim)
-    if PREFETCH_K > 0:
-        # The weight depends on no earlier kernel: its first tiles head for L2 while the kernel writing x runs.
-        head = tl.minimum(k_end - k_start, PREFETCH_K) // 16 * 16
-        _prefetch_rows_l2(w_ptr + offs_wn * stride_wn + k_start, tl.full((BLOCK_N,), 0, tl.int32) + head)
     pdl_wait(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
@@ -212,15 +196,11 @@ def fp8_gemv(
         counters = _counters(x_q.device)
     else:
         partials = counters = out  # not read
-    launch = pdl_launch_kwargs(x_q.device, pdl)
-    # The bulk prefetch needs PDL (before it, nothing overlaps) and 16-byte aligned rows.
-    aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) % 16 == 0
-    prefetch_k = config.prefetch_k if launch["PDL"] and aligned else 0
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
         x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, EXACT=out_dtype == torch.float32 if exact is None else exact,
-        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PREFETCH_K=prefetch_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch,
+        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
     return out
