@@ -173,7 +173,8 @@ def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.
     return q.reshape(padded.shape)[:n, :k].contiguous(), scale, dequantized
 
 
-def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16, 16)) -> torch.nn.Module:
+def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16, 16),
+                         overrides: dict | None = None) -> torch.nn.Module:
     """``TINY_CONFIGS[name]`` (or an MLA / MoE config) saved as a block-wise FP8 checkpoint (DeepSeek-V3's format:
     the tensors ``FP8_CHECKPOINT_WEIGHT`` matches in float8_e4m3fn with a float32 ``weight_scale_inv`` per
     ``block``, ``quantization_config`` in config.json); returns the reference: the HF model loaded from the same
@@ -184,7 +185,7 @@ def build_tiny_fp8_model(name: str, directory: str, block: tuple[int, int] = (16
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    build_tiny_hf_model(name, directory)
+    build_tiny_hf_model(name, directory, overrides=overrides)
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(os.listdir(directory)):
         if f.endswith(".safetensors") or f.endswith(".index.json"):

@@ -25,6 +25,7 @@ from radixlm.core import ForwardMode
 if TYPE_CHECKING:
     from radixlm.core import ForwardBatch
     from radixlm.layers.attention import RadixAttention
+    from radixlm.kernels.fp8_activation import FP8Activation
 
 
 class UnsupportedForwardMode(NotImplementedError):
@@ -56,7 +57,7 @@ class AttentionBackend(ABC):
         layer: "RadixAttention",
         forward_batch: "ForwardBatch",
         save_kv_cache: bool = True,
-    ) -> torch.Tensor:  # [num_tokens, num_heads, v_head_dim]
+    ) -> "torch.Tensor | FP8Activation":  # [num_tokens, num_heads, v_head_dim]
         if forward_batch.forward_mode.is_idle:
             return q.new_empty((0, layer.num_heads, layer.v_head_dim))
         if save_kv_cache:
@@ -71,5 +72,7 @@ class AttentionBackend(ABC):
         batch's custom mask in TARGET_VERIFY)."""
 
     @abstractmethod
-    def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", forward_batch: "ForwardBatch") -> torch.Tensor:
-        """One new token per request attends to the request's whole sequence."""
+    def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", forward_batch: "ForwardBatch"
+                       ) -> "torch.Tensor | FP8Activation":
+        """One new token per request attends to the request's whole sequence.  A backend may return the output
+        quantized as ``layer.out_quant`` asks (an ``FP8Activation`` [num_tokens, num_heads * v_head_dim])."""

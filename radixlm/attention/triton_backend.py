@@ -10,6 +10,9 @@ batches get more splits in the bytes that ``num_kv_splits`` splits of the larges
 MIXED (its decode rows are one-token extends) and TARGET_VERIFY (the batch's custom mask over the draft tokens)
 run the extend kernel.  Keys may be wider than values, and V a view of K's rows (an MLA latent cache).  An FP8
 cache passes the layer's scales (device tensors of the pool) to both kernels, which dequantize as they load.
+Where the layer's output feeds an FP8 linear that takes group-quantized input (``RadixAttention.out_quant``) and
+quantization is fused (``fused_quant_for``: CUDA), decode returns that input (an ``FP8Activation``) made by the
+merge kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.attention.base import AttentionBackend
-from radixlm.kernels.decode_attention import DEFAULT_KV_SPLITS, MAX_KV_SPLITS, decode_attention_fwd, plan_decode_splits
+from radixlm.kernels import fused_quant_for
+from radixlm.kernels.decode_attention import (
+    DEFAULT_KV_SPLITS, MAX_KV_SPLITS, decode_attention_fwd, plan_decode_splits, quant_group_fits,
+)
+from radixlm.kernels.fp8 import FP8_DTYPE
+from radixlm.kernels.fp8_activation import FP8Activation
 from radixlm.kernels.extend_attention import extend_attention_fwd
 from radixlm.mem import KVCacheSpec
 
@@ -109,17 +117,28 @@ class TritonAttnBackend(AttentionBackend):
             self._decode(q[-tail:], o[-tail:], k_buf, v_buf, layer, fb, fb.req_pool_indices[rows:], fb.seq_lens[rows:])
         return o
 
-    def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
+    def forward_decode(self, q: torch.Tensor, layer: "RadixAttention", fb: "ForwardBatch"
+                       ) -> torch.Tensor | FP8Activation:
         k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
-        o = q.new_empty((q.shape[0], q.shape[1], v_buf.shape[-1]))
-        self._decode(q, o, k_buf, v_buf, layer, fb, fb.req_pool_indices, fb.seq_lens)
-        return o
+        bs, heads, dv = q.shape[0], q.shape[1], v_buf.shape[-1]
+        group = None
+        if layer.out_quant is not None and fused_quant_for(q) is not None:
+            group = layer.out_quant.at(bs).group_size
+        if not quant_group_fits(dv, group):
+            o = q.new_empty((bs, heads, dv))
+            self._decode(q, o, k_buf, v_buf, layer, fb, fb.req_pool_indices, fb.seq_lens)
+            return o
+        o = torch.empty((bs, heads, dv), dtype=FP8_DTYPE, device=q.device)
+        o_scale = torch.empty((bs, heads * dv // group), dtype=torch.float32, device=q.device)
+        self._decode(q, o, k_buf, v_buf, layer, fb, fb.req_pool_indices, fb.seq_lens, o_scale)
+        return FP8Activation(o.view(bs, heads * dv), o_scale, q.dtype, torch.Size((bs, heads * dv)))
 
     def _decode(self, q: torch.Tensor, o: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                layer: "RadixAttention", fb: "ForwardBatch", rows: torch.Tensor, seq_lens: torch.Tensor) -> None:
+                layer: "RadixAttention", fb: "ForwardBatch", rows: torch.Tensor, seq_lens: torch.Tensor,
+                o_scale: torch.Tensor | None = None) -> None:
         mid_o, mid_lse = self.decode_scratch(q.shape[0])
         k_scale, v_scale = fb.kv_pool.get_kv_scales(layer.layer_id) or (None, None)
         decode_attention_fwd(
             q, k_buf, v_buf, o, fb.req_to_token_pool.req_to_token, rows, seq_lens, mid_o, mid_lse, layer.scaling,
-            layer.sliding_window, k_scale=k_scale, v_scale=v_scale,
+            layer.sliding_window, k_scale=k_scale, v_scale=v_scale, o_scale=o_scale,
         )

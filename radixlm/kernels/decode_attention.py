@@ -26,6 +26,10 @@ the query pre-scaled by the softmax scale; an FP8 key block holds twice the keys
 per iteration).  The layer's K scale multiplies the logits and its V scale the split's output (both scales are
 one float32 each, read in the kernel: nothing extra passes over the cache, nothing is read on the host).  ``kv_compute`` gives that dtype choice to the launch code of both kernels.
 
+Stage 2 can hand the output straight to an FP8 linear (the o projection): given ``o_scale`` it writes ``o`` in
+E4M3 with one scale per token per group of channels (groups within a head), the bits of writing the output and
+then running ``fp8_gemm``'s group quantizer over it, one launch fewer.
+
 Nothing here reads a device value on the host or allocates, so a decode step can be captured in a CUDA graph.
 """
 
@@ -35,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
+from radixlm.kernels.fused_quant import TL_DTYPES, quantize_e4m3
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 LOG2E = 1.4426950408889634
@@ -201,11 +207,13 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    MidO, MidLse, O,
-    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
+    MidO, MidLse, O, OScale,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, stride_sb, scale_eps, fp8_max,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHUNK_S: tl.constexpr, PDL: tl.constexpr,
+    CHUNK_S: tl.constexpr, QUANT_GROUP: tl.constexpr, OUT_DTYPE: tl.constexpr, PDL: tl.constexpr,
 ):
+    # QUANT_GROUP > 0: O is E4M3, the output (rounded to OUT_DTYPE first, as if written) quantized per group of
+    # QUANT_GROUP channels (BLOCK_D == HEAD_DIM, a multiple of it), the group scales at OScale[b, h * groups + g].
     pdl_trigger(PDL)
     pdl_wait(PDL)
     b = tl.program_id(0)
@@ -227,7 +235,16 @@ def _decode_merge_kernel(
         parts = tl.load(MidO + b * stride_mb + h * stride_mh + offs_c[:, None] * stride_ms + offs_d[None, :],
                         mask=live[:, None] & mask_d[None, :], other=0.0)  # [CHUNK_S, BLOCK_D]
         out += tl.sum(parts * tl.exp(lse_c - lse_max)[:, None], 0)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_d, (out / total).to(O.dtype.element_ty), mask=mask_d)
+    o_row = O + b * stride_ob + h * stride_oh
+    if QUANT_GROUP == 0:
+        tl.store(o_row + offs_d, (out / total).to(O.dtype.element_ty), mask=mask_d)
+    else:
+        groups: tl.constexpr = BLOCK_D // QUANT_GROUP
+        y = tl.reshape((out / total).to(OUT_DTYPE).to(tl.float32), [groups, QUANT_GROUP])
+        scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=1), scale_eps), fp8_max)  # [groups]
+        y_q = quantize_e4m3(y, scales[:, None], fp8_max)
+        tl.store(o_row + offs_d, tl.reshape(y_q, [BLOCK_D]).to(O.dtype.element_ty))
+        tl.store(OScale + b * stride_sb + h * groups + tl.arange(0, groups), scales)
 
 
 def decode_launch(group: int, head_dim: int, head_dim_v: int, elem_bytes: int) -> tuple[int, int]:
@@ -279,6 +296,7 @@ def decode_attention_fwd(
     block_h: int | None = None,
     k_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: k = k_buffer * k_scale
     v_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: v = v_buffer * v_scale
+    o_scale: torch.Tensor | None = None,  # [bs, num_heads * Dv / g] float32: o is E4M3 in groups of g, written
 ) -> None:
     """``o[i]`` = softmax(q[i] K^T * sm_scale) V over keys ``0 .. seq_lens[i]-1`` of request row
     ``req_pool_indices[i]`` (the last ``sliding_window`` of them when given), K/V read at the slots
@@ -324,11 +342,23 @@ def decode_attention_fwd(
         KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps,
         num_stages=SPLIT_STAGES + 1 if fp8 and not mla_wide else SPLIT_STAGES, **pdl_launch_kwargs(q.device),
     )
+    quant_group = 0
+    if o_scale is not None:
+        quant_group = num_heads * head_dim_v // o_scale.shape[1]
+        assert o.dtype == FP8_DTYPE and quant_group_fits(head_dim_v, quant_group), "o_scale's groups"
+        assert o_scale.shape == (bs, num_heads * head_dim_v // quant_group) and o_scale.stride(1) == 1
     _decode_merge_kernel[(bs, num_heads)](
-        mid_o, mid_lse, o,
+        mid_o, mid_lse, o, o if o_scale is None else o_scale,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        o.stride(0), o.stride(1),
+        o.stride(0), o.stride(1), 0 if o_scale is None else o_scale.stride(0), SCALE_EPS, FP8_MAX,
         HEAD_DIM=head_dim_v, BLOCK_D=block_dv, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-        CHUNK_S=min(triton.next_power_of_2(num_splits), max(1, _MERGE_TILE // block_dv)), num_warps=4,
-        **pdl_launch_kwargs(q.device),
+        CHUNK_S=min(triton.next_power_of_2(num_splits), max(1, _MERGE_TILE // block_dv)),
+        QUANT_GROUP=quant_group, OUT_DTYPE=TL_DTYPES[q.dtype], num_warps=4, **pdl_launch_kwargs(q.device),
     )
+
+
+def quant_group_fits(head_dim_v: int, group: int | None) -> bool:
+    """Whether stage 2 can quantize its output in groups of ``group`` channels: whole groups within a head of a
+    power-of-two width (its tile)."""
+    return group is not None and 0 < group <= head_dim_v and head_dim_v % group == 0 and \
+        triton.next_power_of_2(head_dim_v) == head_dim_v and triton.next_power_of_2(group) == group

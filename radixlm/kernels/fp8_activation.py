@@ -1,7 +1,9 @@
 """An activation quantized to FP8 (E4M3) for an FP8 linear layer, and how a layer asks for one.
 
-An FP8 linear quantizes its input per token (online FP8: one scale per row) or per token per group of ``bk``
-channels (block-FP8 weights).  The kernel that produces the input can do it instead, while it still holds the row
+An FP8 linear quantizes its input per token per group of ``bk`` channels (block-FP8 weights), or (online FP8,
+per-channel weights) per token where cuBLAS's row-wise GEMM takes it and per group of 128 channels for the decode
+GEMV, which scales each K tile on its way in and whose producers (norm, SiLU-mul, attention) can then quantize a
+few groups a program instead of needing the whole row's maximum.  The kernel that produces the input can do it instead, while it still holds the row
 (``fused_quant``: RMSNorm, SiLU-mul), and hand the linear an ``FP8Activation``; the linear then skips its own
 quantizer.  Either way the bits are the same: ``quantize_activation`` is the unfused form.
 """
@@ -16,11 +18,23 @@ from radixlm.kernels import as_rows
 from radixlm.kernels.fp8 import dequantize_block_fp8
 
 
+# Rows at or below which the FP8 linears run the decode GEMV (``fp8_gemv``: one 16-row tile).
+SMALL_M = 16
+
+
 class ActivationQuant(NamedTuple):
     """The input quantization an FP8 linear wants: ``group_size`` channels per scale, None for one scale per
-    token (over all of K)."""
+    token (over all of K); ``small_m_group_size``, where set, replaces it for ``SMALL_M`` rows or fewer.
+    Producers resolve it for their row count first (``at``)."""
 
     group_size: int | None
+    small_m_group_size: int | None = None
+
+    def at(self, rows: int) -> "ActivationQuant":
+        """The concrete quantization of ``rows`` rows."""
+        if self.small_m_group_size is not None and rows <= SMALL_M:
+            return ActivationQuant(self.small_m_group_size)
+        return ActivationQuant(self.group_size)
 
 
 class FP8Activation(NamedTuple):
@@ -45,6 +59,7 @@ class FP8Activation(NamedTuple):
 
     def check(self, quant: ActivationQuant) -> None:
         """ValueError unless quantized as ``quant`` asks (a per-token activation for a block weight, say)."""
+        quant = quant.at(self.q.shape[0])
         k = self.q.shape[1]
         groups = 1 if quant.group_size is None else k // quant.group_size
         if self.num_groups() != groups or (quant.group_size is not None and k % quant.group_size):
@@ -58,6 +73,7 @@ def quantize_activation(x: torch.Tensor, quant: ActivationQuant) -> FP8Activatio
     from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton, per_token_quant_fp8_triton
 
     rows = as_rows(x)  # [M, K]
+    quant = quant.at(rows.shape[0])
     if quant.group_size is None:
         q, scale = per_token_quant_fp8_triton(rows)
     else:

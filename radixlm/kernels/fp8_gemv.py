@@ -21,8 +21,9 @@ Two weight formats (``fp8_linear``):
 - block-wise ``[bn, bk]`` (``weight_scale_inv`` [ceil(N / bn), K / bk]), activations per token per group of
   ``bk``: a K tile is one scale slice, so the tile's dot is scaled by (activation group scale x weight block
   scale) before it joins the accumulator;
-- per output channel (online FP8, ``weight_scale`` [N]), activations per token: the unscaled dots accumulate and
-  both scales multiply once at the end.
+- per output channel (online FP8, ``weight_scale`` [N]), activations per token (the unscaled dots accumulate and
+  both scales multiply once at the end) or per token per group (a K tile is one group: its dot is scaled by the
+  group's scale, the weight's at the end).
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
-# Rows at or below which the FP8 linears run this kernel on CUDA (one BLOCK_M tile).
-SMALL_M = 16
 _COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
 _counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -87,7 +87,8 @@ def _fp8_gemv_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
     m_dim, n_dim, k_dim, group_n, group_k,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
-    PER_CHANNEL: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
@@ -115,17 +116,21 @@ def _fp8_gemv_kernel(
             part = tl.dot(w.to(tl.float16), x.to(tl.float16))
         else:
             part = tl.dot(w, x)
-        if PER_CHANNEL:
-            acc += part
-        else:
+        if X_GROUPED:
             k_slice = k // group_k
             x_s = tl.load(xs_ptr + rows * stride_xsm + k_slice, mask=m_ok, other=0.0)  # [BLOCK_M]
-            w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
-            acc += part * w_s[:, None] * x_s[None, :]
+            if PER_CHANNEL:
+                acc += part * x_s[None, :]
+            else:
+                w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
+                acc += part * w_s[:, None] * x_s[None, :]
+        else:
+            acc += part
     pdl_trigger(PDL)  # after the stream over the weight (``radixlm.kernels.pdl``)
     if PER_CHANNEL:
-        x_s = tl.load(xs_ptr + rows * stride_xsm, mask=m_ok, other=0.0)
-        acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None] * x_s[None, :]
+        acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None]
+    if not X_GROUPED:
+        acc = acc * tl.load(xs_ptr + rows * stride_xsm, mask=m_ok, other=0.0)[None, :]
 
     mask = (offs_n < n_dim)[:, None] & m_ok[None, :]
     out_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
@@ -148,7 +153,7 @@ def _fp8_gemv_kernel(
 
 def fp8_gemv(
     x_q: torch.Tensor,  # [M, K] float8_e4m3fn, unit stride along K
-    x_s: torch.Tensor,  # [M, 1] float32 (per channel) or [M, K / bk] (block)
+    x_s: torch.Tensor,  # [M, 1] float32 (per token) or [M, K / g] (per group of g: bk for a block weight)
     weight: torch.Tensor,  # [N, K] float8_e4m3fn
     weight_scale: torch.Tensor,  # [N] float32 (per channel) or [ceil(N / bn), K / bk] (block)
     block_size: tuple[int, int] | None = None,  # (bn, bk) of a block weight; None: per channel
@@ -169,9 +174,10 @@ def fp8_gemv(
     if weight.shape[1] != k:
         raise ValueError(f"FP8 GEMV: x has K={k}, the weight {tuple(weight.shape)}")
     if block_size is None:
-        if weight_scale.shape != (n,) or x_s.shape != (m, 1):
-            raise ValueError(f"per-channel FP8 GEMV of {m} x {k} by {n} x {k} needs scales ({m}, 1) and ({n},), "
-                             f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
+        groups = x_s.shape[1] if x_s.dim() == 2 else 0
+        if weight_scale.shape != (n,) or x_s.shape != (m, groups) or groups < 1 or k % groups:
+            raise ValueError(f"per-channel FP8 GEMV of {m} x {k} by {n} x {k} needs scales ({m}, 1) or ({m}, K / "
+                             f"group) and ({n},), got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
     else:
         bn, bk = block_size
         if k % bk or weight_scale.shape != (triton.cdiv(n, bn), k // bk) or x_s.shape != (m, k // bk):
@@ -180,7 +186,12 @@ def fp8_gemv(
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
     if config is None:
         config = default_gemv_config(n, k, _num_sms(x_q.device))
-    group_n, group_k, block_k = (1, k, config.block_k) if block_size is None else (*block_size, block_size[1])
+    x_grouped = x_s.shape[1] > 1 or block_size is not None
+    if block_size is not None:
+        group_n, group_k, block_k = *block_size, block_size[1]
+    else:  # a K tile is one activation group when there are groups
+        group_n, group_k = 1, k // x_s.shape[1]
+        block_k = group_k if x_grouped else config.block_k
     if x_q.stride(1) != 1:
         x_q = x_q.contiguous()
     if weight.stride(1) != 1:
@@ -199,7 +210,7 @@ def fp8_gemv(
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
         x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        PER_CHANNEL=block_size is None, EXACT=out_dtype == torch.float32 if exact is None else exact,
+        PER_CHANNEL=block_size is None, X_GROUPED=x_grouped, EXACT=out_dtype == torch.float32 if exact is None else exact,
         BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )

@@ -33,11 +33,11 @@ from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 # Columns one program quantizes (per token), or about that many in whole groups (per group).
 _CHUNK = 1024
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def _quantize(y, scale, fp8_max):
+def quantize_e4m3(y, scale, fp8_max):
     """fp32 ``y`` over its (broadcast) ``scale`` to E4M3 values, as ``fp8_gemm``'s quantizers do."""
     return round_to_e4m3(tl.clamp(tl.math.div_rn(y, scale), -fp8_max, fp8_max))
 
@@ -83,14 +83,14 @@ def _rms_norm_quant_kernel(
         tl.store(new_residual_ptr + row * n_cols + chunk, xc, mask=mask)
     out_c = rms_apply(xc, inv, tl.load(weight_ptr + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
     if GROUP == 0:
-        tl.store(q_ptr + row * n_cols + chunk, _quantize(out_c, scale, fp8_max).to(q_ptr.dtype.element_ty),
+        tl.store(q_ptr + row * n_cols + chunk, quantize_e4m3(out_c, scale, fp8_max).to(q_ptr.dtype.element_ty),
                  mask=mask)
         if tl.program_id(1) == 0:
             tl.store(s_ptr + row, scale)
     else:
         scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
         tl.store(q_ptr + row * n_cols + chunk,
-                 _quantize(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty), mask=mask)
+                 quantize_e4m3(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty), mask=mask)
         num_groups = n_cols // GROUP
         tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
 
@@ -126,6 +126,7 @@ def rms_norm_quant_fp8(
     equal to the norm kernel followed by ``fp8_activation.quantize_activation``."""
     hidden = x.shape[-1]
     x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight)  # out_dtype: the norm output's
+    quant = quant.at(x2d.shape[0])
     group, groups, chunk, chunks = _split(hidden, quant)
     q, scale = _new_quantized(x2d.shape[0], hidden, quant, x.device)
     if x2d.shape[0]:
@@ -133,7 +134,7 @@ def rms_norm_quant_fp8(
         _rms_norm_quant_kernel[(x2d.shape[0], chunks)](
             x2d, residual2d, weight, q, scale, new_residual,
             x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
-            HAS_RESIDUAL=residual is not None, OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block,
+            HAS_RESIDUAL=residual is not None, OUT_DTYPE=TL_DTYPES[out_dtype], BLOCK=block,
             GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block),
             **pdl_launch_kwargs(x.device),
         )
@@ -154,7 +155,7 @@ def _silu_mul_quant_kernel(
     out_c = silu_mul(tl.load(gate_ptr + chunk, mask=mask, other=0.0),
                      tl.load(gate_ptr + d + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
     scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
-    tl.store(q_ptr + row * d + chunk, _quantize(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty),
+    tl.store(q_ptr + row * d + chunk, quantize_e4m3(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty),
              mask=mask)
     num_groups = d // GROUP
     tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
@@ -171,16 +172,17 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activa
     reduced anyway, gain: ``rms_norm_quant_fp8``)."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
+    x2d = as_rows(x)  # [rows, 2 * d]
+    quant = quant.at(x2d.shape[0])
     if quant.group_size is None:
         return quantize_activation(silu_and_mul(x), quant)
     d = x.shape[-1] // 2
     group, groups, chunk, chunks = _split(d, quant)
-    x2d = as_rows(x)  # [rows, 2 * d]
     q, scale = _new_quantized(x2d.shape[0], d, quant, x.device)
     if x2d.shape[0] and d:
         _silu_mul_quant_kernel[(x2d.shape[0], chunks)](
             x2d, q, scale, x2d.stride(0), d, SCALE_EPS, FP8_MAX,
-            OUT_DTYPE=_TL_DTYPES[x.dtype], GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=4,
+            OUT_DTYPE=TL_DTYPES[x.dtype], GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=4,
             **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, x.dtype, torch.Size((*x.shape[:-1], d)))

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
+
 if TYPE_CHECKING:
     from radixlm.core import ForwardBatch
 
@@ -17,10 +19,14 @@ class RadixAttention(nn.Module):
     ``head_dim`` is the width of queries and keys, ``v_head_dim`` (default ``head_dim``) that of values and of
     the output.  An MLA layer (absorbed DeepSeek attention) has one KV "head" whose value is a prefix of its key
     and passes ``v=None``: the pool stores the key vector once.
+
+    ``out_quant``: the input quantization of the FP8 linear the output feeds (the o projection's
+    ``input_quant``); a backend may then return the output so quantized, as an ``FP8Activation``.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int, layer_id: int,
-                 sliding_window: int | None = None, v_head_dim: int | None = None):
+                 sliding_window: int | None = None, v_head_dim: int | None = None,
+                 out_quant: ActivationQuant | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -29,6 +35,7 @@ class RadixAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.layer_id = layer_id
         self.sliding_window = sliding_window
+        self.out_quant = out_quant
 
     def forward(
         self,
@@ -36,7 +43,7 @@ class RadixAttention(nn.Module):
         k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         v: torch.Tensor | None,  # [num_tokens, num_kv_heads * v_head_dim], None for an MLA layer
         forward_batch: "ForwardBatch",
-    ) -> torch.Tensor:  # [num_tokens, num_heads * v_head_dim]
+    ) -> torch.Tensor | FP8Activation:  # [num_tokens, num_heads * v_head_dim]
         out = forward_batch.attn_backend.forward(
             q.view(-1, self.num_heads, self.head_dim),
             k.view(-1, self.num_kv_heads, self.head_dim),
@@ -44,4 +51,4 @@ class RadixAttention(nn.Module):
             self,
             forward_batch,
         )
-        return out.reshape(-1, self.num_heads * self.v_head_dim)
+        return out if isinstance(out, FP8Activation) else out.reshape(-1, self.num_heads * self.v_head_dim)

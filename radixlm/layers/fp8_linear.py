@@ -6,7 +6,9 @@
 - online: weights loaded in the model dtype, then (``quantize_online``) ``weight`` float8_e4m3fn with
   ``weight_scale`` float32 [out], one scale per output channel (``max |row| / 448``).
 
-Activations are quantized per token (per group of ``bk`` channels for block weights; ``input_quant``).  On
+Activations are quantized per token per group of ``bk`` channels for block weights; for online FP8 per token,
+except at decode-sized M (the GEMV's) per token per group of ``ONLINE_DECODE_GROUP`` channels, which the kernels
+producing them quantize without the whole row (``input_quant``).  On
 CUDA a Triton kernel quantizes them, either the layer's own quantizer or, fused, the norm or SiLU-mul kernel that
 produced them (which hands the layer an ``FP8Activation``); then at decode-sized M a Triton GEMV streams the weight
 (``radixlm.kernels.fp8_gemv``) and above it the FP8 GEMMs run (``radixlm.kernels.fp8``: the Triton block-scaled
@@ -23,7 +25,13 @@ from radixlm.config.quant_config import QuantConfig
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 
-PER_TOKEN = ActivationQuant(None)
+ONLINE_DECODE_GROUP = 128  # activation channels per scale of an online-FP8 linear at decode-sized M
+
+
+def online_input_quant(in_features: int) -> ActivationQuant:
+    """An online-FP8 linear's input quantization: per token (cuBLAS's row-wise GEMM), per 128-channel group at
+    the GEMV's M where the input size allows."""
+    return ActivationQuant(None, ONLINE_DECODE_GROUP if in_features % ONLINE_DECODE_GROUP == 0 else None)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -63,15 +71,16 @@ def fp8_channel_linear(
     x: torch.Tensor | FP8Activation, weight: torch.Tensor, weight_scale: torch.Tensor
 ) -> torch.Tensor:
     """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
-    ``x`` quantized per token (an ``FP8Activation`` arrives quantized), on CUDA (``fp8_forward`` rounds in torch
-    elsewhere): decode-sized M, and float32 models (cuBLAS's row-wise scaled GEMM writes only bf16), through the
-    Triton GEMV; otherwise cuBLAS's row-wise scaled FP8 GEMM."""
+    ``x`` quantized as ``online_input_quant`` says (an ``FP8Activation`` arrives quantized), on CUDA
+    (``fp8_forward`` rounds in torch elsewhere): decode-sized M, and float32 models (cuBLAS's row-wise scaled GEMM
+    writes only bf16), through the Triton GEMV; otherwise cuBLAS's row-wise scaled FP8 GEMM."""
     from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
+    quant = online_input_quant(weight.shape[1])
     if isinstance(x, FP8Activation):
-        x.check(PER_TOKEN)
+        x.check(quant)
     else:
-        x = quantize_activation(x, PER_TOKEN)  # [M, K] fp8, [M, 1]
+        x = quantize_activation(x, quant)  # [M, K] fp8, [M, 1] or [M, K / 128]
     if x.q.shape[0] <= SMALL_M or x.dtype == torch.float32:
         y = fp8_gemv(x.q, x.scale, weight, weight_scale, None, x.dtype)
     else:
@@ -80,11 +89,12 @@ def fp8_channel_linear(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def input_quant(quant: QuantConfig | None) -> ActivationQuant | None:
-    """How a linear layer under ``quant`` wants its input quantized (None: it takes the activation as is)."""
+def input_quant(quant: QuantConfig | None, in_features: int) -> ActivationQuant | None:
+    """How a linear layer of ``in_features`` inputs (per rank) under ``quant`` wants its input quantized (None:
+    it takes the activation as is)."""
     if quant is None:
         return None
-    return PER_TOKEN if quant.weight_block is None else ActivationQuant(quant.weight_block[1])
+    return online_input_quant(in_features) if quant.weight_block is None else ActivationQuant(quant.weight_block[1])
 
 
 def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation) -> torch.Tensor:
@@ -97,7 +107,8 @@ def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation) -> torch.Tens
             x.check(layer.input_quant)
             x_rounded = x.dequantize()
         else:
-            x_rounded = round_activations(x, block[1] if block else x.shape[-1])
+            group = layer.input_quant.at(x.numel() // x.shape[-1]).group_size
+            x_rounded = round_activations(x, group or x.shape[-1])
         return torch.nn.functional.linear(x_rounded, layer.dequantized_weight(torch.float32)).to(x.dtype)
     if block is None:
         return fp8_channel_linear(x, layer.weight, layer.weight_scale)

@@ -53,7 +53,7 @@ class QuantizableLinear(nn.Module):
     def _init_weight(self, out: int, in_features: int, dtype: torch.dtype, checkpoint_shapes: dict,
                      quant: QuantConfig | None, scale_loader=None) -> None:
         self.quant = quant
-        self.input_quant = fp8_linear.input_quant(quant)
+        self.input_quant = fp8_linear.input_quant(quant, in_features)
         block = quant is not None and quant.from_checkpoint
         self.weight = _param((out, in_features), torch.float8_e4m3fn if block else dtype, self.weight_loader,
                              checkpoint_shapes)

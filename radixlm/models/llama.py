@@ -57,7 +57,7 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, config.dtype) if qk_norm else None
         self.rotary_emb = get_rope(head_dim, config.context_length, config.rope_theta, config.rope_scaling)
         self.attn = RadixAttention(self.num_heads, head_dim, head_dim**-0.5, self.num_kv_heads, layer_id,
-                                   config.sliding_window)
+                                   config.sliding_window, out_quant=self.o_proj.input_quant)
         self.head_dim = head_dim
         self.input_quant = self.qkv_proj.input_quant  # ``hidden`` may arrive quantized for qkv_proj
 

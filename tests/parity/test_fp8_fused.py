@@ -77,11 +77,16 @@ class Counts:
         return counted
 
 
-def build(kind: str, name: str, directory: str, **kwargs):
+# 128-wide heads and 128-multiple widths: online FP8's decode takes 128-channel activation groups, and the
+# attention's merge writes the o projection's input quantized (its groups fit a head).
+WIDE = dict(hidden_size=512, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+
+
+def build(kind: str, name: str, directory: str, overrides: dict | None = None, **kwargs):
     if kind == "online":
-        build_tiny_hf_model(name, directory)
+        build_tiny_hf_model(name, directory, overrides=overrides)
         return make_worker(directory, quantization="fp8", **kwargs)
-    build_tiny_fp8_model(name, directory, block=(32, 32))
+    build_tiny_fp8_model(name, directory, block=(32, 32), overrides=overrides)
     return make_worker(directory, **kwargs)
 
 
@@ -108,16 +113,31 @@ def test_fused_model_gives_the_unfused_logits_on_cpu(tmp_path, monkeypatch, kind
 
 @pytest.mark.skipif(not CUDA, reason="the fusion is CUDA-only")
 @pytest.mark.parametrize("kind", ["online", "block"])
-def test_fused_model_gives_the_unfused_logits_on_gpu(tmp_path, monkeypatch, kind) -> None:
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+def test_fused_model_gives_the_unfused_logits_on_gpu(tmp_path, monkeypatch, kind, wide) -> None:
     """bf16 tiny Llamas on CUDA (decode in CUDA graphs; online FP8's prefill through cuBLAS's row-wise GEMM),
-    with the fusion as the engine decides and with it off: bit-identical logits."""
+    with the fusion as the engine decides and with it off: bit-identical logits.  Wide: the decode attention
+    quantizes the o projection's input too."""
+    from radixlm.attention import triton_backend
+    from radixlm.kernels import decode_attention
+
     gpu = dict(device="cuda", dtype="bfloat16", cuda_graph_max_bs=4)
+    overrides = WIDE if wide else None
     with monkeypatch.context() as patch:
-        for module in (layernorm, activation):
+        for module in (layernorm, activation, triton_backend):
             patch.setattr(module, "fused_quant_for", lambda x: None)
-        unfused = run_logits(build(kind, "llama", str(tmp_path / "off"), **gpu))
+        unfused = run_logits(build(kind, "llama", str(tmp_path / "off"), overrides, **gpu))
     counts = Counts(monkeypatch)
-    fused = run_logits(build(kind, "llama", str(tmp_path / "on"), **gpu))
+    quantized_merges = []
+    decode = decode_attention.decode_attention_fwd
+
+    def spy(*args, **kwargs):
+        quantized_merges.append(kwargs.get("o_scale") is not None)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "decode_attention_fwd", spy)
+    fused = run_logits(build(kind, "llama", str(tmp_path / "on"), overrides, **gpu))
     assert counts.fed > 0 and counts.kernels > 0
+    assert any(quantized_merges) == wide  # (graph capture calls it too: any, not all)
     for got, want in zip(fused, unfused):
         assert torch.equal(got, want)

@@ -231,10 +231,12 @@ def test_per_token_quantizer_matches_torch(monkeypatch, row_tile, m, k) -> None:
 
 # --- decode GEMV -----------------------------------------------------------------------------------------
 
-def quantized_product(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, block) -> torch.Tensor:
-    """float64 ``x_q @ W^T`` with ``x`` quantized by the torch definition (per token, or per ``bk`` group)."""
+def quantized_product(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, block,
+                      x_group: int | None = None) -> torch.Tensor:
+    """float64 ``x_q @ W^T`` with ``x`` quantized by the torch definition (per token, per ``bk`` group of a
+    block weight, or per ``x_group``)."""
     k = x.shape[1]
-    group = k if block is None else block[1]
+    group = x_group or (k if block is None else block[1])
     x_q, x_s = per_token_group_quant_fp8_torch(x, group)
     x_deq = x_q.double() * x_s.double().repeat_interleave(group, 1)
     w = w_q.double() * w_s.double()[:, None] if block is None else dequantize_block_fp8(w_q, w_s, block).double()
@@ -242,14 +244,16 @@ def quantized_product(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, blo
 
 
 @pytest.mark.parametrize("m", [1, 5, 16, 21])  # 21: a second 16-row tile
-@pytest.mark.parametrize("n,k,block,config", [
-    (72, 96, None, GemvConfig(64, 32, 4, 2)),  # per channel; N not a multiple of BLOCK_N, K of BLOCK_K
-    (40, 200, None, GemvConfig(64, 64, 4, 3, split_k=3)),  # per channel, a partial last K tile, split K
-    (136, 128, (32, 32), GemvConfig(64, 0, 4, 2)),  # block: a partial last N block of the scales
-    (64, 192, (128, 64), GemvConfig(64, 0, 4, 2, split_k=2)),  # block: bn > BLOCK_N, split K
+@pytest.mark.parametrize("n,k,block,x_group,config", [
+    (72, 96, None, None, GemvConfig(64, 32, 4, 2)),  # per channel; N not a multiple of BLOCK_N, K of BLOCK_K
+    (40, 200, None, None, GemvConfig(64, 64, 4, 3, split_k=3)),  # per channel, a partial last K tile, split K
+    (72, 128, None, 32, GemvConfig(64, 128, 4, 2)),  # per channel, grouped activations (K tile = the group)
+    (40, 256, None, 64, GemvConfig(64, 128, 4, 2, split_k=2)),  # per channel, grouped activations, split K
+    (136, 128, (32, 32), None, GemvConfig(64, 0, 4, 2)),  # block: a partial last N block of the scales
+    (64, 192, (128, 64), None, GemvConfig(64, 0, 4, 2, split_k=2)),  # block: bn > BLOCK_N, split K
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemv_matches_quantized_reference(m, n, k, block, config, dtype) -> None:
+def test_gemv_matches_quantized_reference(m, n, k, block, x_group, config, dtype) -> None:
     """Exact mode (float32 outputs: fp16-widened dots) within a few fp32 ulps of the float64 product of the
     torch-quantized operands; the native FP8 dot (16-bit outputs) within the output's rounding and, on a GPU,
     ``FP8_DOT_REL``.  A split launch leaves its counters zeroed and repeats bit for bit."""
@@ -259,13 +263,14 @@ def test_gemv_matches_quantized_reference(m, n, k, block, config, dtype) -> None
     if block is None:
         w_s = w.abs().amax(1) / FP8_MAX
         w_q = (w / w_s[:, None]).to(FP8_DTYPE)
-        x_q, x_s = per_token_quant_fp8_triton(x.to(DEVICE))
+        x_q, x_s = (per_token_quant_fp8_triton(x.to(DEVICE)) if x_group is None
+                    else per_token_group_quant_fp8_triton(x.to(DEVICE), x_group))
     else:
         w_q, w_s = quantize_weight(w, block)
         x_q, x_s = per_token_group_quant_fp8_triton(x.to(DEVICE), block[1])
-    ref_q, ref_s = per_token_group_quant_fp8_torch(x, k if block is None else block[1])
+    ref_q, ref_s = per_token_group_quant_fp8_torch(x, x_group or (k if block is None else block[1]))
     assert torch.equal(x_q.cpu().float(), ref_q.float()) and torch.equal(x_s.cpu(), ref_s)  # the row quantizer
-    expected = quantized_product(x, w_q, w_s, block)
+    expected = quantized_product(x, w_q, w_s, block, x_group)
     args = (x_q, x_s, w_q.to(DEVICE), w_s.to(DEVICE), block)
     out = fp8_gemv(*args, torch.float32, config)
     assert out.shape == (m, n) and out.dtype == torch.float32

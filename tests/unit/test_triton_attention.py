@@ -114,6 +114,33 @@ def test_decode_long_context_splits(num_kv_splits: int) -> None:
     run_decode(seq_lens, (8, 2, 128), torch.float32, 1, 300, num_kv_splits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("head_dim,group", [(64, 64), (128, 32)])
+def test_decode_writes_group_quantized_output(dtype: torch.dtype, head_dim: int, group: int) -> None:
+    """With ``o_scale`` the merge writes the output in E4M3 per token per ``group`` channels: the bits of writing
+    it in q's dtype and then running the group quantizer over it (``fp8_gemm``), one launch fewer."""
+    from radixlm.kernels.fp8 import FP8_DTYPE
+    from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton
+
+    seq_lens, (num_heads, num_kv_heads) = [1, 40, 70], (4, 2)
+    gen = torch.Generator().manual_seed(head_dim + group)
+    table, rows, num_slots = kv_layout(seq_lens, 16, gen)
+    k_buf, v_buf = random_kv(num_slots, num_kv_heads, head_dim, dtype, gen)
+    bs = len(seq_lens)
+    q = torch.randn((bs, num_heads, head_dim), generator=gen).to(DEVICE, dtype)
+    mid_o = torch.empty((bs, num_heads, 4, head_dim), device=DEVICE)
+    mid_lse = torch.empty((bs, num_heads, 4), device=DEVICE)
+    args = (table, rows, torch.tensor(seq_lens, device=DEVICE), mid_o, mid_lse, head_dim**-0.5)
+    o = torch.empty_like(q)
+    decode_attention_fwd(q, k_buf, v_buf, o, *args)
+    want_q, want_s = per_token_group_quant_fp8_triton(o.view(bs, -1), group)
+    o_q = torch.empty((bs, num_heads, head_dim), dtype=FP8_DTYPE, device=DEVICE)
+    o_s = torch.full((bs, num_heads * head_dim // group), float("nan"), device=DEVICE)
+    decode_attention_fwd(q, k_buf, v_buf, o_q, *args, o_scale=o_s)
+    assert torch.equal(o_s, want_s)
+    assert torch.equal(o_q.view(bs, -1).view(torch.uint8), want_q.view(torch.uint8))
+
+
 def run_extend(reqs: list[tuple[int, int]], heads: tuple[int, int, int], dtype: torch.dtype, page_size: int,
                window: int | None) -> None:
     """``reqs``: (prefix_len, extend_len) of each request."""
