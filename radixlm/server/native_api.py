@@ -76,11 +76,9 @@ class NativeServing:
 
         reply = await self.engine.async_control("get_state")
         info = {k: v for k, v in dataclasses.asdict(self.engine.server_args).items() if k != "api_key"}
-        info.update(model_path=self.engine.model_path, served_model_name=self.model_name,
-                    tokenizer_path=args.tokenizer_path or self.engine.model_path)
+        info.update(self.model_info())  # the effective names and paths, where the flags may be unset
         info.update(version=__version__, max_total_num_tokens=self.engine.info.max_total_num_tokens,
-                    max_running_requests=self.engine.info.max_running_requests,
-                    context_length=self.engine.info.context_length, internal_states=[reply.payload],
+                    max_running_requests=self.engine.info.max_running_requests, internal_states=[reply.payload],
                     scheduler_pids=self.engine.scheduler_pids(),
                     num_frontend_reqs=self.engine.num_tracked_requests())
         return info
