@@ -2,7 +2,8 @@
 in front of a real radixlm worker of the embedded model: it registers them (health, ``/server_info``,
 ``/model_info``: the model id is the workers' served name), reads their load (``/get_load``), and passes the OpenAI
 API (streamed and not), native ``/generate`` (text and input_ids, streamed and not) and ``/flush_cache`` through with
-the greedy answers the worker gives directly.  One worker: what is checked is the worker side of the protocol
+the greedy answers the worker gives directly.  Both hold the same API key: the router asks it of clients and sends
+it on its own calls to the worker.  One worker: what is checked is the worker side of the protocol
 (how the router spreads requests over several is its own business), and a second worker would double the module's
 startup on a CPU.  The other direction, ``radixlm router`` in front of radixlm workers:
 test_router_serving.py.
@@ -34,15 +35,17 @@ if importlib.util.find_spec("sglang_router") is None:
     pytest.skip("sglang-router is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 ROUTER_READY_TIMEOUT_S = 60
+KEY = "sgr-key"
 CHAT = {"model": "any", "messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 6,
         "temperature": 0}
 
 
-def http(base: str, method: str, path: str, body: Any = None, timeout: float = 120) -> tuple[int, str]:
+def http(base: str, method: str, path: str, body: Any = None, timeout: float = 120, key: str | None = KEY
+         ) -> tuple[int, str]:
     """(status, body text); the JSON content type sglang-router requires of a body."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode()
@@ -58,7 +61,7 @@ def get_json(base: str, method: str, path: str, body: Any = None) -> Any:
 
 @pytest.fixture(scope="module")
 def workers():
-    server = LiveServer("--max-total-tokens", "4096")
+    server = LiveServer("--max-total-tokens", "4096", api_key=KEY)
     yield [server]
     assert server.stop() == 0
 
@@ -70,7 +73,8 @@ def router(workers):
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads it until the end
         proc = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls",
                                  *[w.base for w in workers], "--policy", "cache_aware", "--host", "127.0.0.1",
-                                 "--port", str(port), "--log-level", "warn", "--shutdown-grace-period-secs", "5"],
+                                 "--port", str(port), "--api-key", KEY, "--log-level", "warn",
+                                 "--shutdown-grace-period-secs", "5"],
                                 stdout=log, stderr=subprocess.STDOUT)
 
         def output() -> str:
@@ -112,8 +116,8 @@ def test_it_registers_the_workers_by_their_metadata(workers, router) -> None:
 
 
 def test_the_openai_api_passes_through(workers, router) -> None:
-    direct = openai.OpenAI(base_url=workers[0].base + "/v1", api_key="none", max_retries=0, timeout=120)
-    routed = openai.OpenAI(base_url=router + "/v1", api_key="none", max_retries=0, timeout=120)
+    direct = openai.OpenAI(base_url=workers[0].base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    routed = openai.OpenAI(base_url=router + "/v1", api_key=KEY, max_retries=0, timeout=120)
     expected = direct.chat.completions.create(**CHAT).choices[0].message.content
     assert expected
     assert routed.chat.completions.create(**CHAT).choices[0].message.content == expected
@@ -124,6 +128,8 @@ def test_the_openai_api_passes_through(workers, router) -> None:
     expected = direct.completions.create(**kw).choices[0].text
     assert routed.completions.create(**kw).choices[0].text == expected
     assert "".join(c.choices[0].text for c in routed.completions.create(stream=True, **kw) if c.choices) == expected
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=router + "/v1", api_key="wrong", max_retries=0).chat.completions.create(**CHAT)
 
 
 def test_native_generate_passes_through(workers, router) -> None:
