@@ -304,6 +304,7 @@ class Scheduler:
         return {
             "num_running_reqs": len(self.running) + (self.chunked_req is not None),
             "num_waiting_reqs": len(self.waiting),
+            "num_waiting_tokens": sum(len(r.origin_input_ids) for r in self.waiting),  # prompts not yet admitted
             "num_grammar_queue_reqs": len(self.grammars),
             "max_total_num_tokens": total,
             "available_kv_tokens": available,

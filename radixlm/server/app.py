@@ -318,13 +318,20 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         return JSONResponse({})
 
     @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang's newer name; sglang-router reads this one
     async def get_model_info() -> Any:
         return native.model_info()
 
     @app.get("/get_server_info")
+    @app.get("/server_info")
     async def get_server_info() -> Any:
         engine.check_ready()
         return await native.server_info()
+
+    @app.get("/get_load")
+    async def get_load() -> Any:
+        engine.check_ready()
+        return await native.load()
 
     @app.get("/flush_cache")
     @app.post("/flush_cache")

@@ -1,4 +1,6 @@
-"""SGLang-compatible native API: ``/generate`` (single, batch, streaming) and the admin routes' payloads."""
+"""SGLang-compatible native API: ``/generate`` (single, batch, streaming) and the admin routes' payloads, in the
+shapes SGLang's own router (``sglang-router``) reads: ``/server_info`` and ``/model_info`` (a worker's metadata,
+``served_model_name`` its model id), ``/get_load`` (its load per DP rank)."""
 
 from __future__ import annotations
 
@@ -74,10 +76,29 @@ class NativeServing:
 
         reply = await self.engine.async_control("get_state")
         info = {k: v for k, v in dataclasses.asdict(self.engine.server_args).items() if k != "api_key"}
-        info["model_path"] = self.engine.model_path
+        info.update(self.model_info())  # the effective names and paths, where the flags may be unset
         info.update(version=__version__, max_total_num_tokens=self.engine.info.max_total_num_tokens,
-                    max_running_requests=self.engine.info.max_running_requests,
-                    context_length=self.engine.info.context_length, internal_states=[reply.payload],
+                    max_running_requests=self.engine.info.max_running_requests, internal_states=[reply.payload],
                     scheduler_pids=self.engine.scheduler_pids(),
                     num_frontend_reqs=self.engine.num_tracked_requests())
         return info
+
+    async def load(self) -> list[dict[str, int]]:
+        """SGLang's ``/get_load`` (``load_report``) from the schedulers' live state."""
+        reply = await self.engine.async_control("get_state")
+        return load_report(reply.payload)
+
+
+def load_report(state: dict[str, Any]) -> list[dict[str, int]]:
+    """One entry per DP rank (one without DP attention), SGLang's shape: ``num_reqs`` (running + queued,
+    grammar-compiling included), ``num_waiting_reqs`` (queued), ``num_tokens`` (KV tokens that running requests
+    hold, plus the prompt tokens of the queued ones: the work a rank has before a new request; sglang-router sums
+    it over ranks as the worker's load).  ``state``: the ``get_state`` payload (``Scheduler.state()``; under DP
+    attention the ranks' under ``"dp"``)."""
+    report = []
+    for rank, s in enumerate(state.get("dp", [state])):
+        waiting = s["num_waiting_reqs"] + s["num_grammar_queue_reqs"]
+        held = s["max_total_num_tokens"] - s["available_kv_tokens"] - s["evictable_kv_tokens"]
+        report.append({"dp_rank": rank, "num_reqs": s["num_running_reqs"] + waiting, "num_waiting_reqs": waiting,
+                       "num_tokens": held + s["num_waiting_tokens"]})
+    return report

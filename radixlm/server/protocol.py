@@ -9,6 +9,11 @@ carrying each such name logs one WARNING per process ("ignoring unknown field 'f
 requests"), so that an operator sees what clients expect and does not get.  This holds for the OpenAI routes and the
 top level of ``/generate`` and the other JSON routes, nested objects included (messages, response_format, ...).  The
 native ``sampling_params`` object stays strict: an unknown key there is a 400 (a typo must not be ignored).
+
+A field another SGLang component sends at its no-op value is not unknown (``NEUTRAL_FIELDS``): ``sglang-router``
+re-serializes every body it forwards with SGLang's defaults filled in (``"log_metrics": true``, ``"model": null``,
+``"separate_reasoning": true``, ...), which asks for nothing this server does not do; the same field with any other
+value is an unknown field as above.
 """
 
 from __future__ import annotations
@@ -48,6 +53,19 @@ def _log_unknown_field(where: str, name: str) -> None:
     logger.warning("ignoring unknown field %r in %s", key[1], where)
 
 
+# SGLang fields this server does not implement -> the value that asks for nothing (SGLang's default), per route
+# (``_Body.where``); what sglang-router 0.3.2 adds to every forwarded body.
+_GENERATE_NEUTRAL = {"model": None, "return_text_in_logprobs": False, "log_metrics": True, "background": False,
+                     "no_logs": False, "return_bytes": False, "return_entropy": False}
+_CHAT_NEUTRAL = {"continue_final_message": False, "separate_reasoning": True, "stream_reasoning": True,
+                 "return_hidden_states": False}
+NEUTRAL_FIELDS: dict[str, dict[str, Any]] = {
+    "/generate requests": _GENERATE_NEUTRAL,
+    "/v1/chat/completions requests": _CHAT_NEUTRAL,
+    "/v1/completions requests": {"return_hidden_states": False},
+}
+
+
 class _Body(BaseModel):
     # NaN and Infinity (JSON tokens pydantic accepts, and 1e999) are no sampling parameter: a 400, not NaN logits
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -58,10 +76,16 @@ class _Body(BaseModel):
     def _note_unknown_fields(cls, data: Any, handler: Any) -> Any:
         body = handler(data)  # first: a union member that does not fit (a content part's type) logs nothing
         if isinstance(data, dict):
-            for name in data:
-                if name not in cls.model_fields:
+            neutral = NEUTRAL_FIELDS.get(cls.where, {})
+            for name, value in data.items():
+                if name not in cls.model_fields and not (name in neutral and _same(value, neutral[name])):
                     _log_unknown_field(cls.where, str(name))
         return body
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """``value`` is ``neutral`` as JSON has it (``0`` is not ``false``)."""
+    return type(value) is type(neutral) and value == neutral
 
 
 class StreamOptions(_Body):
