@@ -23,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--temperature", type=float, default=0.0)
     from radixlm.config import ServerArgs
+    from radixlm.router.launch import SERVE_PREFIX, add_cli_args as add_router_cli_args
 
     ServerArgs.add_cli_args(serve)
+    add_router_cli_args(serve.add_argument_group("router", "the router in front of --dp-size replicas (without "
+                                                           "--enable-dp-attention); `radixlm router`'s flags"),
+                        prefix=SERVE_PREFIX)
     ServerArgs.add_cli_args(generate)
     args = parser.parse_args(argv)
     if args.command == "prepare":
@@ -48,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=server_args.log_level.upper(), format="[radixlm node] %(asctime)s %(message)s")
         return run_node(server_args)
+    if server_args.dp_replicas:
+        from radixlm.router.launch import router_args, router_options
+        from radixlm.server.replicas import serve_replicas
+
+        try:  # the workers come from the replicas, the endpoint from --host, --port and --api-key
+            router = router_args(args, SERVE_PREFIX, worker_urls=(), host=server_args.host, port=server_args.port,
+                                 api_key=server_args.api_key)
+            options = router_options(args, SERVE_PREFIX)
+        except ValueError as exc:
+            serve.error(str(exc))
+        return serve_replicas(server_args, router, options)
     from radixlm.server.launch import launch_server
 
     return launch_server(server_args)

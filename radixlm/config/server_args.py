@@ -57,9 +57,11 @@ class ServerArgs:
     # Hardware and memory
     device: str = _arg("auto", "where to run", ("auto", "cpu", "cuda"))
     tp_size: int = _arg(1, "tensor-parallel size")
-    dp_size: int = _arg(1, "data-parallel attention size (with --enable-dp-attention): the --tp-size ranks form this "
-                           "many attention groups of consecutive ranks, each with its own requests and KV cache; "
-                           "must divide --tp-size")
+    dp_size: int = _arg(1, "data parallelism.  Without --enable-dp-attention: this many independent replicas of the "
+                           "server (`radixlm serve` only), each with --tp-size ranks on its own GPUs, behind the "
+                           "cache-aware router on --host/--port (the --router-* flags).  With it: data-parallel "
+                           "attention, the --tp-size ranks forming this many attention groups of consecutive "
+                           "ranks, each with its own requests and KV cache; must divide --tp-size")
     enable_dp_attention: bool = _arg(False, "MLA models (DeepSeek-V2/V3): attention data-parallel over --dp-size "
                                             "groups (tensor-parallel over --tp-size / --dp-size ranks within one, "
                                             "with the embedding and LM head), the MoE and MLP layers "
@@ -70,6 +72,9 @@ class ServerArgs:
                                                       "most likely caches the prompt's longest prefix, unless its "
                                                       "queue is much longer than the shortest)",
                                     LOAD_BALANCE_METHODS)
+    base_gpu_id: int = _arg(0, "the first GPU this server uses: TP rank r runs on GPU --base-gpu-id + r (on each node, "
+                               "counting that node's ranks from 0); --dp-size replica i starts at --base-gpu-id + "
+                               "i * --tp-size")
     mem_fraction_static: float | None = _arg(None, "fraction of GPU memory for weights + KV cache (GPU default 0.88)")
     max_total_tokens: int | None = _arg(None, "KV-cache capacity in tokens (default: sized from memory)")
     page_size: int = _arg(1, "tokens per KV page")
@@ -138,12 +143,16 @@ class ServerArgs:
             problems.append(f"--tp-size must be >= 1, got {self.tp_size}")
         if self.dp_size < 1:
             problems.append(f"--dp-size must be >= 1, got {self.dp_size}")
-        elif self.dp_size > 1 and not self.enable_dp_attention:
-            problems.append(f"--dp-size {self.dp_size} needs --enable-dp-attention (data-parallel replicas of the "
-                            "whole model are not supported)")
+        elif self.dp_replicas and self.nnodes > 1:
+            problems.append(f"--dp-size {self.dp_size} without --enable-dp-attention runs replicas on one node; across "
+                            f"nodes (--nnodes {self.nnodes}) run a `radixlm serve` per node and `radixlm router "
+                            "--worker-urls ...` in front of them")
+        elif self.dp_replicas and self.dist_init_addr is not None:
+            problems.append(f"--dp-size {self.dp_size} without --enable-dp-attention takes no --dist-init-addr: each "
+                            "replica picks a free local port of its own")
         elif self.enable_dp_attention and self.dp_size == 1:
             problems.append("--enable-dp-attention needs --dp-size >= 2, got 1 (that is plain tensor parallelism)")
-        elif self.tp_size >= 1 and self.tp_size % self.dp_size:
+        elif self.enable_dp_attention and self.tp_size >= 1 and self.tp_size % self.dp_size:
             problems.append(f"--dp-size {self.dp_size} must divide --tp-size {self.tp_size}")
         if self.nnodes < 1:
             problems.append(f"--nnodes must be >= 1, got {self.nnodes}")
@@ -192,8 +201,18 @@ class ServerArgs:
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
                                 f"got {getattr(self, f.name)!r}")
+        if self.base_gpu_id < 0:
+            problems.append(f"--base-gpu-id must be >= 0, got {self.base_gpu_id}")
         if self.device == "cuda" and not torch.cuda.is_available():
             problems.append("--device cuda was asked for but torch sees no CUDA device")
+        elif (self.device != "cpu" and torch.cuda.is_available() and self.tp_size >= 1 and self.dp_size >= 1
+              and self.nnodes >= 1):
+            gpus = self.tp_size_per_node * (self.dp_size if self.dp_replicas else 1)
+            if self.base_gpu_id + gpus > torch.cuda.device_count():
+                problems.append(f"GPUs {self.base_gpu_id}..{self.base_gpu_id + gpus - 1} are needed (--base-gpu-id "
+                                f"{self.base_gpu_id}, {gpus} = --tp-size / --nnodes"
+                                + (" x --dp-size" if self.dp_replicas else "")
+                                + f") but torch sees {torch.cuda.device_count()}")
         if problems:
             raise ValueError("invalid server arguments:\n  " + "\n  ".join(problems))
         # Resolve the derived defaults once so every process sees the same values.
@@ -212,6 +231,12 @@ class ServerArgs:
         if self.attention_backend == "cpu" and not buildable:
             raise ValueError("invalid server arguments:\n  --attention-backend cpu needs --device cpu and a C "
                              "compiler to build radixlm's CPU kernels (and RADIXLM_DISABLE_CPU_KERNELS unset)")
+
+    @property
+    def dp_replicas(self) -> bool:
+        """``--dp-size`` > 1 without ``--enable-dp-attention``: that many whole-server replicas behind the router
+        (radixlm.server.replicas); an ``Engine`` refuses it."""
+        return self.dp_size > 1 and not self.enable_dp_attention
 
     @property
     def tp_size_per_node(self) -> int:

@@ -71,6 +71,11 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.server_args = ServerArgs(model_path=model_path, **server_args)
+        if self.server_args.dp_replicas:
+            dp = self.server_args.dp_size
+            raise ValueError(f"Engine(dp_size={dp}) without enable_dp_attention: data-parallel replicas are whole "
+                             f"servers behind a router; run `radixlm serve --dp-size {dp}` (or set "
+                             "enable_dp_attention=True for an MLA model's data-parallel attention)")
         if self.server_args.node_rank != 0:
             raise ValueError(f"--node-rank {self.server_args.node_rank}: the front end runs on node 0; the other "
                              "nodes run radixlm.engine.node.run_node (`radixlm serve --node-rank k`)")

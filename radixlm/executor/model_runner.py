@@ -51,8 +51,8 @@ class ModelRunner:
         self.server_args = server_args
         self.model_config = model_config
         self.tp_rank = tp_rank
-        local_rank = tp_rank % server_args.tp_size_per_node  # each node numbers its GPUs from 0
-        self.device = torch.device(f"cuda:{local_rank}" if server_args.device == "cuda" else "cpu")
+        gpu_id = server_args.base_gpu_id + tp_rank % server_args.tp_size_per_node  # each node counts from 0
+        self.device = torch.device(f"cuda:{gpu_id}" if server_args.device == "cuda" else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_method = f"tcp://{server_args.dist_init_addr}" if server_args.dist_init_addr else "env://"

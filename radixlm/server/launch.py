@@ -8,7 +8,9 @@
 - **Engine failure** (the scheduler raised, its watchdog fired, or it was killed): the requests in flight get a 500
   naming the error, new ones a 503; once the in-flight responses are written (``FAILED_FLUSH_S`` at most) the server
   exits with status 1, so that a supervisor (systemd, Kubernetes) restarts it.
-- If this process is killed outright, the schedulers notice their parent is gone and exit on their own.
+- If this process is killed outright, the schedulers notice their parent is gone and exit on their own.  A
+  ``--dp-size`` replica (radixlm.server.replicas) likewise drains and exits when its supervisor is gone
+  (``SUPERVISOR_PID_ENV``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ ABORTED_FLUSH_S = 10.0  # after the grace period: time for the aborted requests'
 FAILED_FLUSH_S = 5.0  # after an engine failure: time for the in-flight requests' errors to be written
 EXIT_ENGINE_FAILED = 1
 EXIT_FORCED = 1
+SUPERVISOR_PID_ENV = "RADIXLM_SUPERVISOR_PID"  # set by a --dp-size supervisor for its replicas: their parent's pid
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -65,15 +68,17 @@ def launch_server(server_args: ServerArgs) -> int:
         config = uvicorn.Config(app, host=server_args.host, port=server_args.port,
                                 log_level=server_args.log_level, timeout_keep_alive=30,
                                 timeout_graceful_shutdown=5)
-        server = _Server(config)
-        lifecycle = Lifecycle(engine, server, app.state.in_flight, server_args.graceful_shutdown_timeout)
+        server = SignalFreeServer(config)
+        supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+        lifecycle = Lifecycle(engine, server, app.state.in_flight, server_args.graceful_shutdown_timeout,
+                              int(supervisor) if supervisor else None)
         return asyncio.run(lifecycle.serve())
     finally:
         engine.shutdown()
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handling: ``Lifecycle`` owns SIGTERM and SIGINT."""
+class SignalFreeServer(uvicorn.Server):
+    """uvicorn's server without its signal handling: the caller's lifecycle owns SIGTERM and SIGINT."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -81,8 +86,11 @@ class _Server(uvicorn.Server):
 
 
 class Lifecycle:
-    def __init__(self, engine: "Engine", server: "uvicorn.Server", in_flight: "InFlight", grace_s: float):
+    def __init__(self, engine: "Engine", server: "uvicorn.Server", in_flight: "InFlight", grace_s: float,
+                 supervisor_pid: int | None = None):
+        """``supervisor_pid``: drain as on SIGTERM once this process's parent is no longer that pid."""
         self.engine = engine
+        self.supervisor_pid = supervisor_pid
         self.server = server
         self.in_flight = in_flight
         self.grace_s = grace_s
@@ -128,6 +136,10 @@ class Lifecycle:
                 await asyncio.wait_for(self._signalled.wait(), WATCH_INTERVAL_S)
             except asyncio.TimeoutError:
                 pass
+            if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
+                logger.warning("the supervisor (pid %d) is gone: draining", self.supervisor_pid)
+                self.engine.stop_admitting("the server is shutting down")
+                break
         if self.engine.dead_reason is not None:
             logger.error("the engine failed; exiting with status %d once the in-flight responses are written",
                          EXIT_ENGINE_FAILED)
