@@ -64,7 +64,8 @@ def test_server_args_explicit_seed_kept() -> None:
     [
         ({"tp_size": 0}, "--tp-size"),
         ({"dp_size": 0}, "--dp-size"),
-        ({"dp_size": 2}, "--dp-size"),  # without --enable-dp-attention
+        ({"dp_size": 2, "nnodes": 2, "dist_init_addr": "h:5000"}, "--dp-size"),  # replicas span one node
+        ({"base_gpu_id": -1}, "--base-gpu-id"),
         ({"tp_size": 4, "dp_size": 3, "enable_dp_attention": True}, "--dp-size"),
         ({"page_size": 3}, "--page-size"),
         ({"page_size": 0}, "--page-size"),
