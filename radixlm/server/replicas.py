@@ -22,7 +22,7 @@ Lifecycle:
 - **Serving**: the router (radixlm.router.server, the ``--router-*`` flags) in this process.  A replica that dies
   is logged with its last output and routed around (a refused connection moves its request to another replica
   before any byte is relayed; the router's health checks keep it out); the server goes on with the others, and
-  exits with status 1 when none is left.  Replicas are not restarted: ``/list_workers`` and ``/metrics`` show the
+  exits with status 1 when none is left (and with status 1 at its stop, having lost one).  Replicas are not restarted: ``/list_workers`` and ``/metrics`` show the
   dead one unhealthy, and a supervisor that wants full capacity back restarts the whole command.
 - **Stop** (the first SIGTERM or SIGINT): every replica gets SIGTERM and drains (radixlm.server.launch: in-flight
   requests finish within ``--graceful-shutdown-timeout``, new ones get 503), the router relaying their answers;
@@ -311,6 +311,7 @@ class Supervisor:
                 continue
             replica.reported = True
             if self._stop_deadline is None:
+                self.exit_code = EXIT_FAILED  # whatever ends the server later: it lost a replica on the way
                 logger.error("%s\nRouted around from now on (%d replicas left)", replica.exit_message("while serving"),
                              sum(r.exit_code is None for r in self.replicas))
                 continue
