@@ -158,14 +158,14 @@ def test_a_dead_replica_is_routed_around_and_sigterm_ends_every_process(server, 
     assert f"replica 1 ({victim_url}, cpu) exited with code -9 while serving" in log
 
 
-def test_a_replica_that_cannot_start_fails_the_command(tmp_path) -> None:
-    """Named with its output, the other replica stopped, the exit status 1, no process left."""
+def test_a_replica_that_cannot_start_fails_the_command() -> None:
+    """Named with its output, the other replica stopped, the exit status 1, the public port never served."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "radixlm.serve", "--dp-size", "2", "--port", str(port),
-                             "--device", "cpu", "--model-path", str(tmp_path / "missing")],
+                             "--device", "cpu", "--chat-template", "no-such-template"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     assert re.search(r"replica \d \(http://127\.0\.0\.1:\d+, cpu\) exited with code 1 while starting\.\n"
-                     r"Its last output:\n", out), out
-    assert "startup failed: stopping the other replicas" in out
+                     r"Its last output:\n(    .*\n)*    ValueError: --chat-template 'no-such-template' is neither", out), out
+    assert "startup failed: stopping the other replicas" in out and "radixlm is serving" not in out

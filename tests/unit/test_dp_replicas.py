@@ -6,7 +6,9 @@ with its prefix."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import types
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ from radixlm.engine.child_stderr import OutputTail
 from radixlm.router.launch import RouterOptions
 from radixlm.router.policy import RouterArgs
 from radixlm.server import replicas
-from radixlm.server.launch import SUPERVISOR_PID_ENV
+from radixlm.server.launch import SUPERVISOR_PID_ENV, Lifecycle
 
 SERVE = [sys.executable, "-m", "radixlm.serve"]
 
@@ -147,3 +149,39 @@ def test_output_tail_prefixes_lines_and_keeps_them_plain(capfd: pytest.CaptureFi
     assert proc.wait() == 3
     assert tail.tail() == "a\nbc\n\nd"
     assert capfd.readouterr().err == "[replica 3] a\n[replica 3] bc\n\n[replica 3] d\n"
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.model_path, self.server_args = "m", types.SimpleNamespace(host="127.0.0.1", port=1)
+        self.dead_reason, self.num_in_flight, self.refusing = None, 0, None
+
+    def stop_admitting(self, reason: str) -> None:
+        self.refusing = reason
+
+
+class FakeServer:
+    started = should_exit = False
+
+    async def serve(self) -> None:
+        self.started = True
+        while not self.should_exit:
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("supervised_by_parent", [True, False])
+def test_a_replica_drains_once_its_supervisor_is_gone(supervised_by_parent: bool) -> None:
+    """A replica whose parent is no longer the supervisor's pid (the supervisor was killed) drains and exits 0;
+    one whose supervisor lives serves on."""
+    engine, server = FakeEngine(), FakeServer()
+    supervisor = os.getppid() if supervised_by_parent else os.getppid() + 100000
+    lifecycle = Lifecycle(engine, server, types.SimpleNamespace(count=0), grace_s=0, supervisor_pid=supervisor)
+
+    async def run() -> int | None:
+        try:
+            return await asyncio.wait_for(lifecycle.serve(), 1.0)
+        except asyncio.TimeoutError:
+            return None
+
+    assert asyncio.run(run()) == (None if supervised_by_parent else 0)
+    assert engine.refusing == (None if supervised_by_parent else "the server is shutting down")
