@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import radixlm
 from radixlm.cli import main as cli_main
@@ -185,3 +186,19 @@ def test_a_replica_drains_once_its_supervisor_is_gone(supervised_by_parent: bool
 
     assert asyncio.run(run()) == (None if supervised_by_parent else 0)
     assert engine.refusing == (None if supervised_by_parent else "the server is shutting down")
+
+
+def test_gpus_per_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On 4 GPUs (faked): --tp-size 2 --dp-size 2 gives replica i GPUs 2i..2i+1; one more replica, or a base
+    past the end, is refused naming the GPUs needed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    plans = replicas.plan_replicas(ServerArgs(tp_size=2, dp_size=2, random_seed=0), [1, 2, 3, 4])
+    assert [p.describe() for p in plans] == ["replica 0 (http://127.0.0.1:1, GPUs 0..1)",
+                                             "replica 1 (http://127.0.0.1:2, GPUs 2..3)"]
+    assert [p.args.device for p in plans] == ["cuda", "cuda"]
+    with pytest.raises(ValueError, match=r"GPUs 0\.\.5 are needed .* but torch sees 4"):
+        ServerArgs(tp_size=2, dp_size=3)
+    with pytest.raises(ValueError, match=r"GPUs 3\.\.4 are needed \(--base-gpu-id 3, 2 = --tp-size / --nnodes\)"):
+        ServerArgs(tp_size=2, base_gpu_id=3)
+    assert ServerArgs(tp_size=4, dp_size=4, enable_dp_attention=True).base_gpu_id == 0  # DP attention: 4 GPUs
