@@ -202,3 +202,13 @@ def test_gpus_per_replica(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=r"GPUs 3\.\.4 are needed \(--base-gpu-id 3, 2 = --tp-size / --nnodes\)"):
         ServerArgs(tp_size=2, base_gpu_id=3)
     assert ServerArgs(tp_size=4, dp_size=4, enable_dp_attention=True).base_gpu_id == 0  # DP attention: 4 GPUs
+
+
+def test_a_public_port_in_use_fails_before_any_replica_starts(caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replicas, "Replica", lambda *a: pytest.fail("a replica was started"))
+    with replicas.bind_public("127.0.0.1", 0) as busy:
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli_main(["serve", "--dp-size", "2", "--device", "cpu", "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
