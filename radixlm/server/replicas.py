@@ -184,7 +184,7 @@ class Replica:
 
     def exit_message(self, when: str) -> str:
         tail = self.output.tail()
-        message = f"{self.plan.describe()} exited with code {self.proc.returncode} {when}."
+        message = f"{self.plan.describe()} {ended(self.proc.returncode)} {when}."
         if not tail:
             return message + "  It wrote nothing."
         return message + "\nIts last output:\n" + "\n".join("    " + line for line in tail.splitlines())
@@ -230,7 +230,8 @@ class Supervisor:
             return EXIT_FAILED
         env = replica_env(self.args, dict(os.environ), os.getpid())
         try:
-            self.replicas = [Replica(plan, env) for plan in self.plans]
+            for plan in self.plans:
+                self.replicas.append(Replica(plan, env))
             logger.info("started %d replicas: %s", len(self.replicas),
                         ", ".join(f"{r.plan.describe()} pid {r.proc.pid}" for r in self.replicas))
             if await self._until_ready():
@@ -317,7 +318,7 @@ class Supervisor:
                 continue
             if code != 0:
                 self.exit_code = EXIT_FAILED
-            logger.info("%s exited with code %d", replica.plan.describe(), code)
+            logger.info("%s %s", replica.plan.describe(), ended(code))
         if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
             for replica in self.replicas:
                 if replica.exit_code is None:
@@ -326,6 +327,14 @@ class Supervisor:
                     replica.kill_group()
                     replica.reported = True
                     self.exit_code = EXIT_FAILED
+
+
+def ended(code: int) -> str:
+    """How a process with this exit status ended (``Popen.returncode``: -N for signal N)."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
 
 
 async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:

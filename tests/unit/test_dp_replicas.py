@@ -212,3 +212,9 @@ def test_a_public_port_in_use_fails_before_any_replica_starts(caplog: pytest.Log
         port = busy.getsockname()[1]
         assert cli_main(["serve", "--dp-size", "2", "--device", "cpu", "--port", str(port)]) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+
+
+def test_how_a_replica_ended() -> None:
+    assert [replicas.ended(c) for c in (0, 1, -9, -15, -200)] == [
+        "exited with code 0", "exited with code 1", "was killed by SIGKILL", "was killed by SIGTERM",
+        "exited with code -200"]
