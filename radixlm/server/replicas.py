@@ -22,8 +22,9 @@ Lifecycle:
 - **Serving**: the router (radixlm.router.server, the ``--router-*`` flags) in this process.  A replica that dies
   is logged with its last output and routed around (a refused connection moves its request to another replica
   before any byte is relayed; the router's health checks keep it out); the server goes on with the others, and
-  exits with status 1 when none is left (and with status 1 at its stop, having lost one).  Replicas are not restarted: ``/list_workers`` and ``/metrics`` show the
-  dead one unhealthy, and a supervisor that wants full capacity back restarts the whole command.
+  exits with status 1 when none is left (and with status 1 at its stop, having lost one).  Replicas are not
+  restarted: ``/list_workers`` and ``/metrics`` show the dead one unhealthy, and a supervisor that wants full
+  capacity back restarts the whole command.
 - **Stop** (the first SIGTERM or SIGINT): every replica gets SIGTERM and drains (radixlm.server.launch: in-flight
   requests finish within ``--graceful-shutdown-timeout``, new ones get 503), the router relaying their answers;
   once every replica has exited the router stops; status 0 when every replica drained cleanly.  A second signal

@@ -1,7 +1,8 @@
 """``radixlm serve --dp-size 2`` of the embedded model on CPU end to end: each replica a plain server with the flags
-given; the greedy answers through the public port equal a single worker's (chat, streamed chat, /generate); requests reach both replicas and a shared prefix sticks
-to one (cache-aware, with the replica's prefix cache hit); a replica killed is routed around; SIGTERM ends every
-process of the tree; a replica that cannot start fails the command with its name and output."""
+given; the greedy answers through the public port equal a single worker's (chat, streamed chat, /generate);
+requests reach both replicas and a shared prefix sticks to one (cache-aware, with the replica's prefix cache hit);
+a replica killed is routed around; SIGTERM ends every process of the tree; a replica that cannot start fails the
+command with its name and output."""
 
 from __future__ import annotations
 
@@ -167,5 +168,6 @@ def test_a_replica_that_cannot_start_fails_the_command() -> None:
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     assert re.search(r"replica \d \(http://127\.0\.0\.1:\d+, cpu\) exited with code 1 while starting\.\n"
-                     r"Its last output:\n(    .*\n)*    ValueError: --chat-template 'no-such-template' is neither", out), out
+                     r"Its last output:\n(    .*\n)*"
+                     r"    ValueError: --chat-template 'no-such-template' is neither", out), out
     assert "startup failed: stopping the other replicas" in out and "radixlm is serving" not in out
