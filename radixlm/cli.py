@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         return 0
     server_args = ServerArgs.from_cli_args(args)
+    prefix = SERVE_PREFIX.replace("-", "_")
+    router_flags = [k for k, v in vars(args).items() if k.startswith(prefix) and v != serve.get_default(k)]
+    if router_flags and not server_args.dp_replicas:
+        serve.error(f"--{router_flags[0].replace('_', '-')} applies to the router in front of --dp-size replicas "
+                    f"(--dp-size > 1 without --enable-dp-attention)")
     if server_args.node_rank > 0:  # a multi-node server's other node: schedulers only, the HTTP server is node 0's
         from radixlm.engine.node import run_node
 

@@ -134,6 +134,18 @@ def test_bad_router_flags_refused(flags: list[str], monkeypatch: pytest.MonkeyPa
     assert exc.value.code == 2 and flags[0] in capsys.readouterr().err
 
 
+def test_router_flags_without_replicas_refused(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A --router-* flag on a server that runs no router is a usage error, not silently ignored."""
+    import radixlm.server.launch as server_launch
+
+    monkeypatch.setattr(server_launch, "launch_server", lambda *a: pytest.fail("started"))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["serve", "--device", "cpu", "--router-policy", "round_robin"])
+    assert exc.value.code == 2 and "--router-policy applies to the router in front of --dp-size" in \
+        capsys.readouterr().err
+
+
 def test_free_ports_are_distinct() -> None:
     ports = replicas.free_ports(8)
     assert len(set(ports)) == 8 and all(0 < p < 65536 for p in ports)
