@@ -136,6 +136,9 @@ class ServerArgs:
     nnodes: int = _arg(1, "number of nodes the --tp-size ranks are spread over (--tp-size / --nnodes each)")
     node_rank: int = _arg(0, "this node's rank in 0..--nnodes - 1: node 0 runs the HTTP server (or Engine) and TP "
                              "ranks 0.., the others only their TP ranks' scheduler processes")
+    dist_timeout: float | None = _arg(None, "seconds torch.distributed waits for the other ranks, at its "
+                                            "initialization (a node that never joins) and in collectives "
+                                            "(default: torch's, 10 minutes)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -156,6 +159,8 @@ class ServerArgs:
             problems.append(f"--dp-size {self.dp_size} must divide --tp-size {self.tp_size}")
         if self.nnodes < 1:
             problems.append(f"--nnodes must be >= 1, got {self.nnodes}")
+        if self.dist_timeout is not None and not self.dist_timeout > 0:
+            problems.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         elif not 0 <= self.node_rank < self.nnodes:
             problems.append(f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), "
                             f"got {self.node_rank}")

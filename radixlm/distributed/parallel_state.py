@@ -15,6 +15,7 @@ tensor-parallel within its attention group, the feed-forward over the whole TP g
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 import weakref
@@ -113,10 +114,11 @@ _DP_ATTENTION = DPAttention()
 
 
 def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_method: str,
-                         dp_size: int = 1) -> TPGroup:
+                         dp_size: int = 1, timeout_s: float | None = None) -> TPGroup:
     """Join the tensor-parallel group (NCCL on CUDA, gloo on CPU) and make it the process's TP group; with
     ``dp_size > 1`` (data-parallel attention) also create the ``dp_size`` attention groups (every rank takes part
-    in creating each of them, as torch.distributed requires) and keep this rank's."""
+    in creating each of them, as torch.distributed requires) and keep this rank's.  ``timeout_s``: how long the
+    rendezvous and the collectives wait for the other ranks (None: torch's default)."""
     global _TP_GROUP, _DP_ATTENTION
     if dp_size < 1 or tp_size % dp_size:
         raise ValueError(f"the data-parallel attention size ({dp_size}) must divide the tensor-parallel size "
@@ -129,7 +131,8 @@ def init_tensor_parallel(tp_rank: int, tp_size: int, device: torch.device, init_
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, world_size=tp_size, rank=tp_rank,
-                                device_id=device if backend == "nccl" else None)
+                                device_id=device if backend == "nccl" else None,
+                                timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s))
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     _TP_GROUP = TPGroup(rank=tp_rank, size=tp_size, group_ref=weakref.ref(dist.group.WORLD),
                         cpu_group_ref=weakref.ref(cpu_group))

@@ -56,7 +56,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_method = f"tcp://{server_args.dist_init_addr}" if server_args.dist_init_addr else "env://"
-        self.tp = init_tensor_parallel(tp_rank, server_args.tp_size, self.device, init_method, server_args.dp_size)
+        self.tp = init_tensor_parallel(tp_rank, server_args.tp_size, self.device, init_method, server_args.dp_size,
+                                       server_args.dist_timeout)
         self.dp = get_dp_attention()
         torch.manual_seed(server_args.random_seed)
 
