@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,13 +334,18 @@ def summarize(finished: list[SimRequest], sent: dict[str, int]) -> Summary:
                    max(sent.values()) / statistics.fmean(sent.values()))
 
 
-def make_trace(name: str, workers: int, seed: int, ns: argparse.Namespace) -> list[Session]:
-    """The named trace, sized per worker so every worker count sees the same regime."""
-    if name == "chat":
-        return chat_trace(ns.chat_users_per_worker * workers, ns.chat_user_rate_per_worker * workers, seed,
-                          think_mean_s=ns.chat_think_s)
-    return shared_prompt_trace(ns.shared_groups_per_worker * workers, ns.shared_requests_per_worker * workers,
-                               ns.shared_rate_per_worker * workers, seed)
+def traces(names: list[str], workers: int, ns: argparse.Namespace) -> Iterator[tuple[str, list[Session]]]:
+    """The named traces with a label each, sized per worker so every worker count sees the same regime: chat,
+    and the shared-prompt trace once per offered load in ``ns.shared_rates_per_worker``."""
+    if "chat" in names:
+        yield (f"chat, {ns.chat_users_per_worker} users/worker",
+               chat_trace(ns.chat_users_per_worker * workers, ns.chat_user_rate_per_worker * workers, ns.seed,
+                          think_mean_s=ns.chat_think_s))
+    if "shared" in names:
+        for rate in ns.shared_rates_per_worker:
+            yield (f"shared, {rate:g} req/s/worker",
+                   shared_prompt_trace(ns.shared_groups_per_worker * workers, ns.shared_requests_per_worker * workers,
+                                       rate * workers, ns.seed))
 
 
 def main() -> None:
@@ -348,17 +353,18 @@ def main() -> None:
     parser.add_argument("--traces", nargs="+", choices=["chat", "shared"], default=["chat", "shared"])
     parser.add_argument("--workers", nargs="+", type=int, default=[8, 16, 64])
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
-    parser.add_argument("--cache-tokens", nargs="+", type=int, default=[200_000, 20_000_000],
+    parser.add_argument("--cache-tokens", nargs="+", type=int, default=[200_000],
                         help="per-worker prefix cache sizes to run (one table block each)")
     parser.add_argument("--page", type=int, default=16)
     parser.add_argument("--max-running", type=int, default=128)
     parser.add_argument("--prefill-budget", type=int, default=8192)
-    parser.add_argument("--chat-users-per-worker", type=int, default=48)
-    parser.add_argument("--chat-user-rate-per-worker", type=float, default=1.0, help="new conversations per s")
-    parser.add_argument("--chat-think-s", type=float, default=2.0)
+    parser.add_argument("--chat-users-per-worker", type=int, default=64)
+    parser.add_argument("--chat-user-rate-per-worker", type=float, default=16.0, help="new conversations per s")
+    parser.add_argument("--chat-think-s", type=float, default=1.0)
     parser.add_argument("--shared-groups-per-worker", type=int, default=16)
     parser.add_argument("--shared-requests-per-worker", type=int, default=200)
-    parser.add_argument("--shared-rate-per-worker", type=float, default=20.0, help="requests per s")
+    parser.add_argument("--shared-rates-per-worker", nargs="+", type=float, default=[10.0, 60.0],
+                        help="offered loads, requests per s (one run each; 60 saturates every policy)")
     parser.add_argument("--max-tree-size", type=int, default=RouterArgs().max_tree_size,
                         help="the cache-aware policy's characters per worker (the router's default)")
     parser.add_argument("--seed", type=int, default=1)
@@ -366,23 +372,29 @@ def main() -> None:
     print("| trace | cache tok/worker | workers | working set tok | policy | requests | hit % | req/s | tok/s | "
           "span s | TTFT mean s | TTFT p99 s | max/mean reqs | hit x RR | req/s x RR |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for trace_name, cache_tokens, workers in itertools.product(ns.traces, ns.cache_tokens, ns.workers):
-        trace = make_trace(trace_name, workers, ns.seed, ns)
-        config = SimConfig(workers, cache_tokens, ns.page, ns.max_running, ns.prefill_budget)
-        results: dict[str, Summary] = {}
-        for policy in ns.policies:
-            t0 = time.perf_counter()
-            args = RouterArgs(policy=policy, max_tree_size=ns.max_tree_size)
-            results[policy] = summarize(*simulate(trace, args, config, ns.seed))
-            print(f"  ({trace_name}, {cache_tokens:,}, {workers}, {policy}: {time.perf_counter() - t0:.1f} s wall)",
-                  file=sys.stderr, flush=True)
-        rr = results.get("round_robin")
-        for policy, s in results.items():
-            ratios = f"{s.hit_rate / rr.hit_rate:.2f} | {s.req_per_s / rr.req_per_s:.2f}" if rr and rr.hit_rate else "|"
-            print(f"| {trace_name} | {cache_tokens:,} | {workers} | {working_set_tokens(trace):,} | {policy} | "
-                  f"{s.requests:,} | {100 * s.hit_rate:.1f} | {s.req_per_s:.1f} | {s.tok_per_s:,.0f} | "
-                  f"{s.span_s:.1f} | {s.ttft_mean_s:.2f} | {s.ttft_p99_s:.2f} | {s.imbalance:.2f} | {ratios} |",
-                  flush=True)
+    for cache_tokens, workers in itertools.product(ns.cache_tokens, ns.workers):
+        for trace_name, trace in traces(ns.traces, workers, ns):
+            report(trace_name, trace, SimConfig(workers, cache_tokens, ns.page, ns.max_running, ns.prefill_budget),
+                   ns)
+
+
+def report(trace_name: str, trace: list[Session], config: SimConfig, ns: argparse.Namespace) -> None:
+    """One table block: every policy of ``ns.policies`` on ``trace``, with its ratios to round robin."""
+    results: dict[str, Summary] = {}
+    for policy in ns.policies:
+        t0 = time.perf_counter()
+        args = RouterArgs(policy=policy, max_tree_size=ns.max_tree_size)
+        results[policy] = summarize(*simulate(trace, args, config, ns.seed))
+        print(f"  ({trace_name}, {config.cache_tokens:,}, {config.workers}, {policy}: "
+              f"{time.perf_counter() - t0:.1f} s wall)", file=sys.stderr, flush=True)
+    rr = results.get("round_robin")
+    for policy, s in results.items():
+        ratios = f"{s.hit_rate / rr.hit_rate:.2f} | {s.req_per_s / rr.req_per_s:.2f}" if rr and rr.hit_rate else "|"
+        print(f"| {trace_name} | {config.cache_tokens:,} | {config.workers} | {working_set_tokens(trace):,} | "
+              f"{policy} | {s.requests:,} | {100 * s.hit_rate:.1f} | {s.req_per_s:.1f} | {s.tok_per_s:,.0f} | "
+              f"{s.span_s:.1f} | {s.ttft_mean_s:.2f} | {s.ttft_p99_s:.2f} | {s.imbalance:.2f} | {ratios} |",
+              flush=True)
+
 
 if __name__ == "__main__":
     main()
