@@ -335,12 +335,15 @@ def summarize(finished: list[SimRequest], sent: dict[str, int]) -> Summary:
 
 
 def traces(names: list[str], workers: int, ns: argparse.Namespace) -> Iterator[tuple[str, list[Session]]]:
-    """The named traces with a label each, sized per worker so every worker count sees the same regime: chat,
-    and the shared-prompt trace once per offered load in ``ns.shared_rates_per_worker``."""
+    """The named traces with a label each, sized per worker so every worker count sees the same regime: chat once
+    per mean think time in ``ns.chat_think_s`` (0: each user sends its next turn at once, a closed loop whose
+    throughput is what the fleet sustains at that concurrency), the shared-prompt trace once per offered load in
+    ``ns.shared_rates_per_worker``."""
     if "chat" in names:
-        yield (f"chat, {ns.chat_users_per_worker} users/worker",
-               chat_trace(ns.chat_users_per_worker * workers, ns.chat_user_rate_per_worker * workers, ns.seed,
-                          think_mean_s=ns.chat_think_s))
+        for think_s in ns.chat_think_s:
+            yield (f"chat, {ns.chat_users_per_worker} users/worker, think {think_s:g} s",
+                   chat_trace(ns.chat_users_per_worker * workers, ns.chat_user_rate_per_worker * workers, ns.seed,
+                              think_mean_s=think_s))
     if "shared" in names:
         for rate in ns.shared_rates_per_worker:
             yield (f"shared, {rate:g} req/s/worker",
@@ -360,7 +363,8 @@ def main() -> None:
     parser.add_argument("--prefill-budget", type=int, default=8192)
     parser.add_argument("--chat-users-per-worker", type=int, default=64)
     parser.add_argument("--chat-user-rate-per-worker", type=float, default=16.0, help="new conversations per s")
-    parser.add_argument("--chat-think-s", type=float, default=1.0)
+    parser.add_argument("--chat-think-s", nargs="+", type=float, default=[1.0, 0.0],
+                        help="mean think times (one run each)")
     parser.add_argument("--shared-groups-per-worker", type=int, default=16)
     parser.add_argument("--shared-requests-per-worker", type=int, default=200)
     parser.add_argument("--shared-rates-per-worker", nargs="+", type=float, default=[10.0, 60.0],

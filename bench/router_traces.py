@@ -76,7 +76,7 @@ def chat_trace(users: int, rate_per_s: float, seed: int, turns: tuple[int, int] 
                answer: tuple[int, int] = (100, 400), think_mean_s: float = 2.0) -> list[Session]:
     """Multi-turn chat: ``users`` conversations starting as a Poisson process of rate ``rate_per_s``; each has
     ``randint(*turns)`` turns; the first message ``randint(*first_msg)`` tokens, later ones ``randint(*msg)``,
-    answers ``randint(*answer)``; think times exponential with mean ``think_mean_s``.  Lengths in tokens."""
+    answers ``randint(*answer)``; think times exponential with mean ``think_mean_s`` (0: none).  Lengths in tokens."""
     rng = random.Random(seed)
     system = _tokens(rng, system_len)
     sessions, t = [], 0.0
@@ -85,7 +85,7 @@ def chat_trace(users: int, rate_per_s: float, seed: int, turns: tuple[int, int] 
         n = rng.randint(*turns)
         session_turns = tuple(
             Turn(_tokens(rng, rng.randint(*(first_msg if k == 0 else msg))), _tokens(rng, rng.randint(*answer)),
-                 0.0 if k == 0 else rng.expovariate(1.0 / think_mean_s))
+                 0.0 if k == 0 or think_mean_s == 0 else rng.expovariate(1.0 / think_mean_s))
             for k in range(n))
         sessions.append(Session(key, t, system, session_turns))
     return sessions
