@@ -90,6 +90,28 @@ def test_cost_model_interpolates_the_measured_points() -> None:
     assert cost.prefill_s(44_000, 0) == pytest.approx(1 + 1.55e-9 * 44_000 ** 2 / 2)
 
 
+def test_worker_prefills_then_decodes_and_cuts_a_decode_run_for_an_arrival() -> None:
+    """Prefill 1 ms a token; decode 10 ms a step at batch 1, 20 ms at batch 2.  A (10-token prompt, 5-token
+    answer) at 0: prefilled at 0.01, decodes 4 steps from 0.01.  B (A's prompt + 10 tokens, 3-token answer) at
+    0.025 cuts that run after its second step (0.03), is prefilled with 10 of its tokens cached (0.04), then both
+    decode their last 2 tokens at batch 2 (0.08)."""
+    cost = rs.CostModel(prefill_s_per_token=1e-3, attention_s_per_pair=0.0, decode_points=((1, 0.01), (2, 0.02)),
+                        kv_read_s_per_token=0.0)
+    loop, done = rs.EventLoop(), []
+    worker = rs.SimWorker("w", loop, cost, rs.PrefixCacheModel(1000, page=1), max_running=4, prefill_budget=100,
+                          done=done.append)
+    def request(key: int, prompt: tuple[int, ...], answer: tuple[int, ...], arrival: float) -> rs.SimRequest:
+        return rs.SimRequest(rt.Session(key, arrival, (), (rt.Turn(prompt, answer, 0.0),)), 0, prompt, "", arrival)
+
+    a = request(0, tuple(range(10)), tuple(range(5)), 0.0)
+    b = request(1, tuple(range(20)), tuple(range(3)), 0.025)
+    loop.at(0.0, worker.submit, a)
+    loop.at(0.025, worker.submit, b)
+    loop.run()
+    assert [(r is a, r.first_token, r.finish, r.cached) for r in done] == [
+        (True, pytest.approx(0.01), pytest.approx(0.08), 0), (False, pytest.approx(0.04), pytest.approx(0.08), 10)]
+
+
 def test_traces_are_deterministic_and_chat_prompts_extend_each_other() -> None:
     assert rt.chat_trace(5, 1.0, seed=3) == rt.chat_trace(5, 1.0, seed=3) != rt.chat_trace(5, 1.0, seed=4)
     assert rt.shared_prompt_trace(3, 7, 2.0, seed=3) == rt.shared_prompt_trace(3, 7, 2.0, seed=3)
