@@ -35,7 +35,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: its sibling modules
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/ is not a package: its siblings, shadowing nothing
 
 from router_sim import CostModel, PrefixCacheModel, SimRequest, SimWorker, Summary, summarize  # noqa: E402
 from router_traces import Session, chat_trace, shared_prompt_trace, tokens_text  # noqa: E402

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: its sibling modules
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/ is not a package: its siblings, shadowing nothing
 
 from router_traces import Session, chat_trace, shared_prompt_trace, tokens_text, working_set_tokens  # noqa: E402
 

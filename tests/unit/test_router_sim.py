@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is not a package
+sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ is not a package; appended: shadows nothing
 
 import router_sim as rs  # noqa: E402
 import router_traces as rt  # noqa: E402
