@@ -157,15 +157,15 @@ async def replay(trace: list[Session], router_url: str, fleet: MockFleet, clock:
 
 
 @contextlib.contextmanager
-def router_process(kind: str, policy: str, urls: list[str], port: int) -> Iterator[str]:
+def router_process(kind: str, policy: str, urls: list[str], port: int, balance_abs_threshold: int
+                   ) -> Iterator[str]:
     """A router subprocess in front of ``urls`` (its output kept, and shown if the body fails); yields its URL."""
+    flags = ["--worker-urls", *urls, "--policy", policy, "--balance-abs-threshold", str(balance_abs_threshold)]
     if kind == "radixlm":
-        cmd = [sys.executable, "-m", "radixlm.cli", "router", "--worker-urls", *urls, "--policy", policy,
-               "--port", str(port), "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "radixlm.cli", "router", *flags, "--port", str(port), "--log-level", "warning"]
     else:
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy", policy,
-               "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
-               "--log-level", "warn"]
+        cmd = [sys.executable, "-m", "sglang_router.launch_router", *flags, "--host", "127.0.0.1", "--port",
+               str(port), "--prometheus-port", str(free_port()), "--log-level", "warn"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -202,7 +202,7 @@ async def run_one(kind: str, policy: str, trace: list[Session], ns: argparse.Nam
     fleet = MockFleet(ns.workers, CostModel(), ns.cache_tokens, ns.page, ns.max_running, ns.prefill_budget)
     await fleet.start()
     try:
-        with router_process(kind, policy, fleet.urls, free_port()) as url:
+        with router_process(kind, policy, fleet.urls, free_port(), ns.balance_abs_threshold) as url:
             await wait_healthy(url)
             await asyncio.sleep(1.0)  # sglang-router's worker discovery finishes after its first health pass
             start = time.perf_counter()
@@ -235,12 +235,14 @@ def main() -> None:
     parser.add_argument("--shared-groups", type=int, default=32)
     parser.add_argument("--shared-requests", type=int, default=320)
     parser.add_argument("--shared-rate", type=float, default=40.0, help="requests per modeled s")
+    parser.add_argument("--balance-abs-threshold", type=int, default=64, help="both routers' flag")
     parser.add_argument("--time-scale", type=float, default=2.0, help="real seconds per modeled second")
     parser.add_argument("--seed", type=int, default=1)
     ns = parser.parse_args()
     # sglang-router opens each worker with an HTTP/2 (gRPC) preface first: aiohttp logs the rejection per worker.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    print(f"{ns.workers} mock workers, {ns.cache_tokens:,} cached tokens each, time scale {ns.time_scale}")
+    print(f"{ns.workers} mock workers, {ns.cache_tokens:,} cached tokens each, time scale {ns.time_scale}, "
+          f"--balance-abs-threshold {ns.balance_abs_threshold}")
     print("| trace | router | policy | requests | hit % | req/s | span s | TTFT mean s | TTFT p99 s | "
           "max/mean reqs | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
