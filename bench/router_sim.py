@@ -371,6 +371,7 @@ def main() -> None:
                         help="offered loads, requests per s (one run each; 60 saturates every policy)")
     parser.add_argument("--max-tree-size", type=int, default=RouterArgs().max_tree_size,
                         help="the cache-aware policy's characters per worker (the router's default)")
+    parser.add_argument("--balance-abs-threshold", type=int, default=RouterArgs().balance_abs_threshold)
     parser.add_argument("--seed", type=int, default=1)
     ns = parser.parse_args()
     print("| trace | cache tok/worker | workers | working set tok | policy | requests | hit % | req/s | tok/s | "
@@ -387,7 +388,8 @@ def report(trace_name: str, trace: list[Session], config: SimConfig, ns: argpars
     results: dict[str, Summary] = {}
     for policy in ns.policies:
         t0 = time.perf_counter()
-        args = RouterArgs(policy=policy, max_tree_size=ns.max_tree_size)
+        args = RouterArgs(policy=policy, max_tree_size=ns.max_tree_size,
+                          balance_abs_threshold=ns.balance_abs_threshold)
         results[policy] = summarize(*simulate(trace, args, config, ns.seed))
         print(f"  ({trace_name}, {config.cache_tokens:,}, {config.workers}, {policy}: "
               f"{time.perf_counter() - t0:.1f} s wall)", file=sys.stderr, flush=True)
