@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from radixlm.router.policy import POLICIES, RouterArgs
+from radixlm.router.workers import HealthChecks
 
 DEFAULTS = RouterArgs()
 SERVE_PREFIX = "router-"  # the routing flags' prefix on `radixlm serve`
@@ -18,11 +19,11 @@ SERVE_PREFIX = "router-"  # the routing flags' prefix on `radixlm serve`
 
 @dataclass(frozen=True)
 class RouterOptions:
-    """What the router process takes besides ``RouterArgs``: further workers tried after a failed try, and the
-    seconds between health checks."""
+    """What the router process takes besides ``RouterArgs``: further workers tried after a failed try, and how
+    workers are health-checked."""
 
     retries: int = 2
-    health_check_interval_secs: float = 5.0
+    health: HealthChecks = HealthChecks()
 
 
 def add_cli_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "") -> None:
@@ -42,7 +43,15 @@ def add_cli_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, pref
          help="cache_aware: characters per worker the prefix tree keeps after an eviction")
     flag("retry-max-retries", type=int, default=RouterOptions.retries,
          help="further workers tried when a try fails before the response starts")
-    flag("health-check-interval-secs", type=float, default=RouterOptions.health_check_interval_secs)
+    flag("health-check-interval-secs", type=float, default=HealthChecks.interval_secs,
+         help="seconds between two GET /health of each worker")
+    flag("health-check-timeout-secs", type=float, default=HealthChecks.timeout_secs,
+         help="a health check not answered 200 within this fails")
+    flag("health-failure-threshold", type=int, default=HealthChecks.failure_threshold,
+         help="consecutive failed health checks before a worker leaves the candidates")
+    flag("health-success-threshold", type=int, default=HealthChecks.success_threshold,
+         help="consecutive passing health checks before a worker that left comes back (a new worker joins at its "
+              "first)")
 
 
 def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +81,19 @@ def router_args(ns: argparse.Namespace, prefix: str = "", *, worker_urls: tuple[
 
 def router_options(ns: argparse.Namespace, prefix: str = "") -> RouterOptions:
     """The ``RouterOptions`` of parsed ``add_cli_args(prefix)`` flags; ValueError when one is out of range."""
-    p = prefix.replace("-", "_")
-    retries, interval = getattr(ns, p + "retry_max_retries"), getattr(ns, p + "health_check_interval_secs")
-    if retries < 0 or not interval > 0:
-        raise ValueError(f"--{prefix}retry-max-retries must be >= 0 and --{prefix}health-check-interval-secs > 0")
-    return RouterOptions(retries, interval)
+    def value(name: str):
+        return getattr(ns, prefix.replace("-", "_") + name)
+
+    if value("retry_max_retries") < 0:
+        raise ValueError(f"--{prefix}retry-max-retries must be >= 0")
+    try:
+        health = HealthChecks(interval_secs=value("health_check_interval_secs"),
+                              timeout_secs=value("health_check_timeout_secs"),
+                              failure_threshold=value("health_failure_threshold"),
+                              success_threshold=value("health_success_threshold"))
+    except ValueError as exc:
+        raise ValueError(f"--{prefix}health-*: {exc}") from None
+    return RouterOptions(value("retry_max_retries"), health)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     from radixlm.router.server import create_router_app
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_router_app(args, retries=options.retries,
-                            health_check_interval_secs=options.health_check_interval_secs)
+    app = create_router_app(args, retries=options.retries, health=options.health)
     uvicorn.run(app, host=args.host, port=args.port, log_level=ns.log_level, access_log=False)
     return 0

@@ -8,6 +8,10 @@ health check.  Once the response head of a 2xx-4xx answer is taken, the request 
 body reach the client as the worker sent them, chunk by chunk as they arrive.  A worker failing after that
 truncates the response: an SSE stream ends with an error event (``data: {"error": ...}``) and ``data: [DONE]``, as
 the workers' own streams do; any other body is cut (the client sees an incomplete chunked body).
+
+A client that leaves ends its worker's request: before the response head, waiting on the worker is cancelled
+(aiohttp closes the worker's connection); after it, the relay drops the worker's connection instead of returning
+it to the pool.  The worker sees its connection close (radixlm workers abort the request and free its KV cache).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,9 +114,11 @@ class Proxy:
         return headers
 
     async def forward(self, method: str, path_qs: str, body: bytes, headers: dict[str, str], text: str,
-                      route: Callable[[str, dict[str, int]], str]) -> Response:
+                      route: Callable[[str, dict[str, int]], str],
+                      client_gone: Callable[[], Awaitable[None]] | None = None) -> Response:
         """Send the request to the worker ``route(text, loads)`` picks among the healthy ones, retrying as the
-        module says; the response relays the worker's."""
+        module says; the response relays the worker's.  ``client_gone()`` returns when the client disconnects:
+        until the response head, the worker's request is cancelled then (and a 499 returned to nobody)."""
         tried: set[str] = set()
         failure: Response | None = None
         for _ in range(1 + self.retries):
@@ -124,7 +130,7 @@ class Proxy:
             tried.add(worker)
             self.workers.started(worker)
             try:
-                response = await self.session.request(method, worker + path_qs, data=body, headers=headers)
+                response = await self._head(method, worker + path_qs, body, headers, client_gone)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 self.workers.finished(worker)
                 logger.warning("worker %s failed before answering %s (%s): trying another", worker, path_qs,
@@ -136,6 +142,10 @@ class Proxy:
             except BaseException:
                 self.workers.finished(worker)
                 raise
+            if response is None:
+                self.workers.finished(worker)
+                logger.info("the client left before worker %s answered %s: its request cancelled", worker, path_qs)
+                return Response(status_code=499)
             if response.status >= 500:
                 try:
                     content = await response.read()
@@ -155,6 +165,29 @@ class Proxy:
         if failure is not None:
             return failure
         return error_response(503, "no healthy worker to serve the request")
+
+    async def _head(self, method: str, url: str, body: bytes, headers: dict[str, str],
+                    client_gone: Callable[[], Awaitable[None]] | None) -> aiohttp.ClientResponse | None:
+        """The worker's response (its head taken, the body not yet read), or None when ``client_gone`` returned
+        first: the request is then cancelled, which closes its connection."""
+        if client_gone is None:
+            return await self.session.request(method, url, data=body, headers=headers)
+        head = asyncio.ensure_future(self.session.request(method, url, data=body, headers=headers))
+        gone = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait((head, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            head.cancel()
+            raise
+        finally:
+            gone.cancel()
+        if head.done():
+            return head.result()  # the head came first (or with the disconnect): relayed as usual
+        head.cancel()
+        await asyncio.wait((head,))  # the cancellation done: the worker's connection closed
+        if not head.cancelled() and head.exception() is None:
+            head.result().close()  # answered while being cancelled
+        return None
 
     def _closer(self, worker: str, response: aiohttp.ClientResponse) -> Callable[[], None]:
         """Ends a relayed request once, however it ends: the worker's outstanding count, and its connection (back

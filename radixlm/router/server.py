@@ -14,8 +14,12 @@ parsed as JSON (not JSON, or not an object: an OpenAI-style 400 from the router 
 - ``/metrics``: Prometheus text: per worker the routing decisions, relayed responses, retried and truncated
   requests, outstanding requests and health.
 
+A client that disconnects before the worker's response head cancels the worker's request (``Proxy.forward``'s
+``client_gone``); one that leaves midway through the body drops the worker's connection (``_RelayResponse``).
+Either way the worker sees its connection close, and radixlm workers abort the request there.
+
 Background tasks (started with the app, cancelled at shutdown): a health check of every worker every
-``health_check_interval_secs`` (and once before serving), and the policy's eviction every
+``health.interval_secs`` (and once before serving; ``workers.HealthChecks``), and the policy's eviction every
 ``eviction_interval_secs`` in slices of ``EVICTION_SLICE`` heap pops with the loop yielding between slices.
 """
 
@@ -37,7 +41,7 @@ from starlette.routing import Route
 
 from radixlm.router.policy import RouterArgs, RoutingPolicy, make_policy
 from radixlm.router.proxy import Proxy, ProxyStats, error_response, routing_text
-from radixlm.router.workers import WorkerSet, normalize_url
+from radixlm.router.workers import HealthChecks, WorkerSet, normalize_url
 from radixlm.server.auth import ApiKeyMiddleware
 
 logger = logging.getLogger(__name__)
@@ -81,11 +85,11 @@ class RouterMetrics:
 
 
 def create_router_app(args: RouterArgs, policy: RoutingPolicy | None = None, retries: int = 2,
-                      health_check_interval_secs: float = 5.0, health_check_timeout_secs: float = 5.0) -> Any:
+                      health: HealthChecks = HealthChecks()) -> Any:
     """The router's ASGI app for ``args`` (``policy``: this one instead of ``make_policy(args)``; ``retries``:
-    further workers tried after a failed try)."""
+    further workers tried after a failed try; ``health``: how workers are checked)."""
     policy = policy if policy is not None else make_policy(args)
-    workers = WorkerSet(args.worker_urls, policy)
+    workers = WorkerSet(args.worker_urls, policy, health)
     metrics = RouterMetrics(workers, policy.name)
     state: dict[str, Proxy] = {}  # the proxy, built in the lifespan (its session belongs to the serving loop)
 
@@ -94,9 +98,8 @@ def create_router_app(args: RouterArgs, policy: RoutingPolicy | None = None, ret
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S),
                                         connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         state["proxy"] = Proxy(workers, session, ProxyStats(metrics.count), retries, args.api_key)
-        await workers.check_all(session, health_check_timeout_secs)
-        tasks = [asyncio.create_task(workers.health_loop(session, health_check_interval_secs,
-                                                         health_check_timeout_secs)),
+        await workers.check_all(session)
+        tasks = [asyncio.create_task(workers.health_loop(session)),
                  asyncio.create_task(_eviction_loop(policy, args.eviction_interval_secs))]
         try:
             yield
@@ -123,7 +126,7 @@ def create_router_app(args: RouterArgs, policy: RoutingPolicy | None = None, ret
             route = _least_loaded
         path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return await proxy.forward(request.method, path_qs, body, proxy.request_headers(request.headers), text,
-                                   route)
+                                   route, lambda: _disconnected(request))
 
     async def fan_out(request: Request) -> Response:
         proxy = state["proxy"]
@@ -144,7 +147,7 @@ def create_router_app(args: RouterArgs, policy: RoutingPolicy | None = None, ret
         url = normalize_url(url)
         if not workers.add(url):
             return error_response(400, f"worker {url} is already known", "url")
-        healthy = await workers.check(state["proxy"].session, url, health_check_timeout_secs)
+        healthy = await workers.check(state["proxy"].session, url)
         return JSONResponse({"url": url, "healthy": healthy})
 
     async def remove_worker(request: Request) -> Response:
@@ -173,6 +176,13 @@ def create_router_app(args: RouterArgs, policy: RoutingPolicy | None = None, ret
     if args.api_key is not None:
         app = ApiKeyMiddleware(app, args.api_key)
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has disconnected (its body already read: the next ASGI message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _least_loaded(text: str, loads: dict[str, int]) -> str:

@@ -219,8 +219,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        app = create_router_app(self.router, retries=self.options.retries,
-                                health_check_interval_secs=self.options.health_check_interval_secs)
+        app = create_router_app(self.router, retries=self.options.retries, health=self.options.health)
         server = SignalFreeServer(uvicorn.Config(app, host=self.args.host, port=self.args.port,
                                                  log_level=self.args.log_level, access_log=False,
                                                  timeout_keep_alive=30, timeout_graceful_shutdown=5))

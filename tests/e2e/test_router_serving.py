@@ -1,6 +1,6 @@
 """``radixlm router`` (its own process, as launched by the command) in front of one real worker: the OpenAI API
 passes through, streamed and not, with the same greedy answers as the worker gives directly; the router's key is
-required and forwarded; /flush_cache fans out."""
+required and forwarded; /flush_cache fans out; a client leaving aborts the worker's request."""
 
 from __future__ import annotations
 
@@ -71,3 +71,16 @@ def test_flush_cache_and_metrics(worker, router) -> None:
     with urllib.request.urlopen(request, timeout=10) as r:
         metrics = r.read().decode()
     assert f'radixlm_router_worker_healthy{{worker="{worker.base}"}} 1.0' in metrics
+
+
+def test_a_client_leaving_aborts_the_workers_request(worker, router) -> None:
+    """A client that times out before the answer's head: the router cancels the worker's request, which the worker
+    aborts (its front end tracks no request afterwards) instead of generating to the end."""
+    routed = openai.OpenAI(base_url=router + "/v1", api_key=KEY, max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        routed.completions.create(model="m", prompt="Once upon a time", max_tokens=3000, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    deadline = time.time() + 10
+    while worker.request("GET", "/get_server_info")[1]["num_frontend_reqs"] != 0:
+        assert time.time() < deadline, "the worker still runs the abandoned request"
+        time.sleep(0.1)

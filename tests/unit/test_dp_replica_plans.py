@@ -20,6 +20,7 @@ from radixlm.cli import main as cli_main
 from radixlm.config import ServerArgs
 from radixlm.engine.child_stderr import OutputTail
 from radixlm.router.launch import RouterOptions
+from radixlm.router.workers import HealthChecks
 from radixlm.router.policy import RouterArgs
 from radixlm.server import replicas
 from radixlm.server.launch import SUPERVISOR_PID_ENV, Lifecycle
@@ -119,7 +120,7 @@ def test_router_flags_of_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     assert router == RouterArgs(policy="round_robin", cache_threshold=0.5, balance_abs_threshold=8,
                                 balance_rel_threshold=2.0, eviction_interval_secs=7.0, max_tree_size=100,
                                 host="0.0.0.0", port=9000, api_key="k")
-    assert router.api_key == "k" and options == RouterOptions(retries=0, health_check_interval_secs=0.5)
+    assert router.api_key == "k" and options == RouterOptions(retries=0, health=HealthChecks(interval_secs=0.5))
     assert cli_main(common) == 0
     assert calls[-1][1:] == (RouterArgs(host="0.0.0.0", port=9000), RouterOptions())
 

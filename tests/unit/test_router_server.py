@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import uvicorn
@@ -24,6 +25,7 @@ from radixlm.router import CacheAwarePolicy, RouterArgs
 from radixlm.errors import error_body
 from radixlm.router.proxy import routing_text
 from radixlm.router.server import _eviction_loop, create_router_app
+from radixlm.router.workers import HealthChecks, WorkerSet
 
 SYSTEM = "You are a helpful assistant who answers questions about the weather in great detail. " * 4
 
@@ -54,7 +56,9 @@ class MockWorker:
     """A worker that answers ``{"worker": name, "path": ...}``, or with ``"stream": true`` an SSE stream of
     ``chunks`` events; ``/health`` answers ``health_status``.  ``fail``: ``"500"`` answers every generating
     request 500, ``"midstream"`` breaks the stream after its first event.  The first event of a stream is followed
-    by a wait on ``gate`` (set by the test once it holds that event) before the rest."""
+    by a wait on ``gate`` (set by the test once it holds that event) before the rest.  ``"hold": true`` in a body
+    holds the answer until the router drops the connection.  ``aborted``: the paths whose client (the router)
+    left before the answer ended, as the mock saw it (a JSON answer held, or a stream cut off)."""
 
     def __init__(self, name: str, fail: str | None = None, chunks: int = 3) -> None:
         self.name = name
@@ -65,14 +69,22 @@ class MockWorker:
         self.other_bodies: list[bytes] = []  # of the routes not generating
         self.gate = threading.Event()
         self.gate_timed_out = False
+        self.aborted: list[str] = []
 
         async def generating(request: Request) -> Response:
             body = await request.json()
             self.requests.append((request.url.path, body, dict(request.headers)))
             if self.fail == "500":
                 return JSONResponse(error_body("boom", 500), status_code=500)
+            if body.get("hold"):
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    if await request.is_disconnected():
+                        self.aborted.append(request.url.path)
+                        break
+                    await asyncio.sleep(0.01)
             if body.get("stream"):
-                return StreamingResponse(self._events(), media_type="text/event-stream")
+                return StreamingResponse(self._events(request.url.path), media_type="text/event-stream")
             return JSONResponse({"worker": self.name, "path": request.url.path})
 
         async def other(request: Request) -> Response:
@@ -91,16 +103,20 @@ class MockWorker:
                                                                 "/v1/chat/completions"))]))
         self.url = self.server.url
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _events(self, path: str) -> AsyncIterator[bytes]:
         yield f'data: {{"worker": "{self.name}", "i": 0}}\n\n'.encode()
         if self.fail == "midstream":
             raise RuntimeError("the worker died")
         deadline = time.monotonic() + 5
-        while not self.gate.is_set():
-            if time.monotonic() > deadline:
-                self.gate_timed_out = True
-                break
-            await asyncio.sleep(0.005)
+        try:
+            while not self.gate.is_set():
+                if time.monotonic() > deadline:
+                    self.gate_timed_out = True
+                    break
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:  # the client left (Starlette cancels the stream)
+            self.aborted.append(path)
+            raise
         for i in range(1, self.chunks):
             yield f'data: {{"worker": "{self.name}", "i": {i}}}\n\n'.encode()
         yield b"data: [DONE]\n\n"
@@ -111,10 +127,10 @@ class MockWorker:
 
 @contextlib.contextmanager
 def router(workers: list[MockWorker] | list[str], **kw: Any) -> Iterator[httpx.Client]:
-    """The router over ``workers`` (mocks or URLs) with RouterArgs ``kw`` (``retries``, ``health_check_interval_secs``
-    go to the app), and a client of it."""
-    app_kw = {k: kw.pop(k) for k in ("retries", "health_check_interval_secs") if k in kw}
-    app_kw.setdefault("health_check_interval_secs", 60.0)
+    """The router over ``workers`` (mocks or URLs) with RouterArgs ``kw`` (``retries``, ``health`` go to the app;
+    health checks every minute unless told), and a client of it."""
+    app_kw = {k: kw.pop(k) for k in ("retries", "health") if k in kw}
+    app_kw.setdefault("health", HealthChecks(interval_secs=60.0))
     urls = tuple(w if isinstance(w, str) else w.url for w in workers)
     server = Server(create_router_app(RouterArgs(worker_urls=urls, **kw), **app_kw))
     try:
@@ -249,7 +265,8 @@ def test_add_remove_list_workers(two: list[MockWorker]) -> None:
 
 
 def test_health_checks_remove_and_restore_a_worker(two: list[MockWorker]) -> None:
-    with router(two, policy="round_robin", health_check_interval_secs=0.05) as client:
+    health = HealthChecks(interval_secs=0.05, failure_threshold=1, success_threshold=1)
+    with router(two, policy="round_robin", health=health) as client:
         healthy = lambda: [w["healthy"] for w in client.get("/list_workers").json()["workers"]]  # noqa: E731
         assert healthy() == [True, True]
         two[0].health_status = 503
@@ -262,6 +279,37 @@ def test_health_checks_remove_and_restore_a_worker(two: list[MockWorker]) -> Non
         two[0].health_status = two[1].health_status = 200
         wait_for(lambda: healthy() == [True, True])
         assert client.get("/health").status_code == 200
+
+
+def test_health_thresholds_count_consecutive_checks(two: list[MockWorker]) -> None:
+    """A new worker joins at its first passing check; a healthy one leaves after --health-failure-threshold
+    failed checks in a row (a pass in between restarts the count) and comes back after
+    --health-success-threshold passes in a row."""
+    async def run() -> list[bool]:
+        workers = WorkerSet((two[0].url,), CacheAwarePolicy(RouterArgs()),
+                            HealthChecks(timeout_secs=2.0, failure_threshold=3, success_threshold=2))
+        seen = []
+        async with aiohttp.ClientSession() as session:
+            for status in (503, 200, 503, 503, 200, 503, 503, 503, 200, 503, 200, 200, 503):
+                two[0].health_status = status
+                await workers.check(session, two[0].url)
+                seen.append(workers.all()[0].healthy)
+        return seen
+
+    assert asyncio.run(run()) == [False, True, True, True, True, True, True, False, False, False, False, True,
+                                  True]
+
+
+def test_a_client_leaving_before_the_answer_aborts_the_workers_request(two: list[MockWorker]) -> None:
+    with router(two, policy="round_robin") as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json={"prompt": "p", "hold": True}, timeout=0.3)
+        wait_for(lambda: two[0].aborted == ["/v1/completions"])
+        with client.stream("POST", "/v1/completions", json={"prompt": "p", "stream": True}) as response:
+            assert b'"i": 0' in next(response.iter_raw())  # the stream started; the client leaves midway
+        wait_for(lambda: two[1].aborted == ["/v1/completions"])
+        wait_for(lambda: [w["outstanding"] for w in client.get("/list_workers").json()["workers"]] == [0, 0])
+        assert completion(client, "x").json()["worker"] == "a"  # both workers still healthy, in turn
 
 
 def test_flush_cache_fans_out_and_metrics_count(two: list[MockWorker]) -> None:
