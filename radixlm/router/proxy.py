@@ -5,8 +5,9 @@ Retry contract: a try fails when the worker's connection fails (refused, reset, 
 head) or it answers 5xx; the request then goes to another healthy worker not tried yet, at most ``1 + retries``
 tries in all.  A refused or broken connection also takes the worker out of the candidates until its next passing
 health check.  Once the response head of a 2xx-4xx answer is taken, the request is never retried: the status and
-body reach the client as the worker sent them, chunk by chunk as they arrive.  A worker failing after that
-truncates the response: an SSE stream ends with an error event (``data: {"error": ...}``) and ``data: [DONE]``, as
+body reach the client as the worker sent them: a body of known length (a JSON answer: complete at the worker
+when its head is sent) read and relayed in one piece, any other (an SSE stream) chunk by chunk as it arrives.
+A worker failing after that truncates the response: a body of known length becomes a 502, an SSE stream ends with an error event (``data: {"error": ...}``) and ``data: [DONE]``, as
 the workers' own streams do; any other body is cut (the client sees an incomplete chunked body).
 
 A client that leaves ends its worker's request: before the response head, waiting on the worker is cancelled
@@ -159,6 +160,8 @@ class Proxy:
                 self.stats.count("retried", worker)
                 failure = Response(content, status_code=response.status, headers=_relayed(response))
                 continue
+            if response.content_length is not None:
+                return await self._whole(worker, response)
             self.stats.count("response", worker)
             return _RelayResponse(self._relay(worker, response), status_code=response.status,
                                   headers=_relayed(response), on_close=self._closer(worker, response))
@@ -188,6 +191,22 @@ class Proxy:
         if not head.cancelled() and head.exception() is None:
             head.result().close()  # answered while being cancelled
         return None
+
+    async def _whole(self, worker: str, response: aiohttp.ClientResponse) -> Response:
+        """The worker's body of known length, read to the end and relayed as one response: one write to the client
+        instead of a stream's three, and no stream task (a third of the router's time per JSON request)."""
+        try:
+            content = await response.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            response.close()
+            self.stats.count("truncated", worker)
+            logger.warning("worker %s failed while answering: %s", worker, exc or type(exc).__name__)
+            return error_response(502, f"worker {worker} failed while answering: {type(exc).__name__}")
+        finally:
+            self.workers.finished(worker)
+        response.release()
+        self.stats.count("response", worker)
+        return Response(content, status_code=response.status, headers=_relayed(response))
 
     def _closer(self, worker: str, response: aiohttp.ClientResponse) -> Callable[[], None]:
         """Ends a relayed request once, however it ends: the worker's outstanding count, and its connection (back
