@@ -9,8 +9,8 @@ message when not importable), one router at a time, on shared-prefix workloads:
   model gave) plus a new user message; the sessions run concurrently, a session's turns in order.
 
 Every request is a streamed ``/v1/chat/completions`` (greedy, ``ignore_eos``, --output-len tokens) with
-``stream_options.include_usage``, after one warm-up request to each worker; the cache hit rate is the workers' own count: the sum of
-``usage.prompt_tokens_details.cached_tokens`` over the sum of ``usage.prompt_tokens``.  The workers' caches are
+``stream_options.include_usage``, after one warm-up request to each worker; the cache hit rate is the workers'
+own count: the sum of ``usage.prompt_tokens_details.cached_tokens`` over the sum of ``usage.prompt_tokens``.  The workers' caches are
 flushed (``POST /flush_cache`` on each) before every row.  TTFT: from sending to the first content token.
 
     python bench/router_real.py                                  # 2 workers, small sizes (a 2-core machine)

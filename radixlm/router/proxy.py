@@ -3,12 +3,13 @@ the relay of the worker's response (streamed, unbuffered).
 
 Retry contract: a try fails when the worker's connection fails (refused, reset, timed out before the response
 head) or it answers 5xx; the request then goes to another healthy worker not tried yet, at most ``1 + retries``
-tries in all.  A refused or broken connection also takes the worker out of the candidates until its next passing
-health check.  Once the response head of a 2xx-4xx answer is taken, the request is never retried: the status and
-body reach the client as the worker sent them: a body of known length (a JSON answer: complete at the worker
-when its head is sent) read and relayed in one piece, any other (an SSE stream) chunk by chunk as it arrives.
-A worker failing after that truncates the response: a body of known length becomes a 502, an SSE stream ends with an error event (``data: {"error": ...}``) and ``data: [DONE]``, as
-the workers' own streams do; any other body is cut (the client sees an incomplete chunked body).
+tries in all.  A refused or broken connection also takes the worker out of the candidates until it passes its
+health checks again (``workers.HealthChecks``).  Once the response head of a 2xx-4xx answer is taken, the request
+is never retried: the status and body reach the client as the worker sent them.  A body of known length (a JSON
+answer) is read whole and relayed as one response; any other (an SSE stream) chunk by chunk as it arrives.  A
+worker failing after the head truncates the response: a body of known length becomes a 502; an SSE stream ends
+with an error event (``data: {"error": ...}``) and ``data: [DONE]``, as the workers' own streams do; any other
+body is cut (the client sees an incomplete chunked body).
 
 A client that leaves ends its worker's request: before the response head, waiting on the worker is cancelled
 (aiohttp closes the worker's connection); after it, the relay drops the worker's connection instead of returning
