@@ -55,7 +55,8 @@ class Server:
 class MockWorker:
     """A worker that answers ``{"worker": name, "path": ...}``, or with ``"stream": true`` an SSE stream of
     ``chunks`` events; ``/health`` answers ``health_status``.  ``fail``: ``"500"`` answers every generating
-    request 500, ``"midstream"`` breaks the stream after its first event.  The first event of a stream is followed
+    request 500, ``"midstream"`` breaks the stream after its first event, ``"short"`` breaks a JSON answer after
+    its first bytes (of a declared Content-Length).  The first event of a stream is followed
     by a wait on ``gate`` (set by the test once it holds that event) before the rest.  ``"hold": true`` in a body
     holds the answer until the router drops the connection.  ``aborted``: the paths whose client (the router)
     left before the answer ended, as the mock saw it (a JSON answer held, or a stream cut off)."""
@@ -76,6 +77,8 @@ class MockWorker:
             self.requests.append((request.url.path, body, dict(request.headers)))
             if self.fail == "500":
                 return JSONResponse(error_body("boom", 500), status_code=500)
+            if self.fail == "short":
+                return _ShortResponse()
             if body.get("hold"):
                 deadline = time.monotonic() + 5
                 while time.monotonic() < deadline:
@@ -123,6 +126,16 @@ class MockWorker:
 
     def generated(self) -> int:
         return sum(1 for path, body, _ in self.requests if body is not None)
+
+
+class _ShortResponse(Response):
+    """A JSON answer declaring 100 bytes that breaks after 11 (uvicorn closes the connection)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]})
+        await send({"type": "http.response.body", "body": b'{"worker": ', "more_body": True})
+        raise RuntimeError("the worker died")
 
 
 @contextlib.contextmanager
@@ -245,6 +258,20 @@ def test_a_failure_after_the_first_byte_is_not_retried() -> None:
             assert other.generated() == 0
             wait_for(lambda: client.get("/list_workers").json()["workers"][0]["outstanding"] == 0)
             assert 'radixlm_router_truncated_total' in client.get("/metrics").text
+    finally:
+        dying.server.stop()
+        other.server.stop()
+
+
+def test_a_json_answer_failing_midway_is_a_502_not_retried() -> None:
+    dying, other = MockWorker("dying", fail="short"), MockWorker("other")
+    try:
+        with router([dying, other], policy="round_robin") as client:
+            response = completion(client, "x")
+            assert response.status_code == 502 and response.json()["error"]["code"] == 502
+            assert other.generated() == 0
+            assert [w["outstanding"] for w in client.get("/list_workers").json()["workers"]] == [0, 0]
+            assert f'radixlm_router_truncated_total{{worker="{dying.url}"}} 1.0' in client.get("/metrics").text
     finally:
         dying.server.stop()
         other.server.stop()
