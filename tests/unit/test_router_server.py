@@ -3,6 +3,7 @@ on free ports, as is the router; a synchronous httpx client plays the user."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -417,3 +418,22 @@ def test_the_eviction_task_cuts_the_trees_in_slices_yielding_between() -> None:
     assert policy.tree.size("w0") <= 50 and policy.tree.size("w1") <= 50
     assert len(ticks_at_slice) >= 3  # slices of one pass, the loop running between each two
     assert all(a < b for a, b in zip(ticks_at_slice, ticks_at_slice[1:]))
+
+
+def test_health_flags_reach_health_checks_and_are_validated() -> None:
+    from radixlm.router import launch
+
+    parser = argparse.ArgumentParser()
+    launch.add_cli_args(parser)
+    assert launch.router_options(parser.parse_args([])).health == HealthChecks(5.0, 5.0, 3, 2)  # SGLang's thresholds
+    ns = parser.parse_args(["--health-check-interval-secs", "1", "--health-check-timeout-secs", "0.5",
+                            "--health-failure-threshold", "4", "--health-success-threshold", "1"])
+    assert launch.router_options(ns).health == HealthChecks(1.0, 0.5, 4, 1)
+    serve = argparse.ArgumentParser()
+    launch.add_cli_args(serve, launch.SERVE_PREFIX)
+    ns = serve.parse_args(["--router-health-failure-threshold", "5"])
+    assert launch.router_options(ns, launch.SERVE_PREFIX).health.failure_threshold == 5
+    for bad in (["--health-failure-threshold", "0"], ["--health-success-threshold", "0"],
+                ["--health-check-timeout-secs", "0"], ["--health-check-interval-secs", "0"]):
+        with pytest.raises(ValueError):
+            launch.router_options(parser.parse_args(bad))
