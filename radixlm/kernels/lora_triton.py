@@ -1,0 +1,205 @@
+"""The Triton path of ``radixlm.kernels.lora``: a segmented shrink and a segmented expand kernel (contracts,
+layouts and numerics in that module's docstring).
+
+Both launch a grid of (token tile of a segment, segment, slice or output tile): programs whose segment has no
+adapter (slot -1) or whose tile starts past the segment's end exit at once, so the grid is sized from host ints
+only (``cdiv(max_seg_len, BLOCK_M)`` tiles per segment) and the launch replays in a CUDA graph.  Each program
+gathers its segment's adapter from the pool by slot and reads only the slot's first ``rank`` rows (A) or
+columns (B): a rank-16 adapter in a rank-64 pool costs a quarter of the bytes.
+
+- shrink: program (tile, segment, slice) computes ``tmp[tile, slice]`` ([BLOCK_M, BLOCK_R]) over the whole K,
+  streaming x's rows and the slice's A rows once.
+- expand: program (tile, segment, N tile) loads the B tile ``[BLOCK_N, rank]`` once, and for each slice whose
+  columns meet the tile (one, unless a slice boundary falls inside it) multiplies that slice's ``tmp`` columns
+  into the tile's fp32 accumulator; the epilogue adds ``scaling *`` it to y's tile and rounds once.
+
+Segments of one token (decode) use a GEMV form (``BLOCK_M`` 1: products and a reduction on the CUDA cores instead
+of a ``tl.dot`` padded to 16 rows).
+
+Tuning ideas, not done: split K in the shrink (a decode batch of one adapter runs only ``num_slices`` programs,
+each streaming ``rank x K`` of A); fuse the shrink of q/k/v into one program per token tile (x read once instead
+of once per slice); order the expand grid so programs of one segment share the B tile in L2; autotune BLOCK_N
+and warps per shape on the H200 (``bench/gpu/lora_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
+    k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tm,
+    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    piece = tl.program_id(2)  # the slice
+    slot = tl.load(seg_slots_ptr + seg)
+    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
+    end = tl.load(seg_starts_ptr + seg + 1)
+    if (slot < 0) | (m0 >= end):
+        return
+    rank = tl.load(ranks_ptr + slot)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = slot.to(tl.int64) * stride_as + (piece * max_rank + offs_r).to(tl.int64) * stride_ar  # [BLOCK_R]
+    out_cols = piece * max_rank + offs_r
+    if GEMV:
+        x_row = x_ptr + m0.to(tl.int64) * stride_xm
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k in range(0, k_dim, BLOCK_K):
+            k_ok = offs_k < k_dim - k
+            xv = tl.load(x_row + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            a = tl.load(a_ptr + a_rows[:, None] + k + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
+            acc += tl.sum(a * xv[None, :], axis=1)
+        tl.store(tmp_ptr + m0.to(tl.int64) * stride_tm + out_cols, acc, mask=offs_r < max_rank)
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        a_ptrs = a_ptr + a_rows[None, :] + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(0, k_dim, BLOCK_K):
+            k_ok = offs_k < k_dim - k
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+        tl.store(tmp_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + out_cols[None, :], acc,
+                 mask=m_ok[:, None] & (offs_r < max_rank)[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr,
+    n_total, max_rank, stride_tm, stride_bs, stride_bn, stride_ym,
+    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + seg)
+    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
+    end = tl.load(seg_starts_ptr + seg + 1)
+    if (slot < 0) | (m0 >= end):
+        return
+    rank = tl.load(ranks_ptr + slot)
+    scaling = tl.load(scalings_ptr + slot)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_total
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None],
+                mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
+    if GEMV:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        t_row = tmp_ptr + m0.to(tl.int64) * stride_tm
+        for s in tl.static_range(NUM_SLICES):
+            lo = tl.load(offsets_ptr + s)
+            hi = tl.load(offsets_ptr + s + 1)
+            if (lo < n0 + BLOCK_N) & (hi > n0):
+                t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0)  # [BLOCK_R] fp32
+                part = tl.sum(t[:, None] * b, axis=0)
+                acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
+        y_ptrs = y_ptr + m0.to(tl.int64) * stride_ym + offs_n
+        y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end
+        rows = offs_m.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(NUM_SLICES):
+            lo = tl.load(offsets_ptr + s)
+            hi = tl.load(offsets_ptr + s + 1)
+            if (lo < n0 + BLOCK_N) & (hi > n0):
+                t = tl.load(tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
+                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+                part = tl.dot(t, b, input_precision=DOT_PRECISION)
+                acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_m(max_seg_len: int) -> int:
+    """Rows per program: 1 (GEMV) for one-token segments, else the smallest ``tl.dot`` M covering the longest
+    segment, up to 64."""
+    if max_seg_len <= 1:
+        return 1
+    return min(64, max(16, triton.next_power_of_2(max_seg_len)))
+
+
+def _block_r(max_rank: int) -> int:
+    return max(16, triton.next_power_of_2(max_rank))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 models get IEEE products (their tests compare at 1e-4); half-precision values are exact in tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_rows(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name} must be 2-D with a unit column stride, got shape {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+
+
+def lora_shrink_triton(
+    x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
+    num_slices: int, max_seg_len: int | None = None,
+) -> torch.Tensor:
+    """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter)."""
+    _check_rows(x, "x")
+    num_tokens, k_dim = x.shape
+    max_rank = a_pool.shape[1] // num_slices
+    tmp = torch.empty(num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
+    num_segs = seg_slots.shape[0]
+    block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
+    if num_tokens == 0 or num_segs == 0:
+        return tmp
+    grid = (triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m), num_segs, num_slices)
+    _lora_shrink_kernel[grid](
+        x, a_pool, tmp, seg_starts, seg_slots, ranks,
+        k_dim, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0),
+        DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1,
+        BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=128 if block_m == 1 else 64,
+        num_warps=4,
+    )
+    return tmp
+
+
+def lora_expand_triton(
+    tmp: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
+    scalings: torch.Tensor, slice_offsets: torch.Tensor, y: torch.Tensor, max_seg_len: int | None = None,
+) -> None:
+    """``radixlm.kernels.lora.lora_expand`` in one launch (CUDA, or CPU tensors under the interpreter)."""
+    _check_rows(y, "y")
+    num_tokens, n_total = y.shape
+    num_slices = slice_offsets.shape[0] - 1
+    max_rank = b_pool.shape[2]
+    num_segs = seg_slots.shape[0]
+    if num_tokens == 0 or num_segs == 0:
+        return
+    block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
+    block_n = 64 if block_m == 1 else 128
+    grid = (triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m), num_segs,
+            triton.cdiv(n_total, block_n))
+    _lora_expand_kernel[grid](
+        tmp, b_pool, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
+        n_total, max_rank, tmp.stride(0), b_pool.stride(0), b_pool.stride(1), y.stride(0),
+        NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
+        num_warps=4,
+    )
