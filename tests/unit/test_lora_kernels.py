@@ -1,0 +1,255 @@
+"""``radixlm.kernels.lora`` (segmented LoRA shrink / expand over an adapter pool): ``build_segments`` exactly, and
+both paths (the torch references, the CPU path; the Triton kernels, under the interpreter on CPU) against float64
+math on mixed batches: base-only requests, adapters of ranks 8, 16 and the pool's maximum 32, a one-token
+segment, empty segments, merged slices of unequal widths (q wider than k and v), and x / y as row views of wider
+tensors (the stride contract: any row stride, unit column stride).  The pool's padding beyond each slot's rank
+is NaN, so a kernel that reads it poisons its output.
+
+Error bound, elementwise, against float64: ``|y - y64| <= (K + rank + 2) * 2^-24 * M + e_in * M + 2^-p * |y64|``
+with ``M = |y0| + scaling * (|x| |A|^T) |B|^T`` (the magnitudes the sums run over):
+- the first term is fp32 accumulation over the K products of the shrink, the rank products of the expand and
+  the final add (the classical gamma_n bound of a dot product, n = K + rank + 2);
+- ``e_in``: 0, except on a GPU with a half-precision pool, where the expand's tf32 inputs round ``tmp`` to 11
+  significant bits (2^-11);
+- the last term is the single rounding of y to its dtype (p = 24 for float32, 11 for float16, 8 for bfloat16).
+x, A and B are drawn in the test dtype, so their float64 copies are exactly the operands the kernels see, and
+half-precision products are exact in fp32.  bfloat16 runs on a GPU only (the interpreter's bf16 dots are not
+IEEE).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported: decoration picks the mode
+
+import pytest  # noqa: E402
+
+from radixlm.kernels.lora import (  # noqa: E402
+    LoraSegments, apply_lora, build_segments, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref,
+)
+from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+ON_GPU = pytest.mark.skipif(not CUDA, reason="needs a GPU")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+K = 64
+MAX_RANK = 32
+WIDTHS = (48, 16, 16)  # q, k, v of a merged projection
+RANKS = (8, 32, 16, 4)  # per slot; slot 3 is resident but unused by the batches below
+SCALINGS = (0.5, 2.0, 0.25, 1.0)
+
+
+class Pool(NamedTuple):
+    a: torch.Tensor  # [slots, num_slices * MAX_RANK, K]
+    b: torch.Tensor  # [slots, N_total, MAX_RANK]
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+    offsets: torch.Tensor  # [num_slices + 1] int32
+
+
+def make_pool(widths: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> Pool:
+    """Random adapters, NaN beyond each slot's rank."""
+    g = torch.Generator().manual_seed(seed)
+    num_slices, n_total = len(widths), sum(widths)
+    a = torch.randn(len(RANKS), num_slices * MAX_RANK, K, generator=g) / K**0.5
+    b = torch.randn(len(RANKS), n_total, MAX_RANK, generator=g) / MAX_RANK**0.5
+    for slot, rank in enumerate(RANKS):
+        for s in range(num_slices):
+            a[slot, s * MAX_RANK + rank:(s + 1) * MAX_RANK] = float("nan")
+        b[slot, :, rank:] = float("nan")
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    return Pool(a.to(dtype).to(DEVICE), b.to(dtype).to(DEVICE), torch.tensor(RANKS, dtype=torch.int32, device=DEVICE),
+                torch.tensor(SCALINGS, dtype=torch.float32, device=DEVICE),
+                torch.tensor(offsets, dtype=torch.int32, device=DEVICE))
+
+
+def expected(x: torch.Tensor, y0: torch.Tensor, pool: Pool, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y in float64, the magnitude M of the error bound) for per-token slots."""
+    num_slices = pool.offsets.shape[0] - 1
+    offsets = pool.offsets.tolist()
+    y = y0.double().cpu().clone()
+    mag = y0.double().cpu().abs()
+    for t, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        rank, scaling = RANKS[slot], SCALINGS[slot]
+        xt = x[t].double().cpu()
+        for s in range(num_slices):
+            a = pool.a[slot, s * MAX_RANK:s * MAX_RANK + rank].double().cpu()  # [rank, K]
+            b = pool.b[slot, offsets[s]:offsets[s + 1], :rank].double().cpu()  # [width, rank]
+            y[t, offsets[s]:offsets[s + 1]] += scaling * (b @ (a @ xt))
+            mag[t, offsets[s]:offsets[s + 1]] += scaling * (b.abs() @ (a.abs() @ xt.abs()))
+    return y, mag
+
+
+def assert_close(y: torch.Tensor, y64: torch.Tensor, mag: torch.Tensor, triton_path: bool) -> None:
+    e_in = 2.0**-11 if CUDA and triton_path and y.dtype != torch.float32 else 0.0
+    bound = (K + MAX_RANK + 2) * 2.0**-24 * mag + e_in * mag + 2.0 ** -MANTISSA[y.dtype] * y64.abs()
+    err = (y.double().cpu() - y64).abs()
+    assert torch.isfinite(err).all()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+def per_token_slots(slots: list[int], num_tokens: list[int]) -> list[int]:
+    return [slot for slot, n in zip(slots, num_tokens) for _ in range(n)]
+
+
+# Requests in batch order: an adapter of rank 16 ... a one-token request of the max-rank adapter, an empty request
+# (an empty segment between two others), base-only requests, a merged pair.
+MIXED = ([1, -1, 0, 2, -1, 1, 2, 2], [7, 3, 1, 0, 2, 5, 6, 4])
+
+
+def run(path: str, x, y, pool: Pool, seg: LoraSegments, max_seg_len: int | None) -> None:
+    num_slices = pool.offsets.shape[0] - 1
+    if path == "triton":
+        tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, max_seg_len)
+        lora_expand_triton(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
+                           max_seg_len)
+    else:
+        tmp = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices)
+        lora_expand_ref(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y)
+
+
+def test_build_segments_exact() -> None:
+    seg = build_segments(*MIXED, "cpu")
+    assert seg.seg_starts.tolist() == [0, 7, 10, 11, 11, 13, 18, 28]
+    assert seg.seg_slots.tolist() == [1, -1, 0, 2, -1, 1, 2]
+    assert seg.seg_starts.dtype == seg.seg_slots.dtype == torch.int32
+    assert (seg.max_seg_len, seg.has_lora) == (10, True)
+    per_request = build_segments([3, 3, -1], [1, 1, 1], "cpu", merge=False, num_segs=5)
+    assert per_request.seg_starts.tolist() == [0, 1, 2, 3, 3, 3]
+    assert per_request.seg_slots.tolist() == [3, 3, -1, -1, -1]
+    assert (per_request.max_seg_len, per_request.has_lora) == (1, True)
+    # no adapter with tokens: the base-only fast path
+    assert not build_segments([-1, 2, -1], [4, 0, 1], "cpu").has_lora
+    assert not build_segments([], [], "cpu", num_segs=2).has_lora
+    with pytest.raises(ValueError):
+        build_segments([0, 1, 0], [1, 1, 1], "cpu", num_segs=2)
+
+
+@pytest.mark.parametrize("path", ["triton", "ref"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("widths", [WIDTHS, (40,)], ids=["qkv", "one-slice"])
+def test_mixed_prefill_batch(path: str, dtype: torch.dtype, widths: tuple[int, ...]) -> None:
+    """Prefill-like segments; x and y are column windows of wider tensors; the grid bound is the batch's
+    ``max_seg_len`` with slices, and the default (the token count) with one slice."""
+    pool = make_pool(widths, dtype)
+    seg = build_segments(*MIXED, DEVICE, num_segs=9)
+    slots = per_token_slots(*MIXED)
+    num_tokens, n_total = len(slots), sum(widths)
+    g = torch.Generator().manual_seed(1)
+    x_wide = torch.randn(num_tokens, K + 16, generator=g).to(dtype).to(DEVICE)
+    y_wide = torch.randn(num_tokens, n_total + 8, generator=g).to(dtype).to(DEVICE)
+    x, y = x_wide[:, 8:8 + K], y_wide[:, :n_total]
+    before = y_wide.clone()
+    y64, mag = expected(x, y, pool, slots)
+    run(path, x, y, pool, seg, seg.max_seg_len if len(widths) > 1 else None)
+    assert_close(y, y64, mag, path == "triton")
+    base_rows = [t for t, s in enumerate(slots) if s < 0]
+    assert torch.equal(y_wide[base_rows], before[base_rows])  # bit-unchanged
+    assert torch.equal(y_wide[:, n_total:], before[:, n_total:])  # outside y's window
+
+
+@pytest.mark.parametrize("path", ["triton", "ref"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_one_segment_per_request(path: str, dtype: torch.dtype) -> None:
+    """Decode: one token per request, one segment each (the GEMV form, ``max_seg_len`` 1), slots unsorted."""
+    slots = [2, -1, 1, 1, 0, -1, 2]
+    pool = make_pool(WIDTHS, dtype, seed=2)
+    seg = build_segments(slots, [1] * len(slots), DEVICE, merge=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(len(slots), K, generator=g).to(dtype).to(DEVICE)
+    y = torch.randn(len(slots), sum(WIDTHS), generator=g).to(dtype).to(DEVICE)
+    before = y.clone()
+    y64, mag = expected(x, y, pool, slots)
+    run(path, x, y, pool, seg, seg.max_seg_len)
+    assert_close(y, y64, mag, path == "triton")
+    assert torch.equal(y[[1, 5]], before[[1, 5]])
+
+
+def test_shrink_tmp_contract() -> None:
+    """tmp is float32, columns at and beyond a slot's rank are exactly 0 (the NaN padding is not read)."""
+    pool = make_pool(WIDTHS, torch.float32)
+    seg = build_segments([1, 0], [3, 2], DEVICE)
+    x = torch.randn(5, K, device=DEVICE)
+    tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3, seg.max_seg_len)
+    assert tmp.dtype == torch.float32 and tmp.shape == (5, 3 * MAX_RANK)
+    tmp = tmp.view(5, 3, MAX_RANK)
+    assert torch.isfinite(tmp).all()
+    assert not tmp[3:, :, RANKS[0]:].any()
+    ref = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3).view(5, 3, MAX_RANK)
+    torch.testing.assert_close(tmp, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_lora_base_only_launches_nothing() -> None:
+    """``has_lora`` false: nothing runs, even with metadata that names adapters (the check is on the host)."""
+    pool = make_pool(WIDTHS, torch.float32)
+    y = torch.randn(2, sum(WIDTHS), device=DEVICE)
+    before = y.clone()
+    lying = LoraSegments(torch.tensor([0, 2], dtype=torch.int32, device=DEVICE),
+                         torch.tensor([1], dtype=torch.int32, device=DEVICE), 2, False)
+    apply_lora(torch.randn(2, K, device=DEVICE), y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, lying)
+    assert torch.equal(y, before)
+
+
+def test_apply_lora_dispatches() -> None:
+    """``apply_lora`` on the device's path equals the references' result within the fp32 bound."""
+    pool = make_pool(WIDTHS, torch.float32)
+    seg = build_segments(*MIXED, DEVICE)
+    slots = per_token_slots(*MIXED)
+    x = torch.randn(len(slots), K, device=DEVICE)
+    y = torch.randn(len(slots), sum(WIDTHS), device=DEVICE)
+    y64, mag = expected(x, y, pool, slots)
+    apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, seg)
+    assert_close(y, y64, mag, CUDA)
+    tmp = lora_shrink(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3)
+    assert tmp.shape == (len(slots), 3 * MAX_RANK)
+    lora_expand(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y)
+
+
+# --- GPU only ---------------------------------------------------------------------------------------------------
+
+
+@ON_GPU
+@pytest.mark.parametrize("max_seg_len", [1, 8])
+def test_cuda_graph_replays_new_metadata(max_seg_len: int) -> None:
+    """Capture ``apply_lora`` with one layout, replay with other slots and segment boundaries copied into the same
+    metadata tensors (same shapes): matches float64 math for the new layout, base-only rows untouched."""
+    torch.manual_seed(0)
+    pool = make_pool(WIDTHS, torch.bfloat16)
+    num_requests = 6
+    tokens = [max_seg_len] * num_requests
+    first = build_segments([0, 1, 2, -1, 0, 1], tokens, DEVICE, merge=False)
+    x = torch.randn(sum(tokens), K, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.zeros(sum(tokens), sum(WIDTHS), device=DEVICE, dtype=torch.bfloat16)
+    static = LoraSegments(first.seg_starts.clone(), first.seg_slots.clone(), max_seg_len, True)
+    apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, static)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, static)
+    # Replay: other slots and uneven segments (each <= max_seg_len, still 6).
+    new_tokens = [max_seg_len, max_seg_len - 1, 1, max_seg_len, 0, max_seg_len]  # rows past them: no segment
+    new_slots = [-1, 2, 1, 0, 2, 2]
+    new = build_segments(new_slots, new_tokens, DEVICE, merge=False)
+    static.seg_starts.copy_(new.seg_starts)
+    static.seg_slots.copy_(new.seg_slots)
+    x.copy_(torch.randn_like(x))
+    y.copy_(torch.randn_like(y))
+    before = y.clone()
+    slots = per_token_slots(new_slots, new_tokens) + [-1] * (sum(tokens) - sum(new_tokens))
+    y64, mag = expected(x, y, pool, slots)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, y64, mag, True)
+    base_rows = [t for t, s in enumerate(slots) if s < 0]
+    assert torch.equal(y[base_rows], before[base_rows])
