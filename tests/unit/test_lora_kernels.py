@@ -5,7 +5,7 @@ segment, empty segments, merged slices of unequal widths (q wider than k and v),
 tensors (the stride contract: any row stride, unit column stride).  The pool's padding beyond each slot's rank
 is NaN, so a kernel that reads it poisons its output.
 
-Error bound, elementwise, against float64: ``|y - y64| <= (K + rank + 2) * 2^-24 * M + e_in * M + 2^-p * |y64|``
+Error bound, elementwise, against float64: ``|y - y64| <= (K + max_rank + 2) * 2^-24 * M + e_in * M + 2^-p * |y64|``
 with ``M = |y0| + scaling * (|x| |A|^T) |B|^T`` (the magnitudes the sums run over):
 - the first term is fp32 accumulation over the K products of the shrink, the rank products of the expand and
   the final add (the classical gamma_n bound of a dot product, n = K + rank + 2);
@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from radixlm.kernels.lora import (  # noqa: E402
-    LoraSegments, apply_lora, build_segments, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref,
+    LoraSegments, apply_lora, build_segments, lora_expand_ref, lora_shrink_ref,
 )
 from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
 
@@ -203,7 +203,8 @@ def test_apply_lora_base_only_launches_nothing() -> None:
 
 
 def test_apply_lora_dispatches() -> None:
-    """``apply_lora`` on the device's path equals the references' result within the fp32 bound."""
+    """``apply_lora`` (through the ``lora_shrink`` / ``lora_expand`` dispatchers: the kernels on a GPU, the
+references on CPU) within the fp32 bound."""
     pool = make_pool(WIDTHS, torch.float32)
     seg = build_segments(*MIXED, DEVICE)
     slots = per_token_slots(*MIXED)
@@ -212,9 +213,6 @@ def test_apply_lora_dispatches() -> None:
     y64, mag = expected(x, y, pool, slots)
     apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, seg)
     assert_close(y, y64, mag, CUDA)
-    tmp = lora_shrink(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3)
-    assert tmp.shape == (len(slots), 3 * MAX_RANK)
-    lora_expand(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y)
 
 
 # --- GPU only ---------------------------------------------------------------------------------------------------
