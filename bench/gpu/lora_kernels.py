@@ -8,9 +8,10 @@ gate_up: 4096 -> 2 x 14336, two slices; o: 4096 -> 4096; down: 14336 -> 4096).  
 Rows: (shape, rank, tokens, adapters, layout).  Decode batches of 1 / 32 / 128 requests (one token each) and a
 2048-token prefill (one request per adapter, 2048 / adapters tokens each); requests are spread evenly over 1, 4 or
 16 distinct adapters (rows with more adapters than requests are skipped) and sorted by adapter.  Layouts:
-``sorted``: consecutive requests of one adapter share a segment (``build_segments(merge=True)``, the dot form);
-``per-req`` (decode only): one segment per request, ``max_seg_len`` 1 (the GEMV form; what a decode CUDA graph
-captures, as its segment count is then the batch size).
+``sorted``: consecutive requests of one adapter share a segment (``build_segments(merge=True)``, the dot form),
+in decode cut into pieces of ``DECODE_SPLIT`` tokens and padded with empty segments to the bound a CUDA graph of
+that batch size captures (``cdiv(T, split) + adapters - 1``); ``per-req`` (decode only): one segment per request,
+``max_seg_len`` 1 (the GEMV form, the other graph-friendly layout).
 
 Columns (us, each op captured in a CUDA graph and its replay timed by ``triton.testing.do_bench``, which flushes
 L2 before every replay, so weights come from HBM as in a step's back-to-back layers): ``base`` torch.matmul of
@@ -54,6 +55,7 @@ SHAPES = {
 }
 TOKENS = (1, 32, 128, 2048)  # 2048: one prefill batch; the others decode batches
 NUM_SLOTS = 16
+DECODE_SPLIT = 16  # the dot form's smallest BLOCK_M
 
 
 def time_us(fn: Callable[[], object]) -> float:
@@ -95,7 +97,11 @@ def run_row(shape: Shape, rank: int, max_rank: int, tokens: int, adapters: int, 
     offsets = torch.tensor([0] + [sum(shape.widths[:i + 1]) for i in range(num_slices)], dtype=torch.int32,
                            device=device)
     slots, counts = layout(tokens, adapters, prefill)
-    seg: LoraSegments = build_segments(slots, counts, device, merge=not per_request)
+    if prefill or per_request:
+        seg: LoraSegments = build_segments(slots, counts, device, merge=not per_request)
+    else:
+        seg = build_segments(slots, counts, device, split=DECODE_SPLIT,
+                             num_segs=triton.cdiv(tokens, DECODE_SPLIT) + adapters - 1)
     y = torch.empty(tokens, n_total, device=device, dtype=dtype)
 
     def base() -> None:

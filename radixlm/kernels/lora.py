@@ -27,7 +27,10 @@ Graph safety: nothing here reads a device value on the host or allocates besides
 launch grid depends only on host ints: the number of tokens, of segments, and ``max_seg_len``, an upper bound on
 the segment lengths (``LoraSegments.max_seg_len``; default: the number of tokens, always valid).  A CUDA graph
 captures one layout size (the token count, the segment count, ``max_seg_len``) and replays with new metadata
-copied into the same tensors, e.g. decode with one segment per request (``merge=False``: ``max_seg_len`` 1).
+copied into the same tensors: decode with one segment per request (``merge=False``: ``max_seg_len`` 1, the
+GEMV form), or requests sorted by adapter, merged, cut into pieces of ``split`` tokens and padded to
+``build_segments``' segment bound (``max_seg_len`` = split, the dot form: fewer programs, each B tile read once
+per piece instead of once per request).
 
 Base-only fast path: ``LoraSegments.has_lora`` is a host bool (from the host slot list); ``apply_lora`` returns
 at once when it is false, so a batch without adapters launches nothing.  A captured graph must not take that
@@ -52,7 +55,7 @@ class LoraSegments(NamedTuple):
     seg_starts: torch.Tensor  # [num_segs + 1] int32, token offsets, non-decreasing, seg_starts[0] == 0
     seg_slots: torch.Tensor  # [num_segs] int32, pool slot or -1 (no adapter)
     max_seg_len: int  # host bound on every segment's length (>= 1): the kernels' grid
-    has_lora: bool  # host: some segment has a slot >= 0 and tokens
+    has_lora: bool  # host: some segment has a slot >= 0 (segments built here have tokens)
 
 
 def build_segments(
@@ -61,33 +64,43 @@ def build_segments(
     device: torch.device | str,
     *,
     merge: bool = True,
+    split: int | None = None,
     num_segs: int | None = None,
 ) -> LoraSegments:
     """Segments over requests in batch order (the tokens are not reordered: a caller that wants few segments sorts
-    its requests by slot first).  ``merge``: consecutive requests of one slot share a segment; else one segment
-    per request (a fixed segment count for CUDA graphs).  ``num_segs``: pad with empty slot -1 segments up to
-    this count (a graph's fixed shape; ValueError if the layout needs more)."""
+    its requests by slot first; requests without tokens make no segment).  ``merge``: consecutive requests of one
+    slot share a segment; else one segment per request.  ``split``: cut segments into pieces of at most ``split`` tokens, so ``max_seg_len`` <= split
+    and the grid holds one token tile per segment instead of a segment count times the longest segment's tiles.
+    ``num_segs``: pad with empty slot -1 segments up to this count (a CUDA graph's fixed shape; ValueError if the
+    layout needs more).  With ``split``, T tokens in g runs (g requests with tokens, or with ``merge`` the distinct
+    slots, -1 included, of a batch sorted by slot) make at most ``cdiv(T, split) + g - 1`` segments: the count a graph of
+    T tokens pads to."""
     if len(slots) != len(num_tokens):
         raise ValueError(f"{len(slots)} slots for {len(num_tokens)} requests")
-    starts, seg_slots = [0], []
+    runs: list[list[int]] = []  # [slot, tokens]
     for slot, n in zip(slots, num_tokens):
-        if merge and seg_slots and seg_slots[-1] == slot:
-            starts[-1] += n
+        if n == 0:
+            continue
+        if merge and runs and runs[-1][0] == slot:
+            runs[-1][1] += n
         else:
+            runs.append([slot, n])
+    starts, seg_slots = [0], []
+    for slot, n in runs:
+        pieces = [n] if split is None or n <= split else [split] * (n // split) + ([n % split] if n % split else [])
+        for piece in pieces:
             seg_slots.append(slot)
-            starts.append(starts[-1] + n)
+            starts.append(starts[-1] + piece)
     if num_segs is not None:
         if num_segs < len(seg_slots):
             raise ValueError(f"{len(seg_slots)} segments do not fit in {num_segs}")
         seg_slots += [-1] * (num_segs - len(seg_slots))
         starts += [starts[-1]] * (num_segs + 1 - len(starts))
-    lengths = [b - a for a, b in zip(starts, starts[1:])]
-    has_lora = any(s >= 0 and n > 0 for s, n in zip(seg_slots, lengths))
     return LoraSegments(
         torch.tensor(starts, dtype=torch.int32, device=device),
         torch.tensor(seg_slots, dtype=torch.int32, device=device),
-        max(lengths, default=1) or 1,
-        has_lora,
+        max([n for _, n in runs] if split is None else [min(n, split) for _, n in runs], default=1),
+        any(slot >= 0 for slot, _ in runs),
     )
 
 

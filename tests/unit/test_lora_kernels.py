@@ -104,8 +104,8 @@ def per_token_slots(slots: list[int], num_tokens: list[int]) -> list[int]:
     return [slot for slot, n in zip(slots, num_tokens) for _ in range(n)]
 
 
-# Requests in batch order: an adapter of rank 16 ... a one-token request of the max-rank adapter, an empty request
-# (an empty segment between two others), base-only requests, a merged pair.
+# Requests in batch order: the max-rank adapter, base-only requests, a one-token request of the rank-8 adapter, a
+# request without tokens, the rank-16 adapter's merged pair.
 MIXED = ([1, -1, 0, 2, -1, 1, 2, 2], [7, 3, 1, 0, 2, 5, 6, 4])
 
 
@@ -122,8 +122,8 @@ def run(path: str, x, y, pool: Pool, seg: LoraSegments, max_seg_len: int | None)
 
 def test_build_segments_exact() -> None:
     seg = build_segments(*MIXED, "cpu")
-    assert seg.seg_starts.tolist() == [0, 7, 10, 11, 11, 13, 18, 28]
-    assert seg.seg_slots.tolist() == [1, -1, 0, 2, -1, 1, 2]
+    assert seg.seg_starts.tolist() == [0, 7, 10, 11, 13, 18, 28]  # the request without tokens makes no segment
+    assert seg.seg_slots.tolist() == [1, -1, 0, -1, 1, 2]
     assert seg.seg_starts.dtype == seg.seg_slots.dtype == torch.int32
     assert (seg.max_seg_len, seg.has_lora) == (10, True)
     per_request = build_segments([3, 3, -1], [1, 1, 1], "cpu", merge=False, num_segs=5)
@@ -135,16 +135,38 @@ def test_build_segments_exact() -> None:
     assert not build_segments([], [], "cpu", num_segs=2).has_lora
     with pytest.raises(ValueError):
         build_segments([0, 1, 0], [1, 1, 1], "cpu", num_segs=2)
+    pieces = build_segments(*MIXED, "cpu", split=4)
+    assert pieces.seg_starts.tolist() == [0, 4, 7, 10, 11, 13, 17, 18, 22, 26, 28]
+    assert pieces.seg_slots.tolist() == [1, 1, -1, 0, -1, 1, 1, 2, 2, 2]
+    assert pieces.max_seg_len == 4
+
+
+def test_build_segments_split_bound() -> None:
+    """The documented segment bound, cdiv(T, split) + runs - 1, over random sorted layouts (tight for some)."""
+    g = torch.Generator().manual_seed(0)
+    tight = False
+    for _ in range(200):
+        num_requests = int(torch.randint(1, 40, (1,), generator=g))
+        slots = sorted(torch.randint(-1, 6, (num_requests,), generator=g).tolist())
+        tokens = torch.randint(0, 30, (num_requests,), generator=g).tolist()
+        split = int(torch.randint(1, 20, (1,), generator=g))
+        seg = build_segments(slots, tokens, "cpu", split=split)
+        bound = max(-(-sum(tokens) // split) + len({s for s, n in zip(slots, tokens) if n}) - 1, 0)
+        assert seg.seg_slots.shape[0] <= bound and seg.max_seg_len <= split
+        assert seg.seg_starts[-1].item() == sum(tokens)
+        tight |= seg.seg_slots.shape[0] == bound > 1
+    assert tight
 
 
 @pytest.mark.parametrize("path", ["triton", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("widths", [WIDTHS, (40,)], ids=["qkv", "one-slice"])
 def test_mixed_prefill_batch(path: str, dtype: torch.dtype, widths: tuple[int, ...]) -> None:
-    """Prefill-like segments; x and y are column windows of wider tensors; the grid bound is the batch's
-    ``max_seg_len`` with slices, and the default (the token count) with one slice."""
+    """Prefill-like segments, padded with empty ones; x and y are column windows of wider tensors; the grid bound
+    is the batch's ``max_seg_len`` with slices, and the default (the token count) with one slice."""
     pool = make_pool(widths, dtype)
-    seg = build_segments(*MIXED, DEVICE, num_segs=9)
+    # qkv: merged segments cut in pieces of 4 tokens (the graph-friendly layout)
+    seg = build_segments(*MIXED, DEVICE, split=4 if len(widths) > 1 else None, num_segs=12)
     slots = per_token_slots(*MIXED)
     num_tokens, n_total = len(slots), sum(widths)
     g = torch.Generator().manual_seed(1)
@@ -238,7 +260,7 @@ def test_cuda_graph_replays_new_metadata(max_seg_len: int) -> None:
     # Replay: other slots and uneven segments (each <= max_seg_len, still 6).
     new_tokens = [max_seg_len, max_seg_len - 1, 1, max_seg_len, 0, max_seg_len]  # rows past them: no segment
     new_slots = [-1, 2, 1, 0, 2, 2]
-    new = build_segments(new_slots, new_tokens, DEVICE, merge=False)
+    new = build_segments(new_slots, new_tokens, DEVICE, merge=False, num_segs=num_requests)
     static.seg_starts.copy_(new.seg_starts)
     static.seg_slots.copy_(new.seg_slots)
     x.copy_(torch.randn_like(x))
