@@ -1,5 +1,6 @@
 """The engine's kernels, one module each: Triton kernels for the GPU (``decode_attention``, ``extend_attention``,
-``fused_ops``, ``fused_quant``, ``fused_moe``, ``moe_routing``, ``fp8``) and C kernels for the CPU (``cpu``).
+``fused_ops``, ``fused_quant``, ``fused_moe``, ``moe_routing``, ``fp8``, ``lora``) and C kernels for the CPU
+(``cpu``).
 
 No kernel module is imported here (``fused_ops_for`` and ``fused_quant_for`` import on demand): importing a Triton
 module decorates its kernels, which must happen after a test has chosen the Triton interpreter, and CPU-only code
