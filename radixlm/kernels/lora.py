@@ -25,7 +25,8 @@ contiguous.  ``tmp`` is contiguous.
 
 Graph safety: nothing here reads a device value on the host or allocates besides ``lora_shrink``'s output.  The
 launch grid depends only on host ints: the number of tokens, of segments, and ``max_seg_len``, an upper bound on
-the segment lengths (``LoraSegments.max_seg_len``; default: the number of tokens, always valid).  A CUDA graph
+the adapter segments' lengths (``LoraSegments.max_seg_len``; default: the number of tokens, always valid; slot -1
+segments do no work, so their length is free).  A CUDA graph
 captures one layout size (the token count, the segment count, ``max_seg_len``) and replays with new metadata
 copied into the same tensors: decode with one segment per request (``merge=False``: ``max_seg_len`` 1, the
 GEMV form), or requests sorted by adapter, merged, cut into pieces of ``split`` tokens and padded to
@@ -54,7 +55,7 @@ class LoraSegments(NamedTuple):
 
     seg_starts: torch.Tensor  # [num_segs + 1] int32, token offsets, non-decreasing, seg_starts[0] == 0
     seg_slots: torch.Tensor  # [num_segs] int32, pool slot or -1 (no adapter)
-    max_seg_len: int  # host bound on every segment's length (>= 1): the kernels' grid
+    max_seg_len: int  # host bound on every adapter (slot >= 0) segment's length, >= 1: the kernels' grid
     has_lora: bool  # host: some segment has a slot >= 0 (segments built here have tokens)
 
 
@@ -69,12 +70,12 @@ def build_segments(
 ) -> LoraSegments:
     """Segments over requests in batch order (the tokens are not reordered: a caller that wants few segments sorts
     its requests by slot first; requests without tokens make no segment).  ``merge``: consecutive requests of one
-    slot share a segment; else one segment per request.  ``split``: cut segments into pieces of at most ``split`` tokens, so ``max_seg_len`` <= split
-    and the grid holds one token tile per segment instead of a segment count times the longest segment's tiles.
-    ``num_segs``: pad with empty slot -1 segments up to this count (a CUDA graph's fixed shape; ValueError if the
-    layout needs more).  With ``split``, T tokens in g runs (g requests with tokens, or with ``merge`` the distinct
-    slots, -1 included, of a batch sorted by slot) make at most ``cdiv(T, split) + g - 1`` segments: the count a graph of
-    T tokens pads to."""
+    slot share a segment; else one segment per request.  ``split``: cut adapter segments (slot -1 ones need no
+    work, so they stay whole) into pieces of at most ``split`` tokens, so the grid holds one token tile per
+    segment instead of the segment count times the longest segment's tiles.  ``num_segs``: pad with empty slot -1
+    segments up to this count (a CUDA graph's fixed shape; ValueError if the layout needs more).  With ``split``,
+    T tokens in g runs (g requests with tokens, or with ``merge`` the distinct slots, -1 included, of a batch
+    sorted by slot) make at most ``cdiv(T, split) + g - 1`` segments: the count a graph of T tokens pads to."""
     if len(slots) != len(num_tokens):
         raise ValueError(f"{len(slots)} slots for {len(num_tokens)} requests")
     runs: list[list[int]] = []  # [slot, tokens]
@@ -87,7 +88,8 @@ def build_segments(
             runs.append([slot, n])
     starts, seg_slots = [0], []
     for slot, n in runs:
-        pieces = [n] if split is None or n <= split else [split] * (n // split) + ([n % split] if n % split else [])
+        whole = split is None or n <= split or slot < 0
+        pieces = [n] if whole else [split] * (n // split) + ([n % split] if n % split else [])
         for piece in pieces:
             seg_slots.append(slot)
             starts.append(starts[-1] + piece)
@@ -99,7 +101,7 @@ def build_segments(
     return LoraSegments(
         torch.tensor(starts, dtype=torch.int32, device=device),
         torch.tensor(seg_slots, dtype=torch.int32, device=device),
-        max([n for _, n in runs] if split is None else [min(n, split) for _, n in runs], default=1),
+        max((n if split is None else min(n, split) for slot, n in runs if slot >= 0), default=1),
         any(slot >= 0 for slot, _ in runs),
     )
 

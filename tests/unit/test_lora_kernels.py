@@ -104,9 +104,9 @@ def per_token_slots(slots: list[int], num_tokens: list[int]) -> list[int]:
     return [slot for slot, n in zip(slots, num_tokens) for _ in range(n)]
 
 
-# Requests in batch order: the max-rank adapter, base-only requests, a one-token request of the rank-8 adapter, a
-# request without tokens, the rank-16 adapter's merged pair.
-MIXED = ([1, -1, 0, 2, -1, 1, 2, 2], [7, 3, 1, 0, 2, 5, 6, 4])
+# Requests in batch order: the max-rank adapter, a base-only request longer than the qkv case's pieces, a one-token
+# request of the rank-8 adapter, a request without tokens, the rank-16 adapter's merged pair.
+MIXED = ([1, -1, 0, 2, -1, 1, 2, 2], [7, 9, 1, 0, 2, 5, 6, 4])
 
 
 def run(path: str, x, y, pool: Pool, seg: LoraSegments, max_seg_len: int | None) -> None:
@@ -122,10 +122,10 @@ def run(path: str, x, y, pool: Pool, seg: LoraSegments, max_seg_len: int | None)
 
 def test_build_segments_exact() -> None:
     seg = build_segments(*MIXED, "cpu")
-    assert seg.seg_starts.tolist() == [0, 7, 10, 11, 13, 18, 28]  # the request without tokens makes no segment
+    assert seg.seg_starts.tolist() == [0, 7, 16, 17, 19, 24, 34]  # the request without tokens makes no segment
     assert seg.seg_slots.tolist() == [1, -1, 0, -1, 1, 2]
     assert seg.seg_starts.dtype == seg.seg_slots.dtype == torch.int32
-    assert (seg.max_seg_len, seg.has_lora) == (10, True)
+    assert (seg.max_seg_len, seg.has_lora) == (10, True)  # adapter segments only: the base-only run is free
     per_request = build_segments([3, 3, -1], [1, 1, 1], "cpu", merge=False, num_segs=5)
     assert per_request.seg_starts.tolist() == [0, 1, 2, 3, 3, 3]
     assert per_request.seg_slots.tolist() == [3, 3, -1, -1, -1]
@@ -136,7 +136,7 @@ def test_build_segments_exact() -> None:
     with pytest.raises(ValueError):
         build_segments([0, 1, 0], [1, 1, 1], "cpu", num_segs=2)
     pieces = build_segments(*MIXED, "cpu", split=4)
-    assert pieces.seg_starts.tolist() == [0, 4, 7, 10, 11, 13, 17, 18, 22, 26, 28]
+    assert pieces.seg_starts.tolist() == [0, 4, 7, 16, 17, 19, 23, 24, 28, 32, 34]  # base-only runs stay whole
     assert pieces.seg_slots.tolist() == [1, 1, -1, 0, -1, 1, 1, 2, 2, 2]
     assert pieces.max_seg_len == 4
 
@@ -152,7 +152,8 @@ def test_build_segments_split_bound() -> None:
         split = int(torch.randint(1, 20, (1,), generator=g))
         seg = build_segments(slots, tokens, "cpu", split=split)
         bound = max(-(-sum(tokens) // split) + len({s for s, n in zip(slots, tokens) if n}) - 1, 0)
-        assert seg.seg_slots.shape[0] <= bound and seg.max_seg_len <= split
+        assert seg.seg_slots.shape[0] <= bound
+        assert all(b - a <= split for a, b, s in zip(seg.seg_starts, seg.seg_starts[1:], seg.seg_slots) if s >= 0)
         assert seg.seg_starts[-1].item() == sum(tokens)
         tight |= seg.seg_slots.shape[0] == bound > 1
     assert tight
