@@ -14,6 +14,10 @@ Batch (``LoraSegments``, built on the host by ``build_segments`` once per batch,
 ``[seg_starts[i], seg_starts[i + 1])`` use pool slot ``seg_slots[i]``, or no adapter when it is -1 (those tokens'
 rows of ``y`` are not touched, their ``tmp`` rows not written).  Segments may be empty or one token long.
 
+The intermediate ``tmp`` is ``[split_k, T, num_slices * max_rank]``: partial products over ``split_k`` ranges of
+K (the shrink's programs share a long K: a decode batch has few segments), which the expand adds in split order,
+so the result does not depend on scheduling.  ``split_k`` is the shrink's choice (1 on CPU).
+
 Numerics: ``tmp`` is float32 whatever the model dtype: the intermediate is tiny (``T x num_slices x max_rank``)
 and keeping it unrounded removes one rounding of a bf16 product from the adapter's contribution.  The shrink
 multiplies x and A in their dtype with fp32 accumulation; the expand multiplies fp32 ``tmp`` by B widened to
@@ -114,9 +118,9 @@ def lora_shrink(
     ranks: torch.Tensor,  # [num_slots] int32
     num_slices: int,
     max_seg_len: int | None = None,
-) -> torch.Tensor:  # [T, num_slices * max_rank] float32, contiguous
-    """``tmp[t, s * R + r] = x[t] . A_slot[s * R + r]`` for the tokens of adapter segments and r < rank; columns
-    r >= rank are 0; rows of slot -1 tokens are unspecified (not written)."""
+) -> torch.Tensor:  # [split_k, T, num_slices * max_rank] float32, contiguous
+    """``tmp.sum(0)[t, s * R + r] = x[t] . A_slot[s * R + r]`` for the tokens of adapter segments and r < rank;
+    columns r >= rank are 0; rows of slot -1 tokens are unspecified (not written)."""
     if x.is_cuda:
         from radixlm.kernels.lora_triton import lora_shrink_triton
 
@@ -125,7 +129,7 @@ def lora_shrink(
 
 
 def lora_expand(
-    tmp: torch.Tensor,  # [T, num_slices * max_rank] float32, contiguous (lora_shrink's output)
+    tmp: torch.Tensor,  # [split_k, T, num_slices * max_rank] float32, contiguous (lora_shrink's output)
     b_pool: torch.Tensor,  # [num_slots, N_total, max_rank], contiguous
     seg_starts: torch.Tensor,  # [num_segs + 1] int32
     seg_slots: torch.Tensor,  # [num_segs] int32
@@ -135,8 +139,9 @@ def lora_expand(
     y: torch.Tensor,  # [T, N_total], unit column stride; updated in place
     max_seg_len: int | None = None,
 ) -> None:
-    """``y[t, o[s]:o[s+1]] += scaling * tmp[t, s*R : s*R + rank] @ B_slot[o[s]:o[s+1], :rank]^T`` for the tokens
-    of adapter segments; rows of slot -1 tokens are left bit-unchanged."""
+    """``y[t, o[s]:o[s+1]] += scaling * T[t, s*R : s*R + rank] @ B_slot[o[s]:o[s+1], :rank]^T`` with ``T =
+    tmp.sum(0)`` (added in split order) for the tokens of adapter segments; rows of slot -1 tokens are left
+    bit-unchanged."""
     if y.is_cuda:
         from radixlm.kernels.lora_triton import lora_expand_triton
 
@@ -170,9 +175,9 @@ def lora_shrink_ref(
     num_slices: int,
 ) -> torch.Tensor:
     """``lora_shrink`` in torch, one matmul per segment and slice in float32 (reads the metadata on the host);
-    rows of slot -1 tokens are 0."""
+    ``split_k`` 1; rows of slot -1 tokens are 0."""
     max_rank = a_pool.shape[1] // num_slices
-    tmp = torch.zeros(x.shape[0], num_slices * max_rank, dtype=torch.float32, device=x.device)
+    tmp = torch.zeros(1, x.shape[0], num_slices * max_rank, dtype=torch.float32, device=x.device)
     starts, slots, rank_list = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
     for i, slot in enumerate(slots):
         begin, end = starts[i], starts[i + 1]
@@ -181,7 +186,7 @@ def lora_shrink_ref(
         rank, xs = rank_list[slot], x[begin:end].float()
         for s in range(num_slices):
             a = a_pool[slot, s * max_rank:s * max_rank + rank].float()  # [rank, K]
-            tmp[begin:end, s * max_rank:s * max_rank + rank] = xs @ a.T
+            tmp[0, begin:end, s * max_rank:s * max_rank + rank] = xs @ a.T
     return tmp
 
 
@@ -192,7 +197,10 @@ def lora_expand_ref(
     """``lora_expand`` in torch: per segment and slice, ``y`` rows += scaling * product, in float32, rounded once
     to y's dtype (reads the metadata on the host)."""
     num_slices = slice_offsets.shape[0] - 1
-    max_rank = tmp.shape[1] // num_slices
+    max_rank = tmp.shape[2] // num_slices
+    total = tmp[0].clone()
+    for partial in tmp[1:]:  # in split order, as the kernel adds them
+        total += partial
     starts, slots, rank_list = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
     offsets, scale_list = slice_offsets.tolist(), scalings.tolist()
     for i, slot in enumerate(slots):
@@ -203,5 +211,5 @@ def lora_expand_ref(
         delta = torch.empty(end - begin, y.shape[1], dtype=torch.float32, device=y.device)
         for s in range(num_slices):
             b = b_pool[slot, offsets[s]:offsets[s + 1], :rank].float()  # [width, rank]
-            delta[:, offsets[s]:offsets[s + 1]] = tmp[begin:end, s * max_rank:s * max_rank + rank] @ b.T
+            delta[:, offsets[s]:offsets[s + 1]] = total[begin:end, s * max_rank:s * max_rank + rank] @ b.T
         y[begin:end] = (y[begin:end].float() + scale_list[slot] * delta).to(y.dtype)

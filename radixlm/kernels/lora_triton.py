@@ -7,22 +7,27 @@ only (``cdiv(max_seg_len, BLOCK_M)`` tiles per segment) and the launch replays i
 gathers its segment's adapter from the pool by slot and reads only the slot's first ``rank`` rows (A) or
 columns (B): a rank-16 adapter in a rank-64 pool costs a quarter of the bytes.
 
-- shrink: program (tile, segment, slice) computes ``tmp[tile, slice]`` ([BLOCK_M, BLOCK_R]) over the whole K,
-  streaming x's rows and the slice's A rows once.
+- shrink: program (tile, segment, slice x K split) computes ``tmp[split, tile, slice]`` ([BLOCK_M, BLOCK_R])
+  over its range of K, streaming x's rows and the slice's A rows once.  ``split_k`` (``default_split_k``) grows
+  until the launch has about two programs per SM: a decode batch of a few adapters otherwise runs a few dozen
+  programs, each streaming ``rank x K`` of A (14336 for Llama-8B's down projection) from one SM.
 - expand: program (tile, segment, N tile) loads the B tile ``[BLOCK_N, rank]`` once, and for each slice whose
-  columns meet the tile (one, unless a slice boundary falls inside it) multiplies that slice's ``tmp`` columns
-  into the tile's fp32 accumulator; the epilogue adds ``scaling *`` it to y's tile and rounds once.
+  columns meet the tile (one, unless a slice boundary falls inside it) sums that slice's ``tmp`` columns over
+  the splits (in order: deterministic) and multiplies them into the tile's fp32 accumulator; the epilogue adds
+  ``scaling *`` it to y's tile and rounds once.
 
 Segments of one token (decode) use a GEMV form (``BLOCK_M`` 1: products and a reduction on the CUDA cores instead
 of a ``tl.dot`` padded to 16 rows).
 
-Tuning ideas, not done: split K in the shrink (a decode batch of one adapter runs only ``num_slices`` programs,
-each streaming ``rank x K`` of A); fuse the shrink of q/k/v into one program per token tile (x read once instead
-of once per slice); order the expand grid so programs of one segment share the B tile in L2; autotune BLOCK_N
-and warps per shape on the H200 (``bench/gpu/lora_kernels.py``).
+Tuning ideas, not done: fuse the shrink of q/k/v into one program per token tile (x read once instead of once
+per slice); order the expand grid so programs of one segment share the B tile in L2; let a GEMV expand program
+walk several N tiles (a decode batch of 128 one-token segments launches 128 x N / 64 programs); autotune
+BLOCK_N, split_k and warps per shape on the H200 (``bench/gpu/lora_kernels.py``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -32,13 +37,14 @@ import triton.language as tl
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
-    k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tm,
-    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
+    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
-    piece = tl.program_id(2)  # the slice
+    piece = tl.program_id(2) // SPLIT_K  # the slice
+    split = tl.program_id(2) % SPLIT_K
     slot = tl.load(seg_slots_ptr + seg)
     m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
     end = tl.load(seg_starts_ptr + seg + 1)
@@ -50,11 +56,15 @@ def _lora_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = slot.to(tl.int64) * stride_as + (piece * max_rank + offs_r).to(tl.int64) * stride_ar  # [BLOCK_R]
     out_cols = piece * max_rank + offs_r
+    k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, k_dim)  # a split past K stores zeros: the expand adds every split
+    tmp_ptr += split * stride_tk
     if GEMV:
         x_row = x_ptr + m0.to(tl.int64) * stride_xm
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k in range(0, k_dim, BLOCK_K):
-            k_ok = offs_k < k_dim - k
+        for k in range(k_start, k_end, BLOCK_K):
+            k_ok = offs_k < k_end - k
             xv = tl.load(x_row + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
             a = tl.load(a_ptr + a_rows[:, None] + k + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
                         other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
@@ -63,11 +73,11 @@ def _lora_shrink_kernel(
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-        a_ptrs = a_ptr + a_rows[None, :] + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k_start + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        a_ptrs = a_ptr + a_rows[None, :] + k_start + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k in range(0, k_dim, BLOCK_K):
-            k_ok = offs_k < k_dim - k
+        for k in range(k_start, k_end, BLOCK_K):
+            k_ok = offs_k < k_end - k
             xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
@@ -80,7 +90,7 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr,
-    n_total, max_rank, stride_tm, stride_bs, stride_bn, stride_ym,
+    n_total, max_rank, split_k, stride_tk, stride_tm, stride_bs, stride_bn, stride_ym,
     NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -108,7 +118,9 @@ def _lora_expand_kernel(
             lo = tl.load(offsets_ptr + s)
             hi = tl.load(offsets_ptr + s + 1)
             if (lo < n0 + BLOCK_N) & (hi > n0):
-                t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0)  # [BLOCK_R] fp32
+                t = tl.zeros((BLOCK_R,), dtype=tl.float32)
+                for i in range(split_k):  # in split order
+                    t += tl.load(t_row + i * stride_tk + s * max_rank + offs_r, mask=r_ok, other=0.0)
                 part = tl.sum(t[:, None] * b, axis=0)
                 acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
         y_ptrs = y_ptr + m0.to(tl.int64) * stride_ym + offs_n
@@ -123,8 +135,10 @@ def _lora_expand_kernel(
             lo = tl.load(offsets_ptr + s)
             hi = tl.load(offsets_ptr + s + 1)
             if (lo < n0 + BLOCK_N) & (hi > n0):
-                t = tl.load(tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
-                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+                t_ptrs = tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :]
+                t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for i in range(split_k):  # in split order
+                    t += tl.load(t_ptrs + i * stride_tk, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
                 part = tl.dot(t, b, input_precision=DOT_PRECISION)
                 acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
@@ -156,24 +170,41 @@ def _check_rows(t: torch.Tensor, name: str) -> None:
                          f"strides {t.stride()}")
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def default_split_k(programs: int, k_dim: int, num_sms: int) -> int:
+    """K splits of the shrink: doubled (up to 16) while the launch has fewer than two programs per SM and each
+    split keeps >= 512 of K.  A guess from the shapes, to be tuned with ``bench/gpu/lora_kernels.py``."""
+    split = 1
+    while split < 16 and programs * split < 2 * num_sms and k_dim // (2 * split) >= 512:
+        split *= 2
+    return split
+
+
 def lora_shrink_triton(
     x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
-    num_slices: int, max_seg_len: int | None = None,
+    num_slices: int, max_seg_len: int | None = None, split_k: int | None = None,
 ) -> torch.Tensor:
-    """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter)."""
+    """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter);
+    ``split_k`` defaults to ``default_split_k``'s."""
     _check_rows(x, "x")
     num_tokens, k_dim = x.shape
     max_rank = a_pool.shape[1] // num_slices
-    tmp = torch.empty(num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
     num_segs = seg_slots.shape[0]
     block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
+    tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m)
+    if split_k is None:
+        split_k = default_split_k(tiles * num_segs * num_slices, k_dim, _num_sms(x.device))
+    tmp = torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
     if num_tokens == 0 or num_segs == 0:
         return tmp
-    grid = (triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m), num_segs, num_slices)
-    _lora_shrink_kernel[grid](
+    _lora_shrink_kernel[(tiles, num_segs, num_slices * split_k)](
         x, a_pool, tmp, seg_starts, seg_slots, ranks,
-        k_dim, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0),
-        DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1,
+        k_dim, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0), tmp.stride(1),
+        DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1, SPLIT_K=split_k,
         BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=128 if block_m == 1 else 64,
         num_warps=4,
     )
@@ -198,7 +229,8 @@ def lora_expand_triton(
             triton.cdiv(n_total, block_n))
     _lora_expand_kernel[grid](
         tmp, b_pool, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
-        n_total, max_rank, tmp.stride(0), b_pool.stride(0), b_pool.stride(1), y.stride(0),
+        n_total, max_rank, tmp.shape[0], tmp.stride(0), tmp.stride(1), b_pool.stride(0), b_pool.stride(1),
+        y.stride(0),
         NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         num_warps=4,

@@ -32,7 +32,7 @@ import pytest  # noqa: E402
 from radixlm.kernels.lora import (  # noqa: E402
     LoraSegments, apply_lora, build_segments, lora_expand_ref, lora_shrink_ref,
 )
-from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
+from radixlm.kernels.lora_triton import default_split_k, lora_expand_triton, lora_shrink_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -40,7 +40,7 @@ ON_GPU = pytest.mark.skipif(not CUDA, reason="needs a GPU")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 
-K = 64
+K = 160  # not a multiple of the K tiles (64, 128): the tail masks are exercised
 MAX_RANK = 32
 WIDTHS = (48, 16, 16)  # q, k, v of a merged projection
 RANKS = (8, 32, 16, 4)  # per slot; slot 3 is resident but unused by the batches below
@@ -109,10 +109,11 @@ def per_token_slots(slots: list[int], num_tokens: list[int]) -> list[int]:
 MIXED = ([1, -1, 0, 2, -1, 1, 2, 2], [7, 9, 1, 0, 2, 5, 6, 4])
 
 
-def run(path: str, x, y, pool: Pool, seg: LoraSegments, max_seg_len: int | None) -> None:
+def run(path: str, x, y, pool: Pool, seg: LoraSegments, max_seg_len: int | None, split_k: int | None) -> None:
     num_slices = pool.offsets.shape[0] - 1
     if path == "triton":
-        tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, max_seg_len)
+        tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, max_seg_len,
+                                 split_k)
         lora_expand_triton(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
                            max_seg_len)
     else:
@@ -163,8 +164,9 @@ def test_build_segments_split_bound() -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("widths", [WIDTHS, (40,)], ids=["qkv", "one-slice"])
 def test_mixed_prefill_batch(path: str, dtype: torch.dtype, widths: tuple[int, ...]) -> None:
-    """Prefill-like segments, padded with empty ones; x and y are column windows of wider tensors; the grid bound
-    is the batch's ``max_seg_len`` with slices, and the default (the token count) with one slice."""
+    """Prefill-like segments, padded with empty ones; x and y are column windows of wider tensors.  qkv: the grid
+    bound is the batch's ``max_seg_len``, K split in 3; one slice: the default bound (the token count) and
+    split."""
     pool = make_pool(widths, dtype)
     # qkv: merged segments cut in pieces of 4 tokens (the graph-friendly layout)
     seg = build_segments(*MIXED, DEVICE, split=4 if len(widths) > 1 else None, num_segs=12)
@@ -176,7 +178,8 @@ def test_mixed_prefill_batch(path: str, dtype: torch.dtype, widths: tuple[int, .
     x, y = x_wide[:, 8:8 + K], y_wide[:, :n_total]
     before = y_wide.clone()
     y64, mag = expected(x, y, pool, slots)
-    run(path, x, y, pool, seg, seg.max_seg_len if len(widths) > 1 else None)
+    qkv = len(widths) > 1
+    run(path, x, y, pool, seg, seg.max_seg_len if qkv else None, 3 if qkv else None)
     assert_close(y, y64, mag, path == "triton")
     base_rows = [t for t, s in enumerate(slots) if s < 0]
     assert torch.equal(y_wide[base_rows], before[base_rows])  # bit-unchanged
@@ -186,7 +189,8 @@ def test_mixed_prefill_batch(path: str, dtype: torch.dtype, widths: tuple[int, .
 @pytest.mark.parametrize("path", ["triton", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_one_segment_per_request(path: str, dtype: torch.dtype) -> None:
-    """Decode: one token per request, one segment each (the GEMV form, ``max_seg_len`` 1), slots unsorted."""
+    """Decode: one token per request, one segment each (the GEMV form, ``max_seg_len`` 1), slots unsorted, K
+    split in 2."""
     slots = [2, -1, 1, 1, 0, -1, 2]
     pool = make_pool(WIDTHS, dtype, seed=2)
     seg = build_segments(slots, [1] * len(slots), DEVICE, merge=False)
@@ -195,23 +199,32 @@ def test_decode_one_segment_per_request(path: str, dtype: torch.dtype) -> None:
     y = torch.randn(len(slots), sum(WIDTHS), generator=g).to(dtype).to(DEVICE)
     before = y.clone()
     y64, mag = expected(x, y, pool, slots)
-    run(path, x, y, pool, seg, seg.max_seg_len)
+    run(path, x, y, pool, seg, seg.max_seg_len, 2)
     assert_close(y, y64, mag, path == "triton")
     assert torch.equal(y[[1, 5]], before[[1, 5]])
 
 
 def test_shrink_tmp_contract() -> None:
-    """tmp is float32, columns at and beyond a slot's rank are exactly 0 (the NaN padding is not read)."""
+    """tmp is float32 [split_k, T, slices x max rank]; its sum over splits is the product; columns at and beyond a
+    slot's rank are exactly 0 (the NaN padding is not read); a split past K (4 splits of 3 K tiles) is 0."""
     pool = make_pool(WIDTHS, torch.float32)
     seg = build_segments([1, 0], [3, 2], DEVICE)
     x = torch.randn(5, K, device=DEVICE)
-    tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3, seg.max_seg_len)
-    assert tmp.dtype == torch.float32 and tmp.shape == (5, 3 * MAX_RANK)
-    tmp = tmp.view(5, 3, MAX_RANK)
+    tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3, seg.max_seg_len, 4)
+    assert tmp.dtype == torch.float32 and tmp.shape == (4, 5, 3 * MAX_RANK)
+    tmp = tmp.view(4, 5, 3, MAX_RANK)
     assert torch.isfinite(tmp).all()
-    assert not tmp[3:, :, RANKS[0]:].any()
-    ref = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3).view(5, 3, MAX_RANK)
-    torch.testing.assert_close(tmp, ref, rtol=1e-5, atol=1e-5)
+    assert not tmp[:, 3:, :, RANKS[0]:].any() and not tmp[3].any()
+    ref = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, 3).view(1, 5, 3, MAX_RANK)
+    torch.testing.assert_close(tmp.sum(0), ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_default_split_k() -> None:
+    """Few programs on a long K split (to two programs per SM at most, K >= 512 per split); many do not."""
+    assert default_split_k(programs=23, k_dim=14336, num_sms=132) == 16
+    assert default_split_k(programs=69, k_dim=4096, num_sms=132) == 4
+    assert default_split_k(programs=300, k_dim=4096, num_sms=132) == 1
+    assert default_split_k(programs=1, k_dim=1000, num_sms=132) == 1
 
 
 def test_apply_lora_base_only_launches_nothing() -> None:
