@@ -74,8 +74,8 @@ class LoRAConfig:
 
     def targets(self, module: str) -> bool:
         """Whether a list ``target_modules`` names ``module`` (PEFT's rule: the full module name equals an
-        entry or ends in ``.entry``; ``all-linear`` names every projection).  A regex string is taken as naming what the weights
-        file holds: the file is the authority on which modules were trained."""
+        entry or ends in ``.entry``; ``all-linear`` names every projection).  A regex string is taken as naming
+        what the weights file holds: the file is the authority on which modules were trained."""
         if isinstance(self.target_modules, str):
             return True
         return any(t == "all-linear" or t.rsplit(".", 1)[-1] == module for t in self.target_modules)
