@@ -84,7 +84,9 @@ def assert_stream_failed(events: list, needle: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- engine failures
 def test_a_scheduler_exception_is_500_for_requests_in_flight_then_503_then_a_non_zero_exit():
-    s = start(faults="scheduler.step=raise@crash-")
+    # A pool that admits both long requests at once: with 4096 tokens the second waits until decoding has decayed
+    # the first one's reservation (~190 steps), longer than wait_running allows on a slow machine.
+    s = start("--max-total-tokens", "16384", faults="scheduler.step=raise@crash-")
     try:
         assert call(s, "/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}})[0] == 200
         streaming, sbox = in_background(call, s, "/v1/completions", {
