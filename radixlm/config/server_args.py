@@ -157,10 +157,10 @@ class ServerArgs:
             problems.append("--enable-dp-attention needs --dp-size >= 2, got 1 (that is plain tensor parallelism)")
         elif self.enable_dp_attention and self.tp_size >= 1 and self.tp_size % self.dp_size:
             problems.append(f"--dp-size {self.dp_size} must divide --tp-size {self.tp_size}")
-        if self.nnodes < 1:
-            problems.append(f"--nnodes must be >= 1, got {self.nnodes}")
         if self.dist_timeout is not None and not self.dist_timeout > 0:
             problems.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.nnodes < 1:
+            problems.append(f"--nnodes must be >= 1, got {self.nnodes}")
         elif not 0 <= self.node_rank < self.nnodes:
             problems.append(f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), "
                             f"got {self.node_rank}")

@@ -38,3 +38,9 @@ def test_dist_timeout_validated() -> None:
     assert ServerArgs(device="cpu", dist_timeout=5).dist_timeout == 5
     with pytest.raises(ValueError, match="--dist-timeout must be > 0"):
         ServerArgs(device="cpu", dist_timeout=0)
+    with pytest.raises(ValueError, match="--nnodes must be >= 1") as exc:  # each check on its own, in one message
+        ServerArgs(device="cpu", dist_timeout=-1, nnodes=0)
+    assert "--dist-timeout must be > 0" in str(exc.value)
+    with pytest.raises(ValueError, match=r"--node-rank must be in 0\.\.1") as exc:
+        ServerArgs(device="cpu", dist_timeout=-1, nnodes=2, node_rank=2, dist_init_addr="127.0.0.1:5000", tp_size=2)
+    assert "--dist-timeout must be > 0" in str(exc.value)
