@@ -23,6 +23,7 @@ from radixlm.sampling import SamplingParams
 from radixlm.sampling.logprobs import LogprobOptions, LogprobValues
 
 if TYPE_CHECKING:
+    from radixlm.kernels.lora import LoraSegments
     from radixlm.attention.base import AttentionBackend
     from radixlm.mem import KVPool, ReqToTokenPool
     from radixlm.sampling import SamplingBatchInfo
@@ -71,6 +72,7 @@ class Req:
     mrope_positions: torch.Tensor | None = None
     mrope_delta: int = 0
     return_hidden_states: bool = False
+    lora_name: str | None = None  # the LoRA adapter this request runs under (None: the base model)
     hidden_states: list[torch.Tensor] = field(default_factory=list)  # [hidden] float32, one per output token
     # Progress
     extend_len: int = 0  # new tokens this request contributes to the step being planned
@@ -248,6 +250,7 @@ class Batch:
     # Data-parallel attention: this step's new tokens on every DP rank, in DP-rank order (None: the executor
     # exchanges them with the other ranks)
     dp_token_counts: list[int] | None = None
+    lora_names: list[str | None] | None = None  # per row, its LoRA adapter (None: no row uses one)
 
     @property
     def batch_size(self) -> int:
@@ -311,6 +314,8 @@ class ForwardBatch:
     # Data-parallel attention: new tokens of every DP rank this step, host ints the same on every rank (the
     # feed-forward runs on all of them); None without DP attention
     dp_token_counts: list[int] | None = None
+    # LoRA: the batch's adapter segments over its tokens (radixlm.kernels.lora); None without --enable-lora
+    lora: "LoraSegments | None" = None
 
     @property
     def num_tokens(self) -> int:

@@ -129,6 +129,23 @@ class ServerArgs:
     enable_metrics: bool = _arg(False, "expose Prometheus metrics at /metrics")
     random_seed: int | None = _arg(None, "seed for weights (dummy), sampling and anything random")
 
+    # LoRA adapters (radixlm.lora)
+    enable_lora: bool = _arg(False, "serve LoRA adapters (PEFT format) on the base model: each request may name one "
+                                    "(native lora_path, OpenAI model \"<base>:<adapter>\"), requests of different "
+                                    "adapters share a batch; implied by --lora-paths")
+    lora_paths: tuple[str, ...] | None = _arg(None, "adapters loaded at startup, as name=path (or a path, named by "
+                                                    "itself); more can be loaded live with /load_lora_adapter")
+    max_loras_per_batch: int = _arg(8, "adapters resident on the device at once (the adapter memory pool's slots): "
+                                       "the most distinct adapters among the running requests; others wait in host "
+                                       "memory")
+    max_lora_rank: int | None = _arg(None, "largest adapter rank served (the pool's width; default: the largest "
+                                           "rank among --lora-paths, 64 without any)")
+    lora_target_modules: tuple[str, ...] | None = _arg(None, "projections adapters may modify, among q_proj k_proj "
+                                                              "v_proj o_proj gate_proj up_proj down_proj, or all "
+                                                              "(default: all; fewer save pool memory)")
+    lora_allowed_dir: str | None = _arg(None, "load adapters only from inside this directory (symlinks resolved); "
+                                              "default: any path the server can read")
+
     # Distributed
     dist_init_addr: str | None = _arg(None, "host:port of TP rank 0 for torch.distributed (default: a free local "
                                             "port); with --nnodes > 1 required, an address of node 0 the other "
@@ -218,9 +235,12 @@ class ServerArgs:
                                 f"{self.base_gpu_id}, {gpus} = --tp-size / --nnodes"
                                 + (" x --dp-size" if self.dp_replicas else "")
                                 + f") but torch sees {torch.cuda.device_count()}")
+        problems += self._lora_problems()
         if problems:
             raise ValueError("invalid server arguments:\n  " + "\n  ".join(problems))
         # Resolve the derived defaults once so every process sees the same values.
+        if self.lora_paths and not self.enable_lora:
+            object.__setattr__(self, "enable_lora", True)
         if self.device == "auto":
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         if self.api_key is None and os.environ.get(API_KEY_ENV):
@@ -236,6 +256,51 @@ class ServerArgs:
         if self.attention_backend == "cpu" and not buildable:
             raise ValueError("invalid server arguments:\n  --attention-backend cpu needs --device cpu and a C "
                              "compiler to build radixlm's CPU kernels (and RADIXLM_DISABLE_CPU_KERNELS unset)")
+
+    def _lora_problems(self) -> list[str]:
+        from radixlm.lora.adapter import SUPPORTED_MODULES
+
+        problems = []
+        if self.max_loras_per_batch < 1:
+            problems.append(f"--max-loras-per-batch must be >= 1, got {self.max_loras_per_batch}")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            problems.append(f"--max-lora-rank must be >= 1, got {self.max_lora_rank}")
+        for module in self.lora_target_modules or ():
+            if module != "all" and module not in SUPPORTED_MODULES:
+                problems.append(f"--lora-target-modules: unknown module {module!r}; choose among "
+                                f"{', '.join(SUPPORTED_MODULES)} or all")
+        try:
+            self.lora_path_map()
+        except ValueError as e:
+            problems.append(str(e))
+        if self.enable_lora or self.lora_paths:
+            if self.quantization is not None:
+                problems.append("--enable-lora does not combine with --quantization yet (the FP8 layers take their "
+                                "input quantized, which the adapters' shrink cannot read)")
+            if self.enable_dp_attention:
+                problems.append("--enable-lora does not combine with --enable-dp-attention")
+        return problems
+
+    def lora_path_map(self) -> dict[str, str]:
+        """``--lora-paths`` as {adapter name: path}, in order (ValueError for an empty or repeated name)."""
+        out: dict[str, str] = {}
+        for entry in self.lora_paths or ():
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name = path = entry
+            if not name or not path:
+                raise ValueError(f"--lora-paths entry {entry!r} must be name=path or a path")
+            if name in out:
+                raise ValueError(f"--lora-paths names adapter {name!r} twice")
+            out[name] = path
+        return out
+
+    def lora_target_module_set(self) -> frozenset[str]:
+        """The modules adapters may modify (``--lora-target-modules``, ``all`` or unset: every supported one)."""
+        from radixlm.lora.adapter import SUPPORTED_MODULES
+
+        mods = self.lora_target_modules
+        return frozenset(SUPPORTED_MODULES if not mods or "all" in mods else mods)
 
     @property
     def dp_replicas(self) -> bool:
@@ -269,6 +334,9 @@ class ServerArgs:
             if kind is bool:
                 parser.add_argument(flag, action="store_true", **kwargs)
                 continue
+            if getattr(kind, "__origin__", None) is tuple:  # a list flag: --lora-paths a=x b=y
+                kwargs["nargs"] = "+"
+                kind = str
             kwargs["type"] = kind
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
@@ -279,7 +347,8 @@ class ServerArgs:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _is_host_port(addr: str) -> bool:

@@ -21,6 +21,7 @@ from radixlm.lora import LoRAAdapterError, load_lora_adapter, merged_lora, shard
 from radixlm.lora.adapter import CONFIG_FILE, SUPPORTED_MODULES, WEIGHTS_FILE
 from radixlm.lora.layout import MERGED_PROJECTIONS, column_shard_ranges
 from tests.conftest import build_tiny_hf_model
+from tests.lora_helpers import build_peft_adapter
 
 ALL = list(SUPPORTED_MODULES)
 # (r, lora_alpha, use_rslora, target_modules, layers_to_transform)
@@ -37,22 +38,6 @@ def base(tmp_path_factory) -> tuple[torch.nn.Module, ModelConfig]:
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     hf = build_tiny_hf_model("llama", path)  # hidden 64, 4 heads, 2 KV heads, head_dim 16, intermediate 128
     return hf, ModelConfig.from_hf(path, dtype="float32")
-
-
-def build_peft_adapter(hf: torch.nn.Module, directory: str, r: int, alpha: float, rslora: bool, targets,
-                       layers, seed: int = 0):
-    """A peft LoRA model over a copy of ``hf`` with random A and B (peft starts B at zero, which would make every
-    check trivial), saved to ``directory``; returns the peft model."""
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
-                             layers_to_transform=layers, lora_dropout=0.0)
-    model = peft.get_peft_model(copy.deepcopy(hf), config).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(directory)
-    return model
 
 
 def peft_lora_layers(model) -> dict[tuple[int, str], torch.nn.Module]:
