@@ -7,9 +7,10 @@ gate_up: 4096 -> 2 x 14336, two slices; o: 4096 -> 4096; down: 14336 -> 4096).  
 
 Rows: (shape, rank, tokens, adapters, layout).  Decode batches of 1 / 32 / 128 requests (one token each) and a
 2048-token prefill (one request per adapter, 2048 / adapters tokens each); requests are spread evenly over 1, 4 or
-16 distinct adapters (rows with more adapters than requests are skipped) and sorted by adapter.  Layouts:
-``sorted``: consecutive requests of one adapter share a segment (``build_segments(merge=True)``, the dot form),
-in decode cut into pieces of ``DECODE_SPLIT`` tokens and padded with empty segments to the bound a CUDA graph of
+16 distinct adapters (rows with more adapters than requests are skipped), interleaved in decode (request i runs
+adapter i % adapters: the scheduler's rows do not come grouped).  Layouts:
+``sorted``: the requests of one adapter share a segment (decode: ``build_segments(sort=True)``, the tokens
+gathered through ``token_order``; prefill: one request per adapter), the dot form, in decode cut into pieces of ``DECODE_SPLIT`` tokens and padded with empty segments to the bound a CUDA graph of
 that batch size captures (``cdiv(T, split) + adapters - 1``); ``per-req`` (decode only): one segment per request,
 ``max_seg_len`` 1 (the GEMV form, the other graph-friendly layout).
 
@@ -74,11 +75,11 @@ def time_us(fn: Callable[[], object]) -> float:
 
 
 def layout(tokens: int, adapters: int, prefill: bool) -> tuple[list[int], list[int]]:
-    """(slots, token counts) per request: decode requests of one token spread evenly over ``adapters`` slots, or
+    """(slots, token counts) per request: decode requests of one token interleaved over ``adapters`` slots, or
     a prefill of ``tokens`` split into one request per adapter."""
     if prefill:
         return list(range(adapters)), [tokens // adapters] * adapters
-    return [i * adapters // tokens for i in range(tokens)], [1] * tokens
+    return [i % adapters for i in range(tokens)], [1] * tokens
 
 
 def run_row(shape: Shape, rank: int, max_rank: int, tokens: int, adapters: int, prefill: bool, per_request: bool,
@@ -100,7 +101,7 @@ def run_row(shape: Shape, rank: int, max_rank: int, tokens: int, adapters: int, 
     if prefill or per_request:
         seg: LoraSegments = build_segments(slots, counts, device, merge=not per_request)
     else:
-        seg = build_segments(slots, counts, device, split=DECODE_SPLIT,
+        seg = build_segments(slots, counts, device, split=DECODE_SPLIT, sort=True,
                              num_segs=triton.cdiv(tokens, DECODE_SPLIT) + adapters - 1)
     y = torch.empty(tokens, n_total, device=device, dtype=dtype)
 
@@ -119,8 +120,8 @@ def run_row(shape: Shape, rank: int, max_rank: int, tokens: int, adapters: int, 
     lora()
     delta = y.float() - y0
     y_ref = y0.clone()
-    tmp = lora_shrink_ref(x, a_pool, seg.seg_starts, seg.seg_slots, ranks, num_slices)
-    lora_expand_ref(tmp, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets, y_ref)
+    tmp = lora_shrink_ref(x, a_pool, seg.seg_starts, seg.seg_slots, ranks, num_slices, seg.token_order)
+    lora_expand_ref(tmp, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets, y_ref, seg.token_order)
     ref_delta = y_ref - y0
     err = ((delta.double() - ref_delta.double()).norm() / ref_delta.double().norm()).item()
     assert err < 1e-2, f"rel err {err:.2e}"

@@ -10,9 +10,12 @@ Adapter pool (one per target projection; a merged projection's slices, q/k/v or 
                                                       beyond it, so the padding need not be zero
     scalings [num_slots] float32                      alpha / rank (or rsLoRA's alpha / sqrt(rank))
 
-Batch (``LoraSegments``, built on the host by ``build_segments`` once per batch, shared by every layer): tokens
+Batch (``LoraSegments``, built on the host by ``build_segments`` once per batch, shared by every layer): positions
 ``[seg_starts[i], seg_starts[i + 1])`` use pool slot ``seg_slots[i]``, or no adapter when it is -1 (those tokens'
-rows of ``y`` are not touched, their ``tmp`` rows not written).  Segments may be empty or one token long.
+rows of ``y`` are not touched, their ``tmp`` rows not written).  Segments may be empty or one token long.  A
+position is a token of x and y, or with ``token_order`` the token ``token_order[position]``: a batch grouped by
+adapter without moving its tokens (the kernels gather x's rows and scatter into y's; ``tmp`` stays in position
+order).
 
 The intermediate ``tmp`` is ``[split_k, T, num_slices * max_rank]``: partial products over ``split_k`` ranges of
 K (the shrink's programs share a long K: a decode batch has few segments), which the expand adds in split order,
@@ -57,10 +60,13 @@ import torch
 class LoraSegments(NamedTuple):
     """One batch's adapter layout (module docstring)."""
 
-    seg_starts: torch.Tensor  # [num_segs + 1] int32, token offsets, non-decreasing, seg_starts[0] == 0
+    seg_starts: torch.Tensor  # [num_segs + 1] int32, offsets in segment order, non-decreasing, seg_starts[0] == 0
     seg_slots: torch.Tensor  # [num_segs] int32, pool slot or -1 (no adapter)
     max_seg_len: int  # host bound on every adapter (slot >= 0) segment's length, >= 1: the kernels' grid
     has_lora: bool  # host: some segment has a slot >= 0 (segments built here have tokens)
+    # [T] int32: position k in segment order is token token_order[k] of x and y (a batch grouped by adapter
+    # without moving its tokens); None: the identity
+    token_order: torch.Tensor | None = None
 
 
 def build_segments(
@@ -71,19 +77,25 @@ def build_segments(
     merge: bool = True,
     split: int | None = None,
     num_segs: int | None = None,
+    sort: bool = False,
+    num_order: int | None = None,
 ) -> LoraSegments:
-    """Segments over requests in batch order (the tokens are not reordered: a caller that wants few segments sorts
-    its requests by slot first; requests without tokens make no segment).  ``merge``: consecutive requests of one
+    """Segments over requests in batch order (requests without tokens make no segment), or with ``sort`` in the
+    order of their slots (stable; ``token_order`` then maps segment order to the batch's tokens, which do not
+    move: one segment per adapter instead of one per run of it).  ``merge``: consecutive requests of one
     slot share a segment; else one segment per request.  ``split``: cut adapter segments (slot -1 ones need no
     work, so they stay whole) into pieces of at most ``split`` tokens, so the grid holds one token tile per
     segment instead of the segment count times the longest segment's tiles.  ``num_segs``: pad with empty slot -1
     segments up to this count (a CUDA graph's fixed shape; ValueError if the layout needs more).  With ``split``,
     T tokens in g runs (g requests with tokens, or with ``merge`` the distinct slots, -1 included, of a batch
-    sorted by slot) make at most ``cdiv(T, split) + g - 1`` segments: the count a graph of T tokens pads to."""
+    sorted by slot) make at most ``cdiv(T, split) + g - 1`` segments: the count a graph of T tokens pads to.
+    ``num_order``: with ``sort``, pad ``token_order`` to this length (a graph's token count) with its identity tail.
+    """
     if len(slots) != len(num_tokens):
         raise ValueError(f"{len(slots)} slots for {len(num_tokens)} requests")
+    order = sorted(range(len(slots)), key=lambda i: slots[i]) if sort else range(len(slots))
     runs: list[list[int]] = []  # [slot, tokens]
-    for slot, n in zip(slots, num_tokens):
+    for slot, n in ((slots[i], num_tokens[i]) for i in order):
         if n == 0:
             continue
         if merge and runs and runs[-1][0] == slot:
@@ -102,11 +114,23 @@ def build_segments(
             raise ValueError(f"{len(seg_slots)} segments do not fit in {num_segs}")
         seg_slots += [-1] * (num_segs - len(seg_slots))
         starts += [starts[-1]] * (num_segs + 1 - len(starts))
+    token_order = None
+    if sort:
+        first = [0]
+        for n in num_tokens:
+            first.append(first[-1] + n)
+        tokens = [t for i in order for t in range(first[i], first[i + 1])]
+        if num_order is not None:
+            if num_order < len(tokens):
+                raise ValueError(f"{len(tokens)} tokens do not fit a token order of {num_order}")
+            tokens += range(len(tokens), num_order)
+        token_order = torch.tensor(tokens, dtype=torch.int32, device=device)
     return LoraSegments(
         torch.tensor(starts, dtype=torch.int32, device=device),
         torch.tensor(seg_slots, dtype=torch.int32, device=device),
         max((n if split is None else min(n, split) for slot, n in runs if slot >= 0), default=1),
         any(slot >= 0 for slot, _ in runs),
+        token_order,
     )
 
 
@@ -118,14 +142,17 @@ def lora_shrink(
     ranks: torch.Tensor,  # [num_slots] int32
     num_slices: int,
     max_seg_len: int | None = None,
+    token_order: torch.Tensor | None = None,  # [T] int32 (LoraSegments.token_order)
 ) -> torch.Tensor:  # [split_k, T, num_slices * max_rank] float32, contiguous
-    """``tmp.sum(0)[t, s * R + r] = x[t] . A_slot[s * R + r]`` for the tokens of adapter segments and r < rank;
-    columns r >= rank are 0; rows of slot -1 tokens are unspecified (not written)."""
+    """``tmp.sum(0)[k, s * R + r] = x[order[k]] . A_slot[s * R + r]`` for the positions k of adapter segments (in
+    segment order; ``order`` the identity without ``token_order``) and r < rank; columns r >= rank are 0; rows of
+    slot -1 positions are unspecified (not written)."""
     if x.is_cuda:
         from radixlm.kernels.lora_triton import lora_shrink_triton
 
-        return lora_shrink_triton(x, a_pool, seg_starts, seg_slots, ranks, num_slices, max_seg_len)
-    return lora_shrink_ref(x, a_pool, seg_starts, seg_slots, ranks, num_slices)
+        return lora_shrink_triton(x, a_pool, seg_starts, seg_slots, ranks, num_slices, max_seg_len,
+                                  token_order=token_order)
+    return lora_shrink_ref(x, a_pool, seg_starts, seg_slots, ranks, num_slices, token_order)
 
 
 def lora_expand(
@@ -138,16 +165,18 @@ def lora_expand(
     slice_offsets: torch.Tensor,  # [num_slices + 1] int32 on y's device: slice s owns columns [o[s], o[s + 1])
     y: torch.Tensor,  # [T, N_total], unit column stride; updated in place
     max_seg_len: int | None = None,
+    token_order: torch.Tensor | None = None,  # [T] int32 (LoraSegments.token_order)
 ) -> None:
-    """``y[t, o[s]:o[s+1]] += scaling * T[t, s*R : s*R + rank] @ B_slot[o[s]:o[s+1], :rank]^T`` with ``T =
-    tmp.sum(0)`` (added in split order) for the tokens of adapter segments; rows of slot -1 tokens are left
+    """``y[order[k], o[s]:o[s+1]] += scaling * T[k, s*R : s*R + rank] @ B_slot[o[s]:o[s+1], :rank]^T`` with ``T =
+    tmp.sum(0)`` (added in split order) for the positions k of adapter segments; rows of slot -1 tokens are left
     bit-unchanged."""
     if y.is_cuda:
         from radixlm.kernels.lora_triton import lora_expand_triton
 
-        lora_expand_triton(tmp, b_pool, seg_starts, seg_slots, ranks, scalings, slice_offsets, y, max_seg_len)
+        lora_expand_triton(tmp, b_pool, seg_starts, seg_slots, ranks, scalings, slice_offsets, y, max_seg_len,
+                           token_order=token_order)
         return
-    lora_expand_ref(tmp, b_pool, seg_starts, seg_slots, ranks, scalings, slice_offsets, y)
+    lora_expand_ref(tmp, b_pool, seg_starts, seg_slots, ranks, scalings, slice_offsets, y, token_order)
 
 
 def apply_lora(
@@ -165,17 +194,18 @@ def apply_lora(
     if not segments.has_lora:
         return
     num_slices = slice_offsets.shape[0] - 1
-    tmp = lora_shrink(x, a_pool, segments.seg_starts, segments.seg_slots, ranks, num_slices, segments.max_seg_len)
+    tmp = lora_shrink(x, a_pool, segments.seg_starts, segments.seg_slots, ranks, num_slices, segments.max_seg_len,
+                      segments.token_order)
     lora_expand(tmp, b_pool, segments.seg_starts, segments.seg_slots, ranks, scalings, slice_offsets, y,
-                segments.max_seg_len)
+                segments.max_seg_len, segments.token_order)
 
 
 def lora_shrink_ref(
     x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
-    num_slices: int,
+    num_slices: int, token_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``lora_shrink`` in torch, one matmul per segment and slice in float32 (reads the metadata on the host);
-    ``split_k`` 1; rows of slot -1 tokens are 0."""
+    ``split_k`` 1; rows of slot -1 positions are 0."""
     max_rank = a_pool.shape[1] // num_slices
     tmp = torch.zeros(1, x.shape[0], num_slices * max_rank, dtype=torch.float32, device=x.device)
     starts, slots, rank_list = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
@@ -183,7 +213,8 @@ def lora_shrink_ref(
         begin, end = starts[i], starts[i + 1]
         if slot < 0 or begin == end:
             continue
-        rank, xs = rank_list[slot], x[begin:end].float()
+        rows = slice(begin, end) if token_order is None else token_order[begin:end].long()
+        rank, xs = rank_list[slot], x[rows].float()
         for s in range(num_slices):
             a = a_pool[slot, s * max_rank:s * max_rank + rank].float()  # [rank, K]
             tmp[0, begin:end, s * max_rank:s * max_rank + rank] = xs @ a.T
@@ -192,7 +223,7 @@ def lora_shrink_ref(
 
 def lora_expand_ref(
     tmp: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
-    scalings: torch.Tensor, slice_offsets: torch.Tensor, y: torch.Tensor,
+    scalings: torch.Tensor, slice_offsets: torch.Tensor, y: torch.Tensor, token_order: torch.Tensor | None = None,
 ) -> None:
     """``lora_expand`` in torch: per segment and slice, ``y`` rows += scaling * product, in float32, rounded once
     to y's dtype (reads the metadata on the host)."""
@@ -212,4 +243,5 @@ def lora_expand_ref(
         for s in range(num_slices):
             b = b_pool[slot, offsets[s]:offsets[s + 1], :rank].float()  # [width, rank]
             delta[:, offsets[s]:offsets[s + 1]] = total[begin:end, s * max_rank:s * max_rank + rank] @ b.T
-        y[begin:end] = (y[begin:end].float() + scale_list[slot] * delta).to(y.dtype)
+        rows = slice(begin, end) if token_order is None else token_order[begin:end].long()
+        y[rows] = (y[rows].float() + scale_list[slot] * delta).to(y.dtype)

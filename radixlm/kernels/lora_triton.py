@@ -16,6 +16,9 @@ columns (B): a rank-16 adapter in a rank-64 pool costs a quarter of the bytes.
   the splits (in order: deterministic) and multiplies them into the tile's fp32 accumulator; the epilogue adds
   ``scaling *`` it to y's tile and rounds once.
 
+With ``token_order`` (a batch grouped by adapter without moving its tokens) a program gathers its x rows and
+scatters into its y rows through it; ``tmp`` rows are positions in segment order either way.
+
 Segments of one token (decode) use a GEMV form (``BLOCK_M`` 1: products and a reduction on the CUDA cores instead
 of a ``tl.dot`` padded to 16 rows).
 
@@ -36,9 +39,9 @@ import triton.language as tl
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
+    x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, order_ptr,
     k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
-    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr, HAS_ORDER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -61,7 +64,7 @@ def _lora_shrink_kernel(
     k_end = tl.minimum(k_start + k_per_split, k_dim)  # a split past K stores zeros: the expand adds every split
     tmp_ptr += split * stride_tk
     if GEMV:
-        x_row = x_ptr + m0.to(tl.int64) * stride_xm
+        x_row = x_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_xm
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             k_ok = offs_k < k_end - k
@@ -71,9 +74,10 @@ def _lora_shrink_kernel(
             acc += tl.sum(a * xv[None, :], axis=1)
         tl.store(tmp_ptr + m0.to(tl.int64) * stride_tm + out_cols, acc, mask=offs_r < max_rank)
     else:
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M)  # positions; x's rows are tokens
         m_ok = offs_m < end
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k_start + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        x_rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m
+        x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + k_start + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         a_ptrs = a_ptr + a_rows[None, :] + k_start + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
@@ -89,9 +93,9 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_expand_kernel(
-    tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr,
+    tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
     n_total, max_rank, split_k, stride_tk, stride_tm, stride_bs, stride_bn, stride_ym,
-    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -123,7 +127,7 @@ def _lora_expand_kernel(
                     t += tl.load(t_row + i * stride_tk + s * max_rank + offs_r, mask=r_ok, other=0.0)
                 part = tl.sum(t[:, None] * b, axis=0)
                 acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
-        y_ptrs = y_ptr + m0.to(tl.int64) * stride_ym + offs_n
+        y_ptrs = y_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_ym + offs_n
         y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -141,7 +145,8 @@ def _lora_expand_kernel(
                     t += tl.load(t_ptrs + i * stride_tk, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
                 part = tl.dot(t, b, input_precision=DOT_PRECISION)
                 acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+        y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
+        y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
         y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
@@ -187,6 +192,7 @@ def default_split_k(programs: int, k_dim: int, num_sms: int) -> int:
 def lora_shrink_triton(
     x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     num_slices: int, max_seg_len: int | None = None, split_k: int | None = None,
+    token_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter);
     ``split_k`` defaults to ``default_split_k``'s."""
@@ -202,9 +208,9 @@ def lora_shrink_triton(
     if num_tokens == 0 or num_segs == 0:
         return tmp
     _lora_shrink_kernel[(tiles, num_segs, num_slices * split_k)](
-        x, a_pool, tmp, seg_starts, seg_slots, ranks,
+        x, a_pool, tmp, seg_starts, seg_slots, ranks, seg_starts if token_order is None else token_order,
         k_dim, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0), tmp.stride(1),
-        DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1, SPLIT_K=split_k,
+        DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1, SPLIT_K=split_k, HAS_ORDER=token_order is not None,
         BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=128 if block_m == 1 else 64,
         num_warps=4,
     )
@@ -214,6 +220,7 @@ def lora_shrink_triton(
 def lora_expand_triton(
     tmp: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     scalings: torch.Tensor, slice_offsets: torch.Tensor, y: torch.Tensor, max_seg_len: int | None = None,
+    token_order: torch.Tensor | None = None,
 ) -> None:
     """``radixlm.kernels.lora.lora_expand`` in one launch (CUDA, or CPU tensors under the interpreter)."""
     _check_rows(y, "y")
@@ -229,9 +236,10 @@ def lora_expand_triton(
             triton.cdiv(n_total, block_n))
     _lora_expand_kernel[grid](
         tmp, b_pool, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
-        n_total, max_rank, tmp.shape[0], tmp.stride(0), tmp.stride(1), b_pool.stride(0), b_pool.stride(1),
+        seg_starts if token_order is None else token_order, n_total, max_rank, tmp.shape[0], tmp.stride(0), tmp.stride(1), b_pool.stride(0), b_pool.stride(1),
         y.stride(0),
         NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
+        HAS_ORDER=token_order is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         num_warps=4,
     )

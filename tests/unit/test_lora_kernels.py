@@ -142,6 +142,21 @@ def test_build_segments_exact() -> None:
     assert pieces.max_seg_len == 4
 
 
+def test_build_segments_sorted_exact() -> None:
+    """``sort``: requests grouped by slot (stable), one segment per slot, ``token_order`` mapping positions to the
+    batch's tokens; padded to a graph's token count with the identity tail."""
+    seg = build_segments([2, -1, 0, 2, 0], [1, 3, 2, 0, 1], "cpu", sort=True, split=2, num_order=9)
+    # by slot: -1 (tokens 1-3), 0 (tokens 4-5, then 6), 2 (token 0; the request without tokens adds none), then
+    # the padding's identity tail
+    assert seg.token_order.tolist() == [1, 2, 3, 4, 5, 6, 0, 7, 8]
+    assert seg.seg_starts.tolist() == [0, 3, 5, 6, 7]
+    assert seg.seg_slots.tolist() == [-1, 0, 0, 2]
+    assert seg.token_order.dtype == torch.int32 and (seg.max_seg_len, seg.has_lora) == (2, True)
+    assert build_segments([1, 0], [1, 1], "cpu").token_order is None
+    with pytest.raises(ValueError):
+        build_segments([1, 0], [2, 2], "cpu", sort=True, num_order=3)
+
+
 def test_build_segments_split_bound() -> None:
     """The documented segment bound, cdiv(T, split) + runs - 1, over random sorted layouts (tight for some)."""
     g = torch.Generator().manual_seed(0)
@@ -204,6 +219,37 @@ def test_decode_one_segment_per_request(path: str, dtype: torch.dtype) -> None:
     assert torch.equal(y[[1, 5]], before[[1, 5]])
 
 
+@pytest.mark.parametrize("path", ["triton", "ref"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 3], ids=["decode", "prefill"])
+def test_sorted_batch_through_token_order(path: str, dtype: torch.dtype, tokens: int) -> None:
+    """Interleaved adapters grouped by ``sort`` without moving the tokens: x's rows gathered, y's scattered (GEMV
+    form for one-token requests, the dot form in pieces of 2 for three-token ones); base-only rows untouched."""
+    slots = [2, -1, 1, 0, 1, -1, 2, 0, 1]
+    counts = [tokens] * len(slots)
+    pool = make_pool(WIDTHS, dtype, seed=4)
+    seg = build_segments(slots, counts, DEVICE, sort=True, split=None if tokens == 1 else 2)
+    token_slots = per_token_slots(slots, counts)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(len(token_slots), K, generator=g).to(dtype).to(DEVICE)
+    y = torch.randn(len(token_slots), sum(WIDTHS), generator=g).to(dtype).to(DEVICE)
+    before = y.clone()
+    y64, mag = expected(x, y, pool, token_slots)
+    num_slices = len(WIDTHS)
+    if path == "triton":
+        tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, seg.max_seg_len,
+                                 2, seg.token_order)
+        lora_expand_triton(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
+                           seg.max_seg_len, seg.token_order)
+    else:
+        tmp = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, seg.token_order)
+        lora_expand_ref(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
+                        seg.token_order)
+    assert_close(y, y64, mag, path == "triton")
+    base_rows = [t for t, s in enumerate(token_slots) if s < 0]
+    assert torch.equal(y[base_rows], before[base_rows])
+
+
 def test_shrink_tmp_contract() -> None:
     """tmp is float32 [split_k, T, slices x max rank]; its sum over splits is the product; columns at and beyond a
     slot's rank are exactly 0 (the NaN padding is not read); a split past K (4 splits of 3 K tiles) is 0."""
@@ -255,28 +301,43 @@ references on CPU) within the fp32 bound."""
 
 
 @ON_GPU
-@pytest.mark.parametrize("max_seg_len", [1, 8])
-def test_cuda_graph_replays_new_metadata(max_seg_len: int) -> None:
+@pytest.mark.parametrize("max_seg_len,sort", [(1, False), (8, False), (2, True)])
+def test_cuda_graph_replays_new_metadata(max_seg_len: int, sort: bool) -> None:
     """Capture ``apply_lora`` with one layout, replay with other slots and segment boundaries copied into the same
-    metadata tensors (same shapes): matches float64 math for the new layout, base-only rows untouched."""
+    metadata tensors (same shapes): matches float64 math for the new layout, base-only rows untouched.  ``sort``:
+    one-token requests grouped by adapter through ``token_order`` in pieces of 2 (the sorted decode graph)."""
     torch.manual_seed(0)
     pool = make_pool(WIDTHS, torch.bfloat16)
     num_requests = 6
-    tokens = [max_seg_len] * num_requests
-    first = build_segments([0, 1, 2, -1, 0, 1], tokens, DEVICE, merge=False)
+    tokens = [1 if sort else max_seg_len] * num_requests
+    num_segs = -(-num_requests // max_seg_len) + len(RANKS) if sort else num_requests
+
+    def layout(slots: list[int], counts: list[int]) -> LoraSegments:
+        if sort:
+            return build_segments(slots, counts, DEVICE, sort=True, split=max_seg_len, num_segs=num_segs,
+                                  num_order=sum(tokens))
+        return build_segments(slots, counts, DEVICE, merge=False, num_segs=num_segs)
+
+    first = layout([0, 1, 2, -1, 0, 1], tokens)
     x = torch.randn(sum(tokens), K, device=DEVICE, dtype=torch.bfloat16)
     y = torch.zeros(sum(tokens), sum(WIDTHS), device=DEVICE, dtype=torch.bfloat16)
-    static = LoraSegments(first.seg_starts.clone(), first.seg_slots.clone(), max_seg_len, True)
+    static = LoraSegments(first.seg_starts.clone(), first.seg_slots.clone(), max_seg_len, True,
+                          None if first.token_order is None else first.token_order.clone())
     apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, static)  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, static)
     # Replay: other slots and uneven segments (each <= max_seg_len, still 6).
-    new_tokens = [max_seg_len, max_seg_len - 1, 1, max_seg_len, 0, max_seg_len]  # rows past them: no segment
-    new_slots = [-1, 2, 1, 0, 2, 2]
-    new = build_segments(new_slots, new_tokens, DEVICE, merge=False, num_segs=num_requests)
+    if sort:
+        new_tokens, new_slots = [1, 1, 1, 1, 0, 1], [2, 0, 2, -1, 1, 0]
+    else:
+        new_tokens = [max_seg_len, max_seg_len - 1, 1, max_seg_len, 0, max_seg_len]  # rows past them: no segment
+        new_slots = [-1, 2, 1, 0, 2, 2]
+    new = layout(new_slots, new_tokens)
     static.seg_starts.copy_(new.seg_starts)
     static.seg_slots.copy_(new.seg_slots)
+    if sort:
+        static.token_order.copy_(new.token_order)
     x.copy_(torch.randn_like(x))
     y.copy_(torch.randn_like(y))
     before = y.clone()
