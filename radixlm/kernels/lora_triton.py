@@ -192,10 +192,11 @@ def default_split_k(programs: int, k_dim: int, num_sms: int) -> int:
 def lora_shrink_triton(
     x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     num_slices: int, max_seg_len: int | None = None, split_k: int | None = None,
-    token_order: torch.Tensor | None = None,
+    token_order: torch.Tensor | None = None, block_k: int | None = None, num_warps: int = 4,
 ) -> torch.Tensor:
     """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter);
-    ``split_k`` defaults to ``default_split_k``'s."""
+    ``split_k`` defaults to ``default_split_k``'s, ``block_k`` to 128 for the GEMV form and 64 for the dot form
+    (the overrides are for tuning: bench/gpu/lora_tune.py)."""
     _check_rows(x, "x")
     num_tokens, k_dim = x.shape
     max_rank = a_pool.shape[1] // num_slices
@@ -211,8 +212,8 @@ def lora_shrink_triton(
         x, a_pool, tmp, seg_starts, seg_slots, ranks, seg_starts if token_order is None else token_order,
         k_dim, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0), tmp.stride(1),
         DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1, SPLIT_K=split_k, HAS_ORDER=token_order is not None,
-        BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=128 if block_m == 1 else 64,
-        num_warps=4,
+        BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=block_k or (128 if block_m == 1 else 64),
+        num_warps=num_warps,
     )
     return tmp
 
@@ -220,9 +221,10 @@ def lora_shrink_triton(
 def lora_expand_triton(
     tmp: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     scalings: torch.Tensor, slice_offsets: torch.Tensor, y: torch.Tensor, max_seg_len: int | None = None,
-    token_order: torch.Tensor | None = None,
+    token_order: torch.Tensor | None = None, block_n: int | None = None, num_warps: int = 4,
 ) -> None:
-    """``radixlm.kernels.lora.lora_expand`` in one launch (CUDA, or CPU tensors under the interpreter)."""
+    """``radixlm.kernels.lora.lora_expand`` in one launch (CUDA, or CPU tensors under the interpreter);
+    ``block_n`` defaults to 64 for the GEMV form and 128 for the dot form (overrides: as the shrink's)."""
     _check_rows(y, "y")
     num_tokens, n_total = y.shape
     num_slices = slice_offsets.shape[0] - 1
@@ -231,7 +233,7 @@ def lora_expand_triton(
     if num_tokens == 0 or num_segs == 0:
         return
     block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
-    block_n = 64 if block_m == 1 else 128
+    block_n = block_n or (64 if block_m == 1 else 128)
     grid = (triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m), num_segs,
             triton.cdiv(n_total, block_n))
     _lora_expand_kernel[grid](
@@ -241,5 +243,5 @@ def lora_expand_triton(
         NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
         HAS_ORDER=token_order is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
-        num_warps=4,
+        num_warps=num_warps,
     )
