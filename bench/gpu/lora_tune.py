@@ -2,8 +2,8 @@
 each case, the default launch against the best of a grid of launch parameters, shrink and expand timed apart
 (each in its own CUDA graph, L2 flushed before every replay, as ``bench/gpu/lora_kernels.py`` times them).
 
-Grid: shrink ``split_k`` x ``block_k`` x ``num_warps``; expand ``block_n`` x ``num_warps`` (the expand reads the
-best shrink's ``tmp``, whose split count it sums).  Cases: the four projections at ranks 16 and 64 in a pool of 16
+Grid: shrink ``split_k`` x ``block_k`` x ``num_warps``; expand ``block_n`` x ``num_warps`` x ``chunk_n`` (the
+expand reads the best shrink's ``tmp``, whose split count it sums).  Cases: the four projections at ranks 16 and 64 in a pool of 16
 slots of rank 64: decode batches of 1 request (1 adapter), 32 and 128 requests (16 adapters interleaved, grouped
 through ``token_order`` in pieces of 16) and a 2048-token prefill (16 requests, one per adapter).  Every best
 configuration is checked against the torch reference (rel err < 1e-2).
@@ -30,7 +30,8 @@ from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  
 
 SPLITS = (1, 2, 4, 8, 16)
 BLOCK_KS = (64, 128, 256)
-BLOCK_NS = (32, 64, 128, 256)
+BLOCK_NS = (64, 128, 256)
+CHUNKS = (None, 1, 1024, 4096)  # None: expand_chunk's choice; 1: one N tile a program
 WARPS = (4, 8)
 
 
@@ -75,8 +76,12 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
     tmp_default, tmp_best = shrink(), shrink(**best_shrink[1])
     expand_default = time_us(lambda: expand(tmp_default))
     best_expand = (expand_default, {})
-    for bn, warps in itertools.product(BLOCK_NS, WARPS):
-        cfg = dict(block_n=bn, num_warps=warps)
+    for bn, warps, chunk in itertools.product(BLOCK_NS, WARPS, CHUNKS):
+        cfg = dict(block_n=bn, num_warps=warps, chunk_n=bn if chunk == 1 else chunk)
+        if cfg["chunk_n"] is None:
+            del cfg["chunk_n"]
+        elif cfg["chunk_n"] < bn:
+            continue
         best_expand = min(best_expand, (time_us(lambda: expand(tmp_best, **cfg)), cfg), key=lambda t: t[0])
     # the best pair against the torch reference
     y.zero_()
@@ -88,11 +93,11 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
     assert err < 1e-2, f"rel err {err:.2e}"
 
     def fmt(cfg: dict) -> str:
-        return " ".join(f"{k.replace('num_', '').replace('block_', 'b').replace('split_k', 'sk')}={v}"
-                        for k, v in cfg.items()) or "default"
+        short = {"split_k": "sk", "block_k": "bk", "block_n": "bn", "num_warps": "warps", "chunk_n": "ch"}
+        return " ".join(f"{short[k]}={v}" for k, v in cfg.items()) or "default"
 
     return (f"{shape_name:<8} {rank:>4} {tokens:>6} {adapters:>4} | {shrink_default:7.1f} {best_shrink[0]:7.1f} "
-            f"{fmt(best_shrink[1]):<22} | {expand_default:7.1f} {best_expand[0]:7.1f} {fmt(best_expand[1]):<16}")
+            f"{fmt(best_shrink[1]):<22} | {expand_default:7.1f} {best_expand[0]:7.1f} {fmt(best_expand[1]):<24}")
 
 
 def main() -> None:
