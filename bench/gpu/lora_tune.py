@@ -2,8 +2,9 @@
 each case, the default launch against the best of a grid of launch parameters, shrink and expand timed apart
 (each in its own CUDA graph, L2 flushed before every replay, as ``bench/gpu/lora_kernels.py`` times them).
 
-Grid: shrink ``split_k`` x ``block_k`` x ``num_warps``; expand ``block_n`` x ``num_warps`` x ``chunk_n`` (the
-expand reads the best shrink's ``tmp``, whose split count it sums).  Cases: the four projections at ranks 16 and 64 in a pool of 16
+Grid: per shrink ``split_k``, the best ``block_k`` x ``num_warps`` of the shrink and the best ``block_n`` x
+``num_warps`` of the expand over that shrink's partials (it sums them in every program); the split with the
+smallest sum wins.  Cases: the four projections at ranks 16 and 64 in a pool of 16
 slots of rank 64: decode batches of 1 request (1 adapter), 32 and 128 requests (16 adapters interleaved, grouped
 through ``token_order`` in pieces of 16) and a 2048-token prefill (16 requests, one per adapter).  Every best
 configuration is checked against the torch reference (rel err < 1e-2).
@@ -31,7 +32,6 @@ from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  
 SPLITS = (1, 2, 4, 8, 16)
 BLOCK_KS = (64, 128, 256)
 BLOCK_NS = (64, 128, 256)
-CHUNKS = (None, 1, 1024, 4096)  # None: expand_chunk's choice; 1: one N tile a program
 WARPS = (4, 8)
 
 
@@ -66,26 +66,27 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
         lora_expand_triton(tmp, b_pool, *args, scalings, offsets, y, seg.max_seg_len, token_order=seg.token_order,
                            **kw)
 
+    # Defaults, then per split count the best shrink and the best expand over its partials: the expand sums the
+    # split-K partials of its rows in every program, so the split that suits the shrink alone may not suit both.
     shrink_default = time_us(shrink)
-    best_shrink = (shrink_default, {})
-    for split, bk, warps in itertools.product(SPLITS, BLOCK_KS, WARPS):
-        if bk * split > 2 * shape.k:
-            continue
-        cfg = dict(split_k=split, block_k=bk, num_warps=warps)
-        best_shrink = min(best_shrink, (time_us(lambda: shrink(**cfg)), cfg), key=lambda t: t[0])
-    tmp_default, tmp_best = shrink(), shrink(**best_shrink[1])
+    tmp_default = shrink()
     expand_default = time_us(lambda: expand(tmp_default))
-    best_expand = (expand_default, {})
-    for bn, warps, chunk in itertools.product(BLOCK_NS, WARPS, CHUNKS):
-        cfg = dict(block_n=bn, num_warps=warps, chunk_n=bn if chunk == 1 else chunk)
-        if cfg["chunk_n"] is None:
-            del cfg["chunk_n"]
-        elif cfg["chunk_n"] < bn:
+    best = (float("inf"), 0.0, {}, 0.0, {})  # (total, shrink us, shrink cfg, expand us, expand cfg)
+    for split in SPLITS:
+        if split > 1 and shape.k // split < 128:
             continue
-        best_expand = min(best_expand, (time_us(lambda: expand(tmp_best, **cfg)), cfg), key=lambda t: t[0])
+        shrink_best = min(((time_us(lambda: shrink(**cfg)), cfg) for cfg in
+                           (dict(split_k=split, block_k=bk, num_warps=w) for bk, w in itertools.product(BLOCK_KS, WARPS)
+                            if bk * split <= 2 * shape.k)), key=lambda t: t[0])
+        tmp_split = shrink(**shrink_best[1])
+        expand_best = min(((time_us(lambda: expand(tmp_split, **cfg)), cfg) for cfg in
+                           (dict(block_n=bn, num_warps=w) for bn, w in itertools.product(BLOCK_NS, WARPS))),
+                          key=lambda t: t[0])
+        if shrink_best[0] + expand_best[0] < best[0]:
+            best = (shrink_best[0] + expand_best[0], *shrink_best, *expand_best)
     # the best pair against the torch reference
     y.zero_()
-    expand(shrink(**best_shrink[1]), **best_expand[1])
+    expand(shrink(**best[2]), **best[4])
     ref = torch.zeros(tokens, n_total, device=device, dtype=torch.float32)
     tmp_ref = lora_shrink_ref(x, a_pool, *args, num_slices, seg.token_order)
     lora_expand_ref(tmp_ref, b_pool, *args, scalings, offsets, ref, seg.token_order)
@@ -93,11 +94,12 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
     assert err < 1e-2, f"rel err {err:.2e}"
 
     def fmt(cfg: dict) -> str:
-        short = {"split_k": "sk", "block_k": "bk", "block_n": "bn", "num_warps": "warps", "chunk_n": "ch"}
+        short = {"split_k": "sk", "block_k": "bk", "block_n": "bn", "num_warps": "warps"}
         return " ".join(f"{short[k]}={v}" for k, v in cfg.items()) or "default"
 
-    return (f"{shape_name:<8} {rank:>4} {tokens:>6} {adapters:>4} | {shrink_default:7.1f} {best_shrink[0]:7.1f} "
-            f"{fmt(best_shrink[1]):<22} | {expand_default:7.1f} {best_expand[0]:7.1f} {fmt(best_expand[1]):<24}")
+    return (f"{shape_name:<8} {rank:>4} {tokens:>6} {adapters:>4} | {shrink_default:7.1f} {expand_default:7.1f} "
+            f"{shrink_default + expand_default:7.1f} | {best[1]:7.1f} {best[3]:7.1f} {best[0]:7.1f}  "
+            f"{fmt(best[2])}; {fmt(best[4])}")
 
 
 def main() -> None:
@@ -109,8 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a GPU")
-    print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'shrink':>7} {'best':>7} {'config':<22} | "
-          f"{'expand':>7} {'best':>7} {'config':<16}   (us)")
+    print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default: shrink':>15} {'expand':>7} {'sum':>7} | "
+          f"{'best: shrink':>12} {'expand':>7} {'sum':>7}  configs (us)")
     for shape_name, rank, tokens in itertools.product(args.shapes, args.ranks, args.tokens):
         adapters = 1 if tokens == 1 else 16
         print(sweep_case(shape_name, rank, tokens, adapters, args.max_rank), flush=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU run L2 (one H200, ~7 minutes): the LoRA expand in chunks of one slice (split-K partials read once per chunk), the
-# retuned split-K rule and GEMV warps: the tests, the per-projection cost table, the sweep with chunk sizes.
+# GPU run L2 (one H200, ~6 minutes): the tests, the per-projection cost table and the tile sweep again, after the
+# split-K rule and GEMV warps were retuned from L1 and with the expand walking chunks of N tiles (since dropped:
+# slower; see docs/benchmarks.md).
 #   bash bench/gpu/session_l2.sh     (GPU machine, repository root; carry .whl and .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1

@@ -11,10 +11,10 @@ columns (B): a rank-16 adapter in a rank-64 pool costs a quarter of the bytes.
   over its range of K, streaming x's rows and the slice's A rows once.  ``split_k`` (``default_split_k``) grows
   until the launch has about four programs per SM: a decode batch of a few adapters otherwise runs a few dozen
   programs, each streaming ``rank x K`` of A (14336 for Llama-8B's down projection) from one SM.
-- expand: program (tile, segment, slice x chunk) sums its rows' ``tmp`` columns of the slice over the splits once
-  (in order: deterministic), then walks the N tiles of its chunk of the slice's columns (``expand_chunk``: wide
-  enough that the partials are not re-read per tile, narrow enough to fill the GPU): per tile it loads the B tile
-  ``[rank, BLOCK_N]``, multiplies, adds ``scaling *`` the product to y's tile in fp32 and rounds once.
+- expand: program (tile, segment, N tile) loads the B tile ``[BLOCK_N, rank]`` once, and for each slice whose
+  columns meet the tile (one, unless a slice boundary falls inside it) sums that slice's ``tmp`` columns over
+  the splits (in order: deterministic) and multiplies them into the tile's fp32 accumulator; the epilogue adds
+  ``scaling *`` it to y's tile and rounds once.
 
 With ``token_order`` (a batch grouped by adapter without moving its tokens) a program gathers its x rows and
 scatters into its y rows through it; ``tmp`` rows are positions in segment order either way.
@@ -22,8 +22,9 @@ scatters into its y rows through it; ``tmp`` rows are positions in segment order
 Segments of one token (decode) use a GEMV form (``BLOCK_M`` 1: products and a reduction on the CUDA cores instead
 of a ``tl.dot`` padded to 16 rows).
 
-Launch parameters: tuned on an H200 at Llama-3.1-8B shapes with ``bench/gpu/lora_tune.py`` (docs/benchmarks.md,
-GPU run L1).
+Launch parameters: from a sweep on an H200 at Llama-3.1-8B shapes (``bench/gpu/lora_tune.py``, docs/benchmarks.md
+GPU runs L1/L2).  Tried and dropped: an expand program walking a chunk of N tiles (its split-K partials read once
+instead of per tile) was no faster in decode and slower in prefill (run L2).
 """
 
 from __future__ import annotations
@@ -92,62 +93,62 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
-    max_rank, split_k, num_chunks, stride_tk, stride_tm, stride_bs, stride_bn, stride_ym,
-    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_N: tl.constexpr,
+    n_total, max_rank, split_k, stride_tk, stride_tm, stride_bs, stride_bn, stride_ym,
+    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
-    piece = tl.program_id(2) // num_chunks  # the slice
-    chunk = tl.program_id(2) % num_chunks
+    pid_n = tl.program_id(2)
     slot = tl.load(seg_slots_ptr + seg)
     m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
     end = tl.load(seg_starts_ptr + seg + 1)
     if (slot < 0) | (m0 >= end):
         return
-    c0 = tl.load(offsets_ptr + piece) + chunk * CHUNK_N
-    hi = tl.load(offsets_ptr + piece + 1)
-    if c0 >= hi:
-        return
-    c1 = tl.minimum(c0 + CHUNK_N, hi)
     rank = tl.load(ranks_ptr + slot)
     scaling = tl.load(scalings_ptr + slot)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_total
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
-    b_slot = b_ptr + slot.to(tl.int64) * stride_bs
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None],
+                mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
     if GEMV:
-        # The slice's tmp columns summed over the splits once (in order), then every N tile of the chunk.
-        t_row = tmp_ptr + m0.to(tl.int64) * stride_tm + piece * max_rank
-        t = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for i in range(split_k):
-            t += tl.load(t_row + i * stride_tk + offs_r, mask=r_ok, other=0.0)
-        y_row = y_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_ym
-        for n0 in range(c0, c1, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < c1
-            b = tl.load(b_slot + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None],
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
-            part = tl.sum(t[:, None] * b, axis=0)
-            y = tl.load(y_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(y_row + offs_n, (y + scaling * part).to(y_ptr.dtype.element_ty), mask=n_ok)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        t_row = tmp_ptr + m0.to(tl.int64) * stride_tm
+        for s in tl.static_range(NUM_SLICES):
+            lo = tl.load(offsets_ptr + s)
+            hi = tl.load(offsets_ptr + s + 1)
+            if (lo < n0 + BLOCK_N) & (hi > n0):
+                t = tl.zeros((BLOCK_R,), dtype=tl.float32)
+                for i in range(split_k):  # in split order
+                    t += tl.load(t_row + i * stride_tk + s * max_rank + offs_r, mask=r_ok, other=0.0)
+                part = tl.sum(t[:, None] * b, axis=0)
+                acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
+        y_ptrs = y_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_ym + offs_n
+        y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
-        offs_m = m0 + tl.arange(0, BLOCK_M)  # positions; y's rows are tokens
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
-        t_ptrs = tmp_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + piece * max_rank + offs_r[None, :]
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for i in range(split_k):  # in split order
-            t += tl.load(t_ptrs + i * stride_tk, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        rows = offs_m.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(NUM_SLICES):
+            lo = tl.load(offsets_ptr + s)
+            hi = tl.load(offsets_ptr + s + 1)
+            if (lo < n0 + BLOCK_N) & (hi > n0):
+                t_ptrs = tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :]
+                t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for i in range(split_k):  # in split order
+                    t += tl.load(t_ptrs + i * stride_tk, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                part = tl.dot(t, b, input_precision=DOT_PRECISION)
+                acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
         y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
-        for n0 in range(c0, c1, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < c1
-            b = tl.load(b_slot + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None],
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
-            part = tl.dot(t, b, input_precision=DOT_PRECISION)
-            y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :]
-            mask = m_ok[:, None] & n_ok[None, :]
-            y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, (y + scaling * part).to(y_ptr.dtype.element_ty), mask=mask)
+        y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(max_seg_len: int) -> int:
@@ -180,21 +181,20 @@ def _num_sms(device: torch.device) -> int:
 
 def default_split_k(programs: int, k_dim: int, num_sms: int) -> int:
     """K splits of the shrink: doubled (up to 16) while the launch has fewer than four programs per SM and each
-    split keeps >= 256 of K (GPU run L1's sweep: a decode batch's shrink is fastest at 8-16 splits)."""
+    split keeps >= 256 of K (GPU runs L1/L2's sweep: a decode batch's shrink is fastest at 8-16 splits)."""
     split = 1
     while split < 16 and programs * split < 4 * num_sms and k_dim // (2 * split) >= 256:
         split *= 2
     return split
 
 
-def expand_chunk(row_programs: int, n_total: int, block_n: int, num_sms: int) -> int:
-    """Output columns one expand program covers (a multiple of ``block_n``): as wide as keeps about two programs
-    per SM (``row_programs``: token tiles x segments), at most 4096.  Each program sums its rows' split-K partials
-    of ``tmp`` once, so a wide chunk reads them once instead of once per N tile."""
-    chunk = block_n
-    while chunk < 4096 and row_programs * triton.cdiv(n_total, 2 * chunk) >= 2 * num_sms:
-        chunk *= 2
-    return chunk
+def expand_config(block_m: int, num_slices: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the expand, from GPU runs L1/L2's sweep at Llama-3.1-8B shapes: the GEMV form 64
+    columns and 4 warps; the dot form 256 columns for decode pieces (BLOCK_M 16) and single-slice projections
+    (o, down), 128 for merged prefill tiles, with 8 warps on single-slice projections."""
+    if block_m == 1:
+        return 64, 4
+    return (256 if block_m <= 16 or num_slices == 1 else 128), (8 if num_slices == 1 else 4)
 
 
 def lora_shrink_triton(
@@ -229,12 +229,10 @@ def lora_shrink_triton(
 def lora_expand_triton(
     tmp: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     scalings: torch.Tensor, slice_offsets: torch.Tensor, y: torch.Tensor, max_seg_len: int | None = None,
-    token_order: torch.Tensor | None = None, block_n: int | None = None, num_warps: int = 4,
-    chunk_n: int | None = None,
+    token_order: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
 ) -> None:
-    """``radixlm.kernels.lora.lora_expand`` in one launch (CUDA, or CPU tensors under the interpreter);
-    ``block_n`` defaults to 64 for the GEMV form and 128 for the dot form, ``chunk_n`` to ``expand_chunk``'s
-    (overrides: as the shrink's)."""
+    """``radixlm.kernels.lora.lora_expand`` in one launch (CUDA, or CPU tensors under the interpreter); the
+    launch parameters default to ``expand_config``'s (overrides: as the shrink's)."""
     _check_rows(y, "y")
     num_tokens, n_total = y.shape
     num_slices = slice_offsets.shape[0] - 1
@@ -243,16 +241,16 @@ def lora_expand_triton(
     if num_tokens == 0 or num_segs == 0:
         return
     block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
-    block_n = block_n or (64 if block_m == 1 else 128)
-    tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m)
-    chunk_n = chunk_n or expand_chunk(tiles * num_segs, n_total, block_n, _num_sms(y.device))
-    num_chunks = triton.cdiv(n_total, chunk_n)  # per slice: a bound from host ints (slices end where they end)
-    _lora_expand_kernel[(tiles, num_segs, num_slices * num_chunks)](
+    default_n, default_warps = expand_config(block_m, num_slices)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
+    grid = (triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m), num_segs,
+            triton.cdiv(n_total, block_n))
+    _lora_expand_kernel[grid](
         tmp, b_pool, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
-        seg_starts if token_order is None else token_order,
-        max_rank, tmp.shape[0], num_chunks, tmp.stride(0), tmp.stride(1), b_pool.stride(0), b_pool.stride(1),
+        seg_starts if token_order is None else token_order, n_total, max_rank, tmp.shape[0], tmp.stride(0), tmp.stride(1), b_pool.stride(0), b_pool.stride(1),
         y.stride(0),
-        DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1, HAS_ORDER=token_order is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank), CHUNK_N=chunk_n,
+        NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
+        HAS_ORDER=token_order is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         num_warps=num_warps,
     )

@@ -33,7 +33,7 @@ from radixlm.kernels.lora import (  # noqa: E402
     LoraSegments, apply_lora, build_segments, lora_expand_ref, lora_shrink_ref,
 )
 from radixlm.kernels.lora_triton import (  # noqa: E402
-    default_split_k, expand_chunk, lora_expand_triton, lora_shrink_triton,
+    default_split_k, expand_config, lora_expand_triton, lora_shrink_triton,
 )
 
 CUDA = torch.cuda.is_available()
@@ -276,29 +276,11 @@ def test_default_split_k() -> None:
     assert default_split_k(programs=1, k_dim=1000, num_sms=132) == 2  # 250 of K a split would be too little
 
 
-def test_expand_chunk() -> None:
-    """One N tile a program when there are few rows to spread (a lone decode token), wider chunks as the segments
-    multiply, never past 4096."""
-    assert expand_chunk(row_programs=1, n_total=6144, block_n=64, num_sms=132) == 64
-    assert expand_chunk(row_programs=23, n_total=28672, block_n=128, num_sms=132) == 2048
-    assert expand_chunk(row_programs=1000, n_total=28672, block_n=128, num_sms=132) == 4096
-
-
-@pytest.mark.parametrize("tokens", [1, 3], ids=["gemv", "dot"])
-def test_expand_chunks_of_several_tiles(tokens: int) -> None:
-    """Chunks of two 16-column tiles: q (48 columns) spans a full and a half chunk, k and v one tile each; the
-    partial sums of 3 splits are read once per chunk."""
-    slots, counts = [1, -1, 0, 2], [tokens] * 4
-    pool = make_pool(WIDTHS, torch.float32, seed=6)
-    seg = build_segments(slots, counts, DEVICE)
-    token_slots = per_token_slots(slots, counts)
-    x = torch.randn(len(token_slots), K, device=DEVICE)
-    y = torch.randn(len(token_slots), sum(WIDTHS), device=DEVICE)
-    y64, mag = expected(x, y, pool, token_slots)
-    tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, len(WIDTHS), seg.max_seg_len, 3)
-    lora_expand_triton(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
-                       seg.max_seg_len, block_n=16, chunk_n=32)
-    assert_close(y, y64, mag, True)
+def test_expand_config() -> None:
+    assert expand_config(block_m=1, num_slices=3) == (64, 4)
+    assert expand_config(block_m=16, num_slices=2) == (256, 4)
+    assert expand_config(block_m=64, num_slices=3) == (128, 4)
+    assert expand_config(block_m=64, num_slices=1) == (256, 8)
 
 
 def test_apply_lora_base_only_launches_nothing() -> None:
