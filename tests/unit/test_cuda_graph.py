@@ -44,7 +44,7 @@ def test_lora_graph_decode_matches_eager(tmp_path) -> None:
     from radixlm.executor.static_batch import generate_static
     from radixlm.models.loader import resolve_model_config
 
-    from lora_helpers import build_peft_adapter
+    from tests.lora_helpers import build_peft_adapter
 
     hf = build_tiny_hf_model("llama", str(tmp_path / "model"))
     build_peft_adapter(hf, str(tmp_path / "a"), 8, 16, False, ["q_proj", "v_proj", "down_proj"], None, seed=1)
