@@ -164,13 +164,16 @@ def test_target_modules_shape_the_pool(adapter_dirs) -> None:
 
 
 def test_startup_refusals(adapter_dirs, tmp_path) -> None:
-    """The max rank defaults to the largest among --lora-paths; a bad adapter there, or a model whose
-    feed-forward is a mixture of experts, fails startup with the reason."""
+    """The max rank defaults to the largest among --lora-paths; a bad adapter there, a model whose feed-forward
+    is a mixture of experts, or one outside the Llama family fails startup with the reason."""
     paths = (f"qv4={adapter_dirs['qv4']}", f"o16={adapter_dirs['o16']}")
     assert resolve_max_lora_rank(ServerArgs(device="cpu", lora_paths=paths)) == 16
     assert resolve_max_lora_rank(ServerArgs(device="cpu", lora_paths=paths, max_lora_rank=8)) == 8
     with pytest.raises(LoRAAdapterError, match="'big'.*has no adapter_config.json"):
         make_runner(adapter_dirs["model"], lora_paths=(f"big={tmp_path}",))
     build_tiny_hf_model("mixtral", str(tmp_path / "moe"))
-    with pytest.raises(ValueError, match="LoRA is not supported for MixtralForCausalLM"):
+    with pytest.raises(ValueError, match="LoRA is not supported for MixtralForCausalLM: layer 0's feed-forward"):
         make_runner(str(tmp_path / "moe"), enable_lora=True)
+    build_tiny_hf_model("deepseek_v2", str(tmp_path / "mla"))
+    with pytest.raises(ValueError, match="LoRA is not supported for DeepseekV2ForCausalLM"):
+        make_runner(str(tmp_path / "mla"), enable_lora=True)
