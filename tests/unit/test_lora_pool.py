@@ -82,10 +82,9 @@ def test_lru_residency_and_eviction(runner, adapter_dirs) -> None:
         lora.prepare(Batch(ForwardMode.DECODE, [0, 1, 2], [1] * 3, [1] * 3, [0] * 3, torch.empty(0),
                            lora_names=["qv4", None]))
     assert list(lora.resident.items()) == [("all8_layer1", 0), ("mlp2", 1)]
-    # No adapter list: no segments; a list without adapters: the base-only fast path.
+    # No adapter list, or none named: no segments (the base-only fast path).
     assert lora.prepare(decode(None)) is None
-    base = lora.prepare(decode([None, None]))
-    assert not base.has_lora and base.seg_slots.tolist() == [-1, -1]
+    assert lora.prepare(decode([None, None])) is None
     assert list(lora.resident.items()) == [("all8_layer1", 0), ("mlp2", 1)]
     # Extend: consecutive rows of one adapter merged, cut into 64-token pieces; base-only runs stay whole.
     seg = lora.prepare(extend(["mlp2", "mlp2", None, None, "all8_layer1"], [70, 3, 100, 5, 2]))
