@@ -98,8 +98,9 @@ class LoRAManager:
     def prepare(self, batch: Batch) -> LoraSegments | None:
         """Make every adapter ``batch.lora_names`` names resident and return the batch's segments: decode, one
         per row (``max_seg_len`` 1, the layout CUDA graphs replay); extend, consecutive rows of one adapter
-        merged and cut into pieces of ``PREFILL_SEGMENT_TOKENS``.  None when no row names an adapter (the base-only
-        path: nothing uploaded, nothing launched).  ValueError (nothing changed) for an unknown name or more distinct adapters than slots."""
+        merged and cut into pieces of ``PREFILL_SEGMENT_TOKENS``.  None when no row names an adapter (the
+        base-only path: nothing uploaded, nothing launched).  ValueError (nothing changed) for an unknown name or
+        more distinct adapters than slots."""
         names = batch.lora_names
         if names is None:
             return None
