@@ -12,9 +12,10 @@ and the smaller graphs reuse it.
 
 With LoRA (``runner.lora``) every size is captured twice: once without adapters (replayed for a batch in which no
 row has one, so the base-only fast path launches no LoRA kernel in graphs either) and once with the adapter
-layout as graph inputs: one segment per row (static ``seg_starts`` = 0, 1, ..., max_bs, the decode layout of
-``LoRAManager.prepare``) and a static ``seg_slots`` filled per replay, padding rows -1.  The adapter pool's tensors
-are the manager's, fixed for the runner's life, so the graphs read whatever adapters the slots hold.
+layout as graph inputs: static ``seg_starts`` / ``seg_slots`` / ``token_order`` in the shape of
+``radixlm.kernels.lora.decode_layout`` for the captured size, which ``LoRAManager.prepare`` gives a batch that a
+graph of that size will replay (``padded_size``) and ``replay`` copies in.  The adapter pool's tensors are the
+manager's, fixed for the runner's life, so the graphs read whatever adapters the slots hold.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixlm.core import ForwardBatch, ForwardMode
-from radixlm.kernels.lora import LoraSegments
+from radixlm.kernels.lora import LoraSegments, decode_layout
 from radixlm.layers.logits_processor import LogitsOutput
 
 if TYPE_CHECKING:
@@ -59,17 +60,20 @@ def graph_memory_estimate(runner: "ModelRunner", max_bs: int) -> int:
     return max_bs * per_token + (64 << 20)
 
 
-def fill_lora_slots(static_slots: torch.Tensor, segments: LoraSegments, bs: int, padded: int) -> None:
-    """Fill a LoRA decode graph's ``seg_slots`` input for a batch of ``bs`` rows replayed at size ``padded``:
-    the batch's per-row slots, then -1 (no adapter) for the padding rows.  ``segments`` must be the one-segment-
-    per-row decode layout (ValueError otherwise): its ``seg_starts`` are then 0..bs, the graph's static ones."""
-    if segments.seg_slots.shape[0] != bs or segments.max_seg_len != 1:
-        raise ValueError(f"a LoRA decode graph replays one one-token segment per row; got "
-                         f"{segments.seg_slots.shape[0]} segments (max length {segments.max_seg_len}) for {bs} rows")
-    if not bs <= padded <= static_slots.shape[0]:
-        raise ValueError(f"{bs} rows padded to {padded} do not fit {static_slots.shape[0]} static slots")
-    static_slots[:bs].copy_(segments.seg_slots)
-    static_slots[bs:padded].fill_(-1)
+def fill_lora_layout(static: LoraSegments, segments: LoraSegments) -> None:
+    """Copy a batch's decode layout into a LoRA graph's static inputs (ValueError unless the shapes and the
+    segment bound are the captured ones: ``LoRAManager.prepare`` built it for another size)."""
+    same = (segments.seg_slots.shape == static.seg_slots.shape and segments.max_seg_len == static.max_seg_len
+            and (segments.token_order is None) == (static.token_order is None)
+            and (static.token_order is None or segments.token_order.shape == static.token_order.shape))
+    if not same:
+        raise ValueError(f"a LoRA decode graph of {static.seg_slots.shape[0]} segments (max length "
+                         f"{static.max_seg_len}) cannot replay a layout of {segments.seg_slots.shape[0]} "
+                         f"(max length {segments.max_seg_len})")
+    static.seg_starts.copy_(segments.seg_starts)
+    static.seg_slots.copy_(segments.seg_slots)
+    if static.token_order is not None:
+        static.token_order.copy_(segments.token_order)
 
 
 class CudaGraphRunner:
@@ -86,23 +90,43 @@ class CudaGraphRunner:
         # Every graph ends by copying its logits here: a per-graph output would stay alive in the shared pool and
         # cost max_bs x vocab x 4 bytes for each captured size.
         self.logits = torch.empty(self.max_bs, runner.model_config.vocab_size, dtype=torch.float32, device=device)
-        # LoRA's graph inputs: row i is segment i (tokens [i, i + 1)) of adapter slot lora_seg_slots[i]
-        self.lora_seg_starts = torch.arange(self.max_bs + 1, dtype=torch.int32, device=device)
-        self.lora_seg_slots = torch.full((self.max_bs,), -1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # empty without LoRA
+        self.lora_layouts: dict[int, LoraSegments] = {}  # the LoRA graphs' static inputs, per size
+        if runner.lora is not None:
+            # LoRA's graph inputs, views per size of one set of buffers (all empty segments until a replay)
+            num_segs = max(decode_layout(bs, runner.lora.num_slots)[1] for bs in self.batch_sizes)
+            starts = torch.zeros(num_segs + 1, dtype=torch.int32, device=device)
+            slots = torch.full((num_segs,), -1, dtype=torch.int32, device=device)
+            order = torch.arange(self.max_bs, dtype=torch.int32, device=device)
+            for bs in self.batch_sizes:
+                split, n = decode_layout(bs, runner.lora.num_slots)
+                self.lora_layouts[bs] = LoraSegments(starts[:n + 1], slots[:n], split or 1, True,
+                                                     None if split is None else order[:bs])
         self._capture_all()
 
+    def padded_size(self, fb: ForwardBatch) -> int | None:
+        """The captured size that would replay ``fb`` (its decode rows padded up), None if no graph can: a plain
+        decode step up to the largest captured size (no M-RoPE positions, embeddings or hidden states: the graphs
+        were captured without them)."""
+        if not (fb.is_decode and fb.batch_size <= self.max_bs and fb.positions.dim() == 1
+                and fb.embed_overrides is None and not fb.return_hidden_states):
+            return None
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, fb.batch_size)]
+
     def can_run(self, fb: ForwardBatch) -> bool:
-        """Plain decode steps up to the largest captured size (no M-RoPE positions, embeddings or hidden
-        states: the graphs were captured without them); with adapters, in the one-segment-per-row layout."""
-        lora_ok = not _uses_lora(fb) or (fb.lora.seg_slots.shape[0] == fb.batch_size and fb.lora.max_seg_len == 1)
-        return (fb.is_decode and fb.batch_size <= self.max_bs and fb.positions.dim() == 1
-                and fb.embed_overrides is None and not fb.return_hidden_states and lora_ok)
+        """``padded_size`` has a graph for ``fb``; with adapters, their layout is that size's."""
+        padded = self.padded_size(fb)
+        if padded is None:
+            return False
+        if not _uses_lora(fb):
+            return True
+        static = self.lora_layouts[padded]
+        return fb.lora.seg_slots.shape == static.seg_slots.shape and fb.lora.max_seg_len == static.max_seg_len
 
     def replay(self, fb: ForwardBatch) -> LogitsOutput:
         bs = fb.batch_size
-        padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
+        padded = self.padded_size(fb)
         self.input_ids[:bs].copy_(fb.input_ids)
         self.positions[:bs].copy_(fb.positions)
         self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
@@ -116,7 +140,7 @@ class CudaGraphRunner:
             self.seq_lens[bs:padded].fill_(1)
             self.out_cache_loc[bs:padded].zero_()
         if _uses_lora(fb):
-            fill_lora_slots(self.lora_seg_slots, fb.lora, bs, padded)
+            fill_lora_layout(self.lora_layouts[padded], fb.lora)
             self.lora_graphs[padded].replay()
         else:
             self.graphs[padded].replay()
@@ -125,9 +149,8 @@ class CudaGraphRunner:
     # ------------------------------------------------------------------ capture
     def _static_batch(self, bs: int, lora: bool) -> ForwardBatch:
         r = self.runner
-        segments = None
-        if lora:  # has_lora: the captured forward runs the LoRA kernels, which read the slots at replay
-            segments = LoraSegments(self.lora_seg_starts[:bs + 1], self.lora_seg_slots[:bs], 1, True)
+        # has_lora: the captured forward runs the LoRA kernels, which read the layout's buffers at replay
+        segments = self.lora_layouts[bs] if lora else None
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
             positions=self.positions[:bs], req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],

@@ -58,7 +58,10 @@ def build_forward_batch(batch: Batch, runner: "ModelRunner", prev_ids: torch.Ten
             fb.custom_mask = to_device_async(torch.cat(masks), device)
             fb.mask_indptr = to_device_async(sizes.cumsum(0) - sizes, device)
     if runner.lora is not None:
-        fb.lora = runner.lora.prepare(batch)
+        graph = runner.cuda_graph_runner
+        # a decode step a graph will replay gets the layout of the graph's padded size
+        rows = graph.padded_size(fb) if graph is not None and batch.mode.is_decode else None
+        fb.lora = runner.lora.prepare(batch, rows)
     if batch.input_embeds:
         index = torch.cat([torch.arange(i, i + e.shape[0]) for i, e in batch.input_embeds])
         values = torch.cat([e for _, e in batch.input_embeds]).to(runner.model_config.dtype)

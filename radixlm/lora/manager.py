@@ -15,7 +15,7 @@ from torch import nn
 
 from radixlm.config import ModelConfig, ServerArgs
 from radixlm.core import Batch
-from radixlm.kernels.lora import LoraSegments, build_segments
+from radixlm.kernels.lora import LoraSegments, build_segments, decode_segments
 from radixlm.lora.adapter import LoRAAdapter, LoRAAdapterError, load_lora_adapter, read_lora_config
 from radixlm.lora.pool import HostLoRA, LoRAPool, pool_groups, shard_adapter
 from radixlm.utils.device import to_device_async
@@ -95,10 +95,11 @@ class LoRAManager:
         if slot is not None:
             self._slot_names[slot] = None
 
-    def prepare(self, batch: Batch) -> LoraSegments | None:
-        """Make every adapter ``batch.lora_names`` names resident and return the batch's segments: decode, one
-        per row (``max_seg_len`` 1, the layout CUDA graphs replay); extend, consecutive rows of one adapter
-        merged and cut into pieces of ``PREFILL_SEGMENT_TOKENS``.  None when no row names an adapter (the
+    def prepare(self, batch: Batch, decode_rows: int | None = None) -> LoraSegments | None:
+        """Make every adapter ``batch.lora_names`` names resident and return the batch's segments: decode,
+        ``decode_segments``' layout for ``decode_rows`` rows (default: the batch's; a CUDA graph's padded size,
+        whose graph then replays it); extend, consecutive rows of one adapter merged and cut into pieces of
+        ``PREFILL_SEGMENT_TOKENS``.  None when no row names an adapter (the
         base-only path: nothing uploaded, nothing launched).  ValueError (nothing changed) for an unknown name or
         more distinct adapters than slots."""
         names = batch.lora_names
@@ -122,11 +123,13 @@ class LoRAManager:
             self._resident.move_to_end(name)
         slots = [-1 if n is None else self._resident[n] for n in names]
         if batch.mode.is_decode:
-            segments = build_segments(slots, [1] * len(slots), "cpu", merge=False)
+            segments = decode_segments(slots, self.num_slots, "cpu", decode_rows)
         else:
             segments = build_segments(slots, batch.extend_lens, "cpu", split=PREFILL_SEGMENT_TOKENS)
+        order = segments.token_order
         return segments._replace(seg_starts=to_device_async(segments.seg_starts, self.device),
-                                 seg_slots=to_device_async(segments.seg_slots, self.device))
+                                 seg_slots=to_device_async(segments.seg_slots, self.device),
+                                 token_order=None if order is None else to_device_async(order, self.device))
 
     def _make_resident(self, name: str, protected: list[str]) -> None:
         """Copy ``name`` into the lowest free slot, or else the slot of the least recently used resident adapter

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.executor.cuda_graph_runner import capture_batch_sizes, fill_lora_slots
-from radixlm.kernels.lora import build_segments
+from radixlm.executor.cuda_graph_runner import capture_batch_sizes, fill_lora_layout
+from radixlm.kernels.lora import decode_layout, decode_segments
 from radixlm.sampling import SamplingParams
 from conftest import build_tiny_hf_model
 
@@ -19,26 +19,44 @@ def test_capture_batch_sizes() -> None:
     assert capture_batch_sizes(256)[-3:] == [240, 248, 256] and len(capture_batch_sizes(256)) == 35
 
 
-def test_fill_lora_slots() -> None:
-    """A LoRA decode graph's slot input: the batch's per-row slots, -1 on the padding rows up to the replayed size
-    (stale slots of an earlier, larger batch cleared), rows beyond it left alone; other layouts refused."""
-    static = torch.full((8,), 7, dtype=torch.int32)
-    fill_lora_slots(static, build_segments([2, -1, 0], [1, 1, 1], "cpu", merge=False), 3, 4)
-    assert static.tolist() == [2, -1, 0, -1, 7, 7, 7, 7]
-    fill_lora_slots(static, build_segments([1, 1, 1, 1, 1, 1, 1, 1], [1] * 8, "cpu", merge=False), 8, 8)
-    assert static.tolist() == [1] * 8
-    fill_lora_slots(static, build_segments([0], [1], "cpu", merge=False), 1, 1)
-    assert static.tolist() == [0] + [1] * 7
-    with pytest.raises(ValueError, match="one one-token segment per row"):
-        fill_lora_slots(static, build_segments([1, 1], [1, 1], "cpu"), 2, 2)  # merged: one segment of 2 tokens
-    with pytest.raises(ValueError, match="do not fit"):
-        fill_lora_slots(static, build_segments([0] * 4, [1] * 4, "cpu", merge=False), 4, 9)
+def test_decode_lora_layouts() -> None:
+    """Decode's LoRA layout for a graph's padded size: up to 16 rows one segment per row (padding rows slot -1);
+    beyond, rows grouped by slot through token_order in pieces of 16, segments padded to the size's bound."""
+    small = decode_segments([2, -1, 0], num_slots=4, device="cpu", rows=4)
+    assert small.seg_starts.tolist() == [0, 1, 2, 3, 4] and small.seg_slots.tolist() == [2, -1, 0, -1]
+    assert (small.max_seg_len, small.has_lora, small.token_order) == (1, True, None)
+    slots = [i % 3 for i in range(20)]  # 0, 1, 2, 0, ...: 7 rows of slot 0, 7 of 1, 6 of 2, padded to 24 rows
+    big = decode_segments(slots, num_slots=4, device="cpu", rows=24)
+    assert decode_layout(24, 4) == (16, 6)
+    assert big.token_order.tolist() == list(range(20, 24)) + list(range(0, 20, 3)) + list(range(1, 20, 3)) + list(
+        range(2, 20, 3))
+    assert big.seg_slots.tolist() == [-1, 0, 1, 2, -1, -1]
+    assert big.seg_starts.tolist() == [0, 4, 11, 18, 24, 24, 24]
+    assert big.max_seg_len == 16  # the grid bound of every batch of this size, whatever its pieces
+    with pytest.raises(ValueError):
+        decode_segments([0] * 5, num_slots=4, device="cpu", rows=4)
+
+
+def test_fill_lora_layout() -> None:
+    """A LoRA graph's static inputs take a layout of their own shape, refuse another size's."""
+    static = decode_segments([-1] * 24, num_slots=4, device="cpu")
+    static = static._replace(seg_starts=static.seg_starts.clone(), seg_slots=static.seg_slots.clone(),
+                             token_order=static.token_order.clone())
+    new = decode_segments([3] * 18, num_slots=4, device="cpu", rows=24)
+    fill_lora_layout(static, new)
+    assert torch.equal(static.seg_starts, new.seg_starts) and torch.equal(static.token_order, new.token_order)
+    assert static.seg_slots.tolist() == new.seg_slots.tolist() == [-1, 3, 3, -1, -1, -1]
+    with pytest.raises(ValueError, match="cannot replay"):
+        fill_lora_layout(static, decode_segments([3] * 18, num_slots=4, device="cpu"))  # the 18-row shape
+    with pytest.raises(ValueError, match="cannot replay"):
+        fill_lora_layout(static, decode_segments([0] * 4, num_slots=4, device="cpu", rows=8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_lora_graph_decode_matches_eager(tmp_path) -> None:
     """With LoRA, greedy tokens are identical with CUDA graphs and without: a batch mixing base-only rows and two
-    adapters (replayed from the LoRA graphs), then a base-only batch (the graphs without LoRA kernels)."""
+    adapters (replayed from the LoRA graphs, one segment per row), a batch of 20 such rows (padded to 24: rows
+    grouped by adapter through token_order), then a base-only batch (the graphs without LoRA kernels)."""
     from radixlm.config import ServerArgs
     from radixlm.executor import ModelRunner, ModelWorker
     from radixlm.executor.static_batch import generate_static
@@ -54,14 +72,17 @@ def test_lora_graph_decode_matches_eager(tmp_path) -> None:
     outs = {}
     for disable in (False, True):
         args = ServerArgs(model_path=str(tmp_path / "model"), device="cuda", dtype="float32", max_total_tokens=4096,
-                          random_seed=0, cuda_graph_max_bs=8, disable_cuda_graph=disable,
+                          random_seed=0, cuda_graph_max_bs=24, disable_cuda_graph=disable,
                           lora_paths=(f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"))
         worker = ModelWorker(ModelRunner(args, resolve_model_config(args)))
         assert (worker.runner.cuda_graph_runner is None) == disable
         outs[disable] = (generate_static(worker, prompts, params, lora_names=["a", None, "b", "a", None]),
-                         generate_static(worker, prompts, params, lora_names=[None] * 5))
+                         generate_static(worker, prompts, params, lora_names=[None] * 5),
+                         generate_static(worker, prompts * 4, params, lora_names=["a", None, "b", "a", None] * 4))
     assert outs[False] == outs[True]
     assert outs[False][0][1] == outs[False][1][1] and outs[False][0][0] != outs[False][1][0]
+    big = outs[False][2]  # rows i and i + 5 share prompt and adapter: the grouped layout scattered them right
+    assert all(big[i] == big[i % 5] for i in range(20)) and big[0] != big[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
