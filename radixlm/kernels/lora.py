@@ -186,6 +186,7 @@ def lora_shrink(
     num_slices: int,
     max_seg_len: int | None = None,
     token_order: torch.Tensor | None = None,  # [T] int32 (LoraSegments.token_order)
+    n_total: int | None = None,  # the expand's output width (the split-K heuristic weighs its re-reads)
 ) -> torch.Tensor:  # [split_k, T, num_slices * max_rank] float32, contiguous
     """``tmp.sum(0)[k, s * R + r] = x[order[k]] . A_slot[s * R + r]`` for the positions k of adapter segments (in
     segment order; ``order`` the identity without ``token_order``) and r < rank; columns r >= rank are 0; rows of
@@ -194,7 +195,7 @@ def lora_shrink(
         from radixlm.kernels.lora_triton import lora_shrink_triton
 
         return lora_shrink_triton(x, a_pool, seg_starts, seg_slots, ranks, num_slices, max_seg_len,
-                                  token_order=token_order)
+                                  token_order=token_order, n_total=n_total)
     return lora_shrink_ref(x, a_pool, seg_starts, seg_slots, ranks, num_slices, token_order)
 
 
@@ -238,7 +239,7 @@ def apply_lora(
         return
     num_slices = slice_offsets.shape[0] - 1
     tmp = lora_shrink(x, a_pool, segments.seg_starts, segments.seg_slots, ranks, num_slices, segments.max_seg_len,
-                      segments.token_order)
+                      segments.token_order, y.shape[1])
     lora_expand(tmp, b_pool, segments.seg_starts, segments.seg_slots, ranks, scalings, slice_offsets, y,
                 segments.max_seg_len, segments.token_order)
 

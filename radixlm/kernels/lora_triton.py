@@ -10,8 +10,9 @@ columns (B): a rank-16 adapter in a rank-64 pool costs a quarter of the bytes.
 
 - shrink: program (tile, segment, slice x K split) computes ``tmp[split, tile, slice]`` ([BLOCK_M, BLOCK_R])
   over its range of K, streaming x's rows and the slice's A rows once.  ``split_k`` (``default_split_k``) grows
-  until the launch has about four programs per SM: a decode batch of a few adapters otherwise runs a few dozen
-  programs, each streaming ``rank x K`` of A (14336 for Llama-8B's down projection) from one SM.
+  until the launch has about four programs per SM (capped where the expand would re-read too many partials): a
+  decode batch of a few adapters otherwise runs a few dozen programs, each streaming ``rank x K`` of A (14336 for
+  Llama-8B's down projection) from one SM.
 - expand: program (tile, segment, N tile) loads the B tile ``[BLOCK_N, rank]`` once, and for each slice whose
   columns meet the tile (one, unless a slice boundary falls inside it) sums that slice's ``tmp`` columns over
   the splits (in order: deterministic) and multiplies them into the tile's fp32 accumulator; the epilogue adds
@@ -184,11 +185,17 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def default_split_k(programs: int, k_dim: int, num_sms: int) -> int:
-    """K splits of the shrink: doubled (up to 16) while the launch has fewer than four programs per SM and each
-    split keeps >= 256 of K (GPU runs L1/L2's sweep: a decode batch's shrink is fastest at 8-16 splits)."""
+def default_split_k(programs: int, k_dim: int, num_sms: int, block_m: int = 1, n_total: int | None = None) -> int:
+    """K splits of the shrink: doubled while the launch has fewer than four programs per SM and each split keeps
+    >= 256 of K, up to a cap.  Every expand program re-reads its rows' partials, so the cap falls as the expand's
+    output widens relative to K: 16 for one-token rows (GEMV), else the power of two at or below
+    ``c * K / n_total`` with c = 8 for decode pieces (``block_m`` <= 16) and 2 for prefill tiles (GPU run L3's joint
+    sweep at Llama-3.1-8B shapes: qkv 4-8 / 1, gate_up 2-4 / 1, o 8 / 2, down 8-16 / 4)."""
+    cap = 16
+    if block_m > 1 and n_total:
+        cap = max(1, min(16, 1 << max(0, ((8 if block_m <= 16 else 2) * k_dim // n_total).bit_length() - 1)))
     split = 1
-    while split < 16 and programs * split < 4 * num_sms and k_dim // (2 * split) >= 256:
+    while split < cap and programs * split < 4 * num_sms and k_dim // (2 * split) >= 256:
         split *= 2
     return split
 
@@ -206,10 +213,12 @@ def lora_shrink_triton(
     x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     num_slices: int, max_seg_len: int | None = None, split_k: int | None = None,
     token_order: torch.Tensor | None = None, block_k: int | None = None, num_warps: int | None = None,
+    n_total: int | None = None,
 ) -> torch.Tensor:
     """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter);
-    ``split_k`` defaults to ``default_split_k``'s, ``block_k`` to 128 for the GEMV form and 64 for the dot form,
-    ``num_warps`` to 8 and 4 (the overrides are for tuning: bench/gpu/lora_tune.py)."""
+    ``split_k`` defaults to ``default_split_k``'s (``n_total``: the expand's output width, which caps it),
+    ``block_k`` to 128 for the GEMV form and 64 for the dot form, ``num_warps`` to 8 and 4 (the overrides are for
+    tuning: bench/gpu/lora_tune.py)."""
     _check_rows(x, "x")
     num_tokens, k_dim = x.shape
     max_rank = a_pool.shape[1] // num_slices
@@ -217,7 +226,7 @@ def lora_shrink_triton(
     block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
     tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m)
     if split_k is None:
-        split_k = default_split_k(tiles * num_segs * num_slices, k_dim, _num_sms(x.device))
+        split_k = default_split_k(tiles * num_segs * num_slices, k_dim, _num_sms(x.device), block_m, n_total)
     tmp = torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
     if num_tokens == 0 or num_segs == 0:
         return tmp

@@ -274,6 +274,12 @@ def test_default_split_k() -> None:
     assert default_split_k(programs=300, k_dim=4096, num_sms=132) == 2
     assert default_split_k(programs=600, k_dim=4096, num_sms=132) == 1
     assert default_split_k(programs=1, k_dim=1000, num_sms=132) == 2  # 250 of K a split would be too little
+    # the expand's re-reads cap it: decode pieces at 8 K / N, prefill tiles at 2 K / N (powers of two)
+    assert default_split_k(programs=46, k_dim=4096, num_sms=132, block_m=16, n_total=28672) == 1  # gate_up
+    assert default_split_k(programs=69, k_dim=4096, num_sms=132, block_m=16, n_total=6144) == 4  # qkv
+    assert default_split_k(programs=23, k_dim=14336, num_sms=132, block_m=16, n_total=4096) == 16  # down
+    assert default_split_k(programs=96, k_dim=4096, num_sms=132, block_m=64, n_total=6144) == 1  # qkv prefill
+    assert default_split_k(programs=32, k_dim=4096, num_sms=132, block_m=64, n_total=4096) == 2  # o prefill
 
 
 def test_expand_config() -> None:
