@@ -170,11 +170,12 @@ def check_memory(sched) -> None:
     allocator = memory.allocator
     allocator.free_group_end()  # merge pending frees
     free = allocator._free_pages.tolist()
-    tree, stack = [], [sched.tree_cache.root_node]
+    cache = sched.tree_cache
+    tree, stack = [], [cache.root(ns) for ns in cache.namespaces()]
     while stack:
         node = stack.pop()
         stack.extend(node.children.values())
-        if node is not sched.tree_cache.root_node:
+        if node.parent is not None:
             tree += (node.value[::p] // p).tolist()
     live = [r for r in _live(sched) if r.req_pool_idx is not None]
     owned = []
