@@ -57,6 +57,8 @@ def build_forward_batch(batch: Batch, runner: "ModelRunner", prev_ids: torch.Ten
             sizes = torch.tensor([m.numel() for m in masks])
             fb.custom_mask = to_device_async(torch.cat(masks), device)
             fb.mask_indptr = to_device_async(sizes.cumsum(0) - sizes, device)
+    if runner.lora is not None:
+        fb.lora = runner.lora.prepare(batch)
     if batch.input_embeds:
         index = torch.cat([torch.arange(i, i + e.shape[0]) for i, e in batch.input_embeds])
         values = torch.cat([e for _, e in batch.input_embeds]).to(runner.model_config.dtype)

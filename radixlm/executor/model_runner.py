@@ -13,6 +13,7 @@ from radixlm.core import ForwardBatch
 from radixlm.distributed import get_dp_attention, init_tensor_parallel
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
 from radixlm.layers.logits_processor import LogitsOutput
+from radixlm.lora.manager import LoRAManager, resolve_max_lora_rank
 from radixlm.mem import KVMemory, create_kv_pool
 from radixlm.mem.kv_spec import FP8_KV_DTYPES
 from radixlm.models.loader import load_model
@@ -62,6 +63,7 @@ class ModelRunner:
         torch.manual_seed(server_args.random_seed)
 
         self.model = load_model(model_config, server_args.load_format, self.device, server_args.random_seed)
+        self.lora = self._init_lora()  # before the KV pool is sized: the adapter pool's memory counts
         self.kv_spec = self.model.kv_cache_spec(self._kv_cache_dtype())
         self.cuda_graph_max_bs = self._graph_batch_limit()
         self._init_memory_pools()
@@ -88,6 +90,20 @@ class ModelRunner:
 
         generate_static(ModelWorker(self), [[0, 1, 2, 3]],
                         SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
+
+    def _init_lora(self) -> LoRAManager | None:
+        """With ``--enable-lora``, the adapter pool on the model's layers and the ``--lora-paths`` adapters
+        (a bad one fails startup with its LoRAAdapterError)."""
+        args = self.server_args
+        if not args.enable_lora:
+            return None
+        lora = LoRAManager(self.model, self.model_config, args, self.tp.rank, self.tp.size, self.device,
+                           resolve_max_lora_rank(args))
+        for name, path in args.lora_path_map().items():
+            lora.load_adapter(name, path)
+        logger.info("LoRA: %d slots of rank %d (%.1f MiB), %d adapters loaded", lora.num_slots, lora.max_rank,
+                    lora.pool.bytes() / 2**20, len(lora.adapters))
+        return lora
 
     # ---------------------------------------------------------------- memory
     def _graph_batch_limit(self) -> int:

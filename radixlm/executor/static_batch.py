@@ -27,8 +27,10 @@ def generate_static(
     prompts: list[list[int]],
     sampling_params: SamplingParams | list[SamplingParams] | None = None,
     stop_at_eos: bool = True,
+    lora_names: list[str | None] | None = None,
 ) -> list[list[int]]:
     """Generate for every prompt; returns the output token ids (ending with EOS when one was produced).
+    ``lora_names``: per prompt, the LoRA adapter it runs under (None: the base model).
 
     Each request runs until EOS (unless ``ignore_eos`` or not ``stop_at_eos``) or its ``max_new_tokens``;
     requests that finish early stay in the batch and their extra tokens are dropped.
@@ -56,6 +58,7 @@ def generate_static(
     done = [limit <= 0 for limit in limits]
     try:
         batch = extend_batch(memory, rows, [0] * n, prompts, sampling)
+        batch.lora_names = lora_names
     except OutOfKVMemory:
         memory.req_to_token_pool.free(rows)
         raise
@@ -72,6 +75,7 @@ def generate_static(
             if all(done):
                 return outputs
             batch = decode_batch(memory, rows, seq_lens, tokens, sampling)
+            batch.lora_names = lora_names
             seq_lens = [s + 1 for s in seq_lens]
     finally:
         release(worker, rows, seq_lens)

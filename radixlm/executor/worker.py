@@ -25,6 +25,8 @@ from radixlm.distributed.dp_attention import exchange_token_counts
 from radixlm.executor.forward_batch import build_forward_batch
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.layers.logits_processor import LogitsOutput
+from radixlm.lora.adapter import LoRAAdapterError
+from radixlm.lora.manager import LoRAManager
 from radixlm.sampling import SamplingBatchInfo
 from radixlm.sampling.logprobs import LogprobTensors
 
@@ -113,6 +115,22 @@ class ModelWorker:
 
     def memory_used_bytes(self) -> int:
         return self.runner.memory_used_bytes()
+
+    def load_lora_adapter(self, name: str, path: str) -> dict:
+        """Load the adapter at ``path`` as ``name`` on this rank ({"name", "rank", "target_modules"}: sorted
+        module names); LoRAAdapterError, with nothing changed, for a bad adapter, a repeated name or a server
+        without ``--enable-lora``."""
+        adapter = self._lora_manager().load_adapter(name, path)
+        return {"name": name, "rank": adapter.rank, "target_modules": sorted(adapter.target_modules)}
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` on this rank (KeyError if it is not loaded); no queued step may use it."""
+        self._lora_manager().unload_adapter(name)
+
+    def _lora_manager(self) -> LoRAManager:
+        if self.runner.lora is None:
+            raise LoRAAdapterError("LoRA adapters need a server started with --enable-lora")
+        return self.runner.lora
 
     # ------------------------------------------------------------------ helpers
     def _dp_token_counts(self, batch: Batch) -> list[int] | None:

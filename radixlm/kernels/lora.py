@@ -7,7 +7,9 @@ Adapter pool (one per target projection; a merged projection's slices, q/k/v or 
     a_pool   [num_slots, num_slices * max_rank, K]   rows [s * max_rank, s * max_rank + rank) are slice s's A
     b_pool   [num_slots, N_total, max_rank]           rows [offsets[s], offsets[s + 1]) are slice s's B
     ranks    [num_slots] int32                        a slot's rank (<= max_rank); the kernels read no A/B entry
-                                                      beyond it, so the padding need not be zero
+                                                      beyond it, so the padding need not be zero.  Rank 0: the
+                                                      slot's adapter leaves this projection alone; its tokens are
+                                                      treated like slot -1 (no work, nothing written)
     scalings [num_slots] float32                      alpha / rank (or rsLoRA's alpha / sqrt(rank))
 
 Batch (``LoraSegments``, built on the host by ``build_segments`` once per batch, shared by every layer): tokens
@@ -52,6 +54,16 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
+
+class LoraWeights(NamedTuple):
+    """One projection's adapter pool (module docstring), in ``apply_lora``'s argument order."""
+
+    a_pool: torch.Tensor  # [num_slots, num_slices * max_rank, K]
+    b_pool: torch.Tensor  # [num_slots, N_total, max_rank]
+    ranks: torch.Tensor  # [num_slots] int32
+    scalings: torch.Tensor  # [num_slots] float32
+    slice_offsets: torch.Tensor  # [num_slices + 1] int32
 
 
 class LoraSegments(NamedTuple):
@@ -120,7 +132,7 @@ def lora_shrink(
     max_seg_len: int | None = None,
 ) -> torch.Tensor:  # [split_k, T, num_slices * max_rank] float32, contiguous
     """``tmp.sum(0)[t, s * R + r] = x[t] . A_slot[s * R + r]`` for the tokens of adapter segments and r < rank;
-    columns r >= rank are 0; rows of slot -1 tokens are unspecified (not written)."""
+    columns r >= rank are 0; rows of slot -1 (or rank 0) tokens are unspecified (not written)."""
     if x.is_cuda:
         from radixlm.kernels.lora_triton import lora_shrink_triton
 
@@ -140,8 +152,8 @@ def lora_expand(
     max_seg_len: int | None = None,
 ) -> None:
     """``y[t, o[s]:o[s+1]] += scaling * T[t, s*R : s*R + rank] @ B_slot[o[s]:o[s+1], :rank]^T`` with ``T =
-    tmp.sum(0)`` (added in split order) for the tokens of adapter segments; rows of slot -1 tokens are left
-    bit-unchanged."""
+    tmp.sum(0)`` (added in split order) for the tokens of adapter segments; rows of slot -1 (or rank 0) tokens are
+    left bit-unchanged."""
     if y.is_cuda:
         from radixlm.kernels.lora_triton import lora_expand_triton
 
@@ -175,13 +187,13 @@ def lora_shrink_ref(
     num_slices: int,
 ) -> torch.Tensor:
     """``lora_shrink`` in torch, one matmul per segment and slice in float32 (reads the metadata on the host);
-    ``split_k`` 1; rows of slot -1 tokens are 0."""
+    ``split_k`` 1; rows of slot -1 (or rank 0) tokens are 0."""
     max_rank = a_pool.shape[1] // num_slices
     tmp = torch.zeros(1, x.shape[0], num_slices * max_rank, dtype=torch.float32, device=x.device)
     starts, slots, rank_list = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
     for i, slot in enumerate(slots):
         begin, end = starts[i], starts[i + 1]
-        if slot < 0 or begin == end:
+        if slot < 0 or begin == end or rank_list[slot] == 0:
             continue
         rank, xs = rank_list[slot], x[begin:end].float()
         for s in range(num_slices):
@@ -205,7 +217,7 @@ def lora_expand_ref(
     offsets, scale_list = slice_offsets.tolist(), scalings.tolist()
     for i, slot in enumerate(slots):
         begin, end = starts[i], starts[i + 1]
-        if slot < 0 or begin == end:
+        if slot < 0 or begin == end or rank_list[slot] == 0:
             continue
         rank = rank_list[slot]
         delta = torch.empty(end - begin, y.shape[1], dtype=torch.float32, device=y.device)

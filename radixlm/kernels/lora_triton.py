@@ -2,8 +2,9 @@
 layouts and numerics in that module's docstring).
 
 Both launch a grid of (token tile of a segment, segment, slice or output tile): programs whose segment has no
-adapter (slot -1) or whose tile starts past the segment's end exit at once, so the grid is sized from host ints
-only (``cdiv(max_seg_len, BLOCK_M)`` tiles per segment) and the launch replays in a CUDA graph.  Each program
+adapter (slot -1, or a slot of rank 0 in this pool: its adapter leaves the projection alone) or whose tile starts
+past the segment's end exit at once, so the grid is sized from host ints only (``cdiv(max_seg_len, BLOCK_M)``
+tiles per segment) and the launch replays in a CUDA graph.  Each program
 gathers its segment's adapter from the pool by slot and reads only the slot's first ``rank`` rows (A) or
 columns (B): a rank-16 adapter in a rank-64 pool costs a quarter of the bytes.
 
@@ -51,6 +52,8 @@ def _lora_shrink_kernel(
     if (slot < 0) | (m0 >= end):
         return
     rank = tl.load(ranks_ptr + slot)
+    if rank == 0:  # the slot's adapter leaves this projection alone
+        return
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     offs_k = tl.arange(0, BLOCK_K)
@@ -103,6 +106,8 @@ def _lora_expand_kernel(
     if (slot < 0) | (m0 >= end):
         return
     rank = tl.load(ranks_ptr + slot)
+    if rank == 0:  # the slot's adapter leaves this projection alone
+        return
     scaling = tl.load(scalings_ptr + slot)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)

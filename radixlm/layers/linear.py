@@ -3,6 +3,11 @@ tensor at load time, and ``checkpoint_shapes`` (shard id -> full shape) so dummy
 checkpoint layout and go through the same loader, identical for every TP size.
 
 Layouts follow torch: ``weight`` is ``[out_features, in_features]``.
+
+LoRA: a column- or row-parallel layer that adapters may modify holds its slice of the adapter pool in
+``lora_weights`` (``radixlm.lora.pool`` attaches it once, at startup); ``forward(x, lora)`` adds the batch's
+adapters (``lora``: its segments, from the forward batch) to the base output.  ``lora`` None, or a batch without
+adapters, adds nothing and launches nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from radixlm.config.quant_config import QuantConfig
 from radixlm.distributed import TPGroup, divide, get_tp_group
 from radixlm.kernels import cpu
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
+from radixlm.kernels.lora import LoraSegments, LoraWeights, apply_lora
 from radixlm.layers import fp8_linear
 
 
@@ -90,6 +96,17 @@ class QuantizableLinear(nn.Module):
         return cached
 
 
+def _add_lora(layer: "ColumnParallelLinear | RowParallelLinear", x: torch.Tensor | FP8Activation, y: torch.Tensor,
+              lora: LoraSegments | None) -> None:
+    """``y += `` the batch's adapters' ``scaling * x A^T B^T`` in place (``y`` [num_tokens, out_local], this rank's
+    base output before any collective)."""
+    if lora is None or layer.lora_weights is None:
+        return
+    if isinstance(x, FP8Activation):
+        raise ValueError("LoRA needs the unquantized input of the projection (LoRA does not combine with FP8)")
+    apply_lora(x, y, *layer.lora_weights, lora)
+
+
 class ReplicatedLinear(QuantizableLinear):
     """The full matrix on every rank: for projections whose whole output every rank needs (DeepSeek's
     ``q_a_proj`` and ``kv_a_proj_with_mqa``, which produce the low-rank latents shared by all heads)."""
@@ -112,7 +129,10 @@ class ColumnParallelLinear(QuantizableLinear):
 
     ``output_sizes`` lists the logical sub-matrices stacked along the output dim (one, or several for merged
     projections such as gate+up); each is split evenly, so rank r holds the r-th slice of every sub-matrix.
+    Adapters add to this rank's columns, before any gather.
     """
+
+    lora_weights: LoraWeights | None = None
 
     def __init__(
         self,
@@ -165,12 +185,13 @@ class ColumnParallelLinear(QuantizableLinear):
         rows = fp8_linear.cdiv(size, bn)
         param.data.narrow(0, dst_offset // bn, rows).copy_(loaded.narrow(0, src_offset // bn, rows))
 
-    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
         if self.quant is None:
             y = linear(x, self.weight, self.bias)
         else:
             y = self.matmul(x)
             y = y + self.bias if self.bias is not None else y
+        _add_lora(self, x, y, lora)
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -220,7 +241,10 @@ class RowParallelLinear(QuantizableLinear):
 
     ``reduce_results=False`` returns this rank's partial product: a caller that sums several partial outputs
     (an MoE layer's routed and shared experts) all-reduces once, after the sum.  ``tp``: the group it is split
-    over (default: the TP group)."""
+    over (default: the TP group).  Adapters add their partial products (A split like the weight) to this rank's
+    partial product, before the all-reduce: the reduction sums them too (``radixlm.lora.layout``)."""
+
+    lora_weights: LoraWeights | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
                  reduce_results: bool = True, quant: QuantConfig | None = None, tp: TPGroup | None = None):
@@ -246,8 +270,9 @@ class RowParallelLinear(QuantizableLinear):
         cols = fp8_linear.cdiv(self.local_in, self.quant.weight_block[1])
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
-    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
         y = self.matmul(x)
+        _add_lora(self, x, y, lora)
         if not self.reduce_results:
             return y
         y = self.tp.all_reduce(y)

@@ -154,14 +154,7 @@ def load_lora_adapter(name: str, path: str, model_config: ModelConfig, *, max_ra
     (symlinks resolved, so a link cannot point outside it).  Raises LoRAAdapterError, the server's cue to refuse
     this adapter and stay up."""
     files = _resolve_files(name, path, allowed_dir)
-    with open(files[CONFIG_FILE]) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise LoRAAdapterError(f"LoRA adapter {name!r}: {CONFIG_FILE} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise LoRAAdapterError(f"LoRA adapter {name!r}: {CONFIG_FILE} is not a JSON object")
-    config = LoRAConfig.from_dict(name, raw)
+    config = _read_config(name, files[CONFIG_FILE])
     if config.r > max_rank:
         raise LoRAAdapterError(f"LoRA adapter {name!r}: rank {config.r} is above the server's max LoRA rank "
                                f"{max_rank} (--max-lora-rank)")
@@ -179,6 +172,23 @@ def load_lora_adapter(name: str, path: str, model_config: ModelConfig, *, max_ra
     return LoRAAdapter(name=name, config=config,
                        weights={key: (a.to(dtype).contiguous(), b.to(dtype).contiguous())
                                 for key, (a, b) in sorted(weights.items())})
+
+
+def read_lora_config(name: str, path: str, allowed_dir: str | None = None) -> LoRAConfig:
+    """The checked ``adapter_config.json`` of the adapter at ``path`` (its files checked like
+    ``load_lora_adapter``'s; the weights are not read): what the server needs to size its pool before loading."""
+    return _read_config(name, _resolve_files(name, path, allowed_dir)[CONFIG_FILE])
+
+
+def _read_config(name: str, fpath: str) -> LoRAConfig:
+    with open(fpath) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise LoRAAdapterError(f"LoRA adapter {name!r}: {CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise LoRAAdapterError(f"LoRA adapter {name!r}: {CONFIG_FILE} is not a JSON object")
+    return LoRAConfig.from_dict(name, raw)
 
 
 def _resolve_files(name: str, path: str, allowed_dir: str | None) -> dict[str, str]:

@@ -30,7 +30,8 @@ _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 class PreNormDecoderLayer(nn.Module):
     """``x + attn(norm(x))``, then ``+ mlp(norm(.))``, with the residual carried into the fused add-norms.
-    ``self_attn(positions, hidden, fb)`` and ``mlp(hidden)`` are the model's own.
+    ``self_attn(positions, hidden, fb)`` and ``mlp(hidden)`` are the model's own; with LoRA adapters in the batch
+    (``fb.lora``) the MLP is called ``mlp(hidden, fb.lora)``.
 
     A module whose first linear is FP8 says how that linear quantizes its input (``input_quant``, an
     ``ActivationQuant``; a module without the attribute, or None, takes tensors): the norm before it is asked to
@@ -61,7 +62,9 @@ class PreNormDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, fb)
         hidden, residual = self.post_attention_layernorm(hidden, residual, self.mlp_input_quant)
         if self.dp is None:
-            return self.mlp(hidden), residual
+            # Only models whose MLP takes the adapters build a LoRA pool (``lora_projections``), so only theirs
+            # see ``fb.lora`` set.
+            return (self.mlp(hidden) if fb.lora is None else self.mlp(hidden, fb.lora)), residual
         counts = fb.dp_token_counts
         if counts is None:
             raise ValueError("a data-parallel attention step needs ForwardBatch.dp_token_counts")
@@ -116,6 +119,12 @@ class CausalLM(nn.Module):
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         raise NotImplementedError
+
+    def lora_projections(self) -> list[dict[str, nn.Module]]:
+        """Per decoder layer, group name -> the linear layer LoRA adapters modify there (``radixlm.lora.pool``);
+        ValueError for a model that does not take adapters (this default)."""
+        raise ValueError(f"LoRA is not supported for {type(self).__name__} (--enable-lora serves Llama, Mistral, "
+                         f"Qwen2 and dense Qwen3 models)")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())

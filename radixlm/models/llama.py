@@ -12,6 +12,7 @@ from torch import nn
 from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
 from radixlm.kernels.fp8_activation import FP8Activation
+from radixlm.kernels.lora import LoraSegments
 from radixlm.layers.activation import SiluAndMul
 from radixlm.layers.attention import RadixAttention
 from radixlm.layers.layernorm import RMSNorm
@@ -38,8 +39,8 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.input_quant = self.gate_up_proj.input_quant
 
-    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x), self.down_proj.input_quant))
+    def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x, lora), self.down_proj.input_quant), lora)
 
 
 class LlamaAttention(nn.Module):
@@ -62,14 +63,14 @@ class LlamaAttention(nn.Module):
         self.input_quant = self.qkv_proj.input_quant  # ``hidden`` may arrive quantized for qkv_proj
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | FP8Activation, fb: ForwardBatch) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        qkv = self.qkv_proj(hidden, fb.lora)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, fb))
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, fb), fb.lora)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -91,6 +92,21 @@ class LlamaForCausalLM(CausalLM):
     def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
         """Layer ``layer_id``'s feed-forward (mixture-of-experts models choose per layer)."""
         return LlamaMLP(config)
+
+    def lora_projections(self) -> list[dict[str, nn.Module]]:
+        """Per decoder layer, the projections LoRA adapters modify, by group (``radixlm.lora.pool``).  ValueError
+        when a layer's feed-forward is not the dense SwiGLU MLP (a mixture of experts: adapters on experts are not
+        supported)."""
+        out = []
+        for i, layer in enumerate(self.model.layers):
+            if type(layer.mlp) is not LlamaMLP:
+                raise ValueError(f"LoRA is not supported for {type(self).__name__}: layer {i}'s feed-forward is "
+                                 f"{type(layer.mlp).__name__}, not a dense MLP (--enable-lora serves Llama, Mistral, "
+                                 f"Qwen2 and dense Qwen3 models)")
+            attn, mlp = layer.self_attn, layer.mlp
+            out.append({"qkv_proj": attn.qkv_proj, "o_proj": attn.o_proj, "gate_up_proj": mlp.gate_up_proj,
+                        "down_proj": mlp.down_proj})
+        return out
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """K and V of every layer, this rank's KV heads."""

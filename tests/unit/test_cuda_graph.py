@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.executor.cuda_graph_runner import capture_batch_sizes
+from radixlm.executor.cuda_graph_runner import capture_batch_sizes, fill_lora_slots
+from radixlm.kernels.lora import build_segments
 from radixlm.sampling import SamplingParams
 from conftest import build_tiny_hf_model
 
@@ -16,6 +17,51 @@ def test_capture_batch_sizes() -> None:
     assert capture_batch_sizes(8) == [1, 2, 4, 8]
     assert capture_batch_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
     assert capture_batch_sizes(256)[-3:] == [240, 248, 256] and len(capture_batch_sizes(256)) == 35
+
+
+def test_fill_lora_slots() -> None:
+    """A LoRA decode graph's slot input: the batch's per-row slots, -1 on the padding rows up to the replayed size
+    (stale slots of an earlier, larger batch cleared), rows beyond it left alone; other layouts refused."""
+    static = torch.full((8,), 7, dtype=torch.int32)
+    fill_lora_slots(static, build_segments([2, -1, 0], [1, 1, 1], "cpu", merge=False), 3, 4)
+    assert static.tolist() == [2, -1, 0, -1, 7, 7, 7, 7]
+    fill_lora_slots(static, build_segments([1, 1, 1, 1, 1, 1, 1, 1], [1] * 8, "cpu", merge=False), 8, 8)
+    assert static.tolist() == [1] * 8
+    fill_lora_slots(static, build_segments([0], [1], "cpu", merge=False), 1, 1)
+    assert static.tolist() == [0] + [1] * 7
+    with pytest.raises(ValueError, match="one one-token segment per row"):
+        fill_lora_slots(static, build_segments([1, 1], [1, 1], "cpu"), 2, 2)  # merged: one segment of 2 tokens
+    with pytest.raises(ValueError, match="do not fit"):
+        fill_lora_slots(static, build_segments([0] * 4, [1] * 4, "cpu", merge=False), 4, 9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_lora_graph_decode_matches_eager(tmp_path) -> None:
+    """With LoRA, greedy tokens are identical with CUDA graphs and without: a batch mixing base-only rows and two
+    adapters (replayed from the LoRA graphs), then a base-only batch (the graphs without LoRA kernels)."""
+    from radixlm.config import ServerArgs
+    from radixlm.executor import ModelRunner, ModelWorker
+    from radixlm.executor.static_batch import generate_static
+    from radixlm.models.loader import resolve_model_config
+
+    from tests.lora_helpers import build_peft_adapter
+
+    hf = build_tiny_hf_model("llama", str(tmp_path / "model"))
+    build_peft_adapter(hf, str(tmp_path / "a"), 8, 16, False, ["q_proj", "v_proj", "down_proj"], None, seed=1)
+    build_peft_adapter(hf, str(tmp_path / "b"), 16, 16, True, "all-linear", None, seed=2)
+    prompts = [[5, 17, 99, 3], [400, 2, 33], list(range(100, 140)), [7, 8], [9, 10, 11]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    outs = {}
+    for disable in (False, True):
+        args = ServerArgs(model_path=str(tmp_path / "model"), device="cuda", dtype="float32", max_total_tokens=4096,
+                          random_seed=0, cuda_graph_max_bs=8, disable_cuda_graph=disable,
+                          lora_paths=(f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"))
+        worker = ModelWorker(ModelRunner(args, resolve_model_config(args)))
+        assert (worker.runner.cuda_graph_runner is None) == disable
+        outs[disable] = (generate_static(worker, prompts, params, lora_names=["a", None, "b", "a", None]),
+                         generate_static(worker, prompts, params, lora_names=[None] * 5))
+    assert outs[False] == outs[True]
+    assert outs[False][0][1] == outs[False][1][1] and outs[False][0][0] != outs[False][1][0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -287,3 +287,25 @@ def test_cuda_graph_replays_new_metadata(max_seg_len: int) -> None:
     assert_close(y, y64, mag, True)
     base_rows = [t for t, s in enumerate(slots) if s < 0]
     assert torch.equal(y[base_rows], before[base_rows])
+
+
+@pytest.mark.parametrize("path", ["triton", "ref"])
+def test_rank_zero_slot_is_skipped(path: str) -> None:
+    """A slot of rank 0 (its adapter leaves this projection alone) is treated like no adapter: its rows of y stay
+    bit-unchanged, even with NaN in the slot's A and B, while the other adapter's rows are updated."""
+    pool = make_pool(WIDTHS, torch.float32)
+    pool.a[0].fill_(float("nan"))
+    pool.b[0].fill_(float("nan"))
+    ranks = pool.ranks.clone()
+    ranks[0] = 0
+    pool = pool._replace(ranks=ranks)
+    slots = [0, 1, 0]
+    seg = build_segments(slots, [2, 3, 1], DEVICE)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, K, generator=g).to(DEVICE)
+    y = torch.randn(6, sum(WIDTHS), generator=g).to(DEVICE)
+    before = y.clone()
+    run(path, x, y, pool, seg, seg.max_seg_len, None)
+    assert torch.equal(y[[0, 1, 5]], before[[0, 1, 5]])
+    y64, mag = expected(x, before, pool, [-1, -1, 1, 1, 1, -1])
+    assert_close(y, y64, mag, path == "triton")
