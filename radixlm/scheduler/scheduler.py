@@ -44,6 +44,7 @@ class Executor(Protocol):
     device: Any
 
     def launch(self, batch: Batch) -> Any: ...
+    def unload_lora_adapter(self, name: str) -> None: ...
     def sample(self, step: Any, grammar_mask: TokenBitmask | None) -> Any: ...  # .result() -> BatchResult
     def memory_used_bytes(self) -> int: ...
 
@@ -127,6 +128,18 @@ class Scheduler:
             req.finish({"type": "abort", "message": "aborted"})
             self._release([req])
         return req
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Free adapter ``name`` in the executor and its radix-cache namespace (a later adapter of that name must
+        not reuse this one's KV).  RuntimeError, nothing changed, while a request of it is still here; KeyError
+        from the executor when it is not loaded."""
+        holders = (self.waiting + self.running + [r for r, _ in self.grammars.pending]
+                   + ([self.chunked_req] if self.chunked_req else []))
+        using = [r.rid for r in holders if r.lora_name == name]
+        if using:
+            raise RuntimeError(f"LoRA adapter {name!r} still has requests in the scheduler: {using[:4]}")
+        self.worker.unload_lora_adapter(name)
+        self.tree_cache.drop_namespace(name)
 
     def is_idle(self) -> bool:
         return not (self.waiting or self.running or self.chunked_req or self.grammars or self.inflight)

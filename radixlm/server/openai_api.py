@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 # The engine's names of request fields -> the OpenAI request's (the `param` of a 400).
 _CHAT_PARAMS = {"prompt": "messages", "input_ids": "messages", "max_new_tokens": "max_tokens",
-                "min_new_tokens": "min_tokens", "structural_tag": "tools", "json_schema": "response_format"}
-_COMPLETION_PARAMS = {"input_ids": "prompt", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+                "min_new_tokens": "min_tokens", "structural_tag": "tools", "json_schema": "response_format",
+                "lora_path": "model"}
+_COMPLETION_PARAMS = {"input_ids": "prompt", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                      "lora_path": "model"}
 
 
 class OpenAIServing:
@@ -51,7 +53,7 @@ class OpenAIServing:
                 raise InvalidRequestError("tools and response_format cannot be combined", "response_format")
             params["structural_tag"] = structural_tag(body.tools, body.tool_choice, body.parallel_tool_calls,
                                                       self.tool_call_parser)
-        states = await self._submit(prompt_ids, params, options, body.rid)
+        states = await self._submit(prompt_ids, params, options, body.rid, self.adapter_of(body.model))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return self._chat_stream(body, states, rid, created, tools)
@@ -190,7 +192,8 @@ class OpenAIServing:
             prompt_ids, params, _ = await asyncio.to_thread(
                 self.engine.prepare, texts or None, body.sampling_params(body.max_tokens if explicit else None),
                 ids or None, {"max_new_tokens": body.max_tokens})
-            states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)))
+            states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)),
+                                              lora_path=self.adapter_of(body.model))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoes = ([await asyncio.to_thread(self.engine.require_tokenizer().decode, p) for p in prompt_ids] if body.echo
                   else ["" for _ in prompt_ids])
@@ -263,11 +266,18 @@ class OpenAIServing:
         }
 
     # ------------------------------------------------------------------ shared
+    def adapter_of(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names: ``"<served model name>:<adapter>"``; any other model
+        (the served name itself, none, or another name, which this server has always answered with its model)
+        is the base model.  The engine refuses an adapter it does not serve (a 400 naming ``model``)."""
+        prefix = f"{self.model_name}:"
+        return model[len(prefix):] if model is not None and model.startswith(prefix) else None
+
     async def _submit(self, prompt_ids: list[int], params: dict[str, Any], options: LogprobOptions | None,
-                      rid: str | None) -> list["RequestState"]:
+                      rid: str | None, adapter: str | None) -> list["RequestState"]:
         with params_named(_CHAT_PARAMS):
             ids, parsed, _ = await asyncio.to_thread(self.engine.prepare, None, params, prompt_ids)
-            return await self.engine.submit(ids, parsed, options, [rid] if rid else None)
+            return await self.engine.submit(ids, parsed, options, [rid] if rid else None, lora_path=adapter)
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.require_tokenizer().decode([token_id])
