@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from radixlm.core import Batch, BatchResult
+from radixlm.lora import LoRAAdapterError
 from radixlm.mem import KVMemory
 
 VOCAB = 50
@@ -68,6 +69,7 @@ class FakeWorker:
         # slot -> (LoRA adapter, the token sequence whose last token's KV it holds)
         self.kv: dict[int, tuple[str | None, tuple[int, ...]]] = {}
         self._prev: list[int] | None = None  # last step's sampled tokens, by row
+        self.adapters: dict[str, str] = {}  # loaded LoRA adapters: name -> path
 
     def launch(self, batch: Batch) -> FakeLaunch:
         self.batches.append(batch)
@@ -106,6 +108,18 @@ class FakeWorker:
 
     def memory_used_bytes(self) -> int:
         return 0
+
+    def load_lora_adapter(self, name: str, path: str) -> dict:
+        """ModelWorker's contract over a dict of names: a path containing "bad" is a bad adapter."""
+        if "bad" in path:
+            raise LoRAAdapterError(f"LoRA adapter {name!r} at {path}: adapter_config.json is missing")
+        if name in self.adapters:
+            raise LoRAAdapterError(f"LoRA adapter {name!r} is already loaded")
+        self.adapters[name] = path
+        return {"name": name, "rank": 8, "target_modules": ["q_proj"]}
+
+    def unload_lora_adapter(self, name: str) -> None:
+        del self.adapters[name]  # KeyError if unknown, like ModelWorker
 
 
 def _first_allowed(bits: torch.Tensor, preferred: int) -> int:
