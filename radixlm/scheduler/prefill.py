@@ -77,7 +77,8 @@ class PrefillManager:
             req.extend_len = take
             budget.take(req, take, 0)
         num_running = len(running) + len(budget.admitted)
-        admitted_ids: list[list[int]] = []  # tokens of this batch's requests, for in-batch prefix sharing
+        # (adapter, tokens) of this batch's requests, for in-batch prefix sharing (within one adapter only)
+        admitted_ids: list[tuple[str | None, list[int]]] = []
         adapters = self._adapter_slots(running)
         for req in self._adapter_gated(adapters, record=True):
             if (self.chunked_req is not None or not budget.can_take()
@@ -112,7 +113,7 @@ class PrefillManager:
             adapters.add(req.lora_name)
             if req is self.adapter_barrier:
                 self.adapter_barrier = None
-            admitted_ids.append(req.all_ids())
+            admitted_ids.append((req.lora_name, req.all_ids()))
             num_running += 1
             if take < req.seq_len - prefix_len:
                 self.chunked_req = req
@@ -162,9 +163,9 @@ class PrefillManager:
             yield req
 
 
-def _shares_uncached_prefix(req: Req, prefix_len: int, admitted_ids: list[list[int]]) -> bool:
-    """True when a request of the batch being built starts with the same IN_BATCH_PREFIX_MIN tokens beyond this
-    request's cached prefix: admitting both would compute that shared part twice."""
+def _shares_uncached_prefix(req: Req, prefix_len: int, admitted_ids: list[tuple[str | None, list[int]]]) -> bool:
+    """True when a request of the batch being built, of the same adapter, starts with the same IN_BATCH_PREFIX_MIN
+    tokens beyond this request's cached prefix: admitting both would compute that shared part twice."""
     ids = req.all_ids()
     end = prefix_len + IN_BATCH_PREFIX_MIN
-    return len(ids) > end and any(other[:end] == ids[:end] for other in admitted_ids)
+    return len(ids) > end and any(lora == req.lora_name and other[:end] == ids[:end] for lora, other in admitted_ids)

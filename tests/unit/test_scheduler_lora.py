@@ -168,3 +168,13 @@ def test_could_admit_agrees_with_admit() -> None:
     sched.prefill.admit = checked_admit
     run(sched, reqs)
     assert True in checks and False in checks
+
+
+def test_in_batch_prefix_sharing_defers_only_requests_of_the_same_adapter() -> None:
+    prompt = list(range(2, 42))  # longer than IN_BATCH_PREFIX_MIN
+    for adapters, first_rows in ((["a", "b"], 2), (["a", "a"], 1)):
+        sched, worker = make(max_loras_per_batch=2)
+        reqs = [lora_req(str(i), prompt + [i + 2], adapter, max_new=2) for i, adapter in enumerate(adapters)]
+        run(sched, reqs)
+        assert len(worker.batches[0].req_pool_indices) == first_rows
+        assert [r.cached_tokens for r in reqs] == [0, 0 if first_rows == 2 else len(prompt)]
