@@ -17,9 +17,12 @@ from radixlm.engine.scheduler_process import SchedulerLoop
 from radixlm.errors import InvalidRequestError
 from radixlm.lora import LoRAAdapterError
 from radixlm.sampling import SamplingParams
+from radixlm.server.app import create_app
 from radixlm.server.openai_api import OpenAIServing
 
+from stub_engine import StubEngine
 from test_config import parse
+from test_server_errors import request as http
 from test_scheduler_model_free import make, run
 
 # ------------------------------------------------------------------------------------------ registry
@@ -185,3 +188,24 @@ def test_bad_lora_flags_are_refused(flags: list[str], message: str) -> None:
     with pytest.raises(ValueError) as e:
         parse(["--device", "cpu", *flags])
     assert message in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ HTTP routes (stub engine)
+
+
+def test_lora_routes_without_lora_enabled_answer_400() -> None:
+    app = create_app(StubEngine())
+    status, body = http(app, "POST", "/load_lora_adapter", {"lora_name": "a", "lora_path": "/x"})
+    assert (status, body["error"]["message"]) == (400, "LoRA adapters need a server started with --enable-lora")
+    status, body = http(app, "POST", "/unload_lora_adapter", {"lora_name": "a"})
+    assert (status, body["error"]["param"]) == (400, "lora_name")
+    status, body = http(app, "POST", "/load_lora_adapter", {"lora_name": "a"})
+    assert status == 400 and body["error"]["param"] == "lora_path"
+    assert [m["id"] for m in http(app, "GET", "/v1/models")[1]["data"]] == ["stub"]
+
+
+def test_models_list_the_startup_adapters() -> None:
+    app = create_app(StubEngine(lora_paths=("fr=/ad/fr", "/ad/json")))
+    models = http(app, "GET", "/v1/models")[1]["data"]
+    assert [(m["id"], m["root"], m["parent"]) for m in models] == [
+        ("stub", "stub", None), ("stub:fr", "/ad/fr", "stub"), ("stub:/ad/json", "/ad/json", "stub")]
