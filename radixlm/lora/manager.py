@@ -98,14 +98,17 @@ class LoRAManager:
     def prepare(self, batch: Batch) -> LoraSegments | None:
         """Make every adapter ``batch.lora_names`` names resident and return the batch's segments: decode, one
         per row (``max_seg_len`` 1, the layout CUDA graphs replay); extend, consecutive rows of one adapter
-        merged and cut into pieces of ``PREFILL_SEGMENT_TOKENS``.  None when ``batch.lora_names`` is None.
-        ValueError (nothing changed) for an unknown name or more distinct adapters than slots."""
+        merged and cut into pieces of ``PREFILL_SEGMENT_TOKENS``.  None when no row names an adapter (the
+        base-only path: nothing uploaded, nothing launched).  ValueError (nothing changed) for an unknown name or
+        more distinct adapters than slots."""
         names = batch.lora_names
         if names is None:
             return None
         if len(names) != batch.batch_size:
             raise ValueError(f"lora_names has {len(names)} entries for a batch of {batch.batch_size} rows")
         distinct = list(dict.fromkeys(n for n in names if n is not None))
+        if not distinct:
+            return None
         unknown = [n for n in distinct if n not in self._host]
         if unknown:
             raise ValueError(f"the batch names LoRA adapters that are not loaded: {', '.join(unknown)}")

@@ -77,13 +77,27 @@ def shard_adapter(adapter: LoRAAdapter, model_config: ModelConfig, groups: tuple
                 if pair is None:
                     continue
                 a, b = shard_row_lora(*pair, tp_rank, tp_size)
-            a, b = a.contiguous(), b.contiguous()
-            weights[(layer, group)] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+            weights[(layer, group)] = (a.contiguous(), b.contiguous())
             ranks[layer, g] = adapter.rank
     scaling = torch.tensor([adapter.scaling], dtype=torch.float32)
     if pin:
+        weights = dict(zip(weights, _pinned_pairs(list(weights.values()))))
         ranks, scaling = ranks.pin_memory(), scaling.pin_memory()
     return HostLoRA(adapter, weights, ranks, scaling)
+
+
+def _pinned_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of ``pairs`` (one dtype) as views into one pinned buffer: one pinned allocation per adapter instead
+    of two per layer and group."""
+    flat = torch.empty(sum(a.numel() + b.numel() for a, b in pairs), dtype=pairs[0][0].dtype, pin_memory=True)
+    out, offset = [], 0
+    for pair in pairs:
+        views = []
+        for t in pair:
+            views.append(flat[offset:offset + t.numel()].view(t.shape).copy_(t))
+            offset += t.numel()
+        out.append((views[0], views[1]))
+    return out
 
 
 class LoRAPool:

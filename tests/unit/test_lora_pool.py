@@ -82,10 +82,9 @@ def test_lru_residency_and_eviction(runner, adapter_dirs) -> None:
         lora.prepare(Batch(ForwardMode.DECODE, [0, 1, 2], [1] * 3, [1] * 3, [0] * 3, torch.empty(0),
                            lora_names=["qv4", None]))
     assert list(lora.resident.items()) == [("all8_layer1", 0), ("mlp2", 1)]
-    # No adapter list: no segments; a list without adapters: the base-only fast path.
+    # No adapter list, or none named: no segments (the base-only fast path).
     assert lora.prepare(decode(None)) is None
-    base = lora.prepare(decode([None, None]))
-    assert not base.has_lora and base.seg_slots.tolist() == [-1, -1]
+    assert lora.prepare(decode([None, None])) is None
     assert list(lora.resident.items()) == [("all8_layer1", 0), ("mlp2", 1)]
     # Extend: consecutive rows of one adapter merged, cut into 64-token pieces; base-only runs stay whole.
     seg = lora.prepare(extend(["mlp2", "mlp2", None, None, "all8_layer1"], [70, 3, 100, 5, 2]))
@@ -164,13 +163,16 @@ def test_target_modules_shape_the_pool(adapter_dirs) -> None:
 
 
 def test_startup_refusals(adapter_dirs, tmp_path) -> None:
-    """The max rank defaults to the largest among --lora-paths; a bad adapter there, or a model whose
-    feed-forward is a mixture of experts, fails startup with the reason."""
+    """The max rank defaults to the largest among --lora-paths; a bad adapter there, a model whose feed-forward
+    is a mixture of experts, or one outside the Llama family fails startup with the reason."""
     paths = (f"qv4={adapter_dirs['qv4']}", f"o16={adapter_dirs['o16']}")
     assert resolve_max_lora_rank(ServerArgs(device="cpu", lora_paths=paths)) == 16
     assert resolve_max_lora_rank(ServerArgs(device="cpu", lora_paths=paths, max_lora_rank=8)) == 8
     with pytest.raises(LoRAAdapterError, match="'big'.*has no adapter_config.json"):
         make_runner(adapter_dirs["model"], lora_paths=(f"big={tmp_path}",))
     build_tiny_hf_model("mixtral", str(tmp_path / "moe"))
-    with pytest.raises(ValueError, match="LoRA is not supported for MixtralForCausalLM"):
+    with pytest.raises(ValueError, match="LoRA is not supported for MixtralForCausalLM: layer 0's feed-forward"):
         make_runner(str(tmp_path / "moe"), enable_lora=True)
+    build_tiny_hf_model("deepseek_v2", str(tmp_path / "mla"))
+    with pytest.raises(ValueError, match="LoRA is not supported for DeepseekV2ForCausalLM"):
+        make_runner(str(tmp_path / "mla"), enable_lora=True)
