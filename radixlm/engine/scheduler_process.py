@@ -239,13 +239,13 @@ class SchedulerLoop:
         return ControlReply(msg.token, error is None, info if error is None else {"message": error})
 
     def _on_every_rank(self, action: Callable[[], Any]) -> str | None:
-        """Run ``action`` here; the first rank's error message (a LoRAAdapterError's, KeyError's or
-        RuntimeError's) or None when it succeeded on every TP rank.  Other exceptions are bugs and escape."""
+        """Run ``action`` here; the first rank's error message (a LoRAAdapterError's or a RuntimeError's: a
+        refusal) or None when it succeeded on every TP rank.  Other exceptions are bugs and escape."""
         try:
             action()
             error = None
-        except (LoRAAdapterError, KeyError, RuntimeError) as e:
-            error = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        except (LoRAAdapterError, RuntimeError) as e:
+            error = str(e)
         errors = self.tp.all_gather_object(error)
         return next((e for e in errors if e is not None), None)
 

@@ -26,6 +26,7 @@ from radixlm.cache import RadixCache
 from radixlm.config import ServerArgs
 from radixlm.constrained import GrammarBackend, GrammarSpec, TokenBitmask, accept_token, warm_up_grammar_masks
 from radixlm.core import Batch, BatchResult, ForwardMode, Req, ReqState, new_epoch
+from radixlm.lora import LoRAAdapterError
 from radixlm.mem import KVMemory
 from radixlm.scheduler.decode import DecodeManager
 from radixlm.scheduler.dp_lockstep import DPLockstep
@@ -131,14 +132,17 @@ class Scheduler:
 
     def unload_lora_adapter(self, name: str) -> None:
         """Free adapter ``name`` in the executor and its radix-cache namespace (a later adapter of that name must
-        not reuse this one's KV).  RuntimeError, nothing changed, while a request of it is still here; KeyError
-        from the executor when it is not loaded."""
+        not reuse this one's KV).  RuntimeError, nothing changed, while a request of it is still here;
+        LoRAAdapterError when it is not loaded."""
         holders = (self.waiting + self.running + [r for r, _ in self.grammars.pending]
                    + ([self.chunked_req] if self.chunked_req else []))
         using = [r.rid for r in holders if r.lora_name == name]
         if using:
             raise RuntimeError(f"LoRA adapter {name!r} still has requests in the scheduler: {using[:4]}")
-        self.worker.unload_lora_adapter(name)
+        try:
+            self.worker.unload_lora_adapter(name)
+        except KeyError:
+            raise LoRAAdapterError(f"LoRA adapter {name!r} is not loaded") from None
         self.tree_cache.drop_namespace(name)
 
     def is_idle(self) -> bool:

@@ -141,7 +141,7 @@ def test_control_requests_load_and_unload_on_the_executor() -> None:
     assert worker.adapters == {} and sched.tree_cache.namespaces() == [None]
     assert sched.tree_cache.total_size() == 0
     missing = control(loop, "unload_lora_adapter", name="a")
-    assert (missing.ok, missing.payload) == (False, {"message": "a"})
+    assert (missing.ok, missing.payload) == (False, {"message": "LoRA adapter 'a' is not loaded"})
 
 
 def test_the_scheduler_refuses_to_unload_an_adapter_it_still_runs() -> None:
