@@ -75,7 +75,7 @@ class OpenAIServing:
                 "logprobs": {"content": self._chat_logprobs(meta)} if body.logprobs else None,
                 "finish_reason": reason, "matched_stop": matched,
             })
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.response_model(body.model),
                 "choices": choices, "usage": _usage([results[0]["meta_info"]], results)}
 
     async def _chat_stream(self, body: ChatCompletionRequest, states: list["RequestState"], rid: str,
@@ -83,8 +83,8 @@ class OpenAIServing:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices: list[dict[str, Any]]) -> str:
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                   "choices": choices}
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                   "model": self.response_model(body.model), "choices": choices}
             if include_usage:
                 out["usage"] = None
             return sse(out)
@@ -118,8 +118,9 @@ class OpenAIServing:
                 metas[i] = meta
         if include_usage:
             results = [{"meta_info": metas[i]} for i in sorted(metas)]
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                       "choices": [], "usage": _usage([metas[min(metas)]] if metas else [], results)})
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                       "model": self.response_model(body.model), "choices": [],
+                       "usage": _usage([metas[min(metas)]] if metas else [], results)})
         yield "data: [DONE]\n\n"
 
     def _render_chat(self, body: ChatCompletionRequest, tools: bool) -> list[int]:
@@ -210,7 +211,7 @@ class OpenAIServing:
                             "logprobs": self._completion_logprobs(meta, body.echo) if options else None,
                             "finish_reason": reason, "matched_stop": matched})
         firsts = [results[k * n]["meta_info"] for k in range(len(prompt_ids))]
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.response_model(body.model),
                 "choices": choices, "usage": _usage(firsts, results)}
 
     async def _completion_stream(self, body: CompletionRequest, states: list["RequestState"], rid: str,
@@ -218,7 +219,7 @@ class OpenAIServing:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choice: dict[str, Any]) -> str:
-            out = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+            out = {"id": rid, "object": "text_completion", "created": created, "model": self.response_model(body.model),
                    "choices": [choice]}
             if include_usage:
                 out["usage"] = None
@@ -243,8 +244,8 @@ class OpenAIServing:
         if include_usage:
             results = [{"meta_info": metas[i]} for i in sorted(metas)]
             firsts = [metas[k] for k in sorted(metas) if k % n == 0]
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                       "choices": [], "usage": _usage(firsts, results)})
+            yield sse({"id": rid, "object": "text_completion", "created": created,
+                       "model": self.response_model(body.model), "choices": [], "usage": _usage(firsts, results)})
         yield "data: [DONE]\n\n"
 
     def _completion_logprobs(self, meta: dict[str, Any], with_prompt: bool) -> dict[str, Any]:
@@ -272,6 +273,10 @@ class OpenAIServing:
         is the base model.  The engine refuses an adapter it does not serve (a 400 naming ``model``)."""
         prefix = f"{self.model_name}:"
         return model[len(prefix):] if model is not None and model.startswith(prefix) else None
+
+    def response_model(self, model: str | None) -> str:
+        """The ``model`` of a response: the adapter's ``<base>:<adapter>`` as requested, else the served name."""
+        return model if self.adapter_of(model) is not None else self.model_name
 
     async def _submit(self, prompt_ids: list[int], params: dict[str, Any], options: LogprobOptions | None,
                       rid: str | None, adapter: str | None) -> list["RequestState"]:

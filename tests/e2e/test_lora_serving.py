@@ -74,8 +74,9 @@ def test_models_list_the_base_and_each_adapter(server, adapters) -> None:
 def test_openai_adapter_changes_the_output_and_matches_generate(server, client) -> None:
     prompt = PROMPTS[0]
     base = client.completions.create(model=BASE, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
-    with_a = client.completions.create(model=f"{BASE}:a", prompt=prompt, max_tokens=12,
-                                       temperature=0).choices[0].text
+    reply = client.completions.create(model=f"{BASE}:a", prompt=prompt, max_tokens=12, temperature=0)
+    with_a = reply.choices[0].text
+    assert reply.model == f"{BASE}:a"
     assert with_a != base
     assert with_a == generated_text(server, prompt, "a")
     assert base == generated_text(server, prompt)

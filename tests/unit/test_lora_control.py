@@ -165,6 +165,7 @@ def test_the_scheduler_refuses_to_unload_an_adapter_it_still_runs() -> None:
 def test_openai_model_names_an_adapter_after_the_served_name(model: str | None, adapter: str | None) -> None:
     serving = OpenAIServing(SimpleNamespace(server_args=SimpleNamespace(tool_call_parser=None)), "smol", None)
     assert serving.adapter_of(model) == adapter
+    assert serving.response_model(model) == (model if adapter is not None else "smol")
 
 
 # ------------------------------------------------------------------------------------------ ServerArgs flags
