@@ -162,10 +162,14 @@ def run_lora_tp(tp_size: int, model_path: str, paths: tuple[str, ...]):
     return result
 
 
-def test_tensor_parallel_adapters_match_one_process(tmp_path) -> None:
-    """A tiny Llama (4 heads, 2 KV heads: one KV head per rank) split over two ranks: A of q/k/v/gate/up
-    replicated and B split, A of o/down split before the all-reduce; same logits and tokens as TP=1."""
-    hf = build_tiny_hf_model("llama", str(tmp_path / "model"))
+@pytest.mark.parametrize("name", [
+    "llama",            # 4 heads, 2 KV heads: one KV head per rank
+    "mistral_sliding",  # a single KV head, replicated on both ranks: both take all of k's and v's B
+])
+def test_tensor_parallel_adapters_match_one_process(tmp_path, name: str) -> None:
+    """A tiny model split over two ranks: A of q/k/v/gate/up replicated and B split like the base weights, A of
+    o/down split and added before the all-reduce; same logits and tokens as TP=1."""
+    hf = build_tiny_hf_model(name, str(tmp_path / "model"))
     build_peft_adapter(hf, str(tmp_path / "a"), 8, 16, False, ALL, None, seed=1)
     build_peft_adapter(hf, str(tmp_path / "b"), 4, 8, True, ["k_proj", "o_proj", "down_proj"], [1], seed=2)
     paths = (f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}")
