@@ -11,6 +11,10 @@ holds are freed right there, so the tree never stores two slots for one token pr
 
 With ``page_size > 1`` the tree works in whole pages: node keys are page-aligned in length, children are keyed
 by their first page, and matches only ever cover whole pages.
+
+Namespaces: KV depends on more than the tokens when a LoRA adapter modifies the projections, so the cache holds
+one tree per namespace (the adapter's name; None for the base model), each with a root of its own.  A lookup
+never crosses namespaces; eviction, the size counters and ``flush`` span all of them.
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ if TYPE_CHECKING:
     from radixlm.core import Req
     from radixlm.mem import ReqToTokenPool, TokenToKVPoolAllocator
 
-__all__ = ["MatchResult", "RadixCache", "TreeNode"]
+__all__ = ["MatchResult", "Namespace", "RadixCache", "TreeNode"]
 
 ChildKey = int | tuple[int, ...]
+Namespace = str | None  # a LoRA adapter's name, or None for the base model
 
 
 class TreeNode:
     """One edge of the radix tree together with the node it leads to.
 
-    Invariants: ``len(key) == len(value) > 0`` for every node but the root; ``parent.children[k] is self`` where
-    ``k`` is the child key of ``self.key``; ``lock_ref`` of a node is >= that of each of its children.
+    Invariants: ``len(key) == len(value) > 0`` for every node but a root; ``parent.children[k] is self`` where
+    ``k`` is the child key of ``self.key``; ``lock_ref`` of a node is >= that of each of its children.  A root
+    (one per namespace) is the only node without a parent.
     """
 
     __slots__ = ("id", "key", "value", "parent", "children", "lock_ref", "last_access_time")
@@ -58,7 +64,7 @@ class TreeNode:
 @dataclass
 class MatchResult:
     device_indices: torch.Tensor  # [matched_len] int64 KV slots of the matched prefix
-    last_node: TreeNode  # the node whose path is exactly the matched prefix (the root for an empty match)
+    last_node: TreeNode  # the node whose path is exactly the matched prefix (the namespace's root for an empty match)
 
 
 class RadixCache:
@@ -80,7 +86,8 @@ class RadixCache:
         # Both counters live across reset() so ids stay unique and access ticks stay monotonic.
         self._clock = itertools.count(1)
         self._node_ids = itertools.count()
-        self.root_node = TreeNode(next(self._node_ids), [], self._empty_slots(), None, next(self._clock))
+        self.root_node = self._new_root()  # the base model's namespace (None)
+        self._adapter_roots: dict[str, TreeNode] = {}  # created on first use, dropped by flush/drop_namespace
         self._evictable_size = 0
         self.num_evicted_tokens = 0  # over the cache's lifetime (a metrics counter)
         self._protected_size = 0
@@ -90,9 +97,10 @@ class RadixCache:
     def reset(self) -> None:
         """Drop the whole tree WITHOUT freeing its slots; the caller is expected to clear the allocator too.
 
-        The root object survives, so requests that matched nothing (``last_node`` is the root) stay valid.
+        The base root object survives, so requests that matched nothing (``last_node`` is the root) stay valid.
         """
         self.root_node.children = {}
+        self._adapter_roots = {}
         self._evictable_size = 0
         self._protected_size = 0
 
@@ -106,25 +114,46 @@ class RadixCache:
         allocator = self.token_to_kv_pool_allocator
         allocator.free_group_begin()
         for node in self._iter_nodes():
-            if node is not self.root_node:
+            if node.parent is not None:
                 allocator.free(node.value)
         allocator.free_group_end()
         self.reset()
         return True
 
+    def drop_namespace(self, namespace: str) -> int:
+        """Free everything cached under adapter ``namespace`` (its adapter is being unloaded: a later adapter of
+        the same name must not see this KV); returns the tokens freed.  Raises RuntimeError, changing nothing,
+        while a node of it is locked."""
+        root = self._adapter_roots.get(namespace)
+        if root is None:
+            return 0
+        nodes = [n for n in self._iter_nodes([root]) if n is not root]
+        if any(n.lock_ref > 0 for n in nodes):
+            raise RuntimeError(f"cannot drop namespace {namespace!r}: a request still holds its prefix")
+        allocator = self.token_to_kv_pool_allocator
+        allocator.free_group_begin()
+        for node in nodes:
+            allocator.free(node.value)
+        allocator.free_group_end()
+        del self._adapter_roots[namespace]
+        freed = sum(len(n.key) for n in nodes)
+        self._evictable_size -= freed
+        return freed
+
     # ---------------------------------------------------------------------------------------- match/insert
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
-        """Longest cached prefix of ``key`` (in whole pages when ``page_size > 1``) and the node ending it.
+    def match_prefix(self, key: list[int], namespace: Namespace = None) -> MatchResult:
+        """Longest prefix of ``key`` cached in ``namespace`` (in whole pages when ``page_size > 1``) and the node
+        ending it.
 
         If the match ends inside a node, that node is split so that ``last_node`` ends exactly at the match
         (slots and lock state are unchanged by the split).  Every node on the path is marked as just accessed.
-        With ``disable=True`` the match is always empty and ``last_node`` is the root.
+        With ``disable=True`` the match is always empty and ``last_node`` is the base root.
         """
         if self.disable:
             return MatchResult(self._empty_slots(), self.root_node)
         key = key[: self._aligned(len(key))]
-        node, pos, values = self.root_node, 0, []
+        node, pos, values = self.root(namespace), 0, []
         now = next(self._clock)
         while pos < len(key):
             child = node.children.get(self._child_key(key, pos))
@@ -141,8 +170,9 @@ class RadixCache:
         slots = torch.cat(values) if values else self._empty_slots()
         return MatchResult(slots, node)
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
-        """Cache ``key`` -> ``value`` (its KV slots, ``[len(key)]``) and return how much of it was ALREADY cached.
+    def insert(self, key: list[int], value: torch.Tensor, namespace: Namespace = None) -> int:
+        """Cache ``key`` -> ``value`` (its KV slots, ``[len(key)]``) in ``namespace`` and return how much of it
+        was ALREADY cached there.
 
         The tree adopts ``value[already:]``; ``value[:already]`` stays the caller's, who frees whatever of it
         duplicates the tree's slots.  ``len(key)`` must be a multiple of ``page_size``.  With ``disable=True``
@@ -154,7 +184,7 @@ class RadixCache:
             raise ValueError(f"key length {len(key)} is not a multiple of page_size {self.page_size}")
         if self.disable:
             return 0
-        node, pos = self.root_node, 0
+        node, pos = self.root(namespace), 0
         now = next(self._clock)
         while pos < len(key):
             child = node.children.get(self._child_key(key, pos))
@@ -202,7 +232,8 @@ class RadixCache:
 
         The page-aligned part of its KV (up to ``req.cacheable_len``) goes into the tree, duplicate slots are
         freed and replaced in the request's row by the tree's, and the request's lock moves to the node ending
-        that part.  The rest stays owned by the request.  No-op with ``disable=True``.
+        that part.  The rest stays owned by the request.  No-op with ``disable=True``.  Like ``cache_finished_req``
+        it works in the request's adapter namespace (``req.lora_name``).
         """
         if self.disable:
             return
@@ -211,7 +242,7 @@ class RadixCache:
         self.token_to_kv_pool_allocator.free_group_begin()
         self._insert_req_prefix(req, kv_slots[:aligned])
         self.token_to_kv_pool_allocator.free_group_end()
-        match = self.match_prefix(req.all_ids()[:aligned])
+        match = self.match_prefix(req.all_ids()[:aligned], req.lora_name)
         assert match.device_indices.numel() == aligned, "a just-inserted prefix must match in full"
         old_len = req.prefix_indices.numel()
         self.req_to_token_pool.write(req.req_pool_idx, old_len, match.device_indices[old_len:])
@@ -224,7 +255,7 @@ class RadixCache:
 
     def _insert_req_prefix(self, req: Req, kv_slots: torch.Tensor) -> None:
         """Insert the request's first ``len(kv_slots)`` tokens and free its slots that the tree already had."""
-        already = self.insert(req.all_ids()[: kv_slots.numel()], kv_slots)
+        already = self.insert(req.all_ids()[: kv_slots.numel()], kv_slots, req.lora_name)
         # The locked prefix is in the tree under these very slots, so only [prefix_len, already) are duplicates.
         self.token_to_kv_pool_allocator.free(kv_slots[req.prefix_indices.numel() : already])
 
@@ -237,17 +268,17 @@ class RadixCache:
         return row.to(torch.int64)  # [kv_len]; a copy, since the row is int32
 
     def _locked_node(self, req: Req) -> TreeNode:
-        # A request that never matched holds no lock; the root stands for "nothing locked".
+        # A request that never matched holds no lock; a root stands for "nothing locked".
         return self.root_node if req.last_node is None else req.last_node
 
     # ------------------------------------------------------------------------------------ locks and sizes
 
     def inc_lock_ref(self, node: TreeNode) -> int:
-        """Lock ``node`` and its ancestors (the root excluded); returns the growth of ``protected_size()``."""
+        """Lock ``node`` and its ancestors (its root excluded); returns the growth of ``protected_size()``."""
         if self.disable:
             return 0
         delta = 0
-        while node is not self.root_node:
+        while node.parent is not None:
             if node.lock_ref == 0:
                 delta += len(node.key)
             node.lock_ref += 1
@@ -261,7 +292,7 @@ class RadixCache:
         if self.disable:
             return 0
         delta = 0
-        while node is not self.root_node:
+        while node.parent is not None:
             if node.lock_ref <= 0:
                 raise RuntimeError(f"dec_lock_ref on unlocked {node!r}")
             if node.lock_ref == 1:
@@ -297,7 +328,7 @@ class RadixCache:
             return 0
         # The id breaks ties between nodes accessed in the same tick, so heap entries never compare nodes.
         heap = [(n.last_access_time, n.id, n) for n in self._iter_nodes()
-                if not n.children and n.lock_ref == 0 and n is not self.root_node]
+                if not n.children and n.lock_ref == 0 and n.parent is not None]
         heapq.heapify(heap)
         allocator = self.token_to_kv_pool_allocator
         allocator.free_group_begin()
@@ -308,7 +339,7 @@ class RadixCache:
             evicted += len(node.key)
             parent = node.parent
             del parent.children[self._child_key(node.key, 0)]
-            if not parent.children and parent.lock_ref == 0 and parent is not self.root_node:
+            if not parent.children and parent.lock_ref == 0 and parent.parent is not None:
                 heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
         allocator.free_group_end()
         self._evictable_size -= evicted
@@ -325,13 +356,32 @@ class RadixCache:
         def show(seq: list[int]) -> str:
             return str(seq) if len(seq) <= 8 else f"{seq[:8]}...(+{len(seq) - 8})"
 
-        stack: list[tuple[TreeNode, int]] = [(c, 1) for c in reversed(self.root_node.children.values())]
-        while stack:
-            node, depth = stack.pop()
-            lines.append(f"{'  ' * depth}#{node.id} key={show(node.key)} slots={show(node.value.tolist())} "
-                         f"lock={node.lock_ref} t={node.last_access_time}")
-            stack.extend((c, depth + 1) for c in reversed(node.children.values()))
+        for namespace, root in [(None, self.root_node), *self._adapter_roots.items()]:
+            if namespace is not None:
+                lines.append(f"namespace {namespace!r}:")
+            stack: list[tuple[TreeNode, int]] = [(c, 1) for c in reversed(root.children.values())]
+            while stack:
+                node, depth = stack.pop()
+                lines.append(f"{'  ' * depth}#{node.id} key={show(node.key)} slots={show(node.value.tolist())} "
+                             f"lock={node.lock_ref} t={node.last_access_time}")
+                stack.extend((c, depth + 1) for c in reversed(node.children.values()))
         return "\n".join(lines)
+
+    def root(self, namespace: Namespace) -> TreeNode:
+        """The root of ``namespace``'s tree (created empty on first use)."""
+        if namespace is None:
+            return self.root_node
+        root = self._adapter_roots.get(namespace)
+        if root is None:
+            root = self._adapter_roots[namespace] = self._new_root()
+        return root
+
+    def namespaces(self) -> list[Namespace]:
+        """The namespaces that have a root: None first, then adapters in order of first use."""
+        return [None, *self._adapter_roots]
+
+    def _new_root(self) -> TreeNode:
+        return TreeNode(next(self._node_ids), [], self._empty_slots(), None, next(self._clock))
 
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Cut ``child``'s edge after ``n`` tokens (0 < n < len, page-aligned); returns the new upper node.
@@ -369,9 +419,9 @@ class RadixCache:
     def _empty_slots(self) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=self.device)
 
-    def _iter_nodes(self) -> Iterator[TreeNode]:
-        """Every node, the root included (pre-order)."""
-        stack = [self.root_node]
+    def _iter_nodes(self, roots: list[TreeNode] | None = None) -> Iterator[TreeNode]:
+        """Every node under ``roots`` (default: every namespace's), the roots included (pre-order)."""
+        stack = [self.root_node, *self._adapter_roots.values()] if roots is None else list(roots)
         while stack:
             node = stack.pop()
             yield node

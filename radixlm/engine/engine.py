@@ -4,6 +4,9 @@ behind ZMQ.  SGLang-compatible shape::
     with radixlm.Engine() as engine:              # the embedded model
         out = engine.generate("The capital of France is", {"max_new_tokens": 16, "temperature": 0})
         out["text"], out["output_ids"], out["meta_info"]["finish_reason"]
+
+LoRA (``enable_lora=True``, ``lora_paths=["name=path"]``): ``generate(..., lora_path="name")`` (or one entry per
+prompt), ``load_lora_adapter(name, path)``, ``unload_lora_adapter(name)``; see ``radixlm.engine.lora_registry``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from radixlm.config import ServerArgs
 from radixlm.distributed import free_local_addr
 from radixlm.engine.detokenizer import RequestDecoder
 from radixlm.engine.dispatcher import Dispatcher
+from radixlm.engine.lora_registry import LoRARegistry
 from radixlm.engine.io_struct import (
     AbortRequest,
     ControlReply,
@@ -82,6 +86,7 @@ class Engine:
         if self.server_args.tp_size > 1 and self.server_args.dist_init_addr is None:
             self.server_args = self.server_args.replace(dist_init_addr=free_local_addr())
         self.model_path = self.server_args.model_path or embedded_model_path()
+        self.lora = LoRARegistry(self.server_args.enable_lora, self.server_args.lora_path_map())
         self.tokenizer = (None if self.server_args.skip_tokenizer_init
                           else AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.model_path))
         self._rng = random.Random(self.server_args.random_seed)
@@ -147,6 +152,7 @@ class Engine:
         token_ids_logprob: list[int] | None = None,
         stream: bool = False,
         return_hidden_states: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (returns a dict) or a batch (returns a list, in order).
 
@@ -160,12 +166,15 @@ class Engine:
         ``*_top_logprobs``, ``token_ids_logprob`` adds ``*_token_ids_logprobs`` to ``meta_info``.
         ``return_hidden_states`` adds ``hidden_states``: the model's final hidden state (after the last norm) at
         the position that produced each output token, one list of ``hidden_size`` floats per token.
+        ``lora_path``: the served LoRA adapter to run under (its name), or one per prompt (None: the base model);
+        an adapter that is not served (or being unloaded) raises InvalidRequestError naming it.
         """
         ids, params, single = self.prepare(prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
         if stream:
             _check_streamable(params)
-        states = self._start(ids, params, options, loop=None, return_hidden_states=return_hidden_states)
+        states = self._start(ids, params, options, loop=None, return_hidden_states=return_hidden_states,
+                             lora_path=lora_path)
         if stream:
             return self._stream(states[0])
         self._wait(states)
@@ -183,13 +192,15 @@ class Engine:
         token_ids_logprob: list[int] | None = None,
         stream: bool = False,
         return_hidden_states: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """Like ``generate``; with ``stream=True`` returns an async iterator of chunks."""
         ids, params, single = await asyncio.to_thread(self.prepare, prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
         if stream:
             _check_streamable(params)
-        states = await self.submit(ids, params, options, return_hidden_states=return_hidden_states)
+        states = await self.submit(ids, params, options, return_hidden_states=return_hidden_states,
+                                   lora_path=lora_path)
         if stream:
             return self.stream_state(states[0])
         results = [await self.wait_state(s) for s in states]
@@ -219,12 +230,32 @@ class Engine:
         """Empty the radix cache; False (and nothing changes) while requests are in flight."""
         return self.control("flush_cache").ok
 
-    def control(self, kind: str, timeout: float = 30.0) -> ControlReply:
+    def load_lora_adapter(self, name: str, path: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Load the PEFT adapter at ``path`` on every rank and serve it as ``name``; returns {"name", "rank",
+        "target_modules"}.  LoRAAdapterError with the adapter's problem (bad files or shapes, rank above
+        --max-lora-rank, outside --lora-allowed-dir, a name already served, LoRA not enabled): nothing changes."""
+        return self.lora.load(name, path, lambda kind, args: self.control(kind, timeout, args))
+
+    def unload_lora_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Stop serving adapter ``name``: new requests naming it fail at once (InvalidRequestError), this call
+        WAITS until its requests in flight have finished normally (up to ``timeout`` s, None: no limit; on
+        TimeoutError it serves again), then frees it on every rank, its cached KV included.  LoRAAdapterError
+        for a name that is not served or a server without LoRA."""
+        with self._lock:  # no request can pass the adapter check between here and its registration
+            self.lora.begin_unload(name)
+
+        def in_flight(adapter: str) -> int:
+            with self._lock:
+                return sum(s.lora_name == adapter for s in self._states.values())
+
+        self.lora.finish_unload(name, in_flight, lambda kind, args: self.control(kind, args=args), timeout)
+
+    def control(self, kind: str, timeout: float = 30.0, args: dict[str, Any] | None = None) -> ControlReply:
         """Ask the scheduler (see ``ControlRequest``) and wait for its reply."""
         done = threading.Event()
         box: list[ControlReply] = []
         token = self._register_reply(None, lambda reply: (box.append(reply), done.set()))
-        self._send(ControlRequest(token, kind))
+        self._send(ControlRequest(token, kind, args or {}))
         if not done.wait(timeout):
             raise TimeoutError(f"the scheduler did not answer {kind!r} within {timeout} s")
         return self._checked(box[0])
@@ -280,11 +311,13 @@ class Engine:
                                          f"(--max-queued-requests {limit}); retry later", retry_after=RETRY_AFTER_S)
 
     async def submit(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
-                     rids: list[str | None] | None = None, return_hidden_states: bool = False) -> list[RequestState]:
+                     rids: list[str | None] | None = None, return_hidden_states: bool = False,
+                     lora_path: str | list[str | None] | None = None) -> list[RequestState]:
         """Start prepared requests whose chunks go to the running event loop: ``len(ids) * n`` states.  Started
-        on a worker thread: a batch of thousands takes a while to register, and the event loop serves everyone."""
+        on a worker thread: a batch of thousands takes a while to register, and the event loop serves everyone.
+        ``lora_path``: as in ``generate``."""
         return await asyncio.to_thread(self._start, ids, params, options, asyncio.get_running_loop(), rids,
-                                       return_hidden_states)
+                                       return_hidden_states, lora_path)
 
     async def stream_state(self, state: RequestState) -> AsyncIterator[dict[str, Any]]:
         """The chunks of one request (deltas), the last with ``finish_reason`` set.  Closing the iterator before
@@ -348,7 +381,8 @@ class Engine:
 
     def _start(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
                loop: asyncio.AbstractEventLoop | None, rids: list[str | None] | None = None,
-               return_hidden_states: bool = False) -> list[RequestState]:
+               return_hidden_states: bool = False,
+               lora_path: str | list[str | None] | None = None) -> list[RequestState]:
         if options and options.token_ids_logprob:
             bad = [t for t in options.token_ids_logprob if not 0 <= t < self.info.vocab_size]
             if bad:
@@ -360,25 +394,28 @@ class Engine:
             taken = [r for r in wanted if r in self._states]
         if taken or len(set(wanted)) != len(wanted):
             raise InvalidRequestError(f"rid {(taken or wanted)[0]!r} is already in use by a running request", "rid")
-        with self._lock:  # admitted and counted at once, so that concurrent submissions cannot both pass the limit
+        # Admitted and counted at once, so that concurrent submissions cannot both pass the limit; the adapters
+        # checked under the same hold, so that an unload that starts after the check sees these requests.
+        with self._lock:
+            lora_names = self.lora.resolve(lora_path, len(ids))
             self._admit(sum(p.n for p in params))
-            return self._start_admitted(ids, params, options, loop, rids, return_hidden_states)
+            return self._start_admitted(ids, params, options, loop, rids, return_hidden_states, lora_names)
 
     def _start_admitted(self, ids: list[list[int]], params: list[SamplingParams], options: LogprobOptions | None,
                         loop: asyncio.AbstractEventLoop | None, rids: list[str | None] | None,
-                        return_hidden_states: bool) -> list[RequestState]:
+                        return_hidden_states: bool, lora_names: list[str | None]) -> list[RequestState]:
         states: list[RequestState] = []
         batch: list[GenerateRequest] = []  # sent as one message, so that the scheduler admits it together
-        for i, (p_ids, p) in enumerate(zip(ids, params)):
+        for i, (p_ids, p, lora) in enumerate(zip(ids, params, lora_names)):
             rid = rids[i] if rids else None
             copies = [self._new_state(p_ids, p, options, c, loop, rid if p.n == 1 else rid and f"{rid}-{c}",
-                                      return_hidden_states) for c in range(p.n)]
+                                      return_hidden_states, lora) for c in range(p.n)]
             states += [state for state, _ in copies]
             warm_req = None
             if p.n > 1 and not self.server_args.disable_radix_cache:
                 # Prefill the prompt once; the copies are sent when its KV is in the radix cache.
                 warm_params = SamplingParams(**{**vars(p), "n": 1, "max_new_tokens": 0})
-                warm, warm_req = self._new_state(p_ids, warm_params, None, 0, None, None)
+                warm, warm_req = self._new_state(p_ids, warm_params, None, 0, None, None, lora_name=lora)
                 warm.on_finish = lambda copies=copies: self._send([req for _, req in copies])
                 batch.append(warm_req)
             else:
@@ -403,7 +440,8 @@ class Engine:
 
     def _new_state(self, ids: list[int], p: SamplingParams, options: LogprobOptions | None, copy: int,
                    loop: asyncio.AbstractEventLoop | None, rid: str | None,
-                   return_hidden_states: bool = False) -> tuple[RequestState, GenerateRequest]:
+                   return_hidden_states: bool = False, lora_name: str | None = None
+                   ) -> tuple[RequestState, GenerateRequest]:
         """Register a request; returns its state and the message that starts it."""
         decoder = RequestDecoder(self.tokenizer, p.stop, p.skip_special_tokens, p.spaces_between_special_tokens,
                                  p.no_stop_trim, prompt_ids=ids, stop_regex=p.stop_regex)
@@ -412,11 +450,11 @@ class Engine:
                 raise InvalidRequestError(f"rid {rid!r} is already in use by a running request", "rid")
             rid = rid or uuid.uuid4().hex
             state = RequestState(rid, decoder, len(ids), time.time(), loop, logprobs={} if options else None,
-                                 hidden_states=[] if return_hidden_states else None)
+                                 hidden_states=[] if return_hidden_states else None, lora_name=lora_name)
             self._states[rid] = state
         seed = p.seed + copy if p.seed is not None else self._rng.getrandbits(63)
         single = SamplingParams(**{**vars(p), "n": 1})
-        return state, GenerateRequest(rid, ids, single, seed, options, return_hidden_states)
+        return state, GenerateRequest(rid, ids, single, seed, options, return_hidden_states, lora_name=lora_name)
 
     def _register_reply(self, loop: asyncio.AbstractEventLoop | None, callback: Callable[[ControlReply], Any]
                         ) -> str:

@@ -20,6 +20,7 @@ class GenerateRequest:
     logprob_options: LogprobOptions | None = None  # None: no logprobs
     return_hidden_states: bool = False  # send the final hidden state behind every output token
     dp_rank: int = 0  # data-parallel attention: the DP rank that serves it (the front end's dispatcher chose)
+    lora_name: str | None = None  # the LoRA adapter it runs under (the front end checked it is served)
 
 
 @dataclass
@@ -31,12 +32,16 @@ class AbortRequest:
 class ControlRequest:
     """A question to the scheduler answered by a ``ControlReply`` with the same ``token``.
 
-    ``kind``: ``"flush_cache"`` (ok only when no request is in flight) or ``"get_state"`` (``Scheduler.state()``;
-    under data-parallel attention the DP ranks' totals and their own states as a list under ``"dp"``).
+    ``kind``: ``"flush_cache"`` (ok only when no request is in flight), ``"get_state"`` (``Scheduler.state()``;
+    under data-parallel attention the DP ranks' totals and their own states as a list under ``"dp"``),
+    ``"load_lora_adapter"`` (``args``: ``name``, ``path``; the payload is the adapter's {"name", "rank",
+    "target_modules"}, or {"message"} with the adapter's error when refused) or ``"unload_lora_adapter"``
+    (``args``: ``name``; no request of it may be in flight).
     """
 
     token: str
     kind: str
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

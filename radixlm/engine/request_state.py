@@ -58,6 +58,7 @@ class RequestState:
     logprobs: dict[str, list] | None = None  # accumulated SGLang-style logprob fields, when asked for
     hidden_states: list[list[float]] | None = None  # final hidden state behind each output token, when asked for
     error: str | None = None  # why the engine failed the request before it finished
+    lora_name: str | None = None  # its LoRA adapter (None: the base model); an unload waits for it
     chunks: "queue.Queue[dict[str, Any]]" = field(default_factory=queue.Queue)
     aqueue: "asyncio.Queue[dict[str, Any]] | None" = None
     done: threading.Event = field(default_factory=threading.Event)

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -41,6 +42,7 @@ from radixlm.engine.io_struct import (
     TokenOutput,
 )
 from radixlm.executor import ModelRunner, ModelWorker
+from radixlm.lora import LoRAAdapterError
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling.logprobs import RequestLogprobs
 from radixlm.scheduler import Scheduler
@@ -192,7 +194,7 @@ class SchedulerLoop:
             if msg.dp_rank != self.scheduler.dp_rank:
                 return  # another DP rank's
             req = Req(rid=msg.rid, origin_input_ids=msg.input_ids, sampling_params=msg.sampling_params,
-                      seed=msg.seed, return_hidden_states=msg.return_hidden_states)
+                      seed=msg.seed, return_hidden_states=msg.return_hidden_states, lora_name=msg.lora_name)
             if msg.logprob_options is not None:
                 req.logprobs = RequestLogprobs(msg.logprob_options)
                 req.logprobs.input_done = msg.logprob_options.input_start(len(msg.input_ids)) is None
@@ -220,7 +222,32 @@ class SchedulerLoop:
                 return ControlReply(msg.token, True, state)
             per_rank = self._per_dp_rank(state)
             return ControlReply(msg.token, True, {**total_state(per_rank), "dp": per_rank})
+        if msg.kind == "load_lora_adapter":
+            return self._load_lora_adapter(msg)
+        if msg.kind == "unload_lora_adapter":
+            error = self._on_every_rank(lambda: self.scheduler.unload_lora_adapter(msg.args["name"]))
+            return ControlReply(msg.token, error is None, {"message": error or "unloaded"})
         return ControlReply(msg.token, False, {"message": f"unknown control request {msg.kind!r}"})
+
+    def _load_lora_adapter(self, msg: ControlRequest) -> ControlReply:
+        """Load on every rank, or on none: a rank that loaded it unloads it again when another rank refused."""
+        name, path = msg.args["name"], msg.args["path"]
+        info: dict[str, Any] = {}
+        error = self._on_every_rank(lambda: info.update(self.scheduler.worker.load_lora_adapter(name, path)))
+        if error is not None and info:
+            self.scheduler.worker.unload_lora_adapter(name)
+        return ControlReply(msg.token, error is None, info if error is None else {"message": error})
+
+    def _on_every_rank(self, action: Callable[[], Any]) -> str | None:
+        """Run ``action`` here; the first rank's error message (a LoRAAdapterError's or a RuntimeError's: a
+        refusal) or None when it succeeded on every TP rank.  Other exceptions are bugs and escape."""
+        try:
+            action()
+            error = None
+        except (LoRAAdapterError, RuntimeError) as e:
+            error = str(e)
+        errors = self.tp.all_gather_object(error)
+        return next((e for e in errors if e is not None), None)
 
     def _per_dp_rank(self, value: Any) -> list[Any]:
         """Every DP rank's ``value`` in DP-rank order (its leader's); ``[value]`` without DP attention."""

@@ -51,6 +51,8 @@ def plan_step(mode: ForwardMode, prefill: list[Req], decode: list[Req], memory: 
     if any(r.logprobs is not None for r in reqs):
         batch.logprobs = [None if r.logprobs is None else r.logprobs.options for r in reqs]
         batch.input_logprob_start = [_input_logprob_start(r) for r in prefill] + [None] * len(decode)
+    if any(r.lora_name is not None for r in reqs):
+        batch.lora_names = [r.lora_name for r in reqs]
     batch.return_hidden_states = any(r.return_hidden_states for r in reqs)
     batch.input_embeds = _input_embeds(prefill) or None
     if any(r.mrope_positions is not None for r in reqs):

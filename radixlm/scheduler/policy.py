@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ def cache_match_key(req: Req) -> list[int]:
     """Tokens of ``req`` to look up in the radix cache: all but the last (>= 1 token must run to get logits), none
     past ``cacheable_len`` (prompt positions given as embeddings), and none from the first prompt position whose
     logprob is still to be computed (cached tokens produce no logits)."""
-    key = req.all_ids()[: min(req.seq_len - 1, req.cacheable_len)]
+    key = req.all_ids()[: min(req.seq_len - 1, req.cacheable_len)]  # looked up in the req.lora_name namespace
     lp = req.logprobs
     if lp is not None and not lp.input_done:
         start = lp.options.input_start(len(req.origin_input_ids))
@@ -32,7 +33,7 @@ def order_waiting_queue(waiting: list[Req], policy: str, tree_cache: "RadixCache
     """``fcfs``: arrival order.  ``lpm``: longest cached prefix first (ties keep arrival order)."""
     if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE or tree_cache.disable:
         return waiting
-    matched = {id(r): len(tree_cache.match_prefix(cache_match_key(r)).device_indices) for r in waiting}
+    matched = {id(r): len(tree_cache.match_prefix(cache_match_key(r), r.lora_name).device_indices) for r in waiting}
     return sorted(waiting, key=lambda r: -matched[id(r)])
 
 
@@ -44,6 +45,24 @@ def reserved_decode_tokens(req: Req, new_token_ratio: float) -> int:
     remaining = (p.max_new_tokens if p.max_new_tokens is not None else CLIP_MAX_NEW_TOKENS) - len(req.output_ids)
     remaining = min(remaining, CLIP_MAX_NEW_TOKENS, req.max_context_len - req.seq_len)
     return int(max(0, remaining) * new_token_ratio)
+
+
+class AdapterSlots:
+    """The distinct LoRA adapters named by one batch's requests, at most ``limit`` (``--max-loras-per-batch``,
+    the adapter pool's device slots).  None, the base model, takes no slot."""
+
+    def __init__(self, limit: int, names: Iterable[str | None]) -> None:
+        self.limit = limit
+        self.names = {n for n in names if n is not None}
+
+    def fits(self, name: str | None) -> bool:
+        return name is None or name in self.names or len(self.names) < self.limit
+
+    def add(self, name: str | None) -> None:
+        if not self.fits(name):
+            raise RuntimeError(f"scheduler bug: adapter {name!r} admitted past {self.limit} adapters per batch")
+        if name is not None:
+            self.names.add(name)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from radixlm.cache import RadixCache
 from radixlm.config import ServerArgs
 from radixlm.constrained import GrammarBackend, GrammarSpec, TokenBitmask, accept_token, warm_up_grammar_masks
 from radixlm.core import Batch, BatchResult, ForwardMode, Req, ReqState, new_epoch
+from radixlm.lora import LoRAAdapterError
 from radixlm.mem import KVMemory
 from radixlm.scheduler.decode import DecodeManager
 from radixlm.scheduler.dp_lockstep import DPLockstep
@@ -44,6 +45,7 @@ class Executor(Protocol):
     device: Any
 
     def launch(self, batch: Batch) -> Any: ...
+    def unload_lora_adapter(self, name: str) -> None: ...
     def sample(self, step: Any, grammar_mask: TokenBitmask | None) -> Any: ...  # .result() -> BatchResult
     def memory_used_bytes(self) -> int: ...
 
@@ -127,6 +129,21 @@ class Scheduler:
             req.finish({"type": "abort", "message": "aborted"})
             self._release([req])
         return req
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Free adapter ``name`` in the executor and its radix-cache namespace (a later adapter of that name must
+        not reuse this one's KV).  RuntimeError, nothing changed, while a request of it is still here;
+        LoRAAdapterError when it is not loaded."""
+        holders = (self.waiting + self.running + [r for r, _ in self.grammars.pending]
+                   + ([self.chunked_req] if self.chunked_req else []))
+        using = [r.rid for r in holders if r.lora_name == name]
+        if using:
+            raise RuntimeError(f"LoRA adapter {name!r} still has requests in the scheduler: {using[:4]}")
+        try:
+            self.worker.unload_lora_adapter(name)
+        except KeyError:
+            raise LoRAAdapterError(f"LoRA adapter {name!r} is not loaded") from None
+        self.tree_cache.drop_namespace(name)
 
     def is_idle(self) -> bool:
         return not (self.waiting or self.running or self.chunked_req or self.grammars or self.inflight)

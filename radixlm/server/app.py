@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixlm.engine.request_state import EngineUnavailableError, RequestFailedError
 from radixlm.errors import InvalidRequestError, error_body
+from radixlm.lora import LoRAAdapterError
 from radixlm.server.auth import ApiKeyMiddleware
 from radixlm.server.native_api import NativeServing
 from radixlm.server.openai_api import OpenAIServing
@@ -39,7 +40,9 @@ from radixlm.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     GenerateRequestBody,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from radixlm.server.streams import ClientDisconnected, json_text, sse
 
@@ -273,9 +276,12 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Any:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "radixlm", "root": engine.model_path,
-                                            "max_model_len": engine.info.context_length}]}
+        """The base model, then each served LoRA adapter as ``<base>:<adapter>`` (``parent``: the base)."""
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "radixlm",
+                "root": engine.model_path, "parent": None, "max_model_len": engine.info.context_length}
+        adapters = [{**base, "id": f"{model_name}:{name}", "root": path, "parent": model_name}
+                    for name, path in engine.lora.served().items()]
+        return {"object": "list", "data": [base, *adapters]}
 
     @app.post("/v1/tokenize", openapi_extra=bodies(TokenizeRequest))
     async def tokenize(raw: Request) -> Any:
@@ -341,6 +347,29 @@ def create_app(engine: "Engine", chat_template: str | None = None) -> FastAPI:
         if not reply.ok:
             return error(400, reply.payload["message"])
         return JSONResponse({"message": reply.payload["message"]})
+
+    @app.post("/load_lora_adapter", openapi_extra=bodies(LoadLoRAAdapterRequest))
+    async def load_lora_adapter(raw: Request) -> Any:
+        """Serve a PEFT adapter from now on: 200 with its rank and modules, or 400 with what is wrong with it."""
+        body = await parse_body(raw, LoadLoRAAdapterRequest)
+        engine.check_ready()
+        try:
+            info = await asyncio.to_thread(engine.load_lora_adapter, body.lora_name, body.lora_path)
+        except LoRAAdapterError as e:
+            return error(400, str(e), "lora_path")
+        return JSONResponse({"success": True, "message": f"LoRA adapter {body.lora_name!r} loaded", **info})
+
+    @app.post("/unload_lora_adapter", openapi_extra=bodies(UnloadLoRAAdapterRequest))
+    async def unload_lora_adapter(raw: Request) -> Any:
+        """Stop serving an adapter: new requests naming it get a 400 at once; this call answers once its requests
+        in flight have finished (normally) and every rank has freed it."""
+        body = await parse_body(raw, UnloadLoRAAdapterRequest)
+        engine.check_ready()
+        try:
+            await asyncio.to_thread(engine.unload_lora_adapter, body.lora_name)
+        except LoRAAdapterError as e:
+            return error(400, str(e), "lora_name")
+        return JSONResponse({"success": True, "message": f"LoRA adapter {body.lora_name!r} unloaded"})
 
     @app.post("/abort_request", openapi_extra=bodies(AbortRequestBody))
     async def abort_request(raw: Request) -> Any:

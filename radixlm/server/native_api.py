@@ -40,7 +40,8 @@ class NativeServing:
             rids = [body.rid] if isinstance(body.rid, str) else body.rid
             if rids is not None and len(rids) != len(prompt_ids):
                 raise InvalidRequestError(f"{len(rids)} rids for {len(prompt_ids)} prompts", "rid")
-            states = await self.engine.submit(prompt_ids, params, options, rids, body.return_hidden_states)
+            states = await self.engine.submit(prompt_ids, params, options, rids, body.return_hidden_states,
+                                              body.lora_path)
         one = single and len(states) == 1
         if body.stream:
             return self._stream(states, one)

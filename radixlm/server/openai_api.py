@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 # The engine's names of request fields -> the OpenAI request's (the `param` of a 400).
 _CHAT_PARAMS = {"prompt": "messages", "input_ids": "messages", "max_new_tokens": "max_tokens",
-                "min_new_tokens": "min_tokens", "structural_tag": "tools", "json_schema": "response_format"}
-_COMPLETION_PARAMS = {"input_ids": "prompt", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+                "min_new_tokens": "min_tokens", "structural_tag": "tools", "json_schema": "response_format",
+                "lora_path": "model"}
+_COMPLETION_PARAMS = {"input_ids": "prompt", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                      "lora_path": "model"}
 
 
 class OpenAIServing:
@@ -51,7 +53,7 @@ class OpenAIServing:
                 raise InvalidRequestError("tools and response_format cannot be combined", "response_format")
             params["structural_tag"] = structural_tag(body.tools, body.tool_choice, body.parallel_tool_calls,
                                                       self.tool_call_parser)
-        states = await self._submit(prompt_ids, params, options, body.rid)
+        states = await self._submit(prompt_ids, params, options, body.rid, self.adapter_of(body.model))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return self._chat_stream(body, states, rid, created, tools)
@@ -73,7 +75,7 @@ class OpenAIServing:
                 "logprobs": {"content": self._chat_logprobs(meta)} if body.logprobs else None,
                 "finish_reason": reason, "matched_stop": matched,
             })
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.response_model(body.model),
                 "choices": choices, "usage": _usage([results[0]["meta_info"]], results)}
 
     async def _chat_stream(self, body: ChatCompletionRequest, states: list["RequestState"], rid: str,
@@ -81,8 +83,8 @@ class OpenAIServing:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices: list[dict[str, Any]]) -> str:
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                   "choices": choices}
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                   "model": self.response_model(body.model), "choices": choices}
             if include_usage:
                 out["usage"] = None
             return sse(out)
@@ -116,8 +118,9 @@ class OpenAIServing:
                 metas[i] = meta
         if include_usage:
             results = [{"meta_info": metas[i]} for i in sorted(metas)]
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                       "choices": [], "usage": _usage([metas[min(metas)]] if metas else [], results)})
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                       "model": self.response_model(body.model), "choices": [],
+                       "usage": _usage([metas[min(metas)]] if metas else [], results)})
         yield "data: [DONE]\n\n"
 
     def _render_chat(self, body: ChatCompletionRequest, tools: bool) -> list[int]:
@@ -190,7 +193,8 @@ class OpenAIServing:
             prompt_ids, params, _ = await asyncio.to_thread(
                 self.engine.prepare, texts or None, body.sampling_params(body.max_tokens if explicit else None),
                 ids or None, {"max_new_tokens": body.max_tokens})
-            states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)))
+            states = await self.engine.submit(prompt_ids, params, options, _rids(body.rid, len(prompt_ids)),
+                                              lora_path=self.adapter_of(body.model))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoes = ([await asyncio.to_thread(self.engine.require_tokenizer().decode, p) for p in prompt_ids] if body.echo
                   else ["" for _ in prompt_ids])
@@ -207,7 +211,7 @@ class OpenAIServing:
                             "logprobs": self._completion_logprobs(meta, body.echo) if options else None,
                             "finish_reason": reason, "matched_stop": matched})
         firsts = [results[k * n]["meta_info"] for k in range(len(prompt_ids))]
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.response_model(body.model),
                 "choices": choices, "usage": _usage(firsts, results)}
 
     async def _completion_stream(self, body: CompletionRequest, states: list["RequestState"], rid: str,
@@ -215,7 +219,7 @@ class OpenAIServing:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choice: dict[str, Any]) -> str:
-            out = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+            out = {"id": rid, "object": "text_completion", "created": created, "model": self.response_model(body.model),
                    "choices": [choice]}
             if include_usage:
                 out["usage"] = None
@@ -240,8 +244,8 @@ class OpenAIServing:
         if include_usage:
             results = [{"meta_info": metas[i]} for i in sorted(metas)]
             firsts = [metas[k] for k in sorted(metas) if k % n == 0]
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                       "choices": [], "usage": _usage(firsts, results)})
+            yield sse({"id": rid, "object": "text_completion", "created": created,
+                       "model": self.response_model(body.model), "choices": [], "usage": _usage(firsts, results)})
         yield "data: [DONE]\n\n"
 
     def _completion_logprobs(self, meta: dict[str, Any], with_prompt: bool) -> dict[str, Any]:
@@ -263,11 +267,22 @@ class OpenAIServing:
         }
 
     # ------------------------------------------------------------------ shared
+    def adapter_of(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names: ``"<served model name>:<adapter>"``; any other model
+        (the served name itself, none, or another name, which this server has always answered with its model)
+        is the base model.  The engine refuses an adapter it does not serve (a 400 naming ``model``)."""
+        prefix = f"{self.model_name}:"
+        return model[len(prefix):] if model is not None and model.startswith(prefix) else None
+
+    def response_model(self, model: str | None) -> str:
+        """The ``model`` of a response: the adapter's ``<base>:<adapter>`` as requested, else the served name."""
+        return model if self.adapter_of(model) is not None else self.model_name
+
     async def _submit(self, prompt_ids: list[int], params: dict[str, Any], options: LogprobOptions | None,
-                      rid: str | None) -> list["RequestState"]:
+                      rid: str | None, adapter: str | None) -> list["RequestState"]:
         with params_named(_CHAT_PARAMS):
             ids, parsed, _ = await asyncio.to_thread(self.engine.prepare, None, params, prompt_ids)
-            return await self.engine.submit(ids, parsed, options, [rid] if rid else None)
+            return await self.engine.submit(ids, parsed, options, [rid] if rid else None, lora_path=adapter)
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.require_tokenizer().decode([token_id])

@@ -207,6 +207,18 @@ class GenerateRequestBody(_Body):
     token_ids_logprob: list[int] | None = None
     return_hidden_states: bool = False
     rid: str | list[str] | None = None
+    lora_path: str | list[str | None] | None = None  # a served LoRA adapter's name, or one per prompt
+
+
+class LoadLoRAAdapterRequest(_Body):
+    where = "/load_lora_adapter requests"
+    lora_name: str = Field(..., min_length=1)
+    lora_path: str = Field(..., min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    where = "/unload_lora_adapter requests"
+    lora_name: str = Field(..., min_length=1)
 
 
 class TokenizeRequest(_Body):

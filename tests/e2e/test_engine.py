@@ -201,3 +201,14 @@ def test_engine_in_a_script_without_main_guard_explains_itself(tmp_path):
     message = run.stderr[run.stderr.rindex(headline):]
     assert "if __name__ == '__main__':" in message.splitlines()[0]
     assert "current process has finished its bootstrapping phase" in message
+
+
+def test_an_adapter_without_lora_enabled_is_refused(engine):
+    from radixlm.errors import InvalidRequestError
+    from radixlm.lora import LoRAAdapterError
+
+    with pytest.raises(InvalidRequestError, match="LoRA adapter 'fr' requested, but this server serves no adapters"):
+        engine.generate("Hi", {"max_new_tokens": 2}, lora_path="fr")
+    with pytest.raises(LoRAAdapterError, match="need a server started with --enable-lora"):
+        engine.load_lora_adapter("fr", "/nowhere")
+    assert engine.generate("Hi", {"max_new_tokens": 2, "ignore_eos": True})["meta_info"]["completion_tokens"] == 2

@@ -1,12 +1,12 @@
 """An executor without a model, for scheduler tests that run in milliseconds (vLLM v1's model-free style).
 
 ``FakeWorker`` speaks the scheduler/executor contract (``launch`` / ``sample`` / ``result``) over real memory
-bookkeeping (``KVMemory``).  Its "model" is a pure function of a request's whole token sequence, so every request
-must get the same tokens however it is batched, chunked, cached, retracted or overlapped.  It also checks the
-scheduler's KV bookkeeping the way attention would read it: a shadow KV buffer records, for every slot, the
-token sequence its KV was computed for; each step checks that every slot a row reads (its cached prefix) holds
-the KV of exactly the tokens at those positions, and that the step's new slots are the ones mapped in
-``req_to_token``.
+bookkeeping (``KVMemory``).  Its "model" is a pure function of a request's LoRA adapter and whole token sequence,
+so every request must get the same tokens however it is batched, chunked, cached, retracted or overlapped.  It
+also checks the scheduler's KV bookkeeping the way attention would read it: a shadow KV buffer records, for every
+slot, the adapter and token sequence its KV was computed for; each step checks that every slot a row reads (its
+cached prefix) holds the KV of exactly the tokens at those positions under the row's adapter, and that the
+step's new slots are the ones mapped in ``req_to_token``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ from typing import Any
 import torch
 
 from radixlm.core import Batch, BatchResult
+from radixlm.lora import LoRAAdapterError
 from radixlm.mem import KVMemory
 
 VOCAB = 50
 EOS = 1
 
 
-def next_token(seq: tuple[int, ...]) -> int:
-    """The fake model: a deterministic function of the whole sequence, never the padding id 0."""
-    h = 7
+def next_token(seq: tuple[int, ...], adapter: str | None = None) -> int:
+    """The fake model: a deterministic function of the LoRA adapter and the whole sequence, never the padding
+    id 0."""
+    h = 7 if adapter is None else 11 + sum(map(ord, adapter))
     for t in seq:
         h = (h * 31 + t + 1) % 1_000_003
     return 2 + h % (VOCAB - 2)
@@ -37,6 +39,7 @@ def next_token(seq: tuple[int, ...]) -> int:
 class FakeLaunch:
     batch: Batch
     seqs: list[tuple[int, ...]]  # per row: the whole sequence up to its last new token
+    adapters: list[str | None]  # per row: its LoRA adapter
 
 
 class FakePending:
@@ -63,37 +66,40 @@ class FakeWorker:
         self.token_fn = token_fn
         self.batches: list[Batch] = []
         self.masks: list[Any] = []
-        self.kv: dict[int, tuple[int, ...]] = {}  # slot -> the token sequence whose last token's KV it holds
+        # slot -> (LoRA adapter, the token sequence whose last token's KV it holds)
+        self.kv: dict[int, tuple[str | None, tuple[int, ...]]] = {}
         self._prev: list[int] | None = None  # last step's sampled tokens, by row
+        self.adapters: dict[str, str] = {}  # loaded LoRA adapters: name -> path
 
     def launch(self, batch: Batch) -> FakeLaunch:
         self.batches.append(batch)
         if batch.mode.is_idle:
-            return FakeLaunch(batch, [])
+            return FakeLaunch(batch, [], [])
         table = self.memory.req_to_token_pool.req_to_token
         slots = batch.out_cache_loc.tolist()
         assert len(slots) == batch.num_tokens == sum(batch.extend_lens)
         ids = [t if t >= 0 else self._prev[-t - 1] for t in batch.input_ids]
+        adapters = batch.lora_names or [None] * len(batch.req_pool_indices)
         seqs, offset = [], 0
-        for row, prefix, ext in zip(batch.req_pool_indices, batch.prefix_lens, batch.extend_lens):
+        for row, prefix, ext, adapter in zip(batch.req_pool_indices, batch.prefix_lens, batch.extend_lens, adapters):
             mapped = table[row, : prefix + ext].tolist()
             assert mapped[prefix:] == slots[offset : offset + ext], "new slots differ from req_to_token"
-            seq = self.kv[mapped[prefix - 1]] if prefix else ()
-            for pos in range(prefix):  # what attention reads: the KV of exactly this sequence's tokens
-                assert self.kv.get(mapped[pos]) == seq[: pos + 1], f"slot {mapped[pos]} holds other KV"
+            seq = self.kv[mapped[prefix - 1]][1] if prefix else ()
+            for pos in range(prefix):  # what attention reads: the KV of exactly this sequence's tokens and adapter
+                assert self.kv.get(mapped[pos]) == (adapter, seq[: pos + 1]), f"slot {mapped[pos]} holds other KV"
             seq = seq + tuple(ids[offset : offset + ext])
             for i, slot in enumerate(slots[offset : offset + ext]):
                 assert slot != 0, "a real token wrote its KV to the padding slot"
-                self.kv[slot] = seq[: prefix + i + 1]
+                self.kv[slot] = (adapter, seq[: prefix + i + 1])
             seqs.append(seq)
             offset += ext
-        return FakeLaunch(batch, seqs)
+        return FakeLaunch(batch, seqs, adapters)
 
     def sample(self, launch: FakeLaunch, grammar_mask: Any = None) -> FakePending:
         self.masks.append(grammar_mask)
         tokens = []
-        for i, seq in enumerate(launch.seqs):
-            token = self.token_fn(seq)
+        for i, (seq, adapter) in enumerate(zip(launch.seqs, launch.adapters)):
+            token = self.token_fn(seq, adapter)
             if grammar_mask is not None and i in grammar_mask.rows:
                 token = _first_allowed(grammar_mask.bitmask[i], token)
             tokens.append(token)
@@ -102,6 +108,18 @@ class FakeWorker:
 
     def memory_used_bytes(self) -> int:
         return 0
+
+    def load_lora_adapter(self, name: str, path: str) -> dict:
+        """ModelWorker's contract over a dict of names: a path containing "bad" is a bad adapter."""
+        if "bad" in path:
+            raise LoRAAdapterError(f"LoRA adapter {name!r} at {path}: adapter_config.json is missing")
+        if name in self.adapters:
+            raise LoRAAdapterError(f"LoRA adapter {name!r} is already loaded")
+        self.adapters[name] = path
+        return {"name": name, "rank": 8, "target_modules": ["q_proj"]}
+
+    def unload_lora_adapter(self, name: str) -> None:
+        del self.adapters[name]  # KeyError if unknown, like ModelWorker
 
 
 def _first_allowed(bits: torch.Tensor, preferred: int) -> int:
@@ -170,11 +188,12 @@ def check_memory(sched) -> None:
     allocator = memory.allocator
     allocator.free_group_end()  # merge pending frees
     free = allocator._free_pages.tolist()
-    tree, stack = [], [sched.tree_cache.root_node]
+    cache = sched.tree_cache
+    tree, stack = [], [cache.root(ns) for ns in cache.namespaces()]
     while stack:
         node = stack.pop()
         stack.extend(node.children.values())
-        if node is not sched.tree_cache.root_node:
+        if node.parent is not None:
             tree += (node.value[::p] // p).tolist()
     live = [r for r in _live(sched) if r.req_pool_idx is not None]
     owned = []

@@ -3,12 +3,14 @@ real ``RequestValidator`` over a tokenizer whose token ids are characters; nothi
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 from typing import Any
 
 from radixlm.config import ServerArgs
 from radixlm.engine.engine import Engine
 from radixlm.engine.io_struct import SchedulerInfo
+from radixlm.engine.lora_registry import LoRARegistry
 from radixlm.engine.request_validator import RequestValidator
 from radixlm.metrics import MetricsCollector
 
@@ -41,6 +43,8 @@ class StubEngine:
     prepare = Engine.prepare
     require_tokenizer = Engine.require_tokenizer
     check_prompt_chars = Engine.check_prompt_chars
+    load_lora_adapter = Engine.load_lora_adapter  # nothing reaches a scheduler: refusals only
+    unload_lora_adapter = Engine.unload_lora_adapter
 
     def __init__(self, **args: Any) -> None:
         self.server_args = ServerArgs(device="cpu", attention_backend="torch_native", random_seed=0, **args)
@@ -51,6 +55,9 @@ class StubEngine:
                                   vocab_size=VOCAB)
         self.validator = RequestValidator(self.tokenizer, self.info, self.server_args.grammar_backend)
         self.validator.max_prompt_chars = CONTEXT_LENGTH  # one character per token
+        self.lora = LoRARegistry(self.server_args.enable_lora, self.server_args.lora_path_map())
+        self._lock = threading.RLock()
+        self._states: dict[str, Any] = {}
 
     def check_ready(self) -> None:
         pass
@@ -58,5 +65,5 @@ class StubEngine:
     def check_admitting(self) -> None:
         pass
 
-    async def submit(self, *args: Any) -> list:
+    async def submit(self, *args: Any, **kwargs: Any) -> list:
         raise AssertionError("no scheduler behind this stub")

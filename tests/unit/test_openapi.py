@@ -18,7 +18,9 @@ from radixlm.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     GenerateRequestBody,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 
 BODIES = {
@@ -28,6 +30,8 @@ BODIES = {
     "/v1/detokenize": (DetokenizeRequest, True, ["tokens"]),
     "/generate": (GenerateRequestBody, False, []),
     "/abort_request": (AbortRequestBody, False, []),
+    "/load_lora_adapter": (LoadLoRAAdapterRequest, True, ["lora_name", "lora_path"]),
+    "/unload_lora_adapter": (UnloadLoRAAdapterRequest, True, ["lora_name"]),
 }
 
 

@@ -212,6 +212,62 @@ def test_locked_inner_node_survives_while_children_go() -> None:
     assert cache.evict(1) == 2 and allocator.available_size() == 64
 
 
+def test_namespaces_never_share_and_evict_together() -> None:
+    """The same tokens under the base model and two adapters are three entries with their own slots; locks,
+    sizes and LRU eviction span the namespaces."""
+    cache, allocator, _ = make_cache()
+    assert cache.insert([1, 2, 3], slots(1, 2, 3)) == 0
+    assert cache.insert([1, 2, 3], slots(4, 5, 6), "a") == 0  # nothing of the base model counts as cached
+    assert cache.insert([1, 2, 9], slots(7, 8, 9), "a") == 2  # ...but the adapter's own prefix does
+    assert as_list(cache.match_prefix([1, 2, 3]).device_indices) == [1, 2, 3]
+    assert as_list(cache.match_prefix([1, 2, 3, 4], "a").device_indices) == [4, 5, 6]
+    miss = cache.match_prefix([1, 2, 3], "b")
+    assert miss.device_indices.numel() == 0 and miss.last_node is cache.root("b") is not cache.root_node
+    assert cache.namespaces() == [None, "a", "b"] and cache.total_size() == 7
+    node = cache.match_prefix([1, 2], "a").last_node
+    assert cache.inc_lock_ref(node) == 2 and (cache.protected_size(), cache.evictable_size()) == (2, 5)
+    cache.match_prefix([1, 2, 9], "a")  # the base model's [1, 2, 3] is now the least recently used
+    assert cache.evict(1) == 3 and cache.match_prefix([1, 2, 3]).device_indices.numel() == 0
+    assert cache.evict(100) == 2 and cache.total_size() == 2  # the adapter's locked [1, 2] stays
+    cache.dec_lock_ref(node)
+    assert cache.flush() and cache.namespaces() == [None]
+
+
+def test_drop_namespace_frees_only_that_adapter() -> None:
+    cache, allocator, _ = make_cache(size=16)
+    cache.insert([1, 2], allocator.alloc(2))
+    cache.insert([1, 2, 3], allocator.alloc(3), "a")
+    cache.insert([1, 2], allocator.alloc(2), "b")
+    node = cache.match_prefix([1, 2, 3], "a").last_node
+    cache.inc_lock_ref(node)
+    with pytest.raises(RuntimeError, match="cannot drop namespace 'a': a request still holds its prefix"):
+        cache.drop_namespace("a")
+    cache.dec_lock_ref(node)
+    assert cache.drop_namespace("a") == 3 and cache.drop_namespace("unknown") == 0
+    assert allocator.available_size() == 12 and cache.total_size() == cache.evictable_size() == 4
+    assert cache.namespaces() == [None, "b"]
+    assert cache.match_prefix([1, 2, 3], "a").device_indices.numel() == 0  # a fresh, empty tree
+    assert cache.match_prefix([1, 2], "b").device_indices.numel() == 2
+
+
+def test_request_helpers_use_the_request_adapter() -> None:
+    cache, allocator, pool = make_cache()
+    base = start_req(cache, allocator, pool, [5, 6, 7])
+    cache.cache_finished_req(base)
+    req = Req(rid="lora", origin_input_ids=[5, 6, 7], sampling_params=SamplingParams(), lora_name="a")
+    (req.req_pool_idx,) = pool.alloc(1)
+    match = cache.match_prefix(req.all_ids(), req.lora_name)
+    assert match.device_indices.numel() == 0  # the base model's KV is not the adapter's
+    req.prefix_indices, req.last_node = match.device_indices, match.last_node
+    pool.write(req.req_pool_idx, 0, allocator.alloc(3))
+    req.kv_len = 3
+    cache.cache_unfinished_req(req)
+    assert path_key(req.last_node) == [5, 6, 7] and req.last_node.lock_ref == 1
+    assert cache.match_prefix([5, 6, 7]).last_node is not req.last_node
+    cache.cache_finished_req(req)
+    assert cache.total_size() == cache.evictable_size() == 6 and allocator.available_size() == 58
+
+
 def test_request_lifecycle_frees_duplicates_and_moves_locks() -> None:
     cache, allocator, pool = make_cache()
     r1 = start_req(cache, allocator, pool, [1, 2, 3, 4], outputs=(5,), kv_len=4)

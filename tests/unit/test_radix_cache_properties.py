@@ -7,11 +7,12 @@ a failure shrinks to a minimal sequence of request lifecycle steps.
   ``RadixCache`` + ``TokenToKVPoolAllocator`` + ``ReqToTokenPool`` like the scheduler does: admit a request
   (match ``all_ids()[:-1]``, lock, take a row, allocate the uncached part -- evicting first if short), prefill
   chunks followed by ``cache_unfinished_req``, decode steps, ``cache_finished_req``, retraction and re-admission,
-  ``evict``, ``flush``, ``reset``, locks held outside any request, and speculative steps whose rejected
-  draft tokens' KV is rolled back.  After every step the invariants check
-  the slot partition, the size counters, lock counts, that locked prefixes survive, and -- through a shadow of
-  the KV buffer that records which token prefix each slot's KV was computed for -- that every slot the tree or a
-  request reads holds the KV of exactly the tokens it stands for.
+  ``evict``, ``flush``, ``reset``, ``drop_namespace``, locks held outside any request, and speculative steps
+  whose rejected draft tokens' KV is rolled back.  Requests run under a namespace (a LoRA adapter, or None for
+  the base model).  After every step the invariants check the slot partition, the size counters, lock counts,
+  that locked prefixes survive, and -- through a shadow of the KV buffer that records which namespace and token
+  prefix each slot's KV was computed for -- that every slot the tree or a request reads holds the KV of exactly
+  the tokens AND the adapter it stands for (KV is never shared across namespaces).
 * Two ``@given`` tests check ``insert``/``match_prefix`` against brute force over plain token sequences.
 
 Needs ``hypothesis`` (add it to the ``test`` extra of pyproject.toml).
@@ -40,18 +41,19 @@ ALPHABET = 3  # token ids 0..2: short random sequences share prefixes often
 # A token sequence: (which earlier sequence to start from, how much of it to keep, fresh tokens to append).
 seq_specs = st.tuples(st.integers(0, 7), st.integers(0, 40), st.lists(st.integers(0, ALPHABET - 1), max_size=12))
 picks = st.integers(0, 15)  # chooses among the live requests / external locks, modulo their number
+namespaces = st.sampled_from([None, None, "a", "b"])  # the base model and two adapters
 
 
 def aligned(n: int, p: int) -> int:
     return n - n % p
 
 
-def walk_match(cache: RadixCache, key: list[int]) -> list[int]:
-    """Slots of the longest cached whole-page prefix of ``key``, found without touching the tree (no split, no
-    access-time update): an independent reimplementation of ``match_prefix``'s result."""
+def walk_match(cache: RadixCache, key: list[int], namespace: str | None = None) -> list[int]:
+    """Slots of the longest whole-page prefix of ``key`` cached in ``namespace``, found without touching the tree
+    (no split, no access-time update): an independent reimplementation of ``match_prefix``'s result."""
     p = cache.page_size
     key = key[: aligned(len(key), p)]
-    node, pos, out = cache.root_node, 0, []
+    node, pos, out = cache.root(namespace), 0, []
     while pos < len(key):
         child = node.children.get(key[pos] if p == 1 else tuple(key[pos : pos + p]))
         if child is None:
@@ -68,22 +70,23 @@ def walk_match(cache: RadixCache, key: list[int]) -> list[int]:
     return out
 
 
-def tree_nodes(cache: RadixCache) -> list[tuple[TreeNode, tuple[int, ...]]]:
-    """Every non-root node with the tokens spelled by the path from the root to its parent."""
-    out, stack = [], [(cache.root_node, ())]
+def tree_nodes(cache: RadixCache) -> list[tuple[TreeNode, str | None, tuple[int, ...]]]:
+    """Every non-root node of every namespace with its namespace and the tokens spelled by the path from its
+    root to its parent."""
+    out, stack = [], [(cache.root(ns), ns, ()) for ns in cache.namespaces()]
     while stack:
-        node, path = stack.pop()
+        node, ns, path = stack.pop()
         for child in node.children.values():
-            out.append((child, path))
-            stack.append((child, path + tuple(child.key)))
+            out.append((child, ns, path))
+            stack.append((child, ns, path + tuple(child.key)))
     return out
 
 
-def tree_map(cache: RadixCache) -> dict[tuple[int, ...], tuple[int, ...]]:
-    """Whole-page token prefix -> KV slots of its last page, for every cached page."""
+def tree_map(cache: RadixCache) -> dict[tuple[str | None, tuple[int, ...]], tuple[int, ...]]:
+    """(namespace, whole-page token prefix) -> KV slots of its last page, for every cached page."""
     p = cache.page_size
-    return {path + tuple(node.key[: i + p]): tuple(node.value[i : i + p].tolist())
-            for node, path in tree_nodes(cache) for i in range(0, len(node.key), p)}
+    return {(ns, path + tuple(node.key[: i + p])): tuple(node.value[i : i + p].tolist())
+            for node, ns, path in tree_nodes(cache) for i in range(0, len(node.key), p)}
 
 
 # ------------------------------------------------------------------------------------------ stateful lifecycle
@@ -101,9 +104,11 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         self.cache, self.alloc, self.pool = make_cache(self.POOL_SIZE, self.PAGE_SIZE, self.ROWS, self.MAX_CTX)
         self.live: list[Req] = []
         self.waiting: list[Req] = []  # retracted requests (outputs kept), to be admitted again
-        self.ext_locks: list[tuple[TreeNode, list[int], list[int]]] = []  # (node, its path tokens, its slots)
+        # (node, its namespace, its path tokens, its slots)
+        self.ext_locks: list[tuple[TreeNode, str | None, list[int], list[int]]] = []
         self.history: list[list[int]] = [[]]  # sequences seen so far, to build prompts that share prefixes
-        self.kv: dict[int, tuple[int, ...]] = {}  # shadow KV buffer: slot -> token prefix its KV was computed for
+        # shadow KV buffer: slot -> (namespace, token prefix) its KV was computed for
+        self.kv: dict[int, tuple[str | None, tuple[int, ...]]] = {}
         self.num_reqs = 0
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -148,22 +153,22 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         self.pool.write(req.req_pool_idx, req.kv_len, fresh)
         ids = req.all_ids()
         for pos, slot in enumerate(fresh.tolist(), start=req.kv_len):
-            self.kv[slot] = tuple(ids[: pos + 1])
+            self.kv[slot] = (req.lora_name, tuple(ids[: pos + 1]))
         req.kv_len = target
         return True
 
-    def tree_slots(self, tokens: list[int]) -> list[int]:
-        got = walk_match(self.cache, tokens)
+    def tree_slots(self, tokens: list[int], namespace: str | None) -> list[int]:
+        got = walk_match(self.cache, tokens, namespace)
         assert len(got) == len(tokens), "tokens expected to be cached in full"
         return got
 
     # -------------------------------------------------------------------------------------------- rules
 
-    @initialize(warmup=st.lists(st.tuples(seq_specs, st.integers(1, 4)), max_size=4))
+    @initialize(warmup=st.lists(st.tuples(seq_specs, namespaces, st.integers(1, 4)), max_size=4))
     def warm_up(self, warmup) -> None:
         """Start from a populated tree: run a few requests to completion (prefill plus some decoded tokens)."""
-        for spec, num_out in warmup:
-            self.admit(spec, readmit=False, use_cache=1, chunk=40)
+        for spec, ns, num_out in warmup:
+            self.admit(spec, ns, readmit=False, use_cache=1, chunk=40)
             if self.live and self.live[-1].rid == f"r{self.num_reqs - 1}":
                 req = self.live[-1]
                 req.output_ids += [t % ALPHABET for t in range(num_out)]
@@ -171,21 +176,24 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
                 self.finish(len(self.live) - 1, retract=False)
 
     @precondition(lambda self: self.pool.available_size() > 0)
-    @rule(spec=seq_specs, readmit=st.booleans(), use_cache=st.integers(0, 4), chunk=st.integers(1, 16))
-    def admit(self, spec, readmit: bool, use_cache: int, chunk: int) -> None:
-        """Admit a new (or a retracted) request and run its first prefill chunk; skip it if memory is short."""
+    @rule(spec=seq_specs, ns=namespaces, readmit=st.booleans(), use_cache=st.integers(0, 4),
+          chunk=st.integers(1, 16))
+    def admit(self, spec, ns: str | None, readmit: bool, use_cache: int, chunk: int) -> None:
+        """Admit a new (or a retracted) request of adapter ``ns`` and run its first prefill chunk; skip it if
+        memory is short."""
         if readmit and self.waiting:
             req = self.waiting.pop(0)
         else:
             prompt = self.make_key(spec) or [spec[0] % ALPHABET]
-            req = Req(rid=f"r{self.num_reqs}", origin_input_ids=prompt, sampling_params=SamplingParams())
+            req = Req(rid=f"r{self.num_reqs}", origin_input_ids=prompt, sampling_params=SamplingParams(),
+                      lora_name=ns)
             self.num_reqs += 1
         (req.req_pool_idx,) = self.pool.alloc(1)
         if use_cache:  # 1 in 5 requests computes everything itself (its duplicates are freed on insert)
-            match = self.cache.match_prefix(req.all_ids()[:-1])
+            match = self.cache.match_prefix(req.all_ids()[:-1], req.lora_name)
             n = match.device_indices.numel()
             assert n % self.p == 0
-            assert match.device_indices.tolist() == walk_match(self.cache, req.all_ids()[:n])
+            assert match.device_indices.tolist() == walk_match(self.cache, req.all_ids()[:n], req.lora_name)
             assert path_key(match.last_node) == req.all_ids()[:n]
             before = self.cache.protected_size()
             delta = self.cache.inc_lock_ref(match.last_node)
@@ -249,17 +257,17 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         self.cache_unfinished(self.pick(self.live, i))
 
     def cache_unfinished(self, req: Req) -> None:
-        tokens, row, old_prefix = req.all_ids(), self.row(req), req.prefix_indices.numel()
+        tokens, row, old_prefix, ns = req.all_ids(), self.row(req), req.prefix_indices.numel(), req.lora_name
         a = aligned(req.kv_len, self.p)
-        already = len(walk_match(self.cache, tokens[:a]))
+        already = len(walk_match(self.cache, tokens[:a], ns))
         assert already >= old_prefix
-        expected = walk_match(self.cache, tokens[:already]) + row[already:a]
+        expected = walk_match(self.cache, tokens[:already], ns) + row[already:a]
         free_before = self.alloc.available_size()
         self.cache.cache_unfinished_req(req)
-        assert req.prefix_indices.tolist() == expected == self.tree_slots(tokens[:a])
+        assert req.prefix_indices.tolist() == expected == self.tree_slots(tokens[:a], ns)
         assert self.row(req) == expected + row[a:]  # duplicates replaced by the tree's slots, the tail kept
         assert path_key(req.last_node) == tokens[:a]
-        assert req.last_node.lock_ref > 0 or (a == 0 and req.last_node is self.cache.root_node)
+        assert req.last_node.lock_ref > 0 or (a == 0 and req.last_node is self.cache.root(ns))
         assert self.alloc.available_size() == free_before + already - old_prefix
 
     @precondition(lambda self: self.live)
@@ -268,15 +276,16 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         """Finish the request, or retract it (its KV goes to the cache and it waits to be admitted again)."""
         req = self.pick(self.live, i)
         tokens, row, prefix_len, kv_len = req.all_ids(), self.row(req), req.prefix_indices.numel(), req.kv_len
+        ns = req.lora_name
         a = aligned(kv_len, self.p)
-        already = len(walk_match(self.cache, tokens[:a]))
+        already = len(walk_match(self.cache, tokens[:a], ns))
         assert already >= prefix_len
-        expected = walk_match(self.cache, tokens[:already]) + row[already:a]
+        expected = walk_match(self.cache, tokens[:already], ns) + row[already:a]
         free_before, rows_before = self.alloc.available_size(), self.pool.available_size()
         self.cache.cache_finished_req(req)
         self.live.remove(req)
         assert req.req_pool_idx is None and self.pool.available_size() == rows_before + 1
-        assert self.tree_slots(tokens[:a]) == expected
+        assert self.tree_slots(tokens[:a], ns) == expected
         tail = self.p if kv_len > a else 0
         assert self.alloc.available_size() == free_before + already - prefix_len + tail
         self.history.append(tokens)
@@ -289,7 +298,7 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         free_before, evictable, protected = (self.alloc.available_size(), self.cache.evictable_size(),
                                              self.cache.protected_size())
         before = tree_map(self.cache)
-        nodes_before = {node.id: node for node, _ in tree_nodes(self.cache)}
+        nodes_before = {node.id: node for node, _, _ in tree_nodes(self.cache)}
         evicted = self.cache.evict(n)
         assert evicted % self.p == 0
         assert min(n, evictable) <= evicted <= evictable
@@ -299,13 +308,13 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         assert (len(before) - len(after)) * self.p == evicted and after.items() <= before.items()
         # Least recently used first: nothing evicted is newer than an unlocked leaf that stays.
         remaining = tree_nodes(self.cache)
-        gone = nodes_before.keys() - {node.id for node, _ in remaining}
+        gone = nodes_before.keys() - {node.id for node, _, _ in remaining}
         assert all(nodes_before[i].lock_ref == 0 for i in gone)
         if gone:  # overshoots n by less than one node
             assert evicted - max(len(nodes_before[i].key) for i in gone) < n
             newest_gone = max(nodes_before[i].last_access_time for i in gone)
             assert all(node.last_access_time >= newest_gone
-                       for node, _ in remaining if not node.children and node.lock_ref == 0)
+                       for node, _, _ in remaining if not node.children and node.lock_ref == 0)
 
     @rule()
     def flush(self) -> None:
@@ -314,7 +323,8 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         flushed = self.cache.flush()
         assert flushed == (protected == 0)
         if flushed:
-            assert self.cache.total_size() == 0 and not self.cache.root_node.children
+            assert self.cache.total_size() == 0 and self.cache.namespaces() == [None]
+            assert not self.cache.root_node.children
             assert self.alloc.available_size() == free_before + total
         else:
             assert self.cache.total_size() == total
@@ -327,31 +337,51 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         self.alloc.clear()
         assert self.cache.total_size() == 0 and self.alloc.available_size() == self.POOL_SIZE
 
+    @rule(ns=st.sampled_from(["a", "b"]))
+    def drop_namespace(self, ns: str) -> None:
+        """Drop an adapter's tree (its adapter is unloaded): refused while a node of it is locked; else its
+        every page is freed and the other namespaces are untouched."""
+        before, free_before = tree_map(self.cache), self.alloc.available_size()
+        locked = any(n.lock_ref > 0 for n, node_ns, _ in tree_nodes(self.cache) if node_ns == ns)
+        if locked:
+            with pytest.raises(RuntimeError, match=f"cannot drop namespace '{ns}'"):
+                self.cache.drop_namespace(ns)
+            assert tree_map(self.cache) == before
+            return
+        freed = self.cache.drop_namespace(ns)
+        kept = {k: v for k, v in before.items() if k[0] != ns}
+        assert tree_map(self.cache) == kept and freed == (len(before) - len(kept)) * self.p
+        assert self.alloc.available_size() == free_before + freed
+        assert ns not in self.cache.namespaces()
+        for req in self.live:
+            if req.lora_name == ns and req.last_node is not None:
+                req.last_node = None  # it matched nothing (the dropped root): nothing it holds is locked
+
     @precondition(lambda self: len(self.ext_locks) < 4)
-    @rule(spec=seq_specs)
-    def lock_external(self, spec) -> None:
+    @rule(spec=seq_specs, ns=namespaces)
+    def lock_external(self, spec, ns: str | None) -> None:
         key = self.make_key(spec)
-        match = self.cache.match_prefix(key)
+        match = self.cache.match_prefix(key, ns)
         n = match.device_indices.numel()
         before = self.cache.protected_size()
         delta = self.cache.inc_lock_ref(match.last_node)
         assert delta >= 0 and self.cache.protected_size() == before + delta
-        self.ext_locks.append((match.last_node, key[:n], match.device_indices.tolist()))
+        self.ext_locks.append((match.last_node, ns, key[:n], match.device_indices.tolist()))
 
     @precondition(lambda self: self.ext_locks)
     @rule(i=picks)
     def unlock_external(self, i: int) -> None:
-        node, _, _ = self.ext_locks.pop(i % len(self.ext_locks))
+        node, _, _, _ = self.ext_locks.pop(i % len(self.ext_locks))
         before = self.cache.protected_size()
         delta = self.cache.dec_lock_ref(node)
         assert delta <= 0 and self.cache.protected_size() == before + delta
 
-    @rule(spec=seq_specs)
-    def probe_match(self, spec) -> None:
+    @rule(spec=seq_specs, ns=namespaces)
+    def probe_match(self, spec, ns: str | None) -> None:
         """match_prefix == the pure walk; its split leaves the token -> slot map unchanged."""
         key = self.make_key(spec)
-        before, expected = tree_map(self.cache), walk_match(self.cache, key)
-        match = self.cache.match_prefix(key)
+        before, expected = tree_map(self.cache), walk_match(self.cache, key, ns)
+        match = self.cache.match_prefix(key, ns)
         assert match.device_indices.tolist() == expected and len(expected) % self.p == 0
         assert path_key(match.last_node) == key[: len(expected)]
         assert tree_map(self.cache) == before
@@ -361,11 +391,11 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
     @invariant()
     def tree_structure_and_sizes(self) -> None:
         walked = [0, 0]  # tokens in [unlocked, locked] nodes
-        for node, _ in tree_nodes(self.cache):
+        for node, ns, _ in tree_nodes(self.cache):
             parent = node.parent
             assert len(node.key) == node.value.numel() > 0 and len(node.key) % self.p == 0
             assert parent.children[node.key[0] if self.p == 1 else tuple(node.key[: self.p])] is node
-            if parent is not self.cache.root_node:  # a path is locked and touched as a whole
+            if parent is not self.cache.root(ns):  # a path is locked and touched as a whole
                 assert parent.lock_ref >= node.lock_ref and parent.last_access_time >= node.last_access_time
             assert node.lock_ref >= 0
             vals = node.value.tolist()
@@ -384,7 +414,7 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         assert free is not None and free.numel() == n
         self.alloc.free(free)
         owners: Counter[int] = Counter(s // self.p for s in free[:: self.p].tolist())
-        for node, _ in tree_nodes(self.cache):
+        for node, _, _ in tree_nodes(self.cache):
             owners.update(s // self.p for s in node.value.tolist()[:: self.p])
         for req in self.live:
             owners.update({s // self.p for s in self.row(req)[req.prefix_indices.numel() :]})
@@ -397,7 +427,7 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         for req in self.live:
             # Another request may have cached a longer prefix, never a shorter one.
             prefix_len = req.prefix_indices.numel()
-            got = self.cache.match_prefix(req.all_ids()).device_indices
+            got = self.cache.match_prefix(req.all_ids(), req.lora_name).device_indices
             assert got.numel() >= prefix_len and got.numel() % self.p == 0
             assert got[:prefix_len].tolist() == req.prefix_indices.tolist()
 
@@ -405,27 +435,29 @@ class RadixLifecycleMachine(RuleBasedStateMachine):
         for req in self.live:
             tokens, prefix_len = req.all_ids(), req.prefix_indices.numel()
             assert prefix_len % self.p == 0 and prefix_len <= req.kv_len
-            assert self.row(req)[:prefix_len] == req.prefix_indices.tolist() == self.tree_slots(tokens[:prefix_len])
+            assert (self.row(req)[:prefix_len] == req.prefix_indices.tolist()
+                    == self.tree_slots(tokens[:prefix_len], req.lora_name))
             if req.last_node is not None:
                 assert path_key(req.last_node) == tokens[:prefix_len]
-            # Every slot the request reads holds the KV of exactly its tokens up to that position.
+            # Every slot the request reads holds the KV of exactly its tokens up to that position, under its adapter.
             for pos, slot in enumerate(self.row(req)):
-                assert self.kv.get(slot) == tuple(tokens[: pos + 1]), f"{req.rid} pos {pos} slot {slot}"
-        for node, tokens, slots in self.ext_locks:
-            assert path_key(node) == tokens and self.tree_slots(tokens) == slots
+                assert self.kv.get(slot) == (req.lora_name, tuple(tokens[: pos + 1])), f"{req.rid} pos {pos}"
+        for node, ns, tokens, slots in self.ext_locks:
+            assert path_key(node) == tokens and self.tree_slots(tokens, ns) == slots
 
     @invariant()
     def lock_refs_and_cached_kv(self) -> None:
         expected: Counter[int] = Counter()
-        for node in [r.last_node for r in self.live if r.last_node is not None] + [n for n, _, _ in self.ext_locks]:
-            while node is not self.cache.root_node:
+        locks = [r.last_node for r in self.live if r.last_node is not None] + [n for n, _, _, _ in self.ext_locks]
+        for node in locks:
+            while node.parent is not None:
                 expected[node.id] += 1
                 node = node.parent
-        for node, path in tree_nodes(self.cache):
+        for node, ns, path in tree_nodes(self.cache):
             assert node.lock_ref == expected[node.id], f"{node!r}: expected lock_ref {expected[node.id]}"
             full = path + tuple(node.key)
             for j, slot in enumerate(node.value.tolist()):
-                assert self.kv.get(slot) == full[: len(path) + j + 1], f"tree slot {slot} holds foreign KV"
+                assert self.kv.get(slot) == (ns, full[: len(path) + j + 1]), f"tree slot {slot} holds foreign KV"
 
     def teardown(self) -> None:
         """Release everything; the pool must then be whole again.  Skipped after a failed step (hypothesis runs
