@@ -8,6 +8,10 @@ row base-only).  ``base (LoRA off)`` is the same batch on a worker started witho
     python bench/lora_bench.py --model-path llama-3.1-8b --load-format dummy --ranks 16 64 \
         --num-adapters 0 1 4 16 --batch-size 1 32 128 --input-len 256 --output-len 32
 
+``--offline-prompts N`` also times the ``Engine`` (scheduler, radix cache, CUDA graphs) on N random prompts of
+--input-len tokens and --output-len outputs, prompt i under adapter i % n of the first rank's adapters, against
+the same prompts on an Engine without LoRA: the issue's offline throughput.
+
 The pool has max(--max-loras-per-batch, the largest --num-adapters) slots at --max-lora-rank (default: the
 largest --ranks): a rank-16 adapter in a rank-64 pool reads only its 16 columns.
 """
@@ -104,6 +108,41 @@ def cold_load(worker: ModelWorker, name: str, path: str) -> tuple[float, float]:
     return load, first - warm
 
 
+def run_offline(base_args: ServerArgs, path: str, rank: int, counts: list[int], num_prompts: int, input_len: int,
+                output_len: int) -> list[tuple[str, float, float]]:
+    """(configuration, seconds, output tok/s) of the Engine on ``num_prompts`` random prompts: without LoRA, then
+    with ``max(counts)`` names for the adapter at ``path`` and prompt i under name i % n for each n in ``counts``
+    (0: all base)."""
+    from radixlm.engine.engine import Engine
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, 30000, (num_prompts, input_len), generator=g).tolist()
+    params = {"max_new_tokens": output_len, "temperature": 0.0, "ignore_eos": True}
+    slots = max(max(counts), 1)
+    names = [f"r{rank}-{i}" for i in range(slots)]
+    rows = []
+
+    def timed(engine: Engine, label: str, lora_path: list[str | None] | None) -> None:
+        engine.flush_cache()
+        start = time.perf_counter()
+        outs = engine.generate(input_ids=prompts, sampling_params=params, lora_path=lora_path)
+        seconds = time.perf_counter() - start
+        rows.append((label, seconds, sum(o["meta_info"]["completion_tokens"] for o in outs) / seconds))
+
+    common = dict(vars(base_args), skip_tokenizer_init=True)
+    with Engine(**{**common, "enable_lora": False, "lora_paths": None}) as engine:
+        engine.generate(input_ids=prompts[:2], sampling_params=params)  # warm-up
+        timed(engine, "Engine, LoRA off", None)
+    lora_paths = tuple(f"{n}={path}" for n in names)
+    with Engine(**{**common, "enable_lora": True, "lora_paths": lora_paths, "max_loras_per_batch": slots,
+                   "max_lora_rank": rank}) as engine:
+        engine.generate(input_ids=prompts[:2], sampling_params=params, lora_path=names[:2])  # warm-up
+        for n in counts:
+            label = "Engine, base rows (LoRA on)" if n == 0 else f"Engine, rank {rank}, {n} adapter{'s' * (n > 1)}"
+            timed(engine, label, [names[i % n] if n else None for i in range(num_prompts)])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ServerArgs.add_cli_args(parser)
@@ -115,6 +154,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--adapter-dir", default=os.path.join(tempfile.gettempdir(), "radixlm-bench-adapters"))
     parser.add_argument("--skip-base", action="store_true", help="do not time the LoRA-disabled worker")
+    parser.add_argument("--offline-prompts", type=int, default=0, help="also time the Engine on this many prompts")
+    parser.add_argument("--skip-steps", action="store_true", help="only the Engine (with --offline-prompts)")
     args = parser.parse_args()
     base_args = ServerArgs.from_cli_args(args)
     cfg = resolve_model_config(base_args)
@@ -125,6 +166,15 @@ def main() -> None:
              for r in args.ranks}
     print(f"adapters written/found in {time.perf_counter() - t:.1f} s: {paths}")
 
+    if args.offline_prompts:
+        rows = run_offline(base_args, paths[args.ranks[0]], args.ranks[0], args.num_adapters, args.offline_prompts,
+                           args.input_len, args.output_len)
+        print(f"\noffline: {args.offline_prompts} prompts, input {args.input_len}, output {args.output_len}")
+        print(f"{'configuration':<32} {'seconds':>8} {'output tok/s':>13} {'vs LoRA off':>12}")
+        for label, seconds, tps in rows:
+            print(f"{label:<32} {seconds:>8.2f} {tps:>13.1f} {(tps / rows[0][2] - 1) * 100:>+11.1f} %")
+    if args.skip_steps:
+        return
     results: dict[tuple[str, int], tuple[float, float]] = {}  # (config, batch) -> (prefill s, decode s/step)
     if not args.skip_base:
         worker = ModelWorker(ModelRunner(base_args.replace(enable_lora=False), cfg))

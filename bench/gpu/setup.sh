@@ -3,7 +3,8 @@
 # --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VER`):
 # pyzmq 27.3.0, fastapi 0.165.0, starlette 1.10.0, uvicorn 0.54.0, sniffio 1.3.1, pydantic 2.14.4,
 # pydantic_core 2.50.5, typing_inspection 0.4.5, typing_extensions 4.16.0, annotated_types 0.8.0,
-# opentelemetry_api 1.45.2, xgrammar 0.2.9, apache_tvm_ffi 0.1.15.post2 (the H200 image has h11, anyio, idna,
+# opentelemetry_api 1.45.2, xgrammar 0.2.9, apache_tvm_ffi 0.1.15.post2, and for the LoRA tests peft 0.21.2, accelerate
+# 1.16.0, psutil, pyyaml (the H200 image has h11, anyio, idna,
 # click, annotated_doc, pytest, hypothesis, prometheus-client).  Call `run` with carry [".whl", ".carry"].
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || return 1
