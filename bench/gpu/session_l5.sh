@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # GPU run L5 (one H200, ~7 minutes; L4 again: its decode table ran out of memory with two workers in one process,
-# its offline runs were single): multi-LoRA serving end to end (issue #22): the LoRA GPU tests (kernels, the
-# decode graphs with adapters against eager, incl. the adapter-sorted layout), then Llama-3.1-8B (random weights)
+# its offline runs were single; the tests are L4's): multi-LoRA serving end to end (issue #22): Llama-3.1-8B (random weights)
 # with random rank-16/64 adapters on all seven projections: decode ms/step and prefill with 0/1/4/16 adapters at
 # batch 1/32/128 against base-only, the cold adapter load, and the Engine's offline throughput.
 #   bash bench/gpu/session_l5.sh     (GPU machine, repository root; carry .whl and .carry)
