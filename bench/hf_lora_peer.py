@@ -1,6 +1,6 @@
 """The peer for multi-LoRA decode: HF transformers + peft ``generate`` on a batch whose rows run different
-adapters (peft's ``adapter_names``: each LoRA layer loops over the adapters of the batch), against the same model with the
-adapters disabled.  Greedy, dynamic KV cache, random prompts; ms/token of the whole generate (prefill included,
+adapters (peft's ``adapter_names``: each LoRA layer loops over the adapters of the batch), against the same model
+with the adapters disabled.  Greedy, dynamic KV cache, random prompts; ms/token of the whole generate (prefill included,
 a few percent of it at these lengths).
 
 The adapters are bench/lora_bench.py's random PEFT directories (``write_random_adapter``: every projection, one
