@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU run L7 (one H200, ~3 minutes): the LoRA kernels with vectorizable loads (the B pool stored as B^T, N
-# contiguous; the shrink's K mask dropped when K is a multiple of the K tile; tmp read without the runtime rank
-# mask): their tests, the per-projection table at 1 and 128 tokens, and Llama-3.1-8B decode with 16 rank-16
-# adapters against base rows.
+# GPU run L7 (one H200, ~3 minutes), at commit 314e816 (since reverted: no gain): the LoRA kernels with
+# vectorizable loads (the B pool stored as B^T, N contiguous; the shrink's K mask dropped when K is a multiple of
+# the K tile; tmp read without the runtime rank mask): their tests, the per-projection table at 1 and 128 tokens,
+# and Llama-3.1-8B decode with 16 rank-16 adapters in a rank-16 pool against base rows.
 #   bash bench/gpu/session_l7.sh     (GPU machine, repository root; carry .whl and .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
