@@ -44,7 +44,7 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
     x = torch.randn(tokens, shape.k, device=device, dtype=dtype, generator=gen)
     a_pool = torch.randn(NUM_SLOTS, num_slices * max_rank, shape.k, device=device, dtype=dtype,
                          generator=gen) / shape.k**0.5
-    b_pool = torch.randn(NUM_SLOTS, max_rank, n_total, device=device, dtype=dtype, generator=gen) / rank**0.5
+    b_pool = torch.randn(NUM_SLOTS, n_total, max_rank, device=device, dtype=dtype, generator=gen) / rank**0.5
     ranks = torch.full((NUM_SLOTS,), rank, dtype=torch.int32, device=device)
     scalings = torch.full((NUM_SLOTS,), 2.0, dtype=torch.float32, device=device)
     offsets = torch.tensor([0] + [sum(shape.widths[:i + 1]) for i in range(num_slices)], dtype=torch.int32,

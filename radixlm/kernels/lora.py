@@ -5,8 +5,7 @@ weights gathered from a pool of slots, all segments in one launch.
 Adapter pool (one per target projection; a merged projection's slices, q/k/v or gate/up, share it):
 
     a_pool   [num_slots, num_slices * max_rank, K]   rows [s * max_rank, s * max_rank + rank) are slice s's A
-    b_pool   [num_slots, max_rank, N_total]           B^T: columns [offsets[s], offsets[s + 1]) are slice s's
-                                                      (N contiguous: the expand's loads vectorize along it)
+    b_pool   [num_slots, N_total, max_rank]           rows [offsets[s], offsets[s + 1]) are slice s's B
     ranks    [num_slots] int32                        a slot's rank (<= max_rank); the kernels read no A/B entry
                                                       beyond it, so the padding need not be zero.  Rank 0: the
                                                       slot's adapter leaves this projection alone; its tokens are
@@ -64,7 +63,7 @@ class LoraWeights(NamedTuple):
     """One projection's adapter pool (module docstring), in ``apply_lora``'s argument order."""
 
     a_pool: torch.Tensor  # [num_slots, num_slices * max_rank, K]
-    b_pool: torch.Tensor  # [num_slots, max_rank, N_total] (B^T)
+    b_pool: torch.Tensor  # [num_slots, N_total, max_rank]
     ranks: torch.Tensor  # [num_slots] int32
     scalings: torch.Tensor  # [num_slots] float32
     slice_offsets: torch.Tensor  # [num_slices + 1] int32
@@ -202,7 +201,7 @@ def lora_shrink(
 
 def lora_expand(
     tmp: torch.Tensor,  # [split_k, T, num_slices * max_rank] float32, contiguous (lora_shrink's output)
-    b_pool: torch.Tensor,  # [num_slots, max_rank, N_total] (B^T), contiguous
+    b_pool: torch.Tensor,  # [num_slots, N_total, max_rank], contiguous
     seg_starts: torch.Tensor,  # [num_segs + 1] int32
     seg_slots: torch.Tensor,  # [num_segs] int32
     ranks: torch.Tensor,  # [num_slots] int32
@@ -213,7 +212,7 @@ def lora_expand(
     token_order: torch.Tensor | None = None,  # [T] int32 (LoraSegments.token_order)
 ) -> None:
     """``y[order[k], o[s]:o[s+1]] += scaling * T[k, s*R : s*R + rank] @ B_slot[o[s]:o[s+1], :rank]^T`` with ``T =
-    tmp.sum(0)`` (added in split order) and ``B_slot = b_pool[slot]^T`` for the positions k of adapter segments; rows of slot -1 (or rank 0)
+    tmp.sum(0)`` (added in split order) for the positions k of adapter segments; rows of slot -1 (or rank 0)
     tokens are left bit-unchanged."""
     if y.is_cuda:
         from radixlm.kernels.lora_triton import lora_expand_triton
@@ -286,7 +285,7 @@ def lora_expand_ref(
         rank = rank_list[slot]
         delta = torch.empty(end - begin, y.shape[1], dtype=torch.float32, device=y.device)
         for s in range(num_slices):
-            b = b_pool[slot, :rank, offsets[s]:offsets[s + 1]].float().T  # [width, rank]
+            b = b_pool[slot, offsets[s]:offsets[s + 1], :rank].float()  # [width, rank]
             delta[:, offsets[s]:offsets[s + 1]] = total[begin:end, s * max_rank:s * max_rank + rank] @ b.T
         rows = slice(begin, end) if token_order is None else token_order[begin:end].long()
         y[rows] = (y[rows].float() + scale_list[slot] * delta).to(y.dtype)

@@ -43,7 +43,7 @@ def _lora_shrink_kernel(
     x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, order_ptr,
     k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
     DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr, HAS_ORDER: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
@@ -70,15 +70,10 @@ def _lora_shrink_kernel(
         x_row = x_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_xm
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
-            if EVEN_K:  # no mask along the contiguous K: the loads stay vectorized
-                xv = tl.load(x_row + k + offs_k).to(tl.float32)  # [BLOCK_K]
-                a = tl.load(a_ptr + a_rows[:, None] + k + offs_k[None, :], mask=r_ok[:, None],
-                            other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
-            else:
-                k_ok = offs_k < k_end - k
-                xv = tl.load(x_row + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + a_rows[:, None] + k + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                            other=0.0).to(tl.float32)
+            k_ok = offs_k < k_end - k
+            xv = tl.load(x_row + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            a = tl.load(a_ptr + a_rows[:, None] + k + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
             acc += tl.sum(a * xv[None, :], axis=1)
         tl.store(tmp_ptr + m0.to(tl.int64) * stride_tm + out_cols, acc, mask=offs_r < max_rank)
     else:
@@ -89,13 +84,9 @@ def _lora_shrink_kernel(
         a_ptrs = a_ptr + a_rows[None, :] + k_start + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
-            if EVEN_K:
-                xt = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-                at = tl.load(a_ptrs, mask=r_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < k_end - k
-                xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            k_ok = offs_k < k_end - k
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
@@ -106,7 +97,7 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
-    n_total, max_rank, split_k, stride_tk, stride_tm, stride_bs, stride_br, stride_ym,
+    n_total, max_rank, split_k, stride_tk, stride_tm, stride_bs, stride_bn, stride_ym,
     NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -127,8 +118,7 @@ def _lora_expand_kernel(
     n_ok = offs_n < n_total
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
-    # B^T rows: contiguous along N, the rank mask constant along it, so the loads stay vectorized
-    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :],
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None],
                 mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
     if GEMV:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -139,8 +129,7 @@ def _lora_expand_kernel(
             if (lo < n0 + BLOCK_N) & (hi > n0):
                 t = tl.zeros((BLOCK_R,), dtype=tl.float32)
                 for i in range(split_k):  # in split order
-                    # columns rank..max_rank of tmp are 0 (the shrink's contract): no runtime rank mask
-                    t += tl.load(t_row + i * stride_tk + s * max_rank + offs_r, mask=offs_r < max_rank, other=0.0)
+                    t += tl.load(t_row + i * stride_tk + s * max_rank + offs_r, mask=r_ok, other=0.0)
                 part = tl.sum(t[:, None] * b, axis=0)
                 acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
         y_ptrs = y_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_ym + offs_n
@@ -158,8 +147,7 @@ def _lora_expand_kernel(
                 t_ptrs = tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :]
                 t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for i in range(split_k):  # in split order
-                    t += tl.load(t_ptrs + i * stride_tk, mask=m_ok[:, None] & (offs_r < max_rank)[None, :],
-                                 other=0.0)
+                    t += tl.load(t_ptrs + i * stride_tk, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
                 part = tl.dot(t, b, input_precision=DOT_PRECISION)
                 acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
         y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
@@ -242,13 +230,11 @@ def lora_shrink_triton(
     tmp = torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
     if num_tokens == 0 or num_segs == 0:
         return tmp
-    bk = block_k or (128 if block_m == 1 else 64)
     _lora_shrink_kernel[(tiles, num_segs, num_slices * split_k)](
         x, a_pool, tmp, seg_starts, seg_slots, ranks, seg_starts if token_order is None else token_order,
         k_dim, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0), tmp.stride(1),
         DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1, SPLIT_K=split_k, HAS_ORDER=token_order is not None,
-        EVEN_K=k_dim % bk == 0,
-        BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=bk,
+        BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=block_k or (128 if block_m == 1 else 64),
         num_warps=num_warps or (8 if block_m == 1 else 4),
     )
     return tmp
@@ -264,7 +250,7 @@ def lora_expand_triton(
     _check_rows(y, "y")
     num_tokens, n_total = y.shape
     num_slices = slice_offsets.shape[0] - 1
-    max_rank = b_pool.shape[1]
+    max_rank = b_pool.shape[2]
     num_segs = seg_slots.shape[0]
     if num_tokens == 0 or num_segs == 0:
         return

@@ -7,7 +7,7 @@ up) and ``down_proj``; only the groups ``--lora-target-modules`` lets adapters t
 ``num_slots`` adapters at ``max_rank``::
 
     a_pool [num_slots, num_slices * max_rank, in_local]     slice s's A in rows [s * max_rank, s * max_rank + r)
-    b_pool [num_slots, max_rank, out_local]                 B^T in rows [0, r)
+    b_pool [num_slots, out_local, max_rank]                 B in columns [0, r)
     ranks  [num_slots] int32                                r, or 0 where the slot's adapter leaves the group of
                                                             this layer alone (the kernels then skip it)
 
@@ -48,7 +48,7 @@ class HostLoRA:
     """An adapter in this TP rank's layout, in host memory (pinned when the pool is on a GPU, so the copies into a
     slot do not wait for the device).
 
-    ``weights[(layer, group)] = (A [num_slices * r, in_local], B^T [r, out_local])`` where the adapter modifies the
+    ``weights[(layer, group)] = (A [num_slices * r, in_local], B [out_local, r])`` where the adapter modifies the
     group (a slice it leaves alone is zero); ``ranks`` [num_layers, num_groups] int32: r there, else 0;
     ``scaling`` [1] float32."""
 
@@ -77,7 +77,7 @@ def shard_adapter(adapter: LoRAAdapter, model_config: ModelConfig, groups: tuple
                 if pair is None:
                     continue
                 a, b = shard_row_lora(*pair, tp_rank, tp_size)
-            weights[(layer, group)] = (a.contiguous(), b.T.contiguous())  # the pool's B^T rows
+            weights[(layer, group)] = (a.contiguous(), b.contiguous())
             ranks[layer, g] = adapter.rank
     scaling = torch.tensor([adapter.scaling], dtype=torch.float32)
     if pin:
@@ -124,7 +124,7 @@ class LoRAPool:
                 offsets = torch.tensor([0] + slice_sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
                 weights = LoraWeights(
                     a_pool=torch.zeros(num_slots, len(slice_sizes) * max_rank, in_local, dtype=dtype, device=device),
-                    b_pool=torch.zeros(num_slots, max_rank, out_local, dtype=dtype, device=device),
+                    b_pool=torch.zeros(num_slots, out_local, max_rank, dtype=dtype, device=device),
                     ranks=self.ranks[layer, g], scalings=self.scalings, slice_offsets=offsets.to(device))
                 self.weights[(layer, group)] = weights
                 module.lora_weights = weights
@@ -142,7 +142,7 @@ class LoRAPool:
             # Rows beyond r are stale; the kernels read none of them.
             pool.a_pool[slot].view(num_slices, self.max_rank, in_local)[:, :r].copy_(
                 a.view(num_slices, r, in_local), non_blocking=True)
-            pool.b_pool[slot, :r].copy_(b, non_blocking=True)
+            pool.b_pool[slot, :, :r].copy_(b, non_blocking=True)
         self.ranks[:, :, slot].copy_(host.ranks, non_blocking=True)
         self.scalings[slot:slot + 1].copy_(host.scaling, non_blocking=True)
 

@@ -120,7 +120,7 @@ def test_load_unload_reload(runner, adapter_dirs) -> None:
 
 
 def test_slot_contents(runner) -> None:
-    """A slot holds the adapter in the kernels' layout: stacked A with a zero k slice, B^T beside zeros, the rank
+    """A slot holds the adapter in the kernels' layout: stacked A with a zero k slice, B beside zeros, the rank
     where it modifies a projection and 0 where it does not (a layer or a whole group it leaves alone)."""
     lora, model = runner.lora, runner.model
     lora.prepare(decode(["qv4", "all8_layer1"]))
@@ -132,7 +132,7 @@ def test_slot_contents(runner) -> None:
         a_v, b_v = qv4.weights[(layer, "v_proj")]
         a = qkv.a_pool[qv].view(3, MAX_RANK, 64)[:, :4]
         assert torch.equal(a[0], a_q) and torch.equal(a[2], a_v) and not a[1].any()
-        assert torch.equal(qkv.b_pool[qv, :4].T, torch.cat([b_q, torch.zeros(32, 4), b_v]))  # B^T rows
+        assert torch.equal(qkv.b_pool[qv, :, :4], torch.cat([b_q, torch.zeros(32, 4), b_v]))
         assert qkv.slice_offsets.tolist() == [0, 64, 96, 128]
     assert lora.pool.groups == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     assert lora.pool.ranks[:, :, qv].tolist() == [[4, 0, 0, 0], [4, 0, 0, 0]]
@@ -141,7 +141,7 @@ def test_slot_contents(runner) -> None:
     for slot, scaling in expected.items():
         assert lora.pool.scalings[slot].item() == pytest.approx(scaling, rel=1e-6)
     down = model.model.layers[1].mlp.down_proj.lora_weights
-    assert (down.a_pool.shape, down.b_pool.shape) == ((2, MAX_RANK, 128), (2, MAX_RANK, 64))
+    assert (down.a_pool.shape, down.b_pool.shape) == ((2, MAX_RANK, 128), (2, 64, MAX_RANK))
     assert down.ranks.data_ptr() == lora.pool.ranks[1, 3].data_ptr()  # a view: every layer reads the one tensor
 
 
