@@ -82,9 +82,18 @@ def layout(tokens: int, adapters: int, prefill: bool) -> tuple[list[int], list[i
     return [i % adapters for i in range(tokens)], [1] * tokens
 
 
-def run_row(shape: Shape, rank: int, max_rank: int, tokens: int, adapters: int, prefill: bool, per_request: bool,
-            device: str) -> tuple[float, float, float, float]:
-    """(base us, lora us, base+lora us, rel err of the LoRA delta) for one row."""
+class Operands(NamedTuple):
+    x: torch.Tensor  # [tokens, K]
+    w: torch.Tensor  # [N_total, K], the base weight
+    a_pool: torch.Tensor
+    b_pool: torch.Tensor
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+    offsets: torch.Tensor
+
+
+def make_operands(shape: Shape, rank: int, max_rank: int, tokens: int, device: str) -> Operands:
+    """Random x, base weight and a pool of ``NUM_SLOTS`` adapters of ``rank`` at ``max_rank`` (bf16 on a GPU)."""
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     n_total, num_slices = sum(shape.widths), len(shape.widths)
@@ -97,12 +106,26 @@ def run_row(shape: Shape, rank: int, max_rank: int, tokens: int, adapters: int, 
     scalings = torch.full((NUM_SLOTS,), 2.0, dtype=torch.float32, device=device)
     offsets = torch.tensor([0] + [sum(shape.widths[:i + 1]) for i in range(num_slices)], dtype=torch.int32,
                            device=device)
+    return Operands(x, w, a_pool, b_pool, ranks, scalings, offsets)
+
+
+def row_segments(tokens: int, adapters: int, prefill: bool, per_request: bool, device: str) -> LoraSegments:
+    """A row's layout (module docstring): prefill one merged segment per adapter, decode sorted pieces padded to
+    a graph's bound, or one segment per request."""
     slots, counts = layout(tokens, adapters, prefill)
     if prefill or per_request:
-        seg: LoraSegments = build_segments(slots, counts, device, merge=not per_request)
-    else:
-        seg = build_segments(slots, counts, device, split=DECODE_SPLIT, sort=True,
-                             num_segs=triton.cdiv(tokens, DECODE_SPLIT) + adapters - 1)
+        return build_segments(slots, counts, device, merge=not per_request)
+    return build_segments(slots, counts, device, split=DECODE_SPLIT, sort=True,
+                          num_segs=triton.cdiv(tokens, DECODE_SPLIT) + adapters - 1)
+
+
+def run_row(shape: Shape, rank: int, max_rank: int, tokens: int, adapters: int, prefill: bool, per_request: bool,
+            device: str) -> tuple[float, float, float, float]:
+    """(base us, lora us, base+lora us, rel err of the LoRA delta) for one row."""
+    x, w, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, max_rank, tokens, device)
+    n_total, num_slices = sum(shape.widths), len(shape.widths)
+    seg = row_segments(tokens, adapters, prefill, per_request, device)
+    dtype = x.dtype
     y = torch.empty(tokens, n_total, device=device, dtype=dtype)
 
     def base() -> None:

@@ -21,12 +21,11 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_kernels import DECODE_SPLIT, NUM_SLOTS, SHAPES, layout, time_us  # noqa: E402
+from lora_kernels import SHAPES, make_operands, row_segments, time_us  # noqa: E402
 
-from radixlm.kernels.lora import build_segments, lora_expand_ref, lora_shrink_ref  # noqa: E402
+from radixlm.kernels.lora import lora_expand_ref, lora_shrink_ref  # noqa: E402
 from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
@@ -38,24 +37,10 @@ WARPS = (4, 8)
 def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank: int) -> str:
     shape = SHAPES[shape_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter, to check the script only
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
+    x, _, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, max_rank, tokens, device)
+    dtype = x.dtype
     n_total, num_slices = sum(shape.widths), len(shape.widths)
-    x = torch.randn(tokens, shape.k, device=device, dtype=dtype, generator=gen)
-    a_pool = torch.randn(NUM_SLOTS, num_slices * max_rank, shape.k, device=device, dtype=dtype,
-                         generator=gen) / shape.k**0.5
-    b_pool = torch.randn(NUM_SLOTS, n_total, max_rank, device=device, dtype=dtype, generator=gen) / rank**0.5
-    ranks = torch.full((NUM_SLOTS,), rank, dtype=torch.int32, device=device)
-    scalings = torch.full((NUM_SLOTS,), 2.0, dtype=torch.float32, device=device)
-    offsets = torch.tensor([0] + [sum(shape.widths[:i + 1]) for i in range(num_slices)], dtype=torch.int32,
-                           device=device)
-    prefill = tokens > 128
-    slots, counts = layout(tokens, adapters, prefill)
-    if prefill:
-        seg = build_segments(slots, counts, device)
-    else:
-        seg = build_segments(slots, counts, device, split=DECODE_SPLIT, sort=True,
-                             num_segs=triton.cdiv(tokens, DECODE_SPLIT) + adapters - 1)
+    seg = row_segments(tokens, adapters, tokens > 128, False, device)
     y = torch.zeros(tokens, n_total, device=device, dtype=dtype)
     args = (seg.seg_starts, seg.seg_slots, ranks)
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from radixlm.config import ServerArgs
-from radixlm.distributed import destroy_tensor_parallel, free_local_addr
+from radixlm.distributed import destroy_tensor_parallel
 from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.executor.static_batch import decode_batch, extend_batch, generate_static, release
 from radixlm.models.loader import resolve_model_config
@@ -19,7 +18,7 @@ from radixlm.sampling import SamplingParams
 
 from conftest import build_tiny_hf_model, make_worker
 from lora_helpers import build_peft_adapter
-from test_tensor_parallel import gloo_threads
+from test_tensor_parallel import gloo_threads, spawn_ranks
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (r, lora_alpha, use_rslora, target_modules, layers_to_transform); the embedded model has 30 layers
@@ -146,20 +145,7 @@ def _tp_rank_main(rank: int, tp_size: int, addr: str, model_path: str, paths: tu
 
 
 def run_lora_tp(tp_size: int, model_path: str, paths: tuple[str, ...]):
-    addr = free_local_addr()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_rank_main, args=(r, tp_size, addr, model_path, paths, queue))
-             for r in range(tp_size)]
-    for p in procs:
-        p.start()
-    try:
-        result = queue.get(timeout=300)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return result
+    return spawn_ranks(_tp_rank_main, tp_size, model_path, paths)
 
 
 @pytest.mark.parametrize("name", [

@@ -58,11 +58,16 @@ def _rank_main(rank: int, tp_size: int, addr: str, model_path: str, load_format:
 
 
 def run_tp(tp_size: int, model_path: str, load_format: str):
+    return spawn_ranks(_rank_main, tp_size, model_path, load_format)
+
+
+def spawn_ranks(target, tp_size: int, *args):
+    """Run ``target(rank, tp_size, addr, *args, queue)`` in ``tp_size`` spawned processes (``addr``: a free local
+    rendezvous address) and return what rank 0 put on ``queue``; every process must exit cleanly."""
     addr = free_local_addr()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, tp_size, addr, model_path, load_format, queue))
-             for r in range(tp_size)]
+    procs = [ctx.Process(target=target, args=(r, tp_size, addr, *args, queue)) for r in range(tp_size)]
     for p in procs:
         p.start()
     try:
