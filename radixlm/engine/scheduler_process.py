@@ -118,6 +118,13 @@ def run_scheduler_process(server_args: ServerArgs, tp_rank: int, in_addr: str | 
         # Every rank leaves the loop at the same step (the stop message is broadcast), so they can part cleanly;
         # a rank that just exits leaves its peers' NCCL watchdogs polling a store that is gone.
         destroy_tensor_parallel()
+    # The work is done: leave without the interpreter's shutdown.  A spawned process exits through sys.exit, whose
+    # C++ static destructors can meet a torch.distributed thread that is still joinable and std::terminate the
+    # process (exit -6: "terminate called without an active exception", seen on node 1 of a CPU multi-node run).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class SchedulerLoop:
