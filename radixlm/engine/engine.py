@@ -48,7 +48,7 @@ from radixlm.engine.request_state import (
     RequestState,
     raise_if_rejected,
 )
-from radixlm.engine.request_validator import RequestValidator
+from radixlm.engine.request_validator import RequestValidator, check_streamable
 from radixlm.errors import InvalidRequestError
 from radixlm.metrics import MetricsCollector
 from radixlm.models.embedded import embedded_model_path
@@ -172,7 +172,7 @@ class Engine:
         ids, params, single = self.prepare(prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
         if stream:
-            _check_streamable(params)
+            check_streamable(params)
         states = self._start(ids, params, options, loop=None, return_hidden_states=return_hidden_states,
                              lora_path=lora_path)
         if stream:
@@ -198,7 +198,7 @@ class Engine:
         ids, params, single = await asyncio.to_thread(self.prepare, prompt, sampling_params, input_ids)
         options = LogprobOptions.from_request(return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob)
         if stream:
-            _check_streamable(params)
+            check_streamable(params)
         states = await self.submit(ids, params, options, return_hidden_states=return_hidden_states,
                                    lora_path=lora_path)
         if stream:
@@ -604,9 +604,3 @@ class Engine:
             logger.info("request finished: rid=%s finish=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d "
                         "e2e_latency=%.3f", state.rid, json.dumps(state.finished_reason, separators=(",", ":")),
                         state.prompt_tokens, len(state.output_ids), state.cached_tokens, now - state.created)
-
-
-def _check_streamable(params: list[SamplingParams]) -> None:
-    """``stream=True`` streams one request: checked before anything is started."""
-    if len(params) != 1 or params[0].n != 1:
-        raise InvalidRequestError("stream=True takes a single prompt with n = 1", "stream")

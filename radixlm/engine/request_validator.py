@@ -126,3 +126,9 @@ class RequestValidator:
             self.require_tokenizer()
             check_grammar(spec)
         return p
+
+
+def check_streamable(params: list[SamplingParams]) -> None:
+    """``stream=True`` streams one request: checked before anything is started."""
+    if len(params) != 1 or params[0].n != 1:
+        raise InvalidRequestError("stream=True takes a single prompt with n = 1", "stream")

@@ -56,7 +56,6 @@ class LoRAManager:
                              server_args.max_loras_per_batch, max_rank, model_config.dtype, device)
         self._host: dict[str, HostLoRA] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
-        self._slot_names: list[str | None] = [None] * self.pool.num_slots
 
     @property
     def adapters(self) -> dict[str, LoRAAdapter]:
@@ -91,9 +90,7 @@ class LoRAManager:
         if name not in self._host:
             raise KeyError(f"LoRA adapter {name!r} is not loaded")
         del self._host[name]
-        slot = self._resident.pop(name, None)
-        if slot is not None:
-            self._slot_names[slot] = None
+        self._resident.pop(name, None)
 
     def prepare(self, batch: Batch, decode_rows: int | None = None) -> LoraSegments | None:
         """Make every adapter ``batch.lora_names`` names resident and return the batch's segments: decode,
@@ -134,11 +131,11 @@ class LoRAManager:
     def _make_resident(self, name: str, protected: list[str]) -> None:
         """Copy ``name`` into the lowest free slot, or else the slot of the least recently used resident adapter
         not in ``protected`` (the batch's; there is one, as the batch names no more adapters than slots)."""
-        if None in self._slot_names:
-            slot = self._slot_names.index(None)
+        free = set(range(self.num_slots)).difference(self._resident.values())
+        if free:
+            slot = min(free)
         else:
             victim = next(n for n in self._resident if n not in protected)
             slot = self._resident.pop(victim)
         self.pool.write(slot, self._host[name])
-        self._slot_names[slot] = name
         self._resident[name] = slot
