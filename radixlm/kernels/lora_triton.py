@@ -268,3 +268,74 @@ def lora_expand_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         num_warps=num_warps,
     )
+
+
+
+@triton.jit
+def _lora_expand_dense_kernel(
+    s_ptr, b_ptr, y_ptr, row_slots_ptr, scalings_ptr, offsets_ptr, chunks_ptr, num_chunks_ptr,
+    num_rows, n_total, max_rank, stride_sm, stride_ss, stride_sj, stride_bs, stride_bn, stride_br, stride_ym,
+    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < num_rows
+    row_slot = tl.load(row_slots_ptr + offs_m, mask=m_ok, other=-1)
+    has = row_slot >= 0
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_total
+    offs_c = tl.arange(0, CHUNK)
+    s_rows = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_c[None, :]  # [BLOCK_M, CHUNK]
+    b_tile = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_c[:, None] * stride_br  # [CHUNK, BLOCK_N]
+    num_chunks = tl.load(num_chunks_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(NUM_SLICES):
+        lo = tl.load(offsets_ptr + j)
+        hi = tl.load(offsets_ptr + j + 1)
+        if (lo < n0 + BLOCK_N) & (hi > n0):  # one slice per tile unless a slice boundary falls inside it
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in tl.range(0, num_chunks, num_stages=NUM_STAGES):
+                kc = tl.load(chunks_ptr + i)
+                slot = kc // max_rank
+                r0 = kc - slot * max_rank
+                # Only the rows of the chunk's slot: the other rows' products with this adapter are not loaded.
+                sv = tl.load(s_rows + slot * stride_ss + j * stride_sj + r0, mask=(row_slot == slot)[:, None],
+                             other=0.0)
+                b = tl.load(b_tile + slot.to(tl.int64) * stride_bs + r0 * stride_br, mask=n_ok[None, :], other=0.0)
+                part = tl.dot(sv, b, part, input_precision=DOT_PRECISION)
+            if NUM_SLICES == 1:
+                acc = part
+            else:
+                acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
+    row_scale = tl.load(scalings_ptr + row_slot, mask=has, other=0.0)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    mask = has[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + row_scale[:, None] * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_expand_dense_triton(
+    s: torch.Tensor, b_pool: torch.Tensor, row_slots: torch.Tensor, scalings: torch.Tensor,
+    slice_offsets: torch.Tensor, y: torch.Tensor, chunks: torch.Tensor, num_chunks: torch.Tensor,
+    block_m: int | None = None, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+) -> None:
+    """``radixlm.kernels.lora.lora_expand_dense`` in one launch (CUDA, or CPU tensors under the interpreter)."""
+    _check_rows(y, "y")
+    num_tokens, n_total = y.shape
+    max_rank = b_pool.shape[2]
+    num_slices = slice_offsets.shape[0] - 1
+    if num_tokens == 0:
+        return
+    if block_m is None:
+        block_m = min(128, max(16, triton.next_power_of_2(num_tokens)))
+    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(n_total, block_n))
+    _lora_expand_dense_kernel[grid](
+        s, b_pool, y, row_slots, scalings, slice_offsets, chunks, num_chunks,
+        num_tokens, n_total, max_rank, s.stride(0), s.stride(1), s.stride(2), b_pool.stride(0), b_pool.stride(1),
+        b_pool.stride(2), y.stride(0),
+        NUM_SLICES=num_slices, DOT_PRECISION=_precision(s.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=16, NUM_STAGES=num_stages, num_warps=num_warps,
+    )

@@ -1,0 +1,87 @@
+"""Where a decode layer's LoRA time goes (issue #22): the four Llama-3.1-8B projections of one layer with their
+adapters, captured in one CUDA graph, replayed under ``torch.profiler``; per kernel the mean device time per
+replay, and the replay's wall time (kernels plus the gaps between them).
+
+    python bench/gpu/lora_profile.py [--tokens 128] [--adapters 16] [--rank 16] [--modes base seg dense]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_dense import dense_inputs  # noqa: E402
+from lora_kernels import NUM_SLOTS, SHAPES, make_operands  # noqa: E402
+
+from radixlm.kernels.lora import apply_lora, decode_segments  # noqa: E402
+from radixlm.kernels.lora_triton import lora_expand_dense_triton  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[128])
+    parser.add_argument("--adapters", nargs="+", type=int, default=[16])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", default=["base", "seg", "dense"])
+    args = parser.parse_args()
+    rank = args.rank
+    for tokens in args.tokens:
+        for adapters in args.adapters:
+            if adapters > tokens:
+                continue
+            ops = []
+            for name in ("qkv", "o", "gate_up", "down"):
+                shape = SHAPES[name]
+                x, w, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, rank, tokens, "cuda")
+                ops.append((name, shape, x, w, a_pool, b_pool, ranks, scalings, offsets,
+                            torch.empty(tokens, sum(shape.widths), dtype=x.dtype, device="cuda"),
+                            torch.empty(tokens, NUM_SLOTS * len(shape.widths) * rank, dtype=x.dtype,
+                                        device="cuda")))
+            slots = [i % adapters for i in range(tokens)]
+            seg = decode_segments(slots, NUM_SLOTS, "cuda")
+            row_slots, chunks, num_chunks = dense_inputs(slots, rank, rank, "cuda")
+
+            def run(mode: str) -> None:
+                for name, shape, x, w, a_pool, b_pool, ranks, scalings, offsets, y, s in ops:
+                    torch.matmul(x, w.T, out=y)
+                    if mode == "seg":
+                        apply_lora(x, y, a_pool, b_pool, ranks, scalings, offsets, seg)
+                    elif mode == "dense":
+                        torch.matmul(x, a_pool.view(-1, shape.k).T, out=s)
+                        lora_expand_dense_triton(s.view(tokens, NUM_SLOTS, len(shape.widths), rank), b_pool,
+                                                 row_slots, scalings, offsets, y, chunks, num_chunks)
+
+            for mode in args.modes:
+                run(mode)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run(mode)
+                wall = triton.testing.do_bench(graph.replay, warmup=5, rep=50, return_mode="median") * 1e3
+                reps = 20
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(reps):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                per_kernel: dict[str, float] = defaultdict(float)
+                count: dict[str, int] = defaultdict(int)
+                for evt in prof.events():
+                    if evt.device_type == torch.autograd.DeviceType.CUDA:
+                        per_kernel[evt.name[:60]] += evt.device_time / reps
+                        count[evt.name[:60]] += 1
+                total = sum(per_kernel.values())
+                print(f"tokens {tokens} adapters {adapters} rank {rank} {mode}: replay {wall:.1f} us (L2 flushed), "
+                      f"kernels {total:.1f} us", flush=True)
+                for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+                    print(f"   {us:7.1f} us  x{count[name] // reps:<3d} {name}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
