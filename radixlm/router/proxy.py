@@ -50,7 +50,32 @@ def routing_text(path: str, body: Any) -> str:
     ``input_ids``, the ids as decimal numbers joined by spaces, so that shared id prefixes still match); a chat's
     messages in order, each as ``role: content`` on its own line (text parts concatenated; roles included, so that
     the same words from different speakers differ); a completion's prompt (as ``/generate``'s text).  Anything
-    else, or a field of an unexpected type (the worker answers it with a 400), routes as the empty text."""
+    else, or a field of an unexpected type (the worker answers it with a 400), routes as the empty text.
+
+    A request under a LoRA adapter (``/generate``'s ``lora_path``, one or one per prompt; an OpenAI ``model`` of
+    the form ``<base>:<adapter>``) routes by its text behind ``"\0lora:<adapter(s)>\0"``: a worker caches KV per
+    adapter, so the same prompt under another adapter (or none) shares no prefix with it."""
+    text = _request_text(path, body)
+    adapter = _adapter_key(path, body)
+    return f"\0lora:{adapter}\0{text}" if adapter else text
+
+
+def _adapter_key(path: str, body: Any) -> str:
+    if not isinstance(body, dict):
+        return ""
+    if path in ("/v1/chat/completions", "/v1/completions"):
+        model = body.get("model")
+        return model if isinstance(model, str) and ":" in model else ""
+    if path == "/generate":
+        lora = body.get("lora_path")
+        if isinstance(lora, str):
+            return lora
+        if isinstance(lora, list) and any(isinstance(name, str) for name in lora):
+            return "\n".join(name if isinstance(name, str) else "" for name in lora)
+    return ""
+
+
+def _request_text(path: str, body: Any) -> str:
     if not isinstance(body, dict):
         return ""
     if path == "/v1/chat/completions":

@@ -184,6 +184,22 @@ def test_routing_text() -> None:
     assert routing_text("/v1/completions", {"prompt": 5}) == ""
 
 
+def test_routing_text_keys_lora_adapters() -> None:
+    """A LoRA adapter's requests route in a namespace of their own (KV is cached per adapter): the same prompt
+    under two adapters, or under one and the base model, shares no prefix; base requests route as before."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert routing_text("/v1/chat/completions", dict(chat, model="smollm2")) == "user: hi\n"
+    assert routing_text("/v1/chat/completions", dict(chat, model="smollm2:french")) == \
+        "\0lora:smollm2:french\0user: hi\n"
+    assert routing_text("/v1/completions", {"prompt": "a", "model": "m:json"}) == "\0lora:m:json\0a"
+    assert routing_text("/generate", {"text": "x", "lora_path": "french"}) == "\0lora:french\0x"
+    assert routing_text("/generate", {"text": ["x", "y"], "lora_path": ["french", None]}) == \
+        "\0lora:french\n\0x\ny"
+    assert routing_text("/generate", {"text": "x", "lora_path": [None]}) == "x"
+    french, json_ = (routing_text("/generate", {"text": "same prompt", "lora_path": n}) for n in ("french", "json"))
+    assert french[0] == json_[0] == "\0" and french[:6] == json_[:6] and french[6] != json_[6]
+
+
 def test_cache_aware_sends_a_shared_prefix_to_the_same_worker(two: list[MockWorker]) -> None:
     with router(two, policy="cache_aware") as client:
         first = completion(client, SYSTEM + "Question 1: is it raining?").json()["worker"]
