@@ -17,11 +17,9 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_dense import dense_inputs  # noqa: E402
 from lora_kernels import NUM_SLOTS, SHAPES, make_operands  # noqa: E402
 
 from radixlm.kernels.lora import apply_lora, decode_segments  # noqa: E402
-from radixlm.kernels.lora_triton import lora_expand_dense_triton  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +27,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[128])
     parser.add_argument("--adapters", nargs="+", type=int, default=[16])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", default=["base", "seg", "dense"])
+    parser.add_argument("--modes", nargs="+", choices=["base", "seg"], default=["base", "seg"])
     args = parser.parse_args()
     rank = args.rank
     for tokens in args.tokens:
@@ -40,23 +38,16 @@ def main() -> None:
             for name in ("qkv", "o", "gate_up", "down"):
                 shape = SHAPES[name]
                 x, w, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, rank, tokens, "cuda")
-                ops.append((name, shape, x, w, a_pool, b_pool, ranks, scalings, offsets,
-                            torch.empty(tokens, sum(shape.widths), dtype=x.dtype, device="cuda"),
-                            torch.empty(tokens, NUM_SLOTS * len(shape.widths) * rank, dtype=x.dtype,
-                                        device="cuda")))
+                ops.append((x, w, a_pool, b_pool, ranks, scalings, offsets,
+                            torch.empty(tokens, sum(shape.widths), dtype=x.dtype, device="cuda")))
             slots = [i % adapters for i in range(tokens)]
             seg = decode_segments(slots, NUM_SLOTS, "cuda")
-            row_slots, chunks, num_chunks = dense_inputs(slots, rank, rank, "cuda")
 
             def run(mode: str) -> None:
-                for name, shape, x, w, a_pool, b_pool, ranks, scalings, offsets, y, s in ops:
+                for x, w, a_pool, b_pool, ranks, scalings, offsets, y in ops:
                     torch.matmul(x, w.T, out=y)
                     if mode == "seg":
                         apply_lora(x, y, a_pool, b_pool, ranks, scalings, offsets, seg)
-                    elif mode == "dense":
-                        torch.matmul(x, a_pool.view(-1, shape.k).T, out=s)
-                        lora_expand_dense_triton(s.view(tokens, NUM_SLOTS, len(shape.widths), rank), b_pool,
-                                                 row_slots, scalings, offsets, y, chunks, num_chunks)
 
             for mode in args.modes:
                 run(mode)

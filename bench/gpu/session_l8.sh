@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU run L8 (one H200, ~6 minutes): decode LoRA without segments (bench/gpu/lora_dense.py): the per-projection
-# table against the segmented kernels, a sweep of the dense expand's tiles, and a whole layer in one graph.
+# GPU run L8 at commit d416469 (one H200, ~4 minutes): decode LoRA without segments (bench/gpu/lora_dense.py,
+# removed since with the dense path: `git checkout d416469` to rerun): the per-projection table against the
+# segmented kernels, a sweep of the dense expand's tiles, and a whole layer in one graph.
 #   bash bench/gpu/session_l8.sh     (GPU machine, repository root; carry .whl and .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU run L9 (one H200, ~2 minutes): per-kernel device time of a decode layer's LoRA (bench/gpu/lora_profile.py).
+# GPU run L9 at commit d416469 (one H200, ~1 minute): per-kernel device time of a decode layer's LoRA
+# (bench/gpu/lora_profile.py; its dense mode removed since: `git checkout d416469` to rerun as it ran).
 #   bash bench/gpu/session_l9.sh     (GPU machine, repository root; carry .whl and .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1

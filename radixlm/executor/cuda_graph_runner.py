@@ -55,8 +55,8 @@ def graph_memory_estimate(runner: "ModelRunner", max_bs: int) -> int:
                         + kv.num_kv_heads * (kv.head_dim + kv.v_head_dim))
     per_token += 3 * 4 * cfg.vocab_size  # logits: bf16 matmul output, float32 copy, gathered copy
     per_token += 4 * cfg.vocab_size  # the shared float32 logits buffer
-    if runner.lora is not None:  # the shrink's float32 intermediate, at most 16 K splits of 3 slices
-        per_token += 16 * 3 * runner.lora.max_rank * 4
+    if runner.lora is not None:  # the shrink's float32 partials, at most 32 K splits of 3 slices
+        per_token += 32 * 3 * runner.lora.max_rank * 4
     return max_bs * per_token + (64 << 20)
 
 

@@ -19,15 +19,16 @@ position is a token of x and y, or with ``token_order`` the token ``token_order[
 adapter without moving its tokens (the kernels gather x's rows and scatter into y's; ``tmp`` stays in position
 order).
 
-The intermediate ``tmp`` is ``[split_k, T, num_slices * max_rank]``: partial products over ``split_k`` ranges of
-K (the shrink's programs share a long K: a decode batch has few segments), which the expand adds in split order,
-so the result does not depend on scheduling.  ``split_k`` is the shrink's choice (1 on CPU).
+The intermediate ``tmp`` is ``[1, T, num_slices * max_rank]``.  The shrink's programs split a long K (a decode
+batch has few segments) and the last split of each tile to finish adds the partials in split order (serial
+split-K), so the result does not depend on scheduling and the expand reads one plane.
 
-Numerics: ``tmp`` is float32 whatever the model dtype: the intermediate is tiny (``T x num_slices x max_rank``)
-and keeping it unrounded removes one rounding of a bf16 product from the adapter's contribution.  The shrink
-multiplies x and A in their dtype with fp32 accumulation; the expand multiplies fp32 ``tmp`` by B widened to
-fp32 (tf32 tensor-core inputs for a half-precision pool, whose values tf32 holds exactly; IEEE fp32 for a float32
-pool), adds ``scaling *`` the product to y in fp32 and rounds once to y's dtype.
+Numerics: ``tmp`` is float32 whatever the model dtype (the K splits are summed unrounded).  The shrink multiplies
+x and A in their dtype with fp32 accumulation.  The expand's dot form (segments of several tokens) multiplies
+``tmp`` rounded to a half-precision pool's dtype by B on the tensor cores (one rounding of the intermediate, as a
+half-precision PEFT model has; GPU run L10: 20 % less expand time than tf32 inputs), its GEMV form (one-token
+segments) in fp32; a float32 pool multiplies in IEEE fp32.  The product is scaled, added to y in fp32 and rounded
+once to y's dtype.
 
 Strides: x and y may be row views of wider tensors (any row stride, unit column stride); pools and metadata are
 contiguous.  ``tmp`` is contiguous.
@@ -186,21 +187,20 @@ def lora_shrink(
     num_slices: int,
     max_seg_len: int | None = None,
     token_order: torch.Tensor | None = None,  # [T] int32 (LoraSegments.token_order)
-    n_total: int | None = None,  # the expand's output width (the split-K heuristic weighs its re-reads)
-) -> torch.Tensor:  # [split_k, T, num_slices * max_rank] float32, contiguous
-    """``tmp.sum(0)[k, s * R + r] = x[order[k]] . A_slot[s * R + r]`` for the positions k of adapter segments (in
+) -> torch.Tensor:  # [1, T, num_slices * max_rank] float32, contiguous
+    """``tmp[0, k, s * R + r] = x[order[k]] . A_slot[s * R + r]`` for the positions k of adapter segments (in
     segment order; ``order`` the identity without ``token_order``) and r < rank; columns r >= rank are 0; rows of
     slot -1 (or rank 0) positions are unspecified (not written)."""
     if x.is_cuda:
         from radixlm.kernels.lora_triton import lora_shrink_triton
 
         return lora_shrink_triton(x, a_pool, seg_starts, seg_slots, ranks, num_slices, max_seg_len,
-                                  token_order=token_order, n_total=n_total)
+                                  token_order=token_order)
     return lora_shrink_ref(x, a_pool, seg_starts, seg_slots, ranks, num_slices, token_order)
 
 
 def lora_expand(
-    tmp: torch.Tensor,  # [split_k, T, num_slices * max_rank] float32, contiguous (lora_shrink's output)
+    tmp: torch.Tensor,  # [1, T, num_slices * max_rank] float32, contiguous (lora_shrink's output)
     b_pool: torch.Tensor,  # [num_slots, N_total, max_rank], contiguous
     seg_starts: torch.Tensor,  # [num_segs + 1] int32
     seg_slots: torch.Tensor,  # [num_segs] int32
@@ -212,8 +212,8 @@ def lora_expand(
     token_order: torch.Tensor | None = None,  # [T] int32 (LoraSegments.token_order)
 ) -> None:
     """``y[order[k], o[s]:o[s+1]] += scaling * T[k, s*R : s*R + rank] @ B_slot[o[s]:o[s+1], :rank]^T`` with ``T =
-    tmp.sum(0)`` (added in split order) for the positions k of adapter segments; rows of slot -1 (or rank 0)
-    tokens are left bit-unchanged."""
+    tmp[0]`` for the positions k of adapter segments; rows of slot -1 (or rank 0) tokens are left
+    bit-unchanged."""
     if y.is_cuda:
         from radixlm.kernels.lora_triton import lora_expand_triton
 
@@ -239,7 +239,7 @@ def apply_lora(
         return
     num_slices = slice_offsets.shape[0] - 1
     tmp = lora_shrink(x, a_pool, segments.seg_starts, segments.seg_slots, ranks, num_slices, segments.max_seg_len,
-                      segments.token_order, y.shape[1])
+                      segments.token_order)
     lora_expand(tmp, b_pool, segments.seg_starts, segments.seg_slots, ranks, scalings, slice_offsets, y,
                 segments.max_seg_len, segments.token_order)
 
@@ -249,7 +249,7 @@ def lora_shrink_ref(
     num_slices: int, token_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``lora_shrink`` in torch, one matmul per segment and slice in float32 (reads the metadata on the host);
-    ``split_k`` 1; rows of slot -1 (or rank 0) positions are 0."""
+    rows of slot -1 (or rank 0) positions are 0."""
     max_rank = a_pool.shape[1] // num_slices
     tmp = torch.zeros(1, x.shape[0], num_slices * max_rank, dtype=torch.float32, device=x.device)
     starts, slots, rank_list = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
@@ -273,9 +273,7 @@ def lora_expand_ref(
     to y's dtype (reads the metadata on the host)."""
     num_slices = slice_offsets.shape[0] - 1
     max_rank = tmp.shape[2] // num_slices
-    total = tmp[0].clone()
-    for partial in tmp[1:]:  # in split order, as the kernel adds them
-        total += partial
+    total = tmp[0]
     starts, slots, rank_list = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
     offsets, scale_list = slice_offsets.tolist(), scalings.tolist()
     for i, slot in enumerate(slots):
