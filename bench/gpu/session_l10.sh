@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU run L10 (one H200, ~9 minutes): the LoRA shrink with serial split-K (the last split of a tile sums the
-# partials, so the split count no longer trades against the expand) and both kernels launched with PDL: the LoRA GPU tests, the per-kernel profile of
-# a decode layer, Llama-3.1-8B decode with 1 and 16 adapters in a rank-16 pool (and batch 1 / 128 in a rank-64 pool), and a tile sweep
-# (now with the expand's bf16-dot variant) of gate_up and down at 128 tokens.
+# GPU run L10 (one H200, ~3 minutes), on the tree of c128c4e but with both LoRA kernels launched with PDL and the
+# expand's half-precision product as a lora_tune axis (so run as committed it times c128c4e's kernels): the LoRA
+# shrink with serial split-K, the LoRA GPU tests, the per-kernel profile of a decode layer (and with PDL off),
+# Llama-3.1-8B decode with 1 and 16 adapters in a rank-16 pool (and batch 1 / 128 in a rank-64 pool), and a tile
+# sweep of the gate_up and down expand at 128 tokens.
 #   bash bench/gpu/session_l10.sh     (GPU machine, repository root; carry .whl and .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
