@@ -302,5 +302,3 @@ def lora_expand_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         num_warps=num_warps,
     )
-
-
