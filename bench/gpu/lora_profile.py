@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_kernels import NUM_SLOTS, SHAPES, make_operands  # noqa: E402
 
-from radixlm.kernels.lora import apply_lora, decode_segments  # noqa: E402
+from radixlm.kernels.lora import LoraWeights, apply_lora, decode_segments, lora_forward  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[128])
     parser.add_argument("--adapters", nargs="+", type=int, default=[16])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", choices=["base", "seg"], default=["base", "seg"])
+    parser.add_argument("--modes", nargs="+", choices=["base", "seg", "overlap"],
+                        default=["base", "seg", "overlap"])
     args = parser.parse_args()
     rank = args.rank
     for tokens in args.tokens:
@@ -45,6 +46,10 @@ def main() -> None:
 
             def run(mode: str) -> None:
                 for x, w, a_pool, b_pool, ranks, scalings, offsets, y in ops:
+                    if mode == "overlap":
+                        lora_forward(x, lambda: torch.matmul(x, w.T, out=y),
+                                     LoraWeights(a_pool, b_pool, ranks, scalings, offsets), seg)
+                        continue
                     torch.matmul(x, w.T, out=y)
                     if mode == "seg":
                         apply_lora(x, y, a_pool, b_pool, ranks, scalings, offsets, seg)

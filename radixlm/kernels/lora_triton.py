@@ -239,26 +239,49 @@ def expand_config(block_m: int, num_slices: int) -> tuple[int, int]:
     return (128, 4) if num_slices > 1 else (256, 8)
 
 
+def shrink_split_k(x: torch.Tensor, a_pool: torch.Tensor, num_slices: int, num_segs: int,
+                   max_seg_len: int | None = None) -> int:
+    """The shrink's K splits for this launch (``default_split_k`` over its programs; 1 when its tiles outnumber
+    the split counters): the plane count of its scratch."""
+    num_tokens, k_dim = x.shape
+    tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len,
+                        _block_m(num_tokens if max_seg_len is None else max_seg_len))
+    if tiles * num_segs * num_slices > SPLIT_COUNTERS:
+        return 1
+    return default_split_k(tiles * num_segs * num_slices, k_dim, _num_sms(x.device))
+
+
 def lora_shrink_triton(
     x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     num_slices: int, max_seg_len: int | None = None, split_k: int | None = None,
     token_order: torch.Tensor | None = None, block_k: int | None = None, num_warps: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter);
-    ``split_k`` defaults to ``default_split_k``'s, ``block_k`` to 128 for the GEMV form and 64 for the dot form,
-    ``num_warps`` to 8 and 4 (the overrides are for tuning: bench/gpu/lora_tune.py).  Launches on one stream
-    at a time per device (they share the split counters)."""
+    ``split_k`` defaults to ``shrink_split_k``'s, ``block_k`` to 128 for the GEMV form and 64 for the dot form,
+    ``num_warps`` to 8 and 4 (the overrides are for tuning: bench/gpu/lora_tune.py).  ``out``: the scratch
+    ``[split_k, T, num_slices * max_rank]`` float32 to use (allocated by the caller, e.g. on another stream than
+    the launch's); its plane count is the split count.  Launches on one stream at a time per device (they share
+    the split counters)."""
     _check_rows(x, "x")
     num_tokens, k_dim = x.shape
     max_rank = a_pool.shape[1] // num_slices
     num_segs = seg_slots.shape[0]
     block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
     tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m)
-    if split_k is None:
-        split_k = default_split_k(tiles * num_segs * num_slices, k_dim, _num_sms(x.device))
-    if tiles * num_segs * num_slices > SPLIT_COUNTERS:
-        split_k = 1
-    tmp = torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
+    if out is not None:
+        split_k = out.shape[0]
+        if out.shape[1:] != (num_tokens, num_slices * max_rank) or out.dtype != torch.float32 \
+                or not out.is_contiguous():
+            raise ValueError(f"the shrink's scratch must be [split_k, {num_tokens}, {num_slices * max_rank}] "
+                             f"float32 contiguous, got {tuple(out.shape)} {out.dtype}")
+    elif split_k is None:
+        split_k = shrink_split_k(x, a_pool, num_slices, num_segs, max_seg_len)
+    if split_k > 1 and tiles * num_segs * num_slices > SPLIT_COUNTERS:
+        raise ValueError(f"{tiles * num_segs * num_slices} shrink tiles exceed the {SPLIT_COUNTERS} split-K "
+                         f"counters: split_k must be 1")
+    tmp = out if out is not None else torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32,
+                                                  device=x.device)
     if num_tokens == 0 or num_segs == 0:
         return tmp[:1]
     _lora_shrink_kernel[(tiles, num_segs, num_slices * split_k)](

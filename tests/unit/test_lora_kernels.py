@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from radixlm.kernels.lora import (  # noqa: E402
-    LoraSegments, apply_lora, build_segments, lora_expand_ref, lora_shrink_ref,
+    LoraSegments, LoraWeights, apply_lora, build_segments, lora_expand_ref, lora_forward, lora_shrink_ref,
 )
 from radixlm.kernels.lora_triton import (  # noqa: E402
     default_split_k, expand_config, lora_expand_triton, lora_shrink_triton,
@@ -322,6 +322,20 @@ references on CPU) within the fp32 bound."""
     assert_close(y, y64, mag, CUDA)
 
 
+def test_lora_forward_adds_to_the_base_output() -> None:
+    """``lora_forward`` (what the linear layers call: on a GPU the shrink on a side stream beside ``base``) equals
+    ``base()`` plus the adapters within the fp32 bound, and with ``has_lora`` false is ``base()`` itself."""
+    pool = make_pool(WIDTHS, torch.float32)
+    weights = LoraWeights(pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets)
+    seg = build_segments(*MIXED, DEVICE)
+    slots = per_token_slots(*MIXED)
+    x = torch.randn(len(slots), K, device=DEVICE)
+    y0 = torch.randn(len(slots), sum(WIDTHS), device=DEVICE)
+    y64, mag = expected(x, y0, pool, slots)
+    assert_close(lora_forward(x, y0.clone, weights, seg), y64, mag, CUDA)
+    assert lora_forward(x, lambda: y0, weights, seg._replace(has_lora=False)) is y0
+
+
 # --- GPU only ---------------------------------------------------------------------------------------------------
 
 
@@ -395,3 +409,44 @@ def test_rank_zero_slot_is_skipped(path: str) -> None:
     assert torch.equal(y[[0, 1, 5]], before[[0, 1, 5]])
     y64, mag = expected(x, before, pool, [-1, -1, 1, 1, 1, -1])
     assert_close(y, y64, mag, path == "triton")
+
+
+@ON_GPU
+def test_lora_forward_overlapped_matches_serial_in_a_graph() -> None:
+    """The side-stream shrink gives ``apply_lora``'s result bit for bit (same kernels, same split order), from a
+    non-default stream, eagerly and replayed from a CUDA graph after the inputs change; a base matmul that takes
+    long does not let the expand run before it."""
+    torch.manual_seed(0)
+    pool = make_pool(WIDTHS, torch.bfloat16)
+    weights = LoraWeights(pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets)
+    tokens = 40
+    slots = [i % 3 - 1 for i in range(tokens)]
+    seg = build_segments(slots, [1] * tokens, DEVICE, sort=True, split=16, num_segs=-(-tokens // 16) + len(RANKS),
+                         num_order=tokens)
+    seg = seg._replace(max_seg_len=16)
+    x = torch.randn(tokens, K, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(sum(WIDTHS), K, device=DEVICE, dtype=torch.bfloat16)
+    big = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
+
+    def base() -> torch.Tensor:
+        torch.matmul(big, big)  # keeps the current stream busy while the shrink runs beside it
+        return x @ w.T
+
+    def serial() -> torch.Tensor:
+        y = x @ w.T
+        apply_lora(x, y, *weights, seg)
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = lora_forward(x, base, weights, seg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = lora_forward(x, base, weights, seg)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(eager, serial())
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, serial())
