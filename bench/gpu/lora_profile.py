@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_kernels import NUM_SLOTS, SHAPES, make_operands  # noqa: E402
 
-from radixlm.kernels.lora import LoraWeights, apply_lora, decode_segments, lora_forward  # noqa: E402
+from radixlm.kernels.lora import decode_segments  # noqa: E402
+from radixlm.kernels.lora_triton import lora_expand_triton, lora_fused_triton, lora_shrink_triton  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +28,8 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[128])
     parser.add_argument("--adapters", nargs="+", type=int, default=[16])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", choices=["base", "seg", "overlap"],
-                        default=["base", "seg", "overlap"])
+    parser.add_argument("--modes", nargs="+", choices=["base", "seg", "overlap", "fused"],
+                        default=["base", "seg", "overlap", "fused"])
     args = parser.parse_args()
     rank = args.rank
     for tokens in args.tokens:
@@ -44,15 +45,30 @@ def main() -> None:
             slots = [i % adapters for i in range(tokens)]
             seg = decode_segments(slots, NUM_SLOTS, "cuda")
 
+            side = torch.cuda.Stream()
+
             def run(mode: str) -> None:
                 for x, w, a_pool, b_pool, ranks, scalings, offsets, y in ops:
+                    num_slices = offsets.shape[0] - 1
+                    meta = (seg.seg_starts, seg.seg_slots, ranks)
                     if mode == "overlap":
-                        lora_forward(x, lambda: torch.matmul(x, w.T, out=y),
-                                     LoraWeights(a_pool, b_pool, ranks, scalings, offsets), seg)
-                        continue
+                        main = torch.cuda.current_stream()
+                        side.wait_stream(main)
+                        with torch.cuda.stream(side):
+                            tmp = lora_shrink_triton(x, a_pool, *meta, num_slices, seg.max_seg_len,
+                                                     token_order=seg.token_order)
                     torch.matmul(x, w.T, out=y)
+                    if mode == "overlap":
+                        main.wait_stream(side)
                     if mode == "seg":
-                        apply_lora(x, y, a_pool, b_pool, ranks, scalings, offsets, seg)
+                        tmp = lora_shrink_triton(x, a_pool, *meta, num_slices, seg.max_seg_len,
+                                                 token_order=seg.token_order)
+                    if mode in ("seg", "overlap"):
+                        lora_expand_triton(tmp, b_pool, *meta, scalings, offsets, y, seg.max_seg_len,
+                                           token_order=seg.token_order)
+                    if mode == "fused":
+                        lora_fused_triton(x, y, a_pool, b_pool, ranks, scalings, offsets, seg.seg_starts,
+                                          seg.seg_slots, seg.max_seg_len, seg.token_order)
 
             for mode in args.modes:
                 run(mode)
