@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_kernels import NUM_SLOTS, SHAPES, make_operands  # noqa: E402
 
 from radixlm.kernels.lora import decode_segments  # noqa: E402
-from radixlm.kernels.lora_triton import lora_expand_triton, lora_fused_triton, lora_shrink_triton  # noqa: E402
+from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
 
 
 def main() -> None:
@@ -28,8 +28,8 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[128])
     parser.add_argument("--adapters", nargs="+", type=int, default=[16])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", choices=["base", "seg", "overlap", "fused"],
-                        default=["base", "seg", "overlap", "fused"])
+    parser.add_argument("--modes", nargs="+", choices=["base", "seg", "overlap", "dense-gemm", "dense"],
+                        default=["base", "seg", "overlap", "dense-gemm", "dense"])
     args = parser.parse_args()
     rank = args.rank
     for tokens in args.tokens:
@@ -40,17 +40,27 @@ def main() -> None:
             for name in ("qkv", "o", "gate_up", "down"):
                 shape = SHAPES[name]
                 x, w, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, rank, tokens, "cuda")
+                n_total = sum(shape.widths)
+                w_ext = torch.cat([w, a_pool.reshape(-1, shape.k)])
                 ops.append((x, w, a_pool, b_pool, ranks, scalings, offsets,
-                            torch.empty(tokens, sum(shape.widths), dtype=x.dtype, device="cuda")))
+                            torch.empty(tokens, n_total, dtype=x.dtype, device="cuda"), w_ext,
+                            torch.empty(tokens, w_ext.shape[0], dtype=x.dtype, device="cuda"),
+                            torch.zeros(1, tokens, a_pool.shape[1], dtype=torch.float32, device="cuda")))
             slots = [i % adapters for i in range(tokens)]
             seg = decode_segments(slots, NUM_SLOTS, "cuda")
 
             side = torch.cuda.Stream()
 
             def run(mode: str) -> None:
-                for x, w, a_pool, b_pool, ranks, scalings, offsets, y in ops:
+                for x, w, a_pool, b_pool, ranks, scalings, offsets, y, w_ext, y_ext, tmp_zero in ops:
                     num_slices = offsets.shape[0] - 1
                     meta = (seg.seg_starts, seg.seg_slots, ranks)
+                    if mode.startswith("dense"):
+                        torch.matmul(x, w_ext.T, out=y_ext)
+                        if mode == "dense":
+                            lora_expand_triton(tmp_zero, b_pool, *meta, scalings, offsets, y_ext[:, :y.shape[1]],
+                                               seg.max_seg_len, token_order=seg.token_order)
+                        continue
                     if mode == "overlap":
                         main = torch.cuda.current_stream()
                         side.wait_stream(main)
@@ -66,9 +76,6 @@ def main() -> None:
                     if mode in ("seg", "overlap"):
                         lora_expand_triton(tmp, b_pool, *meta, scalings, offsets, y, seg.max_seg_len,
                                            token_order=seg.token_order)
-                    if mode == "fused":
-                        lora_fused_triton(x, y, a_pool, b_pool, ranks, scalings, offsets, seg.seg_starts,
-                                          seg.seg_slots, seg.max_seg_len, seg.token_order)
 
             for mode in args.modes:
                 run(mode)

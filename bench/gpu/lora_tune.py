@@ -11,10 +11,6 @@ configuration is checked against the torch reference (rel err < 1e-2).
 
     PYTHONPATH=. python bench/gpu/lora_tune.py                      # all cases, ~4 minutes on an H200
     PYTHONPATH=. python bench/gpu/lora_tune.py --shapes qkv --tokens 128 --ranks 16
-
-``--fused``: the one-launch kernel (``lora_fused_triton``) instead, on the decode layout the model runs
-(``decode_segments``, a pool of 16 slots), against the two launches at their defaults: per case the fused
-default and the best of ``split_k`` (half, the default, double) x ``block_n`` x ``block_k`` x ``num_warps``.
 """
 
 from __future__ import annotations
@@ -29,10 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lora_kernels import SHAPES, make_operands, row_segments, time_us  # noqa: E402
 
-from radixlm.kernels.lora import decode_segments, lora_expand_ref, lora_shrink_ref  # noqa: E402
-from radixlm.kernels.lora_triton import (  # noqa: E402
-    lora_expand_triton, lora_fused_triton, lora_shrink_triton, shrink_split_k,
-)
+from radixlm.kernels.lora import lora_expand_ref, lora_shrink_ref  # noqa: E402
+from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16, 32)
 BLOCK_KS = (64, 128, 256)
@@ -93,55 +87,15 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
             f"{fmt(best[2])}; {fmt(best[4])}")
 
 
-def sweep_fused(shape_name: str, rank: int, tokens: int, adapters: int, max_rank: int) -> str:
-    shape = SHAPES[shape_name]
-    x, _, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, max_rank, tokens, "cuda")
-    n_total, num_slices = sum(shape.widths), len(shape.widths)
-    seg = decode_segments([i % adapters for i in range(tokens)], 16, "cuda")
-    y = torch.zeros(tokens, n_total, device="cuda", dtype=x.dtype)
-    meta = (seg.seg_starts, seg.seg_slots, ranks)
-
-    def two() -> None:
-        tmp = lora_shrink_triton(x, a_pool, *meta, num_slices, seg.max_seg_len, token_order=seg.token_order)
-        lora_expand_triton(tmp, b_pool, *meta, scalings, offsets, y, seg.max_seg_len, token_order=seg.token_order)
-
-    def fused(**kw) -> None:
-        lora_fused_triton(x, y, a_pool, b_pool, ranks, scalings, offsets, seg.seg_starts, seg.seg_slots,
-                          seg.max_seg_len, seg.token_order, **kw)
-
-    two_us, fused_us = time_us(two), time_us(fused)
-    split = shrink_split_k(x, a_pool, num_slices, seg.seg_slots.shape[0], seg.max_seg_len)
-    splits = sorted({max(1, split // 2), split, min(32, split * 2)})
-    configs = [dict(split_k=sk, block_n=bn, block_k=bk, num_warps=w)
-               for sk, bn, bk, w in itertools.product(splits, (64, 128, 256), (64, 128), WARPS)]
-    best_us, best_cfg = min(((time_us(lambda: fused(**cfg)), cfg) for cfg in configs), key=lambda t: t[0])
-    y.zero_()
-    fused(**best_cfg)
-    got = y.clone()
-    y.zero_()
-    two()
-    assert torch.equal(got, y), "the fused kernel differs from the two launches"
-    cfg = " ".join(f"{k}={v}" for k, v in best_cfg.items())
-    return (f"{shape_name:<8} {rank:>4} {tokens:>6} {adapters:>4} | {two_us:7.1f} {fused_us:7.1f} {best_us:7.1f}  "
-            f"{cfg} (default split {split})")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128, 2048])
     parser.add_argument("--max-rank", type=int, default=64)
-    parser.add_argument("--fused", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a GPU")
-    if args.fused:
-        print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'two':>7} {'fused':>7} {'best':>7}  config (us)")
-        for shape_name, rank, tokens in itertools.product(args.shapes, args.ranks, args.tokens):
-            adapters = 1 if tokens == 1 else 16
-            print(sweep_fused(shape_name, rank, tokens, adapters, args.max_rank), flush=True)
-        return
     print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default: shrink':>15} {'expand':>7} {'sum':>7} | "
           f"{'best: shrink':>12} {'expand':>7} {'sum':>7}  configs (us)")
     for shape_name, rank, tokens in itertools.product(args.shapes, args.ranks, args.tokens):

@@ -43,6 +43,10 @@ GEMV form), or requests sorted by adapter, merged, cut into pieces of ``split`` 
 ``build_segments``' segment bound (``max_seg_len`` = split, the dot form: fewer programs, each B tile read once
 per piece instead of once per request).
 
+Overlap: ``lora_forward`` (what the linear layers call) takes the base projection as a callable and, on CUDA,
+runs the shrink on a side stream concurrently with it; the expand then adds into the base output.  ``apply_lora``
+is the same sum, serial, on a computed ``y``.
+
 Base-only fast path: ``LoraSegments.has_lora`` is a host bool (from the host slot list); ``apply_lora`` returns
 at once when it is false, so a batch without adapters launches nothing.  A captured graph must not take that
 path when a replay may carry adapters.
@@ -54,7 +58,8 @@ against and the CPU path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -238,17 +243,52 @@ def apply_lora(
     if not segments.has_lora:
         return
     num_slices = slice_offsets.shape[0] - 1
-    if y.is_cuda:
-        from radixlm.kernels.lora_triton import fused_fits, lora_fused_triton
-
-        if fused_fits(x.shape[0], segments.seg_slots.shape[0], num_slices, segments.max_seg_len):
-            lora_fused_triton(x, y, a_pool, b_pool, ranks, scalings, slice_offsets, segments.seg_starts,
-                              segments.seg_slots, segments.max_seg_len, segments.token_order)
-            return
     tmp = lora_shrink(x, a_pool, segments.seg_starts, segments.seg_slots, ranks, num_slices, segments.max_seg_len,
                       segments.token_order)
     lora_expand(tmp, b_pool, segments.seg_starts, segments.seg_slots, ranks, scalings, slice_offsets, y,
                 segments.max_seg_len, segments.token_order)
+
+
+def lora_forward(
+    x: torch.Tensor,  # [T, K], the projection's input
+    base: Callable[[], torch.Tensor],  # the base projection of x: returns y [T, N_total], a fresh tensor
+    weights: LoraWeights,
+    segments: LoraSegments,
+) -> torch.Tensor:  # y with the adapters added
+    """``base()`` plus the batch's adapters (``apply_lora``'s sum).  On CUDA the shrink, which reads only x,
+    runs on a side stream (``lora_stream``) while ``base`` runs on the current one, and the expand follows both:
+    a decode batch's shrink is a few microseconds of small programs bound by latency, not bandwidth, so it fits
+    beside the base GEMM instead of after it.  Graph-safe: the fork and join are stream waits, which a CUDA
+    graph capture records as dependencies, and the scratch is allocated on the current stream before the fork."""
+    if not segments.has_lora:
+        return base()
+    if not x.is_cuda:
+        y = base()
+        apply_lora(x, y, *weights, segments)
+        return y
+    from radixlm.kernels.lora_triton import lora_shrink_triton, shrink_split_k
+
+    num_slices = weights.slice_offsets.shape[0] - 1
+    num_segs = segments.seg_slots.shape[0]
+    split_k = shrink_split_k(x, weights.a_pool, num_slices, num_segs, segments.max_seg_len)
+    tmp = torch.empty(split_k, x.shape[0], weights.a_pool.shape[1], dtype=torch.float32, device=x.device)
+    main, side = torch.cuda.current_stream(x.device), lora_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        lora_shrink_triton(x, weights.a_pool, segments.seg_starts, segments.seg_slots, weights.ranks, num_slices,
+                           segments.max_seg_len, token_order=segments.token_order, out=tmp)
+    y = base()
+    main.wait_stream(side)
+    lora_expand(tmp[:1], weights.b_pool, segments.seg_starts, segments.seg_slots, weights.ranks, weights.scalings,
+                weights.slice_offsets, y, segments.max_seg_len, segments.token_order)
+    return y
+
+
+@functools.cache
+def lora_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream of ``lora_forward``'s shrinks on ``device`` (one per device: its launches are ordered,
+    which the shrink's shared split counters need)."""
+    return torch.cuda.Stream(device)
 
 
 def lora_shrink_ref(

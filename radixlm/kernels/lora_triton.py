@@ -43,169 +43,74 @@ import triton.language as tl
 
 
 @triton.jit
-def _shrink_tile(
-    pid_m, seg, piece, split, num_segs,
-    x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, offsets_ptr, order_ptr, counters_ptr,
-    k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
-    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_ORDER: tl.constexpr, HANDOFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """One shrink program: split ``split`` of K for token tile ``pid_m`` of segment ``seg``, slice ``piece``.
-    ``HANDOFF``: the fused kernel's shrink, whose last split also raises the tile's counter to ``SPLIT_K + 1``
-    (ready) for the expand programs, which reset it; else the last split resets it."""
-    slot = tl.load(seg_slots_ptr + seg)
-    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
-    end = tl.load(seg_starts_ptr + seg + 1)
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0))
-    # no adapter (slot -1, or a slot of rank 0: its adapter leaves this projection alone), or past the segment
-    if (slot >= 0) & (m0 < end) & (rank > 0):
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        offs_k = tl.arange(0, BLOCK_K)
-        a_rows = slot.to(tl.int64) * stride_as + (piece * max_rank + offs_r).to(tl.int64) * stride_ar  # [BLOCK_R]
-        out_cols = piece * max_rank + offs_r
-        k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, k_dim)  # a split past K stores zeros
-        if GEMV:
-            x_row = x_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_xm
-            acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for k in range(k_start, k_end, BLOCK_K):
-                k_ok = offs_k < k_end - k
-                xv = tl.load(x_row + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-                a = tl.load(a_ptr + a_rows[:, None] + k + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                            other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
-                acc += tl.sum(a * xv[None, :], axis=1)
-            out = tmp_ptr + m0.to(tl.int64) * stride_tm + out_cols  # [BLOCK_R]
-            out_ok = offs_r < max_rank
-        else:
-            offs_m = m0 + tl.arange(0, BLOCK_M)  # positions; x's rows are tokens
-            m_ok = offs_m < end
-            x_rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m
-            x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + k_start + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-            a_ptrs = a_ptr + a_rows[None, :] + k_start + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k in range(k_start, k_end, BLOCK_K):
-                k_ok = offs_k < k_end - k
-                xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
-                x_ptrs += BLOCK_K
-                a_ptrs += BLOCK_K
-            out = tmp_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + out_cols[None, :]  # [BLOCK_M, BLOCK_R]
-            out_ok = m_ok[:, None] & (offs_r < max_rank)[None, :]
-        if (SPLIT_K == 1) and (not HANDOFF):
-            tl.store(out, acc, mask=out_ok)
-        else:
-            # Serial split-K: each split stores its partial in its plane of tmp; the last of the tile's splits to
-            # finish (its counter, zero between launches) adds them in split order, reading past L1 (the planes
-            # were written by other SMs), into plane 0.
-            tl.store(out + split * stride_tk, acc, mask=out_ok)
-            tl.debug_barrier()  # every thread's partial is stored before the release below
-            counter = counters_ptr + (pid_m * num_segs + seg) * NUM_SLICES + piece
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-                if SPLIT_K > 1:
-                    total = tl.load(out, mask=out_ok, other=0.0, cache_modifier=".cg")
-                    for i in tl.static_range(1, SPLIT_K):
-                        total += tl.load(out + i * stride_tk, mask=out_ok, other=0.0, cache_modifier=".cg")
-                    tl.store(out, total, mask=out_ok)
-                if HANDOFF:
-                    # a slice without columns has no expand program to reset its counter
-                    if tl.load(offsets_ptr + piece + 1) > tl.load(offsets_ptr + piece):
-                        tl.debug_barrier()  # plane 0 is stored before the release
-                        tl.atomic_add(counter, 1, sem="release", scope="gpu")
-                    else:
-                        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                else:
-                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _expand_tile(
-    pid_m, seg, pid_n, num_segs,
-    tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
-    counters_ptr, n_total, max_rank, stride_tm, stride_bs, stride_bn, stride_ym,
-    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
-    HALF_DOT: tl.constexpr, WAIT_SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """One expand program: N tile ``pid_n`` of token tile ``pid_m`` of segment ``seg``.  ``WAIT_SPLIT_K`` > 0:
-    the fused kernel's expand, which loads its B and y tiles, then waits for each slice's ``tmp`` rows until the
-    shrink raises the tile's counter to ``WAIT_SPLIT_K + 1``; the last of the slice's readers resets it."""
-    slot = tl.load(seg_slots_ptr + seg)
-    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
-    end = tl.load(seg_starts_ptr + seg + 1)
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0))
-    if (slot >= 0) & (m0 < end) & (rank > 0):  # the shrink's condition: the same programs have work
-        scaling = tl.load(scalings_ptr + slot)
-        n0 = pid_n * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_total
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[None, :] * stride_bn
-                    + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-        if not HALF_DOT:
-            b = b.to(tl.float32)
-        if GEMV:
-            y_ptrs = y_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_ym + offs_n
-            y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)  # [BLOCK_N]
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            t_row = tmp_ptr + m0.to(tl.int64) * stride_tm
-        else:
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < end
-            rows = offs_m.to(tl.int64)
-            y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
-            y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :]
-            mask = m_ok[:, None] & n_ok[None, :]
-            y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_N]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in tl.static_range(NUM_SLICES):
-            lo = tl.load(offsets_ptr + s)
-            hi = tl.load(offsets_ptr + s + 1)
-            if (lo < hi) & (lo < n0 + BLOCK_N) & (hi > n0):  # the slice has columns in this tile
-                if WAIT_SPLIT_K > 0:
-                    counter = counters_ptr + (pid_m * num_segs + seg) * NUM_SLICES + s
-                    while tl.load(counter, volatile=True) <= WAIT_SPLIT_K:
-                        pass
-                    # acquire the shrink's plane 0; the slice's last reader (its N tiles count them) resets the
-                    # counter for the next launch
-                    readers = tl.cdiv(hi, BLOCK_N) - lo // BLOCK_N
-                    if tl.atomic_add(counter, 1, sem="acquire", scope="gpu") == WAIT_SPLIT_K + readers:
-                        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                if GEMV:
-                    t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0, cache_modifier=".cg")
-                    part = tl.sum(t[:, None] * b.to(tl.float32), axis=0)
-                    acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
-                else:
-                    t = tl.load(tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
-                                mask=m_ok[:, None] & r_ok[None, :], other=0.0, cache_modifier=".cg")
-                    if HALF_DOT:  # tmp rounded to the pool's dtype (GPU run L10: 20 % less expand time than tf32)
-                        part = tl.dot(t.to(b.dtype), b)
-                    else:
-                        part = tl.dot(t, b, input_precision=DOT_PRECISION)
-                    acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
-        if GEMV:
-            tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, offsets_ptr, order_ptr, counters_ptr,
+    x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, order_ptr, counters_ptr,
     k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
-    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr, HAS_ORDER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _shrink_tile(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2) // SPLIT_K, tl.program_id(2) % SPLIT_K,
-        tl.num_programs(1), x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, offsets_ptr, order_ptr,
-        counters_ptr, k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
-        NUM_SLICES, DOT_PRECISION, GEMV, SPLIT_K, HAS_ORDER, False, BLOCK_M, BLOCK_R, BLOCK_K,
-    )
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    piece = tl.program_id(2) // SPLIT_K  # the slice
+    split = tl.program_id(2) % SPLIT_K
+    slot = tl.load(seg_slots_ptr + seg)
+    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
+    end = tl.load(seg_starts_ptr + seg + 1)
+    if (slot < 0) | (m0 >= end):
+        return
+    rank = tl.load(ranks_ptr + slot)
+    if rank == 0:  # the slot's adapter leaves this projection alone
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = slot.to(tl.int64) * stride_as + (piece * max_rank + offs_r).to(tl.int64) * stride_ar  # [BLOCK_R]
+    out_cols = piece * max_rank + offs_r
+    k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, k_dim)  # a split past K stores zeros
+    if GEMV:
+        x_row = x_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_xm
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            k_ok = offs_k < k_end - k
+            xv = tl.load(x_row + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            a = tl.load(a_ptr + a_rows[:, None] + k + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
+            acc += tl.sum(a * xv[None, :], axis=1)
+        out = tmp_ptr + m0.to(tl.int64) * stride_tm + out_cols  # [BLOCK_R]
+        out_ok = offs_r < max_rank
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)  # positions; x's rows are tokens
+        m_ok = offs_m < end
+        x_rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m
+        x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + k_start + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        a_ptrs = a_ptr + a_rows[None, :] + k_start + offs_k[:, None]  # [BLOCK_K, BLOCK_R]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(k_start, k_end, BLOCK_K):
+            k_ok = offs_k < k_end - k
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+        out = tmp_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + out_cols[None, :]  # [BLOCK_M, BLOCK_R]
+        out_ok = m_ok[:, None] & (offs_r < max_rank)[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=out_ok)
+    else:
+        # Serial split-K: each split stores its partial in its plane of tmp; the last of the tile's splits to
+        # finish (a counter per tile, reset by that program for the next launch) adds them in split order,
+        # reading past L1 (the planes were written by other SMs), into plane 0.
+        tl.store(out + split * stride_tk, acc, mask=out_ok)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        counter = counters_ptr + (pid_m * tl.num_programs(1) + seg) * (tl.num_programs(2) // SPLIT_K) + piece
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.load(out, mask=out_ok, other=0.0, cache_modifier=".cg")
+            for i in tl.static_range(1, SPLIT_K):
+                total += tl.load(out + i * stride_tk, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.store(out, total, mask=out_ok)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -215,45 +120,61 @@ def _lora_expand_kernel(
     NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
     HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    _expand_tile(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
-        tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
-        order_ptr, n_total, max_rank, stride_tm, stride_bs, stride_bn, stride_ym,
-        NUM_SLICES, DOT_PRECISION, GEMV, HAS_ORDER, HALF_DOT, 0, BLOCK_M, BLOCK_N, BLOCK_R,
-    )
-
-
-@triton.jit
-def _lora_fused_kernel(
-    x_ptr, a_ptr, tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr,
-    order_ptr, counters_ptr, num_segs, m_tiles, n_tiles, k_dim, n_total, max_rank,
-    stride_xm, stride_as, stride_ar, stride_tk, stride_tm, stride_bs, stride_bn, stride_ym,
-    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, EXPAND_PRECISION: tl.constexpr, GEMV: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_ORDER: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Shrink and expand in one launch: the first programs are the shrink's, in (tile, segment, slice, split)
-    order, the rest the expand's, in (tile, segment, N tile) order.  An expand program waits for its rows'
-    shrink; blocks start in index order, so every shrink program is running or done before any expand program
-    occupies a slot, and the waits end."""
-    pid = tl.program_id(0)
-    shrink_programs = m_tiles * num_segs * NUM_SLICES * SPLIT_K
-    if pid < shrink_programs:
-        tile = pid // SPLIT_K
-        _shrink_tile(
-            tile // (num_segs * NUM_SLICES), tile // NUM_SLICES % num_segs, tile % NUM_SLICES, pid % SPLIT_K,
-            num_segs, x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, offsets_ptr, order_ptr,
-            counters_ptr, k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
-            NUM_SLICES, DOT_PRECISION, GEMV, SPLIT_K, HAS_ORDER, True, BLOCK_M, BLOCK_R, BLOCK_K,
-        )
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + seg)
+    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
+    end = tl.load(seg_starts_ptr + seg + 1)
+    if (slot < 0) | (m0 >= end):
+        return
+    rank = tl.load(ranks_ptr + slot)
+    if rank == 0:  # the slot's adapter leaves this projection alone
+        return
+    scaling = tl.load(scalings_ptr + slot)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_total
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None],
+                mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    if not HALF_DOT:
+        b = b.to(tl.float32)
+    if GEMV:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        t_row = tmp_ptr + m0.to(tl.int64) * stride_tm
+        for s in tl.static_range(NUM_SLICES):
+            lo = tl.load(offsets_ptr + s)
+            hi = tl.load(offsets_ptr + s + 1)
+            if (lo < n0 + BLOCK_N) & (hi > n0):
+                t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0)
+                part = tl.sum(t[:, None] * b.to(tl.float32), axis=0)
+                acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
+        y_ptrs = y_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_ym + offs_n
+        y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
-        e = pid - shrink_programs
-        _expand_tile(
-            e // (num_segs * n_tiles), e // n_tiles % num_segs, e % n_tiles, num_segs,
-            tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
-            counters_ptr, n_total, max_rank, stride_tm, stride_bs, stride_bn, stride_ym,
-            NUM_SLICES, EXPAND_PRECISION, GEMV, HAS_ORDER, HALF_DOT, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_R,
-        )
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end
+        rows = offs_m.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(NUM_SLICES):
+            lo = tl.load(offsets_ptr + s)
+            hi = tl.load(offsets_ptr + s + 1)
+            if (lo < n0 + BLOCK_N) & (hi > n0):
+                t = tl.load(tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
+                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                if HALF_DOT:  # tmp rounded to the pool's dtype (GPU run L10: 20 % less expand time than tf32)
+                    part = tl.dot(t.to(b.dtype), b)
+                else:
+                    part = tl.dot(t, b, input_precision=DOT_PRECISION)
+                acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
+        y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
+        y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(max_seg_len: int) -> int:
@@ -364,11 +285,10 @@ def lora_shrink_triton(
     if num_tokens == 0 or num_segs == 0:
         return tmp[:1]
     _lora_shrink_kernel[(tiles, num_segs, num_slices * split_k)](
-        x, a_pool, tmp, seg_starts, seg_slots, ranks, seg_starts, seg_starts if token_order is None else token_order,
+        x, a_pool, tmp, seg_starts, seg_slots, ranks, seg_starts if token_order is None else token_order,
         _split_counters(x.device),
         k_dim, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0), tmp.stride(1),
-        NUM_SLICES=num_slices, DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1, SPLIT_K=split_k,
-        HAS_ORDER=token_order is not None,
+        DOT_PRECISION=_precision(x.dtype), GEMV=block_m == 1, SPLIT_K=split_k, HAS_ORDER=token_order is not None,
         BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=block_k or (128 if block_m == 1 else 64),
         num_warps=num_warps or (8 if block_m == 1 else 4),
     )
@@ -404,56 +324,4 @@ def lora_expand_triton(
         HAS_ORDER=token_order is not None, HALF_DOT=b_pool.dtype != torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         num_warps=num_warps,
-    )
-
-
-def fused_fits(num_tokens: int, num_segs: int, num_slices: int, max_seg_len: int | None = None) -> bool:
-    """Whether ``lora_fused_triton`` can run this layout: its shrink tiles (token tiles x segments x slices) each
-    need a counter."""
-    tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len,
-                        _block_m(num_tokens if max_seg_len is None else max_seg_len))
-    return tiles * num_segs * num_slices <= SPLIT_COUNTERS
-
-
-def lora_fused_triton(
-    x: torch.Tensor, y: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
-    scalings: torch.Tensor, slice_offsets: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-    max_seg_len: int | None = None, token_order: torch.Tensor | None = None, split_k: int | None = None,
-    block_k: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-) -> None:
-    """``lora_shrink`` then ``lora_expand`` in one launch (``_lora_fused_kernel``: the expand programs wait on the
-    split counters for their rows' shrink), bit for bit the two launches' result: one kernel's launch and ramp
-    instead of two, and an expand program loads its B and y tiles while the shrink runs.  The layout must
-    ``fused_fits``; launch parameters default to the two kernels' (``shrink_split_k``, ``expand_config``; one
-    ``num_warps`` for both roles: the expand's).  CUDA, or CPU tensors under the interpreter (which runs the
-    programs in index order, so no wait spins)."""
-    _check_rows(x, "x")
-    _check_rows(y, "y")
-    num_tokens, k_dim = x.shape
-    n_total = y.shape[1]
-    num_slices = slice_offsets.shape[0] - 1
-    max_rank = b_pool.shape[2]
-    num_segs = seg_slots.shape[0]
-    if num_tokens == 0 or num_segs == 0:
-        return
-    if not fused_fits(num_tokens, num_segs, num_slices, max_seg_len):
-        raise ValueError(f"a layout of {num_segs} segments over {num_tokens} tokens has more shrink tiles than the "
-                         f"{SPLIT_COUNTERS} counters: run the shrink and the expand apart")
-    block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
-    m_tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m)
-    split_k = split_k or shrink_split_k(x, a_pool, num_slices, num_segs, max_seg_len)
-    default_n, default_warps = expand_config(block_m, num_slices)
-    block_n = block_n or default_n
-    n_tiles = triton.cdiv(n_total, block_n)
-    tmp = torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
-    grid = (m_tiles * num_segs * (num_slices * split_k + n_tiles),)
-    _lora_fused_kernel[grid](
-        x, a_pool, tmp, b_pool, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
-        seg_starts if token_order is None else token_order, _split_counters(x.device), num_segs, m_tiles, n_tiles,
-        k_dim, n_total, max_rank, x.stride(0), a_pool.stride(0), a_pool.stride(1), tmp.stride(0), tmp.stride(1),
-        b_pool.stride(0), b_pool.stride(1), y.stride(0),
-        NUM_SLICES=num_slices, DOT_PRECISION=_precision(x.dtype), EXPAND_PRECISION=_precision(b_pool.dtype),
-        GEMV=block_m == 1, SPLIT_K=split_k, HAS_ORDER=token_order is not None,
-        HALF_DOT=b_pool.dtype != torch.float32, BLOCK_M=block_m, BLOCK_R=_block_r(max_rank),
-        BLOCK_K=block_k or (128 if block_m == 1 else 64), BLOCK_N=block_n, num_warps=num_warps or default_warps,
     )

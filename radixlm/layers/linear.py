@@ -12,6 +12,8 @@ adapters, adds nothing and launches nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,7 @@ from radixlm.config.quant_config import QuantConfig
 from radixlm.distributed import TPGroup, divide, get_tp_group
 from radixlm.kernels import cpu
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
-from radixlm.kernels.lora import LoraSegments, LoraWeights, apply_lora
+from radixlm.kernels.lora import LoraSegments, LoraWeights, lora_forward
 from radixlm.layers import fp8_linear
 
 
@@ -96,15 +98,16 @@ class QuantizableLinear(nn.Module):
         return cached
 
 
-def _add_lora(layer: "ColumnParallelLinear | RowParallelLinear", x: torch.Tensor | FP8Activation, y: torch.Tensor,
-              lora: LoraSegments | None) -> None:
-    """``y += `` the batch's adapters' ``scaling * x A^T B^T`` in place (``y`` [num_tokens, out_local], this rank's
-    base output before any collective)."""
-    if lora is None or layer.lora_weights is None:
-        return
+def _with_lora(layer: "ColumnParallelLinear | RowParallelLinear", x: torch.Tensor | FP8Activation,
+               base: Callable[[], torch.Tensor], lora: LoraSegments | None) -> torch.Tensor:
+    """``base()`` (this rank's output of the projection, ``[num_tokens, out_local]``, before any collective) plus
+    the batch's adapters' ``scaling * x A^T B^T`` (``radixlm.kernels.lora.lora_forward``: on a GPU the shrink
+    overlaps the base matmul)."""
+    if lora is None or layer.lora_weights is None or not lora.has_lora:
+        return base()
     if isinstance(x, FP8Activation):
         raise ValueError("LoRA needs the unquantized input of the projection (LoRA does not combine with FP8)")
-    apply_lora(x, y, *layer.lora_weights, lora)
+    return lora_forward(x, base, layer.lora_weights, lora)
 
 
 class ReplicatedLinear(QuantizableLinear):
@@ -186,13 +189,14 @@ class ColumnParallelLinear(QuantizableLinear):
         param.data.narrow(0, dst_offset // bn, rows).copy_(loaded.narrow(0, src_offset // bn, rows))
 
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
-        if self.quant is None:
-            y = linear(x, self.weight, self.bias)
-        else:
-            y = self.matmul(x)
-            y = y + self.bias if self.bias is not None else y
-        _add_lora(self, x, y, lora)
+        y = _with_lora(self, x, lambda: self._base_forward(x), lora)
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
+
+    def _base_forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
+        if self.quant is None:
+            return linear(x, self.weight, self.bias)
+        y = self.matmul(x)
+        return y + self.bias if self.bias is not None else y
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -271,8 +275,7 @@ class RowParallelLinear(QuantizableLinear):
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
-        y = self.matmul(x)
-        _add_lora(self, x, y, lora)
+        y = _with_lora(self, x, lambda: self.matmul(x), lora)
         if not self.reduce_results:
             return y
         y = self.tp.all_reduce(y)

@@ -30,10 +30,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from radixlm.kernels.lora import (  # noqa: E402
-    LoraSegments, apply_lora, build_segments, lora_expand_ref, lora_shrink_ref,
+    LoraSegments, LoraWeights, apply_lora, build_segments, lora_expand_ref, lora_forward, lora_shrink_ref,
 )
 from radixlm.kernels.lora_triton import (  # noqa: E402
-    default_split_k, expand_config, fused_fits, lora_expand_triton, lora_fused_triton, lora_shrink_triton,
+    default_split_k, expand_config, lora_expand_triton, lora_shrink_triton,
 )
 
 CUDA = torch.cuda.is_available()
@@ -112,20 +112,15 @@ MIXED = ([1, -1, 0, 2, -1, 1, 2, 2], [7, 9, 1, 0, 2, 5, 6, 4])
 
 
 def run(path: str, x, y, pool: Pool, seg: LoraSegments, max_seg_len: int | None, split_k: int | None) -> None:
-    """``triton``: the shrink and expand launches; ``fused``: both in one launch; ``ref``: the torch references."""
     num_slices = pool.offsets.shape[0] - 1
-    if path == "fused":
-        lora_fused_triton(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, seg.seg_starts,
-                          seg.seg_slots, max_seg_len, seg.token_order, split_k)
-    elif path == "triton":
+    if path == "triton":
         tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, max_seg_len,
-                                 split_k, seg.token_order)
+                                 split_k)
         lora_expand_triton(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
-                           max_seg_len, seg.token_order)
+                           max_seg_len)
     else:
-        tmp = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, seg.token_order)
-        lora_expand_ref(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
-                        seg.token_order)
+        tmp = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices)
+        lora_expand_ref(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y)
 
 
 def test_build_segments_exact() -> None:
@@ -182,7 +177,7 @@ def test_build_segments_split_bound() -> None:
     assert tight
 
 
-@pytest.mark.parametrize("path", ["triton", "fused", "ref"])
+@pytest.mark.parametrize("path", ["triton", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("widths", [WIDTHS, (40,)], ids=["qkv", "one-slice"])
 def test_mixed_prefill_batch(path: str, dtype: torch.dtype, widths: tuple[int, ...]) -> None:
@@ -202,13 +197,13 @@ def test_mixed_prefill_batch(path: str, dtype: torch.dtype, widths: tuple[int, .
     y64, mag = expected(x, y, pool, slots)
     qkv = len(widths) > 1
     run(path, x, y, pool, seg, seg.max_seg_len if qkv else None, 3 if qkv else None)
-    assert_close(y, y64, mag, path != "ref")
+    assert_close(y, y64, mag, path == "triton")
     base_rows = [t for t, s in enumerate(slots) if s < 0]
     assert torch.equal(y_wide[base_rows], before[base_rows])  # bit-unchanged
     assert torch.equal(y_wide[:, n_total:], before[:, n_total:])  # outside y's window
 
 
-@pytest.mark.parametrize("path", ["triton", "fused", "ref"])
+@pytest.mark.parametrize("path", ["triton", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_one_segment_per_request(path: str, dtype: torch.dtype) -> None:
     """Decode: one token per request, one segment each (the GEMV form, ``max_seg_len`` 1), slots unsorted, K
@@ -222,11 +217,11 @@ def test_decode_one_segment_per_request(path: str, dtype: torch.dtype) -> None:
     before = y.clone()
     y64, mag = expected(x, y, pool, slots)
     run(path, x, y, pool, seg, seg.max_seg_len, 2)
-    assert_close(y, y64, mag, path != "ref")
+    assert_close(y, y64, mag, path == "triton")
     assert torch.equal(y[[1, 5]], before[[1, 5]])
 
 
-@pytest.mark.parametrize("path", ["triton", "fused", "ref"])
+@pytest.mark.parametrize("path", ["triton", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 3], ids=["decode", "prefill"])
 def test_sorted_batch_through_token_order(path: str, dtype: torch.dtype, tokens: int) -> None:
@@ -242,8 +237,17 @@ def test_sorted_batch_through_token_order(path: str, dtype: torch.dtype, tokens:
     y = torch.randn(len(token_slots), sum(WIDTHS), generator=g).to(dtype).to(DEVICE)
     before = y.clone()
     y64, mag = expected(x, y, pool, token_slots)
-    run(path, x, y, pool, seg, seg.max_seg_len, 2)
-    assert_close(y, y64, mag, path != "ref")
+    num_slices = len(WIDTHS)
+    if path == "triton":
+        tmp = lora_shrink_triton(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, seg.max_seg_len,
+                                 2, seg.token_order)
+        lora_expand_triton(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
+                           seg.max_seg_len, seg.token_order)
+    else:
+        tmp = lora_shrink_ref(x, pool.a, seg.seg_starts, seg.seg_slots, pool.ranks, num_slices, seg.token_order)
+        lora_expand_ref(tmp, pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets, y,
+                        seg.token_order)
+    assert_close(y, y64, mag, path == "triton")
     base_rows = [t for t, s in enumerate(token_slots) if s < 0]
     assert torch.equal(y[base_rows], before[base_rows])
 
@@ -273,44 +277,6 @@ def test_shrink_tmp_contract() -> None:
     with pytest.raises(ValueError, match="single plane"):
         lora_expand_triton(torch.zeros(2, 5, 3 * MAX_RANK, device=DEVICE), pool.b, seg.seg_starts, seg.seg_slots,
                            pool.ranks, pool.scalings, pool.offsets, y, seg.max_seg_len)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_fused_equals_two_launches(dtype: torch.dtype) -> None:
-    """The fused launch gives the two launches' y bit for bit (same partials, same split order, same products)
-    for the three layouts (per-request GEMV, merged, sorted pieces through ``token_order``) and split counts
-    1-4, and leaves every split counter at zero (the next launch's handoff starts clean); a slice without columns
-    (a rank's empty share of a merged projection) resets its counter too."""
-    from radixlm.kernels.lora_triton import _split_counters
-
-    slots, counts = MIXED
-    layouts = [build_segments(slots, counts, DEVICE, split=4),
-               build_segments(slots, counts, DEVICE, sort=True, split=4),
-               build_segments([2, -1, 1, 1, 0], [1] * 5, DEVICE, merge=False)]
-    for widths in (WIDTHS, (48, 0, 16)):
-        pool = make_pool(widths, dtype, seed=6)
-        for seg in layouts:
-            tokens = seg.seg_starts[-1].item()
-            x = torch.randn(tokens, K).to(dtype).to(DEVICE)
-            y0 = torch.randn(tokens, sum(widths)).to(dtype).to(DEVICE)
-            for split_k in (1, 2, 4):
-                two, fused = y0.clone(), y0.clone()
-                run("triton", x, two, pool, seg, seg.max_seg_len, split_k)
-                run("fused", x, fused, pool, seg, seg.max_seg_len, split_k)
-                assert torch.equal(fused, two)
-                assert not _split_counters(x.device).any()
-
-
-def test_fused_fits() -> None:
-    """A layout whose shrink tiles outnumber the counters is refused (``apply_lora`` then runs two launches)."""
-    assert fused_fits(num_tokens=128, num_segs=24, num_slices=3, max_seg_len=16)
-    assert not fused_fits(num_tokens=16384, num_segs=256, num_slices=3)  # 256 tiles x 256 segments x 3 slices
-    pool = make_pool((40,), torch.float32)
-    x, y = torch.zeros(1, K, device=DEVICE), torch.zeros(1, 40, device=DEVICE)
-    many = build_segments([-1] * 70000, [1] * 70000, DEVICE, merge=False)
-    with pytest.raises(ValueError, match="counters"):
-        lora_fused_triton(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, many.seg_starts,
-                          many.seg_slots, 1)
 
 
 def test_default_split_k() -> None:
@@ -354,6 +320,20 @@ references on CPU) within the fp32 bound."""
     y64, mag = expected(x, y, pool, slots)
     apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, seg)
     assert_close(y, y64, mag, CUDA)
+
+
+def test_lora_forward_adds_to_the_base_output() -> None:
+    """``lora_forward`` (what the linear layers call: on a GPU the shrink on a side stream beside ``base``) equals
+    ``base()`` plus the adapters within the fp32 bound, and with ``has_lora`` false is ``base()`` itself."""
+    pool = make_pool(WIDTHS, torch.float32)
+    weights = LoraWeights(pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets)
+    seg = build_segments(*MIXED, DEVICE)
+    slots = per_token_slots(*MIXED)
+    x = torch.randn(len(slots), K, device=DEVICE)
+    y0 = torch.randn(len(slots), sum(WIDTHS), device=DEVICE)
+    y64, mag = expected(x, y0, pool, slots)
+    assert_close(lora_forward(x, y0.clone, weights, seg), y64, mag, CUDA)
+    assert lora_forward(x, lambda: y0, weights, seg._replace(has_lora=False)) is y0
 
 
 # --- GPU only ---------------------------------------------------------------------------------------------------
@@ -428,40 +408,45 @@ def test_rank_zero_slot_is_skipped(path: str) -> None:
     run(path, x, y, pool, seg, seg.max_seg_len, None)
     assert torch.equal(y[[0, 1, 5]], before[[0, 1, 5]])
     y64, mag = expected(x, before, pool, [-1, -1, 1, 1, 1, -1])
-    assert_close(y, y64, mag, path != "ref")
+    assert_close(y, y64, mag, path == "triton")
 
 
 @ON_GPU
-@pytest.mark.parametrize("rows,adapters", [(1, 1), (16, 4), (128, 16)])
-def test_fused_at_llama_shapes_is_race_free(rows: int, adapters: int) -> None:
-    """At a real decode shape (Llama-3.1-8B gate_up: K 4096, two slices of 14336; thousands of expand programs
-    waiting on dozens of shrink tiles) the fused launch equals the two launches bit for bit, replay after replay
-    of one CUDA graph: a handoff that let an expand read a partial sum, or a counter left dirty, shows."""
-    from radixlm.kernels.lora import decode_segments
+def test_lora_forward_overlapped_matches_serial_in_a_graph() -> None:
+    """The side-stream shrink gives ``apply_lora``'s result bit for bit (same kernels, same split order), from a
+    non-default stream, eagerly and replayed from a CUDA graph after the inputs change; a base matmul that takes
+    long does not let the expand run before it."""
+    torch.manual_seed(0)
+    pool = make_pool(WIDTHS, torch.bfloat16)
+    weights = LoraWeights(pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets)
+    tokens = 40
+    slots = [i % 3 - 1 for i in range(tokens)]
+    seg = build_segments(slots, [1] * tokens, DEVICE, sort=True, split=16, num_segs=-(-tokens // 16) + len(RANKS),
+                         num_order=tokens)
+    seg = seg._replace(max_seg_len=16)
+    x = torch.randn(tokens, K, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(sum(WIDTHS), K, device=DEVICE, dtype=torch.bfloat16)
+    big = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
 
-    torch.manual_seed(1)
-    k, widths, rank, slots = 4096, (14336, 14336), 16, 16
-    a = torch.randn(slots, 2 * rank, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
-    b = torch.randn(slots, sum(widths), rank, device=DEVICE, dtype=torch.bfloat16) / rank**0.5
-    ranks = torch.full((slots,), rank, dtype=torch.int32, device=DEVICE)
-    scalings = torch.full((slots,), 2.0, dtype=torch.float32, device=DEVICE)
-    offsets = torch.tensor([0, widths[0], sum(widths)], dtype=torch.int32, device=DEVICE)
-    seg = decode_segments([i % adapters for i in range(rows)], slots, DEVICE)
-    x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
-    y0 = torch.randn(rows, sum(widths), device=DEVICE, dtype=torch.bfloat16)
-    want = y0.clone()
-    tmp = lora_shrink_triton(x, a, seg.seg_starts, seg.seg_slots, ranks, 2, seg.max_seg_len,
-                             token_order=seg.token_order)
-    lora_expand_triton(tmp, b, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets, want, seg.max_seg_len,
-                       token_order=seg.token_order)
-    y = y0.clone()
-    apply_lora(x, y, a, b, ranks, scalings, offsets, seg)  # the fused launch; compiles before the capture
-    assert torch.equal(y, want)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y.copy_(y0)
-        apply_lora(x, y, a, b, ranks, scalings, offsets, seg)
-    for _ in range(50):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, want)
+    def base() -> torch.Tensor:
+        torch.matmul(big, big)  # keeps the current stream busy while the shrink runs beside it
+        return x @ w.T
+
+    def serial() -> torch.Tensor:
+        y = x @ w.T
+        apply_lora(x, y, *weights, seg)
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = lora_forward(x, base, weights, seg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = lora_forward(x, base, weights, seg)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(eager, serial())
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, serial())
