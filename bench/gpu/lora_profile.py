@@ -1,6 +1,10 @@
 """Where a decode layer's LoRA time goes (issue #22): the four Llama-3.1-8B projections of one layer with their
 adapters, captured in one CUDA graph, replayed under ``torch.profiler``; per kernel the mean device time per
-replay, and the replay's wall time (kernels plus the gaps between them).
+replay, and the replay's wall time (kernels plus the gaps between them).  Modes: ``base`` the base matmuls
+alone; ``seg`` each followed by the shrink and expand launches (a pool apart from the weights: the prefill path,
+and decode's before GPU run M4); ``dense`` decode's path (``lora_forward`` on a dense layout: one GEMM over the
+weight with every slot's A rows below it, then the out-of-place expand).  GPU runs M1-M3 also timed a shrink on a
+side stream beside the base GEMM and a shrink+expand in one launch (docs/benchmarks.md; both dropped).
 
     python bench/gpu/lora_profile.py [--tokens 128] [--adapters 16] [--rank 16] [--modes base seg dense]
 """
@@ -19,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_kernels import NUM_SLOTS, SHAPES, make_operands  # noqa: E402
 
-from radixlm.kernels.lora import decode_segments  # noqa: E402
+from radixlm.kernels.lora import LoraWeights, decode_segments, lora_forward  # noqa: E402
 from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
 
 
@@ -28,8 +32,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[128])
     parser.add_argument("--adapters", nargs="+", type=int, default=[16])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", choices=["base", "seg", "overlap", "dense-gemm", "dense"],
-                        default=["base", "seg", "overlap", "dense-gemm", "dense"])
+    parser.add_argument("--modes", nargs="+", choices=["base", "seg", "dense"], default=["base", "seg", "dense"])
     args = parser.parse_args()
     rank = args.rank
     for tokens in args.tokens:
@@ -40,42 +43,25 @@ def main() -> None:
             for name in ("qkv", "o", "gate_up", "down"):
                 shape = SHAPES[name]
                 x, w, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, rank, tokens, "cuda")
-                n_total = sum(shape.widths)
                 w_ext = torch.cat([w, a_pool.reshape(-1, shape.k)])
-                ops.append((x, w, a_pool, b_pool, ranks, scalings, offsets,
-                            torch.empty(tokens, n_total, dtype=x.dtype, device="cuda"), w_ext,
-                            torch.empty(tokens, w_ext.shape[0], dtype=x.dtype, device="cuda"),
-                            torch.zeros(1, tokens, a_pool.shape[1], dtype=torch.float32, device="cuda")))
+                dense = LoraWeights(w_ext[w.shape[0]:].view(a_pool.shape), b_pool, ranks, scalings, offsets, w_ext)
+                ops.append((x, w_ext[:w.shape[0]], a_pool, b_pool, ranks, scalings, offsets,
+                            torch.empty(tokens, sum(shape.widths), dtype=x.dtype, device="cuda"), dense))
             slots = [i % adapters for i in range(tokens)]
             seg = decode_segments(slots, NUM_SLOTS, "cuda")
-
-            side = torch.cuda.Stream()
+            dense_seg = decode_segments(slots, NUM_SLOTS, "cuda", dense=True)
 
             def run(mode: str) -> None:
-                for x, w, a_pool, b_pool, ranks, scalings, offsets, y, w_ext, y_ext, tmp_zero in ops:
-                    num_slices = offsets.shape[0] - 1
-                    meta = (seg.seg_starts, seg.seg_slots, ranks)
-                    if mode.startswith("dense"):
-                        torch.matmul(x, w_ext.T, out=y_ext)
-                        if mode == "dense":
-                            lora_expand_triton(tmp_zero, b_pool, *meta, scalings, offsets, y_ext[:, :y.shape[1]],
-                                               seg.max_seg_len, token_order=seg.token_order)
+                for x, w, a_pool, b_pool, ranks, scalings, offsets, y, dense in ops:
+                    if mode == "dense":
+                        lora_forward(x, lambda: x @ w.T, dense, dense_seg)
                         continue
-                    if mode == "overlap":
-                        main = torch.cuda.current_stream()
-                        side.wait_stream(main)
-                        with torch.cuda.stream(side):
-                            tmp = lora_shrink_triton(x, a_pool, *meta, num_slices, seg.max_seg_len,
-                                                     token_order=seg.token_order)
                     torch.matmul(x, w.T, out=y)
-                    if mode == "overlap":
-                        main.wait_stream(side)
                     if mode == "seg":
-                        tmp = lora_shrink_triton(x, a_pool, *meta, num_slices, seg.max_seg_len,
-                                                 token_order=seg.token_order)
-                    if mode in ("seg", "overlap"):
-                        lora_expand_triton(tmp, b_pool, *meta, scalings, offsets, y, seg.max_seg_len,
-                                           token_order=seg.token_order)
+                        tmp = lora_shrink_triton(x, a_pool, seg.seg_starts, seg.seg_slots, ranks,
+                                                 offsets.shape[0] - 1, seg.max_seg_len, token_order=seg.token_order)
+                        lora_expand_triton(tmp, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets, y,
+                                           seg.max_seg_len, token_order=seg.token_order)
 
             for mode in args.modes:
                 run(mode)

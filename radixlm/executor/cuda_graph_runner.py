@@ -55,8 +55,8 @@ def graph_memory_estimate(runner: "ModelRunner", max_bs: int) -> int:
                         + kv.num_kv_heads * (kv.head_dim + kv.v_head_dim))
     per_token += 3 * 4 * cfg.vocab_size  # logits: bf16 matmul output, float32 copy, gathered copy
     per_token += 4 * cfg.vocab_size  # the shared float32 logits buffer
-    if runner.lora is not None:  # the shrink's float32 partials, at most 32 K splits of 3 slices
-        per_token += 32 * 3 * runner.lora.max_rank * 4
+    if runner.lora is not None:  # the dense GEMM's output (base + every slot's shrink) beside the expand's
+        per_token += elem * (3 * (cfg.intermediate_size // tp) + runner.lora.num_slots * 3 * runner.lora.max_rank)
     return max_bs * per_token + (64 << 20)
 
 
@@ -64,6 +64,7 @@ def fill_lora_layout(static: LoraSegments, segments: LoraSegments) -> None:
     """Copy a batch's decode layout into a LoRA graph's static inputs (ValueError unless the shapes and the
     segment bound are the captured ones: ``LoRAManager.prepare`` built it for another size)."""
     same = (segments.seg_slots.shape == static.seg_slots.shape and segments.max_seg_len == static.max_seg_len
+            and segments.dense == static.dense
             and (segments.token_order is None) == (static.token_order is None)
             and (static.token_order is None or segments.token_order.shape == static.token_order.shape))
     if not same:

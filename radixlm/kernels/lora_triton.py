@@ -115,10 +115,10 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_expand_kernel(
-    tmp_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
-    n_total, max_rank, stride_tm, stride_bs, stride_bn, stride_ym,
+    tmp_ptr, b_ptr, y_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, offsets_ptr, order_ptr,
+    n_total, max_rank, stride_tm, stride_ts, stride_bs, stride_bn, stride_ym, stride_om,
     NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
-    HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HALF_DOT: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
@@ -126,12 +126,18 @@ def _lora_expand_kernel(
     slot = tl.load(seg_slots_ptr + seg)
     m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
     end = tl.load(seg_starts_ptr + seg + 1)
-    if (slot < 0) | (m0 >= end):
+    if m0 >= end:
         return
-    rank = tl.load(ranks_ptr + slot)
-    if rank == 0:  # the slot's adapter leaves this projection alone
-        return
-    scaling = tl.load(scalings_ptr + slot)
+    if DENSE:  # every row is written: rows of no adapter (slot -1, or rank 0) get rank 0, a copy
+        rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
+    else:
+        if slot < 0:
+            return
+        rank = tl.load(ranks_ptr + slot)
+        if rank == 0:  # the slot's adapter leaves this projection alone
+            return
+    slot = tl.maximum(slot, 0)
+    scaling = tl.where(rank > 0, tl.load(scalings_ptr + slot), 0.0)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_total
@@ -141,40 +147,42 @@ def _lora_expand_kernel(
                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     if not HALF_DOT:
         b = b.to(tl.float32)
+    # tmp: the shrink's rows are positions in segment order; the dense GEMM's are tokens, one column block per slot
+    t_slot = tmp_ptr + slot.to(tl.int64) * stride_ts
     if GEMV:
+        row = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        t_row = tmp_ptr + m0.to(tl.int64) * stride_tm
+        t_row = t_slot + (row if DENSE else m0.to(tl.int64)) * stride_tm
         for s in tl.static_range(NUM_SLICES):
             lo = tl.load(offsets_ptr + s)
             hi = tl.load(offsets_ptr + s + 1)
             if (lo < n0 + BLOCK_N) & (hi > n0):
-                t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0)
+                t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0).to(tl.float32)
                 part = tl.sum(t[:, None] * b.to(tl.float32), axis=0)
                 acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
-        y_ptrs = y_ptr + (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64) * stride_ym + offs_n
-        y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
+        y = tl.load(y_ptr + row * stride_ym + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs_n, (y + scaling * acc).to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
-        rows = offs_m.to(tl.int64)
+        y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
+        t_rows = y_rows if DENSE else offs_m.to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in tl.static_range(NUM_SLICES):
             lo = tl.load(offsets_ptr + s)
             hi = tl.load(offsets_ptr + s + 1)
             if (lo < n0 + BLOCK_N) & (hi > n0):
-                t = tl.load(tmp_ptr + rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
+                t = tl.load(t_slot + t_rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)
                 if HALF_DOT:  # tmp rounded to the pool's dtype (GPU run L10: 20 % less expand time than tf32)
                     part = tl.dot(t.to(b.dtype), b)
                 else:
-                    part = tl.dot(t, b, input_precision=DOT_PRECISION)
+                    part = tl.dot(t.to(tl.float32), b, input_precision=DOT_PRECISION)
                 acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
-        y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
-        y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
+        y = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + y_rows[:, None] * stride_om + offs_n[None, :],
+                 (y + scaling * acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(max_seg_len: int) -> int:
@@ -239,49 +247,26 @@ def expand_config(block_m: int, num_slices: int) -> tuple[int, int]:
     return (128, 4) if num_slices > 1 else (256, 8)
 
 
-def shrink_split_k(x: torch.Tensor, a_pool: torch.Tensor, num_slices: int, num_segs: int,
-                   max_seg_len: int | None = None) -> int:
-    """The shrink's K splits for this launch (``default_split_k`` over its programs; 1 when its tiles outnumber
-    the split counters): the plane count of its scratch."""
-    num_tokens, k_dim = x.shape
-    tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len,
-                        _block_m(num_tokens if max_seg_len is None else max_seg_len))
-    if tiles * num_segs * num_slices > SPLIT_COUNTERS:
-        return 1
-    return default_split_k(tiles * num_segs * num_slices, k_dim, _num_sms(x.device))
-
-
 def lora_shrink_triton(
     x: torch.Tensor, a_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     num_slices: int, max_seg_len: int | None = None, split_k: int | None = None,
     token_order: torch.Tensor | None = None, block_k: int | None = None, num_warps: int | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``radixlm.kernels.lora.lora_shrink`` in one launch (CUDA, or CPU tensors under the interpreter);
-    ``split_k`` defaults to ``shrink_split_k``'s, ``block_k`` to 128 for the GEMV form and 64 for the dot form,
-    ``num_warps`` to 8 and 4 (the overrides are for tuning: bench/gpu/lora_tune.py).  ``out``: the scratch
-    ``[split_k, T, num_slices * max_rank]`` float32 to use (allocated by the caller, e.g. on another stream than
-    the launch's); its plane count is the split count.  Launches on one stream at a time per device (they share
-    the split counters)."""
+    ``split_k`` defaults to ``default_split_k``'s, ``block_k`` to 128 for the GEMV form and 64 for the dot form,
+    ``num_warps`` to 8 and 4 (the overrides are for tuning: bench/gpu/lora_tune.py).  Launches on one stream
+    at a time per device (they share the split counters)."""
     _check_rows(x, "x")
     num_tokens, k_dim = x.shape
     max_rank = a_pool.shape[1] // num_slices
     num_segs = seg_slots.shape[0]
     block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
     tiles = triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m)
-    if out is not None:
-        split_k = out.shape[0]
-        if out.shape[1:] != (num_tokens, num_slices * max_rank) or out.dtype != torch.float32 \
-                or not out.is_contiguous():
-            raise ValueError(f"the shrink's scratch must be [split_k, {num_tokens}, {num_slices * max_rank}] "
-                             f"float32 contiguous, got {tuple(out.shape)} {out.dtype}")
-    elif split_k is None:
-        split_k = shrink_split_k(x, a_pool, num_slices, num_segs, max_seg_len)
-    if split_k > 1 and tiles * num_segs * num_slices > SPLIT_COUNTERS:
-        raise ValueError(f"{tiles * num_segs * num_slices} shrink tiles exceed the {SPLIT_COUNTERS} split-K "
-                         f"counters: split_k must be 1")
-    tmp = out if out is not None else torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32,
-                                                  device=x.device)
+    if split_k is None:
+        split_k = default_split_k(tiles * num_segs * num_slices, k_dim, _num_sms(x.device))
+    if tiles * num_segs * num_slices > SPLIT_COUNTERS:
+        split_k = 1
+    tmp = torch.empty(split_k, num_tokens, num_slices * max_rank, dtype=torch.float32, device=x.device)
     if num_tokens == 0 or num_segs == 0:
         return tmp[:1]
     _lora_shrink_kernel[(tiles, num_segs, num_slices * split_k)](
@@ -317,11 +302,41 @@ def lora_expand_triton(
     grid = (triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m), num_segs,
             triton.cdiv(n_total, block_n))
     _lora_expand_kernel[grid](
-        tmp, b_pool, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
-        seg_starts if token_order is None else token_order, n_total, max_rank, tmp.stride(1), b_pool.stride(0),
-        b_pool.stride(1), y.stride(0),
+        tmp, b_pool, y, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
+        seg_starts if token_order is None else token_order, n_total, max_rank, tmp.stride(1), 0, b_pool.stride(0),
+        b_pool.stride(1), y.stride(0), y.stride(0),
         NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
-        HAS_ORDER=token_order is not None, HALF_DOT=b_pool.dtype != torch.float32,
+        HAS_ORDER=token_order is not None, HALF_DOT=b_pool.dtype != torch.float32, DENSE=False,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         num_warps=num_warps,
+    )
+
+
+def lora_expand_dense_triton(
+    y_ext: torch.Tensor, out: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
+    ranks: torch.Tensor, scalings: torch.Tensor, slice_offsets: torch.Tensor, max_seg_len: int,
+    token_order: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
+) -> None:
+    """``radixlm.kernels.lora.lora_expand_dense`` in one launch: the expand kernel reading ``tmp`` from the dense
+    GEMM's tail columns (token rows, one block of columns per slot) and writing every row of ``out``; launch
+    parameters as ``lora_expand_triton``'s."""
+    _check_rows(y_ext, "y_ext")
+    _check_rows(out, "out")
+    num_tokens, n_total = out.shape
+    num_slices = slice_offsets.shape[0] - 1
+    max_rank = b_pool.shape[2]
+    num_segs = seg_slots.shape[0]
+    if num_tokens == 0 or num_segs == 0:
+        return
+    block_m = _block_m(max_seg_len)
+    default_n, default_warps = expand_config(block_m, num_slices)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
+    grid = (triton.cdiv(max_seg_len, block_m), num_segs, triton.cdiv(n_total, block_n))
+    _lora_expand_kernel[grid](
+        y_ext[:, n_total:], b_pool, y_ext, out, seg_starts, seg_slots, ranks, scalings, slice_offsets,
+        seg_starts if token_order is None else token_order, n_total, max_rank, y_ext.stride(0),
+        num_slices * max_rank, b_pool.stride(0), b_pool.stride(1), y_ext.stride(0), out.stride(0),
+        NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
+        HAS_ORDER=token_order is not None, HALF_DOT=b_pool.dtype != torch.float32, DENSE=True,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank), num_warps=num_warps,
     )

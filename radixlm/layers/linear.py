@@ -99,15 +99,15 @@ class QuantizableLinear(nn.Module):
 
 
 def _with_lora(layer: "ColumnParallelLinear | RowParallelLinear", x: torch.Tensor | FP8Activation,
-               base: Callable[[], torch.Tensor], lora: LoraSegments | None) -> torch.Tensor:
+               base: Callable[[], torch.Tensor], lora: LoraSegments | None, bias_in_matmul: bool) -> torch.Tensor:
     """``base()`` (this rank's output of the projection, ``[num_tokens, out_local]``, before any collective) plus
-    the batch's adapters' ``scaling * x A^T B^T`` (``radixlm.kernels.lora.lora_forward``: on a GPU the shrink
-    overlaps the base matmul)."""
+    the batch's adapters' ``scaling * x A^T B^T`` (``radixlm.kernels.lora.lora_forward``: a GPU decode step
+    computes the shrink in the base GEMM, over the weight with the pool's A rows below it)."""
     if lora is None or layer.lora_weights is None or not lora.has_lora:
         return base()
     if isinstance(x, FP8Activation):
         raise ValueError("LoRA needs the unquantized input of the projection (LoRA does not combine with FP8)")
-    return lora_forward(x, base, layer.lora_weights, lora)
+    return lora_forward(x, base, layer.lora_weights, lora, bias_in_matmul)
 
 
 class ReplicatedLinear(QuantizableLinear):
@@ -189,7 +189,7 @@ class ColumnParallelLinear(QuantizableLinear):
         param.data.narrow(0, dst_offset // bn, rows).copy_(loaded.narrow(0, src_offset // bn, rows))
 
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
-        y = _with_lora(self, x, lambda: self._base_forward(x), lora)
+        y = _with_lora(self, x, lambda: self._base_forward(x), lora, bias_in_matmul=True)
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
     def _base_forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
@@ -275,7 +275,7 @@ class RowParallelLinear(QuantizableLinear):
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
-        y = _with_lora(self, x, lambda: self.matmul(x), lora)
+        y = _with_lora(self, x, lambda: self.matmul(x), lora, bias_in_matmul=False)
         if not self.reduce_results:
             return y
         y = self.tp.all_reduce(y)

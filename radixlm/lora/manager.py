@@ -36,6 +36,13 @@ def resolve_max_lora_rank(server_args: ServerArgs) -> int:
     return max(ranks, default=DEFAULT_MAX_LORA_RANK)
 
 
+def dense_decode(device: torch.device) -> bool:
+    """Whether decode steps compute the shrink inside the base GEMM (``LoRAPool(dense=True)``): on GPUs.  A CPU
+    model keeps its weights as they are: its linear layers multiply by a packed copy made on first use, and the
+    dense GEMM over a weight whose tail changes with the slots would need a fresh one each step."""
+    return device.type == "cuda"
+
+
 class LoRAManager:
     """Adapters of one TP rank (module docstring).  ``model`` must implement ``lora_projections()`` (per decoder
     layer, group name -> linear layer; ValueError for a model LoRA does not support): the pool is attached to
@@ -52,8 +59,9 @@ class LoRAManager:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self._allowed_modules = server_args.lora_target_module_set()
         self._allowed_dir = server_args.lora_allowed_dir
+        self.dense = dense_decode(device)
         self.pool = LoRAPool(model.lora_projections(), pool_groups(self._allowed_modules),
-                             server_args.max_loras_per_batch, max_rank, model_config.dtype, device)
+                             server_args.max_loras_per_batch, max_rank, model_config.dtype, device, dense=self.dense)
         self._host: dict[str, HostLoRA] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
 
@@ -120,7 +128,7 @@ class LoRAManager:
             self._resident.move_to_end(name)
         slots = [-1 if n is None else self._resident[n] for n in names]
         if batch.mode.is_decode:
-            segments = decode_segments(slots, self.num_slots, "cpu", decode_rows)
+            segments = decode_segments(slots, self.num_slots, "cpu", decode_rows, dense=self.dense)
         else:
             segments = build_segments(slots, batch.extend_lens, "cpu", split=PREFILL_SEGMENT_TOKENS)
         order = segments.token_order

@@ -11,6 +11,12 @@ up) and ``down_proj``; only the groups ``--lora-target-modules`` lets adapters t
     ranks  [num_slots] int32                                r, or 0 where the slot's adapter leaves the group of
                                                             this layer alone (the kernels then skip it)
 
+With ``dense`` (a GPU pool), each group's ``a_pool`` is stored below the layer's base weight, in one
+``[out_local + num_slots * num_slices * max_rank, in_local]`` tensor (``LoraWeights.weight_ext``; the layer's
+``weight`` becomes a view of its head), so that a decode step's base GEMM computes every slot's shrink too
+(``radixlm.kernels.lora``, "Dense decode"); a layer with a bias gets ``bias_ext`` (the bias, then zeros) the same
+way.
+
 ``ranks`` of every layer and group are views into one ``[num_layers, num_groups, num_slots]`` tensor and the
 ``scalings`` ([num_slots] float32) are shared by all of them: an adapter's scaling is the same everywhere.
 The pool is attached to the model's projections (their ``lora_weights``) once, when it is created; writing a
@@ -100,13 +106,34 @@ def _pinned_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[
     return out
 
 
+def _extend_below(module: nn.Module, rows: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Move ``module.weight`` (and its bias, if any) into the head of new tensors with ``rows`` zero rows (zero
+    entries) below; the parameters become views of the heads, so loaders and the base path see what they saw."""
+    weight = module.weight
+    if weight.dtype != dtype or weight.device != device:
+        raise ValueError(f"a dense LoRA pool in {dtype} on {device} cannot extend a {weight.dtype} weight on "
+                         f"{weight.device}")
+    out_local, in_local = weight.shape
+    ext = torch.zeros(out_local + rows, in_local, dtype=dtype, device=device)
+    ext[:out_local].copy_(weight.data)
+    weight.data = ext[:out_local]
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return ext, None
+    bias_ext = torch.zeros(out_local + rows, dtype=bias.dtype, device=device)
+    bias_ext[:out_local].copy_(bias.data)
+    bias.data = bias_ext[:out_local]
+    return ext, bias_ext
+
+
 class LoRAPool:
     """The device slots (module docstring), attached to ``projections``: per decoder layer, group name -> the
     model's linear layer for it (a ``ColumnParallelLinear`` for qkv/gate_up, a ``RowParallelLinear`` for o/down;
     its ``weight`` [out_local, in_local] gives the shapes)."""
 
     def __init__(self, projections: list[dict[str, nn.Module]], groups: tuple[str, ...], num_slots: int,
-                 max_rank: int, dtype: torch.dtype, device: torch.device):
+                 max_rank: int, dtype: torch.dtype, device: torch.device, dense: bool = False):
         self.groups = groups
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -122,10 +149,17 @@ class LoRAPool:
                     raise ValueError(f"layer {layer}'s {group} has {len(slice_sizes)} output slices; LoRA expects "
                                      f"{len(GROUP_MODULES[group])} ({', '.join(GROUP_MODULES[group])})")
                 offsets = torch.tensor([0] + slice_sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+                a_shape = (num_slots, len(slice_sizes) * max_rank, in_local)
+                weight_ext = bias_ext = None
+                if dense:
+                    weight_ext, bias_ext = _extend_below(module, a_shape[0] * a_shape[1], dtype, device)
+                    a_pool = weight_ext[out_local:].view(a_shape)
+                else:
+                    a_pool = torch.zeros(a_shape, dtype=dtype, device=device)
                 weights = LoraWeights(
-                    a_pool=torch.zeros(num_slots, len(slice_sizes) * max_rank, in_local, dtype=dtype, device=device),
-                    b_pool=torch.zeros(num_slots, out_local, max_rank, dtype=dtype, device=device),
-                    ranks=self.ranks[layer, g], scalings=self.scalings, slice_offsets=offsets.to(device))
+                    a_pool=a_pool, b_pool=torch.zeros(num_slots, out_local, max_rank, dtype=dtype, device=device),
+                    ranks=self.ranks[layer, g], scalings=self.scalings, slice_offsets=offsets.to(device),
+                    weight_ext=weight_ext, bias_ext=bias_ext)
                 self.weights[(layer, group)] = weights
                 module.lora_weights = weights
 

@@ -13,6 +13,7 @@ from radixlm.config import ServerArgs
 from radixlm.distributed import destroy_tensor_parallel
 from radixlm.executor import ModelRunner, ModelWorker
 from radixlm.executor.static_batch import decode_batch, extend_batch, generate_static, release
+from radixlm.lora import manager as lora_manager
 from radixlm.models.loader import resolve_model_config
 from radixlm.sampling import SamplingParams
 
@@ -55,11 +56,17 @@ def peft_models(embedded_hf_model, tmp_path_factory) -> dict[str, tuple[str, tor
     return out
 
 
-@pytest.fixture(scope="module")
-def lora_worker(embedded_path, peft_models) -> ModelWorker:
-    """Three slots for the three adapters, loaded at startup."""
-    return make_worker(embedded_path, lora_paths=tuple(f"{n}={p}" for n, (p, _) in peft_models.items()),
-                       max_loras_per_batch=3)
+@pytest.fixture(scope="module", params=["segmented", "dense"])
+def lora_worker(request, embedded_path, peft_models) -> ModelWorker:
+    """Three slots for the three adapters, loaded at startup.  ``dense``: the GPU's decode path (the pool's A rows
+    below the base weights, the shrink inside the base GEMM), forced on this CPU."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "dense":
+            patch.setattr(lora_manager, "dense_decode", lambda device: True)
+        worker = make_worker(embedded_path, lora_paths=tuple(f"{n}={p}" for n, (p, _) in peft_models.items()),
+                             max_loras_per_batch=3)
+    assert worker.runner.lora.dense == (request.param == "dense")
+    return worker
 
 
 def step_logits(worker: ModelWorker, prompts: list[list[int]], continuations: list[list[int]],
@@ -98,10 +105,15 @@ def test_mixed_adapter_batch_matches_peft(lora_worker, embedded_hf_model, embedd
             diff = (step_out[i] - ref[step]).abs().max().item()
             assert diff < LOGIT_TOL, f"row {i} ({name}) step {step}: logits differ by {diff}"
     # The adapters matter, and only on their rows: against the same batch without adapters, the adapter rows'
-    # logits move and their continuations change (all16 rows); the base rows' logits are bit-identical.
+    # logits move and their continuations change (all16 rows); the base rows' logits are bit-identical (dense
+    # decode steps: close, their base product comes from the GEMM over the extended weight, another kernel).
     base = step_logits(lora_worker, prompts, ours, None)
+    dense = lora_worker.runner.lora.dense
     for i, name in enumerate(ROW_ADAPTERS):
-        if name is None:
+        if name is None and dense:
+            assert torch.equal(logits[0][i], base[0][i]), f"base row {i}"  # extend steps are not dense
+            assert all((a[i] - b[i]).abs().max().item() < 1e-4 for a, b in zip(logits, base)), f"base row {i}"
+        elif name is None:
             assert all(torch.equal(a[i], b[i]) for a, b in zip(logits, base)), f"base row {i}"
         else:
             assert (logits[0][i] - base[0][i]).abs().max().item() > 1.0, f"row {i} ({name})"
@@ -127,8 +139,11 @@ TP_PROMPTS = [[5, 17, 99, 3, 250, 7, 7, 8], [400, 2, 33], list(range(100, 140)),
 TP_ADAPTERS = ["a", None, "b", "a"]
 
 
-def _tp_rank_main(rank: int, tp_size: int, addr: str, model_path: str, paths: tuple[str, ...], queue) -> None:
+def _tp_rank_main(rank: int, tp_size: int, addr: str, model_path: str, paths: tuple[str, ...], dense: bool,
+                  queue) -> None:
     torch.set_num_threads(1)
+    if dense:  # the GPU's decode path, forced on this CPU
+        lora_manager.dense_decode = lambda device: True
     args = ServerArgs(model_path=model_path, tp_size=tp_size, device="cpu", dist_init_addr=addr,
                       max_total_tokens=2048, random_seed=0, dtype="float32", lora_paths=paths,
                       max_loras_per_batch=2)
@@ -144,22 +159,24 @@ def _tp_rank_main(rank: int, tp_size: int, addr: str, model_path: str, paths: tu
     assert not gloo_threads(), gloo_threads()  # joined while the interpreter is alive (test_tensor_parallel)
 
 
-def run_lora_tp(tp_size: int, model_path: str, paths: tuple[str, ...]):
-    return spawn_ranks(_tp_rank_main, tp_size, model_path, paths)
+def run_lora_tp(tp_size: int, model_path: str, paths: tuple[str, ...], dense: bool = False):
+    return spawn_ranks(_tp_rank_main, tp_size, model_path, paths, dense)
 
 
-@pytest.mark.parametrize("name", [
-    "llama",            # 4 heads, 2 KV heads: one KV head per rank
-    "mistral_sliding",  # a single KV head, replicated on both ranks: both take all of k's and v's B
+@pytest.mark.parametrize("name,dense", [
+    ("llama", False),            # 4 heads, 2 KV heads: one KV head per rank
+    ("mistral_sliding", False),  # a single KV head, replicated on both ranks: both take all of k's and v's B
+    ("llama", True),             # the dense decode over two ranks against the segmented one in one process
 ])
-def test_tensor_parallel_adapters_match_one_process(tmp_path, name: str) -> None:
+def test_tensor_parallel_adapters_match_one_process(tmp_path, name: str, dense: bool) -> None:
     """A tiny model split over two ranks: A of q/k/v/gate/up replicated and B split like the base weights, A of
-    o/down split and added before the all-reduce; same logits and tokens as TP=1."""
+    o/down split and added before the all-reduce (dense: each rank's partial shrink comes out of its partial base
+    GEMM); same logits and tokens as TP=1."""
     hf = build_tiny_hf_model(name, str(tmp_path / "model"))
     build_peft_adapter(hf, str(tmp_path / "a"), 8, 16, False, ALL, None, seed=1)
     build_peft_adapter(hf, str(tmp_path / "b"), 4, 8, True, ["k_proj", "o_proj", "down_proj"], [1], seed=2)
     paths = (f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}")
     one_logits, one_tokens = run_lora_tp(1, str(tmp_path / "model"), paths)
-    two_logits, two_tokens = run_lora_tp(2, str(tmp_path / "model"), paths)
+    two_logits, two_tokens = run_lora_tp(2, str(tmp_path / "model"), paths, dense)
     assert two_tokens == one_tokens
     assert abs(two_logits - one_logits).max() < 1e-4

@@ -30,10 +30,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from radixlm.kernels.lora import (  # noqa: E402
-    LoraSegments, LoraWeights, apply_lora, build_segments, lora_expand_ref, lora_forward, lora_shrink_ref,
+    LoraSegments, apply_lora, build_segments, decode_segments, lora_expand_dense, lora_expand_dense_ref,
+    lora_expand_ref, lora_shrink_ref,
 )
 from radixlm.kernels.lora_triton import (  # noqa: E402
-    default_split_k, expand_config, lora_expand_triton, lora_shrink_triton,
+    default_split_k, expand_config, lora_expand_dense_triton, lora_expand_triton, lora_shrink_triton,
 )
 
 CUDA = torch.cuda.is_available()
@@ -142,17 +143,21 @@ def test_build_segments_exact() -> None:
     assert pieces.seg_starts.tolist() == [0, 4, 7, 16, 17, 19, 23, 24, 28, 32, 34]  # base-only runs stay whole
     assert pieces.seg_slots.tolist() == [1, 1, -1, 0, -1, 1, 1, 2, 2, 2]
     assert pieces.max_seg_len == 4
+    cut = build_segments(*MIXED, "cpu", split=4, split_base=True)  # ... unless asked (the dense decode)
+    assert cut.seg_starts.tolist() == [0, 4, 7, 11, 15, 16, 17, 19, 23, 24, 28, 32, 34]
+    assert cut.seg_slots.tolist() == [1, 1, -1, -1, -1, 0, -1, 1, 1, 2, 2, 2]
 
 
 def test_build_segments_sorted_exact() -> None:
     """``sort``: requests grouped by slot (stable), one segment per slot, ``token_order`` mapping positions to the
     batch's tokens; padded to a graph's token count with the identity tail."""
-    seg = build_segments([2, -1, 0, 2, 0], [1, 3, 2, 0, 1], "cpu", sort=True, split=2, num_order=9)
-    # by slot: -1 (tokens 1-3), 0 (tokens 4-5, then 6), 2 (token 0; the request without tokens adds none), then
-    # the padding's identity tail
+    seg = build_segments([2, -1, 0, 2, 0], [1, 3, 2, 0, 1], "cpu", sort=True, split=2, num_order=9,
+                         split_base=True)
+    # by slot: -1 (tokens 1-3, in pieces of 2), 0 (tokens 4-5, then 6), 2 (token 0; the request without tokens
+    # adds none), then the padding's identity tail
     assert seg.token_order.tolist() == [1, 2, 3, 4, 5, 6, 0, 7, 8]
-    assert seg.seg_starts.tolist() == [0, 3, 5, 6, 7]
-    assert seg.seg_slots.tolist() == [-1, 0, 0, 2]
+    assert seg.seg_starts.tolist() == [0, 2, 3, 5, 6, 7]
+    assert seg.seg_slots.tolist() == [-1, -1, 0, 0, 2]
     assert seg.token_order.dtype == torch.int32 and (seg.max_seg_len, seg.has_lora) == (2, True)
     assert build_segments([1, 0], [1, 1], "cpu").token_order is None
     with pytest.raises(ValueError):
@@ -279,6 +284,74 @@ def test_shrink_tmp_contract() -> None:
                            pool.ranks, pool.scalings, pool.offsets, y, seg.max_seg_len)
 
 
+def dense_operands(dtype: torch.dtype, slots: list[int], widths: tuple[int, ...] = WIDTHS,
+                   seed: int = 7) -> tuple[Pool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pool, x, y0, y_ext, expected magnitudes' inputs): the dense GEMM's output ``[y0 | x @ A_all^T]`` in
+    ``dtype``, the shrink rounded to it as the GEMM's output is (its NaN padding zeroed: the GEMM reads every
+    row of the pool)."""
+    pool = make_pool(widths, dtype, seed=seed)
+    pool = pool._replace(a=torch.nan_to_num(pool.a, nan=0.0))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(slots), K, generator=g).to(dtype).to(DEVICE)
+    y0 = torch.randn(len(slots), sum(widths), generator=g).to(dtype).to(DEVICE)
+    tmp = (x.double() @ pool.a.reshape(-1, K).double().T).to(dtype)  # [T, slots * W]
+    return pool, x, y0, torch.cat([y0, tmp], dim=1), tmp
+
+
+@pytest.mark.parametrize("path", ["triton", "ref"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [5, 40], ids=["gemv", "pieces"])
+def test_dense_expand(path: str, dtype: torch.dtype, rows: int) -> None:
+    """The dense decode's expand: every row of ``out`` written, adapter rows ``y0 + scaling * tmp B^T`` with
+    ``tmp`` read from the row's own slot's columns of the GEMM's tail (rank 4 slot 3 never named; base rows
+    and the graph's padding rows copied bit for bit), for the two decode layouts (one-row segments; rows sorted
+    by slot in pieces of 16, the base run cut into pieces too).  The bound's e_in is the GEMM's rounding of
+    tmp."""
+    slots = [(i * 7) % 4 - 1 for i in range(rows)]  # -1, 2, 1, 0, -1, ... (slot 2 rank 16, 1 the max 32, 0 rank 8)
+    slots = [s if s != 2 or i % 3 else -1 for i, s in enumerate(slots)]
+    padded = rows + 3  # a graph's padded size: rows past the batch are base rows
+    seg = decode_segments(slots, len(RANKS), DEVICE, rows=padded, dense=True)
+    assert seg.dense and (seg.max_seg_len == 1) == (padded <= 16)
+    pool, x, y0, y_ext, tmp = dense_operands(dtype, slots + [-1] * 3)
+    out = torch.full_like(y0, float("nan"))
+    args = (pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets)
+    if path == "triton":
+        lora_expand_dense_triton(y_ext, out, *args, seg.max_seg_len, seg.token_order)
+    else:
+        lora_expand_dense_ref(y_ext, out, *args, seg.token_order)
+    token_slots = slots + [-1] * 3
+    # float64 reference from the rounded tmp (what the GEMM hands over)
+    want, mag = y0.double().cpu().clone(), y0.double().cpu().abs()
+    offsets, width = pool.offsets.tolist(), len(WIDTHS) * MAX_RANK
+    for t, slot in enumerate(token_slots):
+        if slot < 0:
+            continue
+        rank, scaling = RANKS[slot], SCALINGS[slot]
+        for sl in range(len(WIDTHS)):
+            h = tmp[t, slot * width + sl * MAX_RANK:slot * width + sl * MAX_RANK + rank].double().cpu()
+            b = pool.b[slot, offsets[sl]:offsets[sl + 1], :rank].double().cpu()
+            want[t, offsets[sl]:offsets[sl + 1]] += scaling * (b @ h)
+            mag[t, offsets[sl]:offsets[sl + 1]] += scaling * (b.abs() @ h.abs())
+    assert_close(out, want, mag, triton_path=path == "triton")
+    base_rows = [t for t, s in enumerate(token_slots) if s < 0]
+    assert torch.equal(out[base_rows], y0[base_rows])
+
+
+def test_dense_expand_dispatch_and_shape_check() -> None:
+    """``lora_expand_dense`` runs the kernel on a GPU and the reference elsewhere, both within the fp32 bound
+    of the other path; a GEMM output that does not match the pool is refused."""
+    slots = [0, -1, 1, 2, 1]
+    seg = decode_segments(slots, len(RANKS), DEVICE, dense=True)
+    pool, x, y0, y_ext, tmp = dense_operands(torch.float32, slots)
+    out, ref = torch.empty_like(y0), torch.empty_like(y0)
+    args = (pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets)
+    lora_expand_dense(y_ext, out, *args, seg.max_seg_len, seg.token_order)
+    lora_expand_dense_ref(y_ext, ref, *args, seg.token_order)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        lora_expand_dense(y_ext[:, :-1], out, *args, seg.max_seg_len, seg.token_order)
+
+
 def test_default_split_k() -> None:
     """Few programs on a long K split (up to four programs per SM, K >= 256 per split, at most 32); many do
     not."""
@@ -320,20 +393,6 @@ references on CPU) within the fp32 bound."""
     y64, mag = expected(x, y, pool, slots)
     apply_lora(x, y, pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets, seg)
     assert_close(y, y64, mag, CUDA)
-
-
-def test_lora_forward_adds_to_the_base_output() -> None:
-    """``lora_forward`` (what the linear layers call: on a GPU the shrink on a side stream beside ``base``) equals
-    ``base()`` plus the adapters within the fp32 bound, and with ``has_lora`` false is ``base()`` itself."""
-    pool = make_pool(WIDTHS, torch.float32)
-    weights = LoraWeights(pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets)
-    seg = build_segments(*MIXED, DEVICE)
-    slots = per_token_slots(*MIXED)
-    x = torch.randn(len(slots), K, device=DEVICE)
-    y0 = torch.randn(len(slots), sum(WIDTHS), device=DEVICE)
-    y64, mag = expected(x, y0, pool, slots)
-    assert_close(lora_forward(x, y0.clone, weights, seg), y64, mag, CUDA)
-    assert lora_forward(x, lambda: y0, weights, seg._replace(has_lora=False)) is y0
 
 
 # --- GPU only ---------------------------------------------------------------------------------------------------
@@ -409,44 +468,3 @@ def test_rank_zero_slot_is_skipped(path: str) -> None:
     assert torch.equal(y[[0, 1, 5]], before[[0, 1, 5]])
     y64, mag = expected(x, before, pool, [-1, -1, 1, 1, 1, -1])
     assert_close(y, y64, mag, path == "triton")
-
-
-@ON_GPU
-def test_lora_forward_overlapped_matches_serial_in_a_graph() -> None:
-    """The side-stream shrink gives ``apply_lora``'s result bit for bit (same kernels, same split order), from a
-    non-default stream, eagerly and replayed from a CUDA graph after the inputs change; a base matmul that takes
-    long does not let the expand run before it."""
-    torch.manual_seed(0)
-    pool = make_pool(WIDTHS, torch.bfloat16)
-    weights = LoraWeights(pool.a, pool.b, pool.ranks, pool.scalings, pool.offsets)
-    tokens = 40
-    slots = [i % 3 - 1 for i in range(tokens)]
-    seg = build_segments(slots, [1] * tokens, DEVICE, sort=True, split=16, num_segs=-(-tokens // 16) + len(RANKS),
-                         num_order=tokens)
-    seg = seg._replace(max_seg_len=16)
-    x = torch.randn(tokens, K, device=DEVICE, dtype=torch.bfloat16)
-    w = torch.randn(sum(WIDTHS), K, device=DEVICE, dtype=torch.bfloat16)
-    big = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
-
-    def base() -> torch.Tensor:
-        torch.matmul(big, big)  # keeps the current stream busy while the shrink runs beside it
-        return x @ w.T
-
-    def serial() -> torch.Tensor:
-        y = x @ w.T
-        apply_lora(x, y, *weights, seg)
-        return y
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        eager = lora_forward(x, base, weights, seg)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            captured = lora_forward(x, base, weights, seg)
-    torch.cuda.current_stream().wait_stream(stream)
-    assert torch.equal(eager, serial())
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, serial())

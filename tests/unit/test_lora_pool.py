@@ -145,6 +145,53 @@ def test_slot_contents(runner) -> None:
     assert down.ranks.data_ptr() == lora.pool.ranks[1, 3].data_ptr()  # a view: every layer reads the one tensor
 
 
+def test_dense_pool_extends_the_weights(adapter_dirs) -> None:
+    """A dense pool (a GPU's, forced here) moves each projection's weight into the head of ``weight_ext``, its
+    ``a_pool`` the tail: the weights keep their values and are views of it, a slot's A lands below them, and the
+    decode layout covers every row; the qkv bias (Qwen2's) moves into ``bias_ext`` with zeros below."""
+    from radixlm.lora import manager as lora_manager
+
+    plain = make_runner(adapter_dirs["model"], lora_paths=(f"qv4={adapter_dirs['qv4']}",), max_lora_rank=MAX_RANK)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora_manager, "dense_decode", lambda device: True)
+        runner = make_runner(adapter_dirs["model"], lora_paths=(f"qv4={adapter_dirs['qv4']}",),
+                             max_lora_rank=MAX_RANK)
+    lora = runner.lora
+    assert lora.dense and not plain.lora.dense
+    seg = lora.prepare(decode(["qv4", None, None]))
+    assert seg.dense and seg.seg_slots.tolist() == [0, -1, -1]
+    slot = lora.resident["qv4"]
+    for layer in range(2):
+        for group in lora.pool.groups:
+            module = runner.model.lora_projections()[layer][group]
+            w = module.lora_weights
+            out_local = module.weight.shape[0]
+            assert w.weight_ext.shape == (out_local + w.a_pool.shape[0] * w.a_pool.shape[1], w.a_pool.shape[2])
+            assert module.weight.data_ptr() == w.weight_ext.data_ptr()
+            assert w.a_pool.data_ptr() == w.weight_ext[out_local:].data_ptr()
+            assert torch.equal(module.weight, plain.model.lora_projections()[layer][group].weight)
+        qkv = runner.model.model.layers[layer].self_attn.qkv_proj.lora_weights
+        a_q = lora.adapters["qv4"].weights[(layer, "q_proj")][0]
+        assert torch.equal(qkv.weight_ext[128 + slot * 3 * MAX_RANK:][:4], a_q)  # slot's q slice, below W
+        assert qkv.bias_ext is None  # Llama's projections have no bias
+
+
+def test_dense_pool_moves_a_bias() -> None:
+    """``_extend_below`` on a layer with a bias: the bias's values kept, a view of ``bias_ext``'s head."""
+    from radixlm.layers.linear import ColumnParallelLinear
+    from radixlm.lora.pool import _extend_below
+
+    layer = ColumnParallelLinear(8, [6], bias=True)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    weight, bias = layer.weight.clone(), layer.bias.clone()
+    ext, bias_ext = _extend_below(layer, 4, torch.float32, torch.device("cpu"))
+    assert ext.shape == (10, 8) and bias_ext.shape == (10,)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)
+    assert layer.weight.data_ptr() == ext.data_ptr() and layer.bias.data_ptr() == bias_ext.data_ptr()
+    assert not ext[6:].any() and not bias_ext[6:].any()
+
+
 def test_target_modules_shape_the_pool(adapter_dirs) -> None:
     """``--lora-target-modules q_proj v_proj``: only qkv_proj has a pool; an adapter of o_proj is refused."""
     assert pool_groups(frozenset(["q_proj", "v_proj"])) == ("qkv_proj",)
