@@ -69,8 +69,8 @@ def fill_lora_layout(static: LoraSegments, segments: LoraSegments) -> None:
             and (static.token_order is None or segments.token_order.shape == static.token_order.shape))
     if not same:
         raise ValueError(f"a LoRA decode graph of {static.seg_slots.shape[0]} segments (max length "
-                         f"{static.max_seg_len}) cannot replay a layout of {segments.seg_slots.shape[0]} "
-                         f"(max length {segments.max_seg_len})")
+                         f"{static.max_seg_len}, dense {static.dense}) cannot replay a layout of "
+                         f"{segments.seg_slots.shape[0]} (max length {segments.max_seg_len}, dense {segments.dense})")
     static.seg_starts.copy_(segments.seg_starts)
     static.seg_slots.copy_(segments.seg_slots)
     if static.token_order is not None:
@@ -103,7 +103,7 @@ class CudaGraphRunner:
             for bs in self.batch_sizes:
                 split, n = decode_layout(bs, runner.lora.num_slots)
                 self.lora_layouts[bs] = LoraSegments(starts[:n + 1], slots[:n], split or 1, True,
-                                                     None if split is None else order[:bs])
+                                                     None if split is None else order[:bs], runner.lora.dense)
         self._capture_all()
 
     def padded_size(self, fb: ForwardBatch) -> int | None:

@@ -50,6 +50,8 @@ def test_fill_lora_layout() -> None:
         fill_lora_layout(static, decode_segments([3] * 18, num_slots=4, device="cpu"))  # the 18-row shape
     with pytest.raises(ValueError, match="cannot replay"):
         fill_lora_layout(static, decode_segments([0] * 4, num_slots=4, device="cpu", rows=8))
+    with pytest.raises(ValueError, match="cannot replay"):  # a dense layout in a graph captured without
+        fill_lora_layout(static, decode_segments([3] * 18, num_slots=4, device="cpu", rows=24, dense=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
