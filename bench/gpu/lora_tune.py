@@ -11,6 +11,10 @@ configuration is checked against the torch reference (rel err < 1e-2).
 
     PYTHONPATH=. python bench/gpu/lora_tune.py                      # all cases, ~4 minutes on an H200
     PYTHONPATH=. python bench/gpu/lora_tune.py --shapes qkv --tokens 128 --ranks 16
+
+``--dense``: the dense decode's expand (``lora_expand_dense_triton``, reading the shrink from the GEMM's tail) on
+the decode layout the model runs (``decode_segments(dense=True)``, 16 slots): per case the default launch
+against the best ``block_n`` x ``num_warps``.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lora_kernels import SHAPES, make_operands, row_segments, time_us  # noqa: E402
 
-from radixlm.kernels.lora import lora_expand_ref, lora_shrink_ref  # noqa: E402
-from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
+from radixlm.kernels.lora import decode_segments, lora_expand_ref, lora_shrink_ref  # noqa: E402
+from radixlm.kernels.lora_triton import (  # noqa: E402
+    lora_expand_dense_triton, lora_expand_triton, lora_shrink_triton,
+)
 
 SPLITS = (1, 2, 4, 8, 16, 32)
 BLOCK_KS = (64, 128, 256)
@@ -87,15 +93,44 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
             f"{fmt(best[2])}; {fmt(best[4])}")
 
 
+def sweep_dense(shape_name: str, rank: int, tokens: int, adapters: int, max_rank: int) -> str:
+    shape = SHAPES[shape_name]
+    x, w, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, max_rank, tokens, "cuda")
+    n_total = sum(shape.widths)
+    y_ext = x @ torch.cat([w, a_pool.reshape(-1, shape.k)]).T
+    out = torch.empty(tokens, n_total, device="cuda", dtype=x.dtype)
+    seg = decode_segments([i % adapters for i in range(tokens)], 16, "cuda", dense=True)
+
+    def expand(**kw) -> None:
+        lora_expand_dense_triton(y_ext, out, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets,
+                                 seg.max_seg_len, seg.token_order, **kw)
+
+    default_us = time_us(expand)
+    expand()
+    want = out.clone()
+    configs = [dict(block_n=bn, num_warps=w) for bn, w in itertools.product((32, 64, 128, 256), (2, 4, 8))]
+    best_us, best_cfg = min(((time_us(lambda: expand(**cfg)), cfg) for cfg in configs), key=lambda t: t[0])
+    expand(**best_cfg)
+    torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
+    cfg = " ".join(f"{k}={v}" for k, v in best_cfg.items())
+    return f"{shape_name:<8} {rank:>4} {tokens:>6} {adapters:>4} | {default_us:7.1f} {best_us:7.1f}  {cfg}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128, 2048])
     parser.add_argument("--max-rank", type=int, default=64)
+    parser.add_argument("--dense", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a GPU")
+    if args.dense:
+        print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default':>7} {'best':>7}  config (us)")
+        for shape_name, rank, tokens in itertools.product(args.shapes, args.ranks, args.tokens):
+            print(sweep_dense(shape_name, rank, tokens, 1 if tokens == 1 else 16, args.max_rank), flush=True)
+        return
     print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default: shrink':>15} {'expand':>7} {'sum':>7} | "
           f"{'best: shrink':>12} {'expand':>7} {'sum':>7}  configs (us)")
     for shape_name, rank, tokens in itertools.product(args.shapes, args.ranks, args.tokens):
