@@ -3,7 +3,8 @@ adapters, captured in one CUDA graph, replayed under ``torch.profiler``; per ker
 replay, and the replay's wall time (kernels plus the gaps between them).  Modes: ``base`` the base matmuls
 alone; ``seg`` each followed by the shrink and expand launches (a pool apart from the weights: the prefill path,
 and decode's before GPU run M4); ``dense`` decode's path (``lora_forward`` on a dense layout: one GEMM over the
-weight with every slot's A rows below it, then the out-of-place expand).  GPU runs M1-M3 also timed a shrink on a
+weight with every slot's A rows below it, then the out-of-place expand, gate_up's with the SiLU-mul as epilogue).
+Every mode includes gate_up's activation (``silu_and_mul`` after the projection, or the fused epilogue).  GPU runs M1-M3 also timed a shrink on a
 side stream beside the base GEMM and a shrink+expand in one launch (docs/benchmarks.md; both dropped).
 
     python bench/gpu/lora_profile.py [--tokens 128] [--adapters 16] [--rank 16] [--modes base seg dense]
@@ -23,7 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_kernels import NUM_SLOTS, SHAPES, make_operands  # noqa: E402
 
-from radixlm.kernels.lora import LoraWeights, decode_segments, lora_forward  # noqa: E402
+from radixlm.kernels.fused_ops import silu_and_mul  # noqa: E402
+from radixlm.kernels.lora import LoraWeights, decode_segments, lora_forward, lora_silu_mul_forward  # noqa: E402
 from radixlm.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
 
 
@@ -53,8 +55,12 @@ def main() -> None:
 
             def run(mode: str) -> None:
                 for x, w, a_pool, b_pool, ranks, scalings, offsets, y, dense in ops:
+                    gate_up = offsets.shape[0] == 3
                     if mode == "dense":
-                        lora_forward(x, lambda: x @ w.T, dense, dense_seg)
+                        if gate_up:
+                            lora_silu_mul_forward(x, dense, dense_seg)
+                        else:
+                            lora_forward(x, lambda: x @ w.T, dense, dense_seg)
                         continue
                     torch.matmul(x, w.T, out=y)
                     if mode == "seg":
@@ -62,6 +68,8 @@ def main() -> None:
                                                  offsets.shape[0] - 1, seg.max_seg_len, token_order=seg.token_order)
                         lora_expand_triton(tmp, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets, y,
                                            seg.max_seg_len, token_order=seg.token_order)
+                    if gate_up:
+                        silu_and_mul(y)
 
             for mode in args.modes:
                 run(mode)

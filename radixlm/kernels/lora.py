@@ -290,6 +290,49 @@ def lora_forward(
     return y
 
 
+def lora_silu_mul_forward(x: torch.Tensor, weights: LoraWeights, segments: LoraSegments) -> torch.Tensor:
+    """``silu(gate) * up`` [T, inter] of a merged gate_up projection (two slices of ``inter`` columns) with the
+    batch's adapters added, for a ``dense`` layout on a pool with ``weight_ext``: the dense GEMM, then the expand
+    with the activation as its epilogue (``lora_expand_dense_silu_mul``), so the projection's output never makes
+    the round trip through memory that the expand and then the activation kernel would give it."""
+    y_ext = F.linear(x, weights.weight_ext, weights.bias_ext)
+    out = torch.empty(x.shape[0], weights.b_pool.shape[1] // 2, dtype=y_ext.dtype, device=y_ext.device)
+    lora_expand_dense_silu_mul(y_ext, out, weights.b_pool, segments.seg_starts, segments.seg_slots, weights.ranks,
+                               weights.scalings, segments.max_seg_len, segments.token_order)
+    return out
+
+
+def lora_expand_dense_silu_mul(
+    y_ext: torch.Tensor,  # [T, 2 * inter + num_slots * 2 * max_rank]: x @ [W_gate; W_up; A_all]^T
+    out: torch.Tensor,  # [T, inter], written
+    b_pool: torch.Tensor,  # [num_slots, 2 * inter, max_rank]
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    max_seg_len: int,
+    token_order: torch.Tensor | None = None,
+) -> None:
+    """``out[t] = silu(g) * u`` with ``g ‖ u = y_ext[t, :2 inter] + scaling * (row t's slot's shrink) @ B^T`` per
+    slice, in fp32, rounded once (``lora_expand_dense`` without the rounding of g and u, then the SiLU-mul)."""
+    num_slots, n_total, max_rank = b_pool.shape
+    if n_total % 2 or y_ext.shape[1] != n_total + num_slots * 2 * max_rank or out.shape != (y_ext.shape[0],
+                                                                                             n_total // 2):
+        raise ValueError(f"the dense GEMM's output {tuple(y_ext.shape)} and the activation's {tuple(out.shape)} do "
+                         f"not match a gate_up pool of {num_slots} slots over {n_total} outputs")
+    if out.is_cuda:
+        from radixlm.kernels.lora_triton import lora_expand_dense_silu_mul_triton
+
+        lora_expand_dense_silu_mul_triton(y_ext, out, b_pool, seg_starts, seg_slots, ranks, scalings, max_seg_len,
+                                          token_order)
+        return
+    full = torch.empty(y_ext.shape[0], n_total, dtype=torch.float32, device=y_ext.device)
+    offsets = torch.tensor([0, n_total // 2, n_total], dtype=torch.int32)
+    lora_expand_dense_ref(y_ext.float(), full, b_pool, seg_starts, seg_slots, ranks, scalings, offsets, token_order)
+    gate, up = full.chunk(2, dim=1)
+    out.copy_(F.silu(gate) * up)
+
+
 def lora_expand_dense(
     y_ext: torch.Tensor,  # [T, N_total + num_slots * num_slices * max_rank]: x @ [W; A_all]^T
     out: torch.Tensor,  # [T, N_total], written

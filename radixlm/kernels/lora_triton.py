@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.fused_ops import silu_mul
+
 
 @triton.jit
 def _lora_shrink_kernel(
@@ -183,6 +185,69 @@ def _lora_expand_kernel(
         y = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + y_rows[:, None] * stride_om + offs_n[None, :],
                  (y + scaling * acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_expand_silu_mul_kernel(
+    tmp_ptr, b_ptr, y_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, order_ptr,
+    inter, max_rank, stride_tm, stride_ts, stride_bs, stride_bn, stride_ym, stride_om,
+    DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr, HALF_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The dense expand of a gate_up projection (slices gate ‖ up, ``inter`` columns each) with the SiLU-mul as
+    its epilogue: program (tile, segment, N tile of ``inter``) adds its rows' adapter to the gate and the up tile
+    in fp32 and stores ``silu(gate) * up``, rounded once; every row is written (rows of no adapter: the plain
+    activation)."""
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + seg)
+    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
+    end = tl.load(seg_starts_ptr + seg + 1)
+    if m0 >= end:
+        return
+    rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
+    slot = tl.maximum(slot, 0)
+    scaling = tl.where(rank > 0, tl.load(scalings_ptr + slot), 0.0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    b_mask = r_ok[:, None] & n_ok[None, :]
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None]
+    b_gate = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)  # [BLOCK_R, BLOCK_N]
+    b_up = tl.load(b_rows + (inter + offs_n).to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+    t_slot = tmp_ptr + slot.to(tl.int64) * stride_ts
+    if GEMV:
+        row = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
+        t_gate = tl.load(t_slot + row * stride_tm + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        t_up = tl.load(t_slot + row * stride_tm + max_rank + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        acc_gate = tl.sum(t_gate[:, None] * b_gate.to(tl.float32), axis=0)
+        acc_up = tl.sum(t_up[:, None] * b_up.to(tl.float32), axis=0)
+        y_row = y_ptr + row * stride_ym
+        gate = tl.load(y_row + offs_n, mask=n_ok, other=0.0).to(tl.float32) + scaling * acc_gate
+        up = tl.load(y_row + inter + offs_n, mask=n_ok, other=0.0).to(tl.float32) + scaling * acc_up
+        tl.store(out_ptr + row * stride_om + offs_n, silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end
+        rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
+        t_ptrs = t_slot + rows[:, None] * stride_tm + offs_r[None, :]
+        t_mask = m_ok[:, None] & r_ok[None, :]
+        t_gate = tl.load(t_ptrs, mask=t_mask, other=0.0)
+        t_up = tl.load(t_ptrs + max_rank, mask=t_mask, other=0.0)
+        if HALF_DOT:  # tmp in the pool's half precision, as the plain expand's dot form
+            acc_gate = tl.dot(t_gate.to(b_gate.dtype), b_gate)
+            acc_up = tl.dot(t_up.to(b_up.dtype), b_up)
+        else:
+            acc_gate = tl.dot(t_gate.to(tl.float32), b_gate.to(tl.float32), input_precision=DOT_PRECISION)
+            acc_up = tl.dot(t_up.to(tl.float32), b_up.to(tl.float32), input_precision=DOT_PRECISION)
+        mask = m_ok[:, None] & n_ok[None, :]
+        y_rows = y_ptr + rows[:, None] * stride_ym
+        gate = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) + scaling * acc_gate
+        up = tl.load(y_rows + inter + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) + scaling * acc_up
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
+                 silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(max_seg_len: int) -> int:
@@ -339,4 +404,32 @@ def lora_expand_dense_triton(
         NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
         HAS_ORDER=token_order is not None, HALF_DOT=b_pool.dtype != torch.float32, DENSE=True,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank), num_warps=num_warps,
+    )
+
+
+def lora_expand_dense_silu_mul_triton(
+    y_ext: torch.Tensor, out: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
+    ranks: torch.Tensor, scalings: torch.Tensor, max_seg_len: int, token_order: torch.Tensor | None = None,
+    block_n: int | None = None, num_warps: int | None = None,
+) -> None:
+    """``radixlm.kernels.lora.lora_expand_dense_silu_mul`` in one launch (``_lora_expand_silu_mul_kernel``);
+    ``block_n`` defaults to a single-slice expand's (each program reads a gate and an up tile)."""
+    _check_rows(y_ext, "y_ext")
+    _check_rows(out, "out")
+    num_tokens, inter = out.shape
+    max_rank = b_pool.shape[2]
+    num_segs = seg_slots.shape[0]
+    if num_tokens == 0 or num_segs == 0:
+        return
+    block_m = _block_m(max_seg_len)
+    default_n, default_warps = expand_config(block_m, 1)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
+    grid = (triton.cdiv(max_seg_len, block_m), num_segs, triton.cdiv(inter, block_n))
+    _lora_expand_silu_mul_kernel[grid](
+        y_ext[:, 2 * inter:], b_pool, y_ext, out, seg_starts, seg_slots, ranks, scalings,
+        seg_starts if token_order is None else token_order, inter, max_rank, y_ext.stride(0), 2 * max_rank,
+        b_pool.stride(0), b_pool.stride(1), y_ext.stride(0), out.stride(0),
+        DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1, HAS_ORDER=token_order is not None,
+        HALF_DOT=b_pool.dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
+        num_warps=num_warps,
     )

@@ -22,7 +22,7 @@ from radixlm.config.quant_config import QuantConfig
 from radixlm.distributed import TPGroup, divide, get_tp_group
 from radixlm.kernels import cpu
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
-from radixlm.kernels.lora import LoraSegments, LoraWeights, lora_forward
+from radixlm.kernels.lora import LoraSegments, LoraWeights, lora_forward, lora_silu_mul_forward
 from radixlm.layers import fp8_linear
 
 
@@ -201,6 +201,17 @@ class ColumnParallelLinear(QuantizableLinear):
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (e.g. gate_proj and up_proj)."""
+
+    def lora_silu_mul(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None) -> torch.Tensor | None:
+        """For gate ‖ up: ``silu(gate) * up`` of this rank's output with the batch's adapters, in one kernel after
+        the GEMM, when the batch takes the dense LoRA decode (``radixlm.kernels.lora.lora_silu_mul_forward``);
+        None otherwise (the caller runs ``forward`` and then the activation)."""
+        weights = self.lora_weights
+        if (lora is None or not lora.has_lora or not lora.dense or weights is None or weights.weight_ext is None
+                or self.gather_output or len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]
+                or isinstance(x, FP8Activation)):
+            return None
+        return lora_silu_mul_forward(x, weights, lora)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -40,7 +40,10 @@ class LlamaMLP(nn.Module):
         self.input_quant = self.gate_up_proj.input_quant
 
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x, lora), self.down_proj.input_quant), lora)
+        h = self.gate_up_proj.lora_silu_mul(x, lora)  # a LoRA decode step: the activation fused with the adapters
+        if h is None:
+            h = self.act_fn(self.gate_up_proj(x, lora), self.down_proj.input_quant)
+        return self.down_proj(h, lora)
 
 
 class LlamaAttention(nn.Module):

@@ -31,10 +31,11 @@ import pytest  # noqa: E402
 
 from radixlm.kernels.lora import (  # noqa: E402
     LoraSegments, apply_lora, build_segments, decode_segments, lora_expand_dense, lora_expand_dense_ref,
-    lora_expand_ref, lora_shrink_ref,
+    lora_expand_dense_silu_mul, lora_expand_ref, lora_shrink_ref,
 )
 from radixlm.kernels.lora_triton import (  # noqa: E402
-    default_split_k, expand_config, lora_expand_dense_triton, lora_expand_triton, lora_shrink_triton,
+    default_split_k, expand_config, lora_expand_dense_silu_mul_triton, lora_expand_dense_triton, lora_expand_triton,
+    lora_shrink_triton,
 )
 
 CUDA = torch.cuda.is_available()
@@ -335,6 +336,41 @@ def test_dense_expand(path: str, dtype: torch.dtype, rows: int) -> None:
     assert_close(out, want, mag, triton_path=path == "triton")
     base_rows = [t for t, s in enumerate(token_slots) if s < 0]
     assert torch.equal(out[base_rows], y0[base_rows])
+
+
+@pytest.mark.parametrize("path", ["triton", "ref"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [5, 40], ids=["gemv", "pieces"])
+def test_dense_expand_silu_mul(path: str, dtype: torch.dtype, rows: int) -> None:
+    """The gate_up expand with the SiLU-mul epilogue: every row of ``out`` [T, inter] is ``silu(g) * u`` of the
+    row's base output plus its adapter (none for base and padding rows), against float64 math from the same
+    rounded shrink: fp32 work rounded once (relative 2^-p plus fp32 noise)."""
+    widths = (24, 24)
+    slots = [(i * 5) % 4 - 1 for i in range(rows)] + [-1] * 3
+    seg = decode_segments(slots[:rows], len(RANKS), DEVICE, rows=rows + 3, dense=True)
+    pool, x, y0, y_ext, tmp = dense_operands(dtype, slots, widths)
+    out = torch.full((len(slots), 24), float("nan"), dtype=dtype, device=DEVICE)
+    args = (pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, seg.max_seg_len, seg.token_order)
+    if path == "triton":
+        lora_expand_dense_silu_mul_triton(y_ext, out, *args)
+    elif CUDA:
+        pytest.skip("on a GPU the dispatcher runs the kernel: the torch path is tested on CPU")
+    else:
+        lora_expand_dense_silu_mul(y_ext, out, *args)
+    full = y0.double().cpu().clone()
+    width = 2 * MAX_RANK
+    for t, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        for sl in range(2):
+            h = tmp[t, slot * width + sl * MAX_RANK:slot * width + sl * MAX_RANK + RANKS[slot]].double().cpu()
+            b = pool.b[slot, sl * 24:(sl + 1) * 24, :RANKS[slot]].double().cpu()
+            full[t, sl * 24:(sl + 1) * 24] += SCALINGS[slot] * (b @ h)
+    gate, up = full.chunk(2, dim=1)
+    want = torch.nn.functional.silu(gate) * up
+    tol = 2.0 ** -MANTISSA[dtype] + 2.0 ** -18
+    err = (out.double().cpu() - want).abs()
+    assert (err <= tol * want.abs() + 1e-5).all(), f"max err {err.max().item():.3g}"
 
 
 def test_dense_expand_dispatch_and_shape_check() -> None:
