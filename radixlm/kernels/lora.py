@@ -33,7 +33,7 @@ once to y's dtype.
 Strides: x and y may be row views of wider tensors (any row stride, unit column stride); pools and metadata are
 contiguous.  ``tmp`` is contiguous.
 
-Graph safety: nothing here reads a device value on the host or allocates besides ``lora_shrink``'s output.  The
+Graph safety: nothing here reads a device value on the host or allocates besides the functions' outputs.  The
 launch grid depends only on host ints: the number of tokens, of segments, and ``max_seg_len``, an upper bound on
 the adapter segments' lengths (``LoraSegments.max_seg_len``; default: the number of tokens, always valid; slot -1
 segments do no work, so their length is free).  A CUDA graph
@@ -50,7 +50,9 @@ slot's columns and writes base + delta out of place (``lora_expand_dense``), so 
 The extra rows cost their bytes inside a GEMM that streams the weight anyway (GPU run M3, Llama-3.1-8B layer, 128
 rows, 16 rank-16 adapters: +7 us, against ~30 us for four shrink launches); ``tmp`` is then the GEMM's output,
 rounded to the model dtype like a half-precision PEFT model's.  The decode layouts cover every row (slot -1 rows
-are copied), which the out-of-place expand needs.
+are copied), which the out-of-place expand needs.  A gate_up projection's expand can end in the SiLU-mul
+(``lora_silu_mul_forward``: the MLP's activation, so the projection's output is read once instead of written,
+read back and read again).
 
 Base-only fast path: ``LoraSegments.has_lora`` is a host bool (from the host slot list); ``apply_lora`` returns
 at once when it is false, so a batch without adapters launches nothing.  A captured graph must not take that
