@@ -413,23 +413,17 @@ def lora_expand_dense_ref(
     y_ext: torch.Tensor, out: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
     ranks: torch.Tensor, scalings: torch.Tensor, slice_offsets: torch.Tensor, token_order: torch.Tensor | None = None,
 ) -> None:
-    """``lora_expand_dense`` in torch: the base columns copied, then per adapter segment and slice the product in
-    float32 added and rounded once (reads the metadata on the host)."""
-    num_slots, n_total, max_rank = b_pool.shape
-    num_slices = slice_offsets.shape[0] - 1
-    width = num_slices * max_rank
+    """``lora_expand_dense`` in torch: the base columns copied, then ``lora_expand_ref`` over each adapter
+    position's slot columns of the GEMM's tail, gathered into a position-ordered ``tmp`` (reads the metadata on
+    the host)."""
+    n_total, max_rank = b_pool.shape[1], b_pool.shape[2]
+    width = (slice_offsets.shape[0] - 1) * max_rank
     out.copy_(y_ext[:, :n_total])
-    starts, slots, rank_list = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
-    offsets, scale_list = slice_offsets.tolist(), scalings.tolist()
-    for i, slot in enumerate(slots):
+    tmp = torch.zeros(1, y_ext.shape[0], width, dtype=torch.float32, device=out.device)
+    starts = seg_starts.tolist()
+    for i, slot in enumerate(seg_slots.tolist()):
         begin, end = starts[i], starts[i + 1]
-        if slot < 0 or begin == end or rank_list[slot] == 0:
-            continue
-        rank = rank_list[slot]
-        rows = torch.arange(begin, end) if token_order is None else token_order[begin:end].long().cpu()
-        tmp = y_ext[rows, n_total + slot * width:n_total + (slot + 1) * width].float()
-        delta = torch.empty(end - begin, n_total, dtype=torch.float32, device=out.device)
-        for s in range(num_slices):
-            b = b_pool[slot, offsets[s]:offsets[s + 1], :rank].float()  # [width, rank]
-            delta[:, offsets[s]:offsets[s + 1]] = tmp[:, s * max_rank:s * max_rank + rank] @ b.T
-        out[rows] = (y_ext[rows, :n_total].float() + scale_list[slot] * delta).to(out.dtype)
+        if slot >= 0 and end > begin:
+            rows = slice(begin, end) if token_order is None else token_order[begin:end].long()
+            tmp[0, begin:end] = y_ext[rows, n_total + slot * width:n_total + (slot + 1) * width].float()
+    lora_expand_ref(tmp, b_pool, seg_starts, seg_slots, ranks, scalings, slice_offsets, out, token_order)
