@@ -45,23 +45,28 @@ from radixlm.kernels.fused_ops import silu_mul
 
 
 @triton.jit
+def _segment_tile(seg_starts_ptr, seg_slots_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
+    """Program (tile, segment, ...)'s rows and adapter: (slot, first row, the segment's end, rank); a segment of
+    no adapter (slot -1) reads as slot 0 with rank 0, so rank 0 means "nothing to add" either way."""
+    seg = tl.program_id(1)
+    slot = tl.load(seg_slots_ptr + seg)
+    m0 = tl.load(seg_starts_ptr + seg) + tl.program_id(0) * BLOCK_M
+    end = tl.load(seg_starts_ptr + seg + 1)
+    rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
+    return tl.maximum(slot, 0), m0, end, rank
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, tmp_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, order_ptr, counters_ptr,
     k_dim, max_rank, stride_xm, stride_as, stride_ar, stride_tk, stride_tm,
     DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, SPLIT_K: tl.constexpr, HAS_ORDER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
     piece = tl.program_id(2) // SPLIT_K  # the slice
     split = tl.program_id(2) % SPLIT_K
-    slot = tl.load(seg_slots_ptr + seg)
-    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
-    end = tl.load(seg_starts_ptr + seg + 1)
-    if (slot < 0) | (m0 >= end):
-        return
-    rank = tl.load(ranks_ptr + slot)
-    if rank == 0:  # the slot's adapter leaves this projection alone
+    slot, m0, end, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, ranks_ptr, BLOCK_M)
+    if (m0 >= end) | (rank == 0):  # no adapter, or the slot's adapter leaves this projection alone
         return
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
@@ -106,7 +111,8 @@ def _lora_shrink_kernel(
         # reading past L1 (the planes were written by other SMs), into plane 0.
         tl.store(out + split * stride_tk, acc, mask=out_ok)
         tl.debug_barrier()  # every thread's partial is stored before the release below
-        counter = counters_ptr + (pid_m * tl.num_programs(1) + seg) * (tl.num_programs(2) // SPLIT_K) + piece
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        counter = counters_ptr + tile * (tl.num_programs(2) // SPLIT_K) + piece
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
             total = tl.load(out, mask=out_ok, other=0.0, cache_modifier=".cg")
             for i in tl.static_range(1, SPLIT_K):
@@ -122,25 +128,14 @@ def _lora_expand_kernel(
     NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
     HALF_DOT: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    slot = tl.load(seg_slots_ptr + seg)
-    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
-    end = tl.load(seg_starts_ptr + seg + 1)
+    slot, m0, end, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, ranks_ptr, BLOCK_M)
     if m0 >= end:
         return
-    if DENSE:  # every row is written: rows of no adapter (slot -1, or rank 0) get rank 0, a copy
-        rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
-    else:
-        if slot < 0:
+    if not DENSE:  # only the adapters' rows (dense: every row is written, rows of rank 0 get a copy)
+        if rank == 0:
             return
-        rank = tl.load(ranks_ptr + slot)
-        if rank == 0:  # the slot's adapter leaves this projection alone
-            return
-    slot = tl.maximum(slot, 0)
     scaling = tl.where(rank > 0, tl.load(scalings_ptr + slot), 0.0)
-    n0 = pid_n * BLOCK_N
+    n0 = tl.program_id(2) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_total
     offs_r = tl.arange(0, BLOCK_R)
@@ -198,18 +193,11 @@ def _lora_expand_silu_mul_kernel(
     its epilogue: program (tile, segment, N tile of ``inter``) adds its rows' adapter to the gate and the up tile
     in fp32 and stores ``silu(gate) * up``, rounded once; every row is written (rows of no adapter: the plain
     activation)."""
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    slot = tl.load(seg_slots_ptr + seg)
-    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
-    end = tl.load(seg_starts_ptr + seg + 1)
+    slot, m0, end, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, ranks_ptr, BLOCK_M)
     if m0 >= end:
         return
-    rank = tl.where(slot >= 0, tl.load(ranks_ptr + tl.maximum(slot, 0)), 0)
-    slot = tl.maximum(slot, 0)
     scaling = tl.where(rank > 0, tl.load(scalings_ptr + slot), 0.0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
