@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -296,16 +297,28 @@ def rotating_graph_us(calls: list[Callable[[], object]]) -> float:
     return triton.testing.do_bench(graph.replay, warmup=3, rep=30, return_mode="median") * 1e3 / len(calls)
 
 
-def tune_gemv(names: list[str], tokens: list[int]) -> None:
-    """``fp8_gemv`` per config at M = 1 (CUDA graphs, rotating weights); then per M the default and best configs,
-    the FP8 layer as served (quantizer + GEMV: ``fp8_block_linear`` / ``fp8_channel_linear``) and bf16 cuBLAS."""
-    grid = [GemvConfig(n, k, 4, st, sk) for n, k, st, sk in itertools.product((64, 128), (128, 256), (3, 5),
-                                                                             (1, 2, 4, 8))]
+def gemv_grid(fmt: str) -> list[GemvConfig]:
+    """The decode GEMV's sweep: 16-128 weight rows a program, 3-6 stages, 1-8 K splits (4 warps; 2 and 8 at
+    the narrow and wide tiles).  K tiles are 128: the block weights' scale block, and the served per-channel
+    path's activation group."""
+    grid = [GemvConfig(bn, 128, 4, st, sk) for bn, st, sk in itertools.product((16, 32, 64, 128), (3, 4, 6),
+                                                                              (1, 2, 3, 4, 6, 8))]
+    grid += [GemvConfig(bn, 128, w, 4, sk) for bn, w in ((16, 2), (32, 2), (128, 8)) for sk in (1, 2, 4)]
+    return grid
+
+
+def tune_gemv(names: list[str], tokens: list[int], fmts: list[str], write_configs: str | None) -> None:
+    """``fp8_gemv`` per config of ``gemv_grid`` at M = 1 on the served decode forms (block weights with
+    128-group activations; per-channel weights with 128-group activations, online FP8's decode rows), CUDA graphs
+    over rotating weights, each config's output checked against the default's; then per M the default and best
+    configs, the FP8 layer as served (quantizer + GEMV) and bf16 cuBLAS.  ``write_configs``: the best per-channel
+    config of each shape as ``RADIXLM_GEMV_CONFIGS`` reads them."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("decode GEMV: us per call in CUDA graphs over rotating weight copies; TB/s of weight bytes")
     print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'default us':>10s} {'TB/s':>5s} {'best us':>8s} {'TB/s':>5s} "
           f"{'layer us':>8s} {'TB/s':>5s} {'bf16 us':>8s} {'TB/s':>5s}  default / best config")
     gen = torch.Generator(device="cuda").manual_seed(5)
+    table: dict[str, list[int]] = {}
     for name in names:
         shape = SHAPES[name]
         copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
@@ -313,29 +326,33 @@ def tune_gemv(names: list[str], tokens: list[int]) -> None:
         bf16 = [dequantize_bf16(w_q, w_s) for w_q, w_s in blocks]
         chans = [quantize_online(w) for w in bf16]
         default = default_gemv_config(shape.n, shape.k, num_sms)
-        for fmt in ("block", "chan"):
+        for fmt in fmts:
             weights = [(w_q, w_s, BLOCK) for w_q, w_s in blocks] if fmt == "block" else \
                 [(w_q, w_s, None) for w_q, w_s in chans]
-            configs = grid if fmt == "chan" else [c for c in grid if c.block_k == 128]  # block: K tile = bk
-
-            def quantized(x: torch.Tensor):
-                return per_token_group_quant_fp8(x) if fmt == "block" else per_token_quant_fp8_triton(x)
 
             def gemv_us(x: torch.Tensor, config: GemvConfig) -> float:
-                x_q, x_s = quantized(x)
+                x_q, x_s = per_token_group_quant_fp8(x)
                 return rotating_graph_us([lambda w=w: fp8_gemv(x_q, x_s, *w, config=config) for w in weights])
 
             x1 = torch.randn(1, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            x1_q, x1_s = per_token_group_quant_fp8(x1)
+            expected = fp8_gemv(x1_q, x1_s, *weights[0], config=default).float()
             results = []
-            for config in configs:
+            for config in gemv_grid(fmt):
                 try:
+                    err = rel_err(fp8_gemv(x1_q, x1_s, *weights[0], config=config).float(), expected)
+                    if err > 1e-2:
+                        print(f"  WRONG {tuple(config)}: rel err {err:.2e}")
+                        continue
                     results.append((gemv_us(x1, config), config))
-                except Exception as exc:  # out of shared memory for the deepest pipelines
+                except Exception as exc:  # out of shared memory, or a tile shape the FP8 dot refuses
                     print(f"  skipped {tuple(config)}: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             results.sort()
-            print(f"  {name} {fmt} M=1 top 5: " + "  ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:5]),
+            print(f"  {name} {fmt} M=1 top 6: " + "  ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:6]),
                   flush=True)
             best = results[0][1]
+            if fmt == "chan":
+                table[f"{shape.n},{shape.k}"] = list(best)
             for m in tokens:
                 x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
                 t_default, t_best = gemv_us(x, default), gemv_us(x, best)
@@ -351,6 +368,10 @@ def tune_gemv(names: list[str], tokens: list[int]) -> None:
                       f"{2 * nk / t_bf16 / 1e6:5.2f}  {tuple(default)} / {tuple(best)}", flush=True)
         del blocks, bf16, chans, weights
         torch.cuda.empty_cache()
+    if write_configs:
+        with open(write_configs, "w") as f:
+            json.dump(table, f, indent=1)
+        print(f"wrote {write_configs}: {table}")
 
 
 def pdl_layers(names: list[str], tokens: list[int]) -> None:
@@ -394,6 +415,10 @@ def main() -> None:
     parser.add_argument("--no-moe", action="store_true", help="skip the fused MoE rows")
     parser.add_argument("--tune", action="store_true", help="sweep tune_grid's configs instead of the default run")
     parser.add_argument("--tune-gemv", action="store_true", help="sweep the decode GEMV's configs (M <= 16)")
+    parser.add_argument("--gemv-formats", nargs="+", choices=("block", "chan"), default=["block", "chan"],
+                        help="--tune-gemv: the weight formats to sweep")
+    parser.add_argument("--write-configs", help="--tune-gemv: write each shape's best per-channel config here "
+                        "(JSON, for RADIXLM_GEMV_CONFIGS)")
     parser.add_argument("--pdl", action="store_true", help="the decode layer without and with PDL")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
@@ -401,7 +426,7 @@ def main() -> None:
     if args.pdl:
         pdl_layers(args.shapes, [t for t in args.tokens if t <= 16])
     elif args.tune_gemv:
-        tune_gemv(args.shapes, [t for t in args.tokens if t <= 16])
+        tune_gemv(args.shapes, [t for t in args.tokens if t <= 16], args.gemv_formats, args.write_configs)
     elif args.tune:
         tune(args.shapes, args.tokens)
     else:

@@ -29,6 +29,8 @@ Two weight formats (``fp8_linear``):
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import NamedTuple
 
 import torch
@@ -64,6 +66,19 @@ def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
     while split < 8 and tiles * split < 2 * num_sms and k // (2 * split) >= 1024:
         split *= 2
     return GemvConfig(64, 128, 4, 4, split)
+
+
+@functools.cache
+def config_overrides() -> dict[tuple[int, int], GemvConfig]:
+    """Per-shape launch configs from the JSON file named by ``RADIXLM_GEMV_CONFIGS`` (``{"N,K": [block_n,
+    block_k, num_warps, num_stages, split_k], ...}``, as ``bench/gpu/fp8_gemm.py --tune-gemv --write-configs``
+    writes them), read once; shapes not listed take ``default_gemv_config``."""
+    path = os.environ.get("RADIXLM_GEMV_CONFIGS")
+    if not path:
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    return {tuple(int(d) for d in key.split(",")): GemvConfig(*values) for key, values in table.items()}
 
 
 @functools.cache
@@ -185,7 +200,7 @@ def fp8_gemv(
                              f"K a multiple of {bk} and scales ({m}, {k // bk}) and {(triton.cdiv(n, bn), k // bk)}, "
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
     if config is None:
-        config = default_gemv_config(n, k, _num_sms(x_q.device))
+        config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(x_q.device))
     x_grouped = x_s.shape[1] > 1 or block_size is not None
     if block_size is not None:
         group_n, group_k, block_k = *block_size, block_size[1]

@@ -294,6 +294,27 @@ def test_gemv_argument_checks() -> None:
         fp8_gemv(x_q, torch.ones(1, 2), w_q, torch.ones(2, 2), (32, 48))
 
 
+def test_gemv_config_overrides(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RADIXLM_GEMV_CONFIGS names per-shape launches; the GEMV takes them, other shapes keep the default."""
+    from radixlm.kernels import fp8_gemv as gemv_module
+
+    table = tmp_path / "gemv.json"
+    table.write_text('{"40,64": [32, 128, 2, 3, 2]}')
+    monkeypatch.setenv("RADIXLM_GEMV_CONFIGS", str(table))
+    gemv_module.config_overrides.cache_clear()
+    try:
+        assert gemv_module.config_overrides() == {(40, 64): GemvConfig(32, 128, 2, 3, 2)}
+        gen = torch.Generator().manual_seed(3)
+        x_q = (torch.randn(2, 64, generator=gen) * 50).to(FP8_DTYPE)
+        w_q = (torch.randn(40, 64, generator=gen) * 50).to(FP8_DTYPE)
+        x_s, w_s = torch.rand(2, 1, generator=gen) + 0.5, torch.rand(40, generator=gen) + 0.5
+        expected = (x_q.float() * x_s) @ (w_q.float() * w_s[:, None]).t()
+        assert rel_err(fp8_gemv(x_q, x_s, w_q, w_s, None, torch.float32), expected) < 1e-5
+    finally:
+        monkeypatch.delenv("RADIXLM_GEMV_CONFIGS")
+        gemv_module.config_overrides.cache_clear()
+
+
 # --- fused MoE with block-FP8 experts ----------------------------------------------------------------------
 
 def moe_case(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, block: tuple[int, int],
