@@ -12,15 +12,17 @@ configuration is checked against the torch reference (rel err < 1e-2).
     PYTHONPATH=. python bench/gpu/lora_tune.py                      # all cases, ~4 minutes on an H200
     PYTHONPATH=. python bench/gpu/lora_tune.py --shapes qkv --tokens 128 --ranks 16
 
-``--dense``: the dense decode's expand (``lora_expand_dense_triton``, reading the shrink from the GEMM's tail) on
-the decode layout the model runs (``decode_segments(dense=True)``, 16 slots): per case the default launch
-against the best ``block_n`` x ``num_warps``.
+``--dense``: the dense decode's expand (``lora_expand_dense_triton``, reading the shrink from the GEMM's tail;
+gate_up with its SiLU-mul epilogue) on the decode layout the model runs (``decode_segments(dense=True)``, 16
+slots): per case the default launch against ``DENSE_GRID`` (columns a tile, tiles a program, pipeline stages);
+``--write-configs F`` writes the bests for ``RADIXLM_LORA_EXPAND_CONFIGS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 
@@ -31,7 +33,7 @@ from lora_kernels import SHAPES, make_operands, row_segments, time_us  # noqa: E
 
 from radixlm.kernels.lora import decode_segments, lora_expand_ref, lora_shrink_ref  # noqa: E402
 from radixlm.kernels.lora_triton import (  # noqa: E402
-    lora_expand_dense_triton, lora_expand_triton, lora_shrink_triton,
+    expand_config, lora_expand_dense_silu_mul_triton, lora_expand_dense_triton, lora_expand_triton, lora_shrink_triton,
 )
 
 SPLITS = (1, 2, 4, 8, 16, 32)
@@ -93,27 +95,50 @@ def sweep_case(shape_name: str, rank: int, tokens: int, adapters: int, max_rank:
             f"{fmt(best[2])}; {fmt(best[4])}")
 
 
-def sweep_dense(shape_name: str, rank: int, tokens: int, adapters: int, max_rank: int) -> str:
+DENSE_GRID = [dict(block_n=bn, num_warps=4, n_tiles=nt, num_stages=st)
+              for bn, nt, st in itertools.product((64, 128), (1, 2, 4, 8), (1, 2, 3))]
+
+
+def sweep_dense(shape_name: str, rank: int, tokens: int, adapters: int, max_rank: int,
+                table: dict[str, list[int]]) -> str:
+    """The dense decode expand of one projection (gate_up: with the SiLU-mul epilogue, as the MLP runs it) per
+    launch of ``DENSE_GRID``, each checked against the default's output; the best goes into ``table`` under
+    ``RADIXLM_LORA_EXPAND_CONFIGS``'s key."""
     shape = SHAPES[shape_name]
     x, w, a_pool, b_pool, ranks, scalings, offsets = make_operands(shape, rank, max_rank, tokens, "cuda")
     n_total = sum(shape.widths)
     y_ext = x @ torch.cat([w, a_pool.reshape(-1, shape.k)]).T
-    out = torch.empty(tokens, n_total, device="cuda", dtype=x.dtype)
     seg = decode_segments([i % adapters for i in range(tokens)], 16, "cuda", dense=True)
+    silu = shape_name == "gate_up"
+    out = torch.empty(tokens, n_total // 2 if silu else n_total, device="cuda", dtype=x.dtype)
 
     def expand(**kw) -> None:
-        lora_expand_dense_triton(y_ext, out, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets,
-                                 seg.max_seg_len, seg.token_order, **kw)
+        if silu:
+            lora_expand_dense_silu_mul_triton(y_ext, out, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings,
+                                              seg.max_seg_len, seg.token_order, **kw)
+        else:
+            lora_expand_dense_triton(y_ext, out, b_pool, seg.seg_starts, seg.seg_slots, ranks, scalings, offsets,
+                                     seg.max_seg_len, seg.token_order, **kw)
 
     default_us = time_us(expand)
     expand()
     want = out.clone()
-    configs = [dict(block_n=bn, num_warps=w) for bn, w in itertools.product((32, 64, 128, 256), (2, 4, 8))]
-    best_us, best_cfg = min(((time_us(lambda: expand(**cfg)), cfg) for cfg in configs), key=lambda t: t[0])
-    expand(**best_cfg)
-    torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
-    cfg = " ".join(f"{k}={v}" for k, v in best_cfg.items())
-    return f"{shape_name:<8} {rank:>4} {tokens:>6} {adapters:>4} | {default_us:7.1f} {best_us:7.1f}  {cfg}"
+    results = []
+    for cfg in DENSE_GRID:
+        try:
+            expand(**cfg)
+            torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
+            results.append((time_us(lambda: expand(**cfg)), cfg))
+        except Exception as exc:  # out of resources, or a wrong result
+            print(f"  {shape_name} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+    block_m = 1 if seg.max_seg_len <= 1 else 16
+    results.append((default_us, expand_config(block_m, 1 if silu else len(shape.widths))._asdict()))
+    results.sort(key=lambda t: t[0])
+    best_us, best_cfg = results[0]
+    table[f"{'silu' if silu else 'dense'},{out.shape[1]},{block_m}"] = [
+        best_cfg["block_n"], best_cfg["num_warps"], best_cfg["n_tiles"], best_cfg["num_stages"]]
+    top = "  ".join(f"{c['block_n']}/{c['n_tiles']}/{c['num_stages']} {t:.1f}" for t, c in results[:4])
+    return f"{shape_name:<8} {rank:>4} {tokens:>6} {adapters:>4} | {default_us:7.1f} {best_us:7.1f}  {top}"
 
 
 def main() -> None:
@@ -123,13 +148,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128, 2048])
     parser.add_argument("--max-rank", type=int, default=64)
     parser.add_argument("--dense", action="store_true")
+    parser.add_argument("--write-configs", help="--dense: write each case's best launch here (JSON, for "
+                        "RADIXLM_LORA_EXPAND_CONFIGS)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a GPU")
     if args.dense:
-        print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default':>7} {'best':>7}  config (us)")
+        print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default':>7} {'best':>7}  "
+              f"top 4: block_n/n_tiles/stages us")
+        table: dict[str, list[int]] = {}
         for shape_name, rank, tokens in itertools.product(args.shapes, args.ranks, args.tokens):
-            print(sweep_dense(shape_name, rank, tokens, 1 if tokens == 1 else 16, args.max_rank), flush=True)
+            print(sweep_dense(shape_name, rank, tokens, 1 if tokens == 1 else 16, args.max_rank, table), flush=True)
+        if args.write_configs:
+            with open(args.write_configs, "w") as f:
+                json.dump(table, f, indent=1)
+            print(f"wrote {args.write_configs}: {table}")
         return
     print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default: shrink':>15} {'expand':>7} {'sum':>7} | "
           f"{'best: shrink':>12} {'expand':>7} {'sum':>7}  configs (us)")

@@ -36,6 +36,9 @@ expand looping over the slots' rank chunks with each chunk's rows masked to its 
 from __future__ import annotations
 
 import functools
+import json
+import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -127,7 +130,10 @@ def _lora_expand_kernel(
     n_total, max_rank, stride_tm, stride_ts, stride_bs, stride_bn, stride_ym, stride_om,
     NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr,
     HALF_DOT: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    N_TILES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
+    """Program (tile, segment, column group): ``N_TILES`` column tiles of ``BLOCK_N``, one after another, their
+    loads pipelined ``NUM_STAGES`` deep (the segment's prologue once for all of them)."""
     slot, m0, end, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, ranks_ptr, BLOCK_M)
     if m0 >= end:
         return
@@ -135,51 +141,58 @@ def _lora_expand_kernel(
         if rank == 0:
             return
     scaling = tl.where(rank > 0, tl.load(scalings_ptr + slot), 0.0)
-    n0 = tl.program_id(2) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_total
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
-    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None],
-                mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-    if not HALF_DOT:
-        b = b.to(tl.float32)
+    b_slot = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None]
     # tmp: the shrink's rows are positions in segment order; the dense GEMM's are tokens, one column block per slot
     t_slot = tmp_ptr + slot.to(tl.int64) * stride_ts
     if GEMV:
         row = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         t_row = t_slot + (row if DENSE else m0.to(tl.int64)) * stride_tm
-        for s in tl.static_range(NUM_SLICES):
-            lo = tl.load(offsets_ptr + s)
-            hi = tl.load(offsets_ptr + s + 1)
-            if (lo < n0 + BLOCK_N) & (hi > n0):
-                t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-                part = tl.sum(t[:, None] * b.to(tl.float32), axis=0)
-                acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
-        y = tl.load(y_ptr + row * stride_ym + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + offs_n, (y + scaling * acc).to(out_ptr.dtype.element_ty), mask=n_ok)
+        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
+            n0 = (tl.program_id(2) * N_TILES + i) * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_total
+            b = tl.load(b_slot + offs_n.to(tl.int64)[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :],
+                        other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
+            y = tl.load(y_ptr + row * stride_ym + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in tl.static_range(NUM_SLICES):
+                lo = tl.load(offsets_ptr + s)
+                hi = tl.load(offsets_ptr + s + 1)
+                if (lo < n0 + BLOCK_N) & (hi > n0):
+                    t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+                    part = tl.sum(t[:, None] * b, axis=0)
+                    acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
+            tl.store(out_ptr + row * stride_om + offs_n, (y + scaling * acc).to(out_ptr.dtype.element_ty),
+                     mask=n_ok)
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
         y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
         t_rows = y_rows if DENSE else offs_m.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in tl.static_range(NUM_SLICES):
-            lo = tl.load(offsets_ptr + s)
-            hi = tl.load(offsets_ptr + s + 1)
-            if (lo < n0 + BLOCK_N) & (hi > n0):
-                t = tl.load(t_slot + t_rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
-                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-                if HALF_DOT:  # tmp rounded to the pool's dtype (GPU run L10: 20 % less expand time than tf32)
-                    part = tl.dot(t.to(b.dtype), b)
-                else:
-                    part = tl.dot(t.to(tl.float32), b, input_precision=DOT_PRECISION)
-                acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
-        mask = m_ok[:, None] & n_ok[None, :]
-        y = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + y_rows[:, None] * stride_om + offs_n[None, :],
-                 (y + scaling * acc).to(out_ptr.dtype.element_ty), mask=mask)
+        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
+            n0 = (tl.program_id(2) * N_TILES + i) * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_total
+            b = tl.load(b_slot + offs_n.to(tl.int64)[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :],
+                        other=0.0)  # [BLOCK_R, BLOCK_N]
+            mask = m_ok[:, None] & n_ok[None, :]
+            y = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(NUM_SLICES):
+                lo = tl.load(offsets_ptr + s)
+                hi = tl.load(offsets_ptr + s + 1)
+                if (lo < n0 + BLOCK_N) & (hi > n0):
+                    t = tl.load(t_slot + t_rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
+                                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                    if HALF_DOT:  # tmp rounded to the pool's dtype (GPU run L10: 20 % less expand time than tf32)
+                        part = tl.dot(t.to(b.dtype), b)
+                    else:
+                        part = tl.dot(t.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+                    acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
+            tl.store(out_ptr + y_rows[:, None] * stride_om + offs_n[None, :],
+                     (y.to(tl.float32) + scaling * acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -187,35 +200,37 @@ def _lora_expand_silu_mul_kernel(
     tmp_ptr, b_ptr, y_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scalings_ptr, order_ptr,
     inter, max_rank, stride_tm, stride_ts, stride_bs, stride_bn, stride_ym, stride_om,
     DOT_PRECISION: tl.constexpr, GEMV: tl.constexpr, HAS_ORDER: tl.constexpr, HALF_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, N_TILES: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """The dense expand of a gate_up projection (slices gate ‖ up, ``inter`` columns each) with the SiLU-mul as
-    its epilogue: program (tile, segment, N tile of ``inter``) adds its rows' adapter to the gate and the up tile
-    in fp32 and stores ``silu(gate) * up``, rounded once; every row is written (rows of no adapter: the plain
-    activation)."""
+    its epilogue: program (tile, segment, column group) adds its rows' adapter to ``N_TILES`` gate and up tiles
+    of ``inter`` in fp32 and stores ``silu(gate) * up``, rounded once; every row is written (rows of no adapter:
+    the plain activation)."""
     slot, m0, end, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, ranks_ptr, BLOCK_M)
     if m0 >= end:
         return
     scaling = tl.where(rank > 0, tl.load(scalings_ptr + slot), 0.0)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
-    b_mask = r_ok[:, None] & n_ok[None, :]
     b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None]
-    b_gate = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)  # [BLOCK_R, BLOCK_N]
-    b_up = tl.load(b_rows + (inter + offs_n).to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
     t_slot = tmp_ptr + slot.to(tl.int64) * stride_ts
     if GEMV:
         row = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
         t_gate = tl.load(t_slot + row * stride_tm + offs_r, mask=r_ok, other=0.0).to(tl.float32)
         t_up = tl.load(t_slot + row * stride_tm + max_rank + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-        acc_gate = tl.sum(t_gate[:, None] * b_gate.to(tl.float32), axis=0)
-        acc_up = tl.sum(t_up[:, None] * b_up.to(tl.float32), axis=0)
         y_row = y_ptr + row * stride_ym
-        gate = tl.load(y_row + offs_n, mask=n_ok, other=0.0).to(tl.float32) + scaling * acc_gate
-        up = tl.load(y_row + inter + offs_n, mask=n_ok, other=0.0).to(tl.float32) + scaling * acc_up
-        tl.store(out_ptr + row * stride_om + offs_n, silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=n_ok)
+        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
+            offs_n = (tl.program_id(2) * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < inter
+            b_mask = r_ok[:, None] & n_ok[None, :]
+            b_gate = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+            b_up = tl.load(b_rows + (inter + offs_n).to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+            gate = tl.load(y_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            up = tl.load(y_row + inter + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            gate += scaling * tl.sum(t_gate[:, None] * b_gate.to(tl.float32), axis=0)
+            up += scaling * tl.sum(t_up[:, None] * b_up.to(tl.float32), axis=0)
+            tl.store(out_ptr + row * stride_om + offs_n, silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
@@ -224,18 +239,26 @@ def _lora_expand_silu_mul_kernel(
         t_mask = m_ok[:, None] & r_ok[None, :]
         t_gate = tl.load(t_ptrs, mask=t_mask, other=0.0)
         t_up = tl.load(t_ptrs + max_rank, mask=t_mask, other=0.0)
-        if HALF_DOT:  # tmp in the pool's half precision, as the plain expand's dot form
-            acc_gate = tl.dot(t_gate.to(b_gate.dtype), b_gate)
-            acc_up = tl.dot(t_up.to(b_up.dtype), b_up)
-        else:
-            acc_gate = tl.dot(t_gate.to(tl.float32), b_gate.to(tl.float32), input_precision=DOT_PRECISION)
-            acc_up = tl.dot(t_up.to(tl.float32), b_up.to(tl.float32), input_precision=DOT_PRECISION)
-        mask = m_ok[:, None] & n_ok[None, :]
         y_rows = y_ptr + rows[:, None] * stride_ym
-        gate = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) + scaling * acc_gate
-        up = tl.load(y_rows + inter + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) + scaling * acc_up
-        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
-                 silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
+        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
+            offs_n = (tl.program_id(2) * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < inter
+            b_mask = r_ok[:, None] & n_ok[None, :]
+            b_gate = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+            b_up = tl.load(b_rows + (inter + offs_n).to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+            mask = m_ok[:, None] & n_ok[None, :]
+            gate = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
+            up = tl.load(y_rows + inter + offs_n[None, :], mask=mask, other=0.0)
+            if HALF_DOT:  # tmp in the pool's half precision, as the plain expand's dot form
+                acc_gate = tl.dot(t_gate.to(b_gate.dtype), b_gate)
+                acc_up = tl.dot(t_up.to(b_up.dtype), b_up)
+            else:
+                acc_gate = tl.dot(t_gate.to(tl.float32), b_gate.to(tl.float32), input_precision=DOT_PRECISION)
+                acc_up = tl.dot(t_up.to(tl.float32), b_up.to(tl.float32), input_precision=DOT_PRECISION)
+            gate = gate.to(tl.float32) + scaling * acc_gate
+            up = up.to(tl.float32) + scaling * acc_up
+            tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
+                     silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(max_seg_len: int) -> int:
@@ -287,17 +310,52 @@ def _split_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
 
-def expand_config(block_m: int, num_slices: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) of the expand, from the sweeps at Llama-3.1-8B shapes: the GEMV form 64 columns and
-    4 warps (run L1); decode pieces (BLOCK_M 16) with the product in the pool's half precision 128 columns for
-    merged projections (gate_up: 18.5 us against 23.2 for 256 columns) and 64 for single-slice ones (down: 8.8
-    against 9.8), 4 warps (run L10); prefill tiles 128 columns and 4 warps for merged projections, 256 and 8
-    for single-slice ones (run L3)."""
+class ExpandConfig(NamedTuple):
+    """An expand launch: ``block_n`` columns a tile, ``n_tiles`` tiles a program (their loads pipelined
+    ``num_stages`` deep), ``num_warps``."""
+
+    block_n: int
+    num_warps: int = 4
+    n_tiles: int = 1
+    num_stages: int = 1
+
+
+def expand_config(block_m: int, num_slices: int) -> ExpandConfig:
+    """The expand's launch, from the sweeps at Llama-3.1-8B shapes: the GEMV form 64 columns and 4 warps (run
+    L1); decode pieces (BLOCK_M 16) with the product in the pool's half precision 128 columns for merged
+    projections (gate_up: 18.5 us against 23.2 for 256 columns) and 64 for single-slice ones (down: 8.8 against
+    9.8), 4 warps (run L10); prefill tiles 128 columns and 4 warps for merged projections, 256 and 8 for
+    single-slice ones (run L3).  One tile a program."""
     if block_m == 1:
-        return 64, 4
+        return ExpandConfig(64, 4)
     if block_m <= 16:
-        return (128 if num_slices > 1 else 64), 4
-    return (128, 4) if num_slices > 1 else (256, 8)
+        return ExpandConfig(128 if num_slices > 1 else 64, 4)
+    return ExpandConfig(128, 4) if num_slices > 1 else ExpandConfig(256, 8)
+
+
+@functools.cache
+def expand_config_overrides() -> dict[tuple[str, int, int], ExpandConfig]:
+    """Decode expands' launches from the JSON file named by ``RADIXLM_LORA_EXPAND_CONFIGS`` (``{"KIND,N,BLOCK_M":
+    [block_n, num_warps, n_tiles, num_stages]}``, KIND ``dense`` or ``silu``, N the output columns, as
+    ``bench/gpu/lora_tune.py --dense --write-configs`` writes them), read once."""
+    path = os.environ.get("RADIXLM_LORA_EXPAND_CONFIGS")
+    if not path:
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    overrides = {}
+    for key, values in table.items():
+        kind, n, block_m = key.split(",")
+        overrides[kind, int(n), int(block_m)] = ExpandConfig(*values)
+    return overrides
+
+
+def _expand_launch(kind: str, n: int, block_m: int, num_slices: int, block_n: int | None, num_warps: int | None,
+                   n_tiles: int | None, num_stages: int | None) -> ExpandConfig:
+    """The expand's launch: explicit arguments over ``RADIXLM_LORA_EXPAND_CONFIGS``'s over ``expand_config``."""
+    base = expand_config_overrides().get((kind, n, block_m)) or expand_config(block_m, num_slices)
+    return ExpandConfig(block_n or base.block_n, num_warps or base.num_warps, n_tiles or base.n_tiles,
+                        num_stages or base.num_stages)
 
 
 def lora_shrink_triton(
@@ -337,6 +395,7 @@ def lora_expand_triton(
     tmp: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     scalings: torch.Tensor, slice_offsets: torch.Tensor, y: torch.Tensor, max_seg_len: int | None = None,
     token_order: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
+    n_tiles: int | None = None, num_stages: int | None = None,
 ) -> None:
     """``radixlm.kernels.lora.lora_expand`` in one launch (CUDA, or CPU tensors under the interpreter); the
     launch parameters default to ``expand_config``'s (overrides: as the shrink's)."""
@@ -350,18 +409,17 @@ def lora_expand_triton(
     if num_tokens == 0 or num_segs == 0:
         return
     block_m = _block_m(num_tokens if max_seg_len is None else max_seg_len)
-    default_n, default_warps = expand_config(block_m, num_slices)
-    block_n, num_warps = block_n or default_n, num_warps or default_warps
+    cfg = _expand_launch("segmented", n_total, block_m, num_slices, block_n, num_warps, n_tiles, num_stages)
     grid = (triton.cdiv(num_tokens if max_seg_len is None else max_seg_len, block_m), num_segs,
-            triton.cdiv(n_total, block_n))
+            triton.cdiv(n_total, cfg.block_n * cfg.n_tiles))
     _lora_expand_kernel[grid](
         tmp, b_pool, y, y, seg_starts, seg_slots, ranks, scalings, slice_offsets,
         seg_starts if token_order is None else token_order, n_total, max_rank, tmp.stride(1), 0, b_pool.stride(0),
         b_pool.stride(1), y.stride(0), y.stride(0),
         NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
         HAS_ORDER=token_order is not None, HALF_DOT=b_pool.dtype != torch.float32, DENSE=False,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
-        num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_R=_block_r(max_rank), N_TILES=cfg.n_tiles,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
 
 
@@ -369,6 +427,7 @@ def lora_expand_dense_triton(
     y_ext: torch.Tensor, out: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
     ranks: torch.Tensor, scalings: torch.Tensor, slice_offsets: torch.Tensor, max_seg_len: int,
     token_order: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
+    n_tiles: int | None = None, num_stages: int | None = None,
 ) -> None:
     """``radixlm.kernels.lora.lora_expand_dense`` in one launch: the expand kernel reading ``tmp`` from the dense
     GEMM's tail columns (token rows, one block of columns per slot) and writing every row of ``out``; launch
@@ -382,23 +441,24 @@ def lora_expand_dense_triton(
     if num_tokens == 0 or num_segs == 0:
         return
     block_m = _block_m(max_seg_len)
-    default_n, default_warps = expand_config(block_m, num_slices)
-    block_n, num_warps = block_n or default_n, num_warps or default_warps
-    grid = (triton.cdiv(max_seg_len, block_m), num_segs, triton.cdiv(n_total, block_n))
+    cfg = _expand_launch("dense", n_total, block_m, num_slices, block_n, num_warps, n_tiles, num_stages)
+    grid = (triton.cdiv(max_seg_len, block_m), num_segs, triton.cdiv(n_total, cfg.block_n * cfg.n_tiles))
     _lora_expand_kernel[grid](
         y_ext[:, n_total:], b_pool, y_ext, out, seg_starts, seg_slots, ranks, scalings, slice_offsets,
         seg_starts if token_order is None else token_order, n_total, max_rank, y_ext.stride(0),
         num_slices * max_rank, b_pool.stride(0), b_pool.stride(1), y_ext.stride(0), out.stride(0),
         NUM_SLICES=num_slices, DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1,
         HAS_ORDER=token_order is not None, HALF_DOT=b_pool.dtype != torch.float32, DENSE=True,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank), num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_R=_block_r(max_rank), N_TILES=cfg.n_tiles,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
 
 
 def lora_expand_dense_silu_mul_triton(
     y_ext: torch.Tensor, out: torch.Tensor, b_pool: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
     ranks: torch.Tensor, scalings: torch.Tensor, max_seg_len: int, token_order: torch.Tensor | None = None,
-    block_n: int | None = None, num_warps: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, n_tiles: int | None = None,
+    num_stages: int | None = None,
 ) -> None:
     """``radixlm.kernels.lora.lora_expand_dense_silu_mul`` in one launch (``_lora_expand_silu_mul_kernel``);
     ``block_n`` defaults to a single-slice expand's (each program reads a gate and an up tile)."""
@@ -410,14 +470,13 @@ def lora_expand_dense_silu_mul_triton(
     if num_tokens == 0 or num_segs == 0:
         return
     block_m = _block_m(max_seg_len)
-    default_n, default_warps = expand_config(block_m, 1)
-    block_n, num_warps = block_n or default_n, num_warps or default_warps
-    grid = (triton.cdiv(max_seg_len, block_m), num_segs, triton.cdiv(inter, block_n))
+    cfg = _expand_launch("silu", inter, block_m, 1, block_n, num_warps, n_tiles, num_stages)
+    grid = (triton.cdiv(max_seg_len, block_m), num_segs, triton.cdiv(inter, cfg.block_n * cfg.n_tiles))
     _lora_expand_silu_mul_kernel[grid](
         y_ext[:, 2 * inter:], b_pool, y_ext, out, seg_starts, seg_slots, ranks, scalings,
         seg_starts if token_order is None else token_order, inter, max_rank, y_ext.stride(0), 2 * max_rank,
         b_pool.stride(0), b_pool.stride(1), y_ext.stride(0), out.stride(0),
         DOT_PRECISION=_precision(b_pool.dtype), GEMV=block_m == 1, HAS_ORDER=token_order is not None,
-        HALF_DOT=b_pool.dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
-        num_warps=num_warps,
+        HALF_DOT=b_pool.dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_R=_block_r(max_rank),
+        N_TILES=cfg.n_tiles, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )

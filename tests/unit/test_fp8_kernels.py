@@ -309,7 +309,8 @@ def test_gemv_config_overrides(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Non
         w_q = (torch.randn(40, 64, generator=gen) * 50).to(FP8_DTYPE)
         x_s, w_s = torch.rand(2, 1, generator=gen) + 0.5, torch.rand(40, generator=gen) + 0.5
         expected = (x_q.float() * x_s) @ (w_q.float() * w_s[:, None]).t()
-        assert rel_err(fp8_gemv(x_q, x_s, w_q, w_s, None, torch.float32), expected) < 1e-5
+        out = fp8_gemv(x_q.to(DEVICE), x_s.to(DEVICE), w_q.to(DEVICE), w_s.to(DEVICE), None, torch.float32)
+        assert rel_err(out.cpu(), expected) < 1e-5
     finally:
         monkeypatch.delenv("RADIXLM_GEMV_CONFIGS")
         gemv_module.config_overrides.cache_clear()

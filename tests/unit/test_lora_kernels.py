@@ -34,8 +34,8 @@ from radixlm.kernels.lora import (  # noqa: E402
     lora_expand_dense_silu_mul, lora_expand_ref, lora_shrink_ref,
 )
 from radixlm.kernels.lora_triton import (  # noqa: E402
-    default_split_k, expand_config, lora_expand_dense_silu_mul_triton, lora_expand_dense_triton, lora_expand_triton,
-    lora_shrink_triton,
+    ExpandConfig, default_split_k, expand_config, lora_expand_dense_silu_mul_triton, lora_expand_dense_triton,
+    lora_expand_triton, lora_shrink_triton,
 )
 
 CUDA = torch.cuda.is_available()
@@ -299,10 +299,16 @@ def dense_operands(dtype: torch.dtype, slots: list[int], widths: tuple[int, ...]
     return pool, x, y0, torch.cat([y0, tmp], dim=1), tmp
 
 
-@pytest.mark.parametrize("path", ["triton", "ref"])
+# Launches of the dense expands: the default, and 16-column tiles three to a program, pipelined two deep (a
+# program's last tiles past the columns: masked)
+LAUNCHES = [{}, dict(block_n=16, n_tiles=3, num_stages=2)]
+
+
+@pytest.mark.parametrize("path,launch", [("triton", {}), ("triton", LAUNCHES[1]), ("ref", {})],
+                         ids=["triton", "triton-tiles", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [5, 40], ids=["gemv", "pieces"])
-def test_dense_expand(path: str, dtype: torch.dtype, rows: int) -> None:
+def test_dense_expand(path: str, launch: dict, dtype: torch.dtype, rows: int) -> None:
     """The dense decode's expand: every row of ``out`` written, adapter rows ``y0 + scaling * tmp B^T`` with
     ``tmp`` read from the row's own slot's columns of the GEMM's tail (rank 4 slot 3 never named; base rows
     and the graph's padding rows copied bit for bit), for the two decode layouts (one-row segments; rows sorted
@@ -317,7 +323,7 @@ def test_dense_expand(path: str, dtype: torch.dtype, rows: int) -> None:
     out = torch.full_like(y0, float("nan"))
     args = (pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, pool.offsets)
     if path == "triton":
-        lora_expand_dense_triton(y_ext, out, *args, seg.max_seg_len, seg.token_order)
+        lora_expand_dense_triton(y_ext, out, *args, seg.max_seg_len, seg.token_order, **launch)
     else:
         lora_expand_dense_ref(y_ext, out, *args, seg.token_order)
     token_slots = slots + [-1] * 3
@@ -338,10 +344,11 @@ def test_dense_expand(path: str, dtype: torch.dtype, rows: int) -> None:
     assert torch.equal(out[base_rows], y0[base_rows])
 
 
-@pytest.mark.parametrize("path", ["triton", "ref"])
+@pytest.mark.parametrize("path,launch", [("triton", {}), ("triton", LAUNCHES[1]), ("ref", {})],
+                         ids=["triton", "triton-tiles", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [5, 40], ids=["gemv", "pieces"])
-def test_dense_expand_silu_mul(path: str, dtype: torch.dtype, rows: int) -> None:
+def test_dense_expand_silu_mul(path: str, launch: dict, dtype: torch.dtype, rows: int) -> None:
     """The gate_up expand with the SiLU-mul epilogue: every row of ``out`` [T, inter] is ``silu(g) * u`` of the
     row's base output plus its adapter (none for base and padding rows), against float64 math from the same
     rounded shrink: fp32 work rounded once (relative 2^-p plus fp32 noise)."""
@@ -352,7 +359,7 @@ def test_dense_expand_silu_mul(path: str, dtype: torch.dtype, rows: int) -> None
     out = torch.full((len(slots), 24), float("nan"), dtype=dtype, device=DEVICE)
     args = (pool.b, seg.seg_starts, seg.seg_slots, pool.ranks, pool.scalings, seg.max_seg_len, seg.token_order)
     if path == "triton":
-        lora_expand_dense_silu_mul_triton(y_ext, out, *args)
+        lora_expand_dense_silu_mul_triton(y_ext, out, *args, **launch)
     elif CUDA:
         pytest.skip("on a GPU the dispatcher runs the kernel: the torch path is tested on CPU")
     else:
@@ -400,11 +407,29 @@ def test_default_split_k() -> None:
 
 
 def test_expand_config() -> None:
-    assert expand_config(block_m=1, num_slices=3) == (64, 4)
-    assert expand_config(block_m=16, num_slices=2) == (128, 4)
-    assert expand_config(block_m=16, num_slices=1) == (64, 4)
-    assert expand_config(block_m=64, num_slices=3) == (128, 4)
-    assert expand_config(block_m=64, num_slices=1) == (256, 8)
+    assert expand_config(block_m=1, num_slices=3) == ExpandConfig(64, 4, 1, 1)
+    assert expand_config(block_m=16, num_slices=2) == ExpandConfig(128, 4, 1, 1)
+    assert expand_config(block_m=16, num_slices=1) == ExpandConfig(64, 4, 1, 1)
+    assert expand_config(block_m=64, num_slices=3) == ExpandConfig(128, 4, 1, 1)
+    assert expand_config(block_m=64, num_slices=1) == ExpandConfig(256, 8, 1, 1)
+
+
+def test_expand_config_overrides(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RADIXLM_LORA_EXPAND_CONFIGS names decode expands' launches by (kind, N, BLOCK_M); explicit arguments win,
+    other shapes keep expand_config's."""
+    from radixlm.kernels import lora_triton
+
+    table = tmp_path / "expand.json"
+    table.write_text('{"dense,6144,16": [128, 4, 4, 3], "silu,14336,16": [64, 8, 2, 2]}')
+    monkeypatch.setenv("RADIXLM_LORA_EXPAND_CONFIGS", str(table))
+    lora_triton.expand_config_overrides.cache_clear()
+    try:
+        assert lora_triton._expand_launch("dense", 6144, 16, 3, None, None, None, None) == ExpandConfig(128, 4, 4, 3)
+        assert lora_triton._expand_launch("silu", 14336, 16, 1, None, None, 1, None) == ExpandConfig(64, 8, 1, 2)
+        assert lora_triton._expand_launch("dense", 6144, 1, 3, None, None, None, None) == ExpandConfig(64, 4, 1, 1)
+    finally:
+        monkeypatch.delenv("RADIXLM_LORA_EXPAND_CONFIGS")
+        lora_triton.expand_config_overrides.cache_clear()
 
 
 def test_apply_lora_base_only_launches_nothing() -> None:
