@@ -8,7 +8,7 @@ set -uo pipefail
 source bench/gpu/setup.sh || exit 1
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_lora_kernels.py tests/unit/test_cuda_graph.py \
   tests/unit/test_fp8_kernels.py::test_gemv_config_overrides \
-  -k "lora or Lora or LoRA or dense or expand" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
+  -k "lora or Lora or LoRA or dense or expand or overrides" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
 timeout 200 python3 bench/gpu/lora_tune.py --dense --ranks 16 --max-rank 16 --tokens 1 128 \
   --write-configs $LOG/expand.json 2>&1 | quiet | tail -12
 LB="--model-path llama-3.1-8b --load-format dummy --ranks 16 --batch-size 32 128 --input-len 256 --output-len 32 \
