@@ -133,7 +133,8 @@ def _lora_expand_kernel(
     N_TILES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Program (tile, segment, column group): ``N_TILES`` column tiles of ``BLOCK_N``, one after another, their
-    loads pipelined ``NUM_STAGES`` deep (the segment's prologue once for all of them)."""
+    loads pipelined ``NUM_STAGES`` deep (the segment's prologue once for all of them).  GEMV: one row, the
+    products summed on the CUDA cores; else ``BLOCK_M`` rows through ``tl.dot``."""
     slot, m0, end, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, ranks_ptr, BLOCK_M)
     if m0 >= end:
         return
@@ -147,52 +148,46 @@ def _lora_expand_kernel(
     # tmp: the shrink's rows are positions in segment order; the dense GEMM's are tokens, one column block per slot
     t_slot = tmp_ptr + slot.to(tl.int64) * stride_ts
     if GEMV:
-        row = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
-        t_row = t_slot + (row if DENSE else m0.to(tl.int64)) * stride_tm
-        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
-            n0 = (tl.program_id(2) * N_TILES + i) * BLOCK_N
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < n_total
-            b = tl.load(b_slot + offs_n.to(tl.int64)[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :],
-                        other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
-            y = tl.load(y_ptr + row * stride_ym + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in tl.static_range(NUM_SLICES):
-                lo = tl.load(offsets_ptr + s)
-                hi = tl.load(offsets_ptr + s + 1)
-                if (lo < n0 + BLOCK_N) & (hi > n0):
-                    t = tl.load(t_row + s * max_rank + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-                    part = tl.sum(t[:, None] * b, axis=0)
-                    acc += tl.where((offs_n >= lo) & (offs_n < hi), part, 0.0)
-            tl.store(out_ptr + row * stride_om + offs_n, (y + scaling * acc).to(out_ptr.dtype.element_ty),
-                     mask=n_ok)
+        rows = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
+        t_ptrs = t_slot + (rows if DENSE else m0.to(tl.int64)) * stride_tm + offs_r  # [BLOCK_R]
+        t_mask = r_ok
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
-        y_rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
-        t_rows = y_rows if DENSE else offs_m.to(tl.int64)
-        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
-            n0 = (tl.program_id(2) * N_TILES + i) * BLOCK_N
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < n_total
-            b = tl.load(b_slot + offs_n.to(tl.int64)[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :],
-                        other=0.0)  # [BLOCK_R, BLOCK_N]
+        rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
+        t_ptrs = t_slot + (rows if DENSE else offs_m.to(tl.int64))[:, None] * stride_tm + offs_r[None, :]
+        t_mask = m_ok[:, None] & r_ok[None, :]  # [BLOCK_M, BLOCK_R]
+    for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
+        n0 = (tl.program_id(2) * N_TILES + i) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_total
+        b = tl.load(b_slot + offs_n.to(tl.int64)[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # [BLOCK_R, BLOCK_N]
+        if GEMV:
+            mask = n_ok
+            y_ptrs = y_ptr + rows * stride_ym + offs_n
+            out_ptrs = out_ptr + rows * stride_om + offs_n
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
             mask = m_ok[:, None] & n_ok[None, :]
-            y = tl.load(y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
+            y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+            out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(NUM_SLICES):
-                lo = tl.load(offsets_ptr + s)
-                hi = tl.load(offsets_ptr + s + 1)
-                if (lo < n0 + BLOCK_N) & (hi > n0):
-                    t = tl.load(t_slot + t_rows[:, None] * stride_tm + s * max_rank + offs_r[None, :],
-                                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-                    if HALF_DOT:  # tmp rounded to the pool's dtype (GPU run L10: 20 % less expand time than tf32)
-                        part = tl.dot(t.to(b.dtype), b)
-                    else:
-                        part = tl.dot(t.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
-                    acc += tl.where(((offs_n >= lo) & (offs_n < hi))[None, :], part, 0.0)
-            tl.store(out_ptr + y_rows[:, None] * stride_om + offs_n[None, :],
-                     (y.to(tl.float32) + scaling * acc).to(out_ptr.dtype.element_ty), mask=mask)
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        for s in tl.static_range(NUM_SLICES):
+            lo = tl.load(offsets_ptr + s)
+            hi = tl.load(offsets_ptr + s + 1)
+            if (lo < n0 + BLOCK_N) & (hi > n0):
+                in_slice = (offs_n >= lo) & (offs_n < hi)
+                t = tl.load(t_ptrs + s * max_rank, mask=t_mask, other=0.0)
+                if GEMV:
+                    acc += tl.where(in_slice, tl.sum(t.to(tl.float32)[:, None] * b.to(tl.float32), axis=0), 0.0)
+                elif HALF_DOT:  # tmp rounded to the pool's dtype (GPU run L10: 20 % less expand time than tf32)
+                    acc += tl.where(in_slice[None, :], tl.dot(t.to(b.dtype), b), 0.0)
+                else:
+                    acc += tl.where(in_slice[None, :], tl.dot(t.to(tl.float32), b.to(tl.float32),
+                                                              input_precision=DOT_PRECISION), 0.0)
+        tl.store(out_ptrs, (y.to(tl.float32) + scaling * acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -216,49 +211,43 @@ def _lora_expand_silu_mul_kernel(
     b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None]
     t_slot = tmp_ptr + slot.to(tl.int64) * stride_ts
     if GEMV:
-        row = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
-        t_gate = tl.load(t_slot + row * stride_tm + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-        t_up = tl.load(t_slot + row * stride_tm + max_rank + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-        y_row = y_ptr + row * stride_ym
-        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
-            offs_n = (tl.program_id(2) * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < inter
-            b_mask = r_ok[:, None] & n_ok[None, :]
-            b_gate = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
-            b_up = tl.load(b_rows + (inter + offs_n).to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
-            gate = tl.load(y_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            up = tl.load(y_row + inter + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            gate += scaling * tl.sum(t_gate[:, None] * b_gate.to(tl.float32), axis=0)
-            up += scaling * tl.sum(t_up[:, None] * b_up.to(tl.float32), axis=0)
-            tl.store(out_ptr + row * stride_om + offs_n, silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=n_ok)
+        rows = (tl.load(order_ptr + m0) if HAS_ORDER else m0).to(tl.int64)
+        t_ptrs = t_slot + rows * stride_tm + offs_r  # [BLOCK_R]
+        t_mask = r_ok
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
         rows = (tl.load(order_ptr + offs_m, mask=m_ok, other=0) if HAS_ORDER else offs_m).to(tl.int64)
-        t_ptrs = t_slot + rows[:, None] * stride_tm + offs_r[None, :]
+        t_ptrs = t_slot + rows[:, None] * stride_tm + offs_r[None, :]  # [BLOCK_M, BLOCK_R]
         t_mask = m_ok[:, None] & r_ok[None, :]
-        t_gate = tl.load(t_ptrs, mask=t_mask, other=0.0)
-        t_up = tl.load(t_ptrs + max_rank, mask=t_mask, other=0.0)
-        y_rows = y_ptr + rows[:, None] * stride_ym
-        for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
-            offs_n = (tl.program_id(2) * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < inter
-            b_mask = r_ok[:, None] & n_ok[None, :]
-            b_gate = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
-            b_up = tl.load(b_rows + (inter + offs_n).to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+    t_gate = tl.load(t_ptrs, mask=t_mask, other=0.0)
+    t_up = tl.load(t_ptrs + max_rank, mask=t_mask, other=0.0)
+    for i in tl.range(0, N_TILES, num_stages=NUM_STAGES):
+        offs_n = (tl.program_id(2) * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < inter
+        b_mask = r_ok[:, None] & n_ok[None, :]
+        b_gate = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+        b_up = tl.load(b_rows + (inter + offs_n).to(tl.int64)[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if GEMV:
+            mask = n_ok
+            y_ptrs = y_ptr + rows * stride_ym + offs_n
+            out_ptrs = out_ptr + rows * stride_om + offs_n
+        else:
             mask = m_ok[:, None] & n_ok[None, :]
-            gate = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
-            up = tl.load(y_rows + inter + offs_n[None, :], mask=mask, other=0.0)
-            if HALF_DOT:  # tmp in the pool's half precision, as the plain expand's dot form
-                acc_gate = tl.dot(t_gate.to(b_gate.dtype), b_gate)
-                acc_up = tl.dot(t_up.to(b_up.dtype), b_up)
-            else:
-                acc_gate = tl.dot(t_gate.to(tl.float32), b_gate.to(tl.float32), input_precision=DOT_PRECISION)
-                acc_up = tl.dot(t_up.to(tl.float32), b_up.to(tl.float32), input_precision=DOT_PRECISION)
-            gate = gate.to(tl.float32) + scaling * acc_gate
-            up = up.to(tl.float32) + scaling * acc_up
-            tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
-                     silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
+            y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+            out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        gate = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(y_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
+        if GEMV:
+            gate += scaling * tl.sum(t_gate.to(tl.float32)[:, None] * b_gate.to(tl.float32), axis=0)
+            up += scaling * tl.sum(t_up.to(tl.float32)[:, None] * b_up.to(tl.float32), axis=0)
+        elif HALF_DOT:  # tmp in the pool's half precision, as the plain expand's dot form
+            gate += scaling * tl.dot(t_gate.to(b_gate.dtype), b_gate)
+            up += scaling * tl.dot(t_up.to(b_up.dtype), b_up)
+        else:
+            gate += scaling * tl.dot(t_gate.to(tl.float32), b_gate.to(tl.float32), input_precision=DOT_PRECISION)
+            up += scaling * tl.dot(t_up.to(tl.float32), b_up.to(tl.float32), input_precision=DOT_PRECISION)
+        tl.store(out_ptrs, silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(max_seg_len: int) -> int:
