@@ -408,7 +408,9 @@ def test_default_split_k() -> None:
 
 def test_expand_config() -> None:
     assert expand_config(block_m=1, num_slices=3) == ExpandConfig(64, 4, 1, 1)
-    assert expand_config(block_m=16, num_slices=2) == ExpandConfig(128, 4, 1, 1)
+    assert expand_config(block_m=16, num_slices=2) == ExpandConfig(128, 4, 1, 2)
+    assert expand_config(block_m=16, num_slices=2, silu_mul=True) == ExpandConfig(128, 4, 2, 2)
+    assert expand_config(block_m=1, num_slices=2, silu_mul=True) == ExpandConfig(64, 4, 1, 1)
     assert expand_config(block_m=16, num_slices=1) == ExpandConfig(64, 4, 1, 1)
     assert expand_config(block_m=64, num_slices=3) == ExpandConfig(128, 4, 1, 1)
     assert expand_config(block_m=64, num_slices=1) == ExpandConfig(256, 8, 1, 1)
@@ -427,6 +429,7 @@ def test_expand_config_overrides(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
         assert lora_triton._expand_launch("dense", 6144, 16, 3, None, None, None, None) == ExpandConfig(128, 4, 4, 3)
         assert lora_triton._expand_launch("silu", 14336, 16, 1, None, None, 1, None) == ExpandConfig(64, 8, 1, 2)
         assert lora_triton._expand_launch("dense", 6144, 1, 3, None, None, None, None) == ExpandConfig(64, 4, 1, 1)
+        assert lora_triton._expand_launch("silu", 1024, 16, 1, None, None, None, None) == ExpandConfig(128, 4, 2, 2)
     finally:
         monkeypatch.delenv("RADIXLM_LORA_EXPAND_CONFIGS")
         lora_triton.expand_config_overrides.cache_clear()
