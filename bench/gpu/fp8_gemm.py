@@ -23,8 +23,9 @@ per-channel weights; then at M = 1 and 16 its default and best configs, the laye
 and bf16 cuBLAS.  All in CUDA graphs over enough weight copies (``ROTATE_BYTES``) that every call reads its
 weight from HBM, as a decode step's back-to-back layers do; weight TB/s per row.
 
-``--pdl``: the layer as served at M = 1 and 16 (quantizer + GEMV, per-channel and block weights) with
-programmatic dependent launch off and on; same timing.
+``--pdl``: the layer as served at M = 1 and 16 (quantizer + GEMV, per-channel and block weights, 128-group
+activations) with programmatic dependent launch off, on, and on with 1 or 2 weight tiles a GEMV program
+requests before its wait (``GemvConfig.preload``); same timing.
 
 ``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
 by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
@@ -56,7 +57,7 @@ from radixlm.kernels.fp8 import (
     w8a8_block_fp8_matmul_torch,
 )
 from radixlm.kernels.fp8_gemm import (
-    default_fp8_config, per_token_group_quant_fp8_triton, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
+    default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
 )
 from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
 from radixlm.kernels.gemm_config import GemmConfig
@@ -375,27 +376,30 @@ def tune_gemv(names: list[str], tokens: list[int], fmts: list[str], write_config
 
 
 def pdl_layers(names: list[str], tokens: list[int]) -> None:
-    """The FP8 layer as served (quantizer, then the GEMV at its default config) without and with PDL; the outputs
+    """The FP8 layer as served (quantizer, then the GEMV at its default config) without PDL, with PDL, and with
+    PDL and 1 or 2 weight tiles a program requested before its wait (``GemvConfig.preload``); the outputs
     bit-equal."""
-    variants = [False, True]
+    variants = [(False, 0), (True, 0), (True, 1), (True, 2)]  # (PDL, preload)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("FP8 layer (quantizer + GEMV): us per call in CUDA graphs over rotating weight copies")
-    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'no PDL us':>9s} {'PDL us':>9s} {'TB/s best':>9s}")
+    print(f"{'shape':18s} {'fmt':>5s} {'M':>3s} {'no PDL us':>9s} {'PDL us':>9s} {'+pre 1':>9s} {'+pre 2':>9s} "
+          f"{'TB/s best':>9s}")
     gen = torch.Generator(device="cuda").manual_seed(7)
     for name in names:
         shape = SHAPES[name]
         copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
         blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
         chans = [quantize_online(dequantize_bf16(w_q, w_s)) for w_q, w_s in blocks]
+        default = default_gemv_config(shape.n, shape.k, num_sms)
         for fmt, weights in (("block", [(q, s, BLOCK) for q, s in blocks]), ("chan", [(q, s, None) for q, s in chans])):
             for m in tokens:
                 x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
 
-                def layer(w, pdl: bool) -> torch.Tensor:
-                    if w[2] is None:
-                        x_q, x_s = per_token_quant_fp8_triton(x, pdl=pdl)
-                    else:
-                        x_q, x_s = per_token_group_quant_fp8_triton(x, 128, pdl=pdl)
-                    return fp8_gemv(x_q, x_s, *w, pdl=pdl)
+                def layer(w, variant: tuple[bool, int]) -> torch.Tensor:
+                    pdl, preload = variant
+                    # the served decode forms: 128-group activations for both weight formats
+                    x_q, x_s = per_token_group_quant_fp8_triton(x, 128, pdl=pdl)
+                    return fp8_gemv(x_q, x_s, *w, config=default._replace(preload=preload), pdl=pdl)
 
                 outs = [layer(weights[0], v) for v in variants]
                 same = all(torch.equal(o, outs[0]) for o in outs)

@@ -46,14 +46,17 @@ _counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 class GemvConfig(NamedTuple):
     """Launch parameters: ``block_n`` weight rows per program (the MMA's M side: 64 or 128), ``block_k`` the
-    per-channel K tile (block weights use their scale block's K), ``split_k`` programs per column tile.  (Loading
-    the weight tiles through a TMA descriptor instead was no faster on an H200, run J2.)"""
+    per-channel K tile (block weights use their scale block's K), ``split_k`` programs per column tile,
+    ``preload`` (0-2) weight tiles a program requests before its PDL wait, into registers (0 by default: not yet
+    measured on a GPU; an L2 prefetch of the same bytes gained nothing end to end, run K1).  (Loading the weight
+    tiles through a TMA descriptor instead was no faster on an H200, run J2.)"""
 
     block_n: int = 64
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 1
+    preload: int = 0
 
 
 def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
@@ -98,13 +101,46 @@ def _counters(device: torch.device | str) -> torch.Tensor:
 
 
 @triton.jit
+def _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn):
+    """The weight's [BLOCK_N, BLOCK_K] fp8 tile at column ``k``; zeros past the program's K range."""
+    k_ok = offs_k < k_end - k  # k_end <= K
+    return tl.load(w_ptr + offs_wn[:, None] * stride_wn + k + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n, group_k,
+               stride_xm, stride_xsm, stride_wsn,
+               PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr):
+    """``acc`` [BLOCK_N, BLOCK_M] plus weight tile ``w`` times the activations' K tile at ``k``, scaled per
+    group where the scales are grouped."""
+    k_ok = offs_k < k_end - k  # k_end <= K
+    x = tl.load(xq_ptr + rows[None, :] * stride_xm + k + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                other=0.0)  # [BLOCK_K, BLOCK_M] fp8
+    if EXACT:
+        part = tl.dot(w.to(tl.float16), x.to(tl.float16))
+    else:
+        part = tl.dot(w, x)
+    if X_GROUPED:
+        k_slice = k // group_k
+        x_s = tl.load(xs_ptr + rows * stride_xsm + k_slice, mask=m_ok, other=0.0)  # [BLOCK_M]
+        if PER_CHANNEL:
+            acc += part * x_s[None, :]
+        else:
+            w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
+            acc += part * w_s[:, None] * x_s[None, :]
+    else:
+        acc += part
+    return acc
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
     m_dim, n_dim, k_dim, group_n, group_k,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
     PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
@@ -119,28 +155,24 @@ def _fp8_gemv_kernel(
     k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_dim)
+    # The weight does not depend on the kernels before: the program's first PRELOAD tiles are requested before
+    # the wait, their latency spent while the kernel before finishes (activations only after it).
+    if PRELOAD >= 1:
+        w_first = _weight_tile(w_ptr, offs_wn, offs_k, k_start, k_end, stride_wn)
+    if PRELOAD >= 2:
+        w_second = _weight_tile(w_ptr, offs_wn, offs_k, k_start + BLOCK_K, k_end, stride_wn)
     pdl_wait(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        k_ok = offs_k < k_dim - k
-        w = tl.load(w_ptr + offs_wn[:, None] * stride_wn + k + offs_k[None, :], mask=k_ok[None, :],
-                    other=0.0)  # [BLOCK_N, BLOCK_K] fp8
-        x = tl.load(xq_ptr + rows[None, :] * stride_xm + k + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                    other=0.0)  # [BLOCK_K, BLOCK_M] fp8
-        if EXACT:
-            part = tl.dot(w.to(tl.float16), x.to(tl.float16))
-        else:
-            part = tl.dot(w, x)
-        if X_GROUPED:
-            k_slice = k // group_k
-            x_s = tl.load(xs_ptr + rows * stride_xsm + k_slice, mask=m_ok, other=0.0)  # [BLOCK_M]
-            if PER_CHANNEL:
-                acc += part * x_s[None, :]
-            else:
-                w_s = tl.load(ws_ptr + (offs_wn // group_n) * stride_wsn + k_slice)  # [BLOCK_N]
-                acc += part * w_s[:, None] * x_s[None, :]
-        else:
-            acc += part
+    if PRELOAD >= 1:
+        acc = _gemv_step(acc, w_first, k_start, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn,
+                         group_n, group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
+    if PRELOAD >= 2:
+        acc = _gemv_step(acc, w_second, k_start + BLOCK_K, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k,
+                         offs_wn, group_n, group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
+    for k in range(k_start + PRELOAD * BLOCK_K, k_end, BLOCK_K):
+        w = _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn)  # [BLOCK_N, BLOCK_K] fp8
+        acc = _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n,
+                         group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
     pdl_trigger(PDL)  # after the stream over the weight (``radixlm.kernels.pdl``)
     if PER_CHANNEL:
         acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None]
@@ -201,6 +233,8 @@ def fp8_gemv(
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
     if config is None:
         config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(x_q.device))
+    if config.preload not in (0, 1, 2):
+        raise ValueError(f"FP8 GEMV: preload is 0, 1 or 2 weight tiles, got {config.preload}")
     x_grouped = x_s.shape[1] > 1 or block_size is not None
     if block_size is not None:
         group_n, group_k, block_k = *block_size, block_size[1]
@@ -226,7 +260,7 @@ def fp8_gemv(
         x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, X_GROUPED=x_grouped, EXACT=out_dtype == torch.float32 if exact is None else exact,
-        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRELOAD=config.preload,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
     return out

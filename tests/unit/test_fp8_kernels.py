@@ -251,6 +251,9 @@ def quantized_product(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, blo
     (40, 256, None, 64, GemvConfig(64, 128, 4, 2, split_k=2)),  # per channel, grouped activations, split K
     (136, 128, (32, 32), None, GemvConfig(64, 0, 4, 2)),  # block: a partial last N block of the scales
     (64, 192, (128, 64), None, GemvConfig(64, 0, 4, 2, split_k=2)),  # block: bn > BLOCK_N, split K
+    # weight tiles requested before the PDL wait: a split whose range is shorter than the preload, one past K
+    (40, 200, None, None, GemvConfig(64, 64, 4, 3, split_k=3, preload=2)),
+    (64, 192, (128, 64), None, GemvConfig(64, 0, 4, 2, preload=1)),  # block weights, one tile ahead
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv_matches_quantized_reference(m, n, k, block, x_group, config, dtype) -> None:
@@ -292,6 +295,8 @@ def test_gemv_argument_checks() -> None:
         fp8_gemv(x_q, torch.ones(1, 2), w_q, torch.ones(1, 2), (32, 32))
     with pytest.raises(ValueError, match="needs K a multiple"):
         fp8_gemv(x_q, torch.ones(1, 2), w_q, torch.ones(2, 2), (32, 48))
+    with pytest.raises(ValueError, match="preload is 0, 1 or 2"):
+        fp8_gemv(x_q, torch.ones(1, 1), w_q, torch.ones(40), config=GemvConfig(preload=3))
 
 
 def test_gemv_config_overrides(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
