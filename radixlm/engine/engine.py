@@ -15,7 +15,6 @@ import asyncio
 import atexit
 import json
 import logging
-import os
 import random
 import tempfile
 import threading
@@ -40,7 +39,7 @@ from radixlm.engine.io_struct import (
     SchedulerInfo,
     TokenOutput,
 )
-from radixlm.engine.node import STOP_TIMEOUT_S, LocalSchedulers, bind_output, output_endpoint
+from radixlm.engine.node import STOP_TIMEOUT_S, LocalSchedulers, bind_front_end
 from radixlm.engine.request_state import (
     EngineDeadError,
     EngineUnavailableError,
@@ -107,28 +106,13 @@ class Engine:
         self._dispatcher = (Dispatcher(self.server_args.dp_size, self.server_args.load_balance_method)
                             if self.server_args.enable_dp_attention else None)
 
-        # IPC sockets live in a directory only this user can enter (mkdtemp: mode 0700); the sockets themselves are
-        # owner-only too, so that no other local user can inject requests or read outputs.  Across nodes the outputs
-        # come over TCP (radixlm.engine.node): DP leaders may live on another node.
-        self._ipc_dir = tempfile.TemporaryDirectory(prefix="radixlm-")
-        multi_node = self.server_args.nnodes > 1
-        in_addr = f"ipc://{self._ipc_dir.name}/in"
-        out_addr = output_endpoint(self.server_args) if multi_node else f"ipc://{self._ipc_dir.name}/out"
-        self._zmq = zmq.Context()
-        self._to_scheduler = self._zmq.socket(zmq.PUSH)
-        self._to_scheduler.bind(in_addr)
-        self._from_scheduler = self._zmq.socket(zmq.PULL)
-        if multi_node:
-            bind_output(self._from_scheduler, self.server_args)
-        else:
-            self._from_scheduler.bind(out_addr)
-        for addr in (in_addr, out_addr):
-            if addr.startswith("ipc://"):
-                os.chmod(addr.removeprefix("ipc://"), 0o600)
+        self._ipc_dir = tempfile.TemporaryDirectory(prefix="radixlm-")  # mkdtemp: only this user may enter
+        sockets = bind_front_end(self.server_args, self._ipc_dir.name)
+        self._zmq, self._to_scheduler, self._from_scheduler = sockets.context, sockets.requests, sockets.outputs
 
         # Only this node's TP ranks; the other nodes' join the same torch.distributed group, so the ranks here
         # report ready only once every node's are up (radixlm.engine.node).
-        self._schedulers = LocalSchedulers(self.server_args, in_addr, out_addr)
+        self._schedulers = LocalSchedulers(self.server_args, sockets.in_addr, sockets.out_addr)
         atexit.register(self.shutdown)
         try:
             infos = self._schedulers.wait_ready()
@@ -595,7 +579,6 @@ class Engine:
             if state.on_finish is not None:
                 state.on_finish()
         state.deliver({"text": delta, "output_ids": list(out.new_ids), "meta_info": state.meta_info(logprob_delta)})
-
 
     def _record_finish(self, state: RequestState, now: float) -> None:
         if self.metrics is not None:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -56,6 +57,37 @@ def bind_output(sock: zmq.Socket, server_args: ServerArgs) -> None:
         sock.setsockopt(zmq.IPV6, 1)
         addr = f"[{addr}]"
     sock.bind(f"tcp://{addr}:{int(port) + OUTPUT_PORT_OFFSET}")
+
+
+class FrontEndSockets(NamedTuple):
+    """The front end's bound sockets and the addresses the schedulers connect to."""
+
+    context: zmq.Context
+    requests: zmq.Socket  # PUSH to TP rank 0 (at ``in_addr``)
+    outputs: zmq.Socket  # PULL from every DP leader (at ``out_addr``)
+    in_addr: str
+    out_addr: str
+
+
+def bind_front_end(server_args: ServerArgs, ipc_dir: str) -> FrontEndSockets:
+    """Bind the front end's request and output sockets: IPC files in ``ipc_dir`` (a directory only this user may
+    enter), made owner-only too, so that no other local user can inject requests or read outputs; across nodes
+    the outputs come over TCP at ``output_endpoint`` (DP leaders may live on another node)."""
+    multi_node = server_args.nnodes > 1
+    in_addr = f"ipc://{ipc_dir}/in"
+    out_addr = output_endpoint(server_args) if multi_node else f"ipc://{ipc_dir}/out"
+    context = zmq.Context()
+    requests = context.socket(zmq.PUSH)
+    requests.bind(in_addr)
+    outputs = context.socket(zmq.PULL)
+    if multi_node:
+        bind_output(outputs, server_args)
+    else:
+        outputs.bind(out_addr)
+    for addr in (in_addr, out_addr):
+        if addr.startswith("ipc://"):
+            os.chmod(addr.removeprefix("ipc://"), 0o600)
+    return FrontEndSockets(context, requests, outputs, in_addr, out_addr)
 
 
 class LocalSchedulers:
