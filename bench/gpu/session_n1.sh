@@ -9,9 +9,7 @@ set -uo pipefail
 source bench/gpu/setup.sh || exit 1
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/unit/test_lora_kernels.py tests/unit/test_fp8_kernels.py \
   -k "lora or dense or gemv" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
-(cd bench && timeout 100 python3 lora_bench.py --model-path llama-3.1-8b --load-format dummy --ranks 16 \
-  --num-adapters 0 16 --batch-size 128 --input-len 256 --output-len 32 --repeat 2 --cuda-graph-max-bs 128 2>&1 \
-  | quiet | grep -v "^\s*$" | grep -v "INFO\|it/s" | tail -6)
+lora_e2e 100 --ranks 16 --num-adapters 0 16 --batch-size 128 | tail -6
 timeout 200 python3 bench/gpu/fp8_gemm.py --tune-gemv --gemv-formats chan --tokens 1 --write-configs $LOG/gemv.json \
   --shapes llama8b-qkv llama8b-o llama8b-down llama8b-gate_up 2>&1 | quiet | grep -v "skipped" | head -40
 ARGS="--model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init --input-len 128 --output-len 64 \

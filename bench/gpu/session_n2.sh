@@ -11,11 +11,8 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_lora_kernel
   -k "lora or Lora or LoRA or dense or expand or overrides" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
 timeout 200 python3 bench/gpu/lora_tune.py --dense --ranks 16 --max-rank 16 --tokens 1 128 \
   --write-configs $LOG/expand.json 2>&1 | quiet | tail -12
-LB="--model-path llama-3.1-8b --load-format dummy --ranks 16 --batch-size 32 128 --input-len 256 --output-len 32 \
-  --repeat 2 --cuda-graph-max-bs 128"
-cd bench
 echo "-- defaults"
-timeout 150 python3 lora_bench.py $LB --num-adapters 0 16 2>&1 | quiet | grep -v "^\s*$" | grep -v "INFO\|it/s" | tail -7
+lora_e2e 150 --ranks 16 --batch-size 32 128 --num-adapters 0 16 | tail -7
 [ -s $LOG/expand.json ] && { echo "-- swept expand launches";
-  RADIXLM_LORA_EXPAND_CONFIGS=$LOG/expand.json timeout 150 python3 lora_bench.py $LB --num-adapters 0 16 2>&1 \
-  | quiet | grep -v "^\s*$" | grep -v "INFO\|it/s" | tail -7; }
+  RADIXLM_LORA_EXPAND_CONFIGS=$LOG/expand.json lora_e2e 150 --ranks 16 --batch-size 32 128 --num-adapters 0 16 \
+  | tail -7; }

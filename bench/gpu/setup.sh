@@ -25,3 +25,8 @@ run_lanes() {
   echo "== lane 0"; cat $LOG/lane0.txt
   echo "== lane 1"; cat $LOG/lane1.txt
 }
+# Llama-3.1-8B (dummy weights) LoRA decode through bench/lora_bench.py, its table without blank or log lines:
+# lora_e2e SECONDS ARGS... (from the repository root; runs in bench/, where lora_bench.py writes its adapters)
+lora_e2e() { local t=$1; shift; (cd bench && timeout "$t" python3 lora_bench.py --model-path llama-3.1-8b \
+  --load-format dummy --input-len 256 --output-len 32 --repeat 2 --cuda-graph-max-bs 128 "$@" 2>&1 | quiet \
+  | grep -v "^\s*$" | grep -v "INFO\|it/s"); }

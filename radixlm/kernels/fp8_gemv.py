@@ -29,8 +29,6 @@ Two weight formats (``fp8_linear``):
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import NamedTuple
 
 import torch
@@ -38,6 +36,7 @@ import triton
 import triton.language as tl
 
 from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
+from radixlm.kernels.launch_tables import read_launch_table
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 _COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
@@ -76,12 +75,8 @@ def config_overrides() -> dict[tuple[int, int], GemvConfig]:
     """Per-shape launch configs from the JSON file named by ``RADIXLM_GEMV_CONFIGS`` (``{"N,K": [block_n,
     block_k, num_warps, num_stages, split_k], ...}``, as ``bench/gpu/fp8_gemm.py --tune-gemv --write-configs``
     writes them), read once; shapes not listed take ``default_gemv_config``."""
-    path = os.environ.get("RADIXLM_GEMV_CONFIGS")
-    if not path:
-        return {}
-    with open(path) as f:
-        table = json.load(f)
-    return {tuple(int(d) for d in key.split(",")): GemvConfig(*values) for key, values in table.items()}
+    return {(int(n), int(k)): GemvConfig(*values)
+            for (n, k), values in read_launch_table("RADIXLM_GEMV_CONFIGS").items()}
 
 
 @functools.cache

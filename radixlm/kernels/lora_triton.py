@@ -36,8 +36,6 @@ expand looping over the slots' rank chunks with each chunk's rows masked to its 
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import NamedTuple
 
 import torch
@@ -45,6 +43,7 @@ import triton
 import triton.language as tl
 
 from radixlm.kernels.fused_ops import silu_mul
+from radixlm.kernels.launch_tables import read_launch_table
 
 
 @triton.jit
@@ -331,16 +330,8 @@ def expand_config_overrides() -> dict[tuple[str, int, int], ExpandConfig]:
     """Decode expands' launches from the JSON file named by ``RADIXLM_LORA_EXPAND_CONFIGS`` (``{"KIND,N,BLOCK_M":
     [block_n, num_warps, n_tiles, num_stages]}``, KIND ``dense`` or ``silu``, N the output columns, as
     ``bench/gpu/lora_tune.py --dense --write-configs`` writes them), read once."""
-    path = os.environ.get("RADIXLM_LORA_EXPAND_CONFIGS")
-    if not path:
-        return {}
-    with open(path) as f:
-        table = json.load(f)
-    overrides = {}
-    for key, values in table.items():
-        kind, n, block_m = key.split(",")
-        overrides[kind, int(n), int(block_m)] = ExpandConfig(*values)
-    return overrides
+    return {(kind, int(n), int(block_m)): ExpandConfig(*values)
+            for (kind, n, block_m), values in read_launch_table("RADIXLM_LORA_EXPAND_CONFIGS").items()}
 
 
 def _expand_launch(kind: str, n: int, block_m: int, num_slices: int, block_n: int | None, num_warps: int | None,
