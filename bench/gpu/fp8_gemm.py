@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -60,6 +59,7 @@ from radixlm.kernels.fp8_gemm import (
     default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
 )
 from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
+from radixlm.kernels.launch_tables import write_launch_table
 from radixlm.kernels.gemm_config import GemmConfig
 from radixlm.layers.fp8_linear import fp8_channel_linear, quantize_online
 from radixlm.kernels.fused_moe import fused_experts
@@ -370,9 +370,7 @@ def tune_gemv(names: list[str], tokens: list[int], fmts: list[str], write_config
         del blocks, bf16, chans, weights
         torch.cuda.empty_cache()
     if write_configs:
-        with open(write_configs, "w") as f:
-            json.dump(table, f, indent=1)
-        print(f"wrote {write_configs}: {table}")
+        write_launch_table(write_configs, table)
 
 
 def pdl_layers(names: list[str], tokens: list[int]) -> None:

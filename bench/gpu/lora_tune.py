@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lora_kernels import SHAPES, make_operands, row_segments, time_us  # noqa: E402
 
+from radixlm.kernels.launch_tables import write_launch_table  # noqa: E402
 from radixlm.kernels.lora import decode_segments, lora_expand_ref, lora_shrink_ref  # noqa: E402
 from radixlm.kernels.lora_triton import (  # noqa: E402
     expand_config, lora_expand_dense_silu_mul_triton, lora_expand_dense_triton, lora_expand_triton, lora_shrink_triton,
@@ -132,7 +132,7 @@ def sweep_dense(shape_name: str, rank: int, tokens: int, adapters: int, max_rank
         except Exception as exc:  # out of resources, or a wrong result
             print(f"  {shape_name} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
     block_m = 1 if seg.max_seg_len <= 1 else 16
-    results.append((default_us, expand_config(block_m, 1 if silu else len(shape.widths))._asdict()))
+    results.append((default_us, expand_config(block_m, 1 if silu else len(shape.widths), silu)._asdict()))
     results.sort(key=lambda t: t[0])
     best_us, best_cfg = results[0]
     table[f"{'silu' if silu else 'dense'},{out.shape[1]},{block_m}"] = [
@@ -160,9 +160,7 @@ def main() -> None:
         for shape_name, rank, tokens in itertools.product(args.shapes, args.ranks, args.tokens):
             print(sweep_dense(shape_name, rank, tokens, 1 if tokens == 1 else 16, args.max_rank, table), flush=True)
         if args.write_configs:
-            with open(args.write_configs, "w") as f:
-                json.dump(table, f, indent=1)
-            print(f"wrote {args.write_configs}: {table}")
+            write_launch_table(args.write_configs, table)
         return
     print(f"{'shape':<8} {'rank':>4} {'tokens':>6} {'ad':>4} | {'default: shrink':>15} {'expand':>7} {'sum':>7} | "
           f"{'best: shrink':>12} {'expand':>7} {'sum':>7}  configs (us)")

@@ -15,3 +15,10 @@ def read_launch_table(env_var: str) -> dict[tuple[str, ...], list[int]]:
         return {}
     with open(path) as f:
         return {tuple(key.split(",")): values for key, values in json.load(f).items()}
+
+
+def write_launch_table(path: str, table: dict[str, list[int]]) -> None:
+    """Write ``table`` (``{"A,B,...": [values]}``) where ``read_launch_table`` reads it, and say so."""
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {path}: {table}")
