@@ -2,7 +2,8 @@
 
 A backend is built once per model runner.  For every batch the runner calls ``init_forward_metadata`` once
 (index arrays, masks, split plans shared by all layers); then each attention layer calls ``forward``, which
-stores the new tokens' K/V in the KV pool and attends over each request's whole sequence.
+stores the new tokens' K/V in the KV pool (unless the layer's rotary kernel stored them: ``k`` None) and attends
+over each request's whole sequence.
 
 Forward modes: DECODE runs ``forward_decode`` (one query per request); EXTEND, MIXED (decode rows are one-token
 extends) and TARGET_VERIFY (the new tokens see each other through ``fb.custom_mask`` instead of causally) run
@@ -52,7 +53,7 @@ class AttentionBackend(ABC):
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]; None: K/V are already in the cache
         v: torch.Tensor | None,  # [num_tokens, num_kv_heads, v_head_dim]; None where V is read from K (MLA)
         layer: "RadixAttention",
         forward_batch: "ForwardBatch",
@@ -60,7 +61,7 @@ class AttentionBackend(ABC):
     ) -> "torch.Tensor | FP8Activation":  # [num_tokens, num_heads, v_head_dim]
         if forward_batch.forward_mode.is_idle:
             return q.new_empty((0, layer.num_heads, layer.v_head_dim))
-        if save_kv_cache:
+        if save_kv_cache and k is not None:
             forward_batch.kv_pool.set_kv(layer.layer_id, forward_batch.out_cache_loc, k, v)
         if forward_batch.is_decode:
             return self.forward_decode(q, layer, forward_batch)

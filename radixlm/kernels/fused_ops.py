@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from radixlm.kernels import as_rows
+from radixlm.kernels.kv_store import KVStore, cache_value, store_row
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 # Rows of a norm are reduced by one program, so the whole row must fit in one block.
@@ -22,6 +23,7 @@ MAX_NORM_HIDDEN = 16384
 # Elements of q/k one rotary program holds per tile ([heads, rotary_dim / 2], for each of the two halves).
 _ROTARY_TILE = 2048
 _SILU_BLOCK = 1024
+_V_BLOCK = 1024  # V values the rotary kernel stores per iteration
 
 
 def _new_output(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -185,12 +187,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, out_ptr, token, x_token_stride, x_head_stride, num_heads, cos, sin,
+    x_ptr, dst_ptr, token, x_token_stride, x_head_stride, num_heads, cos, sin, scale_ptr, fp8_max,
     HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr,
+    BLOCK_PASS: tl.constexpr, QUANT: tl.constexpr, E4M3: tl.constexpr,
 ):
-    """Rotate every head of one token of ``x``; ``cos``/``sin`` are the token's [BLOCK_HALF] fp32 angles."""
-    dtype = out_ptr.dtype.element_ty
+    """Rotate every head of one token of ``x`` into ``dst_ptr``, the token's contiguous [num_heads, HEAD_DIM]
+    row (an output row, or a KV cache slot: then the values, rounded to x's dtype, are stored as
+    ``kv_store.store_kv`` stores them); ``cos``/``sin`` are the token's [BLOCK_HALF] fp32 angles."""
+    dtype = x_ptr.dtype.element_ty
+    out_dtype = dst_ptr.dtype.element_ty
     half: tl.constexpr = ROTARY_DIM // 2
     # The torch path casts the fp32 cache to x's dtype and rounds each product and the sum to it; doing the
     # same here (with fp fusion off at launch, so no FMA merges a product into the sum) gives identical bits.
@@ -202,44 +207,64 @@ def _rotate_heads(
         head_mask = (heads < num_heads)[:, None]
         mask = head_mask & (dims < half)[None, :]
         src = x_ptr + token * x_token_stride + heads[:, None] * x_head_stride  # [BLOCK_H, 1]
-        dst = out_ptr + (token * num_heads + heads[:, None]) * HEAD_DIM  # [BLOCK_H, 1]
+        dst = dst_ptr + heads[:, None] * HEAD_DIM  # [BLOCK_H, 1]
         x1 = tl.load(src + dims[None, :], mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + half + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-        out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
-        out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
-        tl.store(dst + dims[None, :], out1.to(dtype), mask=mask)
-        tl.store(dst + half + dims[None, :], out2.to(dtype), mask=mask)
+        out1 = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+        out2 = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+        tl.store(dst + dims[None, :], cache_value(out1, scale_ptr, fp8_max, QUANT, E4M3).to(out_dtype), mask=mask)
+        tl.store(dst + half + dims[None, :], cache_value(out2, scale_ptr, fp8_max, QUANT, E4M3).to(out_dtype),
+                 mask=mask)
         if ROTARY_DIM < HEAD_DIM:
             rest = ROTARY_DIM + tl.arange(0, BLOCK_PASS)
             rest_mask = head_mask & (rest < HEAD_DIM)[None, :]
-            tl.store(dst + rest[None, :], tl.load(src + rest[None, :], mask=rest_mask), mask=rest_mask)
+            passed = tl.load(src + rest[None, :], mask=rest_mask)
+            tl.store(dst + rest[None, :], cache_value(passed, scale_ptr, fp8_max, QUANT, E4M3).to(out_dtype),
+                     mask=rest_mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_ptr,
-    q_token_stride, q_head_stride, k_token_stride, k_head_stride, cos_sin_stride, num_heads, num_kv_heads,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, v_buf_ptr, positions_ptr, cos_sin_ptr, loc_ptr, k_scale_ptr,
+    v_scale_ptr, q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, cos_sin_stride,
+    num_heads, num_kv_heads, v_width, fp8_max,
     HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_V: tl.constexpr, STORE: tl.constexpr,
+    QUANT: tl.constexpr, E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
-    # One program per token: its cos/sin row is read once and shared by all q and k heads.
+    # Program (token, part): part 0 rotates the token's q heads, part 1 its k heads, into k_out's row or (STORE)
+    # into the token's cache slot of k_out (the K buffer); with STORE, part 2 stores its V row in V's slot.
     pdl_trigger(PDL)
     pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    dim_mask = dims < ROTARY_DIM // 2
-    cos = tl.load(cos_sin_ptr + position * cos_sin_stride + dims, mask=dim_mask, other=0.0)
-    sin = tl.load(cos_sin_ptr + position * cos_sin_stride + ROTARY_DIM // 2 + dims, mask=dim_mask, other=0.0)
-    _rotate_heads(q_ptr, q_out_ptr, token, q_token_stride, q_head_stride, num_heads, cos, sin,
-                  HEAD_DIM, ROTARY_DIM, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
-    _rotate_heads(k_ptr, k_out_ptr, token, k_token_stride, k_head_stride, num_kv_heads, cos, sin,
-                  HEAD_DIM, ROTARY_DIM, BLOCK_HK, BLOCK_HALF, BLOCK_PASS)
+    part = tl.program_id(1)
+    if STORE:
+        slot = tl.load(loc_ptr + token).to(tl.int64)
+    else:
+        slot = token
+    if part == 2:
+        store_row(v_ptr, v_buf_ptr, v_scale_ptr, token, slot, v_width, v_token_stride, fp8_max, QUANT, E4M3,
+                  BLOCK_V)
+    else:
+        position = tl.load(positions_ptr + token).to(tl.int64)
+        dims = tl.arange(0, BLOCK_HALF)
+        dim_mask = dims < ROTARY_DIM // 2
+        cos = tl.load(cos_sin_ptr + position * cos_sin_stride + dims, mask=dim_mask, other=0.0)
+        sin = tl.load(cos_sin_ptr + position * cos_sin_stride + ROTARY_DIM // 2 + dims, mask=dim_mask, other=0.0)
+        if part == 0:
+            _rotate_heads(q_ptr, q_out_ptr + token * num_heads * HEAD_DIM, token, q_token_stride, q_head_stride,
+                          num_heads, cos, sin, k_scale_ptr, fp8_max, HEAD_DIM, ROTARY_DIM, BLOCK_HQ, BLOCK_HALF,
+                          BLOCK_PASS, False, E4M3)
+        else:
+            _rotate_heads(k_ptr, k_out_ptr + slot * num_kv_heads * HEAD_DIM, token, k_token_stride, k_head_stride,
+                          num_kv_heads, cos, sin, k_scale_ptr, fp8_max, HEAD_DIM, ROTARY_DIM, BLOCK_HK,
+                          BLOCK_HALF, BLOCK_PASS, QUANT, E4M3)
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int,
+    v: torch.Tensor | None = None, kv_out: KVStore | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """NeoX rotary embedding of ``q`` [num_tokens, num_heads, head_dim] and ``k`` [num_tokens, num_kv_heads,
     head_dim] at ``positions`` [num_tokens] (any order, int32 or int64).
 
@@ -247,27 +272,62 @@ def apply_rotary(
     ``rotary_dim`` dims of each head are rotated and the rest pass through.  ``q``/``k`` may be strided views
     (e.g. slices of a fused qkv output) whose last dim is contiguous.  Returns new contiguous tensors, the same
     bits as ``RotaryEmbedding.forward_native`` (same casts and roundings, fp fusion disabled).
+
+    With ``kv_out`` (and ``v`` [num_tokens, num_kv_heads, v_head_dim]) the same launch stores the rotated K and
+    ``v`` at the slots ``kv_out.loc`` instead of returning K (None in its place): the bytes
+    ``kv_store.store_kv`` would store from the returned K, without K's round trip through memory and the store's
+    launch.  Programs: one per token for its q heads, one for its k heads, and one for its V row.
     """
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"bad rotary dims: q {tuple(q.shape)}, k {tuple(k.shape)}, rotary_dim {rotary_dim}")
     if cos_sin_cache.shape[-1] != rotary_dim or cos_sin_cache.stride(-1) != 1:
         raise ValueError(f"cos_sin_cache {tuple(cos_sin_cache.shape)} is not a contiguous [*, {rotary_dim}]")
+    num_tokens, num_heads, num_kv_heads = q.shape[0], q.shape[1], k.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    q_out, k_out = _new_output(q, q.dtype), _new_output(k, k.dtype)
-    num_tokens, num_heads, num_kv_heads = q.shape[0], q.shape[1], k.shape[1]
+    q_out = _new_output(q, q.dtype)
+    if kv_out is None:
+        k_out, v_rows, v_width, parts = _new_output(k, k.dtype), q, 0, 2  # v_rows not read
+        k_scale = v_scale = loc = v_buf = q  # not read
+    else:
+        k_out, v_buf, loc = kv_out.k_buf, kv_out.v_buf, kv_out.loc
+        _check_kv_out(kv_out, v, num_tokens, num_kv_heads, head_dim)
+        v_width = v_buf.shape[1] * v_buf.shape[2]
+        v_rows, parts = v.reshape(num_tokens, v_width), 3
+        v_rows = v_rows if v_rows.stride(-1) == 1 else v_rows.contiguous()
+        k_scale, v_scale = (kv_out.k_scale, kv_out.v_scale) if kv_out.quantized else (k_out, k_out)
     if num_tokens == 0:
-        return q_out, k_out
+        return q_out, None if kv_out is not None else k_out
     block_half = triton.next_power_of_2(rotary_dim // 2)
     max_heads = max(1, _ROTARY_TILE // block_half)
-    _rotary_kernel[(num_tokens,)](
-        q, k, q_out, k_out, positions, cos_sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_heads, num_kv_heads,
+    quant = kv_out is not None and kv_out.quantized
+    _rotary_kernel[(num_tokens, parts)](
+        q, k, v_rows, q_out, k_out, v_buf, positions, cos_sin_cache, loc, k_scale, v_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_rows.stride(0), cos_sin_cache.stride(0),
+        num_heads, num_kv_heads, v_width, torch.finfo(k_out.dtype).max if quant else 0.0,
         HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
         BLOCK_HQ=min(triton.next_power_of_2(num_heads), max_heads),
         BLOCK_HK=min(triton.next_power_of_2(num_kv_heads), max_heads),
         BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
+        BLOCK_V=min(_V_BLOCK, triton.next_power_of_2(max(v_width, 1))), STORE=kv_out is not None,
+        QUANT=quant, E4M3=k_out.dtype == torch.float8_e4m3fn,
         num_warps=4, enable_fp_fusion=False, **pdl_launch_kwargs(q.device),
     )
-    return q_out, k_out
+    return q_out, None if kv_out is not None else k_out
+
+
+def _check_kv_out(kv_out: KVStore, v: torch.Tensor | None, num_tokens: int, num_kv_heads: int,
+                  head_dim: int) -> None:
+    k_buf, v_buf = kv_out.k_buf, kv_out.v_buf
+    if v is None or v.shape[:2] != (num_tokens, num_kv_heads) or v.stride(-1) != 1:
+        raise ValueError(f"storing K/V needs v [{num_tokens}, {num_kv_heads}, v_head_dim] with a unit last "
+                         f"stride, got {None if v is None else tuple(v.shape)}")
+    if (not k_buf.is_contiguous() or not v_buf.is_contiguous() or k_buf.dtype != v_buf.dtype
+            or k_buf.shape[1:] != (num_kv_heads, head_dim) or v_buf.shape[1:] != v.shape[1:]
+            or kv_out.loc.shape != (num_tokens,)):
+        raise ValueError(f"K/V buffers {tuple(k_buf.shape)} / {tuple(v_buf.shape)} ({k_buf.dtype} / {v_buf.dtype}, "
+                         f"contiguous and of one dtype) and slots {tuple(kv_out.loc.shape)} do not fit "
+                         f"{num_tokens} tokens of {num_kv_heads} heads x {head_dim} / {v.shape[-1]}")
+    if kv_out.quantized and (kv_out.k_scale is None or kv_out.v_scale is None):
+        raise ValueError("an FP8 cache's store needs its scales")

@@ -11,6 +11,8 @@ the stored bytes equal torch's on a GPU and under Triton's CPU interpreter alike
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -21,24 +23,52 @@ from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 _BLOCK = 1024  # columns a program moves per iteration (a Llama-8B row of 8 KV heads x 128 in one)
 
 
+class KVStore(NamedTuple):
+    """Where a step's new K/V rows go, for a kernel that writes them itself (the rotary kernel stores the
+    rotated K and V: ``fused_ops.apply_rotary``): slots ``loc`` [n] of one layer's contiguous ``k_buf``
+    [slots, heads, head_dim] and ``v_buf`` [slots, heads, v_head_dim], with an FP8 cache's ``k_scale`` and
+    ``v_scale`` ([1] float32; None unquantized).  A KV pool hands it out (``KVPool.store_target``)."""
+
+    k_buf: torch.Tensor
+    v_buf: torch.Tensor
+    loc: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_buf.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``store_kv`` of ``k`` and ``v`` [n, heads, dim] here (for callers that did not fuse the store)."""
+        store_kv(self.k_buf, self.loc, k, self.v_buf, v, self.k_scale, self.v_scale)
+
+
 @triton.jit
-def _store_row(x_ptr, buf_ptr, scale_ptr, row, slot, width, stride_x, fp8_max,
-               QUANT: tl.constexpr, E4M3: tl.constexpr, BLOCK: tl.constexpr):
+def cache_value(x, scale_ptr, fp8_max, QUANT: tl.constexpr, E4M3: tl.constexpr):
+    """Loaded (or computed, fp32) values as the cache stores them before the cast to its dtype: as they are, or
+    for an FP8 cache ``x / scale`` saturated and rounded to the format in arithmetic."""
+    if QUANT:
+        y = tl.clamp(tl.math.div_rn(x.to(tl.float32), tl.load(scale_ptr)), -fp8_max, fp8_max)
+        if E4M3:
+            y = round_to_e4m3(y)
+        else:
+            y = round_to_e5m2(y)
+        return y
+    return x
+
+
+@triton.jit
+def store_row(x_ptr, buf_ptr, scale_ptr, row, slot, width, stride_x, fp8_max,
+              QUANT: tl.constexpr, E4M3: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``row`` of ``x`` (``width`` values, unit stride) into slot ``slot`` of a contiguous buffer."""
     src = x_ptr + row.to(tl.int64) * stride_x
     dst = buf_ptr + slot * width
     for start in range(0, width, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < width
         x = tl.load(src + cols, mask=mask, other=0.0)
-        if QUANT:
-            y = tl.clamp(tl.math.div_rn(x.to(tl.float32), tl.load(scale_ptr)), -fp8_max, fp8_max)
-            if E4M3:
-                y = round_to_e4m3(y)
-            else:
-                y = round_to_e5m2(y)
-            tl.store(dst + cols, y.to(buf_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(dst + cols, x.to(buf_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + cols, cache_value(x, scale_ptr, fp8_max, QUANT, E4M3).to(buf_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -51,9 +81,9 @@ def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_scale_ptr, v
     row = tl.program_id(0)
     slot = tl.load(loc_ptr + row).to(tl.int64)
     if tl.program_id(1) == 0:
-        _store_row(k_ptr, k_buf_ptr, k_scale_ptr, row, slot, k_width, stride_k, fp8_max, QUANT, E4M3, BLOCK)
+        store_row(k_ptr, k_buf_ptr, k_scale_ptr, row, slot, k_width, stride_k, fp8_max, QUANT, E4M3, BLOCK)
     else:
-        _store_row(v_ptr, v_buf_ptr, v_scale_ptr, row, slot, v_width, stride_v, fp8_max, QUANT, E4M3, BLOCK)
+        store_row(v_ptr, v_buf_ptr, v_scale_ptr, row, slot, v_width, stride_v, fp8_max, QUANT, E4M3, BLOCK)
 
 
 def _rows(x: torch.Tensor, n: int, width: int) -> torch.Tensor:

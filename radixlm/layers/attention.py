@@ -11,6 +11,7 @@ from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
 
 if TYPE_CHECKING:
     from radixlm.core import ForwardBatch
+    from radixlm.kernels.kv_store import KVStore
 
 
 class RadixAttention(nn.Module):
@@ -37,16 +38,21 @@ class RadixAttention(nn.Module):
         self.sliding_window = sliding_window
         self.out_quant = out_quant
 
+    def kv_store_target(self, forward_batch: "ForwardBatch") -> "KVStore | None":
+        """Where this layer's new K/V rows go, for a kernel before ``forward`` that stores them itself (the
+        rotary kernel), which then passes ``k=None``; None where the pool stores them in ``forward``."""
+        return forward_batch.kv_pool.store_target(self.layer_id, forward_batch.out_cache_loc)
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads * head_dim]
-        k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        k: torch.Tensor | None,  # [num_tokens, num_kv_heads * head_dim]; None: stored already (``kv_store_target``)
         v: torch.Tensor | None,  # [num_tokens, num_kv_heads * v_head_dim], None for an MLA layer
         forward_batch: "ForwardBatch",
     ) -> torch.Tensor | FP8Activation:  # [num_tokens, num_heads * v_head_dim]
         out = forward_batch.attn_backend.forward(
             q.view(-1, self.num_heads, self.head_dim),
-            k.view(-1, self.num_kv_heads, self.head_dim),
+            None if k is None else k.view(-1, self.num_kv_heads, self.head_dim),
             None if v is None else v.view(-1, self.num_kv_heads, self.v_head_dim),
             self,
             forward_batch,

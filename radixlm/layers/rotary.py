@@ -19,12 +19,15 @@ requests of one batch.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from radixlm.kernels import fused_ops_for
+
+if TYPE_CHECKING:
+    from radixlm.kernels.kv_store import KVStore
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -156,20 +159,31 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None,
+        kv_out: "KVStore | None" = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rotate ``q`` [num_tokens, num_heads, head_dim] and ``k`` [num_tokens, num_kv_heads, head_dim] at
         ``positions`` [num_tokens].
 
         In NeoX layout, CUDA tensors take one Triton kernel for both, CPU tensors one C kernel (both bit-identical
         to ``forward_native``, the torch code).  The kernels know only the NeoX pairs, so the GPT-J layout takes
         the torch code on every device; a fused GPT-J kernel would be chosen here.
+
+        ``kv_out`` (a KV pool's ``store_target``, with ``v``): the rotated K and ``v`` are stored in the cache
+        instead of K being returned (None in its place); the Triton kernel does it in its own launch.
         """
         fused_ops = fused_ops_for(q) if self.is_neox_style else None
         if fused_ops is None:
-            return self.forward_native(positions, q, k)
-        table, rows = self._angle_rows(positions)
-        return fused_ops.apply_rotary(q, k, rows, table, self.rotary_dim)
+            q, k = self.forward_native(positions, q, k)
+        else:
+            table, rows = self._angle_rows(positions)
+            if kv_out is not None and q.is_cuda:  # the Triton kernel stores K/V itself
+                return fused_ops.apply_rotary(q, k, rows, table, self.rotary_dim, v, kv_out)
+            q, k = fused_ops.apply_rotary(q, k, rows, table, self.rotary_dim)
+        if kv_out is None:
+            return q, k
+        kv_out.store(k, v)
+        return q, None
 
     def forward_native(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

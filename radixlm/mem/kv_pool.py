@@ -16,10 +16,14 @@ inside +-448.  Readers take the layer's scales from ``get_kv_scales`` and dequan
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
 from radixlm.mem.kv_spec import KVCacheSpec
+
+if TYPE_CHECKING:
+    from radixlm.kernels.kv_store import KVStore
 
 
 class KVPool(ABC):
@@ -47,6 +51,12 @@ class KVPool(ABC):
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k [slots, num_kv_heads, head_dim], v [slots, num_kv_heads, v_head_dim])`` of one layer; V may be a
         strided view into K's storage (MLA)."""
+
+    def store_target(self, layer_id: int, loc: torch.Tensor) -> "KVStore | None":
+        """Where a kernel that produces the new tokens' K and V may store them itself (``kv_store.KVStore``:
+        the layer's buffers, ``loc`` [num_tokens] and scales), instead of ``set_kv`` after it; None where this
+        pool takes ``set_kv`` only (buffers off CUDA, layouts whose V derives from K)."""
+        return None
 
     def get_kv_scales(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(k_scale [1], v_scale [1])`` float32 device views of a quantized cache's layer (MLA: the latent's
@@ -117,6 +127,14 @@ class MHAKVPool(KVPool):
 
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffers[layer_id], self.v_buffers[layer_id]
+
+    def store_target(self, layer_id: int, loc: torch.Tensor) -> "KVStore | None":
+        if not self.device.type == "cuda":
+            return None
+        from radixlm.kernels.kv_store import KVStore  # CUDA only: CPU installs may lack triton
+
+        k_scale, v_scale = self.get_kv_scales(layer_id) or (None, None)
+        return KVStore(self.k_buffers[layer_id], self.v_buffers[layer_id], loc, k_scale, v_scale)
 
     def buffers(self) -> list[torch.Tensor]:
         return self.k_buffers + self.v_buffers

@@ -72,8 +72,10 @@ class LlamaAttention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, fb), fb.lora)
+        # The rotary kernel stores K and V in the cache where the pool lets it (k comes back None): one launch
+        kv_out = None if fb.forward_mode.is_idle else self.attn.kv_store_target(fb)
+        q, k = self.rotary_emb(positions, q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_out)
+        return self.o_proj(self.attn(q.flatten(1), None if k is None else k.flatten(1), v, fb), fb.lora)
 
 
 class LlamaForCausalLM(CausalLM):

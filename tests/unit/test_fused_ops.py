@@ -158,6 +158,74 @@ def test_rotary_heads_over_several_tiles(monkeypatch: pytest.MonkeyPatch, poison
     assert torch.equal(out_q.cpu(), expected_q) and torch.equal(out_k.cpu(), expected_k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache_dtype, scales", [
+    (None, None),  # the model's dtype
+    (torch.float8_e4m3fn, (1.0, 1.0)),
+    (torch.float8_e4m3fn, (0.02, 3.0)),  # K saturates at 0.02, V is scaled down
+    (torch.float8_e5m2, (0.3, 1.0)),
+])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(64, 64), (96, 48)])
+def test_rotary_storing_kv_matches_rotary_then_pool_store(dtype, cache_dtype, scales, head_dim, rotary_dim,
+                                                          poisoned_outputs) -> None:
+    """The rotary kernel storing the rotated K and V at scattered slots: q bit-equal to ``forward_native``, and
+    the cache holding the bytes the pool's torch store (``set_kv``) writes from ``forward_native``'s K; the
+    other slots untouched."""
+    from radixlm.kernels.kv_store import KVStore
+    from radixlm.mem import KVCacheSpec, create_kv_pool
+
+    num_tokens, num_heads, num_kv_heads, slots = 5, 4, 2, 12
+    cache_dtype = cache_dtype or dtype
+    rope = RotaryEmbedding(head_dim, 128, 10000.0, None, rotary_dim)
+    positions = torch.tensor([5, 127, 0, 64, 5])
+    loc = torch.tensor([9, 2, 11, 4, 7])
+    qkv = 4 * randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=11)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    expected_q, expected_k = rope.forward_native(positions, q, k)
+    pool = create_kv_pool(KVCacheSpec.mha(1, num_kv_heads, head_dim, cache_dtype), slots, 1, "cpu")
+    if scales is not None:
+        pool.set_kv_scales(0, *scales)
+    pool.set_kv(0, loc, expected_k, v)  # the torch store
+
+    qkv = qkv.to(DEVICE)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    k_buf, v_buf = (torch.zeros_like(b, device=DEVICE) for b in pool.get_kv_buffer(0))
+    k_buf[0], v_buf[0] = 1, -1  # a slot no token writes
+    k_scale, v_scale = (None, None) if scales is None else (torch.tensor([s], device=DEVICE) for s in scales)
+    out_q, out_k = fused_ops.apply_rotary(q, k, positions.to(DEVICE), rope.cos_sin_cache.to(DEVICE), rotary_dim,
+                                          v, KVStore(k_buf, v_buf, loc.to(DEVICE), k_scale, v_scale))
+    assert out_k is None and torch.equal(out_q.cpu(), expected_q)
+    for stored, expected in zip((k_buf, v_buf), pool.get_kv_buffer(0)):
+        stored = stored.cpu()
+        assert torch.equal(stored[loc].float(), expected[loc].float())
+        assert (stored[0].float().abs() == 1).all()
+    if scales is not None and scales[0] < 0.1:
+        assert (pool.get_kv_buffer(0)[0][loc].float().abs() == torch.finfo(cache_dtype).max).any()  # saturated
+
+
+def test_rotary_layer_stores_through_the_target_without_a_kernel() -> None:
+    """Where no kernel stores (here: CPU tensors, the C or torch rotary), the layer rotates and then stores
+    through ``KVStore.store`` itself, and returns no K either way."""
+    from radixlm.kernels.kv_store import KVStore
+
+    calls = []
+
+    class Recording(KVStore):
+        def store(self, k, v):
+            calls.append((k, v))
+
+    rope = RotaryEmbedding(64, 32, 10000.0)
+    q, k = rotary_inputs("contiguous", 3, 4, 2, 64, torch.float32, "cpu")
+    v = randn(3, 2, 64, dtype=torch.float32, seed=12)
+    positions = torch.tensor([3, 0, 31])
+    target = Recording(torch.empty(0), torch.empty(0), torch.empty(0), None, None)
+    out_q, out_k = rope(positions, q, k, v, target)
+    expected_q, expected_k = rope.forward_native(positions, q, k)
+    assert out_k is None and torch.equal(out_q, expected_q)
+    assert len(calls) == 1 and torch.equal(calls[0][0], expected_k) and calls[0][1] is v
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="the layers take the Triton path only for CUDA tensors")
 def test_layers_dispatch_to_kernels_on_cuda() -> None:
     norm, act = RMSNorm(96, dtype=torch.bfloat16).to(DEVICE), SiluAndMul()
