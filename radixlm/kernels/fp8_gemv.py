@@ -35,7 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.fp8 import FP8_MAX, SCALE_EPS
 from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
+from radixlm.kernels.fused_ops import silu_mul
+from radixlm.kernels.fused_quant import TL_DTYPES, quantize_e4m3
 from radixlm.kernels.launch_tables import read_launch_table
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
@@ -129,13 +132,45 @@ def _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, off
 
 
 @triton.jit
+def _split_sum(tile_part, split_stride, mask, SPLIT_K: tl.constexpr):
+    """The fp32 partials of one output tile added in split order (from zero, as the output is without a split),
+    read from L2 (other programs wrote them)."""
+    if SPLIT_K == 1:
+        return tl.load(tile_part, mask=mask, other=0.0, cache_modifier=".cg")
+    total = tl.zeros(tile_part.shape, dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(tile_part + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _silu_mul_quant_epilogue(part_ptr, q_ptr, s_ptr, group, rows, m_ok, m_dim, n_dim, scale_eps, fp8_max,
+                             OUT_DTYPE: tl.constexpr, SILU_GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Quantization group ``group`` of ``silu(gate) * up`` for the block's rows: the gate and up outputs summed
+    over the splits and rounded to the output dtype (what the GEMV would write), then SiLU-mul and the group's
+    E4M3 quantization exactly as ``fused_quant.silu_and_mul_quant_fp8`` computes them from those outputs."""
+    d = n_dim // 2
+    cols = group * SILU_GROUP + tl.arange(0, SILU_GROUP)  # [SILU_GROUP] of the d outputs
+    mask = (cols < d)[:, None] & m_ok[None, :]
+    gate_part = part_ptr + rows[None, :] * n_dim + cols[:, None]  # [SILU_GROUP, BLOCK_M]
+    gate = _split_sum(gate_part, m_dim * n_dim, mask, SPLIT_K).to(OUT_DTYPE)
+    up = _split_sum(gate_part + d, m_dim * n_dim, mask, SPLIT_K).to(OUT_DTYPE)
+    h = silu_mul(gate, up).to(OUT_DTYPE).to(tl.float32)  # [SILU_GROUP, BLOCK_M]
+    scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=0), scale_eps), fp8_max)  # [BLOCK_M]
+    tl.store(q_ptr + rows[None, :] * d + cols[:, None],
+             quantize_e4m3(h, scales[None, :], fp8_max).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows * (d // SILU_GROUP) + group, scales, mask=m_ok)
+
+
+@triton.jit
 def _fp8_gemv_kernel(
-    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
-    m_dim, n_dim, k_dim, group_n, group_k,
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, scale_out_ptr,
+    m_dim, n_dim, k_dim, group_n, group_k, scale_eps, fp8_max,
     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
     PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, SILU_GROUP: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
@@ -176,20 +211,29 @@ def _fp8_gemv_kernel(
 
     mask = (offs_n < n_dim)[:, None] & m_ok[None, :]
     out_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
-    if SPLIT_K == 1:
+    if SPLIT_K == 1 and SILU_GROUP == 0:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tile_part = part_ptr + rows[None, :] * n_dim + offs_n[:, None]  # split s at + s * m_dim * n_dim
         tl.store(tile_part + split * m_dim * n_dim, acc, mask=mask)
         # Every thread's partial is written before one thread releases the count (CUTLASS's semaphore order);
-        # the last to arrive acquires it, so the other splits' partials are visible to its L2 reads.
+        # the last to arrive acquires it, so the other programs' partials are visible to its L2 reads.  A count
+        # covers a column tile's splits, or with the SiLU-mul epilogue a quantization group's gate and up tiles.
         tl.debug_barrier()
-        counter = count_ptr + tl.program_id(2) * tl.num_programs(0) + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(tile_part + s * m_dim * n_dim, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        if SILU_GROUP == 0:
+            counter = count_ptr + tl.program_id(2) * tl.num_programs(0) + pid_n
+            arrivals = SPLIT_K
+        else:
+            group = (pid_n % (n_dim // 2 // BLOCK_N)) // (SILU_GROUP // BLOCK_N)
+            counter = count_ptr + tl.program_id(2) * (n_dim // 2 // SILU_GROUP) + group
+            arrivals = 2 * (SILU_GROUP // BLOCK_N) * SPLIT_K
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1:
+            if SILU_GROUP == 0:
+                total = _split_sum(tile_part, m_dim * n_dim, mask, SPLIT_K)
+                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                _silu_mul_quant_epilogue(part_ptr, out_ptr, scale_out_ptr, group, rows, m_ok, m_dim, n_dim,
+                                         scale_eps, fp8_max, OUT_DTYPE, SILU_GROUP, SPLIT_K)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch
 
 
@@ -211,6 +255,54 @@ def fp8_gemv(
     Launched with PDL, the GEMV's launch and setup overlap the kernel that writes ``x_q``.  (Starting a bulk L2
     prefetch of the weight before waiting was slower on an H200, run J1: 52.4 against 35.3 us at Llama-8B's
     gate_up, 9.8 against 9.1 at its o projection.)"""
+    m, n = x_q.shape[0], weight.shape[0]
+    config = _checked_config(x_q, x_s, weight, weight_scale, block_size, config)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    if m:
+        _launch(x_q, x_s, weight, weight_scale, block_size, out, out, config, exact, pdl, 0)
+    return out
+
+
+def silu_mul_fits(n: int, k: int, group: int | None, device: torch.device) -> bool:
+    """Whether ``fp8_gemv_silu_mul_quant`` runs a gate ‖ up weight of ``n`` rows and ``k`` columns for a next
+    layer that takes ``group``-channel groups: each half a whole number of groups, the groups whole tiles."""
+    if group is None or n % 2 or (n // 2) % group:
+        return False
+    config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(device))
+    return group % config.block_n == 0 and triton.next_power_of_2(group) == group
+
+
+def fp8_gemv_silu_mul_quant(
+    x_q: torch.Tensor,  # [M, K] float8_e4m3fn
+    x_s: torch.Tensor,  # as ``fp8_gemv``'s
+    weight: torch.Tensor,  # [2 * d, K] float8_e4m3fn: the gate rows, then the up rows
+    weight_scale: torch.Tensor,
+    group: int,  # channels per scale of the quantized output (the next FP8 linear's ``input_quant``)
+    block_size: tuple[int, int] | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,  # the dtype the projection's output would have
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [M, d] float8_e4m3fn, [M, d / group] float32
+    """``silu(gate) * up`` of the projection ``fp8_gemv`` computes, quantized per token per ``group`` channels
+    in the GEMV's epilogue (``silu_mul_fits`` says where): every program leaves its fp32 partial in scratch, and
+    the last of a group's gate and up programs (and K splits) to arrive sums them, rounds them to ``out_dtype``,
+    applies SiLU-mul and writes the group's E4M3 values and scale.  The same bits as ``fp8_gemv`` followed by
+    ``fused_quant.silu_and_mul_quant_fp8``, without the second launch and the projection's output round trip."""
+    m, n = x_q.shape[0], weight.shape[0]
+    config = _checked_config(x_q, x_s, weight, weight_scale, block_size, config)
+    if not silu_mul_fits(n, x_q.shape[1], group, x_q.device) or group % config.block_n:
+        raise ValueError(f"FP8 GEMV SiLU-mul: {n} gate/up rows in groups of {group} at {config.block_n} rows a "
+                         f"program do not fit (silu_mul_fits)")
+    q = torch.empty((m, n // 2), dtype=torch.float8_e4m3fn, device=x_q.device)
+    scale = torch.empty((m, n // 2 // group), dtype=torch.float32, device=x_q.device)
+    if m:
+        _launch(x_q, x_s, weight, weight_scale, block_size, q, scale, config, None, pdl, group, out_dtype)
+    return q, scale
+
+
+def _checked_config(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    block_size: tuple[int, int] | None, config: GemvConfig | None) -> GemvConfig:
+    """The launch config of this shape (``config``, a table's, or the default), after checking the operands."""
     m, k = x_q.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
@@ -230,6 +322,17 @@ def fp8_gemv(
         config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(x_q.device))
     if config.preload not in (0, 1, 2):
         raise ValueError(f"FP8 GEMV: preload is 0, 1 or 2 weight tiles, got {config.preload}")
+    return config
+
+
+def _launch(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+            block_size: tuple[int, int] | None, out: torch.Tensor, scale_out: torch.Tensor, config: GemvConfig,
+            exact: bool | None, pdl: bool | None, silu_group: int, out_dtype: torch.dtype | None = None) -> None:
+    """One GEMV launch into ``out`` [M, N] (``silu_group`` 0), or with the SiLU-mul-quantizer epilogue into
+    ``out`` [M, N / 2] E4M3 and ``scale_out`` [M, N / 2 / silu_group] (``out_dtype``: the projection's)."""
+    m, k = x_q.shape
+    n = weight.shape[0]
+    out_dtype = out_dtype or out.dtype
     x_grouped = x_s.shape[1] > 1 or block_size is not None
     if block_size is not None:
         group_n, group_k, block_k = *block_size, block_size[1]
@@ -241,21 +344,22 @@ def fp8_gemv(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     weight_scale = weight_scale.contiguous()
-    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
-    if m == 0:
-        return out
     col_tiles, row_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, SMALL_M)
-    split_k = config.split_k if col_tiles * row_tiles <= _COUNTERS else 1  # a counter per (column, row) tile
-    if split_k > 1:
+    counts = row_tiles * (n // 2 // silu_group if silu_group else col_tiles)
+    if silu_group and counts > _COUNTERS:
+        raise ValueError(f"FP8 GEMV SiLU-mul: {counts} quantization groups exceed the {_COUNTERS} counters")
+    split_k = config.split_k if counts <= _COUNTERS else 1  # a counter per (column, row) tile
+    if split_k > 1 or silu_group:
         partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
         counters = _counters(x_q.device)
     else:
         partials = counters = out  # not read
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
-        x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
-        x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        PER_CHANNEL=block_size is None, X_GROUPED=x_grouped, EXACT=out_dtype == torch.float32 if exact is None else exact,
+        x_q, x_s, weight, weight_scale, out, partials, counters, scale_out, m, n, k, group_n, group_k, SCALE_EPS,
+        FP8_MAX, x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
+        PER_CHANNEL=block_size is None, X_GROUPED=x_grouped,
+        EXACT=out_dtype == torch.float32 if exact is None else exact,
         BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRELOAD=config.preload,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
+        SILU_GROUP=silu_group, OUT_DTYPE=TL_DTYPES[out_dtype], num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
-    return out

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
+from radixlm.kernels import fused_quant_for
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 
@@ -87,6 +88,33 @@ def fp8_channel_linear(
         y = torch._scaled_mm(x.q, weight.t(), scale_a=x.scale, scale_b=weight_scale[None, :].float(),
                              out_dtype=torch.bfloat16).to(x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_silu_mul_quant(layer: nn.Module, x: torch.Tensor | FP8Activation,
+                       out_quant: ActivationQuant | None) -> FP8Activation | None:
+    """``silu(gate) * up`` of a quantized gate ‖ up ``layer`` (no bias), quantized as ``out_quant`` (the next
+    FP8 linear's ``input_quant``) asks, from the decode GEMV's epilogue (``fp8_gemv_silu_mul_quant``): where the
+    GEMV runs (CUDA, decode-sized M, not float32) and the output takes channel groups that fit; None elsewhere
+    (the caller runs the projection and then the activation).  The same bits as that pair.  Whether
+    quantization is fused at all is ``fused_quant_for``'s decision, as for the norms and SiLU-mul."""
+    from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv_silu_mul_quant, silu_mul_fits
+
+    rows = x.numel() // x.shape[-1] if not isinstance(x, FP8Activation) else x.q.shape[0]
+    if (out_quant is None or fused_quant_for(x) is None or rows > SMALL_M or x.dtype == torch.float32
+            or getattr(layer, "bias", None) is not None):
+        return None
+    group = out_quant.at(rows).group_size
+    if not silu_mul_fits(layer.weight.shape[0], layer.weight.shape[1], group, layer.weight.device):
+        return None
+    block = layer.quant.weight_block
+    quant = layer.input_quant
+    if isinstance(x, FP8Activation):
+        x.check(quant)
+    else:
+        x = quantize_activation(x, quant)
+    scale = layer.weight_scale if block is None else layer.weight_scale_inv
+    q, q_scale = fp8_gemv_silu_mul_quant(x.q, x.scale, layer.weight, scale, group, block, x.dtype)
+    return FP8Activation(q, q_scale, x.dtype, torch.Size((*x.shape[:-1], q.shape[1])))
 
 
 def input_quant(quant: QuantConfig | None, in_features: int) -> ActivationQuant | None:

@@ -202,16 +202,24 @@ class ColumnParallelLinear(QuantizableLinear):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (e.g. gate_proj and up_proj)."""
 
-    def lora_silu_mul(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None) -> torch.Tensor | None:
-        """For gate ‖ up: ``silu(gate) * up`` of this rank's output with the batch's adapters, in one kernel after
-        the GEMM, when the batch takes the dense LoRA decode (``radixlm.kernels.lora.lora_silu_mul_forward``);
-        None otherwise (the caller runs ``forward`` and then the activation)."""
-        weights = self.lora_weights
-        if (lora is None or not lora.has_lora or not lora.dense or weights is None or weights.weight_ext is None
-                or self.gather_output or len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]
-                or isinstance(x, FP8Activation)):
+    def silu_mul(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None,
+                 out_quant: ActivationQuant | None = None) -> torch.Tensor | FP8Activation | None:
+        """For gate ‖ up: ``silu(gate) * up`` of this rank's output computed by the projection's own kernel where
+        one does it, else None (the caller runs ``forward`` and then the activation).  Two do: with the batch's
+        adapters in a dense LoRA decode, one kernel after the GEMM (``kernels.lora.lora_silu_mul_forward``); an
+        FP8 decode GEMV in its epilogue, quantized as ``out_quant`` (the down projection's ``input_quant``) asks
+        (``fp8_linear.fp8_silu_mul_quant``: an ``FP8Activation``)."""
+        if self.gather_output or len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]:
             return None
-        return lora_silu_mul_forward(x, weights, lora)
+        weights = self.lora_weights
+        if lora is not None and lora.has_lora:
+            if (not lora.dense or weights is None or weights.weight_ext is None
+                    or isinstance(x, FP8Activation)):
+                return None
+            return lora_silu_mul_forward(x, weights, lora)
+        if self.quant is None:
+            return None
+        return fp8_linear.fp8_silu_mul_quant(self, x, out_quant)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -40,7 +40,8 @@ class LlamaMLP(nn.Module):
         self.input_quant = self.gate_up_proj.input_quant
 
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
-        h = self.gate_up_proj.lora_silu_mul(x, lora)  # a LoRA decode step: the activation fused with the adapters
+        # a LoRA decode step, or an FP8 decode GEMV: the activation fused into the projection's kernel
+        h = self.gate_up_proj.silu_mul(x, lora, self.down_proj.input_quant)
         if h is None:
             h = self.act_fn(self.gate_up_proj(x, lora), self.down_proj.input_quant)
         return self.down_proj(h, lora)

@@ -167,3 +167,57 @@ def test_layers_return_the_fused_activation(monkeypatch) -> None:
     assert_same(got, quantize_activation(out, ActivationQuant(128)))
     assert_same(act(x, PER_TOKEN), quantize_activation(fused_ops.silu_and_mul(x), PER_TOKEN))
     assert torch.equal(norm(x), fused_ops.rms_norm(x, norm.weight, norm.eps))  # no quant asked: a tensor
+
+
+# --- SiLU-mul and quantizer as the decode GEMV's epilogue (``fp8_gemv.fp8_gemv_silu_mul_quant``) -------------
+
+GEMV_SILU_CASES = [  # (rows, d, K, group, weight block, config): gate ‖ up of 2 * d rows
+    (1, 128, 256, 128, None, None),  # per channel, the default launch
+    (5, 256, 384, 128, None, "split3"),  # K split three ways: the group's last program sums the splits
+    (16, 192, 128, 64, None, "n32"),  # 32-row tiles, four of them (two gate, two up) a group
+    (3, 256, 256, 128, (128, 128), "split2"),  # block weights
+    (21, 128, 256, 128, None, None),  # a second 16-row tile
+]
+
+
+@pytest.mark.parametrize("rows,d,k,group,block,config", GEMV_SILU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_silu_mul_epilogue_is_gemv_then_silu_mul_quant(rows, d, k, group, block, config, dtype,
+                                                             poisoned_outputs) -> None:
+    """The same bits as the GEMV's output fed to ``silu_and_mul_quant_fp8``; the counters left zeroed."""
+    from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX
+    from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv, fp8_gemv_silu_mul_quant
+    from radixlm.kernels.fp8_gemv import _counters as fp8_gemv_counters
+
+    config = {None: None, "split3": GemvConfig(64, 64, 4, 2, split_k=3), "n32": GemvConfig(32, 128, 4, 2),
+              "split2": GemvConfig(64, 0, 4, 2, split_k=2)}[config]
+    gen = torch.Generator().manual_seed(rows + d)
+    w = torch.randn(2 * d, k, generator=gen)
+    if block is None:
+        w_s = w.abs().amax(1) / FP8_MAX
+        w_q = (w / w_s[:, None]).to(FP8_DTYPE)
+    else:  # one scale per [bn, bk] block (the shapes are whole blocks)
+        bn, bk = block
+        blocks = w.reshape(2 * d // bn, bn, k // bk, bk)
+        w_s = blocks.abs().amax(dim=(1, 3)) / FP8_MAX  # [2d / bn, K / bk]
+        w_q = (blocks / w_s[:, None, :, None]).reshape(2 * d, k).to(FP8_DTYPE)
+    w_q, w_s = w_q.to(DEVICE), w_s.to(DEVICE)
+    x = quantize_activation(randn(rows, k, dtype=dtype, seed=5, scale=2.0), ActivationQuant(128))
+    h = fp8_gemv(x.q, x.scale, w_q, w_s, block, dtype, config)  # [rows, 2 * d]
+    want = fused_quant.silu_and_mul_quant_fp8(h, ActivationQuant(group))
+    q, scale = fp8_gemv_silu_mul_quant(x.q, x.scale, w_q, w_s, group, block, dtype, config)
+    assert_same(FP8Activation(q, scale, dtype, want.shape), want)
+    assert not fp8_gemv_counters(DEVICE).any()
+
+
+def test_gemv_silu_mul_epilogue_refuses_what_does_not_fit() -> None:
+    from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv_silu_mul_quant, silu_mul_fits
+
+    assert silu_mul_fits(256, 128, 128, torch.device(DEVICE))
+    assert not silu_mul_fits(256, 128, None, torch.device(DEVICE))  # per token: needs the whole row
+    assert not silu_mul_fits(2 * 96, 128, 64, torch.device(DEVICE))  # 96 is not whole groups of 64
+    assert not silu_mul_fits(2 * 96, 128, 96, torch.device(DEVICE))  # a group must be whole 64-row tiles
+    x_q = torch.zeros(1, 128, dtype=torch.float8_e4m3fn, device=DEVICE)
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_gemv_silu_mul_quant(x_q, torch.ones(1, 1, device=DEVICE), torch.zeros(256, 128, dtype=x_q.dtype,
+                                device=DEVICE), torch.ones(256, device=DEVICE), 64, config=GemvConfig(128))
