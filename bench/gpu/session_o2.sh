@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# GPU run O2 (one H200, ~9 minutes; issue #19): the rotary kernel storing K and V (one launch instead of rotary then
-# K/V store; bf16 and FP8 alike) against the tree before it (493af32, unpacked into .base: `rm -rf .base && mkdir
-# .base && git archive 493af32 radixlm bench/one_batch.py | tar -x -C .base`; carry it), and the FP8 decode GEMV
-# requesting its first weight tiles before its PDL wait (GemvConfig.preload, RADIXLM_GEMV_CONFIGS; run O1's plan).
-# Tests on CUDA; the layer with PDL and preload 0/1/2 (fp8_gemm.py --pdl); Llama-3.1-8B batch-1 decode, alternating.
-#   bash bench/gpu/session_o2.sh     (GPU machine, repository root; carry .whl, .carry and .base)
+# GPU run O2 (one H200; issue #19), two calls: `bash bench/gpu/session_o2.sh a` (~6 min: tests on CUDA, the FP8
+# layer with PDL and the GEMV's pre-wait weight preload 0/1/2, Llama-3.1-8B batch-1 decode round 1) and `... b`
+# (~4 min: round 2 and bf16).  Three trees, alternating: 493af32 in .base (before this run), 633169d in .mid (the
+# rotary kernel storing K and V: one launch instead of two, bf16 and FP8 alike), this tree (+ gate_up's FP8 decode
+# GEMV computing SiLU-mul and down_proj's quantization in its epilogue); and this tree with preload 1 / 2 on
+# all four projections (GemvConfig.preload through RADIXLM_GEMV_CONFIGS).
+#   rm -rf .base .mid && mkdir .base .mid && git archive 493af32 radixlm bench/one_batch.py | tar -x -C .base
+#   && git archive 633169d radixlm bench/one_batch.py | tar -x -C .mid   (carry .whl, .carry, .base, .mid)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fused_ops.py tests/unit/test_kv_store.py \
-  tests/unit/test_fp8_kernels.py -k "rotary or store or gemv" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graph.py tests/parity/test_fp8_fused.py \
-  2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
-timeout 100 python3 bench/gpu/fp8_gemm.py --pdl --tokens 1 --shapes llama8b-qkv llama8b-o llama8b-gate_up \
-  llama8b-down 2>&1 | quiet | head -14
+part=${1:-a}
+ARGS="--model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init --input-len 128 --output-len 64 \
+  --batch-size 1 --cuda-graph-max-bs 1"
+one_batch() { timeout 60 python3 bench/one_batch.py $ARGS "$@" 2>&1 | quiet | grep -E "^ +[0-9]+ "; }
+tree_batch() { local tree=$1; shift; (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 bench/one_batch.py \
+  $ARGS "$@" 2>&1 | quiet | grep -E "^ +[0-9]+ "); }
 for p in 1 2; do python3 - "$p" > $LOG/preload$p.json <<'PY'
 import json, sys, torch
 from radixlm.kernels.fp8_gemv import default_gemv_config
@@ -22,16 +24,23 @@ print(json.dumps({f"{n},{k}": list(default_gemv_config(n, k, sms)._replace(prelo
                   for n, k in shapes}))
 PY
 done
-ARGS="--model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init --input-len 128 --output-len 64 \
-  --batch-size 1 --cuda-graph-max-bs 1"
-one_batch() { timeout 60 python3 bench/one_batch.py $ARGS "$@" 2>&1 | quiet | grep -E "^ +[0-9]+ "; }
-base_batch() { (cd .base && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 bench/one_batch.py $ARGS "$@" 2>&1 | quiet \
-  | grep -E "^ +[0-9]+ "); }
-for round in 1 2; do
-  echo "-- round $round: 493af32 online fp8"; base_batch --quantization fp8
-  echo "-- round $round: this tree online fp8"; one_batch --quantization fp8
-  for p in 1 2; do echo "-- round $round: this tree online fp8, preload $p"
+round() {
+  echo "-- $(date +%T) round $1: 493af32 online fp8"; tree_batch .base --quantization fp8
+  echo "-- $(date +%T) round $1: 633169d online fp8"; tree_batch .mid --quantization fp8
+  echo "-- $(date +%T) round $1: this tree online fp8"; one_batch --quantization fp8
+  for p in 1 2; do echo "-- $(date +%T) round $1: this tree online fp8, preload $p"
     RADIXLM_GEMV_CONFIGS=$LOG/preload$p.json one_batch --quantization fp8; done
-done
-echo "-- 493af32 bf16"; base_batch
-echo "-- this tree bf16"; one_batch
+}
+if [ "$part" = a ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fused_ops.py tests/unit/test_kv_store.py \
+    tests/unit/test_fused_quant.py tests/unit/test_fp8_kernels.py tests/parity/test_fp8_fused.py \
+    -k "rotary or store or gemv or fused_model" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
+  timeout 80 python3 bench/gpu/fp8_gemm.py --pdl --tokens 1 --shapes llama8b-qkv llama8b-o llama8b-gate_up \
+    llama8b-down 2>&1 | quiet | head -14
+  round 1
+else
+  round 2
+  echo "-- $(date +%T) 493af32 bf16"; tree_batch .base
+  echo "-- $(date +%T) 633169d bf16"; tree_batch .mid
+  echo "-- $(date +%T) this tree bf16"; one_batch
+fi
