@@ -39,9 +39,12 @@ from radixlm.kernels.fp8 import FP8_MAX, SCALE_EPS
 from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
 from radixlm.kernels.fused_ops import silu_mul
 from radixlm.kernels.fused_quant import TL_DTYPES, quantize_e4m3
+from radixlm.kernels.kv_store import KVStore, cache_value
 from radixlm.kernels.launch_tables import read_launch_table
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
+SILU_MUL_QUANT: tl.constexpr = tl.constexpr(1)  # the kernel's epilogues (``EPILOGUE``; 0: none)
+ROPE_STORE: tl.constexpr = tl.constexpr(2)
 _COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
 _counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -163,15 +166,60 @@ def _silu_mul_quant_epilogue(part_ptr, q_ptr, s_ptr, group, rows, m_ok, m_dim, n
 
 
 @triton.jit
+def _rope_store_epilogue(part_ptr, q_ptr, head, rows, m_ok, m_dim, n_dim, pos_ptr, cos_sin_ptr, cos_sin_stride,
+                         loc_ptr, k_buf_ptr, v_buf_ptr, k_scale_ptr, v_scale_ptr, num_q_heads, num_kv_heads,
+                         kv_fp8_max, OUT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_K: tl.constexpr,
+                         KV_QUANT: tl.constexpr, KV_E4M3: tl.constexpr):
+    """Head ``head`` of the q ‖ k ‖ v output for the block's rows: summed over the splits and rounded to the
+    output dtype (what the GEMV would write), then as ``fused_ops.apply_rotary`` with a ``KVStore`` treats it:
+    a q head rotated (NeoX pairs, the same roundings) into ``q_ptr`` [M, num_q_heads * HEAD_DIM], a k head
+    rotated and a v head as is into the cache slots ``loc`` (FP8: ``kv_store.cache_value``)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, half)
+    mask = (dims < half)[:, None] & m_ok[None, :]  # [half, BLOCK_M]
+    first = part_ptr + rows[None, :] * n_dim + head * HEAD_DIM + dims[:, None]  # the head's first half
+    x1 = _split_sum(first, m_dim * n_dim, mask, SPLIT_K).to(OUT_DTYPE)
+    x2 = _split_sum(first + half, m_dim * n_dim, mask, SPLIT_K).to(OUT_DTYPE)
+    if head < num_q_heads + num_kv_heads:  # q or k: rotated
+        pos = tl.load(pos_ptr + rows, mask=m_ok, other=0).to(tl.int64)
+        angles = cos_sin_ptr + pos[None, :] * cos_sin_stride + dims[:, None]  # [half, BLOCK_M]
+        cos = tl.load(angles, mask=mask, other=0.0).to(OUT_DTYPE).to(tl.float32)
+        sin = tl.load(angles + half, mask=mask, other=0.0).to(OUT_DTYPE).to(tl.float32)
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        out1 = ((x1f * cos).to(OUT_DTYPE).to(tl.float32) - (x2f * sin).to(OUT_DTYPE).to(tl.float32)).to(OUT_DTYPE)
+        out2 = ((x2f * cos).to(OUT_DTYPE).to(tl.float32) + (x1f * sin).to(OUT_DTYPE).to(tl.float32)).to(OUT_DTYPE)
+    else:
+        out1, out2 = x1, x2
+    if head < num_q_heads:
+        dst = q_ptr + rows[None, :] * (num_q_heads * HEAD_DIM) + head * HEAD_DIM + dims[:, None]
+        tl.store(dst, out1, mask=mask)
+        tl.store(dst + half, out2, mask=mask)
+    else:
+        slot = tl.load(loc_ptr + rows, mask=m_ok, other=0).to(tl.int64)
+        if head < num_q_heads + num_kv_heads:
+            buf_ptr, scale_ptr, kv_head = k_buf_ptr, k_scale_ptr, head - num_q_heads
+        else:
+            buf_ptr, scale_ptr, kv_head = v_buf_ptr, v_scale_ptr, head - num_q_heads - num_kv_heads
+        dst = buf_ptr + slot[None, :] * (num_kv_heads * HEAD_DIM) + kv_head * HEAD_DIM + dims[:, None]
+        tl.store(dst, cache_value(out1, scale_ptr, kv_fp8_max, KV_QUANT, KV_E4M3).to(k_buf_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(dst + half, cache_value(out2, scale_ptr, kv_fp8_max, KV_QUANT, KV_E4M3).to(
+            k_buf_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, scale_out_ptr,
-    m_dim, n_dim, k_dim, group_n, group_k, scale_eps, fp8_max,
-    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
+    pos_ptr, cos_sin_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_scale_ptr, v_scale_ptr,
+    m_dim, n_dim, k_dim, group_n, group_k, scale_eps, fp8_max, cos_sin_stride, num_q_heads, num_kv_heads,
+    kv_fp8_max, stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
     PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, SILU_GROUP: tl.constexpr,
-    OUT_DTYPE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr,
+    EPILOGUE: tl.constexpr, GROUP: tl.constexpr, OUT_DTYPE: tl.constexpr, KV_QUANT: tl.constexpr,
+    KV_E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
+    # EPILOGUE: 0 the product; SILU_MUL_QUANT: SiLU-mul of gate ‖ up quantized per GROUP channels; ROPE_STORE:
+    # q ‖ k ‖ v heads of GROUP (= head_dim) rows, rotated, K and V stored in the cache.
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -211,29 +259,38 @@ def _fp8_gemv_kernel(
 
     mask = (offs_n < n_dim)[:, None] & m_ok[None, :]
     out_ptrs = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
-    if SPLIT_K == 1 and SILU_GROUP == 0:
+    if SPLIT_K == 1 and EPILOGUE == 0:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tile_part = part_ptr + rows[None, :] * n_dim + offs_n[:, None]  # split s at + s * m_dim * n_dim
         tl.store(tile_part + split * m_dim * n_dim, acc, mask=mask)
         # Every thread's partial is written before one thread releases the count (CUTLASS's semaphore order);
         # the last to arrive acquires it, so the other programs' partials are visible to its L2 reads.  A count
-        # covers a column tile's splits, or with the SiLU-mul epilogue a quantization group's gate and up tiles.
+        # covers a column tile's splits, or an epilogue's group: a quantization group's gate and up tiles, a head.
         tl.debug_barrier()
-        if SILU_GROUP == 0:
+        if EPILOGUE == 0:
             counter = count_ptr + tl.program_id(2) * tl.num_programs(0) + pid_n
             arrivals = SPLIT_K
+        elif EPILOGUE == SILU_MUL_QUANT:
+            group = (pid_n % (n_dim // 2 // BLOCK_N)) // (GROUP // BLOCK_N)
+            counter = count_ptr + tl.program_id(2) * (n_dim // 2 // GROUP) + group
+            arrivals = 2 * (GROUP // BLOCK_N) * SPLIT_K
         else:
-            group = (pid_n % (n_dim // 2 // BLOCK_N)) // (SILU_GROUP // BLOCK_N)
-            counter = count_ptr + tl.program_id(2) * (n_dim // 2 // SILU_GROUP) + group
-            arrivals = 2 * (SILU_GROUP // BLOCK_N) * SPLIT_K
+            group = pid_n // (GROUP // BLOCK_N)  # the head
+            counter = count_ptr + tl.program_id(2) * (n_dim // GROUP) + group
+            arrivals = (GROUP // BLOCK_N) * SPLIT_K
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1:
-            if SILU_GROUP == 0:
+            if EPILOGUE == 0:
                 total = _split_sum(tile_part, m_dim * n_dim, mask, SPLIT_K)
                 tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            else:
+            elif EPILOGUE == SILU_MUL_QUANT:
                 _silu_mul_quant_epilogue(part_ptr, out_ptr, scale_out_ptr, group, rows, m_ok, m_dim, n_dim,
-                                         scale_eps, fp8_max, OUT_DTYPE, SILU_GROUP, SPLIT_K)
+                                         scale_eps, fp8_max, OUT_DTYPE, GROUP, SPLIT_K)
+            else:
+                _rope_store_epilogue(part_ptr, out_ptr, group, rows, m_ok, m_dim, n_dim, pos_ptr, cos_sin_ptr,
+                                     cos_sin_stride, loc_ptr, k_buf_ptr, v_buf_ptr, k_scale_ptr, v_scale_ptr,
+                                     num_q_heads, num_kv_heads, kv_fp8_max, OUT_DTYPE, GROUP, SPLIT_K, KV_QUANT,
+                                     KV_E4M3)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch
 
 
@@ -259,7 +316,7 @@ def fp8_gemv(
     config = _checked_config(x_q, x_s, weight, weight_scale, block_size, config)
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m:
-        _launch(x_q, x_s, weight, weight_scale, block_size, out, out, config, exact, pdl, 0)
+        _launch(x_q, x_s, weight, weight_scale, block_size, out, config, exact, pdl, out_dtype)
     return out
 
 
@@ -296,8 +353,60 @@ def fp8_gemv_silu_mul_quant(
     q = torch.empty((m, n // 2), dtype=torch.float8_e4m3fn, device=x_q.device)
     scale = torch.empty((m, n // 2 // group), dtype=torch.float32, device=x_q.device)
     if m:
-        _launch(x_q, x_s, weight, weight_scale, block_size, q, scale, config, None, pdl, group, out_dtype)
+        _launch(x_q, x_s, weight, weight_scale, block_size, q, config, None, pdl, out_dtype, SILU_MUL_QUANT.value,
+                group, scale)
     return q, scale
+
+
+def rope_store_fits(n: int, k: int, head_dim: int, device: torch.device) -> bool:
+    """Whether ``fp8_gemv_rope_store`` runs a q ‖ k ‖ v weight of ``n`` rows and ``k`` columns: whole heads of
+    a power-of-two ``head_dim``, each whole tiles."""
+    config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(device))
+    return (triton.next_power_of_2(head_dim) == head_dim >= 16 and n % head_dim == 0
+            and head_dim % config.block_n == 0)
+
+
+def fp8_gemv_rope_store(
+    x_q: torch.Tensor,  # [M, K] float8_e4m3fn
+    x_s: torch.Tensor,  # as ``fp8_gemv``'s
+    weight: torch.Tensor,  # [(q_heads + 2 * kv_heads) * head_dim, K] float8_e4m3fn: q, then k, then v rows
+    weight_scale: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,  # [M] rows of ``cos_sin``
+    cos_sin: torch.Tensor,  # [*, head_dim] float32: each row's cos then sin (``RotaryEmbedding``'s table)
+    kv_out: KVStore,  # the layer's cache slots for the M tokens
+    block_size: tuple[int, int] | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,  # the dtype the projection's output would have
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:  # [M, q_heads * head_dim] out_dtype: q, rotated
+    """The qkv projection ``fp8_gemv`` computes, with NeoX RoPE over whole heads and the K/V store in its
+    epilogue (``rope_store_fits`` says where): every program leaves its fp32 partial in scratch, and the last of
+    a head's programs (and K splits) to arrive sums them, rounds them to ``out_dtype`` and rotates a q head into
+    the result, or stores a k head rotated and a v head as is at ``kv_out``'s slots.  The same bits as
+    ``fp8_gemv`` followed by ``fused_ops.apply_rotary(..., v, kv_out)``, one launch and the projection's output
+    round trip fewer."""
+    m, n = x_q.shape[0], weight.shape[0]
+    config = _checked_config(x_q, x_s, weight, weight_scale, block_size, config)
+    heads = num_q_heads + 2 * num_kv_heads
+    head_dim = n // heads if n % heads == 0 else 0
+    if (not head_dim or not rope_store_fits(n, x_q.shape[1], head_dim, x_q.device) or head_dim % config.block_n
+            or cos_sin.shape[-1] != head_dim or cos_sin.stride(-1) != 1 or positions.shape != (m,)):
+        raise ValueError(f"FP8 GEMV RoPE: {n} rows as {num_q_heads} + 2 x {num_kv_heads} heads with a "
+                         f"{tuple(cos_sin.shape)} table at {config.block_n} rows a program do not fit "
+                         f"(rope_store_fits)")
+    k_buf, v_buf = kv_out.k_buf, kv_out.v_buf
+    if (not k_buf.is_contiguous() or not v_buf.is_contiguous() or k_buf.dtype != v_buf.dtype
+            or k_buf.shape[1:] != (num_kv_heads, head_dim) or v_buf.shape[1:] != (num_kv_heads, head_dim)
+            or kv_out.loc.shape != (m,) or (kv_out.quantized and (kv_out.k_scale is None or kv_out.v_scale is None))):
+        raise ValueError(f"FP8 GEMV RoPE: K/V buffers {tuple(k_buf.shape)} / {tuple(v_buf.shape)} and slots "
+                         f"{tuple(kv_out.loc.shape)} do not fit {m} tokens of {num_kv_heads} heads x {head_dim}")
+    q = torch.empty((m, num_q_heads * head_dim), dtype=out_dtype, device=x_q.device)
+    if m:
+        _launch(x_q, x_s, weight, weight_scale, block_size, q, config, None, pdl, out_dtype, ROPE_STORE.value,
+                head_dim, None, _RopeStore(positions, cos_sin, kv_out, num_q_heads, num_kv_heads))
+    return q
 
 
 def _checked_config(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -325,14 +434,25 @@ def _checked_config(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, 
     return config
 
 
+class _RopeStore(NamedTuple):
+    """The ROPE_STORE epilogue's operands (``fp8_gemv_rope_store``)."""
+
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    kv_out: KVStore
+    num_q_heads: int
+    num_kv_heads: int
+
+
 def _launch(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-            block_size: tuple[int, int] | None, out: torch.Tensor, scale_out: torch.Tensor, config: GemvConfig,
-            exact: bool | None, pdl: bool | None, silu_group: int, out_dtype: torch.dtype | None = None) -> None:
-    """One GEMV launch into ``out`` [M, N] (``silu_group`` 0), or with the SiLU-mul-quantizer epilogue into
-    ``out`` [M, N / 2] E4M3 and ``scale_out`` [M, N / 2 / silu_group] (``out_dtype``: the projection's)."""
+            block_size: tuple[int, int] | None, out: torch.Tensor, config: GemvConfig, exact: bool | None,
+            pdl: bool | None, out_dtype: torch.dtype, epilogue: int = 0, group: int = 0,
+            scale_out: torch.Tensor | None = None, rope: _RopeStore | None = None) -> None:
+    """One GEMV launch into ``out``: [M, N] (no epilogue); SILU_MUL_QUANT [M, N / 2] E4M3 and ``scale_out``
+    [M, N / 2 / group]; ROPE_STORE q [M, q heads * group] (K and V into ``rope.kv_out``).  ``out_dtype``: the
+    projection's."""
     m, k = x_q.shape
     n = weight.shape[0]
-    out_dtype = out_dtype or out.dtype
     x_grouped = x_s.shape[1] > 1 or block_size is not None
     if block_size is not None:
         group_n, group_k, block_k = *block_size, block_size[1]
@@ -345,21 +465,35 @@ def _launch(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weight_s
         weight = weight.contiguous()
     weight_scale = weight_scale.contiguous()
     col_tiles, row_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, SMALL_M)
-    counts = row_tiles * (n // 2 // silu_group if silu_group else col_tiles)
-    if silu_group and counts > _COUNTERS:
-        raise ValueError(f"FP8 GEMV SiLU-mul: {counts} quantization groups exceed the {_COUNTERS} counters")
+    groups = {0: col_tiles, SILU_MUL_QUANT.value: n // 2 // max(group, 1), ROPE_STORE.value: n // max(group, 1)}
+    counts = row_tiles * groups[epilogue]
+    if epilogue and counts > _COUNTERS:
+        raise ValueError(f"FP8 GEMV epilogue: {counts} groups exceed the {_COUNTERS} counters")
     split_k = config.split_k if counts <= _COUNTERS else 1  # a counter per (column, row) tile
-    if split_k > 1 or silu_group:
+    if split_k > 1 or epilogue:
         partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
         counters = _counters(x_q.device)
     else:
         partials = counters = out  # not read
+    kv_quant, kv_e4m3, kv_fp8_max = False, False, 0.0
+    if rope is None:
+        pos = cos_sin = loc = k_buf = v_buf = k_scale = v_scale = out  # not read
+        cos_sin_stride = num_q_heads = num_kv_heads = 0
+    else:
+        kv = rope.kv_out
+        pos, cos_sin, loc, k_buf, v_buf = rope.positions, rope.cos_sin, kv.loc, kv.k_buf, kv.v_buf
+        k_scale, v_scale = (kv.k_scale, kv.v_scale) if kv.quantized else (k_buf, k_buf)
+        kv_quant, kv_e4m3 = kv.quantized, k_buf.dtype == torch.float8_e4m3fn
+        kv_fp8_max = torch.finfo(k_buf.dtype).max if kv.quantized else 0.0
+        cos_sin_stride, num_q_heads, num_kv_heads = cos_sin.stride(0), rope.num_q_heads, rope.num_kv_heads
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
-        x_q, x_s, weight, weight_scale, out, partials, counters, scale_out, m, n, k, group_n, group_k, SCALE_EPS,
-        FP8_MAX, x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
+        x_q, x_s, weight, weight_scale, out, partials, counters, out if scale_out is None else scale_out,
+        pos, cos_sin, loc, k_buf, v_buf, k_scale, v_scale,
+        m, n, k, group_n, group_k, SCALE_EPS, FP8_MAX, cos_sin_stride, num_q_heads, num_kv_heads, kv_fp8_max,
+        x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, X_GROUPED=x_grouped,
         EXACT=out_dtype == torch.float32 if exact is None else exact,
         BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRELOAD=config.preload,
-        SILU_GROUP=silu_group, OUT_DTYPE=TL_DTYPES[out_dtype], num_warps=config.num_warps,
-        num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
+        EPILOGUE=epilogue, GROUP=group, OUT_DTYPE=TL_DTYPES[out_dtype], KV_QUANT=kv_quant, KV_E4M3=kv_e4m3,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
