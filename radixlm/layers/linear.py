@@ -13,6 +13,7 @@ adapters, adds nothing and launches nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ from radixlm.kernels import cpu
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
 from radixlm.kernels.lora import LoraSegments, LoraWeights, lora_forward, lora_silu_mul_forward
 from radixlm.layers import fp8_linear
+
+if TYPE_CHECKING:
+    from radixlm.kernels.kv_store import KVStore
+    from radixlm.layers.rotary import RotaryEmbedding
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -247,6 +252,15 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def _checkpoint_shapes(self) -> dict[object, int]:
         return {"q": self.output_sizes[0], "k": self.output_sizes[1], "v": self.output_sizes[2]}
+
+    def rope_store(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None, positions: torch.Tensor,
+                   rotary: "RotaryEmbedding", kv_out: "KVStore") -> torch.Tensor | None:
+        """This rank's q [num_tokens, num_heads * head_dim] with ``rotary`` applied, K (rotated) and V stored at
+        ``kv_out``, from the projection's own kernel where one does it: an FP8 decode GEMV's epilogue
+        (``fp8_linear.fp8_rope_store``); None elsewhere (the caller runs ``forward``, then the rotary)."""
+        if self.quant is None or self.bias is not None or (lora is not None and lora.has_lora):
+            return None
+        return fp8_linear.fp8_rope_store(self, x, positions, rotary, kv_out, self.num_heads, self.num_kv_heads)
 
     def _local_sizes(self) -> list[int]:
         return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
