@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU run O2 (one H200; issue #19), two calls: `bash bench/gpu/session_o2.sh a` (~6 min: tests on CUDA, the FP8
 # layer with PDL and the GEMV's pre-wait weight preload 0/1/2, Llama-3.1-8B batch-1 decode round 1) and `... b`
-# (~4 min: round 2 and bf16).  Three trees, alternating: 493af32 in .base (before this run), 633169d in .mid (the
-# rotary kernel storing K and V: one launch instead of two, bf16 and FP8 alike), this tree (+ gate_up's FP8 decode
-# GEMV computing SiLU-mul and down_proj's quantization in its epilogue); and this tree with preload 1 / 2 on
-# all four projections (GemvConfig.preload through RADIXLM_GEMV_CONFIGS).
-#   rm -rf .base .mid && mkdir .base .mid && git archive 493af32 radixlm bench/one_batch.py | tar -x -C .base
-#   && git archive 633169d radixlm bench/one_batch.py | tar -x -C .mid   (carry .whl, .carry, .base, .mid)
+# (~5 min: round 2 and bf16).  Four trees, alternating: 493af32 in .base (before this run), 633169d in .mid (the
+# rotary kernel storing K and V: one launch instead of two, bf16 and FP8 alike), 4c5fb2c in .mid2 (+ gate_up's FP8
+# decode GEMV computing SiLU-mul and down_proj's quantization in its epilogue), this tree (+ qkv's FP8 decode GEMV
+# applying RoPE and storing K/V in its epilogue); and this tree with preload 1 on all four projections
+# (GemvConfig.preload through RADIXLM_GEMV_CONFIGS).
+#   for t in base:493af32 mid:633169d mid2:4c5fb2c; do rm -rf .${t%:*} && mkdir .${t%:*} && git archive ${t#*:}
+#   radixlm bench/one_batch.py | tar -x -C .${t%:*}; done     (carry .whl, .carry, .base, .mid, .mid2)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
 part=${1:-a}
@@ -27,20 +28,20 @@ done
 round() {
   echo "-- $(date +%T) round $1: 493af32 online fp8"; tree_batch .base --quantization fp8
   echo "-- $(date +%T) round $1: 633169d online fp8"; tree_batch .mid --quantization fp8
+  echo "-- $(date +%T) round $1: 4c5fb2c online fp8"; tree_batch .mid2 --quantization fp8
   echo "-- $(date +%T) round $1: this tree online fp8"; one_batch --quantization fp8
-  for p in 1 2; do echo "-- $(date +%T) round $1: this tree online fp8, preload $p"
-    RADIXLM_GEMV_CONFIGS=$LOG/preload$p.json one_batch --quantization fp8; done
+  echo "-- $(date +%T) round $1: this tree online fp8, preload 1"
+  RADIXLM_GEMV_CONFIGS=$LOG/preload1.json one_batch --quantization fp8
 }
 if [ "$part" = a ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fused_ops.py tests/unit/test_kv_store.py \
     tests/unit/test_fused_quant.py tests/unit/test_fp8_kernels.py tests/parity/test_fp8_fused.py \
-    -k "rotary or store or gemv or fused_model" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
+    tests/unit/test_fp8_gemv_epilogues.py -k "rotary or store or gemv or fused_model or epilogue" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
   timeout 80 python3 bench/gpu/fp8_gemm.py --pdl --tokens 1 --shapes llama8b-qkv llama8b-o llama8b-gate_up \
     llama8b-down 2>&1 | quiet | head -14
   round 1
 else
   round 2
   echo "-- $(date +%T) 493af32 bf16"; tree_batch .base
-  echo "-- $(date +%T) 633169d bf16"; tree_batch .mid
   echo "-- $(date +%T) this tree bf16"; one_batch
 fi
