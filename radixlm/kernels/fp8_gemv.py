@@ -13,8 +13,8 @@ accumulation throughout (float32 models, whose tests compare at 1e-4).
 Few weight rows per program leave the GPU half idle when N is small (Llama-8B's o projection: 64 programs of 64
 rows), so ``split_k`` programs share a column tile's K: each writes its fp32 partial to scratch, and the one that
 arrives last at the tile's counter (an atomic) adds the partials in split order (deterministic) and writes the
-output.  The counters live in a zeroed buffer per device and stream (``_counters``) that every launch leaves
-zeroed, so a launch needs no memset and no second kernel, and CUDA graphs replay it as is.
+output.  The counters are ``kernels.counters``' (zeroed, left zeroed by every launch: no memset, no second
+kernel, CUDA graphs replay it as is).
 
 Two weight formats (``fp8_linear``):
 
@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels.counters import COUNTERS, arrival_counters
 from radixlm.kernels.fp8 import FP8_MAX, SCALE_EPS
 from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
 from radixlm.kernels.fused_ops import silu_mul
@@ -45,8 +46,7 @@ from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 SILU_MUL_QUANT: tl.constexpr = tl.constexpr(1)  # the kernel's epilogues (``EPILOGUE``; 0: none)
 ROPE_STORE: tl.constexpr = tl.constexpr(2)
-_COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
-_counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
+_COUNTERS = COUNTERS  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
 
 
 class GemvConfig(NamedTuple):
@@ -91,14 +91,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _counters(device: torch.device | str) -> torch.Tensor:
-    """The zeroed int32 counters of split launches on ``device``'s current stream (launches on one stream run
-    one after another, so they can share them; each leaves them zeroed)."""
-    device = torch.device(device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _counter_buffers.get(key)
-    if buf is None:
-        buf = _counter_buffers[key] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    return buf
+    """The split launches' and epilogues' zeroed arrival counters on ``device``'s current stream."""
+    return arrival_counters("fp8_gemv", device)
 
 
 @triton.jit
