@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU run O2 (one H200; issue #19), two calls: `bash bench/gpu/session_o2.sh a` (~6 min: tests on CUDA, the FP8
+# GPU run O2 (one H200; issue #19), two calls: `bash bench/gpu/session_o2.sh a` (~7 min: tests on CUDA, the FP8
 # layer with PDL and the GEMV's pre-wait weight preload 0/1/2, Llama-3.1-8B batch-1 decode round 1) and `... b`
-# (~5 min: round 2 and bf16).  Four trees, alternating: 493af32 in .base (before this run), 633169d in .mid (the
-# rotary kernel storing K and V: one launch instead of two, bf16 and FP8 alike), 4c5fb2c in .mid2 (+ gate_up's FP8
-# decode GEMV computing SiLU-mul and down_proj's quantization in its epilogue), this tree (+ qkv's FP8 decode GEMV
-# applying RoPE and storing K/V in its epilogue); and this tree with preload 1 on all four projections
-# (GemvConfig.preload through RADIXLM_GEMV_CONFIGS).
-#   for t in base:493af32 mid:633169d mid2:4c5fb2c; do rm -rf .${t%:*} && mkdir .${t%:*} && git archive ${t#*:}
+# (~6 min: round 2 and bf16).  Trees, alternating: 493af32 in .base (before this run); 633169d in .mid (the rotary
+# kernel storing K and V: one launch instead of two, bf16 and FP8 alike); e52fa99 in .mid2 (+ the FP8 decode GEMV's
+# epilogues: gate_up's SiLU-mul with down_proj's quantization, qkv's RoPE with the K/V store); this tree (+ the
+# decode attention's last split merging, bf16 and FP8 alike); and this tree with preload 1 on all four
+# projections (GemvConfig.preload through RADIXLM_GEMV_CONFIGS).
+#   for t in base:493af32 mid:633169d mid2:e52fa99; do rm -rf .${t%:*} && mkdir .${t%:*} && git archive ${t#*:}
 #   radixlm bench/one_batch.py | tar -x -C .${t%:*}; done     (carry .whl, .carry, .base, .mid, .mid2)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
@@ -28,7 +28,7 @@ done
 round() {
   echo "-- $(date +%T) round $1: 493af32 online fp8"; tree_batch .base --quantization fp8
   echo "-- $(date +%T) round $1: 633169d online fp8"; tree_batch .mid --quantization fp8
-  echo "-- $(date +%T) round $1: 4c5fb2c online fp8"; tree_batch .mid2 --quantization fp8
+  echo "-- $(date +%T) round $1: e52fa99 online fp8"; tree_batch .mid2 --quantization fp8
   echo "-- $(date +%T) round $1: this tree online fp8"; one_batch --quantization fp8
   echo "-- $(date +%T) round $1: this tree online fp8, preload 1"
   RADIXLM_GEMV_CONFIGS=$LOG/preload1.json one_batch --quantization fp8
@@ -36,7 +36,8 @@ round() {
 if [ "$part" = a ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fused_ops.py tests/unit/test_kv_store.py \
     tests/unit/test_fused_quant.py tests/unit/test_fp8_kernels.py tests/parity/test_fp8_fused.py \
-    tests/unit/test_fp8_gemv_epilogues.py -k "rotary or store or gemv or fused_model or epilogue" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
+    tests/unit/test_fp8_gemv_epilogues.py tests/unit/test_triton_attention.py \
+    -k "rotary or store or gemv or fused_model or epilogue or decode" 2>&1 | quiet | grep -E "passed|failed|^FAILED|^E  " | head -12
   timeout 80 python3 bench/gpu/fp8_gemm.py --pdl --tokens 1 --shapes llama8b-qkv llama8b-o llama8b-gate_up \
     llama8b-down 2>&1 | quiet | head -14
   round 1
