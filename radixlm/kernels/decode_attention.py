@@ -4,7 +4,10 @@ Stage 1 splits each request's keys into ``num_kv_splits`` contiguous ranges and 
 own program, so a small batch with long contexts still fills the GPU; one program serves a tile of up to
 ``BLOCK_H`` query heads of one KV head (GQA), reading that head's K/V once per tile.  Each range leaves a
 normalised partial output and its log-sum-exp in caller-owned fp32 scratch; stage 2 merges the ranges of every
-(request, head) with those log-sum-exps.
+(request, head) with those log-sum-exps.  For GQA heads stage 2 runs inside stage 1's launch: the range program
+of a (request, head tile) that finishes last (an arrival counter, ``kernels.counters``) merges the tile's heads,
+one launch a layer fewer.  An MLA-wide tile (16+ heads of 512 values, up to 128 ranges) would serialise that on
+one program, so MLA keeps the merge kernel, a program per (request, head).
 
 The split count is the scratch's, fixed per launch (a CUDA graph replays one launch): ``plan_decode_splits``
 picks it on the host from what is known at capture time (batch size, head tiles, the longest possible context,
