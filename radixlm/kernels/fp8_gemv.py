@@ -132,10 +132,11 @@ def _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, off
 def _split_sum(tile_part, split_stride, mask, SPLIT_K: tl.constexpr):
     """The fp32 partials of one output tile added in split order (from zero, as the output is without a split),
     read from L2 (other programs wrote them)."""
+    first = tl.load(tile_part, mask=mask, other=0.0, cache_modifier=".cg")
     if SPLIT_K == 1:
-        return tl.load(tile_part, mask=mask, other=0.0, cache_modifier=".cg")
-    total = tl.zeros(tile_part.shape, dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
+        return first
+    total = tl.zeros_like(first) + first
+    for s in tl.static_range(1, SPLIT_K):
         total += tl.load(tile_part + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
     return total
 
