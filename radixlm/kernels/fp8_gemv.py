@@ -186,9 +186,9 @@ def _rope_store_epilogue(part_ptr, q_ptr, head, rows, m_ok, m_dim, n_dim, pos_pt
     else:
         out1, out2 = x1, x2
     if head < num_q_heads:
-        dst = q_ptr + rows[None, :] * (num_q_heads * HEAD_DIM) + head * HEAD_DIM + dims[:, None]
-        tl.store(dst, out1, mask=mask)
-        tl.store(dst + half, out2, mask=mask)
+        q_dst = q_ptr + rows[None, :] * (num_q_heads * HEAD_DIM) + head * HEAD_DIM + dims[:, None]
+        tl.store(q_dst, out1, mask=mask)
+        tl.store(q_dst + half, out2, mask=mask)
     else:
         slot = tl.load(loc_ptr + rows, mask=m_ok, other=0).to(tl.int64)
         if head < num_q_heads + num_kv_heads:

@@ -58,8 +58,9 @@ def cache_value(x, scale_ptr, fp8_max, QUANT: tl.constexpr, E4M3: tl.constexpr):
             y = round_to_e4m3(y)
         else:
             y = round_to_e5m2(y)
-        return y
-    return x
+    else:
+        y = x
+    return y
 
 
 @triton.jit

@@ -1,0 +1,153 @@
+"""Compile the decode path's Triton kernels for sm_90 (the H200) on a machine without a GPU.
+
+The Triton interpreter, which runs the kernels in CI, accepts programs the compiler refuses (a constexpr branch
+returning another type than the code after it, say), so a kernel can pass every CPU test and fail on its first
+GPU launch.  This script runs the launchers with CPU tensors of small real shapes, catches each launch's
+arguments instead of launching (``JITFunction.__getitem__``), and compiles that specialization to PTX and a cubin
+for sm_90 with Triton's own ptxas, PDL on, as the GPU would.  Exit status 1 on any failure, each one printed.
+
+    python tests/tools/sm90_compile.py      (without TRITON_INTERPRET; tests/unit/test_sm90_compile.py runs it)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("sm90_compile.py compiles kernels: run it without TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+LAUNCH_ONLY = {"launch_pdl", "num_ctas", "maxnreg", *OPTIONS}
+
+
+def capture(launch) -> list[tuple[JITFunction, dict, dict]]:
+    """The (kernel, bound arguments, compile options) of every launch ``launch()`` makes."""
+    launches = []
+
+    def getitem(self, grid):
+        def record(*args, **kwargs):
+            bound = dict(zip(self.arg_names, args))
+            bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_ONLY})
+            launches.append((self, bound, {k: v for k, v in kwargs.items() if k in OPTIONS}))
+        return record
+
+    original = JITFunction.__getitem__
+    JITFunction.__getitem__ = getitem
+    try:
+        launch()
+    finally:
+        JITFunction.__getitem__ = original
+    return launches
+
+
+def compile_sm90(fn: JITFunction, bound: dict, options: dict) -> None:
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = True if param.name == "PDL" else bound[param.name]  # launched with PDL on sm_90
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        else:
+            signature[param.name] = mangle_type(value)
+    triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
+
+
+def cases():
+    """(name, launch) pairs: each launch calls a launcher as the engine does."""
+    from radixlm.kernels import fused_ops, fused_quant
+    from radixlm.kernels.decode_attention import decode_attention_fwd
+    from radixlm.kernels.fp8 import FP8_DTYPE
+    from radixlm.kernels.fp8_activation import ActivationQuant
+    from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv, fp8_gemv_rope_store, fp8_gemv_silu_mul_quant
+    from radixlm.kernels.kv_store import KVStore, store_kv
+
+    bf16, e4m3, e5m2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
+    m, heads, kv_heads, hd, k = 3, 4, 2, 128, 512
+    loc, pos = torch.tensor([0, 5, 7]), torch.tensor([1, 2, 3])
+    table = torch.randn(16, hd)
+
+    def kv(dtype):
+        bufs = [torch.zeros(8, kv_heads, hd, dtype=dtype) for _ in range(2)]
+        quant = dtype in (e4m3, e5m2)
+        return KVStore(*bufs, loc, torch.ones(1) if quant else None, torch.ones(1) if quant else None)
+
+    q, kk, v = (torch.randn(m, h, hd, dtype=bf16) for h in (heads, kv_heads, kv_heads))
+    for dtype in (None, bf16, e4m3, e5m2):
+        yield f"rotary, K/V store {dtype}", lambda dtype=dtype: fused_ops.apply_rotary(
+            q, kk, pos, table, hd, v if dtype else None, kv(dtype) if dtype else None)
+    yield "rotary, partial rotary_dim, K/V store e4m3", lambda: fused_ops.apply_rotary(
+        q, kk, pos, table[:, :64].contiguous(), 64, v, kv(e4m3))
+    for dtype in (bf16, e4m3):
+        yield f"store_kv {dtype}", lambda dtype=dtype: store_kv(kv(dtype).k_buf, loc, kk, kv(dtype).v_buf, v,
+                                                                 *kv(dtype)[3:])
+    x_q = torch.zeros(m, k, dtype=FP8_DTYPE)
+    per_group, per_token = torch.ones(m, k // 128), torch.ones(m, 1)
+    w_chan = lambda n: (torch.zeros(n, k, dtype=FP8_DTYPE), torch.ones(n))  # noqa: E731
+    w_block = lambda n: (torch.zeros(n, k, dtype=FP8_DTYPE), torch.ones(n // 128, k // 128))  # noqa: E731
+    for split, preload in ((1, 0), (4, 0), (2, 1), (2, 2)):
+        config = GemvConfig(64, 128, 4, 4, split, preload)
+        yield f"gemv split {split} preload {preload}", lambda c=config: fp8_gemv(x_q, per_group, *w_chan(256),
+                                                                                  None, bf16, c)
+    yield "gemv per token", lambda: fp8_gemv(x_q, per_token, *w_chan(256), None, bf16)
+    yield "gemv block", lambda: fp8_gemv(x_q, per_group, *w_block(256), (128, 128), bf16)
+    yield "gemv exact", lambda: fp8_gemv(x_q, per_group, *w_chan(256), None, torch.float32)
+    for split in (1, 2):
+        yield f"gemv silu-mul epilogue split {split}", lambda s=split: fp8_gemv_silu_mul_quant(
+            x_q, per_group, *w_chan(512), 128, None, bf16, GemvConfig(64, 128, 4, 4, s))
+    yield "gemv silu-mul epilogue block", lambda: fp8_gemv_silu_mul_quant(x_q, per_group, *w_block(512), 128,
+                                                                           (128, 128), bf16)
+    n_qkv = (heads + 2 * kv_heads) * hd
+    for dtype, split in ((bf16, 1), (e4m3, 4), (e5m2, 2)):
+        yield f"gemv rope epilogue {dtype} split {split}", lambda d=dtype, s=split: fp8_gemv_rope_store(
+            x_q, per_group, *w_chan(n_qkv), heads, kv_heads, pos, table, kv(d), None, bf16,
+            GemvConfig(64, 128, 4, 4, s))
+    x = torch.randn(m, 2 * k, dtype=bf16)
+    yield "rms_norm quant", lambda: fused_quant.rms_norm_quant_fp8(x, x, torch.ones(2 * k, dtype=bf16), 1e-6,
+                                                                    ActivationQuant(128))
+    yield "silu_and_mul quant", lambda: fused_quant.silu_and_mul_quant_fp8(x, ActivationQuant(128))
+
+    def decode(cache, dk, dv, kv_heads, o_dtype=bf16, group=None, merge=None):
+        bs, splits = 2, 8
+        q = torch.randn(bs, 16, dk, dtype=bf16)
+        k_buf = torch.zeros(32, kv_heads, dk, dtype=cache)
+        v_buf = k_buf[..., :dv] if dv != dk else torch.zeros(32, kv_heads, dv, dtype=cache)
+        scales = (torch.ones(1), torch.ones(1)) if cache in (e4m3, e5m2) else (None, None)
+        o = torch.empty(bs, 16, dv, dtype=o_dtype)
+        o_scale = torch.empty(bs, 16 * dv // group) if group else None
+        decode_attention_fwd(q, k_buf, v_buf, o, torch.zeros(4, 64, dtype=torch.int32), torch.arange(bs),
+                             torch.tensor([5, 40]), torch.empty(bs, 16, splits, dv), torch.empty(bs, 16, splits),
+                             dv**-0.5, None, None, *scales, o_scale=o_scale, merge_in_split=merge)
+
+    yield "decode GQA bf16, merged in the split", lambda: decode(bf16, 128, 128, 4)
+    yield "decode GQA bf16, merge kernel", lambda: decode(bf16, 128, 128, 4, merge=False)
+    yield "decode GQA fp8 KV, E4M3 output, merged", lambda: decode(e4m3, 128, 128, 4, FP8_DTYPE, 128)
+    yield "decode GQA E4M3 output, merge kernel", lambda: decode(bf16, 128, 128, 4, FP8_DTYPE, 128, False)
+    yield "decode MLA-wide", lambda: decode(bf16, 576, 512, 1)
+
+
+def main() -> int:
+    failures = 0
+    for name, launch in cases():
+        try:
+            launches = capture(launch)
+            assert launches, "no launch"
+            for fn, bound, options in launches:
+                compile_sm90(fn, bound, options)
+            print(f"ok    {name}: {', '.join(fn.__name__ for fn, _, _ in launches)}")
+        except Exception:  # every case is tried; each failure printed whole
+            failures += 1
+            print(f"FAIL  {name}\n{traceback.format_exc()}")
+    print(f"{failures} of the cases failed to compile for sm_90" if failures else "all compiled for sm_90")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
