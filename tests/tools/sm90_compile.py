@@ -1,4 +1,4 @@
-"""Compile the decode path's Triton kernels for sm_90 (the H200) on a machine without a GPU.
+"""Compile the decode path's Triton kernels (and the prefill's attention and FP8 GEMM) for sm_90 (the H200) on a machine without a GPU.
 
 The Triton interpreter, which runs the kernels in CI, accepts programs the compiler refuses (a constexpr branch
 returning another type than the code after it, say), so a kernel can pass every CPU test and fail on its first
@@ -64,8 +64,12 @@ def cases():
     """(name, launch) pairs: each launch calls a launcher as the engine does."""
     from radixlm.kernels import fused_ops, fused_quant
     from radixlm.kernels.decode_attention import decode_attention_fwd
+    from radixlm.kernels.extend_attention import extend_attention_fwd
     from radixlm.kernels.fp8 import FP8_DTYPE
     from radixlm.kernels.fp8_activation import ActivationQuant
+    from radixlm.kernels.fp8_gemm import (
+        per_token_group_quant_fp8_triton, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
+    )
     from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv, fp8_gemv_rope_store, fp8_gemv_silu_mul_quant
     from radixlm.kernels.kv_store import KVStore, store_kv
 
@@ -126,6 +130,24 @@ def cases():
                              torch.tensor([5, 40]), torch.empty(bs, 16, splits, dv), torch.empty(bs, 16, splits),
                              dv**-0.5, None, None, *scales, o_scale=o_scale, merge_in_split=merge)
 
+    yield "rms_norm, add + rms_norm, silu_and_mul", lambda: (
+        fused_ops.rms_norm(x, torch.ones(2 * k, dtype=bf16), 1e-6),
+        fused_ops.fused_add_rms_norm(x, x, torch.ones(2 * k, dtype=bf16), 1e-6), fused_ops.silu_and_mul(x))
+    yield "activation quantizers, block GEMM", lambda: (
+        per_token_group_quant_fp8_triton(x, 128), per_token_quant_fp8_triton(x),
+        w8a8_block_fp8_matmul_triton(torch.zeros(64, k, dtype=FP8_DTYPE), torch.ones(64, k // 128),
+                                     *w_block(256), (128, 128), bf16))
+
+    def extend(cache):
+        scales = (torch.ones(1), torch.ones(1)) if cache in (e4m3, e5m2) else (None, None)
+        k_buf, v_buf = (torch.zeros(64, kv_heads, hd, dtype=cache) for _ in range(2))
+        extend_attention_fwd(torch.randn(6, heads, hd, dtype=bf16), k_buf, v_buf,
+                             torch.empty(6, heads, hd, dtype=bf16), torch.zeros(2, 64, dtype=torch.int32),
+                             torch.arange(2), torch.tensor([3, 0]), torch.tensor([4, 2]), torch.tensor([0, 4]), 4,
+                             hd**-0.5, None, None, None, *scales)
+
+    yield "extend bf16", lambda: extend(bf16)
+    yield "extend fp8 KV", lambda: extend(e4m3)
     yield "decode GQA bf16, merged in the split", lambda: decode(bf16, 128, 128, 4)
     yield "decode GQA bf16, merge kernel", lambda: decode(bf16, 128, 128, 4, merge=False)
     yield "decode GQA fp8 KV, E4M3 output, merged", lambda: decode(e4m3, 128, 128, 4, FP8_DTYPE, 128)
