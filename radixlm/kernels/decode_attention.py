@@ -4,10 +4,7 @@ Stage 1 splits each request's keys into ``num_kv_splits`` contiguous ranges and 
 own program, so a small batch with long contexts still fills the GPU; one program serves a tile of up to
 ``BLOCK_H`` query heads of one KV head (GQA), reading that head's K/V once per tile.  Each range leaves a
 normalised partial output and its log-sum-exp in caller-owned fp32 scratch; stage 2 merges the ranges of every
-(request, head) with those log-sum-exps.  For GQA heads stage 2 runs inside stage 1's launch: the range program
-of a (request, head tile) that finishes last (an arrival counter, ``kernels.counters``) merges the tile's heads,
-one launch a layer fewer.  An MLA-wide tile (16+ heads of 512 values, up to 128 ranges) would serialise that on
-one program, so MLA keeps the merge kernel, a program per (request, head).
+(request, head) with those log-sum-exps.
 
 The split count is the scratch's, fixed per launch (a CUDA graph replays one launch): ``plan_decode_splits``
 picks it on the host from what is known at capture time (batch size, head tiles, the longest possible context,
@@ -42,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.counters import arrival_counters
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
 from radixlm.kernels.fused_quant import TL_DTYPES, quantize_e4m3
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
@@ -120,10 +116,6 @@ def _decode_split_kernel(
     BLOCK_DPE: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-    # MERGE: the last split program of a (request, head tile) to finish merges the tile's heads (_merge_head)
-    O, OScale, Counters, stride_ob, stride_oh, stride_sb, scale_eps, fp8_max,
-    MERGE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, QUANT_GROUP: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
 ):
     pdl_wait(PDL)
     b = tl.program_id(0)
@@ -211,34 +203,26 @@ def _decode_split_kernel(
              mask=mask_h[:, None] & mask_dv[None, :])
     lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))  # natural log
     tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
-    if MERGE:
-        # Every thread's partial is written before one thread releases the count; the last split to arrive
-        # acquires it, so the other splits' partials are visible to its L2 (".cg") reads.
-        tl.debug_barrier()
-        counter = Counters + b * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            first = (tl.program_id(1) % head_blocks) * BLOCK_H
-            for g in range(first, tl.minimum(first + BLOCK_H, GROUP)):
-                _merge_head(MidO, MidLse, O, OScale, b, kv_head * GROUP + g, stride_mb, stride_mh, stride_ms,
-                            stride_lb, stride_lh, stride_ob, stride_oh, stride_sb, scale_eps, fp8_max, HEAD_DIM_V,
-                            BLOCK_DV, NUM_SPLITS, BLOCK_S, CHUNK_S, QUANT_GROUP, OUT_DTYPE, ".cg")
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch
 
 
 @triton.jit
-def _merge_head(MidO, MidLse, O, OScale, b, h, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob,
-                stride_oh, stride_sb, scale_eps, fp8_max,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                CHUNK_S: tl.constexpr, QUANT_GROUP: tl.constexpr, OUT_DTYPE: tl.constexpr, CACHE: tl.constexpr):
-    """Merge the splits of request ``b``'s head ``h`` into its output row (``CACHE``: the loads' cache modifier,
-    ".cg" where other programs of the same launch wrote the partials).  QUANT_GROUP > 0: O is E4M3, the output
-    (rounded to OUT_DTYPE first, as if written) quantized per group of QUANT_GROUP channels (BLOCK_D == HEAD_DIM,
-    a multiple of it), the group scales at OScale[b, h * groups + g]."""
+def _decode_merge_kernel(
+    MidO, MidLse, O, OScale,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, stride_sb, scale_eps, fp8_max,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr, QUANT_GROUP: tl.constexpr, OUT_DTYPE: tl.constexpr, PDL: tl.constexpr,
+):
+    # QUANT_GROUP > 0: O is E4M3, the output (rounded to OUT_DTYPE first, as if written) quantized per group of
+    # QUANT_GROUP channels (BLOCK_D == HEAD_DIM, a multiple of it), the group scales at OScale[b, h * groups + g].
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     lse_row = MidLse + b * stride_lb + h * stride_lh
-    lse = tl.load(lse_row + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"), cache_modifier=CACHE)
+    lse = tl.load(lse_row + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))  # [BLOCK_S]
     # Split 0 is never empty (seq_len >= 1), so the max is finite and empty splits get weight exp(-inf) = 0.
     lse_max = tl.max(lse, 0)
     total = tl.sum(tl.exp(lse - lse_max), 0)
@@ -246,11 +230,10 @@ def _merge_head(MidO, MidLse, O, OScale, b, h, stride_mb, stride_mh, stride_ms, 
     # CHUNK_S partial outputs at a time keep the tile in registers however many splits there are.
     for s0 in range(0, NUM_SPLITS, CHUNK_S):
         offs_c = s0 + tl.arange(0, CHUNK_S)
-        lse_c = tl.load(lse_row + offs_c, mask=offs_c < NUM_SPLITS, other=float("-inf"), cache_modifier=CACHE)
+        lse_c = tl.load(lse_row + offs_c, mask=offs_c < NUM_SPLITS, other=float("-inf"))
         live = lse_c > float("-inf")  # empty splits wrote no useful output: skip their bytes
         parts = tl.load(MidO + b * stride_mb + h * stride_mh + offs_c[:, None] * stride_ms + offs_d[None, :],
-                        mask=live[:, None] & mask_d[None, :], other=0.0,
-                        cache_modifier=CACHE)  # [CHUNK_S, BLOCK_D]
+                        mask=live[:, None] & mask_d[None, :], other=0.0)  # [CHUNK_S, BLOCK_D]
         out += tl.sum(parts * tl.exp(lse_c - lse_max)[:, None], 0)
     o_row = O + b * stride_ob + h * stride_oh
     if QUANT_GROUP == 0:
@@ -262,21 +245,6 @@ def _merge_head(MidO, MidLse, O, OScale, b, h, stride_mb, stride_mh, stride_ms, 
         y_q = quantize_e4m3(y, scales[:, None], fp8_max)
         tl.store(o_row + offs_d, tl.reshape(y_q, [BLOCK_D]).to(O.dtype.element_ty))
         tl.store(OScale + b * stride_sb + h * groups + tl.arange(0, groups), scales)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    MidO, MidLse, O, OScale,
-    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, stride_sb, scale_eps, fp8_max,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHUNK_S: tl.constexpr, QUANT_GROUP: tl.constexpr, OUT_DTYPE: tl.constexpr, PDL: tl.constexpr,
-):
-    # Program (request, head).
-    pdl_trigger(PDL)
-    pdl_wait(PDL)
-    _merge_head(MidO, MidLse, O, OScale, tl.program_id(0), tl.program_id(1), stride_mb, stride_mh, stride_ms,
-                stride_lb, stride_lh, stride_ob, stride_oh, stride_sb, scale_eps, fp8_max, HEAD_DIM, BLOCK_D,
-                NUM_SPLITS, BLOCK_S, CHUNK_S, QUANT_GROUP, OUT_DTYPE, "")
 
 
 def decode_launch(group: int, head_dim: int, head_dim_v: int, elem_bytes: int) -> tuple[int, int]:
@@ -329,7 +297,6 @@ def decode_attention_fwd(
     k_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: k = k_buffer * k_scale
     v_scale: torch.Tensor | None = None,  # [1] float32, an FP8 cache's: v = v_buffer * v_scale
     o_scale: torch.Tensor | None = None,  # [bs, num_heads * Dv / g] float32: o is E4M3 in groups of g, written
-    merge_in_split: bool | None = None,  # the last split merges (default: except MLA-wide heads); for tests
 ) -> None:
     """``o[i]`` = softmax(q[i] K^T * sm_scale) V over keys ``0 .. seq_lens[i]-1`` of request row
     ``req_pool_indices[i]`` (the last ``sliding_window`` of them when given), K/V read at the slots
@@ -363,23 +330,6 @@ def decode_attention_fwd(
     num_warps = 8 if mla_wide and block_h > _MIN_BLOCK_H else 4
     min_split_len = MLA_MIN_SPLIT_LEN if mla_wide else block_n  # block_n: no floor beyond whole blocks
     grid = (bs, num_kv_heads * triton.cdiv(group, block_h), num_splits)
-    quant_group = 0
-    if o_scale is not None:
-        quant_group = num_heads * head_dim_v // o_scale.shape[1]
-        assert o.dtype == FP8_DTYPE and quant_group_fits(head_dim_v, quant_group), "o_scale's groups"
-        assert o_scale.shape == (bs, num_heads * head_dim_v // quant_group) and o_scale.stride(1) == 1
-    merge = dict(
-        O=o, OScale=o if o_scale is None else o_scale, stride_ob=o.stride(0), stride_oh=o.stride(1),
-        stride_sb=0 if o_scale is None else o_scale.stride(0), scale_eps=SCALE_EPS, fp8_max=FP8_MAX,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        CHUNK_S=min(triton.next_power_of_2(num_splits), max(1, _MERGE_TILE // block_dv)),
-        QUANT_GROUP=quant_group, OUT_DTYPE=TL_DTYPES[q.dtype],
-    )
-    # An MLA-wide tile holds 16+ heads of 512 values over up to 128 splits: one program merging them all would
-    # serialise what the merge kernel spreads over a program per head.
-    if merge_in_split is None:
-        merge_in_split = not mla_wide
-    counters = arrival_counters("decode_merge", q.device) if merge_in_split else mid_lse  # not read unmerged
     _decode_split_kernel[grid](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, k_scale, v_scale,
         sm_scale * LOG2E, sliding_window or 0,
@@ -390,18 +340,20 @@ def decode_attention_fwd(
         BLOCK_DV=block_dv, V_FROM_K=v_is_k_prefix(k_buffer, v_buffer, block_d, block_dpe), BLOCK_H=block_h,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len, HAS_WINDOW=sliding_window is not None,
         KV_FP8=fp8, DOT_PRECISION=precision, num_warps=num_warps,
-        num_stages=SPLIT_STAGES + 1 if fp8 and not mla_wide else SPLIT_STAGES, Counters=counters,
-        MERGE=merge_in_split, **merge, **pdl_launch_kwargs(q.device),
+        num_stages=SPLIT_STAGES + 1 if fp8 and not mla_wide else SPLIT_STAGES, **pdl_launch_kwargs(q.device),
     )
-    if merge_in_split:
-        return
+    quant_group = 0
+    if o_scale is not None:
+        quant_group = num_heads * head_dim_v // o_scale.shape[1]
+        assert o.dtype == FP8_DTYPE and quant_group_fits(head_dim_v, quant_group), "o_scale's groups"
+        assert o_scale.shape == (bs, num_heads * head_dim_v // quant_group) and o_scale.stride(1) == 1
     _decode_merge_kernel[(bs, num_heads)](
-        mid_o, mid_lse, merge["O"], merge["OScale"],
+        mid_o, mid_lse, o, o if o_scale is None else o_scale,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        merge["stride_ob"], merge["stride_oh"], merge["stride_sb"], SCALE_EPS, FP8_MAX,
-        HEAD_DIM=head_dim_v, BLOCK_D=block_dv, NUM_SPLITS=num_splits, BLOCK_S=merge["BLOCK_S"],
-        CHUNK_S=merge["CHUNK_S"], QUANT_GROUP=quant_group, OUT_DTYPE=merge["OUT_DTYPE"], num_warps=4,
-        **pdl_launch_kwargs(q.device),
+        o.stride(0), o.stride(1), 0 if o_scale is None else o_scale.stride(0), SCALE_EPS, FP8_MAX,
+        HEAD_DIM=head_dim_v, BLOCK_D=block_dv, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        CHUNK_S=min(triton.next_power_of_2(num_splits), max(1, _MERGE_TILE // block_dv)),
+        QUANT_GROUP=quant_group, OUT_DTYPE=TL_DTYPES[q.dtype], num_warps=4, **pdl_launch_kwargs(q.device),
     )
 
 

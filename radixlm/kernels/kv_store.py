@@ -8,9 +8,8 @@ and an FP8 store five (widen, divide, clamp, cast, scatter; 0.5 ms a step, run H
 (``div_rn``) and the rounding to the format is done in arithmetic (``round_to_e4m3`` / ``round_to_e5m2``), so
 the stored bytes equal torch's on a GPU and under Triton's CPU interpreter alike.
 
-Kernels that produce K and V can store them themselves through a ``KVStore`` (the rotary kernel,
-``fused_ops.apply_rotary``; the FP8 decode GEMV's RoPE epilogue): ``cache_value`` and ``store_row`` are the
-stored form they share.
+A kernel that produces K and V can store them itself through a ``KVStore`` (the rotary kernel,
+``fused_ops.apply_rotary``): ``cache_value`` and ``store_row`` are the stored form both kernels share.
 """
 
 from __future__ import annotations

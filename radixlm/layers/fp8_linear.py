@@ -18,19 +18,12 @@ the dequantized weight, so CPU results show the quantization error the GPU has.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
-from radixlm.kernels import fused_quant_for
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
-
-if TYPE_CHECKING:
-    from radixlm.kernels.kv_store import KVStore
-    from radixlm.layers.rotary import RotaryEmbedding
 
 ONLINE_DECODE_GROUP = 128  # activation channels per scale of an online-FP8 linear at decode-sized M
 
@@ -94,59 +87,6 @@ def fp8_channel_linear(
         y = torch._scaled_mm(x.q, weight.t(), scale_a=x.scale, scale_b=weight_scale[None, :].float(),
                              out_dtype=torch.bfloat16).to(x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def fp8_silu_mul_quant(layer: nn.Module, x: torch.Tensor | FP8Activation,
-                       out_quant: ActivationQuant | None) -> FP8Activation | None:
-    """``silu(gate) * up`` of a quantized gate ‖ up ``layer`` (no bias), quantized as ``out_quant`` (the next
-    FP8 linear's ``input_quant``) asks, from the decode GEMV's epilogue (``fp8_gemv_silu_mul_quant``): where the
-    GEMV runs (CUDA, decode-sized M, not float32) and the output takes channel groups that fit; None elsewhere
-    (the caller runs the projection and then the activation).  The same bits as that pair.  Whether
-    quantization is fused at all is ``fused_quant_for``'s decision, as for the norms and SiLU-mul."""
-    from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv_silu_mul_quant, silu_mul_fits
-
-    rows = x.numel() // x.shape[-1] if not isinstance(x, FP8Activation) else x.q.shape[0]
-    if (out_quant is None or fused_quant_for(x) is None or rows > SMALL_M or x.dtype == torch.float32
-            or getattr(layer, "bias", None) is not None):
-        return None
-    group = out_quant.at(rows).group_size
-    if not silu_mul_fits(layer.weight.shape[0], layer.weight.shape[1], group, layer.weight.device):
-        return None
-    block = layer.quant.weight_block
-    quant = layer.input_quant
-    if isinstance(x, FP8Activation):
-        x.check(quant)
-    else:
-        x = quantize_activation(x, quant)
-    scale = layer.weight_scale if block is None else layer.weight_scale_inv
-    q, q_scale = fp8_gemv_silu_mul_quant(x.q, x.scale, layer.weight, scale, group, block, x.dtype)
-    return FP8Activation(q, q_scale, x.dtype, torch.Size((*x.shape[:-1], q.shape[1])))
-
-
-def fp8_rope_store(layer: nn.Module, x: torch.Tensor | FP8Activation, positions: torch.Tensor,
-                   rotary: "RotaryEmbedding", kv_out: "KVStore", num_q_heads: int,
-                   num_kv_heads: int) -> torch.Tensor | None:
-    """q of a quantized q ‖ k ‖ v ``layer`` (no bias) rotated, K rotated and V stored at ``kv_out``, from the
-    decode GEMV's epilogue (``fp8_gemv_rope_store``): where the GEMV runs (CUDA with fused quantization,
-    decode-sized M, not float32), the rotary is NeoX over whole power-of-two heads and they fit the GEMV's
-    tiles; None elsewhere.  The same bits as the GEMV, then the rotary kernel storing K and V."""
-    from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv_rope_store, rope_store_fits
-
-    rows = x.numel() // x.shape[-1] if not isinstance(x, FP8Activation) else x.q.shape[0]
-    n, k = layer.weight.shape
-    head_dim = n // (num_q_heads + 2 * num_kv_heads)
-    if (fused_quant_for(x) is None or rows > SMALL_M or x.dtype == torch.float32 or not rotary.is_neox_style
-            or rotary.rotary_dim != head_dim or not rope_store_fits(n, k, head_dim, layer.weight.device)):
-        return None
-    if isinstance(x, FP8Activation):
-        x.check(layer.input_quant)
-    else:
-        x = quantize_activation(x, layer.input_quant)
-    block = layer.quant.weight_block
-    table, table_rows = rotary.angle_rows(positions)
-    return fp8_gemv_rope_store(x.q, x.scale, layer.weight, layer.weight_scale if block is None else
-                               layer.weight_scale_inv, num_q_heads, num_kv_heads, table_rows, table, kv_out, block,
-                               x.dtype)
 
 
 def input_quant(quant: QuantConfig | None, in_features: int) -> ActivationQuant | None:

@@ -13,7 +13,6 @@ adapters, adds nothing and launches nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +24,6 @@ from radixlm.kernels import cpu
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
 from radixlm.kernels.lora import LoraSegments, LoraWeights, lora_forward, lora_silu_mul_forward
 from radixlm.layers import fp8_linear
-
-if TYPE_CHECKING:
-    from radixlm.kernels.kv_store import KVStore
-    from radixlm.layers.rotary import RotaryEmbedding
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,24 +202,16 @@ class ColumnParallelLinear(QuantizableLinear):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (e.g. gate_proj and up_proj)."""
 
-    def silu_mul(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None,
-                 out_quant: ActivationQuant | None = None) -> torch.Tensor | FP8Activation | None:
-        """For gate ‖ up: ``silu(gate) * up`` of this rank's output computed by the projection's own kernel where
-        one does it, else None (the caller runs ``forward`` and then the activation).  Two do: with the batch's
-        adapters in a dense LoRA decode, one kernel after the GEMM (``kernels.lora.lora_silu_mul_forward``); an
-        FP8 decode GEMV in its epilogue, quantized as ``out_quant`` (the down projection's ``input_quant``) asks
-        (``fp8_linear.fp8_silu_mul_quant``: an ``FP8Activation``)."""
-        if self.gather_output or len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]:
-            return None
+    def lora_silu_mul(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None) -> torch.Tensor | None:
+        """For gate ‖ up: ``silu(gate) * up`` of this rank's output with the batch's adapters, in one kernel after
+        the GEMM, when the batch takes the dense LoRA decode (``radixlm.kernels.lora.lora_silu_mul_forward``);
+        None otherwise (the caller runs ``forward`` and then the activation)."""
         weights = self.lora_weights
-        if lora is not None and lora.has_lora:
-            if (not lora.dense or weights is None or weights.weight_ext is None
-                    or isinstance(x, FP8Activation)):
-                return None
-            return lora_silu_mul_forward(x, weights, lora)
-        if self.quant is None:
+        if (lora is None or not lora.has_lora or not lora.dense or weights is None or weights.weight_ext is None
+                or self.gather_output or len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]
+                or isinstance(x, FP8Activation)):
             return None
-        return fp8_linear.fp8_silu_mul_quant(self, x, out_quant)
+        return lora_silu_mul_forward(x, weights, lora)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -252,15 +239,6 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def _checkpoint_shapes(self) -> dict[object, int]:
         return {"q": self.output_sizes[0], "k": self.output_sizes[1], "v": self.output_sizes[2]}
-
-    def rope_store(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None, positions: torch.Tensor,
-                   rotary: "RotaryEmbedding", kv_out: "KVStore") -> torch.Tensor | None:
-        """This rank's q [num_tokens, num_heads * head_dim] with ``rotary`` applied, K (rotated) and V stored at
-        ``kv_out``, from the projection's own kernel where one does it: an FP8 decode GEMV's epilogue
-        (``fp8_linear.fp8_rope_store``); None elsewhere (the caller runs ``forward``, then the rotary)."""
-        if self.quant is None or self.bias is not None or (lora is not None and lora.has_lora):
-            return None
-        return fp8_linear.fp8_rope_store(self, x, positions, rotary, kv_out, self.num_heads, self.num_kv_heads)
 
     def _local_sizes(self) -> list[int]:
         return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]

@@ -40,8 +40,7 @@ class LlamaMLP(nn.Module):
         self.input_quant = self.gate_up_proj.input_quant
 
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
-        # a LoRA decode step, or an FP8 decode GEMV: the activation fused into the projection's kernel
-        h = self.gate_up_proj.silu_mul(x, lora, self.down_proj.input_quant)
+        h = self.gate_up_proj.lora_silu_mul(x, lora)  # a LoRA decode step: the activation fused with the adapters
         if h is None:
             h = self.act_fn(self.gate_up_proj(x, lora), self.down_proj.input_quant)
         return self.down_proj(h, lora)
@@ -67,20 +66,15 @@ class LlamaAttention(nn.Module):
         self.input_quant = self.qkv_proj.input_quant  # ``hidden`` may arrive quantized for qkv_proj
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | FP8Activation, fb: ForwardBatch) -> torch.Tensor:
-        # Where the pool lets a kernel store K and V (CUDA), the rotary kernel does, or before it the FP8 decode
-        # GEMV's epilogue with the rotary too; either way k is None after it (stored) and v is not needed.
+        qkv = self.qkv_proj(hidden, fb.lora)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        # The rotary kernel stores K and V in the cache where the pool lets it (k comes back None): one launch
         kv_out = None if fb.forward_mode.is_idle else self.attn.kv_store_target(fb)
-        q = k = v = None
-        if kv_out is not None and self.q_norm is None:
-            q = self.qkv_proj.rope_store(hidden, fb.lora, positions, self.rotary_emb, kv_out)
-        if q is None:
-            qkv = self.qkv_proj(hidden, fb.lora)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.reshape(-1, self.num_heads, self.head_dim)
-            k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary_emb(positions, q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_out)
+        q, k = self.rotary_emb(positions, q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_out)
         return self.o_proj(self.attn(q.flatten(1), None if k is None else k.flatten(1), v, fb), fb.lora)
 
 

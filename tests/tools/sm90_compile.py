@@ -70,7 +70,7 @@ def cases():
     from radixlm.kernels.fp8_gemm import (
         per_token_group_quant_fp8_triton, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
     )
-    from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv, fp8_gemv_rope_store, fp8_gemv_silu_mul_quant
+    from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv
     from radixlm.kernels.kv_store import KVStore, store_kv
 
     bf16, e4m3, e5m2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
@@ -103,22 +103,12 @@ def cases():
     yield "gemv per token", lambda: fp8_gemv(x_q, per_token, *w_chan(256), None, bf16)
     yield "gemv block", lambda: fp8_gemv(x_q, per_group, *w_block(256), (128, 128), bf16)
     yield "gemv exact", lambda: fp8_gemv(x_q, per_group, *w_chan(256), None, torch.float32)
-    for split in (1, 2):
-        yield f"gemv silu-mul epilogue split {split}", lambda s=split: fp8_gemv_silu_mul_quant(
-            x_q, per_group, *w_chan(512), 128, None, bf16, GemvConfig(64, 128, 4, 4, s))
-    yield "gemv silu-mul epilogue block", lambda: fp8_gemv_silu_mul_quant(x_q, per_group, *w_block(512), 128,
-                                                                           (128, 128), bf16)
-    n_qkv = (heads + 2 * kv_heads) * hd
-    for dtype, split in ((bf16, 1), (e4m3, 4), (e5m2, 2)):
-        yield f"gemv rope epilogue {dtype} split {split}", lambda d=dtype, s=split: fp8_gemv_rope_store(
-            x_q, per_group, *w_chan(n_qkv), heads, kv_heads, pos, table, kv(d), None, bf16,
-            GemvConfig(64, 128, 4, 4, s))
     x = torch.randn(m, 2 * k, dtype=bf16)
     yield "rms_norm quant", lambda: fused_quant.rms_norm_quant_fp8(x, x, torch.ones(2 * k, dtype=bf16), 1e-6,
                                                                     ActivationQuant(128))
     yield "silu_and_mul quant", lambda: fused_quant.silu_and_mul_quant_fp8(x, ActivationQuant(128))
 
-    def decode(cache, dk, dv, kv_heads, o_dtype=bf16, group=None, merge=None):
+    def decode(cache, dk, dv, kv_heads, o_dtype=bf16, group=None):
         bs, splits = 2, 8
         q = torch.randn(bs, 16, dk, dtype=bf16)
         k_buf = torch.zeros(32, kv_heads, dk, dtype=cache)
@@ -128,7 +118,7 @@ def cases():
         o_scale = torch.empty(bs, 16 * dv // group) if group else None
         decode_attention_fwd(q, k_buf, v_buf, o, torch.zeros(4, 64, dtype=torch.int32), torch.arange(bs),
                              torch.tensor([5, 40]), torch.empty(bs, 16, splits, dv), torch.empty(bs, 16, splits),
-                             dv**-0.5, None, None, *scales, o_scale=o_scale, merge_in_split=merge)
+                             dv**-0.5, None, None, *scales, o_scale=o_scale)
 
     yield "rms_norm, add + rms_norm, silu_and_mul", lambda: (
         fused_ops.rms_norm(x, torch.ones(2 * k, dtype=bf16), 1e-6),
@@ -148,10 +138,8 @@ def cases():
 
     yield "extend bf16", lambda: extend(bf16)
     yield "extend fp8 KV", lambda: extend(e4m3)
-    yield "decode GQA bf16, merged in the split", lambda: decode(bf16, 128, 128, 4)
-    yield "decode GQA bf16, merge kernel", lambda: decode(bf16, 128, 128, 4, merge=False)
-    yield "decode GQA fp8 KV, E4M3 output, merged", lambda: decode(e4m3, 128, 128, 4, FP8_DTYPE, 128)
-    yield "decode GQA E4M3 output, merge kernel", lambda: decode(bf16, 128, 128, 4, FP8_DTYPE, 128, False)
+    yield "decode GQA bf16", lambda: decode(bf16, 128, 128, 4)
+    yield "decode GQA fp8 KV, E4M3 output", lambda: decode(e4m3, 128, 128, 4, FP8_DTYPE, 128)
     yield "decode MLA-wide", lambda: decode(bf16, 576, 512, 1)
 
 

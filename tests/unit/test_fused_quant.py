@@ -167,4 +167,3 @@ def test_layers_return_the_fused_activation(monkeypatch) -> None:
     assert_same(got, quantize_activation(out, ActivationQuant(128)))
     assert_same(act(x, PER_TOKEN), quantize_activation(fused_ops.silu_and_mul(x), PER_TOKEN))
     assert torch.equal(norm(x), fused_ops.rms_norm(x, norm.weight, norm.eps))  # no quant asked: a tensor
-

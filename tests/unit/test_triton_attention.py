@@ -141,40 +141,6 @@ def test_decode_writes_group_quantized_output(dtype: torch.dtype, head_dim: int,
     assert torch.equal(o_q.view(bs, -1).view(torch.uint8), want_q.view(torch.uint8))
 
 
-@pytest.mark.parametrize("heads,block_h", [((8, 2, 128), None), ((9, 3, 96), None), ((40, 2, 64), 16)])
-@pytest.mark.parametrize("quant_group", [0, 32])
-def test_decode_merge_in_the_last_split_is_the_merge_kernel(heads, block_h, quant_group) -> None:
-    """The last split program of each (request, head tile) merging its heads gives the merge kernel's bits (a
-    20-head GQA group in two 16-head tiles, the second partial; the E4M3 output too), and leaves its counters
-    zeroed, so a second launch repeats them."""
-    from radixlm.kernels.counters import arrival_counters
-    from radixlm.kernels.fp8 import FP8_DTYPE
-
-    num_heads, num_kv_heads, head_dim = heads
-    seq_lens = [1, 17, 70, 200]
-    gen = torch.Generator().manual_seed(num_heads + quant_group)
-    table, rows, num_slots = kv_layout(seq_lens, 16, gen)
-    k_buf, v_buf = random_kv(num_slots, num_kv_heads, head_dim, torch.float16, gen)
-    bs = len(seq_lens)
-    q = torch.randn((bs, num_heads, head_dim), generator=gen).to(DEVICE, torch.float16)
-    mid_o = torch.empty((bs, num_heads, 4, head_dim), device=DEVICE)
-    mid_lse = torch.empty((bs, num_heads, 4), device=DEVICE)
-    args = (table, rows, torch.tensor(seq_lens, device=DEVICE), mid_o, mid_lse, head_dim**-0.5)
-    quantized = quant_group and head_dim % quant_group == 0 and head_dim & (head_dim - 1) == 0
-    outputs = []
-    for merge_in_split in (False, True, True):
-        o = torch.full((bs, num_heads, head_dim), float("nan"), device=DEVICE)
-        o = o.to(FP8_DTYPE) if quantized else o.to(torch.float16)
-        o_s = torch.full((bs, num_heads * head_dim // quant_group), float("nan"), device=DEVICE) if quantized else None
-        decode_attention_fwd(q, k_buf, v_buf, o, *args, block_h=block_h, o_scale=o_s,
-                             merge_in_split=merge_in_split)
-        outputs.append((o.view(torch.uint8) if quantized else o, o_s))
-    for o, o_s in outputs[1:]:
-        assert torch.equal(o, outputs[0][0])
-        assert o_s is None or torch.equal(o_s, outputs[0][1])
-    assert not arrival_counters("decode_merge", DEVICE).any()
-
-
 def run_extend(reqs: list[tuple[int, int]], heads: tuple[int, int, int], dtype: torch.dtype, page_size: int,
                window: int | None) -> None:
     """``reqs``: (prefix_len, extend_len) of each request."""
