@@ -7,7 +7,7 @@
 #   bash bench/gpu/session_o3.sh     (GPU machine, repository root)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fused_ops.py tests/unit/test_kv_store.py \
+timeout 230 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fused_ops.py tests/unit/test_kv_store.py \
   tests/unit/test_fp8_kernels.py tests/unit/test_fused_quant.py tests/parity/test_fp8_fused.py \
   tests/unit/test_triton_attention.py tests/unit/test_cuda_graph.py 2>&1 | quiet > $LOG/tests.txt
 grep -E "^FAILED|^E  " $LOG/tests.txt | head -12; tail -1 $LOG/tests.txt
