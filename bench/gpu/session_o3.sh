@@ -4,7 +4,7 @@
 # weight tile before its PDL wait (GemvConfig.preload = 1 by default); 493af32 unpacked in .base (`rm -rf .base
 # && mkdir .base && git archive 493af32 radixlm bench/one_batch.py | tar -x -C .base`; carry .whl, .carry, .base).
 # Tests on CUDA, then Llama-3.1-8B batch-1 decode, FP8 and bf16, two rounds alternating.
-#   bash bench/gpu/session_o3.sh     (GPU machine, repository root)
+#   bash bench/gpu/session_o3.sh [quick]     (GPU machine, repository root; quick: one round)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fused_ops.py tests/unit/test_kv_store.py \
@@ -16,7 +16,8 @@ ARGS="--model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init --inpu
 one_batch() { timeout 60 python3 bench/one_batch.py $ARGS "$@" 2>&1 | quiet | grep -E "^ +[0-9]+ "; }
 base_batch() { (cd .base && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 bench/one_batch.py $ARGS "$@" 2>&1 \
   | quiet | grep -E "^ +[0-9]+ "); }
-for round in 1 2; do
+rounds=2; [ "${1:-}" = quick ] && rounds=1
+for round in $(seq $rounds); do
   echo "-- $(date +%T) round $round: 493af32 online fp8"; base_batch --quantization fp8
   echo "-- $(date +%T) round $round: this tree online fp8"; one_batch --quantization fp8
   echo "-- $(date +%T) round $round: 493af32 bf16"; base_batch
