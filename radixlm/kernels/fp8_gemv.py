@@ -60,7 +60,7 @@ class GemvConfig(NamedTuple):
 
 
 def default_gemv_config(n: int, k: int, num_sms: int) -> GemvConfig:
-    """64-row tiles, 128-wide K tiles, 4 stages; split K until the launch has about two programs per SM, each
+    """64-row tiles, 128-wide K tiles, 4 stages, one tile preloaded; split K until the launch has about two programs per SM, each
     split keeping >= 1024 of K.  ``bench/gpu/fp8_gemm.py --tune-gemv`` on an H200 (GPU run H2, Llama-3.1-8B and
     DeepSeek-V3 shapes, M 1 and 16, 32 configs): within 8 % of each shape's best (256-wide per-channel tiles, best
     on some shapes alone, lost up to 20 % with this split rule in run H3)."""

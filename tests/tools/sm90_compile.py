@@ -1,4 +1,5 @@
-"""Compile the decode path's Triton kernels (and the prefill's attention and FP8 GEMM) for sm_90 (the H200) on a machine without a GPU.
+"""Compile the decode path's Triton kernels (and the prefill's attention and FP8 GEMM) for sm_90 (the H200) on a
+machine without a GPU.
 
 The Triton interpreter, which runs the kernels in CI, accepts programs the compiler refuses (a constexpr branch
 returning another type than the code after it, say), so a kernel can pass every CPU test and fail on its first
