@@ -176,7 +176,7 @@ class RotaryEmbedding(nn.Module):
         if fused_ops is None:
             q, k = self.forward_native(positions, q, k)
         else:
-            table, rows = self.angle_rows(positions)
+            table, rows = self._angle_rows(positions)
             if kv_out is not None and q.is_cuda:  # the Triton kernel stores K/V itself
                 return fused_ops.apply_rotary(q, k, rows, table, self.rotary_dim, v, kv_out)
             q, k = fused_ops.apply_rotary(q, k, rows, table, self.rotary_dim)
@@ -189,11 +189,11 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch implementation of ``forward``, on any device."""
-        table, rows = self.angle_rows(positions)
+        table, rows = self._angle_rows(positions)
         cos, sin = table[rows].unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, rotary_dim / 2] each
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def angle_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _angle_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(table, rows)``: token t's cos‖sin is ``table[rows[t]]``, ``table`` [*, rotary_dim] float32 and
         contiguous, ``rows`` [num_tokens] (the form the fused kernels take, in this layer and beyond it)."""
         return self.cos_sin_cache, positions
@@ -236,7 +236,7 @@ class MRotaryEmbedding(RotaryEmbedding):
         # sin share it)
         self.register_buffer("row_of_column", torch.cat([row_of_freq, row_of_freq]), persistent=False)
 
-    def angle_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _angle_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
             return self.cos_sin_cache, positions
         # One table row per token, each column from its own row of positions, so that the fused kernels (which

@@ -156,7 +156,8 @@ def _tp_rank_main(rank: int, tp_size: int, addr: str, model_path: str, paths: tu
         destroy_tensor_parallel()
     if rank == 0:
         queue.put((torch.stack(logits).numpy(), tokens))  # plain arrays: a shared-memory tensor dies with us
-    assert not gloo_threads(), gloo_threads()  # joined while the interpreter is alive (test_tensor_parallel)
+    alive = gloo_threads()
+    assert not alive, alive  # joined while the interpreter is alive (test_tensor_parallel)
 
 
 def run_lora_tp(tp_size: int, model_path: str, paths: tuple[str, ...], dense: bool = False):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import glob
+import time
 
 import pytest
 import torch
@@ -41,10 +43,18 @@ def run_rank(rank: int, tp_size: int, addr: str | None, model_path: str, load_fo
         destroy_tensor_parallel()
 
 
-def gloo_threads() -> list[str]:
-    """gloo's worker threads still alive in this process (Linux)."""
-    names = (open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm"))
-    return [n for n in names if n.startswith(("pt_gloo", "gloo_"))]
+def gloo_threads(deadline_s: float = 10.0) -> list[str]:
+    """gloo's worker threads still alive in this process (Linux) after waiting up to ``deadline_s`` for them to
+    exit: the TCP loop thread leaves when the last reference to its device drops, which may be a moment after
+    ``destroy_process_group`` returns (a garbage collection, a finished work object released late)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        names = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+        alive = [n for n in names if n.startswith(("pt_gloo", "gloo_"))]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        gc.collect()
+        time.sleep(0.05)
 
 
 def _rank_main(rank: int, tp_size: int, addr: str, model_path: str, load_format: str, queue) -> None:
@@ -54,7 +64,8 @@ def _rank_main(rank: int, tp_size: int, addr: str, model_path: str, load_format:
         queue.put((logits.numpy(), tokens))  # plain arrays: a shared-memory tensor dies with this process
     # Joined now, while the interpreter is alive: a worker still dropping a finished work's tensors during
     # interpreter shutdown cannot take the GIL and aborts the process (exit -6, one run in ~20).
-    assert not gloo_threads(), gloo_threads()
+    alive = gloo_threads()
+    assert not alive, alive
 
 
 def run_tp(tp_size: int, model_path: str, load_format: str):

@@ -336,7 +336,7 @@ def test_mrope_table_through_triton_kernel(dtype: torch.dtype) -> None:
     rope = get_rope(128, MAX_POSITION, theta, parsed)
     positions = torch.stack([random_positions(NUM_TOKENS, seed=s) for s in (4, 5, 6)])  # [3, num_tokens]
     q, k = qk(128, dtype)
-    table, rows = rope.to(device).angle_rows(positions.to(device))
+    table, rows = rope.to(device)._angle_rows(positions.to(device))
     got = fused_ops.apply_rotary(q.to(device), k.to(device), rows, table, rope.rotary_dim)
     for out, expected in zip(got, rope.cpu().forward_native(positions, q, k)):
         assert torch.equal(out.cpu(), expected)
