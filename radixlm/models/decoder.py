@@ -19,7 +19,6 @@ from radixlm.core import ForwardBatch
 from radixlm.distributed import DPAttention, TPGroup
 from radixlm.distributed.dp_attention import dp_gather, dp_scatter
 from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
-from radixlm.layers.prefetch import prefetch_at
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
 from radixlm.mem import KVCacheSpec
@@ -52,23 +51,15 @@ class PreNormDecoderLayer(nn.Module):
         self.attn_input_quant = getattr(self_attn, "input_quant", None)
         # The MLP's input is gathered over the DP ranks first: it stays a tensor.
         self.mlp_input_quant = getattr(mlp, "input_quant", None) if self.dp is None else None
-        self_attn._prefetch_weights = mlp._prefetch_weights = self.prefetch_weights
-
-    def prefetch_weights(self) -> dict[str, object]:
-        a, m = self.self_attn, self.mlp
-        names = {"qkv": (a, "qkv_proj"), "o": (a, "o_proj"), "gate_up": (m, "gate_up_proj"), "down": (m, "down_proj")}
-        return {k: getattr(getattr(mod, attr, None), "weight", None) for k, (mod, attr) in names.items()}
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        prefetch_at("pre_norm", hidden.shape[0], self.prefetch_weights)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden, quant=self.attn_input_quant)
         else:
             hidden, residual = self.input_layernorm(hidden, residual, self.attn_input_quant)
         hidden = self.self_attn(positions, hidden, fb)
-        prefetch_at("pre_mlp", hidden.shape[0], self.prefetch_weights)
         hidden, residual = self.post_attention_layernorm(hidden, residual, self.mlp_input_quant)
         if self.dp is None:
             # Only models whose MLP takes the adapters build a LoRA pool (``lora_projections``), so only theirs

@@ -17,7 +17,6 @@ from radixlm.layers.activation import SiluAndMul
 from radixlm.layers.attention import RadixAttention
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from radixlm.layers.prefetch import prefetch_at
 from radixlm.layers.rotary import get_rope
 from radixlm.mem import KVCacheSpec
 from radixlm.models.decoder import CausalLM, DecoderModel, PreNormDecoderLayer
@@ -43,9 +42,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
         h = self.gate_up_proj.lora_silu_mul(x, lora)  # a LoRA decode step: the activation fused with the adapters
         if h is None:
-            h = self.gate_up_proj(x, lora)
-            prefetch_at("post_gate_up", h.shape[0], getattr(self, "_prefetch_weights", None))
-            h = self.act_fn(h, self.down_proj.input_quant)
+            h = self.act_fn(self.gate_up_proj(x, lora), self.down_proj.input_quant)
         return self.down_proj(h, lora)
 
 
@@ -70,7 +67,6 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | FP8Activation, fb: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden, fb.lora)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
-        prefetch_at("post_qkv", qkv.shape[0], getattr(self, "_prefetch_weights", None))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -79,9 +75,7 @@ class LlamaAttention(nn.Module):
         # The rotary kernel stores K and V in the cache where the pool lets it (k comes back None): one launch
         kv_out = None if fb.forward_mode.is_idle else self.attn.kv_store_target(fb)
         q, k = self.rotary_emb(positions, q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_out)
-        out = self.attn(q.flatten(1), None if k is None else k.flatten(1), v, fb)
-        prefetch_at("post_attn", qkv.shape[0], getattr(self, "_prefetch_weights", None))
-        return self.o_proj(out, fb.lora)
+        return self.o_proj(self.attn(q.flatten(1), None if k is None else k.flatten(1), v, fb), fb.lora)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -63,7 +63,7 @@ def compile_sm90(fn: JITFunction, bound: dict, options: dict) -> None:
 
 def cases():
     """(name, launch) pairs: each launch calls a launcher as the engine does."""
-    from radixlm.kernels import fused_ops, fused_quant, l2_prefetch
+    from radixlm.kernels import fused_ops, fused_quant
     from radixlm.kernels.decode_attention import decode_attention_fwd
     from radixlm.kernels.extend_attention import extend_attention_fwd
     from radixlm.kernels.fp8 import FP8_DTYPE
@@ -142,9 +142,6 @@ def cases():
     yield "decode GQA bf16", lambda: decode(bf16, 128, 128, 4)
     yield "decode GQA fp8 KV, E4M3 output", lambda: decode(e4m3, 128, 128, 4, FP8_DTYPE, 128)
     yield "decode MLA-wide", lambda: decode(bf16, 576, 512, 1)
-    yield "L2 prefetch", lambda: l2_prefetch._l2_prefetch_kernel[(2,)](
-        torch.zeros(1 << 16, dtype=torch.uint8), (1 << 16) - 48, LANES=l2_prefetch.LANES,
-        LANE_BYTES=l2_prefetch.LANE_BYTES, num_warps=1, launch_pdl=True)
 
 
 def main() -> int:
