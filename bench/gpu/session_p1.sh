@@ -2,7 +2,8 @@
 # GPU run P1 (one H200, ~7 minutes; issue #19): pulling the next weights into L2 while HBM idles.
 # RADIXLM_L2_PREFETCH (radixlm/layers/prefetch.py) names, per decoder layer, where a decode step prefetches which
 # weight bytes (radixlm/kernels/l2_prefetch.py); Llama-3.1-8B batch-1 decode under several plans, FP8 and bf16.
-#   bash bench/gpu/session_p1.sh      (GPU machine, repository root; carry .whl, .carry)
+#   bash bench/gpu/session_p1.sh      (GPU machine, repository root, at cacc332: the experiment was reverted after
+#   it lost at every plan; carry .whl, .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
 ALL="post_qkv:o:64,post_attn:gate_up:16,post_gate_up:down:8,pre_norm:qkv:8"
