@@ -47,9 +47,29 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; ``compute_logits`` gathers the shards and drops padding."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
-        logits = linear(hidden, self.weight)
+        logits = self._fp8_logits(hidden)
+        if logits is None:
+            logits = linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size].float()
+
+    def _fp8_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """EXPERIMENT (GPU run P2, ``RADIXLM_FP8_LM_HEAD=1``): decode-sized batches through an online-FP8 copy."""
+        import os
+
+        if os.environ.get("RADIXLM_FP8_LM_HEAD") != "1" or hidden.device.type != "cuda" or hidden.shape[0] > 16:
+            return None
+        from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton
+        from radixlm.kernels.fp8_gemv import fp8_gemv
+        from radixlm.layers.fp8_linear import quantize_online
+
+        fp8 = getattr(self, "_fp8_copy", None)
+        if fp8 is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            fp8 = self._fp8_copy = quantize_online(self.weight.data)
+        x_q, x_s = per_token_group_quant_fp8_triton(hidden, 128)
+        return fp8_gemv(x_q, x_s, *fp8, None, hidden.dtype)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's weight (tied word embeddings): the checkpoint has no separate lm_head."""
