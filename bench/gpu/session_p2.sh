@@ -2,7 +2,7 @@
 # GPU run P2 (one H200, ~4 minutes; issue #19): when the FP8 decode GEMV lets the next kernel launch
 # (RADIXLM_GEMV_TRIGGER_EIGHTHS: the share of a program's K tiles, in eighths, still to stream when it triggers
 # PDL; 0 = after its loop, as before), and an online-FP8 LM head (RADIXLM_FP8_LM_HEAD=1, decode batches only).
-# Both are experiments of the tree this script came with (5e0... see the commit); Llama-3.1-8B batch-1 decode.
+# Both are experiments at 793c9c6; Llama-3.1-8B batch-1 decode.
 #   bash bench/gpu/session_p2.sh      (GPU machine, repository root; carry .whl, .carry)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
