@@ -42,8 +42,8 @@ from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 _COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
 _counter_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
-# Experiment (GPU run P2): the share, in eighths, of a program's K tiles still to stream when it triggers PDL.
-_TRIGGER_EIGHTHS = int(os.environ.get("RADIXLM_GEMV_TRIGGER_EIGHTHS", "0"))
+# Experiment (GPU run P3): split programs store their partials and exit, no reduction (wrong outputs: timing only).
+_NO_REDUCE = os.environ.get("RADIXLM_GEMV_NO_REDUCE", "0") == "1"
 
 
 class GemvConfig(NamedTuple):
@@ -140,7 +140,7 @@ def _fp8_gemv_kernel(
     PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
-    TRIGGER_EIGHTHS: tl.constexpr = 0,
+    NO_REDUCE: tl.constexpr = False,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
@@ -169,17 +169,7 @@ def _fp8_gemv_kernel(
     if PRELOAD >= 2:
         acc = _gemv_step(acc, w_second, k_start + BLOCK_K, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k,
                          offs_wn, group_n, group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
-    k_loop = k_start + PRELOAD * BLOCK_K
-    if TRIGGER_EIGHTHS > 0:
-        tiles = tl.cdiv(k_end - k_start, BLOCK_K)
-        k_trigger = tl.maximum(k_start + (tiles - (tiles * TRIGGER_EIGHTHS + 7) // 8) * BLOCK_K, k_loop)
-        for k in range(k_loop, k_trigger, BLOCK_K):
-            w = _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn)  # [BLOCK_N, BLOCK_K] fp8
-            acc = _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n,
-                             group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
-        pdl_trigger(PDL)
-        k_loop = k_trigger
-    for k in range(k_loop, k_end, BLOCK_K):
+    for k in range(k_start + PRELOAD * BLOCK_K, k_end, BLOCK_K):
         w = _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn)  # [BLOCK_N, BLOCK_K] fp8
         acc = _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n,
                          group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
@@ -196,6 +186,8 @@ def _fp8_gemv_kernel(
     else:
         tile_part = part_ptr + rows[None, :] * n_dim + offs_n[:, None]  # split s at + s * m_dim * n_dim
         tl.store(tile_part + split * m_dim * n_dim, acc, mask=mask)
+        if NO_REDUCE:
+            return
         # Every thread's partial is written before one thread releases the count (CUTLASS's semaphore order);
         # the last to arrive acquires it, so the other splits' partials are visible to its L2 reads.
         tl.debug_barrier()
@@ -271,7 +263,7 @@ def fp8_gemv(
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, X_GROUPED=x_grouped, EXACT=out_dtype == torch.float32 if exact is None else exact,
         BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRELOAD=config.preload,
-        TRIGGER_EIGHTHS=_TRIGGER_EIGHTHS,
+        NO_REDUCE=_NO_REDUCE,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
     return out
