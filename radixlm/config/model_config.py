@@ -54,6 +54,7 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(repr=False, compare=False)
     quant: QuantConfig | None = None  # FP8 weights: from the checkpoint, or --quantization
     enable_fp8_mla_bmm: bool = False  # MLA's absorbed W_UK / W_UV products in FP8 (--enable-fp8-mla-bmm)
+    quantize_lm_head: bool = False  # the LM head in FP8 too, per output channel (--quantize-lm-head)
 
     @classmethod
     def from_hf(
@@ -65,9 +66,11 @@ class ModelConfig:
         hf_config: dict[str, Any] | None = None,
         quantization: str | None = None,
         enable_fp8_mla_bmm: bool = False,
+        quantize_lm_head: bool = False,
     ) -> "ModelConfig":
         """Read ``model_path/config.json`` (or use ``hf_config``) and resolve dtype (``resolve_dtype``) and
-        context length.  ``enable_fp8_mla_bmm`` needs an MLA model (a ``kv_lora_rank``; ValueError)."""
+        context length.  ``enable_fp8_mla_bmm`` needs an MLA model (a ``kv_lora_rank``; ValueError),
+        ``quantize_lm_head`` FP8 weights (``--quantization fp8`` or an FP8 checkpoint; ValueError)."""
         if hf_config is None:
             hf_config = read_hf_config(model_path)
         archs = hf_config.get("architectures") or []
@@ -88,6 +91,9 @@ class ModelConfig:
         if enable_fp8_mla_bmm and not hf_config.get("kv_lora_rank"):
             raise ValueError(f"--enable-fp8-mla-bmm applies to MLA models (DeepSeek-V2/V3); {archs[0]} has no "
                              "latent attention")
+        quant = QuantConfig.resolve(hf_config, quantization)
+        if quantize_lm_head and quant is None:
+            raise ValueError("--quantize-lm-head needs FP8 weights: --quantization fp8, or an FP8 checkpoint")
         rope_theta, rope_scaling = _rope(hf_config)
         sliding = hf_config.get("sliding_window")
         if hf_config.get("use_sliding_window") is False:
@@ -115,8 +121,9 @@ class ModelConfig:
             bos_token_id=hf_config.get("bos_token_id"),
             eos_token_ids=_eos_ids(model_path, hf_config),
             hf_config=hf_config,
-            quant=QuantConfig.resolve(hf_config, quantization),
+            quant=quant,
             enable_fp8_mla_bmm=enable_fp8_mla_bmm,
+            quantize_lm_head=quantize_lm_head,
         )
 
 

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.distributed import TPGroup, get_tp_group
+from radixlm.config.quant_config import QuantConfig
+from radixlm.layers import fp8_linear
 from radixlm.layers.linear import linear
 
 VOCAB_PAD = 64  # each rank's shard is a multiple of this, for aligned matmuls
@@ -44,32 +46,37 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to vocabulary logits; ``compute_logits`` gathers the shards and drops padding."""
+    """Projects hidden states to vocabulary logits; ``compute_logits`` gathers the shards and drops padding.
+
+    ``quantize`` (``--quantize-lm-head``): after loading, the head holds its own FP8 copy of its weight, one scale
+    per output channel (online FP8's form, whatever the checkpoint's linears are; a head tied to the embedding is
+    untied, the embedding keeps its weight), and computes the logits as an online-FP8 linear does
+    (``fp8_linear.fp8_forward``: the decode GEMV at decode-sized batches, activations per 128-channel group)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 tp: TPGroup | None = None, quantize: bool = False):
+        super().__init__(vocab_size, hidden_size, dtype, tp)
+        self.quant = QuantConfig("fp8", None, False) if quantize else None
+        self.input_quant = fp8_linear.input_quant(self.quant, hidden_size)
+
+    def finish_loading(self) -> None:
+        if self.quant is not None:
+            fp8_linear.finish_loading(self, self.quant)  # a new parameter: a tied embedding keeps the old one
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The FP8 head's weight in ``dtype``, made once (the CPU path of ``fp8_forward``)."""
+        cached = self.__dict__.get("_dequantized")
+        if cached is None or cached.dtype != dtype:
+            cached = self.__dict__["_dequantized"] = fp8_linear.dequantize(self, dtype)
+        return cached
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
-        logits = self._fp8_logits(hidden)
-        if logits is None:
+        if self.quant is not None:
+            logits = fp8_linear.fp8_forward(self, hidden)
+        else:
             logits = linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size].float()
-
-    def _fp8_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """EXPERIMENT (GPU run P2, ``RADIXLM_FP8_LM_HEAD=1``): decode-sized batches through an online-FP8 copy."""
-        import os
-
-        if os.environ.get("RADIXLM_FP8_LM_HEAD") != "1" or hidden.device.type != "cuda" or hidden.shape[0] > 16:
-            return None
-        from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton
-        from radixlm.kernels.fp8_gemv import fp8_gemv
-        from radixlm.layers.fp8_linear import quantize_online
-
-        fp8 = getattr(self, "_fp8_copy", None)
-        if fp8 is None:
-            if torch.cuda.is_current_stream_capturing():
-                return None
-            fp8 = self._fp8_copy = quantize_online(self.weight.data)
-        x_q, x_s = per_token_group_quant_fp8_triton(hidden, 128)
-        return fp8_gemv(x_q, x_s, *fp8, None, hidden.dtype)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's weight (tied word embeddings): the checkpoint has no separate lm_head."""

@@ -35,7 +35,8 @@ def resolve_model_config(args: ServerArgs) -> ModelConfig:
         raise ValueError(f"--enable-dp-attention applies to MLA models (DeepSeek-V2/V3), whose one latent KV head "
                          f"cannot be split over ranks; {arch} has no latent attention")
     return ModelConfig.from_hf(path, args.dtype, args.device, args.context_length, hf_config=hf_config,
-                               quantization=args.quantization, enable_fp8_mla_bmm=args.enable_fp8_mla_bmm)
+                               quantization=args.quantization, enable_fp8_mla_bmm=args.enable_fp8_mla_bmm,
+                               quantize_lm_head=args.quantize_lm_head)
 
 
 def load_model(config: ModelConfig, load_format: str, device: torch.device, seed: int) -> nn.Module:

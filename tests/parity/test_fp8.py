@@ -56,24 +56,47 @@ def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_online_fp8_matches_hf(tmp_path, device):
+@pytest.mark.parametrize("name,lm_head", [("llama", False), ("llama", True), ("qwen3", True)],
+                         ids=["llama", "llama-fp8-head", "qwen3-tied-fp8-head"])
+def test_online_fp8_matches_hf(tmp_path, device, name, lm_head):
     """CUDA: the Triton GEMV for every M, since this model is float32 (cuBLAS's row-wise scaled FP8 GEMM, used
-    for bf16/fp16 models above 16 rows, writes bf16 only; ``test_fp8_kernels`` checks it at real shapes)."""
-    hf = build_tiny_hf_model("llama", str(tmp_path))
-    worker = make_worker(str(tmp_path), quantization="fp8", device=device)
-    qkv = worker.runner.model.model.layers[0].self_attn.qkv_proj
+    for bf16/fp16 models above 16 rows, writes bf16 only; ``test_fp8_kernels`` checks it at real shapes).
+    ``--quantize-lm-head``: the head rounded per output channel and fed per-token-rounded hidden states too; a head
+    tied to the embedding gets its own FP8 copy, the embedding stays as loaded."""
+    hf = build_tiny_hf_model(name, str(tmp_path), overrides={"tie_word_embeddings": True} if name == "qwen3" else None)
+    worker = make_worker(str(tmp_path), quantization="fp8", device=device, quantize_lm_head=lm_head)
+    model = worker.runner.model
+    qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == (qkv.weight.shape[0],)
+    head = model.lm_head
+    assert (head.weight.dtype == torch.float8_e4m3fn) == lm_head
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    if lm_head:
+        assert head.weight_scale.shape == (head.weight.shape[0],)
+        embed = hf.get_input_embeddings().weight
+        rows = embed.shape[0]
+        assert torch.equal(model.model.embed_tokens.weight[:rows].cpu(), embed.detach())
     with torch.no_grad():  # the reference: per-output-channel rounded weights
         for n, m in hf.named_modules():
             if ".layers." in n and n.endswith("proj"):
                 m.weight.copy_(round_to_fp8(m.weight, m.weight.shape[1]))
+        if lm_head:  # a new parameter: a tied embedding keeps its weight
+            hf.lm_head.weight = torch.nn.Parameter(round_to_fp8(hf.lm_head.weight, hf.lm_head.weight.shape[1]))
     hooks = round_fp8_inputs(hf, None)
+    if lm_head:
+        hooks.append(hf.lm_head.register_forward_pre_hook(lambda m, args: (round_to_fp8(args[0], args[0].shape[-1]),)))
     try:
         check_extend_and_decode(worker, hf, random_seqs((21, 5, 13, 30)), [9, 0, 12, 20],
                                 tol=1e-4)
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_quantize_lm_head_needs_fp8_weights(tmp_path):
+    build_tiny_hf_model("llama", str(tmp_path))
+    with pytest.raises(ValueError, match="--quantize-lm-head needs FP8 weights"):
+        make_worker(str(tmp_path), quantize_lm_head=True)
 
 
 def test_quant_config_resolution():
