@@ -46,7 +46,7 @@ class ServerArgs:
                                     (None, "fp8"))
     quantize_lm_head: bool = _arg(False, "with FP8 weights (--quantization fp8 or an FP8 checkpoint), quantize the LM "
                                          "head too (online, one scale per output channel): half its bytes, a "
-                                         "Llama-8B batch-1 decode step ~0.12 ms faster on an H200, at a measured "
+                                         "Llama-8B batch-1 decode step ~0.1 ms faster on an H200, at a measured "
                                          "cost in logit accuracy (docs/benchmarks.md); off like SGLang's and "
                                          "vLLM's FP8, which leave the head in bf16")
     enable_fp8_mla_bmm: bool = _arg(False, "MLA models (DeepSeek-V2/V3): run the absorbed attention's per-head "

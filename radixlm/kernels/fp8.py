@@ -13,13 +13,8 @@ the Triton kernels against.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from radixlm.kernels.partial_sums import PartialSums
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -126,8 +121,7 @@ def fp8_block_linear(
     weight_scale_inv: torch.Tensor,  # [ceil(N / bn), ceil(K / bk)] float32
     bias: torch.Tensor | None = None,  # [N]
     block_size: tuple[int, int] = DEFAULT_BLOCK,
-    reduce: bool = True,  # False: a K-split decode GEMV of 2-D x without bias returns ``PartialSums``
-) -> torch.Tensor | PartialSums:  # [*, N], x's dtype
+) -> torch.Tensor:  # [*, N], x's dtype
     """A linear layer over a block-FP8 weight.  CUDA: ``x`` quantized per token per group of ``bk`` channels
     (K must be a multiple of ``bk``; an ``fp8_activation.FP8Activation`` arrives quantized, by the kernel that
     produced it), then the block-scaled GEMM (at decode-sized M, ``fp8_gemv.SMALL_M``, the GEMV: the same numbers
@@ -146,10 +140,7 @@ def fp8_block_linear(
         else:
             x = quantize_activation(x, quant)
         if x.q.shape[0] <= SMALL_M:  # decode-sized: the GEMV streams the weight
-            out = fp8_gemv(x.q, x.scale, weight, weight_scale_inv, block_size, x.dtype,
-                           reduce=reduce or bias is not None or len(x.shape) != 2)
-            if not isinstance(out, torch.Tensor):  # PartialSums
-                return out
+            out = fp8_gemv(x.q, x.scale, weight, weight_scale_inv, block_size, x.dtype)
         else:
             out = w8a8_block_fp8_matmul_triton(x.q, x.scale, weight, weight_scale_inv, block_size, x.dtype)
         if bias is not None:

@@ -14,10 +14,7 @@ Few weight rows per program leave the GPU half idle when N is small (Llama-8B's 
 rows), so ``split_k`` programs share a column tile's K: each writes its fp32 partial to scratch, and the one that
 arrives last at the tile's counter (an atomic) adds the partials in split order (deterministic) and writes the
 output.  The counters live in a zeroed buffer per device and stream (``_counters``) that every launch leaves
-zeroed, so a launch needs no memset and no second kernel, and CUDA graphs replay it as is.  With ``reduce=False``
-nobody arrives last: every program stores its partial and leaves, and the caller gets them as ``PartialSums`` for
-the next kernel to add (``radixlm.kernels.partial_sums``: that reduction's serial tail, about 3 us a Llama-8B layer
-in a CUDA graph, is gone).
+zeroed, so a launch needs no memset and no second kernel, and CUDA graphs replay it as is.
 
 Two weight formats (``fp8_linear``):
 
@@ -40,7 +37,6 @@ import triton.language as tl
 
 from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
 from radixlm.kernels.launch_tables import read_launch_table
-from radixlm.kernels.partial_sums import PartialSums
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
 _COUNTERS = 1 << 16  # column tiles x row tiles a split launch may have (N up to 4M at 64 rows per tile)
@@ -141,7 +137,6 @@ def _fp8_gemv_kernel(
     PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
-    REDUCE: tl.constexpr,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
@@ -187,8 +182,6 @@ def _fp8_gemv_kernel(
     else:
         tile_part = part_ptr + rows[None, :] * n_dim + offs_n[:, None]  # split s at + s * m_dim * n_dim
         tl.store(tile_part + split * m_dim * n_dim, acc, mask=mask)
-        if not REDUCE:  # the consumer adds the partials (``PartialSums``)
-            return
         # Every thread's partial is written before one thread releases the count (CUTLASS's semaphore order);
         # the last to arrive acquires it, so the other splits' partials are visible to its L2 reads.
         tl.debug_barrier()
@@ -211,8 +204,7 @@ def fp8_gemv(
     config: GemvConfig | None = None,
     exact: bool | None = None,  # fp16-widened dots (exact products, fp32 sums); default: for float32 outputs
     pdl: bool | None = None,  # launch with PDL (``radixlm.kernels.pdl``); default: where the device supports it
-    reduce: bool = True,  # False: a launch that splits K returns its splits' partials as ``PartialSums``
-) -> torch.Tensor | PartialSums:  # [M, N] out_dtype
+) -> torch.Tensor:  # [M, N] out_dtype
     """``(x_q * x_s) @ (weight * weight_scale)^T`` with fp32 accumulation across K tiles.  Any M works (a grid
     row per 16 rows, each re-reading the weight): the FP8 linears send M <= ``SMALL_M`` here, and float32
     models' rows of any M (cuBLAS's row-wise FP8 GEMM writes bf16 only).
@@ -255,10 +247,9 @@ def fp8_gemv(
         return out
     col_tiles, row_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, SMALL_M)
     split_k = config.split_k if col_tiles * row_tiles <= _COUNTERS else 1  # a counter per (column, row) tile
-    reduce = reduce or split_k == 1
     if split_k > 1:
         partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
-        counters = _counters(x_q.device) if reduce else partials  # not read without the reduction
+        counters = _counters(x_q.device)
     else:
         partials = counters = out  # not read
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
@@ -266,7 +257,6 @@ def fp8_gemv(
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, X_GROUPED=x_grouped, EXACT=out_dtype == torch.float32 if exact is None else exact,
         BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRELOAD=config.preload,
-        REDUCE=reduce,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
-    return out if reduce else PartialSums(partials, out_dtype)
+    return out

@@ -10,14 +10,11 @@ on first launch for each dtype/shape specialisation.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from radixlm.kernels import as_rows
-from radixlm.kernels.partial_sums import PartialSums
 from radixlm.kernels.kv_store import KVStore, cache_value, store_row
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
@@ -27,8 +24,6 @@ MAX_NORM_HIDDEN = 16384
 _ROTARY_TILE = 2048
 _SILU_BLOCK = 1024
 _V_BLOCK = 1024  # V values the rotary kernel stores per iteration
-TAKES_PARTIAL_SUMS = True  # the norms add a ``PartialSums`` x as they read it (``radixlm.layers.layernorm``)
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _new_output(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -38,23 +33,11 @@ def _new_output(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def load_summed(ptrs, mask, part_stride, PARTS: tl.constexpr, DTYPE: tl.constexpr):
-    """``tl.load(ptrs)`` of a plain tensor (``PARTS`` 1), or of a ``PartialSums``: its ``PARTS`` partials
-    ``part_stride`` elements apart added in order in fp32, rounded to ``DTYPE`` (``materialize``'s bits)."""
-    if PARTS == 1:
-        return tl.load(ptrs, mask=mask, other=0.0)
-    total = tl.zeros(ptrs.shape, dtype=tl.float32)
-    for s in tl.static_range(PARTS):
-        total += tl.load(ptrs + s * part_stride, mask=mask, other=0.0)
-    return total.to(DTYPE)
-
-
-@triton.jit
 def norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols, mask,
-               x_part_stride, HAS_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, X_DTYPE: tl.constexpr):
-    """Columns ``cols`` of the row a norm normalises: ``x``'s (added up from ``X_PARTS`` partial sums, see
-    ``load_summed``), or ``x + residual`` rounded to the new residual's dtype (not stored here)."""
-    x = load_summed(x_ptr + row * x_row_stride + cols, mask, x_part_stride, X_PARTS, X_DTYPE)
+               HAS_RESIDUAL: tl.constexpr):
+    """Columns ``cols`` of the row a norm normalises: ``x``'s, or ``x + residual`` rounded to the new residual's
+    dtype (not stored here)."""
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
         # Rounded to the storage dtype before the statistics, exactly as torch's ``x + residual`` is.
@@ -79,9 +62,8 @@ def rms_apply(x, inv, weight):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
-    x_row_stride, residual_row_stride, n_cols, eps, x_part_stride,
-    HAS_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    x_row_stride, residual_row_stride, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
     pdl_wait(PDL)
@@ -89,7 +71,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols, mask,
-                   x_part_stride, HAS_RESIDUAL, X_PARTS, X_DTYPE)
+                   HAS_RESIDUAL)
     if HAS_RESIDUAL:
         tl.store(new_residual_ptr + row * n_cols + cols, x, mask=mask)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
@@ -103,68 +85,43 @@ def norm_num_warps(block: int) -> int:
     return min(max(block // 512, 1), 16)
 
 
-class NormOperands(NamedTuple):
-    """A norm launch's checked operands (``norm_operands``)."""
-
-    x: torch.Tensor  # what the kernel's x pointer reads: x as rows [rows, hidden], or PartialSums' parts
-    x_row_stride: int
-    x_parts: int  # 1, or the number of partial sums to add (``load_summed``)
-    x_part_stride: int
-    x_dtype: torch.dtype
-    residual: torch.Tensor | None  # as rows
-    new_residual: torch.Tensor | None  # the new residual's output, x's shape
-    out_dtype: torch.dtype  # the normalised output's
-    rows: int
-    like: torch.Tensor  # a tensor of x's shape and device, for outputs
-
-
 def norm_operands(
-    x: torch.Tensor | PartialSums, residual: torch.Tensor | None, weight: torch.Tensor
-) -> NormOperands:
-    """A norm launch's checked operands; ``x`` may be a [rows, hidden] ``PartialSums``.  ValueError for a hidden
-    size past ``MAX_NORM_HIDDEN`` or shapes that disagree."""
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.dtype]:
+    """A norm launch's checked operands: (``x`` as rows [rows, hidden], ``residual`` as rows or None, the new
+    residual's output tensor or None, the normalised output's dtype).  ValueError for a hidden size past
+    ``MAX_NORM_HIDDEN`` or shapes that disagree."""
     hidden = x.shape[-1]
     if hidden > MAX_NORM_HIDDEN:
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_NORM_HIDDEN}, got {hidden}")
     if weight.shape != (hidden,):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden}")
-    if isinstance(x, PartialSums):
-        if x.parts.stride(-1) != 1:
-            raise ValueError("partial sums need a unit stride along the hidden dim")
-        x_ptr, parts, part_stride, like = x.parts, x.parts.shape[0], x.parts.stride(0), x.parts[0]
-        row_stride = x.parts.stride(1)
-    else:
-        x_ptr = like = as_rows(x)  # [rows, hidden]
-        parts, part_stride, row_stride = 1, 0, x_ptr.stride(0)
-    rows = like.numel() // hidden
+    x2d = as_rows(x)  # [rows, hidden]
     if residual is None:
-        return NormOperands(x_ptr, row_stride, parts, part_stride, x.dtype, None, None,
-                            torch.promote_types(weight.dtype, x.dtype), rows, like if parts > 1 else x)
+        return x2d, None, None, torch.promote_types(weight.dtype, x.dtype)
     if residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
     norm_dtype = torch.promote_types(x.dtype, residual.dtype)
     # torch promotes ``weight * normed``: an fp32 weight over bf16 activations gives an fp32 output.
-    return NormOperands(x_ptr, row_stride, parts, part_stride, x.dtype, as_rows(residual),
-                        _new_output(residual, norm_dtype), torch.promote_types(weight.dtype, norm_dtype), rows,
-                        residual)
+    return x2d, as_rows(residual), _new_output(x, norm_dtype), torch.promote_types(weight.dtype, norm_dtype)
 
 
 def _launch_rms_norm(
-    x: torch.Tensor | PartialSums, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     hidden = x.shape[-1]
-    ops = norm_operands(x, residual, weight)
-    out = _new_output(ops.like, ops.out_dtype)
-    if ops.rows == 0:
-        return out, ops.new_residual
+    x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight)
+    out = _new_output(x, out_dtype)
+    if x2d.shape[0] == 0:
+        return out, new_residual
     block = triton.next_power_of_2(hidden)
-    _rms_norm_kernel[(ops.rows,)](
-        ops.x, ops.residual, weight, out, ops.new_residual,
-        ops.x_row_stride, 0 if ops.residual is None else ops.residual.stride(0), hidden, eps, ops.x_part_stride,
-        HAS_RESIDUAL=residual is not None, X_PARTS=ops.x_parts, X_DTYPE=TL_DTYPES[ops.x_dtype], BLOCK=block,
-        num_warps=norm_num_warps(block), **pdl_launch_kwargs(ops.x.device),
+    _rms_norm_kernel[(x2d.shape[0],)](
+        x2d, residual2d, weight, out, new_residual,
+        x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_num_warps(block),
+        **pdl_launch_kwargs(x.device),
     )
-    return out, ops.new_residual
+    return out, new_residual
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

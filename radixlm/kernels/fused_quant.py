@@ -27,14 +27,13 @@ from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 from radixlm.kernels.fp8_gemm import round_to_e4m3
 from radixlm.kernels.fused_ops import (
-    TL_DTYPES, inv_rms, norm_input, norm_num_warps, norm_operands, rms_apply, silu_and_mul, silu_mul,
+    inv_rms, norm_input, norm_num_warps, norm_operands, rms_apply, silu_and_mul, silu_mul,
 )
-from radixlm.kernels.partial_sums import PartialSums
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
-TAKES_PARTIAL_SUMS = True  # the norms add a ``PartialSums`` x as they read it (``radixlm.layers.layernorm``)
 # Columns one program quantizes (per token), or about that many in whole groups (per group).
 _CHUNK = 1024
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -55,9 +54,8 @@ def _group_tile(n_cols, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.c
 @triton.jit
 def _rms_norm_quant_kernel(
     x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, new_residual_ptr,
-    x_row_stride, residual_row_stride, n_cols, eps, scale_eps, fp8_max, x_part_stride,
-    HAS_RESIDUAL: tl.constexpr, X_PARTS: tl.constexpr, X_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_row_stride, residual_row_stride, n_cols, eps, scale_eps, fp8_max,
+    HAS_RESIDUAL: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     # Under PDL the consumer (the FP8 GEMV) may launch at once and start on its weight, as after the quantizers.
@@ -69,7 +67,7 @@ def _rms_norm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols,
-                   cols < n_cols, x_part_stride, HAS_RESIDUAL, X_PARTS, X_DTYPE)
+                   cols < n_cols, HAS_RESIDUAL)
     inv = inv_rms(x, n_cols, eps)
     if GROUP == 0:
         weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0)
@@ -80,7 +78,7 @@ def _rms_norm_quant_kernel(
     else:
         groups, chunk, mask = _group_tile(n_cols, GROUP, GROUPS, CHUNK)
     xc = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, chunk, mask,
-                    x_part_stride, HAS_RESIDUAL, X_PARTS, X_DTYPE)
+                    HAS_RESIDUAL)
     if HAS_RESIDUAL:
         tl.store(new_residual_ptr + row * n_cols + chunk, xc, mask=mask)
     out_c = rms_apply(xc, inv, tl.load(weight_ptr + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
@@ -118,32 +116,29 @@ def _new_quantized(rows: int, k: int, quant: ActivationQuant, device: torch.devi
 
 
 def rms_norm_quant_fp8(
-    x: torch.Tensor | PartialSums, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-    quant: ActivationQuant,
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, quant: ActivationQuant,
 ) -> tuple[FP8Activation, torch.Tensor | None]:
     """``fused_ops.rms_norm(x, weight, eps)`` (``residual`` None) or ``fused_ops.fused_add_rms_norm(x, residual,
     weight, eps)`` with the normalised output quantized as ``quant`` asks instead of written: returns (that
     output as an ``FP8Activation``, of the dtype and shape ``rms_norm`` returns, and the new residual or None).
 
-    ``x`` (and ``residual``) [..., hidden], hidden <= ``fused_ops.MAX_NORM_HIDDEN`` and a multiple of the group
-    size; ``x`` may be a [rows, hidden] ``PartialSums``.  Bits equal to the norm kernel followed by
-    ``fp8_activation.quantize_activation``."""
+    ``x`` (and ``residual``) [..., hidden], hidden <= ``fused_ops.MAX_NORM_HIDDEN`` and a multiple of the group size.  Bits
+    equal to the norm kernel followed by ``fp8_activation.quantize_activation``."""
     hidden = x.shape[-1]
-    ops = norm_operands(x, residual, weight)
-    quant = quant.at(ops.rows)
+    x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight)  # out_dtype: the norm output's
+    quant = quant.at(x2d.shape[0])
     group, groups, chunk, chunks = _split(hidden, quant)
-    q, scale = _new_quantized(ops.rows, hidden, quant, ops.x.device)
-    if ops.rows:
+    q, scale = _new_quantized(x2d.shape[0], hidden, quant, x.device)
+    if x2d.shape[0]:
         block = triton.next_power_of_2(hidden)
-        _rms_norm_quant_kernel[(ops.rows, chunks)](
-            ops.x, ops.residual, weight, q, scale, ops.new_residual,
-            ops.x_row_stride, 0 if ops.residual is None else ops.residual.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
-            ops.x_part_stride, HAS_RESIDUAL=residual is not None, X_PARTS=ops.x_parts,
-            X_DTYPE=TL_DTYPES[ops.x_dtype], OUT_DTYPE=TL_DTYPES[ops.out_dtype], BLOCK=block,
+        _rms_norm_quant_kernel[(x2d.shape[0], chunks)](
+            x2d, residual2d, weight, q, scale, new_residual,
+            x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
+            HAS_RESIDUAL=residual is not None, OUT_DTYPE=TL_DTYPES[out_dtype], BLOCK=block,
             GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block),
-            **pdl_launch_kwargs(ops.x.device),
+            **pdl_launch_kwargs(x.device),
         )
-    return FP8Activation(q, scale, ops.out_dtype, ops.like.shape), ops.new_residual
+    return FP8Activation(q, scale, out_dtype, x.shape), new_residual
 
 
 @triton.jit

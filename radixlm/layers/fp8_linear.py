@@ -24,7 +24,6 @@ from torch import nn
 from radixlm.config.quant_config import QuantConfig
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
-from radixlm.kernels.partial_sums import PartialSums
 
 ONLINE_DECODE_GROUP = 128  # activation channels per scale of an online-FP8 linear at decode-sized M
 
@@ -69,13 +68,12 @@ def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def fp8_channel_linear(
-    x: torch.Tensor | FP8Activation, weight: torch.Tensor, weight_scale: torch.Tensor, reduce: bool = True
-) -> torch.Tensor | PartialSums:
+    x: torch.Tensor | FP8Activation, weight: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
     """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
     ``x`` quantized as ``online_input_quant`` says (an ``FP8Activation`` arrives quantized), on CUDA
     (``fp8_forward`` rounds in torch elsewhere): decode-sized M, and float32 models (cuBLAS's row-wise scaled GEMM
-    writes only bf16), through the Triton GEMV; otherwise cuBLAS's row-wise scaled FP8 GEMM.  ``reduce=False``: a
-    GEMV of 2-D ``x`` that splits K returns ``PartialSums`` (``radixlm.kernels.partial_sums``)."""
+    writes only bf16), through the Triton GEMV; otherwise cuBLAS's row-wise scaled FP8 GEMM."""
     from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
     quant = online_input_quant(weight.shape[1])
@@ -84,9 +82,7 @@ def fp8_channel_linear(
     else:
         x = quantize_activation(x, quant)  # [M, K] fp8, [M, 1] or [M, K / 128]
     if x.q.shape[0] <= SMALL_M or x.dtype == torch.float32:
-        y = fp8_gemv(x.q, x.scale, weight, weight_scale, None, x.dtype, reduce=reduce or len(x.shape) != 2)
-        if isinstance(y, PartialSums):
-            return y
+        y = fp8_gemv(x.q, x.scale, weight, weight_scale, None, x.dtype)
     else:
         y = torch._scaled_mm(x.q, weight.t(), scale_a=x.scale, scale_b=weight_scale[None, :].float(),
                              out_dtype=torch.bfloat16).to(x.dtype)
@@ -101,11 +97,10 @@ def input_quant(quant: QuantConfig | None, in_features: int) -> ActivationQuant 
     return online_input_quant(in_features) if quant.weight_block is None else ActivationQuant(quant.weight_block[1])
 
 
-def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation, reduce: bool = True) -> torch.Tensor | PartialSums:
+def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation) -> torch.Tensor:
     """``x @ W^T`` (no bias) of a quantized layer, in x's dtype.  On CUDA the FP8 GEMMs; elsewhere the layer's
     dequantized weight (made once) times ``x`` rounded as those GEMMs round it.  ``x`` may arrive quantized as
-    ``layer.input_quant`` asks (an ``FP8Activation``, from a kernel that fused the quantization).  ``reduce=False``
-    lets a decode GEMV that splits K return ``PartialSums`` (CUDA, 2-D ``x``)."""
+    ``layer.input_quant`` asks (an ``FP8Activation``, from a kernel that fused the quantization)."""
     block = layer.quant.weight_block
     if not x.is_cuda:
         if isinstance(x, FP8Activation):
@@ -116,8 +111,8 @@ def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation, reduce: bool 
             x_rounded = round_activations(x, group or x.shape[-1])
         return torch.nn.functional.linear(x_rounded, layer.dequantized_weight(torch.float32)).to(x.dtype)
     if block is None:
-        return fp8_channel_linear(x, layer.weight, layer.weight_scale, reduce)
-    return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, None, block, reduce)
+        return fp8_channel_linear(x, layer.weight, layer.weight_scale)
+    return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, None, block)
 
 
 def finish_loading(layer: nn.Module, quant: QuantConfig | None) -> None:

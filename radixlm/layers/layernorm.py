@@ -7,7 +7,6 @@ from torch import nn
 
 from radixlm.kernels import fused_ops_for, fused_quant_for
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
-from radixlm.kernels.partial_sums import PartialSums
 
 
 class RMSNorm(nn.Module):
@@ -17,8 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor | PartialSums, residual: torch.Tensor | None = None,
-        quant: ActivationQuant | None = None,
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, quant: ActivationQuant | None = None
     ) -> torch.Tensor | FP8Activation | tuple[torch.Tensor | FP8Activation, torch.Tensor]:
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``.
 
@@ -29,18 +27,12 @@ class RMSNorm(nn.Module):
         ``quant``: the next FP8 linear's ``input_quant``.  Where a kernel fuses it (``fused_quant_for``: CUDA),
         ``norm(...)`` comes back as an ``FP8Activation``, the bits that linear's own quantizer would make of the
         tensor returned otherwise; elsewhere ``quant`` changes nothing.
-
-        ``x`` may be the ``PartialSums`` of the projection before (``RowParallelLinear.partial_sums_ok``): the
-        Triton kernels add them as they read ``x``; other paths add them first.
         """
         fused_quant = None if quant is None else fused_quant_for(x)
         if fused_quant is not None:
             out, new_residual = fused_quant.rms_norm_quant_fp8(x, residual, self.weight, self.eps, quant)
             return out if residual is None else (out, new_residual)
         fused_ops = fused_ops_for(x)
-        if isinstance(x, PartialSums) and not getattr(fused_ops, "TAKES_PARTIAL_SUMS", False):
-            x = x.materialize()
-            fused_ops = fused_ops_for(x)
         if fused_ops is None:
             return self.forward_native(x, residual)
         if residual is None:

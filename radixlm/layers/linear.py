@@ -23,7 +23,6 @@ from radixlm.distributed import TPGroup, divide, get_tp_group
 from radixlm.kernels import cpu
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation
 from radixlm.kernels.lora import LoraSegments, LoraWeights, lora_forward, lora_silu_mul_forward
-from radixlm.kernels.partial_sums import PartialSums
 from radixlm.layers import fp8_linear
 
 
@@ -80,11 +79,10 @@ class QuantizableLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded)
 
-    def matmul(self, x: torch.Tensor | FP8Activation, reduce: bool = True) -> torch.Tensor | PartialSums:
-        """``x @ W^T``; ``reduce=False`` lets an FP8 decode GEMV that splits K return ``PartialSums``."""
+    def matmul(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
         if self.quant is None:
             return linear(x, self.weight)
-        return fp8_linear.fp8_forward(self, x, reduce)
+        return fp8_linear.fp8_forward(self, x)
 
     def finish_loading(self) -> None:
         fp8_linear.finish_loading(self, self.quant)
@@ -259,14 +257,9 @@ class RowParallelLinear(QuantizableLinear):
     ``reduce_results=False`` returns this rank's partial product: a caller that sums several partial outputs
     (an MoE layer's routed and shared experts) all-reduces once, after the sum.  ``tp``: the group it is split
     over (default: the TP group).  Adapters add their partial products (A split like the weight) to this rank's
-    partial product, before the all-reduce: the reduction sums them too (``radixlm.lora.layout``).
-
-    ``partial_sums_ok``: set by the module that owns the layer when the kernel after it adds a ``PartialSums``
-    (the norm with a residual add: ``radixlm.kernels.partial_sums``); then a decode step of one rank, without bias
-    or adapters, returns the FP8 GEMV's split-K partials instead of adding them in the GEMV."""
+    partial product, before the all-reduce: the reduction sums them too (``radixlm.lora.layout``)."""
 
     lora_weights: LoraWeights | None = None
-    partial_sums_ok = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
                  reduce_results: bool = True, quant: QuantConfig | None = None, tp: TPGroup | None = None):
@@ -292,11 +285,7 @@ class RowParallelLinear(QuantizableLinear):
         cols = fp8_linear.cdiv(self.local_in, self.quant.weight_block[1])
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
-    def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None
-                ) -> torch.Tensor | PartialSums:
-        if (self.partial_sums_ok and self.tp.size == 1 and self.bias is None
-                and (lora is None or self.lora_weights is None or not lora.has_lora)):
-            return self.matmul(x, reduce=False)
+    def forward(self, x: torch.Tensor | FP8Activation, lora: LoraSegments | None = None) -> torch.Tensor:
         y = _with_lora(self, x, lambda: self.matmul(x), lora, bias_in_matmul=False)
         if not self.reduce_results:
             return y

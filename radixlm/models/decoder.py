@@ -37,11 +37,6 @@ class PreNormDecoderLayer(nn.Module):
     ``ActivationQuant``; a module without the attribute, or None, takes tensors): the norm before it is asked to
     quantize its output (on CUDA it does, in the norm kernel, and the module gets an ``FP8Activation``).
 
-    The norms add a split-K projection's partial sums as they read them (``radixlm.kernels.partial_sums``), so the
-    attention and the MLP (its output goes to the next layer's norm, or the model's final one) are told they may
-    return them (``allow_partial_sums``, where the module has it), except an MLP under DP attention, whose output
-    is scattered first.
-
     With data-parallel attention (``dp`` enabled) the attention and the residual stream hold this DP rank's tokens
     and ``mlp`` is sharded over the whole TP group: it runs on every DP rank's tokens (``dp_gather`` before it,
     ``dp_scatter`` after, sized by ``fb.dp_token_counts``)."""
@@ -56,9 +51,6 @@ class PreNormDecoderLayer(nn.Module):
         self.attn_input_quant = getattr(self_attn, "input_quant", None)
         # The MLP's input is gathered over the DP ranks first: it stays a tensor.
         self.mlp_input_quant = getattr(mlp, "input_quant", None) if self.dp is None else None
-        for module in (self_attn,) if self.dp is not None else (self_attn, mlp):
-            if hasattr(module, "allow_partial_sums"):
-                module.allow_partial_sums()
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch

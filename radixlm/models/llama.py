@@ -45,10 +45,6 @@ class LlamaMLP(nn.Module):
             h = self.act_fn(self.gate_up_proj(x, lora), self.down_proj.input_quant)
         return self.down_proj(h, lora)
 
-    def allow_partial_sums(self) -> None:
-        """The caller's next kernel adds split-K partial sums (``PreNormDecoderLayer``): down_proj may return them."""
-        self.down_proj.partial_sums_ok = True
-
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, qkv_bias: bool, qk_norm: bool):
@@ -80,11 +76,6 @@ class LlamaAttention(nn.Module):
         kv_out = None if fb.forward_mode.is_idle else self.attn.kv_store_target(fb)
         q, k = self.rotary_emb(positions, q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_out)
         return self.o_proj(self.attn(q.flatten(1), None if k is None else k.flatten(1), v, fb), fb.lora)
-
-
-    def allow_partial_sums(self) -> None:
-        """The caller's next kernel adds split-K partial sums (``PreNormDecoderLayer``): o_proj may return them."""
-        self.o_proj.partial_sums_ok = True
 
 
 class LlamaForCausalLM(CausalLM):

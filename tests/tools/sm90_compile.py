@@ -73,7 +73,6 @@ def cases():
     )
     from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv
     from radixlm.kernels.kv_store import KVStore, store_kv
-    from radixlm.kernels.partial_sums import PartialSums
 
     bf16, e4m3, e5m2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
     m, heads, kv_heads, hd, k = 3, 4, 2, 128, 512
@@ -102,8 +101,6 @@ def cases():
         config = GemvConfig(64, 128, 4, 4, split, preload)
         yield f"gemv split {split} preload {preload}", lambda c=config: fp8_gemv(x_q, per_group, *w_chan(256),
                                                                                   None, bf16, c)
-    yield "gemv, partials left to the consumer", lambda: fp8_gemv(x_q, per_group, *w_chan(256), None, bf16,
-                                                                   GemvConfig(64, 128, 4, 4, 4, 1), reduce=False)
     yield "gemv per token", lambda: fp8_gemv(x_q, per_token, *w_chan(256), None, bf16)
     yield "gemv block", lambda: fp8_gemv(x_q, per_group, *w_block(256), (128, 128), bf16)
     yield "gemv exact", lambda: fp8_gemv(x_q, per_group, *w_chan(256), None, torch.float32)
@@ -124,10 +121,6 @@ def cases():
                              torch.tensor([5, 40]), torch.empty(bs, 16, splits, dv), torch.empty(bs, 16, splits),
                              dv**-0.5, None, None, *scales, o_scale=o_scale)
 
-    parts = PartialSums(torch.randn(4, m, 2 * k), bf16)
-    yield "add + rms_norm (+ quant) of partial sums", lambda: (
-        fused_ops.fused_add_rms_norm(parts, x, torch.ones(2 * k, dtype=bf16), 1e-6),
-        fused_quant.rms_norm_quant_fp8(parts, x, torch.ones(2 * k, dtype=bf16), 1e-6, ActivationQuant(128)))
     yield "rms_norm, add + rms_norm, silu_and_mul", lambda: (
         fused_ops.rms_norm(x, torch.ones(2 * k, dtype=bf16), 1e-6),
         fused_ops.fused_add_rms_norm(x, x, torch.ones(2 * k, dtype=bf16), 1e-6), fused_ops.silu_and_mul(x))
