@@ -118,7 +118,7 @@ def measure(args: ServerArgs, prompts: list[list[int]], output_len: int, referen
             kv_dtypes: list[str], free_running: bool = True) -> list[Accuracy]:
     """Each of ``kv_dtypes`` against ``reference_dtype``'s cache (the first row: the reference against itself);
     without ``free_running`` the FP8 caches skip their own greedy run (``same_sequences`` is then -1)."""
-    worker = make_worker(args.replace(quantization=None), reference_dtype)  # the reference: unquantized weights
+    worker = make_worker(args.replace(quantization=None, quantize_lm_head=False), reference_dtype)  # unquantized
     ref_tokens, ref_logits = greedy_logits(worker, prompts, output_len)
     results = [compare(reference_dtype, ref_tokens, ref_logits,
                        greedy_logits(worker, prompts, output_len, forced=ref_tokens)[1], ref_tokens)]
@@ -128,7 +128,8 @@ def measure(args: ServerArgs, prompts: list[list[int]], output_len: int, referen
         worker = make_worker(args, name)
         own = greedy_logits(worker, prompts, output_len)[0] if free_running else None
         logits = greedy_logits(worker, prompts, output_len, forced=ref_tokens)[1]
-        label = name + (f" + {args.quantization} weights" if args.quantization else "")
+        label = name + (f" + {args.quantization} weights" if args.quantization else "") + (
+            " + FP8 head" if args.quantize_lm_head else "")
         results.append(compare(label, ref_tokens, ref_logits, logits, own))
     return results
 
