@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixlm.distributed import TPGroup, get_tp_group
 from radixlm.config.quant_config import QuantConfig
+from radixlm.distributed import TPGroup, get_tp_group
 from radixlm.layers import fp8_linear
 from radixlm.layers.linear import linear
 
@@ -65,10 +65,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The FP8 head's weight in ``dtype``, made once (the CPU path of ``fp8_forward``)."""
-        cached = self.__dict__.get("_dequantized")
-        if cached is None or cached.dtype != dtype:
-            cached = self.__dict__["_dequantized"] = fp8_linear.dequantize(self, dtype)
-        return cached
+        return fp8_linear.cached_dequantized(self, dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
         if self.quant is not None:

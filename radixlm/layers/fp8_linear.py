@@ -67,6 +67,14 @@ def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_block_fp8(layer.weight, layer.weight_scale_inv, layer.quant.weight_block).to(dtype)
 
 
+def cached_dequantized(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(layer, dtype)``, made once per layer (weights do not change after loading)."""
+    cached = layer.__dict__.get("_dequantized")
+    if cached is None or cached.dtype != dtype:
+        cached = layer.__dict__["_dequantized"] = dequantize(layer, dtype)
+    return cached
+
+
 def fp8_channel_linear(
     x: torch.Tensor | FP8Activation, weight: torch.Tensor, weight_scale: torch.Tensor
 ) -> torch.Tensor:

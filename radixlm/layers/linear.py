@@ -92,10 +92,7 @@ class QuantizableLinear(nn.Module):
         made once (weights do not change after loading; DeepSeek's absorbed ``kv_b_proj`` reads it every step)."""
         if self.quant is None:
             return self.weight
-        cached = self.__dict__.get("_dequantized")
-        if cached is None or cached.dtype != dtype:
-            cached = self.__dict__["_dequantized"] = fp8_linear.dequantize(self, dtype)
-        return cached
+        return fp8_linear.cached_dequantized(self, dtype)
 
 
 def _with_lora(layer: "ColumnParallelLinear | RowParallelLinear", x: torch.Tensor | FP8Activation,
