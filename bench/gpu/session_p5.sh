@@ -7,13 +7,9 @@ source bench/gpu/setup.sh || exit 1
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/parity/test_fp8.py tests/parity/test_fp8_fused.py \
   tests/unit/test_cuda_graph.py 2>&1 | quiet > $LOG/tests.txt
 grep -E "^FAILED|^E  " $LOG/tests.txt | head -12; tail -1 $LOG/tests.txt
-ARGS="--model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init --input-len 128 --output-len 64 \
-  --batch-size 1 --cuda-graph-max-bs 1"
-one_batch() { echo "-- $(date +%T) $*"
-  timeout 60 python3 bench/one_batch.py $ARGS "$@" 2>&1 | quiet | grep -E "^ +[0-9]+ "; }
 for round in 1 2; do
-  one_batch --quantization fp8
-  one_batch --quantization fp8 --quantize-lm-head
-  one_batch
+  llama_batch1 --quantization fp8
+  llama_batch1 --quantization fp8 --quantize-lm-head
+  llama_batch1
 done
-one_batch --quantization fp8 --quantize-lm-head --kv-cache-dtype fp8_e4m3
+llama_batch1 --quantization fp8 --quantize-lm-head --kv-cache-dtype fp8_e4m3

@@ -30,3 +30,9 @@ run_lanes() {
 lora_e2e() { local t=$1; shift; (cd bench && timeout "$t" python3 lora_bench.py --model-path llama-3.1-8b \
   --load-format dummy --input-len 256 --output-len 32 --repeat 2 --cuda-graph-max-bs 128 "$@" 2>&1 | quiet \
   | grep -v "^\s*$" | grep -v "INFO\|it/s"); }
+# Llama-3.1-8B (dummy weights) batch-1 decode through bench/one_batch.py, its result row after a dated header:
+# llama_batch1 [--quantization fp8 ...] (the command of the GPU runs O-P in docs/benchmarks.md)
+LLAMA_BATCH1="--model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init --input-len 128 --output-len 64 \
+  --batch-size 1 --cuda-graph-max-bs 1"
+llama_batch1() { echo "-- $(date +%T) $*"; timeout 60 python3 bench/one_batch.py $LLAMA_BATCH1 "$@" 2>&1 | quiet \
+  | grep -E "^ +[0-9]+ "; }
