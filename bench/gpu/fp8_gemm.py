@@ -300,11 +300,13 @@ def rotating_graph_us(calls: list[Callable[[], object]]) -> float:
 
 def gemv_grid(fmt: str) -> list[GemvConfig]:
     """The decode GEMV's sweep: 16-128 weight rows a program, 3-6 stages, 1-8 K splits (4 warps; 2 and 8 at
-    the narrow and wide tiles).  K tiles are 128: the block weights' scale block, and the served per-channel
-    path's activation group."""
+    the narrow and wide tiles), and deep pipelines (8-12 stages) of 32-64 rows with few splits, which keep as
+    many weight bytes in flight with fewer programs.  K tiles are 128: the block weights' scale block, and the
+    served per-channel path's activation group."""
     grid = [GemvConfig(bn, 128, 4, st, sk) for bn, st, sk in itertools.product((16, 32, 64, 128), (3, 4, 6),
                                                                               (1, 2, 3, 4, 6, 8))]
     grid += [GemvConfig(bn, 128, w, 4, sk) for bn, w in ((16, 2), (32, 2), (128, 8)) for sk in (1, 2, 4)]
+    grid += [GemvConfig(bn, 128, w, st, sk) for bn, w, st, sk in itertools.product((32, 64), (4, 8), (8, 12), (1, 2))]
     return grid
 
 
