@@ -56,14 +56,17 @@ def test_block_fp8_checkpoint_matches_hf(tmp_path, name, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("tied,lm_head", [(False, False), (False, True), (True, True)],
-                         ids=["llama", "llama-fp8-head", "llama-tied-fp8-head"])
-def test_online_fp8_matches_hf(tmp_path, device, tied, lm_head):
+@pytest.mark.parametrize("name,tied,lm_head", [("llama", False, False), ("llama", False, True),
+                                               ("llama", True, True), ("qwen3", False, False)],
+                         ids=["llama", "llama-fp8-head", "llama-tied-fp8-head", "qwen3"])
+def test_online_fp8_matches_hf(tmp_path, device, name, tied, lm_head):
     """CUDA: the Triton GEMV for every M, since this model is float32 (cuBLAS's row-wise scaled FP8 GEMM, used
     for bf16/fp16 models above 16 rows, writes bf16 only; ``test_fp8_kernels`` checks it at real shapes).
     ``--quantize-lm-head``: the head rounded per output channel and fed per-token-rounded hidden states too; a head
-    tied to the embedding gets its own FP8 copy, the embedding stays as loaded."""
-    hf = build_tiny_hf_model("llama", str(tmp_path), overrides={"tie_word_embeddings": True} if tied else None)
+    tied to the embedding gets its own FP8 copy, the embedding stays as loaded.  Qwen3 on CUDA within 0.2, as the
+    block checkpoints: a tied Qwen3 with an FP8 head came out 0.14 off at 1e-4 there (GPU run P4), where an
+    activation may cross an E4M3 rounding boundary when CUDA sums in another order; on CPU 1e-4 as the rest."""
+    hf = build_tiny_hf_model(name, str(tmp_path), overrides={"tie_word_embeddings": True} if tied else None)
     worker = make_worker(str(tmp_path), quantization="fp8", device=device, quantize_lm_head=lm_head)
     model = worker.runner.model
     qkv = model.model.layers[0].self_attn.qkv_proj
@@ -87,7 +90,7 @@ def test_online_fp8_matches_hf(tmp_path, device, tied, lm_head):
         hooks.append(hf.lm_head.register_forward_pre_hook(lambda m, args: (round_to_fp8(args[0], args[0].shape[-1]),)))
     try:
         check_extend_and_decode(worker, hf, random_seqs((21, 5, 13, 30)), [9, 0, 12, 20],
-                                tol=1e-4)
+                                tol=0.2 if name == "qwen3" and device == "cuda" else 1e-4)
     finally:
         for h in hooks:
             h.remove()
