@@ -27,12 +27,6 @@ weight from HBM, as a decode step's back-to-back layers do; weight TB/s per row.
 activations) with programmatic dependent launch off, on, and on with 1 or 2 weight tiles a GEMV program
 requests before its wait (``GemvConfig.preload``); same timing.
 
-``--w8a16``: online FP8's decode forms at M = 1 and 16, each with the kernel that produces its input (qkv and
-gate_up after add + RMSNorm, o after the attention (none here), down after SiLU-mul): ``w8a8`` the producer
-quantizing per 128-channel group then the W8A8 GEMV (served before), ``w8a16`` the producer then the W8A16 GEMV
-(``fp8_gemv_w8a16`` on a tensor), ``deferred`` the W8A16 GEMV computing the producer's output itself
-(``deferred_input``), at preload 1 and 2; same timing, outputs against ``w8a16``.
-
 ``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
 by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
 
@@ -40,7 +34,6 @@ by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
     python bench/gpu/fp8_gemm.py --tune      # ~4-5 minutes
     python bench/gpu/fp8_gemm.py --tune-gemv --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down v3-o
     python bench/gpu/fp8_gemm.py --pdl --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down
-    python bench/gpu/fp8_gemm.py --w8a16 --shapes llama8b-qkv llama8b-o llama8b-gate_up llama8b-down --tokens 1 16
     python bench/gpu/fp8_gemm.py --shapes v3-kv_a v3-o --tokens 1 64 --no-moe   # a subset
 
 from the repository root with ``PYTHONPATH=.``.
@@ -65,10 +58,7 @@ from radixlm.kernels.fp8 import (
 from radixlm.kernels.fp8_gemm import (
     default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
 )
-from radixlm.kernels import fused_ops, fused_quant
-from radixlm.kernels.deferred_input import NormedInput, SiluMulInput
-from radixlm.kernels.fp8_activation import ActivationQuant
-from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv, fp8_gemv_w8a16
+from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
 from radixlm.kernels.launch_tables import write_launch_table
 from radixlm.kernels.gemm_config import GemmConfig
 from radixlm.layers.fp8_linear import fp8_channel_linear, quantize_online
@@ -421,61 +411,6 @@ def pdl_layers(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-def w8a16_layers(names: list[str], tokens: list[int]) -> None:
-    """Online FP8's decode forms with their producer kernel (see the module docstring), per-channel weights."""
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    group = ActivationQuant(128)
-    print("online-FP8 decode layer with its producer: us per call in CUDA graphs over rotating weight copies")
-    print(f"{'shape':18s} {'M':>3s} {'producer':>9s} {'w8a8':>7s} {'w8a16':>7s} {'deferred':>8s} {'+pre 2':>7s} "
-          f"{'TB/s best':>9s}  rel err deferred")
-    gen = torch.Generator(device="cuda").manual_seed(9)
-    for name in names:
-        shape = SHAPES[name]
-        copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
-        chans = [quantize_online(dequantize_bf16(*random_fp8_weight(shape.n, shape.k, gen))) for _ in range(copies)]
-        preload2 = default_gemv_config(shape.n, shape.k, num_sms)._replace(preload=2)
-        producer = "silu-mul" if name.endswith("down") else "none" if name.endswith("-o") else "add+norm"
-        for m in tokens:
-            bf16 = dict(device="cuda", dtype=torch.bfloat16)
-            x = torch.randn(m, 2 * shape.k if producer == "silu-mul" else shape.k, generator=gen, **bf16)
-            residual = torch.randn(m, shape.k, generator=gen, **bf16)
-            norm_w = 1 + torch.randn(shape.k, generator=gen, **bf16) / 8
-
-            def w8a8(w):
-                if producer == "add+norm":
-                    act, _ = fused_quant.rms_norm_quant_fp8(x, residual, norm_w, 1e-5, group)
-                elif producer == "silu-mul":
-                    act = fused_quant.silu_and_mul_quant_fp8(x, group)
-                else:
-                    x_q, x_s = per_token_group_quant_fp8_triton(x, 128)
-                    return fp8_gemv(x_q, x_s, *w)
-                return fp8_gemv(act.q, act.scale, *w)
-
-            def w8a16(w):
-                if producer == "add+norm":
-                    act = fused_ops.fused_add_rms_norm(x, residual, norm_w, 1e-5)[0]
-                else:
-                    act = fused_ops.silu_and_mul(x) if producer == "silu-mul" else x
-                return fp8_gemv_w8a16(act, *w)
-
-            def deferred(w, config=None):
-                if producer == "add+norm":
-                    act = NormedInput(x, residual, norm_w, 1e-5, torch.empty_like(x))
-                else:
-                    act = SiluMulInput(x) if producer == "silu-mul" else x
-                return fp8_gemv_w8a16(act, *w, config=config)
-
-            want = w8a16(chans[0]).float()
-            err = rel_err(deferred(chans[0]).float(), want)
-            times = [rotating_graph_us([lambda w=w: fn(w) for w in chans]) for fn in (w8a8, w8a16, deferred)]
-            times.append(rotating_graph_us([lambda w=w: deferred(w, preload2) for w in chans]))
-            print(f"{name:18s} {m:3d} {producer:>9s} " + " ".join(f"{t:7.1f}" for t in times[:2])
-                  + f" {times[2]:8.1f} {times[3]:7.1f} {shape.n * shape.k / min(times) / 1e6:9.2f}  {err:.1e}",
-                  flush=True)
-        del chans
-        torch.cuda.empty_cache()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
@@ -489,13 +424,10 @@ def main() -> None:
     parser.add_argument("--write-configs", help="--tune-gemv: write each shape's best per-channel config here "
                         "(JSON, for RADIXLM_GEMV_CONFIGS)")
     parser.add_argument("--pdl", action="store_true", help="the decode layer without and with PDL")
-    parser.add_argument("--w8a16", action="store_true", help="online FP8's decode forms with their producers")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()
-    if args.w8a16:
-        w8a16_layers(args.shapes, [t for t in args.tokens if t <= 16])
-    elif args.pdl:
+    if args.pdl:
         pdl_layers(args.shapes, [t for t in args.tokens if t <= 16])
     elif args.tune_gemv:
         tune_gemv(args.shapes, [t for t in args.tokens if t <= 16], args.gemv_formats, args.write_configs)

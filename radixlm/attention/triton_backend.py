@@ -123,8 +123,7 @@ class TritonAttnBackend(AttentionBackend):
         bs, heads, dv = q.shape[0], q.shape[1], v_buf.shape[-1]
         group = None
         if layer.out_quant is not None and fused_quant_for(q) is not None:
-            quant = layer.out_quant.at(bs)
-            group = None if quant is None else quant.group_size
+            group = layer.out_quant.at(bs).group_size
         if not quant_group_fits(dv, group):
             o = q.new_empty((bs, heads, dv))
             self._decode(q, o, k_buf, v_buf, layer, fb, fb.req_pool_indices, fb.seq_lens)

@@ -1,12 +1,11 @@
 """An activation quantized to FP8 (E4M3) for an FP8 linear layer, and how a layer asks for one.
 
 An FP8 linear quantizes its input per token per group of ``bk`` channels (block-FP8 weights), or (online FP8,
-per-channel weights) per token where cuBLAS's row-wise GEMM takes it; at decode sizes an online-FP8 linear takes
-its input unquantized (W8A16 in the decode GEMV, which is bound by the weight's bytes) and can compute a norm or
-SiLU-mul before it itself (``deferred_input``).  The kernel that produces a quantized input can quantize it while
-it still holds the row (``fused_quant``: RMSNorm, SiLU-mul; the decode attention per group) and hand the linear an
-``FP8Activation``; the linear then skips its own quantizer.  Either way the bits are the same:
-``quantize_activation`` is the unfused form.
+per-channel weights) per token where cuBLAS's row-wise GEMM takes it and per group of 128 channels for the decode
+GEMV, which scales each K tile on its way in and whose producers (norm, SiLU-mul, attention) can then quantize a
+few groups a program instead of needing the whole row's maximum.  The kernel that produces the input can do it instead, while it still holds the row
+(``fused_quant``: RMSNorm, SiLU-mul), and hand the linear an ``FP8Activation``; the linear then skips its own
+quantizer.  Either way the bits are the same: ``quantize_activation`` is the unfused form.
 """
 
 from __future__ import annotations
@@ -25,17 +24,16 @@ SMALL_M = 16
 
 class ActivationQuant(NamedTuple):
     """The input quantization an FP8 linear wants: ``group_size`` channels per scale, None for one scale per
-    token (over all of K); ``small_m_unquantized``: at ``SMALL_M`` rows or fewer the linear takes its input
-    unquantized, and a ``deferred_input`` too (the norm or SiLU-mul before it, computed in its GEMV).  Producers
-    resolve it for their row count first (``at``)."""
+    token (over all of K); ``small_m_group_size``, where set, replaces it for ``SMALL_M`` rows or fewer.
+    Producers resolve it for their row count first (``at``)."""
 
     group_size: int | None
-    small_m_unquantized: bool = False
+    small_m_group_size: int | None = None
 
-    def at(self, rows: int) -> "ActivationQuant | None":
-        """The concrete quantization of ``rows`` rows; None: unquantized (a deferred input may be passed)."""
-        if self.small_m_unquantized and rows <= SMALL_M:
-            return None
+    def at(self, rows: int) -> "ActivationQuant":
+        """The concrete quantization of ``rows`` rows."""
+        if self.small_m_group_size is not None and rows <= SMALL_M:
+            return ActivationQuant(self.small_m_group_size)
         return ActivationQuant(self.group_size)
 
 
@@ -62,9 +60,6 @@ class FP8Activation(NamedTuple):
     def check(self, quant: ActivationQuant) -> None:
         """ValueError unless quantized as ``quant`` asks (a per-token activation for a block weight, say)."""
         quant = quant.at(self.q.shape[0])
-        if quant is None:
-            raise ValueError(f"an FP8 activation of {self.q.shape[0]} rows, where the layer takes its input "
-                             f"unquantized")
         k = self.q.shape[1]
         groups = 1 if quant.group_size is None else k // quant.group_size
         if self.num_groups() != groups or (quant.group_size is not None and k % quant.group_size):
@@ -79,8 +74,6 @@ def quantize_activation(x: torch.Tensor, quant: ActivationQuant) -> FP8Activatio
 
     rows = as_rows(x)  # [M, K]
     quant = quant.at(rows.shape[0])
-    if quant is None:
-        raise ValueError(f"quantize_activation: a layer that takes {rows.shape[0]} rows unquantized")
     if quant.group_size is None:
         q, scale = per_token_quant_fp8_triton(rows)
     else:

@@ -35,9 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.kernels.deferred_input import NormedInput, SiluMulInput
 from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
-from radixlm.kernels.fused_ops import inv_rms, norm_input, rms_apply, silu_mul
 from radixlm.kernels.launch_tables import read_launch_table
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
@@ -109,7 +107,7 @@ def _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn):
 def _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n, group_k,
                stride_xm, stride_xsm, stride_wsn,
                PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr):
-    """``acc`` [BLOCK_N, BLOCK_M] plus weight tile ``w`` times the FP8 activations' K tile at ``k``, scaled per
+    """``acc`` [BLOCK_N, BLOCK_M] plus weight tile ``w`` times the activations' K tile at ``k``, scaled per
     group where the scales are grouped."""
     k_ok = offs_k < k_end - k  # k_end <= K
     x = tl.load(xq_ptr + rows[None, :] * stride_xm + k + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
@@ -132,78 +130,15 @@ def _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, off
 
 
 @triton.jit
-def _dense_step(acc, w, k, k_end, x_ptr, res_ptr, norm_w_ptr, new_res_ptr, inv, rows, m_ok, offs_k, k_dim,
-                stride_xm, stride_rm, X_KIND: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """``acc`` [BLOCK_N, BLOCK_M] plus weight tile ``w`` times the unquantized activations' K tile at ``k``
-    (W8A16: the E4M3 weight widened exactly to the activation dtype, products exact, fp32 sums).  The tile is
-    read (``X_DENSE``) or computed from the producer's inputs as that producer's kernel computes it, rounded to
-    the same dtype: RMSNorm of ``x`` (+ ``res``) with row factors ``inv`` [BLOCK_M] (``X_NORM``), or
-    ``silu(gate) * up`` of ``x`` = gate ‖ up (``X_SILU_MUL``)."""
-    k_ok = offs_k < k_end - k  # k_end <= K
-    cols = k + offs_k[:, None]  # [BLOCK_K, 1]
-    mask = k_ok[:, None] & m_ok[None, :]
-    dtype = x_ptr.dtype.element_ty
-    if X_KIND == 2:  # X_NORM
-        h = norm_input(x_ptr, res_ptr, new_res_ptr, rows[None, :], stride_xm, stride_rm, cols, mask, HAS_RESIDUAL)
-        weight = tl.load(norm_w_ptr + cols, mask=k_ok[:, None], other=0.0)
-        x = rms_apply(h, inv[None, :], weight).to(dtype)
-    elif X_KIND == 3:  # X_SILU_MUL
-        gate = tl.load(x_ptr + rows[None, :] * stride_xm + cols, mask=mask, other=0.0)
-        up = tl.load(x_ptr + rows[None, :] * stride_xm + k_dim + cols, mask=mask, other=0.0)
-        x = silu_mul(gate, up).to(dtype)
-    else:  # X_DENSE
-        x = tl.load(x_ptr + rows[None, :] * stride_xm + cols, mask=mask, other=0.0)  # [BLOCK_K, BLOCK_M]
-    if dtype == tl.float32:
-        return tl.dot(w.to(tl.float32), x, acc, input_precision="ieee")
-    return tl.dot(w.to(dtype), x, acc)
-
-
-@triton.jit
-def _step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, res_ptr, norm_w_ptr, new_res_ptr, inv, rows, m_ok, offs_k,
-          offs_wn, k_dim, group_n, group_k, stride_xm, stride_xsm, stride_wsn, stride_rm,
-          PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, X_KIND: tl.constexpr,
-          HAS_RESIDUAL: tl.constexpr):
-    """One K tile of the GEMV, for the input kind ``X_KIND``."""
-    if X_KIND == 0:
-        return _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n, group_k,
-                          stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
-    return _dense_step(acc, w, k, k_end, xq_ptr, res_ptr, norm_w_ptr, new_res_ptr, inv, rows, m_ok, offs_k, k_dim,
-                       stride_xm, stride_rm, X_KIND, HAS_RESIDUAL)
-
-
-@triton.jit
-def _row_inv_rms(x_ptr, res_ptr, new_res_ptr, offs_m, m_dim, k_dim, stride_xm, stride_rm, eps, writer,
-                 BLOCK_M: tl.constexpr, ROW_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """``rsqrt(mean(h^2) + eps)`` [BLOCK_M] of the rows ``offs_m`` of ``h = x (+ res)``, one whole row at a time
-    (the norm's statistics need all of K; a K tile of the GEMV sees one slice).  ``writer``: this program also
-    stores the new residual ``x + res`` (one program per row tile does)."""
-    inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    cols = tl.arange(0, ROW_BLOCK)
-    col_ok = cols < k_dim
-    row0 = tl.program_id(2) * BLOCK_M
-    for r in range(0, tl.minimum(BLOCK_M, m_dim - row0)):
-        row = (row0 + r).to(tl.int64)
-        h = norm_input(x_ptr, res_ptr, new_res_ptr, row, stride_xm, stride_rm, cols, col_ok, HAS_RESIDUAL)
-        if HAS_RESIDUAL:
-            if writer:
-                tl.store(new_res_ptr + row * k_dim + cols, h, mask=col_ok)
-        inv = tl.where(offs_m == row0 + r, inv_rms(h, k_dim, eps), inv)
-    return inv
-
-
-@triton.jit
 def _fp8_gemv_kernel(
-    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, new_res_ptr,
-    m_dim, n_dim, k_dim, group_n, group_k, eps,
-    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om, stride_rm,
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
+    m_dim, n_dim, k_dim, group_n, group_k,
+    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_om,
     PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
-    X_KIND: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):
-    # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.  X_KIND: the input as E4M3
-    # values and scales (0, W8A8) or unquantized (W8A16): read (1), an RMSNorm computed on the way in (2), a
-    # SiLU-mul computed on the way in (3).
+    # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -223,28 +158,21 @@ def _fp8_gemv_kernel(
     if PRELOAD >= 2:
         w_second = _weight_tile(w_ptr, offs_wn, offs_k, k_start + BLOCK_K, k_end, stride_wn)
     pdl_wait(PDL)
-    inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if X_KIND == 2:
-        inv = _row_inv_rms(xq_ptr, res_ptr, new_res_ptr, offs_m, m_dim, k_dim, stride_xm, stride_rm, eps,
-                           (pid_n == 0) & (split == 0), BLOCK_M, ROW_BLOCK, HAS_RESIDUAL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if PRELOAD >= 1:
-        acc = _step(acc, w_first, k_start, k_end, xq_ptr, xs_ptr, ws_ptr, res_ptr, norm_w_ptr, new_res_ptr, inv,
-                    rows, m_ok, offs_k, offs_wn, k_dim, group_n, group_k, stride_xm, stride_xsm, stride_wsn,
-                    stride_rm, PER_CHANNEL, X_GROUPED, EXACT, X_KIND, HAS_RESIDUAL)
+        acc = _gemv_step(acc, w_first, k_start, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn,
+                         group_n, group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
     if PRELOAD >= 2:
-        acc = _step(acc, w_second, k_start + BLOCK_K, k_end, xq_ptr, xs_ptr, ws_ptr, res_ptr, norm_w_ptr,
-                    new_res_ptr, inv, rows, m_ok, offs_k, offs_wn, k_dim, group_n, group_k, stride_xm, stride_xsm,
-                    stride_wsn, stride_rm, PER_CHANNEL, X_GROUPED, EXACT, X_KIND, HAS_RESIDUAL)
+        acc = _gemv_step(acc, w_second, k_start + BLOCK_K, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k,
+                         offs_wn, group_n, group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
     for k in range(k_start + PRELOAD * BLOCK_K, k_end, BLOCK_K):
         w = _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn)  # [BLOCK_N, BLOCK_K] fp8
-        acc = _step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, res_ptr, norm_w_ptr, new_res_ptr, inv, rows, m_ok,
-                    offs_k, offs_wn, k_dim, group_n, group_k, stride_xm, stride_xsm, stride_wsn, stride_rm,
-                    PER_CHANNEL, X_GROUPED, EXACT, X_KIND, HAS_RESIDUAL)
+        acc = _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n,
+                         group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
     pdl_trigger(PDL)  # after the stream over the weight (``radixlm.kernels.pdl``)
     if PER_CHANNEL:
         acc = acc * tl.load(ws_ptr + offs_wn * stride_wsn)[:, None]
-    if X_KIND == 0 and not X_GROUPED:
+    if not X_GROUPED:
         acc = acc * tl.load(xs_ptr + rows * stride_xsm, mask=m_ok, other=0.0)[None, :]
 
     mask = (offs_n < n_dim)[:, None] & m_ok[None, :]
@@ -299,7 +227,10 @@ def fp8_gemv(
             raise ValueError(f"block FP8 GEMV of {m} x {k} by {tuple(weight.shape)} with blocks {block_size} needs "
                              f"K a multiple of {bk} and scales ({m}, {k // bk}) and {(triton.cdiv(n, bn), k // bk)}, "
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
-    config = _launch_config(n, k, x_q.device, config)
+    if config is None:
+        config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(x_q.device))
+    if config.preload not in (0, 1, 2):
+        raise ValueError(f"FP8 GEMV: preload is 0, 1 or 2 weight tiles, got {config.preload}")
     x_grouped = x_s.shape[1] > 1 or block_size is not None
     if block_size is not None:
         group_n, group_k, block_k = *block_size, block_size[1]
@@ -315,86 +246,17 @@ def fp8_gemv(
     if m == 0:
         return out
     col_tiles, row_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, SMALL_M)
-    split_k, partials, counters = _split_scratch(n, m, config, out)
+    split_k = config.split_k if col_tiles * row_tiles <= _COUNTERS else 1  # a counter per (column, row) tile
+    if split_k > 1:
+        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
+        counters = _counters(x_q.device)
+    else:
+        partials = counters = out  # not read
     _fp8_gemv_kernel[(col_tiles, split_k, row_tiles)](
-        x_q, x_s, weight, weight_scale, out, partials, counters, x_q, x_q, x_q, m, n, k, group_n, group_k, 0.0,
-        x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), 0,
+        x_q, x_s, weight, weight_scale, out, partials, counters, m, n, k, group_n, group_k,
+        x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, X_GROUPED=x_grouped, EXACT=out_dtype == torch.float32 if exact is None else exact,
         BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRELOAD=config.preload,
-        X_KIND=0, HAS_RESIDUAL=False, ROW_BLOCK=1,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
-    )
-    return out
-
-
-def _launch_config(n: int, k: int, device: torch.device, config: GemvConfig | None) -> GemvConfig:
-    if config is None:
-        config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(device))
-    if config.preload not in (0, 1, 2):
-        raise ValueError(f"FP8 GEMV: preload is 0, 1 or 2 weight tiles, got {config.preload}")
-    return config
-
-
-def _split_scratch(n: int, m: int, config: GemvConfig, out: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(split_k as launched, fp32 partials, counters) of a launch over ``m`` rows: one counter per (column, row)
-    tile, so a launch with more tiles than counters does not split."""
-    split_k = config.split_k
-    if split_k > 1 and triton.cdiv(n, config.block_n) * triton.cdiv(m, SMALL_M) <= _COUNTERS:
-        return split_k, torch.empty((split_k, m, n), dtype=torch.float32, device=out.device), _counters(out.device)
-    return 1, out, out  # not read
-
-
-def fp8_gemv_w8a16(
-    x: torch.Tensor | NormedInput | SiluMulInput,  # [M, K] in the output dtype, or what computes it
-    weight: torch.Tensor,  # [N, K] float8_e4m3fn
-    weight_scale: torch.Tensor,  # [N] float32, per output channel
-    config: GemvConfig | None = None,
-    pdl: bool | None = None,
-) -> torch.Tensor:  # [M, N] in x's dtype
-    """``x @ (weight * weight_scale)^T`` with ``x`` unquantized (W8A16), fp32 sums: an online-FP8 linear at
-    decode sizes, where the GEMV is bound by the weight's bytes, so quantizing the activations would buy nothing
-    and cost their rounding.  Each K tile of the E4M3 weight widens exactly to x's dtype (bf16, fp16; fp32 with
-    IEEE dots) for the MMA.
-
-    ``x`` may be a ``NormedInput`` or ``SiluMulInput`` (``radixlm.kernels.deferred_input``): the GEMV then
-    computes each K tile of the norm / SiLU-mul from the producer's inputs, as its kernel would, and saves its
-    launch.  A norm's row statistic needs the whole row: every program computes its rows' (8-32 KB read from L2
-    at Llama sizes), and the first program of each row tile writes the new residual."""
-    kind, has_residual, row_block, eps = 1, False, 1, 0.0
-    if isinstance(x, NormedInput):
-        kind, has_residual, eps = 2, x.residual is not None, x.eps
-        row_block = triton.next_power_of_2(x.x.shape[1])
-        src, res, norm_w, new_res = x.x, x.residual, x.weight, x.new_residual
-        if x.weight.dtype != x.dtype:
-            raise ValueError(f"a norm folded into the GEMV needs its weight in the activation dtype {x.dtype}, "
-                             f"got {x.weight.dtype}")
-    elif isinstance(x, SiluMulInput):
-        kind, src = 3, x.gate_up
-        res = norm_w = new_res = None
-    else:
-        src, res, norm_w, new_res = x, None, None, None
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k or weight_scale.shape != (n,):
-        raise ValueError(f"W8A16 GEMV of {m} x {k} by {tuple(weight.shape)} needs per-channel scales ({n},), got "
-                         f"{tuple(weight_scale.shape)}")
-    if src.stride(-1) != 1 or (res is not None and res.stride(-1) != 1):
-        raise ValueError("W8A16 GEMV: the input rows need a unit stride along K")
-    config = _launch_config(n, k, src.device, config)
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=src.device)
-    if m == 0:
-        return out
-    split_k, partials, counters = _split_scratch(n, m, config, out)
-    _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, SMALL_M))](
-        src, src, weight, weight_scale.contiguous(), out, partials, counters,
-        src if res is None else res, src if norm_w is None else norm_w, src if new_res is None else new_res,
-        m, n, k, 1, 1, eps, src.stride(0), 0, weight.stride(0), 1, out.stride(0),
-        0 if res is None else res.stride(0),
-        PER_CHANNEL=True, X_GROUPED=False, EXACT=False, BLOCK_M=SMALL_M, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT_K=split_k, PRELOAD=config.preload, X_KIND=kind, HAS_RESIDUAL=has_residual,
-        ROW_BLOCK=row_block, num_warps=config.num_warps, num_stages=config.num_stages,
-        **pdl_launch_kwargs(src.device, pdl),
     )
     return out

@@ -86,11 +86,11 @@ def norm_num_warps(block: int) -> int:
 
 
 def norm_operands(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, new_residual: torch.Tensor | None = None
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.dtype]:
     """A norm launch's checked operands: (``x`` as rows [rows, hidden], ``residual`` as rows or None, the new
-    residual's output tensor (``new_residual`` where given: a contiguous tensor of x's shape) or None, the
-    normalised output's dtype).  ValueError for a hidden size past ``MAX_NORM_HIDDEN`` or shapes that disagree."""
+    residual's output tensor or None, the normalised output's dtype).  ValueError for a hidden size past
+    ``MAX_NORM_HIDDEN`` or shapes that disagree."""
     hidden = x.shape[-1]
     if hidden > MAX_NORM_HIDDEN:
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_NORM_HIDDEN}, got {hidden}")
@@ -102,20 +102,15 @@ def norm_operands(
     if residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
     norm_dtype = torch.promote_types(x.dtype, residual.dtype)
-    if new_residual is None:
-        new_residual = _new_output(x, norm_dtype)
-    elif new_residual.shape != x.shape or new_residual.dtype != norm_dtype or not new_residual.is_contiguous():
-        raise ValueError(f"new_residual must be a contiguous {norm_dtype} tensor of shape {tuple(x.shape)}")
     # torch promotes ``weight * normed``: an fp32 weight over bf16 activations gives an fp32 output.
-    return x2d, as_rows(residual), new_residual, torch.promote_types(weight.dtype, norm_dtype)
+    return x2d, as_rows(residual), _new_output(x, norm_dtype), torch.promote_types(weight.dtype, norm_dtype)
 
 
 def _launch_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-    new_residual: torch.Tensor | None = None,
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     hidden = x.shape[-1]
-    x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight, new_residual)
+    x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight)
     out = _new_output(x, out_dtype)
     if x2d.shape[0] == 0:
         return out, new_residual
@@ -141,16 +136,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, new_residual: torch.Tensor | None = None
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)`` in one pass; neither input is modified.
 
     ``x`` and ``residual`` [..., hidden] of the same shape.  The new residual is bit-identical to torch's
-    ``x + residual`` (computed in fp32, rounded once to the promoted dtype), written to ``new_residual`` where
-    given (a deferred norm's, ``deferred_input.NormedInput``); the normalised output is as close as
-    ``rms_norm``'s.
+    ``x + residual`` (computed in fp32, rounded once to the promoted dtype); the normalised output is as close
+    as ``rms_norm``'s.
     """
-    return _launch_rms_norm(x, residual, weight, eps, new_residual)
+    return _launch_rms_norm(x, residual, weight, eps)
 
 
 @triton.jit

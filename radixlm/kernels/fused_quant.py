@@ -108,15 +108,6 @@ def _split(k: int, quant: ActivationQuant) -> tuple[int, int, int, int]:
     return group, groups, lanes, triton.cdiv(k // group, groups)
 
 
-def _resolved(quant: ActivationQuant, rows: int) -> ActivationQuant:
-    """``quant`` at ``rows`` rows; ValueError where the layer takes them unquantized (the producer then defers:
-    ``deferred_input``)."""
-    resolved = quant.at(rows)
-    if resolved is None:
-        raise ValueError(f"the FP8 linear takes {rows} rows unquantized: nothing to quantize")
-    return resolved
-
-
 def _new_quantized(rows: int, k: int, quant: ActivationQuant, device: torch.device) -> tuple[torch.Tensor,
                                                                                              torch.Tensor]:
     q = torch.empty((rows, k), dtype=FP8_DTYPE, device=device)  # [rows, k]
@@ -135,7 +126,7 @@ def rms_norm_quant_fp8(
     equal to the norm kernel followed by ``fp8_activation.quantize_activation``."""
     hidden = x.shape[-1]
     x2d, residual2d, new_residual, out_dtype = norm_operands(x, residual, weight)  # out_dtype: the norm output's
-    quant = _resolved(quant, x2d.shape[0])
+    quant = quant.at(x2d.shape[0])
     group, groups, chunk, chunks = _split(hidden, quant)
     q, scale = _new_quantized(x2d.shape[0], hidden, quant, x.device)
     if x2d.shape[0]:
@@ -182,7 +173,7 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activa
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
     x2d = as_rows(x)  # [rows, 2 * d]
-    quant = _resolved(quant, x2d.shape[0])
+    quant = quant.at(x2d.shape[0])
     if quant.group_size is None:
         return quantize_activation(silu_and_mul(x), quant)
     d = x.shape[-1] // 2

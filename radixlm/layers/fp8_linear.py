@@ -7,15 +7,13 @@
   ``weight_scale`` float32 [out], one scale per output channel (``max |row| / 448``).
 
 Activations are quantized per token per group of ``bk`` channels for block weights; for online FP8 per token,
-except at decode-sized M (``SMALL_M`` rows, the GEMV's), where they stay unquantized (``input_quant``): the GEMV
-streams the weight and would gain nothing from FP8 activations, and unrounded they are closer to the model's
-(W8A16, as FP8 "Marlin" kernels run on GPUs without FP8 MMAs).  On CUDA a Triton kernel quantizes them, either the
-layer's own quantizer or, fused, the norm or SiLU-mul kernel that produced them (which hands the layer an
-``FP8Activation``); then at decode-sized M a Triton GEMV streams the weight (``radixlm.kernels.fp8_gemv``; for
-online FP8 it computes the norm or SiLU-mul before it too: ``deferred_input``) and above it the FP8 GEMMs run
-(``radixlm.kernels.fp8``: the Triton block-scaled GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for per-channel
-weights).  Elsewhere the same rounding in torch over the dequantized weight, so CPU results show the
-quantization error the GPU has.
+except at decode-sized M (the GEMV's) per token per group of ``ONLINE_DECODE_GROUP`` channels, which the kernels
+producing them quantize without the whole row (``input_quant``).  On
+CUDA a Triton kernel quantizes them, either the layer's own quantizer or, fused, the norm or SiLU-mul kernel that
+produced them (which hands the layer an ``FP8Activation``); then at decode-sized M a Triton GEMV streams the weight
+(``radixlm.kernels.fp8_gemv``) and above it the FP8 GEMMs run (``radixlm.kernels.fp8``: the Triton block-scaled
+GEMM; cuBLAS's row-wise scaled ``_scaled_mm`` for per-channel weights).  Elsewhere the same rounding in torch over
+the dequantized weight, so CPU results show the quantization error the GPU has.
 """
 
 from __future__ import annotations
@@ -25,11 +23,15 @@ from torch import nn
 
 from radixlm.config.quant_config import QuantConfig
 from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8, fp8_block_linear, round_activations
-from radixlm.kernels.deferred_input import DeferredInput, NormedInput, SiluMulInput
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 
-# An online-FP8 linear's input quantization: per token (cuBLAS's row-wise GEMM), none at the GEMV's M.
-ONLINE_INPUT_QUANT = ActivationQuant(None, small_m_unquantized=True)
+ONLINE_DECODE_GROUP = 128  # activation channels per scale of an online-FP8 linear at decode-sized M
+
+
+def online_input_quant(in_features: int) -> ActivationQuant:
+    """An online-FP8 linear's input quantization: per token (cuBLAS's row-wise GEMM), per 128-channel group at
+    the GEMV's M where the input size allows."""
+    return ActivationQuant(None, ONLINE_DECODE_GROUP if in_features % ONLINE_DECODE_GROUP == 0 else None)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -74,26 +76,20 @@ def cached_dequantized(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def fp8_channel_linear(
-    x: torch.Tensor | FP8Activation | DeferredInput, weight: torch.Tensor, weight_scale: torch.Tensor
+    x: torch.Tensor | FP8Activation, weight: torch.Tensor, weight_scale: torch.Tensor
 ) -> torch.Tensor:
     """``x`` [*, K] times an online-FP8 ``weight`` [N, K] (float8_e4m3fn, per-channel ``weight_scale`` [N]) with
-    ``x`` as ``ONLINE_INPUT_QUANT`` says, on CUDA (``fp8_forward`` rounds in torch elsewhere).  Decode-sized M:
-    the W8A16 GEMV, which takes a deferred norm or SiLU-mul too.  Above: ``x`` quantized per token (an
-    ``FP8Activation`` arrives quantized), then cuBLAS's row-wise scaled FP8 GEMM, or for float32 models (that GEMM
-    writes only bf16) the Triton GEMV."""
-    from radixlm.kernels.fp8_gemv import fp8_gemv, fp8_gemv_w8a16
+    ``x`` quantized as ``online_input_quant`` says (an ``FP8Activation`` arrives quantized), on CUDA
+    (``fp8_forward`` rounds in torch elsewhere): decode-sized M, and float32 models (cuBLAS's row-wise scaled GEMM
+    writes only bf16), through the Triton GEMV; otherwise cuBLAS's row-wise scaled FP8 GEMM."""
+    from radixlm.kernels.fp8_gemv import SMALL_M, fp8_gemv
 
-    rows = _rows(x.shape)
-    if ONLINE_INPUT_QUANT.at(rows) is None:
-        if isinstance(x, FP8Activation):
-            x.check(ONLINE_INPUT_QUANT)  # raises: these rows are taken unquantized
-        y = fp8_gemv_w8a16(x.reshape(rows, x.shape[-1]) if isinstance(x, torch.Tensor) else x, weight, weight_scale)
-        return y.view(*x.shape[:-1], weight.shape[0])
+    quant = online_input_quant(weight.shape[1])
     if isinstance(x, FP8Activation):
-        x.check(ONLINE_INPUT_QUANT)
+        x.check(quant)
     else:
-        x = quantize_activation(_materialized(x), ONLINE_INPUT_QUANT)  # [M, K] fp8, [M, 1]
-    if x.dtype == torch.float32:
+        x = quantize_activation(x, quant)  # [M, K] fp8, [M, 1] or [M, K / 128]
+    if x.q.shape[0] <= SMALL_M or x.dtype == torch.float32:
         y = fp8_gemv(x.q, x.scale, weight, weight_scale, None, x.dtype)
     else:
         y = torch._scaled_mm(x.q, weight.t(), scale_a=x.scale, scale_b=weight_scale[None, :].float(),
@@ -101,43 +97,30 @@ def fp8_channel_linear(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _rows(shape: torch.Size) -> int:
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
-    return rows
-
-
-def _materialized(x: torch.Tensor | DeferredInput) -> torch.Tensor:
-    return x.materialize() if isinstance(x, (NormedInput, SiluMulInput)) else x
-
-
 def input_quant(quant: QuantConfig | None, in_features: int) -> ActivationQuant | None:
     """How a linear layer of ``in_features`` inputs (per rank) under ``quant`` wants its input quantized (None:
     it takes the activation as is)."""
     if quant is None:
         return None
-    return ONLINE_INPUT_QUANT if quant.weight_block is None else ActivationQuant(quant.weight_block[1])
+    return online_input_quant(in_features) if quant.weight_block is None else ActivationQuant(quant.weight_block[1])
 
 
-def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation | DeferredInput) -> torch.Tensor:
+def fp8_forward(layer: nn.Module, x: torch.Tensor | FP8Activation) -> torch.Tensor:
     """``x @ W^T`` (no bias) of a quantized layer, in x's dtype.  On CUDA the FP8 GEMMs; elsewhere the layer's
     dequantized weight (made once) times ``x`` rounded as those GEMMs round it.  ``x`` may arrive quantized as
-    ``layer.input_quant`` asks (an ``FP8Activation``, from a kernel that fused the quantization), or, where that
-    says unquantized, deferred (``deferred_input``: online FP8's decode GEMV computes it)."""
+    ``layer.input_quant`` asks (an ``FP8Activation``, from a kernel that fused the quantization)."""
     block = layer.quant.weight_block
     if not x.is_cuda:
         if isinstance(x, FP8Activation):
             x.check(layer.input_quant)
             x_rounded = x.dequantize()
         else:
-            x = _materialized(x)
-            quant = layer.input_quant.at(_rows(x.shape))
-            x_rounded = x.float() if quant is None else round_activations(x, quant.group_size or x.shape[-1])
+            group = layer.input_quant.at(x.numel() // x.shape[-1]).group_size
+            x_rounded = round_activations(x, group or x.shape[-1])
         return torch.nn.functional.linear(x_rounded, layer.dequantized_weight(torch.float32)).to(x.dtype)
     if block is None:
         return fp8_channel_linear(x, layer.weight, layer.weight_scale)
-    return fp8_block_linear(_materialized(x), layer.weight, layer.weight_scale_inv, None, block)
+    return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, None, block)
 
 
 def finish_loading(layer: nn.Module, quant: QuantConfig | None) -> None:

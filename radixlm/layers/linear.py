@@ -53,9 +53,7 @@ class QuantizableLinear(nn.Module):
     ``weight_scale`` after ``finish_loading``); ``matmul(x)`` is ``x @ W^T`` whichever it is.
 
     ``input_quant``: how an FP8 layer quantizes its input (None when unquantized).  A kernel producing the input
-    may do it instead and pass an ``FP8Activation`` (CUDA only), which ``forward`` takes in place of a tensor; or,
-    where the layer takes its input unquantized at that size, a deferred norm or SiLU-mul
-    (``radixlm.kernels.deferred_input``) for its GEMV to compute."""
+    may do it instead and pass an ``FP8Activation`` (CUDA only), which ``forward`` takes in place of a tensor."""
 
     quant: QuantConfig | None = None
     input_quant: ActivationQuant | None = None
@@ -104,7 +102,7 @@ def _with_lora(layer: "ColumnParallelLinear | RowParallelLinear", x: torch.Tenso
     computes the shrink in the base GEMM, over the weight with the pool's A rows below it)."""
     if lora is None or layer.lora_weights is None or not lora.has_lora:
         return base()
-    if not isinstance(x, torch.Tensor):  # an FP8Activation, or a deferred input (online FP8 at decode sizes)
+    if isinstance(x, FP8Activation):
         raise ValueError("LoRA needs the unquantized input of the projection (LoRA does not combine with FP8)")
     return lora_forward(x, base, layer.lora_weights, lora, bias_in_matmul)
 
@@ -208,7 +206,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         weights = self.lora_weights
         if (lora is None or not lora.has_lora or not lora.dense or weights is None or weights.weight_ext is None
                 or self.gather_output or len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]
-                or not isinstance(x, torch.Tensor)):
+                or isinstance(x, FP8Activation)):
             return None
         return lora_silu_mul_forward(x, weights, lora)
 

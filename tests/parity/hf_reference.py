@@ -22,25 +22,10 @@ def hf_greedy(hf_model, ids: list[int], n: int, eos: set[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-class RoundedRows:
-    """Which positions of HF's sequence ``round_fp8_inputs`` rounds: all of them, or (``end`` set) those before
-    ``end``.  An online-FP8 model takes its decode steps' activations unrounded (W8A16 at decode sizes):
-    ``check_extend_and_decode`` sets ``end`` to the prompt's length for its decode references."""
-
-    def __init__(self) -> None:
-        self.end: int | None = None
-
-    def round(self, x: torch.Tensor, group: int) -> torch.Tensor:  # x [..., seq, K]
-        if self.end is None or x.dim() < 2:
-            return round_to_fp8(x, group)
-        return torch.cat([round_to_fp8(x[..., : self.end, :], group), x[..., self.end :, :]], dim=-2)
-
-
-def check_extend_and_decode(worker, hf_model, seqs: list[list[int]], prefix_lens: list[int], tol: float,
-                            rounded: RoundedRows | None = None) -> float:
+def check_extend_and_decode(worker, hf_model, seqs: list[list[int]], prefix_lens: list[int], tol: float) -> float:
     """Prefill each sequence's prefix, then one batched EXTEND of the rest (requests with and without a cached
-    prefix mixed), then three DECODE steps; every logit row is compared with HF's full-sequence forward (whose
-    decoded positions ``rounded``, where given, leaves unrounded).  Returns the max abs difference seen."""
+    prefix mixed), then three DECODE steps; every logit row is compared with HF's full-sequence forward.
+    Returns the max abs difference seen."""
     memory = worker.memory
     rows = memory.req_to_token_pool.alloc(len(seqs))
     cached = [i for i, p in enumerate(prefix_lens) if p > 0]
@@ -69,14 +54,7 @@ def check_extend_and_decode(worker, hf_model, seqs: list[list[int]], prefix_lens
             seq_lens = [s + 1 for s in seq_lens]
             for i, t in enumerate(tokens):
                 extended[i].append(t)
-                if rounded is not None:
-                    rounded.end = len(seqs[i])
-                try:
-                    ref = hf_logits(hf_model, extended[i])[-1]
-                finally:
-                    if rounded is not None:
-                        rounded.end = None
-                diff = (logits[i].cpu() - ref).abs().max().item()
+                diff = (logits[i].cpu() - hf_logits(hf_model, extended[i])[-1]).abs().max().item()
                 worst = max(worst, diff)
                 assert diff < tol, f"decode step {step} logits differ by {diff}"
     finally:
@@ -118,17 +96,13 @@ def _rounded_experts_forward(experts: torch.nn.Module, group: int):
     return forward
 
 
-def round_fp8_inputs(hf, group: int | None, expert_group: int | None = None, skip: tuple[str, ...] = (),
-                     rows: RoundedRows | None = None) -> list:
+def round_fp8_inputs(hf, group: int | None, expert_group: int | None = None, skip: tuple[str, ...] = ()) -> list:
     """Make ``hf`` see what radixlm's FP8 GEMMs see: the input of every decoder-layer projection (modules named
     ``*proj`` or ``*proj_with_mqa``, except names ending with one of ``skip``) rounded through E4M3 per ``group``
-    channels of a token (per token when None) at the positions ``rows`` says (all by default), and in every
-    stacked-experts module both GEMM inputs rounded per ``expert_group`` channels.  Returns handles to
-    ``remove()``."""
-    rows = rows or RoundedRows()
-
+    channels of a token (per token when None), and in every stacked-experts module both GEMM inputs rounded per
+    ``expert_group`` channels.  Returns handles to ``remove()``."""
     def hook(module, args):
-        return (rows.round(args[0], group or args[0].shape[-1]),)
+        return (round_to_fp8(args[0], group or args[0].shape[-1]),)
 
     handles: list = []
     for n, m in hf.named_modules():

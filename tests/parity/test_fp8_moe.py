@@ -34,9 +34,7 @@ from radixlm.layers.moe import FusedMoE, SparseMoeBlock
 from radixlm.sampling import SamplingParams
 
 from conftest import build_tiny_fp8_model, build_tiny_hf_model, make_worker, quantize_fp8_blocks, random_seqs
-from hf_reference import (
-    RoundedRows, check_extend_and_decode, hf_greedy, hf_logits, round_fp8_inputs, round_to_fp8,
-)
+from hf_reference import check_extend_and_decode, hf_greedy, hf_logits, round_fp8_inputs, round_to_fp8
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 SEQS = random_seqs((21, 5, 13, 30))
@@ -50,36 +48,19 @@ def moe_layers(worker) -> list[SparseMoeBlock]:
     return [layer.mlp for layer in worker.runner.model.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
 
-def check_against_hf(worker, hf, group: int | None, expert_group: int, tol: float, greedy: bool = True,
-                     online: bool = False) -> None:
+def check_against_hf(worker, hf, group: int | None, expert_group: int, tol: float, greedy: bool = True) -> None:
     """Every logit row of extend + decode within ``tol`` of the rounding HF reference, and (``greedy``) 8 greedy
-    tokens equal.  ``online``: the dense layers are online FP8, whose decode steps take their inputs unrounded
-    (W8A16), so HF's decoded positions are left unrounded there (the experts' inputs are rounded throughout)."""
-    rows = RoundedRows() if online else None
-    hooks = round_fp8_inputs(hf, group, expert_group, skip=("kv_b_proj",), rows=rows)
+    tokens equal."""
+    hooks = round_fp8_inputs(hf, group, expert_group, skip=("kv_b_proj",))
     try:
-        check_extend_and_decode(worker, hf, SEQS, PREFIXES, tol=tol, rounded=rows)
+        check_extend_and_decode(worker, hf, SEQS, PREFIXES, tol=tol)
         if greedy:
             outs = generate_static(worker, SEQS, SamplingParams(temperature=0.0, max_new_tokens=8,
                                                                 ignore_eos=True))
-            assert outs == [hf_greedy(hf, ids, 8, set()) if rows is None else greedy_by_full_forwards(hf, ids, 8, rows)
-                            for ids in SEQS]
+            assert outs == [hf_greedy(hf, ids, 8, set()) for ids in SEQS]
     finally:
         for h in hooks:
             h.remove()
-
-
-def greedy_by_full_forwards(hf, ids: list[int], n: int, rows: RoundedRows) -> list[int]:
-    """HF's ``n`` greedy tokens after ``ids``, each from a forward over the whole sequence, so that ``rows`` can
-    leave the generated positions unrounded (a KV-cached ``generate`` feeds them alone)."""
-    seq = list(ids)
-    rows.end = len(ids)
-    try:
-        for _ in range(n):
-            seq.append(int(hf_logits(hf, seq)[-1].argmax()))
-    finally:
-        rows.end = None
-    return seq[len(ids):]
 
 
 def hf_logits_rounded(hf, ids: list[int], group: int) -> torch.Tensor:
@@ -137,7 +118,7 @@ def test_online_fp8_moe_matches_hf(tmp_path):
                 for w in (m.gate_up_proj, m.down_proj):
                     for e in range(w.shape[0]):
                         w[e].copy_(quantize_fp8_blocks(w[e], (32, 32))[2])
-    check_against_hf(worker, hf, None, 32, tol=1e-4, online=True)
+    check_against_hf(worker, hf, None, 32, tol=1e-4)
     quantized = run_logits(worker, SEQS[3])
     assert ((quantized - plain).norm() / plain.norm()).item() < 0.15
 

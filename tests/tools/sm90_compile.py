@@ -71,8 +71,7 @@ def cases():
     from radixlm.kernels.fp8_gemm import (
         per_token_group_quant_fp8_triton, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
     )
-    from radixlm.kernels.deferred_input import NormedInput, SiluMulInput
-    from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv, fp8_gemv_w8a16
+    from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv
     from radixlm.kernels.kv_store import KVStore, store_kv
 
     bf16, e4m3, e5m2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
@@ -106,16 +105,6 @@ def cases():
     yield "gemv block", lambda: fp8_gemv(x_q, per_group, *w_block(256), (128, 128), bf16)
     yield "gemv exact", lambda: fp8_gemv(x_q, per_group, *w_chan(256), None, torch.float32)
     x = torch.randn(m, 2 * k, dtype=bf16)
-    for dtype in (bf16, torch.float16, torch.float32):
-        yield f"gemv w8a16 {dtype}", lambda d=dtype: fp8_gemv_w8a16(x[:, :k].to(d), *w_chan(256))
-    h, nw = x[:, :k].contiguous(), torch.ones(k, dtype=bf16)
-    for split, preload in ((1, 1), (2, 2)):
-        config = GemvConfig(64, 128, 4, 4, split, preload)
-        yield f"gemv w8a16 norm split {split}", lambda c=config: fp8_gemv_w8a16(
-            NormedInput(h, None, nw, 1e-6, None), *w_chan(256), c)
-        yield f"gemv w8a16 add-norm split {split}", lambda c=config: fp8_gemv_w8a16(
-            NormedInput(h, h, nw, 1e-6, torch.empty_like(h)), *w_chan(256), c)
-        yield f"gemv w8a16 silu-mul split {split}", lambda c=config: fp8_gemv_w8a16(SiluMulInput(x), *w_chan(256), c)
     yield "rms_norm quant", lambda: fused_quant.rms_norm_quant_fp8(x, x, torch.ones(2 * k, dtype=bf16), 1e-6,
                                                                     ActivationQuant(128))
     yield "silu_and_mul quant", lambda: fused_quant.silu_and_mul_quant_fp8(x, ActivationQuant(128))

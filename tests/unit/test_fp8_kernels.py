@@ -445,21 +445,17 @@ def test_fp8_paths_replay_in_a_cuda_graph() -> None:
 @pytest.mark.parametrize("m", [1, 16, 64, 1024])  # the GEMV up to 16 rows, cuBLAS's row-wise GEMM above
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
 def test_online_fp8_linear_real_shapes_on_gpu(m, n, k) -> None:
-    """Decode-sized M takes x unquantized (W8A16), larger M quantizes it per token (``ONLINE_INPUT_QUANT``)."""
-    from radixlm.layers.fp8_linear import ONLINE_INPUT_QUANT, fp8_channel_linear, quantize_online
+    """Decode-sized M quantizes x per 128-channel group, larger M per token (``online_input_quant``)."""
+    from radixlm.layers.fp8_linear import fp8_channel_linear, online_input_quant, quantize_online
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(m, k, generator=gen).bfloat16()
     w_q, w_s = quantize_online(torch.randn(n, k, generator=gen) / k**0.5)
     out = fp8_channel_linear(x.cuda(), w_q.cuda(), w_s.cuda())
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    if m <= 16:
-        assert ONLINE_INPUT_QUANT.at(m) is None
-        expected = x.double() @ (w_q.double() * w_s.double()[:, None]).T
-    else:
-        assert ONLINE_INPUT_QUANT.at(m).group_size is None
-        expected = quantized_product(x, w_q, w_s, None)
-    assert rel_err(out.float(), expected) < 2.0**-8  # bf16 output rounding
+    x_group = online_input_quant(k).at(m).group_size
+    assert x_group == (128 if m <= 16 else None)
+    assert rel_err(out.float(), quantized_product(x, w_q, w_s, None, x_group)) < 2.0**-8  # bf16 output rounding
 
 
 @pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs a GPU")

@@ -167,34 +167,3 @@ def test_layers_return_the_fused_activation(monkeypatch) -> None:
     assert_same(got, quantize_activation(out, ActivationQuant(128)))
     assert_same(act(x, PER_TOKEN), quantize_activation(fused_ops.silu_and_mul(x), PER_TOKEN))
     assert torch.equal(norm(x), fused_ops.rms_norm(x, norm.weight, norm.eps))  # no quant asked: a tensor
-
-
-def test_layers_defer_to_the_gemv_at_decode_sizes(monkeypatch) -> None:
-    """Where the next linear takes its input unquantized at this size (online FP8 up to ``SMALL_M`` rows), the
-    norm and SiLU-mul hand it what computes their output (``deferred_input``); materialized, that is their
-    kernels' output, and the new residual the add's.  Above ``SMALL_M`` rows they quantize per token."""
-    from radixlm.kernels.deferred_input import NormedInput, SiluMulInput
-    from radixlm.kernels.fp8_activation import SMALL_M, FP8Activation
-    from radixlm.layers.fp8_linear import ONLINE_INPUT_QUANT
-
-    force_fusion(monkeypatch, fuse=True)
-    norm, act = RMSNorm(256, dtype=torch.bfloat16).to(DEVICE), SiluAndMul()
-    norm.weight.copy_(1 + 0.5 * randn(256, dtype=torch.bfloat16, seed=9))
-    x, residual = (randn(3, 256, dtype=torch.bfloat16, seed=s) for s in (12, 13))
-    deferred, new_residual = norm(x, residual, ONLINE_INPUT_QUANT)
-    assert isinstance(deferred, NormedInput) and deferred.new_residual.data_ptr() == new_residual.data_ptr()
-    out, want_residual = fused_ops.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
-    assert torch.equal(deferred.materialize(), out) and torch.equal(new_residual, want_residual)
-    alone = norm(x, quant=ONLINE_INPUT_QUANT)
-    assert isinstance(alone, NormedInput) and torch.equal(alone.materialize(), fused_ops.rms_norm(x, norm.weight, norm.eps))
-    silu = act(x, ONLINE_INPUT_QUANT)
-    assert isinstance(silu, SiluMulInput) and torch.equal(silu.materialize(), fused_ops.silu_and_mul(x))
-    big = randn(SMALL_M + 1, 256, dtype=torch.bfloat16, seed=14)
-    assert isinstance(norm(big, quant=ONLINE_INPUT_QUANT), FP8Activation)
-    assert isinstance(act(big, ONLINE_INPUT_QUANT), FP8Activation)
-    with pytest.raises(ValueError, match="unquantized"):
-        quantize_activation(x, ONLINE_INPUT_QUANT)
-    with pytest.raises(ValueError, match="unquantized"):
-        quantize_activation(x, PER_TOKEN).check(ONLINE_INPUT_QUANT)
-    with pytest.raises(ValueError, match="unquantized"):
-        fused_quant.silu_and_mul_quant_fp8(x, ONLINE_INPUT_QUANT)
