@@ -6,7 +6,7 @@ memory model), from the engine's own parts rather than hand-counted shapes:
 - a token's KV bytes: that model's ``kv_cache_spec`` (``--kv-cache-dtype``);
 - the pool: ``ModelRunner._init_memory_pools``'s rule,
   ``KV bytes = total x mem_fraction_static - (CUDA context etc.) - weights - CUDA-graph room`` (the graph room
-  ``graph_memory_estimate`` only where graphs are captured: not under DP attention, which runs eagerly).
+  ``graph_memory_estimate``; under DP attention its feed-forward rows are every DP rank's, padded).
 
 Distinct tokens in the system: with TP alone every rank caches every token (an MLA latent cannot be split by
 heads), so the system holds one GPU's worth; with D attention groups each group caches its own requests: D times.
@@ -64,9 +64,9 @@ def rank_memory(args: ServerArgs, tp_rank: int) -> RankMemory:
     weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
     kv_dtype = FP8_KV_DTYPES.get(args.kv_cache_dtype, cfg.dtype)
     spec = model.kv_cache_spec(kv_dtype)
-    max_bs = graph_batch_limit(args, "cuda", dp_size > 1)
-    room = graph_memory_estimate(SimpleNamespace(model_config=cfg, server_args=args, kv_spec=spec), max_bs) \
-        if max_bs else 0
+    max_bs = graph_batch_limit(args, "cuda")
+    room = graph_memory_estimate(SimpleNamespace(model_config=cfg, server_args=args, kv_spec=spec, lora=None),
+                                 max_bs) if max_bs else 0
     return RankMemory(weights, spec.bytes_per_token(), room)
 
 

@@ -248,8 +248,10 @@ class Batch:
     mrope_positions: torch.Tensor | None = None  # [3, num_tokens] int64 on the host, for M-RoPE models
     verify: VerifyInput | None = None  # TARGET_VERIFY only
     # Data-parallel attention: this step's new tokens on every DP rank, in DP-rank order (None: the executor
-    # exchanges them with the other ranks)
+    # exchanges them with the other ranks), and whether every DP rank's step is a plain decode or IDLE (then a
+    # CUDA graph may replay it on every rank, the ranks' rows padded alike)
     dp_token_counts: list[int] | None = None
+    dp_all_decode: bool = False
     lora_names: list[str | None] | None = None  # per row, its LoRA adapter (None: no row uses one)
 
     @property
@@ -259,6 +261,13 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def graph_compatible(self) -> bool:
+        """An IDLE step, or a DECODE step of the form CUDA graphs are captured in: no M-RoPE positions, input
+        embeddings or hidden states (``CudaGraphRunner.padded_size`` checks the same on the device batch)."""
+        return self.mode.is_idle or (self.mode.is_decode and self.mrope_positions is None and not self.input_embeds
+                                     and not self.return_hidden_states)
 
     @classmethod
     def idle(cls) -> "Batch":
@@ -312,8 +321,12 @@ class ForwardBatch:
     return_hidden_states: bool = False
     sampling_info: "SamplingBatchInfo | None" = None
     # Data-parallel attention: new tokens of every DP rank this step, host ints the same on every rank (the
-    # feed-forward runs on all of them); None without DP attention
+    # feed-forward runs on all of them); None without DP attention.  ``dp_all_decode``: every DP rank's step is
+    # graph-compatible (``Batch.graph_compatible``).  ``dp_padded_len``: set in a CUDA graph's batch (every DP
+    # rank's rows padded to this many, the feed-forward on dp_size times as many; the counts are not read)
     dp_token_counts: list[int] | None = None
+    dp_all_decode: bool = False
+    dp_padded_len: int | None = None
     # LoRA: the batch's adapter segments over its tokens (radixlm.kernels.lora); None without --enable-lora
     lora: "LoraSegments | None" = None
 

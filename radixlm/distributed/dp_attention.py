@@ -7,8 +7,11 @@ sharded over the whole TP group, so every rank must run it on the tokens of all 
     hidden [counts[dp.rank], h] --dp_gather--> [sum(counts), h] --mlp (its all-reduce over tp_size ranks)-->
     [sum(counts), h] --dp_scatter--> [counts[dp.rank], h]
 
-``counts`` (tokens per DP rank this step, host ints every rank knows; ``exchange_token_counts`` finds them) fix
-every shape, so a DP rank with no tokens (an IDLE step) runs the same collectives with empty inputs.
+``counts`` (tokens per DP rank this step, host ints every rank knows; ``exchange_dp_step`` finds them) fix
+every shape, so a DP rank with no tokens (an IDLE step) runs the same collectives with empty inputs.  A CUDA graph
+cannot depend on them: a step every rank replays from graphs has every rank's rows padded to the graph's size
+(``padded_len``: the graph runner pads them, an IDLE rank's all padding), and the feed-forward runs on
+``dp_size * padded_len`` rows, the padding included (``dp_gather_padded``, ``dp_scatter_padded``).
 
 Gathering is an all-gather over the whole TP group of every rank's rows padded to ``max(counts)``; the A ranks of
 one attention group send the same rows and the first one's are kept.  Each rank receives ``tp_size * max * h``
@@ -48,12 +51,26 @@ def dp_scatter(out: torch.Tensor, counts: list[int], dp: DPAttention) -> torch.T
     return out[start : start + counts[dp.rank]]
 
 
-def exchange_token_counts(num_tokens: int, dp: DPAttention) -> list[int]:
-    """Every DP rank's token count for this step, from each rank's own (``num_tokens``), over the TP group's gloo
-    group (host values: no device work is waited for).  The ranks of one attention group must agree."""
+def dp_gather_padded(hidden: torch.Tensor, dp: DPAttention) -> torch.Tensor:
+    """``hidden`` [padded_len, h], this DP rank's rows padded alike on every rank -> [dp_size * padded_len, h],
+    DP rank d's at [d * padded_len, (d + 1) * padded_len).  Shapes depend on ``padded_len`` only (CUDA graphs)."""
+    parts = dp.tp.all_gather(hidden, dim=0).view(dp.tp.size, *hidden.shape)  # [tp_size, padded_len, h]
+    return parts[:: dp.attn_tp.size].reshape(dp.size * hidden.shape[0], hidden.shape[1])
+
+
+def dp_scatter_padded(out: torch.Tensor, dp: DPAttention) -> torch.Tensor:
+    """``out`` [dp_size * padded_len, h], the feed-forward's output -> this DP rank's [padded_len, h]."""
+    return out.view(dp.size, -1, out.shape[-1])[dp.rank]
+
+
+def exchange_dp_step(num_tokens: int, graph_compatible: bool, dp: DPAttention) -> tuple[list[int], bool]:
+    """Every DP rank's token count for this step, from each rank's own (``num_tokens``), and whether every rank's
+    step is graph-compatible, over the TP group's gloo group (host values: no device work is waited for).  The
+    ranks of one attention group must agree."""
     if not dp.enabled:
-        return [num_tokens]
-    return [row[0] for row in gather_per_dp_rank([num_tokens], dp)]
+        return [num_tokens], graph_compatible
+    rows = gather_per_dp_rank([num_tokens, int(graph_compatible)], dp)
+    return [n for n, _ in rows], all(flag for _, flag in rows)
 
 
 def gather_per_dp_rank(values: list[int], dp: DPAttention) -> list[list[int]]:

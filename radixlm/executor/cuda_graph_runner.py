@@ -10,6 +10,15 @@ sizes its tensors from host lengths and runs decode eagerly).
 All graphs share one memory pool and are captured largest first, so the pool is sized by the largest batch
 and the smaller graphs reuse it.
 
+Under data-parallel attention every forward is a collective of all DP ranks, so they replay graphs together or
+not at all: a step replays when every DP rank's step is a graph-compatible decode or IDLE (``dp_all_decode``,
+agreed in the scheduler's lockstep) and the largest rank's fits, every rank (an IDLE one too, all padding) at the
+size that largest rank pads to.  The graphs were captured with the feed-forward's exchange over rows padded to
+their size (``ForwardBatch.dp_padded_len``), so a replay reads no token count.
+
+``capture=False`` pads and replays the same static batches eagerly, without graphs: the replay path on a CPU, for
+the tests.
+
 With LoRA (``runner.lora``) every size is captured twice: once without adapters (replayed for a batch in which no
 row has one, so the base-only fast path launches no LoRA kernel in graphs either) and once with the adapter
 layout as graph inputs: static ``seg_starts`` / ``seg_slots`` / ``token_order`` in the shape of
@@ -47,12 +56,16 @@ def capture_batch_sizes(max_bs: int) -> list[int]:
 
 def graph_memory_estimate(runner: "ModelRunner", max_bs: int) -> int:
     """Bytes the graph pool needs at batch ``max_bs``: the activations of one decode step (the largest live
-    set is the MLP's gate/up output next to the residual stream) plus the float32 logits and their copies."""
-    cfg, tp, kv = runner.model_config, runner.server_args.tp_size, runner.kv_spec
+    set is the MLP's gate/up output next to the residual stream) plus the float32 logits and their copies.
+    Under DP attention a rank's attention has ``tp_size / dp_size`` ranks' heads, and its feed-forward runs on
+    every DP rank's padded rows (``dp_size * max_bs``)."""
+    args, cfg, kv = runner.server_args, runner.model_config, runner.kv_spec
+    tp, dp = args.tp_size, args.dp_size if args.enable_dp_attention else 1
     elem = torch.empty((), dtype=cfg.dtype).element_size()
-    heads = cfg.num_attention_heads // tp
-    per_token = elem * (4 * cfg.hidden_size + 3 * (cfg.intermediate_size // tp) + heads * (kv.head_dim + kv.v_head_dim)
+    heads = cfg.num_attention_heads // (tp // dp)
+    per_token = elem * (3 * cfg.hidden_size + heads * (kv.head_dim + kv.v_head_dim)
                         + kv.num_kv_heads * (kv.head_dim + kv.v_head_dim))
+    per_token += dp * elem * (cfg.hidden_size + 3 * (cfg.intermediate_size // tp))  # the feed-forward's rows
     per_token += 3 * 4 * cfg.vocab_size  # logits: bf16 matmul output, float32 copy, gathered copy
     per_token += 4 * cfg.vocab_size  # the shared float32 logits buffer
     if runner.lora is not None:  # the dense GEMM's output (base + every slot's shrink) beside the expand's
@@ -78,8 +91,9 @@ def fill_lora_layout(static: LoraSegments, segments: LoraSegments) -> None:
 
 
 class CudaGraphRunner:
-    def __init__(self, runner: "ModelRunner", max_bs: int) -> None:
+    def __init__(self, runner: "ModelRunner", max_bs: int, capture: bool = True) -> None:
         self.runner = runner
+        self.dp_attention = runner.dp.enabled
         self.batch_sizes = capture_batch_sizes(max_bs)
         self.max_bs = self.batch_sizes[-1]
         device = runner.device
@@ -104,12 +118,20 @@ class CudaGraphRunner:
                 split, n = decode_layout(bs, runner.lora.num_slots)
                 self.lora_layouts[bs] = LoraSegments(starts[:n + 1], slots[:n], split or 1, True,
                                                      None if split is None else order[:bs], runner.lora.dense)
-        self._capture_all()
+        self.captured = capture
+        if capture:
+            self._capture_all()
 
     def padded_size(self, fb: ForwardBatch) -> int | None:
         """The captured size that would replay ``fb`` (its decode rows padded up), None if no graph can: a plain
         decode step up to the largest captured size (no M-RoPE positions, embeddings or hidden states: the graphs
-        were captured without them)."""
+        were captured without them).  Under DP attention: the size of the DP rank with the most rows, when every
+        rank's step is such a decode or IDLE, else None on every rank alike."""
+        if self.dp_attention:
+            counts = fb.dp_token_counts
+            if not fb.dp_all_decode or not counts or not 0 < max(counts) <= self.max_bs:
+                return None
+            return self.batch_sizes[bisect.bisect_left(self.batch_sizes, max(counts))]
         if not (fb.is_decode and fb.batch_size <= self.max_bs and fb.positions.dim() == 1
                 and fb.embed_overrides is None and not fb.return_hidden_states):
             return None
@@ -140,25 +162,33 @@ class CudaGraphRunner:
             self.req_pool_indices[bs:padded].zero_()
             self.seq_lens[bs:padded].fill_(1)
             self.out_cache_loc[bs:padded].zero_()
-        if _uses_lora(fb):
+        lora = _uses_lora(fb)
+        if lora:
             fill_lora_layout(self.lora_layouts[padded], fb.lora)
+        if not self.captured:  # eagerly: the host-reading attention backends get the real lengths
+            self._run_static(self._static_batch(padded, lora, fb.seq_lens_cpu + [1] * (padded - bs)))
+        elif lora:
             self.lora_graphs[padded].replay()
         else:
             self.graphs[padded].replay()
         return LogitsOutput(self.logits[:bs])
 
     # ------------------------------------------------------------------ capture
-    def _static_batch(self, bs: int, lora: bool) -> ForwardBatch:
+    def _static_batch(self, bs: int, lora: bool, seq_lens_cpu: list[int] | None = None) -> ForwardBatch:
         r = self.runner
         # has_lora: the captured forward runs the LoRA kernels, which read the layout's buffers at replay
         segments = self.lora_layouts[bs] if lora else None
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
             positions=self.positions[:bs], req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
-            seq_lens_cpu=[1] * bs, out_cache_loc=self.out_cache_loc[:bs],
+            seq_lens_cpu=seq_lens_cpu or [1] * bs, out_cache_loc=self.out_cache_loc[:bs],
             req_to_token_pool=r.memory.req_to_token_pool, kv_pool=r.kv_pool, attn_backend=r.attn_backend,
-            lora=segments,
+            lora=segments, dp_padded_len=bs if self.dp_attention else None,
         )
+
+    def _run_static(self, fb: ForwardBatch) -> None:
+        """What a graph of ``fb``'s size records: the forward over the static buffers, its logits copied out."""
+        self.logits[:fb.batch_size].copy_(self.runner.forward_eager(fb).next_token_logits)
 
     def _capture_all(self) -> None:
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.runner.device)[0]
@@ -186,7 +216,7 @@ class CudaGraphRunner:
         # thread_local: CUDA calls of other threads (NCCL's watchdog, grammar workers) during the capture are
         # theirs, not an error that invalidates it
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            self.logits[:fb.batch_size].copy_(self.runner.forward_eager(fb).next_token_logits)
+            self._run_static(fb)
         return graph
 
 

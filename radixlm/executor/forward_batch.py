@@ -15,16 +15,17 @@ if TYPE_CHECKING:
 
 
 def build_forward_batch(batch: Batch, runner: "ModelRunner", prev_ids: torch.Tensor | None,
-                        dp_token_counts: list[int] | None = None) -> ForwardBatch:
+                        dp_step: tuple[list[int], bool] | None = None) -> ForwardBatch:
     """The device view of ``batch``; ``prev_ids`` ([rows of the previous step] int64 on the device) are the
-    previous step's samples, which ``batch.input_ids`` may refer to as ``-(row + 1)``; ``dp_token_counts``:
-    every DP rank's new tokens (data-parallel attention)."""
+    previous step's samples, which ``batch.input_ids`` may refer to as ``-(row + 1)``; ``dp_step``: every DP
+    rank's new tokens and whether every rank's step is graph-compatible (data-parallel attention)."""
     device = runner.device
     bs = batch.batch_size
     seq_lens = [p + e for p, e in zip(batch.prefix_lens, batch.extend_lens)]
     common = dict(req_to_token_pool=runner.memory.req_to_token_pool, kv_pool=runner.kv_pool,
                   attn_backend=runner.attn_backend, return_hidden_states=batch.return_hidden_states,
-                  dp_token_counts=dp_token_counts)
+                  dp_token_counts=None if dp_step is None else dp_step[0],
+                  dp_all_decode=dp_step is not None and dp_step[1])
     if batch.mode.is_idle:
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return ForwardBatch(ForwardMode.IDLE, 0, empty, empty, empty, empty, [], empty, **common)

@@ -26,12 +26,10 @@ DEFAULT_GPU_MEM_FRACTION = 0.88
 DEFAULT_CUDA_GRAPH_MAX_BS = 256
 
 
-def graph_batch_limit(args: ServerArgs, device_type: str, dp_attention: bool) -> int:
+def graph_batch_limit(args: ServerArgs, device_type: str) -> int:
     """Largest decode batch captured in a CUDA graph; 0 when decode runs eagerly."""
     if device_type != "cuda" or args.disable_cuda_graph or args.attention_backend == "torch_native":
         return 0  # torch-native attention sizes its decode tensors from host values: not capturable
-    if dp_attention:
-        return 0  # the feed-forward's token count is every DP rank's: graphs would need padded shapes
     return min(args.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, args.max_running_requests or 1 << 30)
 
 
@@ -107,7 +105,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- memory
     def _graph_batch_limit(self) -> int:
-        return graph_batch_limit(self.server_args, self.device.type, self.dp.enabled)
+        return graph_batch_limit(self.server_args, self.device.type)
 
     def _init_memory_pools(self) -> None:
         args, cfg = self.server_args, self.model_config

@@ -21,7 +21,7 @@ import torch
 
 from radixlm.constrained import TokenBitmask, apply_token_bitmask
 from radixlm.core import Batch, BatchResult, ForwardBatch, ForwardMode
-from radixlm.distributed.dp_attention import exchange_token_counts
+from radixlm.distributed.dp_attention import exchange_dp_step
 from radixlm.executor.forward_batch import build_forward_batch
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.layers.logits_processor import LogitsOutput
@@ -88,7 +88,7 @@ class ModelWorker:
         return self.sample(self.launch(batch), grammar_mask).result()
 
     def launch(self, batch: Batch) -> LaunchedStep:
-        fb = build_forward_batch(batch, self.runner, self._prev_ids, self._dp_token_counts(batch))
+        fb = build_forward_batch(batch, self.runner, self._prev_ids, self._dp_step(batch))
         fb.sampling_info = self._sampling_info_for(batch, fb)
         return LaunchedStep(batch, fb, self.runner.forward(fb))
 
@@ -133,15 +133,16 @@ class ModelWorker:
         return self.runner.lora
 
     # ------------------------------------------------------------------ helpers
-    def _dp_token_counts(self, batch: Batch) -> list[int] | None:
-        """Data-parallel attention: every DP rank's token count this step, the batch's or else exchanged with
-        the other ranks (a gloo all-gather: every rank launches every step, IDLE ones too)."""
+    def _dp_step(self, batch: Batch) -> tuple[list[int], bool] | None:
+        """Data-parallel attention: every DP rank's token count this step and whether every rank's step is
+        graph-compatible, the batch's or else exchanged with the other ranks (a gloo all-gather: every rank
+        launches every step, IDLE ones too)."""
         dp = self.runner.dp
         if not dp.enabled:
             return None
         if batch.dp_token_counts is not None:
-            return batch.dp_token_counts
-        return exchange_token_counts(batch.num_tokens, dp)
+            return batch.dp_token_counts, batch.dp_all_decode
+        return exchange_dp_step(batch.num_tokens, batch.graph_compatible, dp)
 
     def _sampling_info_for(self, batch: Batch, fb: ForwardBatch) -> SamplingBatchInfo | None:
         rows = batch.sampling

@@ -17,7 +17,7 @@ from torch import nn
 from radixlm.config import ModelConfig
 from radixlm.core import ForwardBatch
 from radixlm.distributed import DPAttention, TPGroup
-from radixlm.distributed.dp_attention import dp_gather, dp_scatter
+from radixlm.distributed.dp_attention import dp_gather, dp_gather_padded, dp_scatter, dp_scatter_padded
 from radixlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, apply_embed_overrides
 from radixlm.layers.layernorm import RMSNorm
 from radixlm.layers.logits_processor import LogitsOutput, LogitsProcessor
@@ -39,7 +39,8 @@ class PreNormDecoderLayer(nn.Module):
 
     With data-parallel attention (``dp`` enabled) the attention and the residual stream hold this DP rank's tokens
     and ``mlp`` is sharded over the whole TP group: it runs on every DP rank's tokens (``dp_gather`` before it,
-    ``dp_scatter`` after, sized by ``fb.dp_token_counts``)."""
+    ``dp_scatter`` after, sized by ``fb.dp_token_counts``; in a CUDA graph every rank's rows padded to
+    ``fb.dp_padded_len``)."""
 
     def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module, dp: DPAttention | None = None):
         super().__init__()
@@ -65,6 +66,8 @@ class PreNormDecoderLayer(nn.Module):
             # Only models whose MLP takes the adapters build a LoRA pool (``lora_projections``), so only theirs
             # see ``fb.lora`` set.
             return (self.mlp(hidden) if fb.lora is None else self.mlp(hidden, fb.lora)), residual
+        if fb.dp_padded_len is not None:
+            return dp_scatter_padded(self.mlp(dp_gather_padded(hidden, self.dp)), self.dp), residual
         counts = fb.dp_token_counts
         if counts is None:
             raise ValueError("a data-parallel attention step needs ForwardBatch.dp_token_counts")

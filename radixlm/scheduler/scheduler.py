@@ -173,11 +173,11 @@ class Scheduler:
         batch = planned.batch if planned is not None else None
         if self.lockstep is not None:
             # Idle: no plan and no work (admitted requests are in neither queue until the step is processed).
-            counts = self.lockstep.sync(batch.num_tokens if batch is not None else None,
-                                        batch is None and self.is_idle())
-            if counts is not None:
+            dp_step = self.lockstep.sync(batch.num_tokens if batch is not None else None,
+                                         batch is None and self.is_idle(), batch is None or batch.graph_compatible)
+            if dp_step is not None:
                 batch = batch or Batch.idle()
-                batch.dp_token_counts = counts
+                batch.dp_token_counts, batch.dp_all_decode = dp_step
         if batch is None:
             return failed + self._finish_inflight()
         launched = self.worker.launch(batch)

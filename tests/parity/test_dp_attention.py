@@ -5,7 +5,12 @@ process (TP=1) running that DP rank's requests alone.
 The ranks follow a static schedule known to all of them (``schedule``): a DP rank extends the requests that arrive
 in a step, else decodes its running ones, else idles; a request leaves once it has its tokens.  So DP ranks run
 different modes in one step (one extends while another decodes or idles), finish at different steps and idle to
-the end, and the step's token counts (``Batch.dp_token_counts``) follow from the plans without any exchange.
+the end, and the step's token counts (``Batch.dp_token_counts``, with ``dp_all_decode``: every rank decodes or
+idles) follow from the plans without any exchange.
+
+Steps in which every rank decodes or idles replay CUDA graphs on a GPU: every rank's rows padded to the graph's
+size, an idle rank's all padding, the feed-forward over the padded rows.  On CPU the ``padded`` cases run that
+replay path without graphs (``CudaGraphRunner(capture=False)``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from radixlm.config import ServerArgs
 from radixlm.core import Batch
 from radixlm.distributed import destroy_tensor_parallel, free_local_addr
 from radixlm.executor import ModelRunner, ModelWorker
+from radixlm.executor.cuda_graph_runner import CudaGraphRunner
 from radixlm.executor.static_batch import decode_batch, extend_batch, release
 from radixlm.models.loader import resolve_model_config
 
@@ -58,22 +64,25 @@ def schedule(plan: list[tuple[int, list[int], int]]) -> list[Step]:
     return steps
 
 
-def token_counts(plans: list[list[tuple[int, list[int], int]]]) -> list[list[int]]:
-    """Per step, every DP rank's new tokens (idle ranks 0, to the end of the longest schedule)."""
+def token_counts(plans: list[list[tuple[int, list[int], int]]]) -> list[tuple[list[int], bool]]:
+    """Per step, every DP rank's new tokens (idle ranks 0, to the end of the longest schedule), and whether every
+    rank decodes or idles."""
     schedules = [schedule(p) for p in plans]
     counts = []
     for t in range(max(len(s) for s in schedules)):
-        row = []
+        row, all_decode = [], True
         for plan, steps in zip(plans, schedules):
             kind, reqs = steps[t] if t < len(steps) else ("idle", [])
             row.append(sum(len(plan[i][1]) for i in reqs) if kind == "extend" else len(reqs))
-        counts.append(row)
+            all_decode &= kind != "extend"
+        counts.append((row, all_decode))
     return counts
 
 
-def run_plan(worker: ModelWorker, plan, counts: list[list[int]] | None):
-    """Run ``plan`` on ``worker`` step by step (``counts``: every DP rank's tokens per step; None: alone, TP=1).
-    Returns per request its greedy tokens and its prompt logits [prompt_len, vocab]."""
+def run_plan(worker: ModelWorker, plan, counts: list[tuple[list[int], bool]] | None):
+    """Run ``plan`` on ``worker`` step by step (``counts``: every DP rank's tokens per step and whether all
+    decode or idle; None: alone, TP=1).  Returns per request its greedy tokens and its prompt logits
+    [prompt_len, vocab]."""
     steps = schedule(plan)
     num_steps = len(steps) if counts is None else len(counts)
     outputs: list[list[int]] = [[] for _ in plan]
@@ -95,7 +104,8 @@ def run_plan(worker: ModelWorker, plan, counts: list[list[int]] | None):
                 seq_lens[i] += 1
         else:
             batch = Batch.idle()
-        batch.dp_token_counts = None if counts is None else counts[t]
+        if counts is not None:
+            batch.dp_token_counts, batch.dp_all_decode = counts[t]
         step = worker.launch(batch)
         tokens = step.logits.next_token_logits.argmax(dim=-1).tolist()  # greedy
         if kind == "extend":
@@ -115,25 +125,44 @@ def _args(model_path: str, tp: int, dp: int, addr: str | None, device: str) -> S
                       dist_init_addr=addr, max_total_tokens=2048, random_seed=0, dtype="float32")
 
 
-def _rank_main(rank: int, tp: int, device: str, cases: list[tuple[str, int, str]], queue) -> None:
-    """Every case (model path, dp size, rendezvous address) in turn, on fresh process groups."""
+class CountingReplays(CudaGraphRunner):
+    """The replay path without graphs (CPU), counting its replays."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        super().__init__(runner, 4, capture=False)
+        self.replays = 0
+
+    def replay(self, fb):
+        self.replays += 1
+        return super().replay(fb)
+
+
+def _rank_main(rank: int, tp: int, device: str, cases: list[tuple[str, int, bool, str]], queue) -> None:
+    """Every case (model path, dp size, padded, rendezvous address) in turn, on fresh process groups."""
     torch.set_num_threads(1)
-    for index, (model_path, dp, addr) in enumerate(cases):
+    for index, (model_path, dp, padded, addr) in enumerate(cases):
         args = _args(model_path, tp, dp, addr, device)
         worker = ModelWorker(ModelRunner(args, resolve_model_config(args), tp_rank=rank))
         try:
             dp_rank = worker.runner.dp.rank
             assert worker.runner.dp.attn_tp.size == tp // dp and worker.runner.dp.size == dp
+            if padded:
+                worker.runner.cuda_graph_runner = CountingReplays(worker.runner)
             plans = PLANS[:dp]
-            queue.put((index, rank, dp_rank, run_plan(worker, plans[dp_rank], token_counts(plans))))
+            counts = token_counts(plans)
+            result = run_plan(worker, plans[dp_rank], counts)
+            if padded:  # every step in which all ranks decode or idle (and the largest fits 4 rows) replayed
+                expected = sum(1 for row, all_decode in counts if all_decode and max(row) <= 4)
+                assert worker.runner.cuda_graph_runner.replays == expected > 0
+            queue.put((index, rank, dp_rank, result))
         finally:
             destroy_tensor_parallel()
 
 
-def run_group(tp: int, device: str, cases: list[tuple[str, int]]) -> dict[tuple[int, int], tuple]:
+def run_group(tp: int, device: str, cases: list[tuple[str, int, bool]]) -> dict[tuple[int, int], tuple]:
     """(case index, TP rank) -> (DP rank, (tokens, logits)) from ``tp`` spawned ranks (gloo on CPU, NCCL on
     CUDA)."""
-    cases_with_addr = [(path, dp, free_local_addr()) for path, dp in cases]
+    cases_with_addr = [(path, dp, padded, free_local_addr()) for path, dp, padded in cases]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, tp, device, cases_with_addr, queue)) for r in range(tp)]
@@ -163,7 +192,8 @@ def _gpus(n: int):
 def test_dp_attention_equals_tp1(tp, dps, device, tmp_path):
     """Tiny DeepSeek-V2 (softmax group-limited routing, q without LoRA) and V3 (sigmoid grouped routing, q LoRA,
     YaRN), each with a dense first layer: at TP=``tp`` with every --dp-size in ``dps``, each DP rank's requests
-    get TP=1's tokens exactly and its prompt logits within float32 reduction-order noise."""
+    get TP=1's tokens exactly and its prompt logits within float32 reduction-order noise; on CPU also with the
+    decode steps through the graph runner's padded replay (on a GPU graphs replay them anyway)."""
     cases, references = [], []
     for name in ("deepseek_v2_moe", "deepseek_v3"):
         path = str(tmp_path / name)
@@ -172,12 +202,13 @@ def test_dp_attention_equals_tp1(tp, dps, device, tmp_path):
         worker = ModelWorker(ModelRunner(args, resolve_model_config(args)))
         refs = [run_plan(worker, plan, None) for plan in PLANS[:max(dps)]]
         for dp in dps:
-            cases.append((path, dp))
-            references.append(refs)
+            for padded in (False, True) if device == "cpu" else (False,):
+                cases.append((path, dp, padded))
+                references.append(refs)
     results = run_group(tp, device, cases)
     # CUDA: the Triton kernels' float32 dots run in TF32, whose rounding the summation orders then spread further
     tolerance = 1e-4 if device == "cpu" else 1e-3
-    for index, (path, dp) in enumerate(cases):
+    for index, (path, dp, _) in enumerate(cases):
         for rank in range(tp):
             dp_rank, (tokens, logits) = results[index, rank]
             assert dp_rank == rank // (tp // dp)

@@ -120,7 +120,10 @@ def test_ranks_launch_together_and_get_their_tokens(kwargs):
         counts = [b.num_tokens for b in step]
         assert any(counts), "a forward runs only when some rank has tokens"
         assert all(b.dp_token_counts == counts for b in step)
+        # graphs replay on every rank or none: all of this step's batches are decodes or IDLE
+        assert all(b.dp_all_decode == all(x.graph_compatible for x in step) for b in step)
         assert all(b.mode.is_idle == (b.num_tokens == 0) for b in step)
+    assert {b.dp_all_decode for step in zip(*launches) for b in step} == {False, True}
     assert all(b.mode.is_idle for b in launches[2]), "rank 2 only ever idles"
     for worker in workers:
         assert not any(m.is_idle for m in worker.sampled_modes), "IDLE launches are never sampled"
