@@ -27,6 +27,10 @@ weight from HBM, as a decode step's back-to-back layers do; weight TB/s per row.
 activations) with programmatic dependent launch off, on, and on with 1 or 2 weight tiles a GEMV program
 requests before its wait (``GemvConfig.preload``); same timing.
 
+``--cublas-small-m``: at decode sizes (M = 1 and 16, per-channel weights) the served online-FP8 layer (the
+Triton quantizer + GEMV) against cuBLAS's row-wise FP8 GEMM (``torch._scaled_mm``) on the same quantized rows
+padded to 16 (its smallest M), and bf16 cuBLAS; same timing, outputs compared.
+
 ``--tune``: every config of a small grid (``tune_grid``) per (shape, M), prints the best per row and a summary
 by M bucket, from which ``fp8_gemm.default_fp8_config`` can be updated.
 
@@ -411,6 +415,40 @@ def pdl_layers(names: list[str], tokens: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
+def cublas_small_m(names: list[str], tokens: list[int]) -> None:
+    """The decode-sized online-FP8 layer: ours against cuBLAS's row-wise FP8 GEMM on rows padded to 16."""
+    print("online-FP8 layer at decode sizes: us per call in CUDA graphs over rotating weight copies")
+    print(f"{'shape':18s} {'M':>3s} {'ours':>7s} {'TB/s':>5s} {'cuBLAS fp8':>10s} {'TB/s':>5s} {'bf16':>7s} "
+          f"{'TB/s':>5s}  rel err")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    for name in names:
+        shape = SHAPES[name]
+        copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
+        bf16 = [dequantize_bf16(*random_fp8_weight(shape.n, shape.k, gen)) for _ in range(copies)]
+        chans = [quantize_online(w) for w in bf16]
+        for m in tokens:
+            x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            x_pad = torch.zeros(16, shape.k, device="cuda", dtype=FP8_DTYPE)
+            s_pad = torch.ones(16, 1, device="cuda", dtype=torch.float32)
+
+            def cublas(w):
+                x_q, x_s = per_token_group_quant_fp8_triton(x, shape.k)  # per token
+                x_pad[:m].copy_(x_q)
+                s_pad[:m].copy_(x_s)
+                return torch._scaled_mm(x_pad, w[0].t(), scale_a=s_pad, scale_b=w[1][None, :].float(),
+                                        out_dtype=torch.bfloat16)[:m]
+
+            err = rel_err(cublas(chans[0]).float(), fp8_channel_linear(x, *chans[0]).float())
+            t_ours = rotating_graph_us([lambda w=w: fp8_channel_linear(x, *w) for w in chans])
+            t_cublas = rotating_graph_us([lambda w=w: cublas(w) for w in chans])
+            t_bf16 = rotating_graph_us([lambda w=w: torch.matmul(x, w.t()) for w in bf16])
+            nk = shape.n * shape.k
+            print(f"{name:18s} {m:3d} {t_ours:7.1f} {nk / t_ours / 1e6:5.2f} {t_cublas:10.1f} "
+                  f"{nk / t_cublas / 1e6:5.2f} {t_bf16:7.1f} {2 * nk / t_bf16 / 1e6:5.2f}  {err:.1e}", flush=True)
+        del bf16, chans
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
@@ -424,10 +462,13 @@ def main() -> None:
     parser.add_argument("--write-configs", help="--tune-gemv: write each shape's best per-channel config here "
                         "(JSON, for RADIXLM_GEMV_CONFIGS)")
     parser.add_argument("--pdl", action="store_true", help="the decode layer without and with PDL")
+    parser.add_argument("--cublas-small-m", action="store_true", help="decode-sized online FP8: ours vs cuBLAS")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     start = time.perf_counter()
-    if args.pdl:
+    if args.cublas_small_m:
+        cublas_small_m(args.shapes, [t for t in args.tokens if t <= 16])
+    elif args.pdl:
         pdl_layers(args.shapes, [t for t in args.tokens if t <= 16])
     elif args.tune_gemv:
         tune_gemv(args.shapes, [t for t in args.tokens if t <= 16], args.gemv_formats, args.write_configs)
