@@ -60,7 +60,7 @@ from radixlm.kernels.fp8 import (
     w8a8_block_fp8_matmul_torch,
 )
 from radixlm.kernels.fp8_gemm import (
-    default_fp8_config, per_token_group_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
+    default_fp8_config, per_token_group_quant_fp8_triton, per_token_quant_fp8_triton, w8a8_block_fp8_matmul_triton,
 )
 from radixlm.kernels.fp8_gemv import GemvConfig, default_gemv_config, fp8_gemv
 from radixlm.kernels.launch_tables import write_launch_table
@@ -432,7 +432,7 @@ def cublas_small_m(names: list[str], tokens: list[int]) -> None:
             s_pad = torch.ones(16, 1, device="cuda", dtype=torch.float32)
 
             def cublas(w):
-                x_q, x_s = per_token_group_quant_fp8_triton(x, shape.k)  # per token
+                x_q, x_s = per_token_quant_fp8_triton(x)
                 x_pad[:m].copy_(x_q)
                 s_pad[:m].copy_(x_s)
                 return torch._scaled_mm(x_pad, w[0].t(), scale_a=s_pad, scale_b=w[1][None, :].float(),
