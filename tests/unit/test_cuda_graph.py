@@ -144,3 +144,52 @@ def test_gpu_schedules_agree(tmp_path) -> None:
         assert len(reqs[1].logprobs.output_token_logprobs) == len(reqs[1].output_ids)
         assert [e[1] for e in reqs[1].logprobs.output_token_logprobs] == reqs[1].output_ids
     assert all(o == outs["default"] for o in outs.values()), outs
+
+
+def test_replay_path_without_graphs_matches_eager(tmp_path) -> None:
+    """The graph runner's padding and replay, run eagerly on CPU (``capture=False``): a decode step of 3 rows pads
+    to 4 (dummy rows in slot 0) and gives the eager step's logits; steps no graph takes (past the largest size,
+    an extend) are refused.  The scheduler's greedy tokens are those of eager decode."""
+    from radixlm.core import ForwardMode
+    from radixlm.executor.cuda_graph_runner import CudaGraphRunner
+    from radixlm.executor.forward_batch import build_forward_batch
+    from radixlm.executor.static_batch import decode_batch, extend_batch, release
+    from radixlm.scheduler import run_to_completion
+
+    from conftest import greedy_req, make_scheduler, make_worker, random_seqs
+
+    build_tiny_hf_model("llama", str(tmp_path))
+    worker = make_worker(str(tmp_path))
+    runner = worker.runner
+    graphs = CudaGraphRunner(runner, 8, capture=False)
+    assert graphs.batch_sizes == [1, 2, 4, 8] and not graphs.graphs
+    seqs = random_seqs((5, 9, 3))
+    memory = worker.memory
+    rows = memory.req_to_token_pool.alloc(3)
+    try:
+        prefill = extend_batch(memory, rows, [0, 0, 0], seqs)
+        worker.launch(prefill)
+        step = decode_batch(memory, rows, [len(s) for s in seqs], [7, 8, 9])
+        fb = build_forward_batch(step, runner, None)
+        assert graphs.padded_size(fb) == 4 and graphs.can_run(fb)
+        assert not graphs.can_run(build_forward_batch(prefill, runner, None))
+        eager = runner.forward_eager(build_forward_batch(step, runner, None)).next_token_logits
+        replayed = graphs.replay(fb).next_token_logits
+        assert replayed.shape == eager.shape and torch.allclose(replayed, eager, rtol=1e-5, atol=1e-5)
+        too_big = fb.__class__(**{**fb.__dict__, "batch_size": 9})
+        assert graphs.padded_size(too_big) is None and fb.forward_mode is ForwardMode.DECODE
+    finally:
+        release(worker, rows, [len(s) + 1 for s in seqs])
+    outs, replays = {}, []
+    for padded in (False, True):
+        sched = make_scheduler(str(tmp_path))
+        if padded:
+            runner = sched.worker.runner
+            runner.cuda_graph_runner = CudaGraphRunner(runner, 4, capture=False)
+            replay = runner.cuda_graph_runner.replay
+            runner.cuda_graph_runner.replay = lambda fb: replays.append(fb.batch_size) or replay(fb)
+        reqs = [greedy_req(str(i), s, 5 + i) for i, s in enumerate(random_seqs((4, 11, 6, 2, 8), seed=3))]
+        run_to_completion(sched, reqs)
+        outs[padded] = [r.output_ids for r in reqs]
+    assert outs[False] == outs[True]
+    assert replays and max(replays) <= 4 and 3 in replays  # decode steps of 4 rows and fewer (3: padded)
