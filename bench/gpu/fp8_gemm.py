@@ -290,6 +290,14 @@ def tune(names: list[str], tokens: list[int]) -> None:
             print(f"    {row}")
 
 
+def weight_copies(shape: Linear, gen: torch.Generator) -> tuple[list, list, list]:
+    """Enough copies of a random weight of ``shape`` that a rotating timing reads each from HBM
+    (``ROTATE_BYTES``), in the three forms: block FP8 (w_q, w_s), dequantized bf16, per-channel FP8 (w_q, w_s)."""
+    blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(max(2, -(-ROTATE_BYTES // (shape.n * shape.k))))]
+    bf16 = [dequantize_bf16(w_q, w_s) for w_q, w_s in blocks]
+    return blocks, bf16, [quantize_online(w) for w in bf16]
+
+
 def rotating_graph_us(calls: list[Callable[[], object]]) -> float:
     """us per call of ``calls`` (each on its own weight copy) captured back to back in one CUDA graph."""
     for call in calls:
@@ -328,10 +336,7 @@ def tune_gemv(names: list[str], tokens: list[int], fmts: list[str], write_config
     table: dict[str, list[int]] = {}
     for name in names:
         shape = SHAPES[name]
-        copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
-        blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
-        bf16 = [dequantize_bf16(w_q, w_s) for w_q, w_s in blocks]
-        chans = [quantize_online(w) for w in bf16]
+        blocks, bf16, chans = weight_copies(shape, gen)
         default = default_gemv_config(shape.n, shape.k, num_sms)
         for fmt in fmts:
             weights = [(w_q, w_s, BLOCK) for w_q, w_s in blocks] if fmt == "block" else \
@@ -391,9 +396,7 @@ def pdl_layers(names: list[str], tokens: list[int]) -> None:
     gen = torch.Generator(device="cuda").manual_seed(7)
     for name in names:
         shape = SHAPES[name]
-        copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
-        blocks = [random_fp8_weight(shape.n, shape.k, gen) for _ in range(copies)]
-        chans = [quantize_online(dequantize_bf16(w_q, w_s)) for w_q, w_s in blocks]
+        blocks, bf16, chans = weight_copies(shape, gen)
         default = default_gemv_config(shape.n, shape.k, num_sms)
         for fmt, weights in (("block", [(q, s, BLOCK) for q, s in blocks]), ("chan", [(q, s, None) for q, s in chans])):
             for m in tokens:
@@ -411,7 +414,7 @@ def pdl_layers(names: list[str], tokens: list[int]) -> None:
                 print(f"{name:18s} {fmt:>5s} {m:3d} " + " ".join(f"{t:9.1f}" for t in times)
                       + f" {shape.n * shape.k / min(times) / 1e6:9.2f}" + ("" if same else "  OUTPUTS DIFFER"),
                       flush=True)
-        del blocks, chans
+        del blocks, bf16, chans
         torch.cuda.empty_cache()
 
 
@@ -423,9 +426,7 @@ def cublas_small_m(names: list[str], tokens: list[int]) -> None:
     gen = torch.Generator(device="cuda").manual_seed(11)
     for name in names:
         shape = SHAPES[name]
-        copies = max(2, -(-ROTATE_BYTES // (shape.n * shape.k)))
-        bf16 = [dequantize_bf16(*random_fp8_weight(shape.n, shape.k, gen)) for _ in range(copies)]
-        chans = [quantize_online(w) for w in bf16]
+        blocks, bf16, chans = weight_copies(shape, gen)
         for m in tokens:
             x = torch.randn(m, shape.k, generator=gen, device="cuda", dtype=torch.bfloat16)
             x_pad = torch.zeros(16, shape.k, device="cuda", dtype=FP8_DTYPE)
@@ -445,7 +446,7 @@ def cublas_small_m(names: list[str], tokens: list[int]) -> None:
             nk = shape.n * shape.k
             print(f"{name:18s} {m:3d} {t_ours:7.1f} {nk / t_ours / 1e6:5.2f} {t_cublas:10.1f} "
                   f"{nk / t_cublas / 1e6:5.2f} {t_bf16:7.1f} {2 * nk / t_bf16 / 1e6:5.2f}  {err:.1e}", flush=True)
-        del bf16, chans
+        del blocks, bf16, chans
         torch.cuda.empty_cache()
 
 
