@@ -9,6 +9,11 @@ overhead excluded, L2 warm, as in a captured decode step), the saving, and ``bit
 quantized values, scales (and new residual) equal the old composition's at that shape.
 
     python bench/gpu/fused_quant.py     # well under a minute on an H200 (Triton compiles included)
+    python bench/gpu/fused_quant.py --chunks 1024 4096 16384 --quants g128
+
+``--chunks``: the fused kernels at each ``fused_quant._CHUNK`` (columns a program quantizes; 1024 serves: a
+4096-wide row over four programs, each reading the whole row for the norm's statistic), beside the producer
+alone (``plain us``: the norm or SiLU-mul kernel without quantization), to see what the quantization costs.
 
 from the repository root with ``PYTHONPATH=.``.
 """
@@ -60,20 +65,48 @@ def cases(m: int, quant: ActivationQuant, gen: torch.Generator):
            lambda: fused_quant.silu_and_mul_quant_fp8(gate_up, quant))
 
 
+def plain(name: str, m: int, gen: torch.Generator) -> Callable[[], object]:
+    """The producer of case ``name`` without quantization, at ``m`` rows."""
+    x = torch.randn(m, HIDDEN, generator=gen, device="cuda").bfloat16()
+    weight = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    if name == "rms_norm":
+        return lambda: fused_ops.rms_norm(x, weight, 1e-5)
+    if name == "add_rms_norm":
+        return lambda: fused_ops.fused_add_rms_norm(x, x, weight, 1e-5)
+    gate_up = torch.randn(m, 2 * INTERMEDIATE, generator=gen, device="cuda").bfloat16()
+    return lambda: fused_ops.silu_and_mul(gate_up)
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", nargs="+", type=int, help="fused_quant._CHUNK values to time the fused kernels at")
+    parser.add_argument("--quants", nargs="+", choices=sorted(QUANTS), default=list(QUANTS))
+    args = parser.parse_args()
+    chunks = args.chunks or [fused_quant._CHUNK]
     print(f"{torch.cuda.get_device_name()}: bf16, hidden {HIDDEN}, intermediate {INTERMEDIATE}; us per call in "
           "CUDA graphs")
-    print(f"{'op':14s} {'quant':>5s} {'M':>3s} {'old us':>7s} {'fused us':>8s} {'saved':>6s} {'bits':>5s}")
+    print(f"{'op':14s} {'quant':>5s} {'M':>3s} {'plain us':>8s} {'old us':>7s} "
+          + " ".join(f"{'fused@' + str(c):>11s}" for c in chunks) + f" {'bits':>5s}")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    all_same = True
-    for m in (1, 16):
-        for quant_name, quant in QUANTS.items():
-            for name, old, fused in cases(m, quant, gen):
-                bits = same(fused(), old())
-                all_same &= bits
-                t_old, t_fused = graph_us(old), graph_us(fused)
-                print(f"{name:14s} {quant_name:>5s} {m:3d} {t_old:7.2f} {t_fused:8.2f} {t_old - t_fused:6.2f} "
-                      f"{'same' if bits else 'DIFF':>5s}")
+    all_same, served = True, fused_quant._CHUNK
+    try:
+        for m in (1, 16):
+            for quant_name in args.quants:
+                for name, old, fused in cases(m, QUANTS[quant_name], gen):
+                    times, bits = [], True
+                    for chunk in chunks:
+                        fused_quant._CHUNK = chunk
+                        bits &= same(fused(), old())
+                        times.append(graph_us(fused))
+                    fused_quant._CHUNK = served
+                    all_same &= bits
+                    print(f"{name:14s} {quant_name:>5s} {m:3d} {graph_us(plain(name, m, gen)):8.2f} "
+                          f"{graph_us(old):7.2f} " + " ".join(f"{t:11.2f}" for t in times)
+                          + f" {'same' if bits else 'DIFF':>5s}")
+    finally:
+        fused_quant._CHUNK = served
     print("all bit-identical" if all_same else "MISMATCH: the fused kernels differ from the composition")
 
 
