@@ -52,7 +52,7 @@ class DPLockstep:
     def over(cls, dp: DPAttention) -> "DPLockstep":
         return cls(dp.rank, dp.size, dp.attn_tp.size, lambda values: gather_per_dp_rank(values, dp))
 
-    def sync(self, num_tokens: int | None, idle: bool, graph_compatible: bool = True) -> DPStep | None:
+    def sync(self, num_tokens: int | None, idle: bool, graph_compatible: bool) -> DPStep | None:
         """``num_tokens``: this rank's planned step's new tokens, None for no step; ``idle``: this rank has no
         work at all; ``graph_compatible``: its planned step is (``Batch.graph_compatible``; ignored without a
         plan).  Returns every DP rank's token count for the step (0 for a rank without a plan) and whether all
