@@ -105,8 +105,11 @@ def cases():
     yield "gemv block", lambda: fp8_gemv(x_q, per_group, *w_block(256), (128, 128), bf16)
     yield "gemv exact", lambda: fp8_gemv(x_q, per_group, *w_chan(256), None, torch.float32)
     x = torch.randn(m, 2 * k, dtype=bf16)
-    yield "rms_norm quant", lambda: fused_quant.rms_norm_quant_fp8(x, x, torch.ones(2 * k, dtype=bf16), 1e-6,
-                                                                    ActivationQuant(128))
+    wide = torch.randn(m, 8 * k, dtype=bf16)  # past fused_quant._CHUNK: a row over several programs
+    for rows, group in ((x, 128), (x, None), (wide, 128), (wide, None)):
+        yield (f"rms_norm quant {rows.shape[1]} group {group}",
+               lambda rows=rows, group=group: fused_quant.rms_norm_quant_fp8(
+                   rows, rows, torch.ones(rows.shape[1], dtype=bf16), 1e-6, ActivationQuant(group)))
     yield "silu_and_mul quant", lambda: fused_quant.silu_and_mul_quant_fp8(x, ActivationQuant(128))
 
     def decode(cache, dk, dv, kv_heads, o_dtype=bf16, group=None):

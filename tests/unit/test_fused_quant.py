@@ -46,10 +46,18 @@ def assert_same(got: FP8Activation, want: FP8Activation) -> None:
 NORM_CASES = [(1, 288, None), (5, 288, 32), (3, 256, 128), (2, 2304, None), (4, 2304, 128), (2, 288, 96)]
 
 
+# Columns a program quantizes (``fused_quant._CHUNK``): the served value, and one program a row for every case
+# (the norm then quantizes the row it read for the statistic, without reading its chunk again).
+CHUNKS = [1024, 1 << 14]
+
+
 @pytest.mark.parametrize("rows,k,group", NORM_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_quant_is_norm_then_quantizer(rows, k, group, dtype, with_residual, poisoned_outputs) -> None:
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_rms_norm_quant_is_norm_then_quantizer(rows, k, group, dtype, with_residual, chunk, poisoned_outputs,
+                                               monkeypatch) -> None:
+    monkeypatch.setattr(fused_quant, "_CHUNK", chunk)
     x = randn(rows, k, dtype=dtype, seed=k + rows, scale=3.0)
     x[0, :32] = 0  # an all-zero group: the scale floor
     weight = 1 + 0.5 * randn(k, dtype=dtype, seed=1)
@@ -84,7 +92,10 @@ SILU_CASES = [(1, 288, None), (5, 288, 32), (3, 256, 128), (2, 4800, None), (2, 
 
 @pytest.mark.parametrize("rows,d,group", SILU_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul_quant_is_silu_mul_then_quantizer(rows, d, group, dtype, poisoned_outputs) -> None:
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_silu_and_mul_quant_is_silu_mul_then_quantizer(rows, d, group, dtype, chunk, poisoned_outputs,
+                                                       monkeypatch) -> None:
+    monkeypatch.setattr(fused_quant, "_CHUNK", chunk)
     x = randn(rows, 2 * d, dtype=dtype, seed=d + rows, scale=2.0)
     x[0, :32] = 0
     got = fused_quant.silu_and_mul_quant_fp8(x, ActivationQuant(group))
@@ -94,8 +105,10 @@ def test_silu_and_mul_quant_is_silu_mul_then_quantizer(rows, d, group, dtype, po
 @pytest.mark.skipif(not CUDA, reason="real shapes are too slow for the interpreter")
 @pytest.mark.parametrize("rows", [1, 16, 300])
 @pytest.mark.parametrize("group", [None, 128])
-def test_real_shapes_on_gpu(rows, group) -> None:
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_real_shapes_on_gpu(rows, group, chunk, monkeypatch) -> None:
     """Llama-3.1-8B's: hidden 4096 (input and post-attention norms), intermediate 14336 (SiLU-mul), bf16."""
+    monkeypatch.setattr(fused_quant, "_CHUNK", chunk)
     quant = ActivationQuant(group)
     x, residual = randn(rows, 4096, dtype=torch.bfloat16, seed=12), randn(rows, 4096, dtype=torch.bfloat16, seed=13)
     weight = 1 + 0.1 * randn(4096, dtype=torch.bfloat16, seed=14)
