@@ -31,7 +31,9 @@ from radixlm.kernels.fused_ops import (
 )
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
-# Columns one program quantizes (per token), or about that many in whole groups (per group).
+# Columns one program quantizes (per token), or about that many in whole groups (per group).  One program a row
+# (4096 or 16384) was slower at decode on an H200 even quantizing the row it had read, without a second read
+# (GPU run R1: the 128-group norm 2.10 against 1.42 us at M = 1, a Llama-8B step 2.85-2.94 against 2.76 ms).
 _CHUNK = 1024
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -56,59 +58,43 @@ def _rms_norm_quant_kernel(
     x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, new_residual_ptr,
     x_row_stride, residual_row_stride, n_cols, eps, scale_eps, fp8_max,
     HAS_RESIDUAL: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr, PDL: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     # Under PDL the consumer (the FP8 GEMV) may launch at once and start on its weight, as after the quantizers.
     pdl_trigger(PDL)
     pdl_wait(PDL)
     # GROUP 0: one scale per row, program (row, c) quantizes columns [c * CHUNK, (c + 1) * CHUNK).  Otherwise
     # groups of GROUP columns, held in CHUNK (a power of two >= GROUP) lanes each: program (row, c) quantizes
-    # groups [c * GROUPS, (c + 1) * GROUPS).  WHOLE_ROW: one program a row (c = 0), which quantizes the row it
-    # read for the statistic instead of reading its chunk again (for groups: BLOCK == GROUPS * CHUNK, GROUP ==
-    # CHUNK, so the row's [GROUPS, CHUNK] reshape is its groups).
+    # groups [c * GROUPS, (c + 1) * GROUPS).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, cols,
                    cols < n_cols, HAS_RESIDUAL)
     inv = inv_rms(x, n_cols, eps)
-    if WHOLE_ROW:
-        xc, chunk, mask = x, cols, cols < n_cols
+    if GROUP == 0:
+        weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0)
+        out = rms_apply(x, inv, weight).to(OUT_DTYPE).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out), axis=0), scale_eps), fp8_max)
+        chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
+        mask = chunk < n_cols
     else:
-        if GROUP == 0:
-            out = rms_apply(x, inv, tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0))
-            row_max = tl.max(tl.abs(out.to(OUT_DTYPE).to(tl.float32)), axis=0)
-            chunk = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
-            mask = chunk < n_cols
-        else:
-            groups, chunk, mask = _group_tile(n_cols, GROUP, GROUPS, CHUNK)
-        xc = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, chunk,
-                        mask, HAS_RESIDUAL)
+        groups, chunk, mask = _group_tile(n_cols, GROUP, GROUPS, CHUNK)
+    xc = norm_input(x_ptr, residual_ptr, new_residual_ptr, row, x_row_stride, residual_row_stride, chunk, mask,
+                    HAS_RESIDUAL)
     if HAS_RESIDUAL:
         tl.store(new_residual_ptr + row * n_cols + chunk, xc, mask=mask)
     out_c = rms_apply(xc, inv, tl.load(weight_ptr + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
     if GROUP == 0:
-        if WHOLE_ROW:
-            row_max = tl.max(tl.abs(out_c), axis=0)
-        scale = tl.math.div_rn(tl.maximum(row_max, scale_eps), fp8_max)
         tl.store(q_ptr + row * n_cols + chunk, quantize_e4m3(out_c, scale, fp8_max).to(q_ptr.dtype.element_ty),
                  mask=mask)
         if tl.program_id(1) == 0:
             tl.store(s_ptr + row, scale)
     else:
-        if WHOLE_ROW:
-            out_c = tl.reshape(out_c, (GROUPS, CHUNK))
-            groups, chunk, mask = _group_tile(n_cols, GROUP, GROUPS, CHUNK)
-        _store_group_quant(out_c, q_ptr + row * n_cols + chunk, mask, s_ptr + row * (n_cols // GROUP), groups,
-                           n_cols // GROUP, scale_eps, fp8_max)
-
-
-@triton.jit
-def _store_group_quant(out, q_ptrs, mask, s_row_ptr, groups, num_groups, scale_eps, fp8_max):
-    """Quantize ``out`` [GROUPS, lanes] (fp32, masked lanes zero) with a scale per group (row): the values to
-    ``q_ptrs`` where ``mask``, the scales of the groups that exist to ``s_row_ptr + groups``."""
-    scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out), axis=1), scale_eps), fp8_max)  # [GROUPS]
-    tl.store(q_ptrs, quantize_e4m3(out, scales[:, None], fp8_max).to(q_ptrs.dtype.element_ty), mask=mask)
-    tl.store(s_row_ptr + groups, scales, mask=groups < num_groups)
+        scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
+        tl.store(q_ptr + row * n_cols + chunk,
+                 quantize_e4m3(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty), mask=mask)
+        num_groups = n_cols // GROUP
+        tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
 
 
 def _split(k: int, quant: ActivationQuant) -> tuple[int, int, int, int]:
@@ -147,12 +133,11 @@ def rms_norm_quant_fp8(
     q, scale = _new_quantized(x2d.shape[0], hidden, quant, x.device)
     if x2d.shape[0]:
         block = triton.next_power_of_2(hidden)
-        whole_row = chunks == 1 and (group == 0 or (group == chunk and groups * chunk == block))
         _rms_norm_quant_kernel[(x2d.shape[0], chunks)](
             x2d, residual2d, weight, q, scale, new_residual,
             x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
             HAS_RESIDUAL=residual is not None, OUT_DTYPE=TL_DTYPES[out_dtype], BLOCK=block,
-            GROUP=group, GROUPS=groups, CHUNK=chunk, WHOLE_ROW=whole_row, num_warps=norm_num_warps(block),
+            GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block),
             **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, out_dtype, x.shape), new_residual
@@ -171,8 +156,11 @@ def _silu_mul_quant_kernel(
     groups, chunk, mask = _group_tile(d, GROUP, GROUPS, CHUNK)
     out_c = silu_mul(tl.load(gate_ptr + chunk, mask=mask, other=0.0),
                      tl.load(gate_ptr + d + chunk, mask=mask, other=0.0)).to(OUT_DTYPE).to(tl.float32)
-    _store_group_quant(out_c, q_ptr + row * d + chunk, mask, s_ptr + row * (d // GROUP), groups, d // GROUP,
-                       scale_eps, fp8_max)
+    scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(out_c), axis=1), scale_eps), fp8_max)  # [GROUPS]
+    tl.store(q_ptr + row * d + chunk, quantize_e4m3(out_c, scales[:, None], fp8_max).to(q_ptr.dtype.element_ty),
+             mask=mask)
+    num_groups = d // GROUP
+    tl.store(s_ptr + row * num_groups + groups, scales, mask=groups < num_groups)
 
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activation:
@@ -196,8 +184,7 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, quant: ActivationQuant) -> FP8Activa
     if x2d.shape[0] and d:
         _silu_mul_quant_kernel[(x2d.shape[0], chunks)](
             x2d, q, scale, x2d.stride(0), d, SCALE_EPS, FP8_MAX,
-            OUT_DTYPE=TL_DTYPES[x.dtype], GROUP=group, GROUPS=groups, CHUNK=chunk,
-            num_warps=min(max(groups * chunk // 512, 4), 16),  # ~16 values a thread
+            OUT_DTYPE=TL_DTYPES[x.dtype], GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=4,
             **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, x.dtype, torch.Size((*x.shape[:-1], d)))
