@@ -10,10 +10,13 @@ idles) follow from the plans without any exchange.
 
 Steps in which every rank decodes or idles replay CUDA graphs on a GPU: every rank's rows padded to the graph's
 size, an idle rank's all padding, the feed-forward over the padded rows.  On CPU the ``padded`` cases run that
-replay path without graphs (``CudaGraphRunner(capture=False)``).
+replay path without graphs (``CudaGraphRunner(capture=False)``).  One process can play one DP rank of two whose
+peer's rows it makes up (``PeerGroup``), which runs the captured graphs on a single GPU.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -22,8 +25,10 @@ import torch.multiprocessing as mp
 
 from radixlm.config import ServerArgs
 from radixlm.core import Batch
-from radixlm.distributed import destroy_tensor_parallel, free_local_addr
-from radixlm.executor import ModelRunner, ModelWorker
+from radixlm.distributed import destroy_tensor_parallel, free_local_addr, parallel_state
+from radixlm.distributed.parallel_state import DPAttention, TPGroup
+from radixlm.executor import ModelRunner, ModelWorker, model_runner
+from radixlm.executor import worker as worker_module
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner
 from radixlm.executor.static_batch import decode_batch, extend_batch, release
 from radixlm.models.loader import resolve_model_config
@@ -216,3 +221,73 @@ def test_dp_attention_equals_tp1(tp, dps, device, tmp_path):
             assert tokens == ref_tokens, (path, dp, rank)
             for got, want in zip(logits, ref_logits):
                 assert np.abs(got - want).max() < tolerance, (path, dp, rank)
+
+
+@dataclass(frozen=True)
+class PeerGroup(TPGroup):
+    """The two-rank TP group of DP rank ``rank`` (one rank per attention group) in one process, the other rank's
+    rows made up: the same rows (``mirror``: a DP rank running the same requests) or zeros (an IDLE rank, all
+    padding).  Only the feed-forward's exchange (``all_gather``) is played; nothing else may use it."""
+
+    mirror: bool = False
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        peer = x if self.mirror else torch.zeros_like(x)
+        return torch.cat([x if r == self.rank else peer for r in range(self.size)], dim=dim)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the feed-forward reduces over the process's own TP group, not the DP exchange's")
+
+
+@pytest.mark.parametrize("dp_rank,mirror", [(0, True), (0, False), (1, False)])
+def test_one_process_plays_a_dp_rank(dp_rank, mirror, tmp_path, monkeypatch):
+    """Tiny DeepSeek-V3 as DP rank ``dp_rank`` of two with a made-up peer (the same requests, or idle
+    throughout): its tokens equal TP=1's and its prompt logits are within float32 noise of them, and every decode
+    step replays at its padded size: on a GPU the CUDA graphs captured with the padded exchange, on CPU the
+    replay path without graphs.  (The multi-process tests above need one GPU per rank for NCCL.)"""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = str(tmp_path / "deepseek_v3")
+    build_tiny_hf_model("deepseek_v3", path)
+    args = _args(path, 1, 1, None, device)
+    plan = PLANS[0]
+    want_tokens, want_logits = run_plan(ModelWorker(ModelRunner(args, resolve_model_config(args))), plan, None)
+
+    dp = DPAttention(rank=dp_rank, size=2, attn_tp=TPGroup(), tp=PeerGroup(rank=dp_rank, size=2, mirror=mirror))
+
+    def peer_counts(n: int) -> list[int]:
+        return [n, n] if mirror else [n, 0][:: 1 - 2 * dp_rank]
+
+    def init_with_peer(*_args, **_kwargs) -> TPGroup:
+        monkeypatch.setattr(parallel_state, "_TP_GROUP", TPGroup())
+        monkeypatch.setattr(parallel_state, "_DP_ATTENTION", dp)
+        return parallel_state.get_tp_group()
+
+    def exchange_with_peer(num_tokens: int, graph_compatible: bool, _dp) -> tuple[list[int], bool]:
+        # the warm-up's steps (the test's own carry their counts)
+        return peer_counts(num_tokens), graph_compatible
+
+    monkeypatch.setattr(model_runner, "init_tensor_parallel", init_with_peer)
+    monkeypatch.setattr(worker_module, "exchange_dp_step", exchange_with_peer)
+    runner = ModelRunner(args, resolve_model_config(args))
+    assert runner.dp is dp
+    if device == "cpu":
+        runner.cuda_graph_runner = CountingReplays(runner)
+    else:
+        graphs = runner.cuda_graph_runner
+        assert graphs is not None and graphs.captured and graphs.dp_attention
+        graphs.replays, replay = 0, graphs.replay
+
+        def counting(fb):
+            graphs.replays += 1
+            return replay(fb)
+
+        graphs.replay = counting
+    counts = []
+    for kind, reqs in schedule(plan):
+        n = sum(len(plan[i][1]) for i in reqs) if kind == "extend" else len(reqs)
+        counts.append((peer_counts(n), kind != "extend"))
+    tokens, logits = run_plan(ModelWorker(runner), plan, counts)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        assert np.abs(got - want).max() < (1e-4 if device == "cpu" else 1e-3)
+    assert runner.cuda_graph_runner.replays == sum(1 for _, all_decode in counts if all_decode) > 0
