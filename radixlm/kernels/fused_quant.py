@@ -27,7 +27,7 @@ from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 from radixlm.kernels.fp8_gemm import round_to_e4m3
 from radixlm.kernels.fused_ops import (
-    inv_rms, norm_input, norm_num_warps, norm_operands, rms_apply, silu_and_mul, silu_mul,
+    NORM_LAUNCH, inv_rms, norm_input, norm_num_warps, norm_operands, rms_apply, silu_and_mul, silu_mul,
 )
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
@@ -138,7 +138,7 @@ def rms_norm_quant_fp8(
             x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
             HAS_RESIDUAL=residual is not None, OUT_DTYPE=TL_DTYPES[out_dtype], BLOCK=block,
             GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block),
-            **pdl_launch_kwargs(x.device),
+            **NORM_LAUNCH, **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, out_dtype, x.shape), new_residual
 
