@@ -79,13 +79,6 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# The norms compile without FP contraction (``enable_fp_fusion=False``): whether the compiler fuses the sum of
-# squares' products into FMAs depends on the code around it, and the norm that quantizes its output
-# (``fused_quant``) must reproduce this one's statistic bit for bit (GPU run R2: a 4096-wide row in one program
-# differed from the plain norm in some rows' bits with contraction on).
-NORM_LAUNCH = {"enable_fp_fusion": False}
-
-
 def norm_num_warps(block: int) -> int:
     """Warps of a norm program over a ``block``-wide row; the fused-quantization norm uses the same, so its sum of
     squares is reduced in the same order (the same bits)."""
@@ -126,7 +119,7 @@ def _launch_rms_norm(
         x2d, residual2d, weight, out, new_residual,
         x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_num_warps(block),
-        **NORM_LAUNCH, **pdl_launch_kwargs(x.device),
+        **pdl_launch_kwargs(x.device),
     )
     return out, new_residual
 

@@ -27,7 +27,7 @@ from radixlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, check_group_size
 from radixlm.kernels.fp8_activation import ActivationQuant, FP8Activation, quantize_activation
 from radixlm.kernels.fp8_gemm import round_to_e4m3
 from radixlm.kernels.fused_ops import (
-    NORM_LAUNCH, inv_rms, norm_input, norm_num_warps, norm_operands, rms_apply, silu_and_mul, silu_mul,
+    inv_rms, norm_input, norm_num_warps, norm_operands, rms_apply, silu_and_mul, silu_mul,
 )
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
 
@@ -99,9 +99,15 @@ def _rms_norm_quant_kernel(
 
 def _split(k: int, quant: ActivationQuant) -> tuple[int, int, int, int]:
     """(GROUP, GROUPS, CHUNK, programs per row) of a row of ``k`` quantized as ``quant`` asks: per token, CHUNK
-    columns a program; per group, GROUPS groups of CHUNK lanes (GROUP used) a program."""
+    columns a program, at most half the row's block; per group, GROUPS groups of CHUNK lanes (GROUP used) a
+    program.
+
+    Per token a program never takes the whole row: a chunk of the row's own shape lets the compiler lay the row
+    out for the chunk's FP8 store, and the sum of squares it reduces in that layout came out in other bits than
+    the plain norm's on an H200 (GPU runs R2-R3: a 4096-wide row in one program, some of 300 rows; 2304-wide
+    fp32 rows with FP contraction off).  Group tiles are two-dimensional, so the row keeps its own layout."""
     if quant.group_size is None:
-        chunk = min(triton.next_power_of_2(k), _CHUNK)
+        chunk = max(min(triton.next_power_of_2(k) // 2, _CHUNK), 1)
         return 0, 1, chunk, triton.cdiv(k, chunk)
     group = quant.group_size
     check_group_size(k, group)
@@ -138,7 +144,7 @@ def rms_norm_quant_fp8(
             x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), hidden, eps, SCALE_EPS, FP8_MAX,
             HAS_RESIDUAL=residual is not None, OUT_DTYPE=TL_DTYPES[out_dtype], BLOCK=block,
             GROUP=group, GROUPS=groups, CHUNK=chunk, num_warps=norm_num_warps(block),
-            **NORM_LAUNCH, **pdl_launch_kwargs(x.device),
+            **pdl_launch_kwargs(x.device),
         )
     return FP8Activation(q, scale, out_dtype, x.shape), new_residual
 
