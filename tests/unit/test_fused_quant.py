@@ -46,8 +46,8 @@ def assert_same(got: FP8Activation, want: FP8Activation) -> None:
 NORM_CASES = [(1, 288, None), (5, 288, 32), (3, 256, 128), (2, 2304, None), (4, 2304, 128), (2, 288, 96)]
 
 
-# Columns a program quantizes (``fused_quant._CHUNK``): the served value, and one program a row for every case
-# (the norm then quantizes the row it read for the statistic, without reading its chunk again).
+# Columns a program quantizes (``fused_quant._CHUNK``): the served value, and the fewest programs a row for every
+# case (one a row per group; per token two, ``fused_quant._split`` says why).
 CHUNKS = [1024, 1 << 14]
 
 
