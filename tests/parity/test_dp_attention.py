@@ -130,16 +130,21 @@ def _args(model_path: str, tp: int, dp: int, addr: str | None, device: str) -> S
                       dist_init_addr=addr, max_total_tokens=2048, random_seed=0, dtype="float32")
 
 
-class CountingReplays(CudaGraphRunner):
-    """The replay path without graphs (CPU), counting its replays."""
+def counting_replays(graphs: CudaGraphRunner) -> CudaGraphRunner:
+    """``graphs`` with its replays counted in ``graphs.replays``."""
+    graphs.replays, replay = 0, graphs.replay
 
-    def __init__(self, runner: ModelRunner) -> None:
-        super().__init__(runner, 4, capture=False)
-        self.replays = 0
+    def counted(fb):
+        graphs.replays += 1
+        return replay(fb)
 
-    def replay(self, fb):
-        self.replays += 1
-        return super().replay(fb)
+    graphs.replay = counted
+    return graphs
+
+
+def replay_path_without_graphs(runner: ModelRunner) -> CudaGraphRunner:
+    """The graph runner's replay path without graphs (CPU), up to 4 rows, counting its replays."""
+    return counting_replays(CudaGraphRunner(runner, 4, capture=False))
 
 
 def _rank_main(rank: int, tp: int, device: str, cases: list[tuple[str, int, bool, str]], queue) -> None:
@@ -152,7 +157,7 @@ def _rank_main(rank: int, tp: int, device: str, cases: list[tuple[str, int, bool
             dp_rank = worker.runner.dp.rank
             assert worker.runner.dp.attn_tp.size == tp // dp and worker.runner.dp.size == dp
             if padded:
-                worker.runner.cuda_graph_runner = CountingReplays(worker.runner)
+                worker.runner.cuda_graph_runner = replay_path_without_graphs(worker.runner)
             plans = PLANS[:dp]
             counts = token_counts(plans)
             result = run_plan(worker, plans[dp_rank], counts)
@@ -271,17 +276,10 @@ def test_one_process_plays_a_dp_rank(dp_rank, mirror, tmp_path, monkeypatch):
     runner = ModelRunner(args, resolve_model_config(args))
     assert runner.dp is dp
     if device == "cpu":
-        runner.cuda_graph_runner = CountingReplays(runner)
+        runner.cuda_graph_runner = replay_path_without_graphs(runner)
     else:
-        graphs = runner.cuda_graph_runner
-        assert graphs is not None and graphs.captured and graphs.dp_attention
-        graphs.replays, replay = 0, graphs.replay
-
-        def counting(fb):
-            graphs.replays += 1
-            return replay(fb)
-
-        graphs.replay = counting
+        assert runner.cuda_graph_runner.captured and runner.cuda_graph_runner.dp_attention
+        counting_replays(runner.cuda_graph_runner)
     counts = []
     for kind, reqs in schedule(plan):
         n = sum(len(plan[i][1]) for i in reqs) if kind == "extend" else len(reqs)
