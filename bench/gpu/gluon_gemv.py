@@ -1,0 +1,254 @@
+"""A prototype of the batch-1 FP8 GEMV in Gluon (Triton's explicit dialect), timed against the served Triton one.
+
+Question (issue #19's last point, the online-FP8 batch-1 step at 1.7x bf16): the served ``fp8_gemv`` needs
+about two programs per SM to stream the weight at speed, so the narrow projections (qkv, o, down) split K and pay
+a reduction tail (run P3: 0.1 ms of a 2.76 ms step), and deeper Triton pipelines with fewer programs streamed less
+(run P6).  Here each program keeps ``STAGES`` weight tiles in flight through TMA copies into a shared-memory ring
+with one mbarrier a slot, refilling a slot as soon as the tile's wgmma is done, and requests its first ``PRELOAD``
+tiles before its PDL wait (they do not depend on the kernel before).  If that streams the weight at full speed
+with one program per 64 weight rows, the narrow projections can drop their K split.
+
+Semantics are the served decode path's: per-channel E4M3 weight ``[N, K]`` with scales ``[N]``, activations
+``[M <= 16, K]`` in E4M3 with one scale per token per 128 channels; ``out^T = W x^T`` on the wgmma (weight rows
+on its 64-row side, tokens padded to ``BLOCK_M`` by the TMA's zero fill), each 128-wide K tile's dot scaled by
+its activation group scale and added to an fp32 accumulator, the weight scale applied at the end; a split-K
+launch reduces like the served kernel (partials, the last arriver adds them in split order).
+
+    PYTHONPATH=. python bench/gpu/gluon_gemv.py                 # GPU: check, then the timing table
+    PYTHONPATH=. python bench/gpu/gluon_gemv.py --compile-only  # any machine with Triton 3.6: compile for sm_90
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+SHAPES = {"o": (4096, 4096), "qkv": (6144, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+
+
+@gluon.jit
+def _pdl_wait(PDL: gl.constexpr):
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+
+@gluon.jit
+def _pdl_trigger(PDL: gl.constexpr):
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+
+@gluon.jit
+def gluon_gemv_kernel(w_desc, x_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
+                      m_dim, n_dim, k_dim, stride_xsm, stride_om,
+                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, PRELOAD: gl.constexpr,
+                      PDL: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    pid_n = gl.program_id(0)
+    split = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    off_n = pid_n * BLOCK_N
+    off_m = pid_m * BLOCK_M
+    k_tiles = gl.cdiv(k_dim, BLOCK_K)
+    per_split = gl.cdiv(k_tiles, SPLIT_K)
+    t0 = split * per_split
+    n_tiles = gl.minimum(per_split, k_tiles - t0)
+
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for slot in gl.static_range(STAGES):
+        mbarrier.init(bars.index(slot), count=1)
+    tile_bytes: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
+
+    # The weight does not depend on the kernel before: the first PRELOAD slots' weight tiles are requested before
+    # the PDL wait, the activations (written by the kernel before) only after it.  A slot's barrier expects both.
+    for slot in gl.static_range(STAGES):
+        live = slot < n_tiles
+        mbarrier.expect(bars.index(slot), tile_bytes, pred=live)
+        if slot < PRELOAD:
+            tma.async_copy_global_to_shared(w_desc, [off_n, (t0 + slot) * BLOCK_K], bars.index(slot),
+                                            w_smem.index(slot), pred=live)
+    _pdl_wait(PDL)
+    for slot in gl.static_range(STAGES):
+        live = slot < n_tiles
+        if slot >= PRELOAD:
+            tma.async_copy_global_to_shared(w_desc, [off_n, (t0 + slot) * BLOCK_K], bars.index(slot),
+                                            w_smem.index(slot), pred=live)
+        tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + slot) * BLOCK_K], bars.index(slot),
+                                        x_smem.index(slot), pred=live)
+
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_M, 32])
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))  # tokens
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))  # weight rows (outputs)
+    row_ok = rows < m_dim
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
+    for i in range(n_tiles):
+        s = i % STAGES
+        mbarrier.wait(bars.index(s), (i // STAGES) & 1)
+        part = warpgroup_mma(w_smem.index(s), x_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        part = warpgroup_mma_wait(num_outstanding=0, deps=(part, w_smem.index(s), x_smem.index(s)))[0]
+        # The slot is free again: request the tile STAGES ahead into it.
+        ahead = i + STAGES
+        live = ahead < n_tiles
+        mbarrier.expect(bars.index(s), tile_bytes, pred=live)
+        tma.async_copy_global_to_shared(w_desc, [off_n, (t0 + ahead) * BLOCK_K], bars.index(s), w_smem.index(s),
+                                        pred=live)
+        tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + ahead) * BLOCK_K], bars.index(s), x_smem.index(s),
+                                        pred=live)
+        x_s = gl.load(xs_ptr + rows * stride_xsm + (t0 + i), mask=row_ok, other=0.0)  # [BLOCK_M] group scales
+        acc += part * gl.expand_dims(x_s, 0)
+    _pdl_trigger(PDL)
+    for slot in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(slot))
+
+    col_ok = cols < n_dim
+    acc = acc * gl.expand_dims(gl.load(ws_ptr + cols, mask=col_ok, other=0.0), 1)
+    mask = gl.expand_dims(col_ok, 1) & gl.expand_dims(row_ok, 0)
+    out_ptrs = out_ptr + gl.expand_dims(rows, 0) * stride_om + gl.expand_dims(cols, 1)
+    if SPLIT_K == 1:
+        gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tile_part = part_ptr + gl.expand_dims(rows, 0) * n_dim + gl.expand_dims(cols, 1)
+        gl.store(tile_part + split * m_dim * n_dim, acc, mask=mask)
+        gl.thread_barrier()
+        counter = count_ptr + pid_m * gl.num_programs(0) + pid_n
+        if gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
+            for t in gl.static_range(SPLIT_K):
+                total += gl.load(tile_part + t * m_dim * n_dim, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def gluon_gemv(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               block_n: int = 64, stages: int = 8, split_k: int = 1, preload: int = 2, num_warps: int = 4,
+               block_m: int = 16, pdl: bool = False) -> torch.Tensor:
+    """``(x_q * x_s) @ (weight * weight_scale)^T`` in bf16: ``x_q`` [M, K] E4M3, ``x_s`` [M, K / 128] fp32,
+    ``weight`` [N, K] E4M3, ``weight_scale`` [N] fp32."""
+    m, k = x_q.shape
+    n = weight.shape[0]
+    block_k = 128
+    if x_s.shape != (m, k // block_k) or k % block_k:
+        raise ValueError(f"gluon_gemv: 128-group activation scales expected, got {tuple(x_s.shape)} for K={k}")
+    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.float8e4nv)
+    x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.float8e4nv)
+    w_desc = TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [block_n, block_k], w_layout)
+    x_desc = TensorDescriptor(x_q, list(x_q.shape), list(x_q.stride()), [block_m, block_k], x_layout)
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=x_q.device)
+    if split_k > 1:
+        part = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
+        counters = _COUNTERS.setdefault(x_q.device, torch.zeros(1 << 16, dtype=torch.int32, device=x_q.device))
+    else:
+        part = counters = out
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
+    extra = {"launch_pdl": True} if pdl else {}
+    gluon_gemv_kernel[grid](w_desc, x_desc, x_s, weight_scale, out, part, counters, m, n, k, x_s.stride(0),
+                            out.stride(0), BLOCK_M=block_m, STAGES=stages, SPLIT_K=split_k,
+                            PRELOAD=min(preload, stages), PDL=pdl, num_warps=num_warps, **extra)
+    return out
+
+
+CONFIGS = [  # (block_n, stages, split_k, preload, num_warps)
+    *[(64, 4, sk, 2, 4) for sk in (1, 2, 4)],
+    *[(64, 8, sk, 8, 4) for sk in (1, 2, 4)],
+    (64, 12, 1, 12, 4), (64, 8, 1, 0, 4), (64, 8, 1, 2, 4),
+    *[(128, 4, sk, 4, 4) for sk in (1, 2, 4)],
+    (128, 6, 1, 6, 4),
+]
+
+
+def compile_only() -> None:
+    """Compile a few launches for sm_90 without a GPU (signatures from CPU tensors), so that a kernel edit can be
+    checked before a GPU call."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    target = GPUTarget("cuda", 90, 32)
+    w = torch.empty(256, 1024, dtype=torch.float8_e4m3fn)
+    x = torch.empty(1, 1024, dtype=torch.float8_e4m3fn)
+    for (bn, st, sk, pre, nw), bm in itertools.product(CONFIGS[:3] + CONFIGS[-3:], (16, 8)):
+        w_desc = TensorDescriptor(w, [256, 1024], [1024, 1], [bn, 128],
+                                  gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv))
+        x_desc = TensorDescriptor(x, [1, 1024], [1024, 1], [bm, 128],
+                                  gl.NVMMASharedLayout.get_default_for([bm, 128], gl.float8e4nv))
+        sig = {"w_desc": mangle_type(w_desc, True), "x_desc": mangle_type(x_desc, True),
+               "xs_ptr": "*fp32", "ws_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+               "m_dim": "i32", "n_dim": "i32", "k_dim": "i32", "stride_xsm": "i32", "stride_om": "i32"}
+        constexprs = {"BLOCK_M": bm, "STAGES": st, "SPLIT_K": sk, "PRELOAD": pre, "PDL": True, "num_warps": nw}
+        sig.update({name: "constexpr" for name in constexprs})
+        kernel = triton.compile(GluonASTSource(gluon_gemv_kernel, sig, constexprs), target=target,
+                                options={"num_warps": nw})
+        print(f"compiled bn={bn} stages={st} split={sk} preload={pre} bm={bm}: {kernel.metadata.shared} B shared",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    args = parser.parse_args()
+    if args.compile_only:
+        compile_only()
+        return
+    from bench.gpu.fp8_gemm import rotating_graph_us
+    from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton as quantize
+    from radixlm.kernels.fp8_gemv import fp8_gemv
+
+    def layer(gemv, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor], **kw) -> torch.Tensor:
+        """The decode layer as served: the 128-group quantizer, then the GEMV, both launched with PDL."""
+        x_q, x_s = quantize(x, 128, pdl=True)
+        return gemv(x_q, x_s, *w, pdl=True, **kw)
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    print("us per call in CUDA graphs over rotating weight copies (256 MB); TB/s of the weight bytes")
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        weights = []
+        for _ in range(max(2, -(-(256 << 20) // (n * k)))):
+            w = (torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 100).clamp_(-448, 448)
+            w_s = (0.5 + torch.rand(n, generator=gen, device="cuda")) / (100 * k**0.5)
+            weights.append((w.to(torch.float8_e4m3fn), w_s))
+        x = torch.randn(1, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        x_q, x_s = quantize(x, 128)
+        served = fp8_gemv(x_q, x_s, *weights[0]).float()
+        ref = (x_q.float() * x_s.repeat_interleave(128, 1)) @ (weights[0][0].float() * weights[0][1][:, None]).t()
+        print(f"{name} N={n} K={k}: served rel err against fp32 {((served - ref).norm() / ref.norm()).item():.2e}",
+              flush=True)
+        t = rotating_graph_us([lambda w=w: fp8_gemv(x_q, x_s, *w) for w in weights])
+        t_layer = rotating_graph_us([lambda w=w: layer(fp8_gemv, x, w) for w in weights])
+        print(f"  served Triton GEMV       {t:6.2f} us ({n * k / t / 1e6:.2f} TB/s), quantizer + GEMV with PDL "
+              f"{t_layer:6.2f} us", flush=True)
+        for bn, st, sk, pre, nw in CONFIGS:
+            kw = dict(block_n=bn, stages=st, split_k=sk, preload=pre, num_warps=nw)
+            try:
+                out = gluon_gemv(x_q, x_s, *weights[0], **kw).float()
+                err = ((out - served).norm() / served.norm()).item()
+                t = rotating_graph_us([lambda w=w: gluon_gemv(x_q, x_s, *w, **kw) for w in weights])
+                t_layer = rotating_graph_us([lambda w=w: layer(gluon_gemv, x, w, **kw) for w in weights])
+                print(f"  gluon bn={bn:3d} st={st:2d} split={sk} pre={pre:2d} {t:6.2f} us ({n * k / t / 1e6:.2f} "
+                      f"TB/s), quantizer + GEMV with PDL {t_layer:6.2f} us; against served {err:.1e}", flush=True)
+            except Exception as exc:  # noqa: BLE001 (a config the hardware refuses: report, go on)
+                print(f"  gluon {kw}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
