@@ -51,7 +51,7 @@ def _pdl_trigger(PDL: gl.constexpr):
 def gluon_gemv_kernel(w_desc, x_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
                       m_dim, n_dim, k_dim, stride_xsm, stride_om,
                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, PRELOAD: gl.constexpr,
-                      PDL: gl.constexpr, num_warps: gl.constexpr):
+                      MAX_TILES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
     pid_n = gl.program_id(0)
@@ -88,6 +88,20 @@ def gluon_gemv_kernel(w_desc, x_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, count_p
         tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + slot) * BLOCK_K], bars.index(slot),
                                         x_smem.index(slot), pred=live)
 
+    # The program's activation group scales go to shared memory once: loaded in the loop, each one's global
+    # latency would stall every K tile (run S1: 27 GB/s a program however deep the ring).
+    scale_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32 // BLOCK_M, BLOCK_M], [num_warps, 1], [1, 0])
+    tiles = gl.arange(0, MAX_TILES, layout=gl.SliceLayout(1, scale_layout))
+    tokens = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, scale_layout))
+    scale_mask = gl.expand_dims(tiles < n_tiles, 1) & gl.expand_dims(tokens < m_dim, 0)
+    scales = gl.load(xs_ptr + gl.expand_dims(tokens, 0) * stride_xsm + t0 + gl.expand_dims(tiles, 1),
+                     mask=scale_mask, other=0.0)  # [MAX_TILES, BLOCK_M]
+    flat_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    xs_smem = gl.allocate_shared_memory(gl.float32, [MAX_TILES * BLOCK_M], flat_layout,
+                                        gl.reshape(scales, [MAX_TILES * BLOCK_M]))
+    xs_smem = xs_smem._reinterpret(gl.float32, [MAX_TILES, BLOCK_M], flat_layout)  # a row per K tile
+    gl.thread_barrier()
+
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_M, 32])
     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))  # tokens
@@ -108,7 +122,7 @@ def gluon_gemv_kernel(w_desc, x_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, count_p
                                         pred=live)
         tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + ahead) * BLOCK_K], bars.index(s), x_smem.index(s),
                                         pred=live)
-        x_s = gl.load(xs_ptr + rows * stride_xsm + (t0 + i), mask=row_ok, other=0.0)  # [BLOCK_M] group scales
+        x_s = xs_smem.index(i).load(gl.SliceLayout(0, acc_layout))  # [BLOCK_M] the tile's group scales
         acc += part * gl.expand_dims(x_s, 0)
     _pdl_trigger(PDL)
     for slot in gl.static_range(STAGES):
@@ -160,7 +174,9 @@ def gluon_gemv(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weigh
     extra = {"launch_pdl": True} if pdl else {}
     gluon_gemv_kernel[grid](w_desc, x_desc, x_s, weight_scale, out, part, counters, m, n, k, x_s.stride(0),
                             out.stride(0), BLOCK_M=block_m, STAGES=stages, SPLIT_K=split_k,
-                            PRELOAD=min(preload, stages), PDL=pdl, num_warps=num_warps, **extra)
+                            PRELOAD=min(preload, stages),
+                            MAX_TILES=triton.next_power_of_2(triton.cdiv(k // block_k, split_k)), PDL=pdl,
+                            num_warps=num_warps, **extra)
     return out
 
 
@@ -191,7 +207,8 @@ def compile_only() -> None:
         sig = {"w_desc": mangle_type(w_desc, True), "x_desc": mangle_type(x_desc, True),
                "xs_ptr": "*fp32", "ws_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
                "m_dim": "i32", "n_dim": "i32", "k_dim": "i32", "stride_xsm": "i32", "stride_om": "i32"}
-        constexprs = {"BLOCK_M": bm, "STAGES": st, "SPLIT_K": sk, "PRELOAD": pre, "PDL": True, "num_warps": nw}
+        constexprs = {"BLOCK_M": bm, "STAGES": st, "SPLIT_K": sk, "PRELOAD": pre, "MAX_TILES": 8 // sk, "PDL": True,
+                      "num_warps": nw}
         sig.update({name: "constexpr" for name in constexprs})
         kernel = triton.compile(GluonASTSource(gluon_gemv_kernel, sig, constexprs), target=target,
                                 options={"num_warps": nw})
