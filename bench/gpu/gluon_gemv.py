@@ -50,10 +50,10 @@ def _pdl_trigger(PDL: gl.constexpr):
 @gluon.jit
 def gluon_gemv_kernel(w_desc, x_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, count_ptr,
                       m_dim, n_dim, k_dim, stride_xsm, stride_om,
-                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, PRELOAD: gl.constexpr,
-                      MAX_TILES: gl.constexpr, TILED: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SUB: gl.constexpr, SPLIT_K: gl.constexpr,
+                      PRELOAD: gl.constexpr, MAX_TILES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]  # one activation group: a K tile
     pid_n = gl.program_id(0)
     split = gl.program_id(1)
     pid_m = gl.program_id(2)
@@ -63,43 +63,38 @@ def gluon_gemv_kernel(w_desc, x_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, count_p
     per_split = gl.cdiv(k_tiles, SPLIT_K)
     t0 = split * per_split
     n_tiles = gl.minimum(per_split, k_tiles - t0)
-    # The weight tile (pid_n, t) at [w_row(t), w_col(t)]: a [BLOCK_N, BLOCK_K] box of the [N, K] weight, or with
-    # TILED the t-th contiguous tile of the program's row of tiles in the [N * K / BLOCK_K, BLOCK_K] view.
-    if TILED:
-        w_row0 = pid_n * k_tiles * BLOCK_N
-        w_step_row: gl.constexpr = BLOCK_N
-        w_step_col: gl.constexpr = 0
-    else:
-        w_row0 = off_n
-        w_step_row: gl.constexpr = 0
-        w_step_col: gl.constexpr = BLOCK_K
+    n_stages = gl.cdiv(n_tiles, SUB)  # a ring slot holds SUB K tiles
 
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * SUB, BLOCK_N, BLOCK_K], w_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BLOCK_M, BLOCK_K], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for slot in gl.static_range(STAGES):
         mbarrier.init(bars.index(slot), count=1)
-    tile_bytes: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
+    # A slot's SUB tiles are all copied (past the split's range: zero scales below, or the TMA's zero fill past K),
+    # so that its barrier always expects the same bytes.
+    slot_bytes: gl.constexpr = SUB * (w_desc.block_type.nbytes + x_desc.block_type.nbytes)
 
     # The weight does not depend on the kernel before: the first PRELOAD slots' weight tiles are requested before
     # the PDL wait, the activations (written by the kernel before) only after it.  A slot's barrier expects both.
     for slot in gl.static_range(STAGES):
-        live = slot < n_tiles
-        mbarrier.expect(bars.index(slot), tile_bytes, pred=live)
+        live = slot < n_stages
+        mbarrier.expect(bars.index(slot), slot_bytes, pred=live)
         if slot < PRELOAD:
-            tma.async_copy_global_to_shared(w_desc, [w_row0 + (t0 + slot) * w_step_row, (t0 + slot) * w_step_col], bars.index(slot),
-                                            w_smem.index(slot), pred=live)
+            for j in gl.static_range(SUB):
+                tma.async_copy_global_to_shared(w_desc, [off_n, (t0 + slot * SUB + j) * BLOCK_K], bars.index(slot),
+                                                w_smem.index(slot * SUB + j), pred=live)
     _pdl_wait(PDL)
     for slot in gl.static_range(STAGES):
-        live = slot < n_tiles
-        if slot >= PRELOAD:
-            tma.async_copy_global_to_shared(w_desc, [w_row0 + (t0 + slot) * w_step_row, (t0 + slot) * w_step_col], bars.index(slot),
-                                            w_smem.index(slot), pred=live)
-        tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + slot) * BLOCK_K], bars.index(slot),
-                                        x_smem.index(slot), pred=live)
+        live = slot < n_stages
+        for j in gl.static_range(SUB):
+            if slot >= PRELOAD:
+                tma.async_copy_global_to_shared(w_desc, [off_n, (t0 + slot * SUB + j) * BLOCK_K], bars.index(slot),
+                                                w_smem.index(slot * SUB + j), pred=live)
+            tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + slot * SUB + j) * BLOCK_K], bars.index(slot),
+                                            x_smem.index(slot * SUB + j), pred=live)
 
     # The program's activation group scales go to shared memory once: loaded in the loop, each one's global
-    # latency would stall every K tile (run S1: 27 GB/s a program however deep the ring).
+    # latency stalled every K tile (run S1: 27 GB/s a program however deep the ring).  Zero past the split's range.
     scale_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32 // BLOCK_M, BLOCK_M], [num_warps, 1], [1, 0])
     tiles = gl.arange(0, MAX_TILES, layout=gl.SliceLayout(1, scale_layout))
     tokens = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, scale_layout))
@@ -119,21 +114,25 @@ def gluon_gemv_kernel(w_desc, x_desc, xs_ptr, ws_ptr, out_ptr, part_ptr, count_p
     row_ok = rows < m_dim
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
-    for i in range(n_tiles):
+    for i in range(n_stages):
         s = i % STAGES
         mbarrier.wait(bars.index(s), (i // STAGES) & 1)
-        part = warpgroup_mma(w_smem.index(s), x_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-        part = warpgroup_mma_wait(num_outstanding=0, deps=(part, w_smem.index(s), x_smem.index(s)))[0]
-        # The slot is free again: request the tile STAGES ahead into it.
+        for j in gl.static_range(SUB):
+            part = warpgroup_mma(w_smem.index(s * SUB + j), x_smem.index(s * SUB + j).permute((1, 0)), zero,
+                                 use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(num_outstanding=0,
+                                      deps=(part, w_smem.index(s * SUB + j), x_smem.index(s * SUB + j)))[0]
+            x_s = xs_smem.index(i * SUB + j).load(gl.SliceLayout(0, acc_layout))  # [BLOCK_M] the tile's scales
+            acc += part * gl.expand_dims(x_s, 0)
+        # The slot is free again: request the stage STAGES ahead into it.
         ahead = i + STAGES
-        live = ahead < n_tiles
-        mbarrier.expect(bars.index(s), tile_bytes, pred=live)
-        tma.async_copy_global_to_shared(w_desc, [w_row0 + (t0 + ahead) * w_step_row, (t0 + ahead) * w_step_col],
-                                        bars.index(s), w_smem.index(s), pred=live)
-        tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + ahead) * BLOCK_K], bars.index(s), x_smem.index(s),
-                                        pred=live)
-        x_s = xs_smem.index(i).load(gl.SliceLayout(0, acc_layout))  # [BLOCK_M] the tile's group scales
-        acc += part * gl.expand_dims(x_s, 0)
+        live = ahead < n_stages
+        mbarrier.expect(bars.index(s), slot_bytes, pred=live)
+        for j in gl.static_range(SUB):
+            tma.async_copy_global_to_shared(w_desc, [off_n, (t0 + ahead * SUB + j) * BLOCK_K], bars.index(s),
+                                            w_smem.index(s * SUB + j), pred=live)
+            tma.async_copy_global_to_shared(x_desc, [off_m, (t0 + ahead * SUB + j) * BLOCK_K], bars.index(s),
+                                            x_smem.index(s * SUB + j), pred=live)
     _pdl_trigger(PDL)
     for slot in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(slot))
@@ -161,10 +160,11 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def gluon_gemv(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               block_n: int = 64, stages: int = 8, split_k: int = 1, preload: int = 2, num_warps: int = 4,
-               block_m: int = 16, pdl: bool = False, tiled: bool = False) -> torch.Tensor:
+               block_n: int = 64, stages: int = 4, sub: int = 1, split_k: int = 1, preload: int = 2,
+               num_warps: int = 4, block_m: int = 16, pdl: bool = False) -> torch.Tensor:
     """``(x_q * x_s) @ (weight * weight_scale)^T`` in bf16: ``x_q`` [M, K] E4M3, ``x_s`` [M, K / 128] fp32,
-    ``weight`` [N, K] E4M3, ``weight_scale`` [N] fp32."""
+    ``weight`` [N, K] E4M3, ``weight_scale`` [N] fp32.  The ring has ``stages`` slots of ``sub`` K tiles (128
+    wide) each; ``preload`` slots' weight tiles are requested before the PDL wait."""
     m, k = x_q.shape
     n = weight.shape[0]
     block_k = 128
@@ -172,8 +172,7 @@ def gluon_gemv(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weigh
         raise ValueError(f"gluon_gemv: 128-group activation scales expected, got {tuple(x_s.shape)} for K={k}")
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.float8e4nv)
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.float8e4nv)
-    w_view = weight.view(n * k // block_k, block_k) if tiled else weight  # tiled: ``tile_weight``'s tiles in order
-    w_desc = TensorDescriptor(w_view, list(w_view.shape), list(w_view.stride()), [block_n, block_k], w_layout)
+    w_desc = TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [block_n, block_k], w_layout)
     x_desc = TensorDescriptor(x_q, list(x_q.shape), list(x_q.stride()), [block_m, block_k], x_layout)
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x_q.device)
     if split_k > 1:
@@ -181,23 +180,26 @@ def gluon_gemv(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weigh
         counters = _COUNTERS.setdefault(x_q.device, torch.zeros(1 << 16, dtype=torch.int32, device=x_q.device))
     else:
         part = counters = out
+    per_split = triton.cdiv(k // block_k, split_k)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     extra = {"launch_pdl": True} if pdl else {}
     gluon_gemv_kernel[grid](w_desc, x_desc, x_s, weight_scale, out, part, counters, m, n, k, x_s.stride(0),
-                            out.stride(0), BLOCK_M=block_m, STAGES=stages, SPLIT_K=split_k,
+                            out.stride(0), BLOCK_M=block_m, STAGES=stages, SUB=sub, SPLIT_K=split_k,
                             PRELOAD=min(preload, stages),
-                            MAX_TILES=triton.next_power_of_2(triton.cdiv(k // block_k, split_k)), TILED=tiled, PDL=pdl,
+                            MAX_TILES=triton.next_power_of_2(triton.cdiv(per_split, sub) * sub), PDL=pdl,
                             num_warps=num_warps, **extra)
     return out
 
 
-CONFIGS = [  # (block_n, stages, split_k, preload, num_warps)
-    (64, 4, 1, 2, 4), (64, 4, 4, 2, 4), (64, 8, 1, 2, 4), (64, 8, 2, 8, 4), (64, 8, 4, 8, 4), (64, 12, 1, 12, 4),
+CONFIGS = [  # (block_n, stages, sub, split_k, preload): S1-S3's best one-tile slots, then 2-4 tiles a slot
+    (64, 4, 1, 1, 2), (64, 4, 1, 4, 2), (64, 8, 1, 1, 2),
+    (64, 4, 2, 1, 4), (64, 4, 4, 1, 4), (64, 3, 4, 1, 3), (64, 6, 2, 1, 6), (64, 3, 4, 2, 3), (64, 4, 2, 2, 4),
+    (128, 3, 2, 1, 3), (128, 2, 4, 1, 2),
 ]
 
 
 def compile_only() -> None:
-    """Compile a few launches for sm_90 without a GPU (signatures from CPU tensors), so that a kernel edit can be
+    """Compile every config for sm_90 without a GPU (signatures from CPU tensors), so that a kernel edit can be
     checked before a GPU call."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -206,7 +208,7 @@ def compile_only() -> None:
     target = GPUTarget("cuda", 90, 32)
     w = torch.empty(256, 1024, dtype=torch.float8_e4m3fn)
     x = torch.empty(1, 1024, dtype=torch.float8_e4m3fn)
-    for (bn, st, sk, pre, nw), bm in itertools.product(CONFIGS, (16, 8)):
+    for (bn, st, sub, sk, pre), bm in itertools.product(CONFIGS, (16, 8)):
         w_desc = TensorDescriptor(w, [256, 1024], [1024, 1], [bn, 128],
                                   gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv))
         x_desc = TensorDescriptor(x, [1, 1024], [1024, 1], [bm, 128],
@@ -214,13 +216,14 @@ def compile_only() -> None:
         sig = {"w_desc": mangle_type(w_desc, True), "x_desc": mangle_type(x_desc, True),
                "xs_ptr": "*fp32", "ws_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
                "m_dim": "i32", "n_dim": "i32", "k_dim": "i32", "stride_xsm": "i32", "stride_om": "i32"}
-        constexprs = {"BLOCK_M": bm, "STAGES": st, "SPLIT_K": sk, "PRELOAD": pre, "MAX_TILES": 8 // sk,
-                      "TILED": bm == 8, "PDL": True, "num_warps": nw}
+        constexprs = {"BLOCK_M": bm, "STAGES": st, "SUB": sub, "SPLIT_K": sk, "PRELOAD": pre,
+                      "MAX_TILES": triton.next_power_of_2(triton.cdiv(8 // sk, sub) * sub), "PDL": True,
+                      "num_warps": 4}
         sig.update({name: "constexpr" for name in constexprs})
         kernel = triton.compile(GluonASTSource(gluon_gemv_kernel, sig, constexprs), target=target,
-                                options={"num_warps": nw})
-        print(f"compiled bn={bn} stages={st} split={sk} preload={pre} bm={bm}: {kernel.metadata.shared} B shared",
-              flush=True)
+                                options={"num_warps": 4})
+        print(f"compiled bn={bn} stages={st} sub={sub} split={sk} preload={pre} bm={bm}: "
+              f"{kernel.metadata.shared} B shared", flush=True)
 
 
 def main() -> None:
@@ -233,7 +236,7 @@ def main() -> None:
         return
     from bench.gpu.fp8_gemm import rotating_graph_us
     from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton as quantize
-    from radixlm.kernels.fp8_gemv import fp8_gemv, tile_weight
+    from radixlm.kernels.fp8_gemv import fp8_gemv
 
     def layer(gemv, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor], **kw) -> torch.Tensor:
         """The decode layer as served: the 128-group quantizer, then the GEMV, both launched with PDL."""
@@ -255,28 +258,22 @@ def main() -> None:
         ref = (x_q.float() * x_s.repeat_interleave(128, 1)) @ (weights[0][0].float() * weights[0][1][:, None]).t()
         print(f"{name} N={n} K={k}: served rel err against fp32 {((served - ref).norm() / ref.norm()).item():.2e}",
               flush=True)
-        tiled = [(tile_weight(w), w_s) for w, w_s in weights]  # 64-row tiles, each contiguous
-        if not torch.equal(fp8_gemv(x_q, x_s, *tiled[0], tiled=True).float(), served):
-            print("  TILED SERVED GEMV DIFFERS")
-        for label, ws, kw in (("", weights, {}), (", tiled", tiled, {"tiled": True})):
-            t = rotating_graph_us([lambda w=w: fp8_gemv(x_q, x_s, *w, **kw) for w in ws])
-            t_layer = rotating_graph_us([lambda w=w: layer(fp8_gemv, x, w, **kw) for w in ws])
-            print(f"  served Triton GEMV{label:7s} {t:6.2f} us ({n * k / t / 1e6:.2f} TB/s), quantizer + GEMV with "
-                  f"PDL {t_layer:6.2f} us", flush=True)
-        for (bn, st, sk, pre, nw), (label, ws, kw) in itertools.product(
-                CONFIGS, (("", weights, {}), (", tiled", tiled, {"tiled": True}))):
-            kw = dict(block_n=bn, stages=st, split_k=sk, preload=pre, num_warps=nw, **kw)
+        t = rotating_graph_us([lambda w=w: fp8_gemv(x_q, x_s, *w) for w in weights])
+        t_layer = rotating_graph_us([lambda w=w: layer(fp8_gemv, x, w) for w in weights])
+        print(f"  served Triton GEMV                      {t:6.2f} us ({n * k / t / 1e6:.2f} TB/s), quantizer + "
+              f"GEMV with PDL {t_layer:6.2f} us", flush=True)
+        for bn, st, sub, sk, pre in CONFIGS:
+            kw = dict(block_n=bn, stages=st, sub=sub, split_k=sk, preload=pre)
             try:
-                out = gluon_gemv(x_q, x_s, *ws[0], **kw).float()
+                out = gluon_gemv(x_q, x_s, *weights[0], **kw).float()
                 err = ((out - served).norm() / served.norm()).item()
-                t = rotating_graph_us([lambda w=w: gluon_gemv(x_q, x_s, *w, **kw) for w in ws])
-                t_layer = rotating_graph_us([lambda w=w: layer(gluon_gemv, x, w, **kw) for w in ws])
-                print(f"  gluon bn={bn:3d} st={st:2d} split={sk} pre={pre:2d}{label:7s} {t:6.2f} us "
+                t = rotating_graph_us([lambda w=w: gluon_gemv(x_q, x_s, *w, **kw) for w in weights])
+                t_layer = rotating_graph_us([lambda w=w: layer(gluon_gemv, x, w, **kw) for w in weights])
+                print(f"  gluon bn={bn:3d} st={st:2d} sub={sub} split={sk} pre={pre:2d} {t:6.2f} us "
                       f"({n * k / t / 1e6:.2f} TB/s), quantizer + GEMV with PDL {t_layer:6.2f} us; against served "
                       f"{err:.1e}", flush=True)
             except Exception as exc:  # noqa: BLE001 (a config the hardware refuses: report, go on)
                 print(f"  gluon {kw}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
-        del tiled
         del weights
         torch.cuda.empty_cache()
 

@@ -97,16 +97,9 @@ def _counters(device: torch.device | str) -> torch.Tensor:
 
 
 @triton.jit
-def _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn, TILED: tl.constexpr = False):
-    """The weight's [BLOCK_N, BLOCK_K] fp8 tile at column ``k``; zeros past the program's K range.  ``TILED``:
-    the weight is stored tile by tile (``tile_weight``), each [BLOCK_N, BLOCK_K] tile contiguous."""
+def _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn):
+    """The weight's [BLOCK_N, BLOCK_K] fp8 tile at column ``k``; zeros past the program's K range."""
     k_ok = offs_k < k_end - k  # k_end <= K
-    if TILED:
-        BLOCK_N: tl.constexpr = offs_wn.shape[0]
-        BLOCK_K: tl.constexpr = offs_k.shape[0]
-        # stride_wn is K here: tile (n // BLOCK_N, k // BLOCK_K) starts at (n // BLOCK_N) * BLOCK_N * K + k * BLOCK_N
-        base = (offs_wn // BLOCK_N) * BLOCK_N * stride_wn + k * BLOCK_N + (offs_wn % BLOCK_N) * BLOCK_K
-        return tl.load(w_ptr + base[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
     return tl.load(w_ptr + offs_wn[:, None] * stride_wn + k + offs_k[None, :], mask=k_ok[None, :], other=0.0)
 
 
@@ -144,7 +137,6 @@ def _fp8_gemv_kernel(
     PER_CHANNEL: tl.constexpr, X_GROUPED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
-    TILED: tl.constexpr = False,
 ):
     # Program (column tile, K split, row tile): out^T[cols, rows] over its K range.
     pid_n = tl.program_id(0)
@@ -162,9 +154,9 @@ def _fp8_gemv_kernel(
     # The weight does not depend on the kernels before: the program's first PRELOAD tiles are requested before
     # the wait, their latency spent while the kernel before finishes (activations only after it).
     if PRELOAD >= 1:
-        w_first = _weight_tile(w_ptr, offs_wn, offs_k, k_start, k_end, stride_wn, TILED)
+        w_first = _weight_tile(w_ptr, offs_wn, offs_k, k_start, k_end, stride_wn)
     if PRELOAD >= 2:
-        w_second = _weight_tile(w_ptr, offs_wn, offs_k, k_start + BLOCK_K, k_end, stride_wn, TILED)
+        w_second = _weight_tile(w_ptr, offs_wn, offs_k, k_start + BLOCK_K, k_end, stride_wn)
     pdl_wait(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if PRELOAD >= 1:
@@ -174,7 +166,7 @@ def _fp8_gemv_kernel(
         acc = _gemv_step(acc, w_second, k_start + BLOCK_K, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k,
                          offs_wn, group_n, group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
     for k in range(k_start + PRELOAD * BLOCK_K, k_end, BLOCK_K):
-        w = _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn, TILED)  # [BLOCK_N, BLOCK_K] fp8
+        w = _weight_tile(w_ptr, offs_wn, offs_k, k, k_end, stride_wn)  # [BLOCK_N, BLOCK_K] fp8
         acc = _gemv_step(acc, w, k, k_end, xq_ptr, xs_ptr, ws_ptr, rows, m_ok, offs_k, offs_wn, group_n,
                          group_k, stride_xm, stride_xsm, stride_wsn, PER_CHANNEL, X_GROUPED, EXACT)
     pdl_trigger(PDL)  # after the stream over the weight (``radixlm.kernels.pdl``)
@@ -212,7 +204,6 @@ def fp8_gemv(
     config: GemvConfig | None = None,
     exact: bool | None = None,  # fp16-widened dots (exact products, fp32 sums); default: for float32 outputs
     pdl: bool | None = None,  # launch with PDL (``radixlm.kernels.pdl``); default: where the device supports it
-    tiled: bool = False,  # ``weight`` as ``tile_weight`` stores it for this config's block_n (and K tiles of 128)
 ) -> torch.Tensor:  # [M, N] out_dtype
     """``(x_q * x_s) @ (weight * weight_scale)^T`` with fp32 accumulation across K tiles.  Any M works (a grid
     row per 16 rows, each re-reading the weight): the FP8 linears send M <= ``SMALL_M`` here, and float32
@@ -266,14 +257,6 @@ def fp8_gemv(
         x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         PER_CHANNEL=block_size is None, X_GROUPED=x_grouped, EXACT=out_dtype == torch.float32 if exact is None else exact,
         BLOCK_M=SMALL_M, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRELOAD=config.preload,
-        TILED=tiled, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(x_q.device, pdl),
     )
     return out
-
-
-def tile_weight(weight: torch.Tensor, block_n: int = 64, block_k: int = 128) -> torch.Tensor:
-    """``weight`` [N, K] stored tile by tile: [N / block_n, K / block_k, block_n, block_k] (each tile's bytes
-    contiguous), viewed as [N, K] so that its strides still say K."""
-    n, k = weight.shape
-    tiles = weight.reshape(n // block_n, block_n, k // block_k, block_k).permute(0, 2, 1, 3).contiguous()
-    return tiles.view(n, k)
