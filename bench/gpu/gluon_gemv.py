@@ -304,7 +304,9 @@ def gluon_gemv(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, weigh
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x_q.device)
     if split_k > 1:
         part = torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
-        counters = _COUNTERS.setdefault(x_q.device, torch.zeros(1 << 16, dtype=torch.int32, device=x_q.device))
+        if x_q.device not in _COUNTERS:
+            _COUNTERS[x_q.device] = torch.zeros(1 << 16, dtype=torch.int32, device=x_q.device)
+        counters = _COUNTERS[x_q.device]
     else:
         part = counters = out
     per_split = triton.cdiv(k // block_k, split_k)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# GPU run S6 (one H200, ~4 minutes; issue #19): Llama-3.1-8B batch-1 decode with the Gluon GEMV on the o, qkv and
+# down projections (bench/gpu/gluon_step.py: S5's best launches, no K split) against the served step, and bf16.
+#   bash bench/gpu/session_s6.sh      (GPU machine, repository root; carry .whl)
+set -uo pipefail
+source bench/gpu/setup.sh || exit 1
+gluon_batch1() { echo "-- $(date +%T) gluon $*"; timeout 90 python3 bench/gpu/gluon_step.py $LLAMA_BATCH1 "$@" 2>&1 \
+  | quiet | grep -E "^ +[0-9]+ |gluon_step|Error|error"; }
+for round in 1 2; do
+  llama_batch1 --quantization fp8
+  gluon_batch1 --quantization fp8
+done
+llama_batch1
