@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU run S6 (one H200, ~4 minutes; issue #19): Llama-3.1-8B batch-1 decode with the Gluon GEMV on the o, qkv and
-# down projections (bench/gpu/gluon_step.py: S5's best launches, no K split) against the served step, and bf16.
+# down projections (bench/gpu/gluon_step.py: S5's best launches, no K split) against the served step, each also
+# with the FP8 LM head, and bf16.
 #   bash bench/gpu/session_s6.sh      (GPU machine, repository root; carry .whl)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
@@ -10,4 +11,6 @@ for round in 1 2; do
   llama_batch1 --quantization fp8
   gluon_batch1 --quantization fp8
 done
+llama_batch1 --quantization fp8 --quantize-lm-head
+gluon_batch1 --quantization fp8 --quantize-lm-head
 llama_batch1
