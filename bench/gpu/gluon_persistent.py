@@ -13,7 +13,8 @@ SiLU-mul (that epilogue is the next step); ``barrier`` makes phase 2's activatio
 finish phase 1, as the real dependency would, while its weight tiles are requested ahead of it.
 
 Rows: the served Triton GEMVs back to back (PDL), the two Gluon GEMVs of ``gluon_gemv.py`` back to back (PDL),
-and the persistent kernel with and without the barrier (without: the floor of any fusion).
+and the persistent kernel with and without the barrier (without: the floor of any fusion), with one program
+per SM and with two or three (all resident at once: the barrier needs every program running).
 
     PYTHONPATH=. python bench/gpu/gluon_persistent.py                 # GPU
     PYTHONPATH=. python bench/gpu/gluon_persistent.py --compile-only  # any machine with Triton 3.6
@@ -278,7 +279,7 @@ def main() -> None:
 
     def report(label: str, calls) -> None:
         t = rotating_graph_us(calls)
-        print(f"{label:52s} {t:7.2f} us ({weight_bytes / t / 1e6:.2f} TB/s)", flush=True)
+        print(f"{label:60s} {t:7.2f} us ({weight_bytes / t / 1e6:.2f} TB/s)", flush=True)
 
     print("gate_up (28672 x 4096) then down (4096 x 14336), one token, us per pair in CUDA graphs over 2 weight "
           "copies (352 MB)")
@@ -287,13 +288,16 @@ def main() -> None:
     report("Gluon GEMVs (gluon_gemv.py, best S2 configs), PDL",
            [lambda p=p: (gluon_gemv(x1_q, x1_s, *p[0], stages=4, pdl=True),
                          gluon_gemv(x2_q, x2_s, *p[1], stages=4, split_k=4, pdl=True)) for p in pairs])
-    for barrier, stages, split2 in itertools.product((True, False), (4, 8), (2, 4)):
-        kw = dict(split2=split2, stages=stages, barrier=barrier)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for barrier, stages, split2, per_sm in [*itertools.product((True, False), (4, 8), (2, 4), (1,)),
+                                            *itertools.product((True, False), (4,), (2, 4), (2, 3))]:
+        kw = dict(split2=split2, stages=stages, barrier=barrier, programs=per_sm * num_sms)
         try:
             out1, out2 = two_phase(x1_q, x1_s, *pairs[0][0], x2_q, x2_s, *pairs[0][1], **kw)
             err1 = ((out1.float() - ref1).norm() / ref1.norm()).item()
             err2 = ((out2.float() - ref2).norm() / ref2.norm()).item()
-            report(f"persistent, barrier={barrier} stages={stages} split={split2} (err {err1:.0e} {err2:.0e})",
+            report(f"persistent {per_sm}/SM/SM, barrier={barrier} stages={stages} split={split2} (err {err1:.0e} "
+                   f"{err2:.0e})",
                    [lambda p=p: two_phase(x1_q, x1_s, *p[0], x2_q, x2_s, *p[1], **kw) for p in pairs])
         except Exception as exc:  # noqa: BLE001 (report, go on)
             print(f"persistent {kw}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
