@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixlm.kernels import gluon_gemv
 from radixlm.kernels.fp8_activation import SMALL_M  # rows at or below which the FP8 linears run this kernel
 from radixlm.kernels.launch_tables import read_launch_table
 from radixlm.kernels.pdl import pdl_launch_kwargs, pdl_trigger, pdl_wait
@@ -209,7 +210,9 @@ def fp8_gemv(
     row per 16 rows, each re-reading the weight): the FP8 linears send M <= ``SMALL_M`` here, and float32
     models' rows of any M (cuBLAS's row-wise FP8 GEMM writes bf16 only).
 
-    Launched with PDL, the GEMV's launch and setup overlap the kernel that writes ``x_q``.  (Starting a bulk L2
+    On Hopper with Triton 3.6, the narrow weights of decode rows in the per-channel form (online FP8's qkv, o and
+    down) go to the Gluon kernel without a K split (``gluon_gemv``), unless a launch ``config`` is given or listed
+    for the shape.  Launched with PDL, the GEMV's launch and setup overlap the kernel that writes ``x_q``.  (Starting a bulk L2
     prefetch of the weight before waiting was slower on an H200, run J1: 52.4 against 35.3 us at Llama-8B's
     gate_up, 9.8 against 9.1 at its o projection.)"""
     m, k = x_q.shape
@@ -227,6 +230,10 @@ def fp8_gemv(
             raise ValueError(f"block FP8 GEMV of {m} x {k} by {tuple(weight.shape)} with blocks {block_size} needs "
                              f"K a multiple of {bk} and scales ({m}, {k // bk}) and {(triton.cdiv(n, bn), k // bk)}, "
                              f"got {tuple(x_s.shape)} and {tuple(weight_scale.shape)}")
+    if (block_size is None and config is None and not exact and (n, k) not in config_overrides()
+            and gluon_gemv.supported(x_q, x_s, weight, out_dtype, _num_sms(x_q.device))):
+        return gluon_gemv.gluon_fp8_gemv(x_q, x_s, weight, weight_scale.contiguous(), out_dtype,
+                                         pdl_launch_kwargs(x_q.device, pdl)["PDL"])
     if config is None:
         config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(x_q.device))
     if config.preload not in (0, 1, 2):

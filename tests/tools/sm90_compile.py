@@ -51,19 +51,28 @@ def capture(launch) -> list[tuple[JITFunction, dict, dict]]:
 
 
 def compile_sm90(fn: JITFunction, bound: dict, options: dict) -> None:
+    gluon = fn.is_gluon()  # a Gluon kernel's TMA descriptors carry their shared layout in the signature
     signature, constexprs = {}, {}
     for param in fn.params:
-        value = True if param.name == "PDL" else bound[param.name]  # launched with PDL on sm_90
+        if param.name == "num_warps":  # a Gluon kernel's parameter: the launch option
+            value = options.get("num_warps", 4)
+        else:
+            value = True if param.name == "PDL" else bound[param.name]  # launched with PDL on sm_90
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", value
         else:
-            signature[param.name] = mangle_type(value)
-    triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
+            signature[param.name] = mangle_type(value, gluon and not isinstance(value, (int, float)))
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+        source = GluonASTSource(fn, signature, constexprs)
+    else:
+        source = ASTSource(fn, signature, constexprs)
+    triton.compile(source, target=TARGET, options=options)
 
 
 def cases():
     """(name, launch) pairs: each launch calls a launcher as the engine does."""
-    from radixlm.kernels import fused_ops, fused_quant
+    from radixlm.kernels import fused_ops, fused_quant, gluon_gemv
     from radixlm.kernels.decode_attention import decode_attention_fwd
     from radixlm.kernels.extend_attention import extend_attention_fwd
     from radixlm.kernels.fp8 import FP8_DTYPE
@@ -104,6 +113,11 @@ def cases():
     yield "gemv per token", lambda: fp8_gemv(x_q, per_token, *w_chan(256), None, bf16)
     yield "gemv block", lambda: fp8_gemv(x_q, per_group, *w_block(256), (128, 128), bf16)
     yield "gemv exact", lambda: fp8_gemv(x_q, per_group, *w_chan(256), None, torch.float32)
+    if gluon_gemv.gluon is not None:  # Triton 3.6 only (the module docstring says why)
+        for kk in (4096, 14336):
+            x_g, s_g = torch.zeros(m, kk, dtype=FP8_DTYPE), torch.ones(m, kk // 128)
+            yield f"gluon gemv K {kk}", lambda x_g=x_g, s_g=s_g, kk=kk: gluon_gemv.gluon_fp8_gemv(
+                x_g, s_g, torch.zeros(4096, kk, dtype=FP8_DTYPE), torch.ones(4096), bf16, True)
     x = torch.randn(m, 2 * k, dtype=bf16)
     wide = torch.randn(m, 8 * k, dtype=bf16)  # past fused_quant._CHUNK: a row over several programs
     for rows, group in ((x, 128), (x, None), (wide, 128), (wide, None)):
