@@ -1,9 +1,10 @@
 """``radixlm.kernels.gluon_gemv``: which decode GEMVs take the Gluon kernel, and on a Hopper GPU with Triton 3.6
 that it computes the Triton GEMV's result.
 
-On the GPU the comparison is bit for bit against ``fp8_gemv`` at one K split (the Triton kernel's launch that
-sums the same per-tile products in the same order: each 128-wide K tile's FP8 dot from zero, scaled by its
-activation group scale into an fp32 accumulator, the weight scale at the end), and within the FP8 dot's bound
+On the GPU the comparison is bit for bit against ``fp8_gemv``'s Triton kernel at the same K split (which sums the
+same per-tile products in the same order: each 128-wide K tile's FP8 dot from zero, scaled by its activation
+group scale into an fp32 accumulator, the weight scale at the end, the splits' partials added in split order), and
+within the FP8 dot's bound
 (``FP8_DOT_REL``, as in ``test_fp8_kernels``) of the float64 product of the same quantized operands.  Elsewhere
 (CPU CI, whose Triton is another release) only the dispatch rules run.
 """
@@ -34,9 +35,8 @@ def test_which_shapes_take_the_gluon_kernel(n: int, k: int, m: int, expected: bo
     assert gluon_gemv.applies(n, k, m, num_sms=132) is expected
 
 
-def test_the_ring_by_k() -> None:
-    assert gluon_gemv.ring(4096) == (6, 2)
-    assert gluon_gemv.ring(14336) == (4, 4)
+def test_the_default_launch() -> None:
+    assert tuple(gluon_gemv.Launch()) == (64, 4, 1, 4, 2)  # run S7's best at Llama-3.1-8B's qkv, o and down
 
 
 def test_cpu_tensors_keep_the_triton_kernel() -> None:
@@ -60,12 +60,15 @@ def _operands(m: int, n: int, k: int, seed: int):
 @pytest.mark.parametrize("n, k", [(4096, 4096), (6144, 4096), (4096, 14336), (4100, 4096), (3072, 2048)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("out_dtype, pdl", [(torch.bfloat16, True), (torch.float16, False)])
-def test_gluon_gemv_equals_the_triton_kernel(n: int, k: int, m: int, out_dtype: torch.dtype, pdl: bool) -> None:
+@pytest.mark.parametrize("launch", [gluon_gemv.Launch(), gluon_gemv.Launch(64, 6, 2, 1, 6)])
+def test_gluon_gemv_equals_the_triton_kernel(n: int, k: int, m: int, out_dtype: torch.dtype, pdl: bool,
+                                             launch) -> None:
     from radixlm.kernels.fp8_gemv import GemvConfig, fp8_gemv
 
     x_q, x_s, w, w_s = _operands(m, n, k, seed=n + k + m)
-    out = gluon_gemv.gluon_fp8_gemv(x_q, x_s, w, w_s, out_dtype, pdl)
-    triton_out = fp8_gemv(x_q, x_s, w, w_s, None, out_dtype, config=GemvConfig(64, 128, 4, 4, 1, 1), pdl=pdl)
+    out = gluon_gemv.gluon_fp8_gemv(x_q, x_s, w, w_s, out_dtype, pdl, launch)
+    config = GemvConfig(64, 128, 4, 4, launch.split_k, 1)
+    triton_out = fp8_gemv(x_q, x_s, w, w_s, None, out_dtype, config=config, pdl=pdl)
     assert torch.equal(out, triton_out)
     exact = (x_q.double() * x_s.double().repeat_interleave(128, 1)) @ (w.double() * w_s.double()[:, None]).t()
     rel = ((out.double() - exact).norm() / exact.norm()).item()
