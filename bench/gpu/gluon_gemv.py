@@ -7,7 +7,7 @@ program).  Each row: the GEMV alone and the quantizer + GEMV launched with PDL (
 call in CUDA graphs over rotating weight copies, and the output's distance from the Triton kernel's.  GPU runs
 S1-S7 in docs/benchmarks.md.
 
-    PYTHONPATH=. python bench/gpu/gluon_gemv.py [--shapes o qkv down]
+    PYTHONPATH=. python bench/gpu/gluon_gemv.py [--shapes o qkv down] [--sweep]
 """
 
 from __future__ import annotations
@@ -35,9 +35,22 @@ CONFIGS = [  # (block_n, stages, sub, split_k, preload): S4-S7's best launches
 ]
 
 
+def sweep(name: str) -> list[tuple[int, int, int, int, int]]:
+    """``--sweep``: launches around the default per shape (ring slots, K splits, slots before the PDL wait; one
+    K tile a slot), and for gate_up's 448 tiles of 64 rows also 128 rows and fewer splits."""
+    splits = (2, 4, 8, 16) if name == "down" else (2, 4, 8)
+    grid = [(64, st, 1, sk, pre) for st in (3, 4, 6) for sk in splits for pre in sorted({1, 2, st})]
+    if name == "gate_up":
+        grid = [(bn, st, 1, sk, pre) for bn in (64, 128) for st in (3, 4, 6) for sk in (1, 2)
+                for pre in sorted({2, st})]
+    return [c for c in grid if c != tuple(Launch())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--sweep", action="store_true",
+                        help="time a grid of launches per shape (quantizer + GEMV only), not S4-S7's best")
     args = parser.parse_args()
     from bench.gpu.fp8_gemm import rotating_graph_us
     from radixlm.kernels.fp8_gemm import per_token_group_quant_fp8_triton as quantize
@@ -69,11 +82,18 @@ def main() -> None:
         t_layer = rotating_graph_us([lambda w=w: layer(fp8_gemv, x, w, config=config) for w in weights])
         print(f"  Triton GEMV (fp8_gemv's own kernel)     {t:6.2f} us ({n * k / t / 1e6:.2f} TB/s), quantizer + "
               f"GEMV with PDL {t_layer:6.2f} us", flush=True)
-        for bn, st, sub, sk, pre in [tuple(Launch()), *CONFIGS]:
+        best = None
+        for bn, st, sub, sk, pre in [tuple(Launch()), *(sweep(name) if args.sweep else CONFIGS)]:
             kw = dict(block_n=bn, stages=st, sub=sub, split_k=sk, preload=pre)
             try:
                 out = gluon_gemv(x_q, x_s, *weights[0], **kw).float()
                 err = ((out - served).norm() / served.norm()).item()
+                if args.sweep and (bn, st, sub, sk, pre) != tuple(Launch()):
+                    t_layer = rotating_graph_us([lambda w=w: layer(gluon_gemv, x, w, **kw) for w in weights])
+                    print(f"  gluon bn={bn:3d} st={st:2d} sub={sub} split={sk} pre={pre:2d}     quantizer + GEMV "
+                          f"with PDL {t_layer:6.2f} us; against served {err:.1e}", flush=True)
+                    best = min(best or (t_layer, kw), (t_layer, kw), key=lambda b: b[0])
+                    continue
                 t = rotating_graph_us([lambda w=w: gluon_gemv(x_q, x_s, *w, **kw) for w in weights])
                 t_layer = rotating_graph_us([lambda w=w: layer(gluon_gemv, x, w, **kw) for w in weights])
                 print(f"  gluon bn={bn:3d} st={st:2d} sub={sub} split={sk} pre={pre:2d}     {t:6.2f} us "
@@ -81,6 +101,8 @@ def main() -> None:
                       f"{err:.1e}", flush=True)
             except Exception as exc:  # noqa: BLE001 (a config the hardware refuses: report, go on)
                 print(f"  gluon {kw}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+        if best is not None:
+            print(f"  best of the sweep at {name}: {best[1]}, {best[0]:.2f} us", flush=True)
         del weights
         torch.cuda.empty_cache()
 
