@@ -93,9 +93,6 @@ def print_chained_timeline(worker: ModelWorker, bs: int, ctx: int, steps: int = 
         replay_names = [e.name for e in sorted((e for e in prof.events()
                                                 if e.device_type == torch.autograd.DeviceType.CUDA),
                                                key=lambda e: e.time_range.start)]
-        start = time.perf_counter()
-        chain(steps)
-        wall = (time.perf_counter() - start) / steps
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             chain(steps)
         ops = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
@@ -124,7 +121,7 @@ def print_chained_timeline(worker: ModelWorker, bs: int, ctx: int, steps: int = 
             end_prev = max(end_prev, e.time_range.end)
             if i not in in_replay:
                 outside[e.name].append(e.time_range.elapsed_us())
-        print(f"    chained x{steps}: wall {wall * 1e3:.3f} ms/step; GPU {span / n:.1f} us/step, of which the replay "
+        print(f"    chained x{steps}: GPU {span / n:.1f} us/step, of which the replay "
               f"(first to last kernel) {replay_us / n:.1f} us, outside it {span / n - replay_us / n:.1f} us "
               f"(GPU idle {(span - busy) / n:.1f} us/step); {len(ops)} operations")
         for name, times in sorted(outside.items(), key=lambda kv: -sum(kv[1])):

@@ -150,11 +150,10 @@ class CudaGraphRunner:
     def replay(self, fb: ForwardBatch) -> LogitsOutput:
         bs = fb.batch_size
         padded = self.padded_size(fb)
-        self.input_ids[:bs].copy_(fb.input_ids)
-        self.positions[:bs].copy_(fb.positions)
-        self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
-        self.seq_lens[:bs].copy_(fb.seq_lens)
-        self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
+        # One launch for the five copies (five copies cost a batch-1 step ~4 us of GPU time and their gaps, run T1)
+        torch._foreach_copy_([self.input_ids[:bs], self.positions[:bs], self.req_pool_indices[:bs],
+                              self.seq_lens[:bs], self.out_cache_loc[:bs]],
+                             [fb.input_ids, fb.positions, fb.req_pool_indices, fb.seq_lens, fb.out_cache_loc])
         if padded > bs:
             # Stale rows of an earlier, larger batch would write K/V into slots that are live again.
             self.input_ids[bs:padded].zero_()

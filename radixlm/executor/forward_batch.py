@@ -31,10 +31,10 @@ def build_forward_batch(batch: Batch, runner: "ModelRunner", prev_ids: torch.Ten
         return ForwardBatch(ForwardMode.IDLE, 0, empty, empty, empty, empty, [], empty, **common)
     input_ids = _input_ids(batch.input_ids, prev_ids, device)
     if batch.mode.is_decode:
-        # One upload: rows, then positions (the tokens already in KV); seq_lens follow on the device.
-        rows_pos = to_device_async(torch.tensor([batch.req_pool_indices, batch.prefix_lens]), device)
-        positions = rows_pos[1] if batch.mrope_positions is None else to_device_async(batch.mrope_positions, device)
-        fb = ForwardBatch(ForwardMode.DECODE, bs, input_ids, positions, rows_pos[0], rows_pos[1] + 1, seq_lens,
+        # One upload: rows, positions (the tokens already in KV), seq_lens.
+        cols = to_device_async(torch.tensor([batch.req_pool_indices, batch.prefix_lens, seq_lens]), device)
+        positions = cols[1] if batch.mrope_positions is None else to_device_async(batch.mrope_positions, device)
+        fb = ForwardBatch(ForwardMode.DECODE, bs, input_ids, positions, cols[0], cols[2], seq_lens,
                           batch.out_cache_loc, **common)
     else:
         prefix, extend = torch.tensor(batch.prefix_lens), torch.tensor(batch.extend_lens)

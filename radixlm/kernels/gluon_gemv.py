@@ -5,8 +5,8 @@ one requests the weight's K tiles by TMA into a ring of shared-memory slots (``s
 tiles, one mbarrier a slot), refilling a slot as soon as its wgmma is done, the first ``preload`` slots before
 the PDL wait (the weight does not depend on the kernel before); the activation group scales sit in shared memory.
 Llama-3.1-8B's narrow projections (qkv, o, down; 64-96 tiles of 64 rows) take it: run S7, online FP8 at batch 1,
-2.80 -> 2.70 ms a step with the first version (no K split, a producer warp), and S7's table found the split
-launch of ``Launch`` faster still on all three.  (Runs S1-S7 in docs/benchmarks.md: deeper rings, more tiles a
+2.80 -> 2.70 ms a step with the first version (no K split, a producer warp); S7's table and T1's sweep found
+the split launch of ``Launch`` faster still.  (Runs S1-S7 in docs/benchmarks.md: deeper rings, more tiles a
 slot, a producer warp, one program per SM over two projections.)
 
 The semantics are ``fp8_gemv``'s for online FP8's decode rows: per-channel E4M3 weight ``[N, K]`` with scales
@@ -50,14 +50,15 @@ BLOCK_M = 16  # tokens a program, padded (the wgmma's N side)
 class Launch(NamedTuple):
     """A launch: ``block_n`` weight rows a program, a ring of ``stages`` slots of ``sub`` 128-wide K tiles, K split
     over ``split_k`` programs (the last to finish a column tile adds the partials in split order, as
-    ``fp8_gemv`` does), ``preload`` slots' weights requested before the PDL wait.  The default is run S7's best at
-    Llama-3.1-8B's qkv, o and down (quantizer + GEMV with PDL, us): o 8.11 against the Triton kernel's 9.21, qkv
-    10.32 against 11.07, down 19.83 against 21.59."""
+    ``fp8_gemv`` does), ``preload`` slots' weights requested before the PDL wait.  The default is run T1's sweep's
+    best at Llama-3.1-8B's o and down and within 0.03 us of it at qkv (quantizer + GEMV with PDL, us): o 7.65
+    against S7's launch (4 slots, split 4) 8.11 and the Triton kernel's 9.23, qkv 10.18 against 10.15 and 10.88,
+    down 19.68 against 19.72 and 21.60."""
 
     block_n: int = 64
-    stages: int = 4
+    stages: int = 3
     sub: int = 1
-    split_k: int = 4
+    split_k: int = 8
     preload: int = 2
 
 

@@ -120,6 +120,8 @@ class TokenToKVPoolAllocator:
             self._pending_free = []
 
     def _page_slots(self, pages: torch.Tensor) -> torch.Tensor:
+        if self.page_size == 1:  # a page is its slot: no kernels in every decode step's allocation
+            return pages
         offsets = torch.arange(self.page_size, device=self.device)
         return (pages[:, None] * self.page_size + offsets).reshape(-1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from radixlm.kernels.argmax import row_argmax
 from radixlm.sampling.batch_info import SamplingBatchInfo
 
 
@@ -62,13 +63,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         """logits [bs, vocab_size] float32 -> next token ids [bs] int64. Input is not modified."""
         logits = self.apply_penalties(logits, info)
-        greedy = logits.argmax(dim=-1)  # [bs]
+        greedy = row_argmax(logits)  # [bs]
         if info.is_all_greedy:
             return greedy
         probs = torch.softmax(logits / info.temperatures, dim=-1)  # [bs, vocab]
         probs = self._filter(probs, info)
         noise = -torch.log(counter_uniform(info.seeds, info.steps, info.vocab_size))
-        sampled = (probs / noise.to(probs.dtype)).argmax(dim=-1)  # [bs]
+        sampled = row_argmax(probs / noise.to(probs.dtype))  # [bs]
         return torch.where(info.top_ks == 1, greedy, sampled)
 
     def logprobs(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
