@@ -233,7 +233,7 @@ def fp8_gemv(
     if (block_size is None and config is None and not exact and (n, k) not in config_overrides()
             and gluon_gemv.supported(x_q, x_s, weight, out_dtype, _num_sms(x_q.device))):
         return gluon_gemv.gluon_fp8_gemv(x_q, x_s, weight, weight_scale.contiguous(), out_dtype,
-                                         pdl_launch_kwargs(x_q.device, pdl)["PDL"])
+                                         pdl_launch_kwargs(x_q.device, pdl)["PDL"], gluon_gemv.launch_for(n, k))
     if config is None:
         config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(x_q.device))
     if config.preload not in (0, 1, 2):

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from radixlm.kernels.launch_tables import read_launch_table
+
 try:
     if not triton.__version__.startswith("3.6."):
         raise ImportError(f"the Gluon GEMV is written for Triton 3.6, not {triton.__version__}")
@@ -63,6 +65,18 @@ class Launch(NamedTuple):
 
 
 @functools.cache
+def launch_overrides() -> dict[tuple[int, int], Launch]:
+    """Per-shape launches from the JSON file named by ``RADIXLM_GLUON_LAUNCHES`` (``{"N,K": [block_n, stages,
+    sub, split_k, preload], ...}``), read once: a listed shape takes this kernel at that launch whatever its
+    tile count (tuning runs time a step with them); others take ``Launch()`` where ``applies``."""
+    return {(int(n), int(k)): Launch(*values) for (n, k), values in read_launch_table("RADIXLM_GLUON_LAUNCHES").items()}
+
+
+def launch_for(n: int, k: int) -> Launch:
+    return launch_overrides().get((n, k), Launch())
+
+
+@functools.cache
 def _enabled(device: torch.device) -> bool:
     return (gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
             and os.environ.get("RADIXLM_DISABLE_GLUON", "0") in ("", "0"))
@@ -73,7 +87,8 @@ def applies(n: int, k: int, m: int, num_sms: int) -> bool:
     enabled): decode rows, K a whole number of activation groups, and a narrow weight: fewer 64-row tiles than two
     a SM, at least a quarter of the SMs (the shapes runs S5-S7 measured: 64-96 tiles on 132 SMs)."""
     tiles = triton.cdiv(n, BLOCK_N)
-    return 1 <= m <= BLOCK_M and k % BLOCK_K == 0 and k >= 2048 and num_sms // 4 <= tiles < 2 * num_sms
+    narrow = num_sms // 4 <= tiles < 2 * num_sms or (n, k) in launch_overrides()
+    return 1 <= m <= BLOCK_M and k % BLOCK_K == 0 and k >= 2048 and narrow
 
 
 def supported(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,

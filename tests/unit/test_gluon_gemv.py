@@ -98,3 +98,18 @@ def test_fp8_gemv_sends_narrow_decode_weights_to_gluon_and_replays_in_graphs(mon
     graph.replay()
     assert torch.equal(replayed, module.fp8_gemv(x_q, x_s, w, w_s))
     assert not torch.equal(replayed, eager)
+
+
+def test_launch_table_names_shapes_and_their_launches(tmp_path, monkeypatch) -> None:
+    table = tmp_path / "launches.json"
+    table.write_text('{"28672,4096": [128, 3, 1, 1, 2]}')
+    monkeypatch.setenv("RADIXLM_GLUON_LAUNCHES", str(table))
+    gluon_gemv.launch_overrides.cache_clear()
+    try:
+        assert gluon_gemv.launch_for(28672, 4096) == gluon_gemv.Launch(128, 3, 1, 1, 2)
+        assert gluon_gemv.launch_for(4096, 4096) == gluon_gemv.Launch()
+        assert gluon_gemv.applies(28672, 4096, 1, num_sms=132)  # listed: taken however many tiles it has
+        assert not gluon_gemv.applies(28672, 4096, 17, num_sms=132)  # still decode rows only
+    finally:
+        monkeypatch.delenv("RADIXLM_GLUON_LAUNCHES")
+        gluon_gemv.launch_overrides.cache_clear()
