@@ -210,8 +210,9 @@ def fp8_gemv(
     row per 16 rows, each re-reading the weight): the FP8 linears send M <= ``SMALL_M`` here, and float32
     models' rows of any M (cuBLAS's row-wise FP8 GEMM writes bf16 only).
 
-    On Hopper with Triton 3.6, the narrow weights of decode rows in the per-channel form (online FP8's qkv, o and
-    down) go to the same product in Gluon (``gluon_gemv``: bit-equal, 3.6 % faster a batch-1 step, run S8), unless
+    On Hopper with Triton 3.6, decode rows by weights of a quarter of the SMs to 8 a SM in 64-row tiles, in the
+    per-channel form (online FP8's qkv, o, down and gate_up) go to the same product in Gluon (``gluon_gemv``:
+    bit-equal at the same split, 3.6 % faster a batch-1 step on the narrow three, run S8), unless
     a launch ``config`` is given or listed for the shape.  Launched with PDL, the GEMV's launch and setup overlap
     the kernel that writes ``x_q``.  (Starting a bulk L2 prefetch of the weight before waiting was slower on an H200, run J1: 52.4 against 35.3 us at Llama-8B's
     gate_up, 9.8 against 9.1 at its o projection.)"""
@@ -233,7 +234,8 @@ def fp8_gemv(
     if (block_size is None and config is None and not exact and (n, k) not in config_overrides()
             and gluon_gemv.supported(x_q, x_s, weight, out_dtype, _num_sms(x_q.device))):
         return gluon_gemv.gluon_fp8_gemv(x_q, x_s, weight, weight_scale.contiguous(), out_dtype,
-                                         pdl_launch_kwargs(x_q.device, pdl)["PDL"], gluon_gemv.launch_for(n, k))
+                                         pdl_launch_kwargs(x_q.device, pdl)["PDL"],
+                                         gluon_gemv.launch_for(n, k, _num_sms(x_q.device)))
     if config is None:
         config = config_overrides().get((n, k)) or default_gemv_config(n, k, _num_sms(x_q.device))
     if config.preload not in (0, 1, 2):

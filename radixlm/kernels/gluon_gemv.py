@@ -4,9 +4,10 @@
 one requests the weight's K tiles by TMA into a ring of shared-memory slots (``stages`` slots of ``sub`` 128-wide
 tiles, one mbarrier a slot), refilling a slot as soon as its wgmma is done, the first ``preload`` slots before
 the PDL wait (the weight does not depend on the kernel before); the activation group scales sit in shared memory.
-Llama-3.1-8B's narrow projections (qkv, o, down; 64-96 tiles of 64 rows) take it: run S7, online FP8 at batch 1,
-2.80 -> 2.70 ms a step with the first version (no K split, a producer warp); S7's table and T1's sweep found
-the split launch of ``Launch`` faster still.  (Runs S1-S7 in docs/benchmarks.md: deeper rings, more tiles a
+Llama-3.1-8B's projections take it (qkv, o, down: 64-96 tiles of 64 rows, split K; gate_up: 224 tiles of 128
+rows): run S7, online FP8 at batch 1, 2.80 -> 2.70 ms a step with the first version on the narrow three (no K
+split, a producer warp); S7's table found the split launch of ``Launch`` faster still, and run T3 gate_up's
+``WIDE_LAUNCH`` 0.01-0.03 ms a step faster than the Triton kernel.  (Runs S1-S7 in docs/benchmarks.md: deeper rings, more tiles a
 slot, a producer warp, one program per SM over two projections.)
 
 The semantics are ``fp8_gemv``'s for online FP8's decode rows: per-channel E4M3 weight ``[N, K]`` with scales
@@ -52,28 +53,39 @@ BLOCK_M = 16  # tokens a program, padded (the wgmma's N side)
 class Launch(NamedTuple):
     """A launch: ``block_n`` weight rows a program, a ring of ``stages`` slots of ``sub`` 128-wide K tiles, K split
     over ``split_k`` programs (the last to finish a column tile adds the partials in split order, as
-    ``fp8_gemv`` does), ``preload`` slots' weights requested before the PDL wait.  The default is run T1's sweep's
-    best at Llama-3.1-8B's o and down and within 0.03 us of it at qkv (quantizer + GEMV with PDL, us): o 7.65
-    against S7's launch (4 slots, split 4) 8.11 and the Triton kernel's 9.23, qkv 10.18 against 10.15 and 10.88,
-    down 19.68 against 19.72 and 21.60."""
+    ``fp8_gemv`` does), ``preload`` slots' weights requested before the PDL wait.  The default, for narrow weights,
+    is run S7's best at Llama-3.1-8B's qkv, o and down (quantizer + GEMV with PDL, us): o 8.11 against the Triton
+    kernel's 9.21, qkv 10.32 against 11.07, down 19.83 against 21.59.  (Run T1's sweep timed 3 slots with split 8
+    at 7.65 us on o alone; run T3 found the two equal inside the step.)"""
 
     block_n: int = 64
-    stages: int = 3
+    stages: int = 4
     sub: int = 1
-    split_k: int = 8
+    split_k: int = 4
     preload: int = 2
+
+
+# Weights of 2-8 64-row tiles a SM (Llama-3.1-8B's gate_up: 448 on 132 SMs) fill the GPU without a split: 128
+# rows a program, 3 slots.  Run T1: gate_up's quantizer + GEMV 34.28 us against the Triton kernel's 34.31 alone;
+# run T3: a batch-1 step 0.01-0.03 ms shorter with it.
+WIDE_LAUNCH = Launch(128, 3, 1, 1, 2)
 
 
 @functools.cache
 def launch_overrides() -> dict[tuple[int, int], Launch]:
     """Per-shape launches from the JSON file named by ``RADIXLM_GLUON_LAUNCHES`` (``{"N,K": [block_n, stages,
     sub, split_k, preload], ...}``), read once: a listed shape takes this kernel at that launch whatever its
-    tile count (tuning runs time a step with them); others take ``Launch()`` where ``applies``."""
+    width (tuning runs time a step with them)."""
     return {(int(n), int(k)): Launch(*values) for (n, k), values in read_launch_table("RADIXLM_GLUON_LAUNCHES").items()}
 
 
-def launch_for(n: int, k: int) -> Launch:
-    return launch_overrides().get((n, k), Launch())
+def launch_for(n: int, k: int, num_sms: int) -> Launch:
+    """The launch of an ``[n, k]`` weight that ``applies``: the table's, else ``Launch()`` for a narrow weight
+    (under two 64-row tiles a SM) and ``WIDE_LAUNCH`` for a wide one."""
+    listed = launch_overrides().get((n, k))
+    if listed is not None:
+        return listed
+    return Launch() if triton.cdiv(n, BLOCK_N) < 2 * num_sms else WIDE_LAUNCH
 
 
 @functools.cache
@@ -84,11 +96,12 @@ def _enabled(device: torch.device) -> bool:
 
 def applies(n: int, k: int, m: int, num_sms: int) -> bool:
     """Whether a GEMV of ``m`` tokens by an ``[n, k]`` weight goes to this kernel (on a device where it is
-    enabled): decode rows, K a whole number of activation groups, and a narrow weight: fewer 64-row tiles than two
-    a SM, at least a quarter of the SMs (the shapes runs S5-S7 measured: 64-96 tiles on 132 SMs)."""
+    enabled): decode rows, K a whole number of activation groups, and a weight of a quarter of the SMs to 8 a SM
+    in 64-row tiles (the widths runs S5-T3 measured: 64-96 tiles on 132 SMs, and gate_up's 448; an FP8 LM head's
+    2,004 keep the Triton kernel), or one ``launch_overrides`` lists."""
     tiles = triton.cdiv(n, BLOCK_N)
-    narrow = num_sms // 4 <= tiles < 2 * num_sms or (n, k) in launch_overrides()
-    return 1 <= m <= BLOCK_M and k % BLOCK_K == 0 and k >= 2048 and narrow
+    measured = num_sms // 4 <= tiles < 8 * num_sms or (n, k) in launch_overrides()
+    return 1 <= m <= BLOCK_M and k % BLOCK_K == 0 and k >= 2048 and measured
 
 
 def supported(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,

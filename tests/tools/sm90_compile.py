@@ -73,6 +73,7 @@ def compile_sm90(fn: JITFunction, bound: dict, options: dict) -> None:
 def cases():
     """(name, launch) pairs: each launch calls a launcher as the engine does."""
     from radixlm.kernels import fused_ops, fused_quant, gluon_gemv
+    from radixlm.kernels.argmax import triton_argmax
     from radixlm.kernels.decode_attention import decode_attention_fwd
     from radixlm.kernels.extend_attention import extend_attention_fwd
     from radixlm.kernels.fp8 import FP8_DTYPE
@@ -118,6 +119,11 @@ def cases():
             x_g, s_g = torch.zeros(m, kk, dtype=FP8_DTYPE), torch.ones(m, kk // 128)
             yield f"gluon gemv K {kk}", lambda x_g=x_g, s_g=s_g, kk=kk: gluon_gemv.gluon_fp8_gemv(
                 x_g, s_g, torch.zeros(4096, kk, dtype=FP8_DTYPE), torch.ones(4096), bf16, True)
+        yield "gluon gemv wide", lambda: gluon_gemv.gluon_fp8_gemv(
+            torch.zeros(m, 4096, dtype=FP8_DTYPE), torch.ones(m, 32), torch.zeros(1024, 4096, dtype=FP8_DTYPE),
+            torch.ones(1024), bf16, True, gluon_gemv.WIDE_LAUNCH)
+    for dtype in (torch.float32, bf16):
+        yield f"argmax {dtype}", lambda dtype=dtype: triton_argmax(torch.zeros(m, 5000, dtype=dtype))
     x = torch.randn(m, 2 * k, dtype=bf16)
     wide = torch.randn(m, 8 * k, dtype=bf16)  # past fused_quant._CHUNK: a row over several programs
     for rows, group in ((x, 128), (x, None), (wide, 128), (wide, None)):

@@ -25,7 +25,8 @@ FP8_DOT_REL = 1e-3  # the sm_90 FP8 dot's reduced-precision accumulation within 
     (4096, 4096, 1, True),  # Llama-3.1-8B o: 64 tiles on 132 SMs
     (6144, 4096, 1, True),  # qkv: 96 tiles
     (4096, 14336, 16, True),  # down, 16 tokens
-    (28672, 4096, 1, False),  # gate_up: 448 tiles fill the GPU without a split already
+    (28672, 4096, 1, True),  # gate_up: 448 tiles (WIDE_LAUNCH)
+    (128256, 4096, 1, False),  # an FP8 LM head: 2,004 tiles, not measured
     (4096, 4096, 17, False),  # past the decode rows
     (4096, 4160, 1, False),  # K not whole activation groups
     (1024, 4096, 1, False),  # 16 tiles: a quarter of the SMs idle without a split
@@ -36,7 +37,9 @@ def test_which_shapes_take_the_gluon_kernel(n: int, k: int, m: int, expected: bo
 
 
 def test_the_default_launch() -> None:
-    assert tuple(gluon_gemv.Launch()) == (64, 3, 1, 8, 2)  # run T1's sweep at Llama-3.1-8B's qkv, o and down
+    assert tuple(gluon_gemv.Launch()) == (64, 4, 1, 4, 2)  # run S7's best at Llama-3.1-8B's qkv, o and down
+    assert gluon_gemv.launch_for(4096, 14336, num_sms=132) == gluon_gemv.Launch()
+    assert gluon_gemv.launch_for(28672, 4096, num_sms=132) == gluon_gemv.WIDE_LAUNCH == (128, 3, 1, 1, 2)
 
 
 def test_cpu_tensors_keep_the_triton_kernel() -> None:
@@ -57,10 +60,11 @@ def _operands(m: int, n: int, k: int, seed: int):
 
 
 @pytest.mark.skipif(not GPU, reason="the Gluon kernel needs sm_90 and Triton 3.6")
-@pytest.mark.parametrize("n, k", [(4096, 4096), (6144, 4096), (4096, 14336), (4100, 4096), (3072, 2048)])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (6144, 4096), (4096, 14336), (4100, 4096), (3072, 2048),
+                                  (28672, 4096)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("out_dtype, pdl", [(torch.bfloat16, True), (torch.float16, False)])
-@pytest.mark.parametrize("launch", [gluon_gemv.Launch(), gluon_gemv.Launch(64, 4, 1, 4, 2),
+@pytest.mark.parametrize("launch", [gluon_gemv.Launch(), gluon_gemv.WIDE_LAUNCH, gluon_gemv.Launch(64, 3, 1, 8, 2),
                                     gluon_gemv.Launch(64, 6, 2, 1, 6)])
 def test_gluon_gemv_equals_the_triton_kernel(n: int, k: int, m: int, out_dtype: torch.dtype, pdl: bool,
                                              launch) -> None:
@@ -85,9 +89,9 @@ def test_fp8_gemv_sends_narrow_decode_weights_to_gluon_and_replays_in_graphs(mon
     monkeypatch.setattr(gluon_gemv, "gluon_fp8_gemv", lambda *a: calls.append(a[2].shape) or real(*a))
     x_q, x_s, w, w_s = _operands(1, 4096, 14336, seed=3)
     eager = module.fp8_gemv(x_q, x_s, w, w_s)
-    gate_up = _operands(1, 28672, 4096, seed=4)
-    module.fp8_gemv(*gate_up)
-    assert calls == [(4096, 14336)]  # down took the Gluon kernel, gate_up the Triton one
+    narrow = _operands(1, 1024, 4096, seed=4)
+    module.fp8_gemv(*narrow)
+    assert calls == [(4096, 14336)]  # down took the Gluon kernel, 16 tiles the Triton one
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -102,14 +106,14 @@ def test_fp8_gemv_sends_narrow_decode_weights_to_gluon_and_replays_in_graphs(mon
 
 def test_launch_table_names_shapes_and_their_launches(tmp_path, monkeypatch) -> None:
     table = tmp_path / "launches.json"
-    table.write_text('{"28672,4096": [128, 3, 1, 1, 2]}')
+    table.write_text('{"28672,4096": [64, 4, 1, 1, 2]}')
     monkeypatch.setenv("RADIXLM_GLUON_LAUNCHES", str(table))
     gluon_gemv.launch_overrides.cache_clear()
     try:
-        assert gluon_gemv.launch_for(28672, 4096) == gluon_gemv.Launch(128, 3, 1, 1, 2)
-        assert gluon_gemv.launch_for(4096, 4096) == gluon_gemv.Launch()
-        assert gluon_gemv.applies(28672, 4096, 1, num_sms=132)  # listed: taken however many tiles it has
-        assert not gluon_gemv.applies(28672, 4096, 17, num_sms=132)  # still decode rows only
+        assert gluon_gemv.launch_for(28672, 4096, num_sms=132) == gluon_gemv.Launch(64, 4, 1, 1, 2)
+        assert gluon_gemv.launch_for(4096, 4096, num_sms=132) == gluon_gemv.Launch()
+        assert gluon_gemv.applies(28672, 4096, 1, num_sms=16)  # listed: taken however many tiles it has
+        assert not gluon_gemv.applies(28672, 4096, 17, num_sms=16)  # still decode rows only
     finally:
         monkeypatch.delenv("RADIXLM_GLUON_LAUNCHES")
         gluon_gemv.launch_overrides.cache_clear()
