@@ -11,6 +11,7 @@ from radixlm.config import ModelConfig, ServerArgs
 from radixlm.config.model_config import resolve_dtype
 from radixlm.core import ForwardBatch
 from radixlm.distributed import get_dp_attention, init_tensor_parallel
+from radixlm.kernels.argmax import row_argmax
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.lora.manager import LoRAManager, resolve_max_lora_rank
@@ -70,7 +71,7 @@ class ModelRunner:
             kv_spec=self.kv_spec, max_batch_size=self.memory.max_running_requests, device=self.device,
             max_context_len=model_config.context_length,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(row_argmax)
         self.cuda_graph_runner: CudaGraphRunner | None = None
         if self.cuda_graph_max_bs:
             self.cuda_graph_runner = CudaGraphRunner(self, min(self.cuda_graph_max_bs,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from radixlm.kernels.argmax import row_argmax
 from radixlm.sampling.batch_info import SamplingBatchInfo
 
 
@@ -58,18 +59,24 @@ class Sampler:
     exponential race `argmax(p / E)` with E = -log(u) from `counter_uniform`, which is an
     exact draw from the filtered distribution. Rows with top_k == 1 return the argmax of
     the penalized logits exactly. No Python loop over rows.
+
+    ``argmax`` takes ``[bs, vocab]`` rows to their ``torch.argmax`` indices: the executor passes its kernel
+    (``radixlm.kernels.argmax.row_argmax``); this package loads no kernels (the model-free scheduler imports it).
     """
+
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.argmax = argmax or (lambda rows: rows.argmax(dim=-1))
 
     def __call__(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         """logits [bs, vocab_size] float32 -> next token ids [bs] int64. Input is not modified."""
         logits = self.apply_penalties(logits, info)
-        greedy = row_argmax(logits)  # [bs]
+        greedy = self.argmax(logits)  # [bs]
         if info.is_all_greedy:
             return greedy
         probs = torch.softmax(logits / info.temperatures, dim=-1)  # [bs, vocab]
         probs = self._filter(probs, info)
         noise = -torch.log(counter_uniform(info.seeds, info.steps, info.vocab_size))
-        sampled = row_argmax(probs / noise.to(probs.dtype))  # [bs]
+        sampled = self.argmax(probs / noise.to(probs.dtype))  # [bs]
         return torch.where(info.top_ks == 1, greedy, sampled)
 
     def logprobs(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

@@ -377,3 +377,17 @@ def test_update_increments_counts_and_steps() -> None:
     assert info.steps.tolist() == [5, 3]
     assert info.output_counts.tolist() == [[1, 2, 0, 0, 2], [0, 0, 3, 0, 0]]
     assert info.output_counts.dtype == torch.int32
+
+
+def test_the_sampler_takes_its_argmax_from_the_executor() -> None:
+    """Greedy rows and the exponential race both go through the injected argmax (the executor's kernel)."""
+    seen = []
+
+    def argmax(rows: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(rows.shape))
+        return rows.argmax(dim=-1)
+
+    logits = torch.randn(2, 7, generator=torch.Generator().manual_seed(0))
+    info = make_info([SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)], 7)
+    Sampler(argmax)(logits, info)
+    assert seen == [(2, 7), (2, 7)]
