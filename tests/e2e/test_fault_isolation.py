@@ -143,12 +143,14 @@ def test_chat_template_arguments_the_tokenizer_rejects(server, alone, kwargs):
 # ---------------------------------------------------------------------------------------------------- streams
 def open_unread_stream(server) -> socket.socket:
     """A streaming request with big chunks (20 top logprobs each) from a client with a tiny receive buffer that
-    reads nothing but the first byte: the server's writes to it back up while it keeps generating."""
+    reads nothing but the first byte: the server's writes to it back up while it keeps generating.  Long enough
+    to be still running when the caller looks (160 tokens could finish first on an idle machine); closing the
+    socket aborts it."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Write a long story."}],
-                       "max_tokens": 160, "ignore_eos": True, "temperature": 0, "stream": True, "logprobs": True,
+                       "max_tokens": 1024, "ignore_eos": True, "temperature": 0, "stream": True, "logprobs": True,
                        "top_logprobs": 20}).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
