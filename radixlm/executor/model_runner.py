@@ -11,8 +11,8 @@ from radixlm.config import ModelConfig, ServerArgs
 from radixlm.config.model_config import resolve_dtype
 from radixlm.core import ForwardBatch
 from radixlm.distributed import get_dp_attention, init_tensor_parallel
-from radixlm.kernels.argmax import row_argmax
 from radixlm.executor.cuda_graph_runner import CudaGraphRunner, graph_memory_estimate
+from radixlm.kernels.argmax import row_argmax
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.lora.manager import LoRAManager, resolve_max_lora_rank
 from radixlm.mem import KVMemory, create_kv_pool

@@ -214,8 +214,8 @@ def fp8_gemv(
     per-channel form (online FP8's qkv, o, down and gate_up) go to the same product in Gluon (``gluon_gemv``:
     bit-equal at the same split, 3.6 % faster a batch-1 step on the narrow three, run S8), unless
     a launch ``config`` is given or listed for the shape.  Launched with PDL, the GEMV's launch and setup overlap
-    the kernel that writes ``x_q``.  (Starting a bulk L2 prefetch of the weight before waiting was slower on an H200, run J1: 52.4 against 35.3 us at Llama-8B's
-    gate_up, 9.8 against 9.1 at its o projection.)"""
+    the kernel that writes ``x_q``.  (Starting a bulk L2 prefetch of the weight before waiting was slower on an
+    H200, run J1: 52.4 against 35.3 us at Llama-8B's gate_up, 9.8 against 9.1 at its o projection.)"""
     m, k = x_q.shape
     n = weight.shape[0]
     if weight.shape[1] != k:

@@ -7,8 +7,8 @@ the PDL wait (the weight does not depend on the kernel before); the activation g
 Llama-3.1-8B's projections take it (qkv, o, down: 64-96 tiles of 64 rows, split K; gate_up: 224 tiles of 128
 rows): run S7, online FP8 at batch 1, 2.80 -> 2.70 ms a step with the first version on the narrow three (no K
 split, a producer warp); S7's table found the split launch of ``Launch`` faster still, and run T3 gate_up's
-``WIDE_LAUNCH`` 0.01-0.03 ms a step faster than the Triton kernel.  (Runs S1-S7 in docs/benchmarks.md: deeper rings, more tiles a
-slot, a producer warp, one program per SM over two projections.)
+``WIDE_LAUNCH`` 0.01-0.03 ms a step faster than the Triton kernel.  (Runs S1-T4 in docs/benchmarks.md: deeper
+rings, more tiles a slot, a producer warp, one program per SM over two projections, launches inside the step.)
 
 The semantics are ``fp8_gemv``'s for online FP8's decode rows: per-channel E4M3 weight ``[N, K]`` with scales
 ``[N]``, activations ``[M <= 16, K]`` in E4M3 with one scale per token per 128 channels, ``out^T = W x^T`` on the
