@@ -6,10 +6,8 @@
 #   bash bench/gpu/session_t2.sh      (GPU machine, repository root; carry .whl .base)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_argmax.py tests/unit/test_gluon_gemv.py \
-  tests/unit/test_cuda_graph.py tests/unit/test_sampling.py tests/unit/test_memory.py tests/unit/test_static_batch.py \
-  2>&1 | quiet > $LOG/tests.txt
-grep -E "^FAILED|^ERROR" $LOG/tests.txt | head -12; tail -1 $LOG/tests.txt
+cuda_tests 200 tests/unit/test_argmax.py tests/unit/test_gluon_gemv.py tests/unit/test_cuda_graph.py \
+  tests/unit/test_sampling.py tests/unit/test_memory.py tests/unit/test_static_batch.py
 timeout 60 python3 bench/gpu/argmax.py 2>&1 | quiet
 PROFILE="--model-path llama-3.1-8b --load-format dummy --skip-tokenizer-init --cuda-graph-max-bs 1 --cases 1x160"
 echo "-- chained timeline --quantization fp8"

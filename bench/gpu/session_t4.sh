@@ -6,11 +6,9 @@
 #   bash bench/gpu/session_t4.sh      (GPU machine, repository root; carry .whl .base)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
-timeout 330 python3 -m pytest -q -p no:cacheprovider tests/unit/test_argmax.py tests/unit/test_gluon_gemv.py \
-  tests/unit/test_sm90_compile.py tests/unit/test_fp8_kernels.py tests/unit/test_cuda_graph.py \
-  tests/unit/test_sampling.py tests/unit/test_static_batch.py tests/parity/test_fp8.py tests/parity/test_fp8_fused.py \
-  2>&1 | quiet > $LOG/tests.txt
-grep -E "^FAILED|^ERROR" $LOG/tests.txt | head -12; tail -1 $LOG/tests.txt
+cuda_tests 330 tests/unit/test_argmax.py tests/unit/test_gluon_gemv.py tests/unit/test_sm90_compile.py \
+  tests/unit/test_fp8_kernels.py tests/unit/test_cuda_graph.py tests/unit/test_sampling.py \
+  tests/unit/test_static_batch.py tests/parity/test_fp8.py tests/parity/test_fp8_fused.py
 base() { (cd .base && export PYTHONPATH=/tmp/site:$PWD && echo "-- base tree:" && llama_batch1 "$@"); }
 echo '{"28672,4096": [64, 128, 4, 4, 1, 1]}' > $LOG/gate_up_triton.json
 triton_gate_up() { (export RADIXLM_GEMV_CONFIGS=$LOG/gate_up_triton.json; echo "-- gate_up on Triton:"; \

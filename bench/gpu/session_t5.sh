@@ -4,10 +4,8 @@
 #   bash bench/gpu/session_t5.sh      (GPU machine, repository root; carry .whl)
 set -uo pipefail
 source bench/gpu/setup.sh || exit 1
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_argmax.py tests/unit/test_sampling.py \
-  tests/unit/test_cuda_graph.py tests/unit/test_static_batch.py tests/unit/test_gluon_gemv.py tests/parity/test_fp8.py \
-  2>&1 | quiet > $LOG/tests.txt
-grep -E "^FAILED|^ERROR" $LOG/tests.txt | head -12; tail -1 $LOG/tests.txt
+cuda_tests 240 tests/unit/test_argmax.py tests/unit/test_sampling.py tests/unit/test_cuda_graph.py \
+  tests/unit/test_static_batch.py tests/unit/test_gluon_gemv.py tests/parity/test_fp8.py
 for round in 1 2 3; do
   llama_batch1 --quantization fp8
   llama_batch1

@@ -17,6 +17,9 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 LOG=${OUT:-/tmp}
 TOK=$PWD/.carry/smollm2-tokenizer
 quiet() { grep -v "it/s\]\|^\[scheduler\|Warning\|warn(\|TCPStore" ; }
+# CUDA tests, their log in $LOG/tests.txt; prints the failures and the summary line: cuda_tests SECONDS FILES...
+cuda_tests() { local t=$1; shift; timeout "$t" python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | quiet \
+  > $LOG/tests.txt; grep -E "^FAILED|^ERROR" $LOG/tests.txt | head -12; tail -1 $LOG/tests.txt; }
 # Run the shell functions lane0 and lane1 at once, each on its own GPU, then print their logs.
 run_lanes() {
   (export CUDA_VISIBLE_DEVICES=0; lane0 > $LOG/lane0.txt 2>&1) &

@@ -24,7 +24,6 @@ from radixlm.core import Batch, BatchResult, ForwardBatch, ForwardMode
 from radixlm.distributed.dp_attention import exchange_dp_step
 from radixlm.executor.forward_batch import build_forward_batch
 from radixlm.executor.model_runner import ModelRunner
-from radixlm.kernels.argmax import row_argmax
 from radixlm.layers.logits_processor import LogitsOutput
 from radixlm.lora.adapter import LoRAAdapterError
 from radixlm.lora.manager import LoRAManager
@@ -106,7 +105,8 @@ class ModelWorker:
         if grammar_mask is not None:
             apply_token_bitmask(logits, grammar_mask)
         info = fb.sampling_info
-        next_ids = row_argmax(logits) if info is None else self.runner.sampler(logits, info)
+        sampler = self.runner.sampler
+        next_ids = sampler.argmax(logits) if info is None else sampler(logits, info)
         output_lp = self._output_logprobs(batch, logits, info, next_ids)
         input_lp = self._input_logprobs(batch, fb, out)
         if info is not None:
@@ -199,7 +199,7 @@ class ModelWorker:
                                         any(p.top_k != 1 for p in batch.sampling.params)):
             raise NotImplementedError("TARGET_VERIFY verifies greedily: sampled or grammar-constrained rows need "
                                       "speculative sampling, which lands with speculative decoding")
-        ids = row_argmax(out.next_token_logits)  # [num_tokens]
+        ids = self.runner.sampler.argmax(out.next_token_logits)  # [num_tokens]
         self._prev_ids = None  # accepted tokens are chosen on the host; nothing names these rows
         return self._to_host(ids, None, None, None, list(batch.extend_lens))
 

@@ -52,9 +52,14 @@ def _rows_kernel(key_ptr, idx_ptr, out_ptr, num_parts, BLOCK_P: tl.constexpr):
     tl.store(out_ptr + row, tl.load(idx_ptr + row * num_parts + best).to(tl.int64))
 
 
+def _takes(x: torch.Tensor) -> bool:
+    """Whether the kernel reads ``x``'s layout: [rows, n] float32/16 or bfloat16 rows with unit stride along n."""
+    return x.dim() == 2 and x.stride(1) == 1 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
 def triton_argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(dim=-1)`` of ``x`` [rows, n] (float32/16, bfloat16; unit stride along n) as [rows] int64."""
-    if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if not _takes(x):
         raise ValueError(f"row argmax takes [rows, n] float rows with unit stride, got {tuple(x.shape)} "
                          f"{x.dtype} stride {x.stride()}")
     rows, n = x.shape
@@ -74,7 +79,6 @@ def triton_argmax(x: torch.Tensor) -> torch.Tensor:
 def row_argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(dim=-1)`` for a batch of rows ``[rows, n]``: the two-pass kernel on a GPU, torch elsewhere (and
     for shapes or dtypes it does not take)."""
-    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] > 0 \
-            and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if x.is_cuda and _takes(x) and x.shape[1] > 0:
         return triton_argmax(x)
     return x.argmax(dim=-1)
